@@ -1,0 +1,370 @@
+//! The desired state in memory, and every way it changes.
+//!
+//! [`StateService`] is the only writer. An apply, a delete and a rollback
+//! all follow one path: compute the whole next state, validate it whole,
+//! diff it against the current one, commit the diff as one revision, then
+//! publish the new immutable [`Snapshot`]. Readers (the admin API now, the
+//! xDS server later) take the latest snapshot without locking the writers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Mutex};
+
+use crate::model::decode::{self, SourceDocument};
+use crate::model::{DesiredState, ResourceKey};
+use crate::problem::Problem;
+use crate::store::{
+    Change, ChangeAction, NewRevision, Operation, Revision, RevisionInfo, Store, StoreError,
+};
+use crate::validate::validate_state;
+
+/// The desired state as of one revision. Immutable once published.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The revision this state is.
+    pub revision: Revision,
+    /// Every document.
+    pub state: DesiredState,
+}
+
+/// Who is writing and under what conditions.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Name of the token making the change.
+    pub author: String,
+    /// The operator's message for the revision.
+    pub message: String,
+    /// Fail unless the head is this revision (optimistic concurrency).
+    pub expect_revision: Option<Revision>,
+    /// Validate and diff only; commit nothing.
+    pub dry_run: bool,
+}
+
+/// The result of a write.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    /// The head after the write (unchanged when nothing changed or dry run).
+    pub revision: Revision,
+    /// The new revision's record, when one was committed.
+    pub committed: Option<RevisionInfo>,
+    /// What changed (or would change), per document.
+    pub changes: Vec<Change>,
+}
+
+/// Why a write was refused. Nothing was changed in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The documents or the resulting state break rules.
+    #[error("the desired state would be invalid ({} problem(s))", .0.len())]
+    Invalid(Vec<Problem>),
+    /// `expect_revision` did not hold.
+    #[error(
+        "the desired state is at revision {actual}, not {expected}; someone applied in between"
+    )]
+    Conflict {
+        /// What the caller expected.
+        expected: Revision,
+        /// The actual head.
+        actual: Revision,
+    },
+    /// The document to delete does not exist.
+    #[error("{0} does not exist")]
+    NotFound(ResourceKey),
+    /// The revision to roll back to does not exist.
+    #[error("revision {0} does not exist")]
+    NoSuchRevision(Revision),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for WriteError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::HeadMoved { expected, actual } => WriteError::Conflict { expected, actual },
+            StoreError::NoSuchRevision(r) => WriteError::NoSuchRevision(r),
+            other => WriteError::Store(other),
+        }
+    }
+}
+
+/// A failure to load the stored state at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored document no longer passes decoding.
+    #[error("stored document {key} cannot be read by this release: {problems}")]
+    Undecodable {
+        /// Which document.
+        key: ResourceKey,
+        /// Why.
+        problems: String,
+    },
+}
+
+/// Owns the desired state: the store, the current snapshot, and the lock
+/// that serialises writers in this process (the store's head check
+/// serialises writers across processes).
+pub struct StateService {
+    store: Arc<dyn Store>,
+    current: watch::Sender<Arc<Snapshot>>,
+    writer: Mutex<()>,
+}
+
+impl StateService {
+    /// Loads the latest revision from `store`.
+    pub async fn load(store: Arc<dyn Store>) -> Result<Self, LoadError> {
+        let snapshot = blocking({
+            let store = store.clone();
+            move || load_snapshot(&*store, None)
+        })
+        .await?;
+        let (current, _) = watch::channel(Arc::new(snapshot));
+        Ok(StateService {
+            store,
+            current,
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The latest published snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.borrow().clone()
+    }
+
+    /// A receiver that sees every newly published snapshot (latest wins).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.current.subscribe()
+    }
+
+    /// The store behind this service.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Creates or replaces the given documents. Documents not named are
+    /// kept. All or nothing.
+    pub async fn apply(
+        &self,
+        documents: Vec<SourceDocument>,
+        opts: WriteOptions,
+    ) -> Result<WriteOutcome, WriteError> {
+        let mut problems = Vec::new();
+        let mut resources = BTreeMap::new();
+        for doc in &documents {
+            match decode::decode(doc) {
+                Ok(res) => {
+                    let key = res.key();
+                    if resources.insert(key.clone(), res).is_some() {
+                        problems.push(Problem::document(
+                            key.to_string(),
+                            "",
+                            format!(
+                                "{key} appears more than once in this apply ({})",
+                                doc.origin
+                            ),
+                        ));
+                    }
+                }
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        if !problems.is_empty() {
+            crate::problem::sort(&mut problems);
+            return Err(WriteError::Invalid(problems));
+        }
+        self.write(Operation::Apply, None, opts, move |state| {
+            state.extend(resources);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes one document.
+    pub async fn delete(
+        &self,
+        key: ResourceKey,
+        opts: WriteOptions,
+    ) -> Result<WriteOutcome, WriteError> {
+        self.write(Operation::Delete, None, opts, move |state| {
+            state
+                .remove(&key)
+                .map(|_| ())
+                .ok_or(WriteError::NotFound(key))
+        })
+        .await
+    }
+
+    /// Makes the state what it was at `target`, as a new revision.
+    pub async fn rollback(
+        &self,
+        target: Revision,
+        opts: WriteOptions,
+    ) -> Result<WriteOutcome, WriteError> {
+        let store = self.store.clone();
+        let old = blocking(move || load_snapshot(&*store, Some(target))).await;
+        let old = match old {
+            Ok(s) => s.state,
+            Err(LoadError::Store(e)) => return Err(e.into()),
+            Err(e @ LoadError::Undecodable { .. }) => {
+                return Err(WriteError::Invalid(vec![Problem::document(
+                    format!("revision {target}"),
+                    "",
+                    e.to_string(),
+                )]))
+            }
+        };
+        self.write(Operation::Rollback, Some(target), opts, move |state| {
+            *state = old;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Validates `documents` as if applied, without the writer lock.
+    pub fn check(&self, documents: &[SourceDocument]) -> Vec<Problem> {
+        let mut state = self.snapshot().state.clone();
+        let mut problems = Vec::new();
+        for doc in documents {
+            match decode::decode(doc) {
+                Ok(res) => {
+                    state.insert(res.key(), res);
+                }
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        if problems.is_empty() {
+            problems = validate_state(&state);
+        }
+        crate::problem::sort(&mut problems);
+        problems
+    }
+
+    async fn write(
+        &self,
+        operation: Operation,
+        rollback_of: Option<Revision>,
+        opts: WriteOptions,
+        edit: impl FnOnce(&mut DesiredState) -> Result<(), WriteError>,
+    ) -> Result<WriteOutcome, WriteError> {
+        let _writer = self.writer.lock().await;
+        let current = self.snapshot();
+        if let Some(expected) = opts.expect_revision {
+            if expected != current.revision {
+                return Err(WriteError::Conflict {
+                    expected,
+                    actual: current.revision,
+                });
+            }
+        }
+        let mut next = current.state.clone();
+        edit(&mut next)?;
+        let problems = validate_state(&next);
+        if !problems.is_empty() {
+            return Err(WriteError::Invalid(problems));
+        }
+        let changes = diff(&current.state, &next);
+        if changes.is_empty() || opts.dry_run {
+            return Ok(WriteOutcome {
+                revision: current.revision,
+                committed: None,
+                changes,
+            });
+        }
+        let new_revision = NewRevision {
+            parent: current.revision,
+            author: opts.author,
+            message: opts.message,
+            operation,
+            rollback_of,
+            writes: changes
+                .iter()
+                .map(|c| (c.key.clone(), c.after.clone()))
+                .collect(),
+        };
+        let store = self.store.clone();
+        let info = blocking(move || store.commit(new_revision)).await?;
+        self.current.send_replace(Arc::new(Snapshot {
+            revision: info.number,
+            state: next,
+        }));
+        Ok(WriteOutcome {
+            revision: info.number,
+            committed: Some(info),
+            changes,
+        })
+    }
+}
+
+/// The per-document differences from `old` to `new`, ordered by key.
+pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (key, res) in new {
+        match old.get(key) {
+            None => out.push(Change {
+                key: key.clone(),
+                action: ChangeAction::Created,
+                before: None,
+                after: Some(res.to_json()),
+            }),
+            Some(prev) if prev != res => out.push(Change {
+                key: key.clone(),
+                action: ChangeAction::Updated,
+                before: Some(prev.to_json()),
+                after: Some(res.to_json()),
+            }),
+            Some(_) => {}
+        }
+    }
+    for (key, prev) in old {
+        if !new.contains_key(key) {
+            out.push(Change {
+                key: key.clone(),
+                action: ChangeAction::Deleted,
+                before: Some(prev.to_json()),
+                after: None,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+fn load_snapshot(store: &dyn Store, at: Option<Revision>) -> Result<Snapshot, LoadError> {
+    let head = store.head()?;
+    let revision = at.unwrap_or(head);
+    if revision > head || (at.is_some() && revision == Revision(0)) {
+        return Err(StoreError::NoSuchRevision(revision).into());
+    }
+    let mut state = DesiredState::new();
+    for (key, value) in store.load(revision)? {
+        let doc = SourceDocument {
+            origin: key.to_string(),
+            value,
+        };
+        let res = decode::decode(&doc).map_err(|problems| LoadError::Undecodable {
+            key: key.clone(),
+            problems: problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        })?;
+        state.insert(key, res);
+    }
+    Ok(Snapshot { revision, state })
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        // The closure panicked: surface it rather than hide it.
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}

@@ -1,0 +1,107 @@
+//! Rules for `kind: Service`.
+
+use std::collections::HashSet;
+
+use super::{rules, Report};
+use crate::model::gateway::SecretRef;
+use crate::model::service::ServiceSpec;
+
+pub(super) fn check(spec: &ServiceSpec, r: &mut Report<'_>) {
+    if spec.endpoints.is_empty() {
+        r.value("spec.endpoints", "a Service needs at least one endpoint");
+    }
+    let mut seen = HashSet::new();
+    for (i, e) in spec.endpoints.iter().enumerate() {
+        let at = format!("spec.endpoints[{i}]");
+        r.check(format!("{at}.address"), rules::check_address(&e.address));
+        if e.port == 0 {
+            r.value(format!("{at}.port"), "must be between 1 and 65535");
+        }
+        if !(1..=1000).contains(&e.weight) {
+            r.value(format!("{at}.weight"), "must be between 1 and 1000");
+        }
+        if !seen.insert((e.address.as_str(), e.port)) {
+            r.value(at, format!("duplicate endpoint {}:{}", e.address, e.port));
+        }
+    }
+    if let Some(t) = &spec.connect_timeout {
+        r.check("spec.connectTimeout", rules::check_duration(t, false));
+    }
+    if let Some(t) = &spec.request_timeout {
+        r.check("spec.requestTimeout", rules::check_duration(t, true));
+    }
+    if let Some(hc) = &spec.health_check {
+        r.check("spec.healthCheck.path", rules::check_path(&hc.path));
+        let interval = hc
+            .interval
+            .as_deref()
+            .and_then(|t| r.check("spec.healthCheck.interval", rules::check_duration(t, false)));
+        let timeout = hc
+            .timeout
+            .as_deref()
+            .and_then(|t| r.check("spec.healthCheck.timeout", rules::check_duration(t, false)));
+        let interval = interval.unwrap_or(std::time::Duration::from_secs(10));
+        if let Some(timeout) = timeout {
+            if timeout >= interval {
+                r.value(
+                    "spec.healthCheck.timeout",
+                    "must be shorter than the interval",
+                );
+            }
+        }
+        for (name, v) in [
+            ("healthyThreshold", hc.healthy_threshold),
+            ("unhealthyThreshold", hc.unhealthy_threshold),
+        ] {
+            if let Some(v) = v.filter(|v| !(1..=100).contains(v)) {
+                r.value(
+                    format!("spec.healthCheck.{name}"),
+                    format!("{v} is out of range; must be between 1 and 100"),
+                );
+            }
+        }
+        for (i, s) in hc.expected_statuses.iter().enumerate() {
+            if !(100..=599).contains(s) {
+                r.value(
+                    format!("spec.healthCheck.expectedStatuses[{i}]"),
+                    format!("{s} is not an HTTP status"),
+                );
+            }
+        }
+    }
+    if let Some(cb) = &spec.circuit_breaker {
+        for (name, v) in [
+            ("maxConnections", cb.max_connections),
+            ("maxPendingRequests", cb.max_pending_requests),
+            ("maxRequests", cb.max_requests),
+            ("maxRetries", cb.max_retries),
+        ] {
+            if v == Some(0) {
+                r.value(
+                    format!("spec.circuitBreaker.{name}"),
+                    "must be at least 1 (0 would refuse every request)",
+                );
+            }
+        }
+    }
+    if let Some(tls) = &spec.tls {
+        if let Some(sni) = &tls.sni {
+            r.check("spec.tls.sni", rules::check_hostname(sni, false));
+        }
+        let refs: [(&str, &Option<SecretRef>); 2] = [
+            ("caCertificateRef", &tls.ca_certificate_ref),
+            ("clientCertificateRef", &tls.client_certificate_ref),
+        ];
+        for (name, reference) in refs {
+            if let Some(s) = reference {
+                r.check(format!("spec.tls.{name}.name"), rules::check_name(&s.name));
+            }
+        }
+        if tls.insecure_skip_verify && tls.ca_certificate_ref.is_some() {
+            r.value(
+                "spec.tls.insecureSkipVerify",
+                "cannot be combined with caCertificateRef",
+            );
+        }
+    }
+}
