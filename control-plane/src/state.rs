@@ -6,7 +6,6 @@
 //! publish the new immutable [`Snapshot`]. Readers (the admin API now, the
 //! xDS server later) take the latest snapshot without locking the writers.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
@@ -17,7 +16,7 @@ use crate::problem::Problem;
 use crate::store::{
     Change, ChangeAction, NewRevision, Operation, Revision, RevisionInfo, Store, StoreError,
 };
-use crate::validate::validate_state;
+use crate::validate::validate_with;
 
 /// The desired state as of one revision. Immutable once published.
 #[derive(Debug, Default)]
@@ -152,31 +151,10 @@ impl StateService {
         documents: Vec<SourceDocument>,
         opts: WriteOptions,
     ) -> Result<WriteOutcome, WriteError> {
-        let mut problems = Vec::new();
-        let mut resources = BTreeMap::new();
-        for doc in &documents {
-            match decode::decode(doc) {
-                Ok(res) => {
-                    let key = res.key();
-                    if resources.insert(key.clone(), res).is_some() {
-                        problems.push(Problem::document(
-                            key.to_string(),
-                            "",
-                            format!(
-                                "{key} appears more than once in this apply ({})",
-                                doc.origin
-                            ),
-                        ));
-                    }
-                }
-                Err(mut p) => problems.append(&mut p),
-            }
-        }
-        if !problems.is_empty() {
-            crate::problem::sort(&mut problems);
-            return Err(WriteError::Invalid(problems));
-        }
-        self.write(Operation::Apply, None, opts, move |state| {
+        let decoded = decode::decode_all(&documents);
+        let carried = (decoded.problems, decoded.complete);
+        let resources = decoded.resources;
+        self.write(Operation::Apply, None, opts, carried, move |state| {
             state.extend(resources);
             Ok(())
         })
@@ -189,12 +167,37 @@ impl StateService {
         key: ResourceKey,
         opts: WriteOptions,
     ) -> Result<WriteOutcome, WriteError> {
-        self.write(Operation::Delete, None, opts, move |state| {
-            state
-                .remove(&key)
-                .map(|_| ())
-                .ok_or(WriteError::NotFound(key))
-        })
+        self.write(
+            Operation::Delete,
+            None,
+            opts,
+            (Vec::new(), true),
+            move |state| {
+                if state.remove(&key).is_none() {
+                    return Err(WriteError::NotFound(key));
+                }
+                // Say why the delete is refused in terms of the document being
+                // deleted, rather than as dangling references elsewhere.
+                let users = crate::validate::referrers(state, &key);
+                if users.is_empty() {
+                    return Ok(());
+                }
+                Err(WriteError::Invalid(
+                    users
+                        .into_iter()
+                        .map(|(user, path)| {
+                            Problem::reference(
+                                key.to_string(),
+                                "",
+                                format!(
+                                    "still used by {user} at {path}; change or delete that first"
+                                ),
+                            )
+                        })
+                        .collect(),
+                ))
+            },
+        )
         .await
     }
 
@@ -217,30 +220,25 @@ impl StateService {
                 )]))
             }
         };
-        self.write(Operation::Rollback, Some(target), opts, move |state| {
-            *state = old;
-            Ok(())
-        })
+        self.write(
+            Operation::Rollback,
+            Some(target),
+            opts,
+            (Vec::new(), true),
+            move |state| {
+                *state = old;
+                Ok(())
+            },
+        )
         .await
     }
 
     /// Validates `documents` as if applied, without the writer lock.
     pub fn check(&self, documents: &[SourceDocument]) -> Vec<Problem> {
+        let decoded = decode::decode_all(documents);
         let mut state = self.snapshot().state.clone();
-        let mut problems = Vec::new();
-        for doc in documents {
-            match decode::decode(doc) {
-                Ok(res) => {
-                    state.insert(res.key(), res);
-                }
-                Err(mut p) => problems.append(&mut p),
-            }
-        }
-        if problems.is_empty() {
-            problems = validate_state(&state);
-        }
-        crate::problem::sort(&mut problems);
-        problems
+        state.extend(decoded.resources);
+        validate_with(&state, decoded.problems, decoded.complete)
     }
 
     async fn write(
@@ -248,6 +246,7 @@ impl StateService {
         operation: Operation,
         rollback_of: Option<Revision>,
         opts: WriteOptions,
+        (carried, complete): (Vec<Problem>, bool),
         edit: impl FnOnce(&mut DesiredState) -> Result<(), WriteError>,
     ) -> Result<WriteOutcome, WriteError> {
         let _writer = self.writer.lock().await;
@@ -262,7 +261,7 @@ impl StateService {
         }
         let mut next = current.state.clone();
         edit(&mut next)?;
-        let problems = validate_state(&next);
+        let problems = validate_with(&next, carried, complete);
         if !problems.is_empty() {
             return Err(WriteError::Invalid(problems));
         }

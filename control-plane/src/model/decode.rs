@@ -110,12 +110,25 @@ const TOP_LEVEL_FIELDS: [&str; 4] = ["apiVersion", "kind", "metadata", "spec"];
 /// problem found: unknown fields anywhere, a bad `apiVersion` or `kind`, and
 /// the first type error in `metadata` and in `spec`.
 pub fn decode(doc: &SourceDocument) -> Result<Resource, Vec<Problem>> {
+    match decode_lenient(doc) {
+        (Some(res), problems) if problems.is_empty() => Ok(res),
+        (_, problems) => Err(problems),
+    }
+}
+
+/// Like [`decode`], but also returns the resource when the only problems
+/// are unknown fields (which decoding skips), so value checks can still
+/// run on it and report everything in one go.
+pub fn decode_lenient(doc: &SourceDocument) -> (Option<Resource>, Vec<Problem>) {
     let Value::Object(top) = &doc.value else {
-        return Err(vec![Problem::document(
-            &doc.origin,
-            "",
-            "a document must be a mapping with apiVersion, kind, metadata and spec",
-        )]);
+        return (
+            None,
+            vec![Problem::document(
+                &doc.origin,
+                "",
+                "a document must be a mapping with apiVersion, kind, metadata and spec",
+            )],
+        );
     };
     let kind = top.get("kind").and_then(Value::as_str);
     let known_kind = kind.and_then(Kind::parse_exact);
@@ -181,8 +194,8 @@ pub fn decode(doc: &SourceDocument) -> Result<Resource, Vec<Problem>> {
         (Some(v), Some(Kind::Api)) => decode_part(v, "spec", &label, &mut problems).map(Spec::Api),
     };
     match (metadata, spec) {
-        (Some(metadata), Some(spec)) if problems.is_empty() => Ok(Resource { metadata, spec }),
-        _ => Err(problems),
+        (Some(metadata), Some(spec)) => (Some(Resource { metadata, spec }), problems),
+        _ => (None, problems),
     }
 }
 
@@ -243,6 +256,44 @@ fn push_ignored_path(out: &mut String, path: &serde_ignored::Path<'_>) {
         | Path::NewtypeStruct { parent }
         | Path::NewtypeVariant { parent } => push_ignored_path(out, parent),
     }
+}
+
+/// A batch of documents as one apply sees them.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// Every document that could be decoded (unknown fields skipped).
+    pub resources: super::DesiredState,
+    /// Every decoding problem, including documents named twice.
+    pub problems: Vec<Problem>,
+    /// Whether every document was decoded. When not, cross-document checks
+    /// would report false errors (a reference to a document that is there
+    /// but undecodable), so callers keep only per-document problems.
+    pub complete: bool,
+}
+
+/// Decodes a batch of documents.
+pub fn decode_all(docs: &[SourceDocument]) -> Decoded {
+    let mut out = Decoded {
+        complete: true,
+        ..Default::default()
+    };
+    for doc in docs {
+        let (res, mut problems) = decode_lenient(doc);
+        out.problems.append(&mut problems);
+        let Some(res) = res else {
+            out.complete = false;
+            continue;
+        };
+        let key = res.key();
+        if out.resources.insert(key.clone(), res).is_some() {
+            out.problems.push(Problem::document(
+                key.to_string(),
+                "",
+                format!("{key} appears more than once (again in {})", doc.origin),
+            ));
+        }
+    }
+    out
 }
 
 /// Builds an object document from parts; handy in tests and tools.

@@ -75,6 +75,65 @@ pub fn validate_state(state: &DesiredState) -> Vec<Problem> {
     problems
 }
 
+/// Validates documents as a complete desired state on their own: what
+/// `portico validate` does offline.
+pub fn validate_documents(docs: &[crate::model::decode::SourceDocument]) -> Vec<Problem> {
+    let decoded = crate::model::decode::decode_all(docs);
+    validate_with(&decoded.resources, decoded.problems, decoded.complete)
+}
+
+/// Validates `state` and merges the problems found while decoding it.
+/// When some document could not be decoded at all (`complete` is false),
+/// cross-document problems are dropped: they would blame the missing
+/// document's users for the decoding problem already reported.
+pub fn validate_with(
+    state: &DesiredState,
+    mut carried: Vec<Problem>,
+    complete: bool,
+) -> Vec<Problem> {
+    let found = validate_state(state);
+    carried.extend(
+        found
+            .into_iter()
+            .filter(|p| complete || p.class == crate::problem::ProblemClass::Document),
+    );
+    problem::sort(&mut carried);
+    carried.dedup();
+    carried
+}
+
+/// Every place in `state` that refers to `target`, as (document, path).
+pub fn referrers(state: &DesiredState, target: &ResourceKey) -> Vec<(ResourceKey, String)> {
+    let mut out = Vec::new();
+    for (key, res) in state {
+        let Spec::Api(api) = &res.spec else { continue };
+        if target.kind == Kind::Gateway {
+            for (i, g) in api.gateways.iter().enumerate() {
+                if *g == target.name {
+                    out.push((key.clone(), format!("spec.gateways[{i}]")));
+                }
+            }
+        }
+        if target.kind == Kind::Service {
+            for (i, route) in api.routes.iter().enumerate() {
+                let a = &route.action;
+                if a.service.as_deref() == Some(target.name.as_str()) {
+                    out.push((key.clone(), format!("spec.routes[{i}].action.service")));
+                }
+                for (j, w) in a.services.iter().enumerate() {
+                    if w.name == target.name {
+                        out.push((
+                            key.clone(),
+                            format!("spec.routes[{i}].action.services[{j}].name"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Whether a document of `kind` named `name` exists in `state`.
 pub(crate) fn exists(state: &DesiredState, kind: Kind, name: &str) -> bool {
     state.contains_key(&ResourceKey::new(kind, name))
