@@ -472,7 +472,7 @@ async fn get(
                         .cloned()
                         .collect();
                     if !items.is_empty() {
-                        print!("{}\n", table_for(k, &items));
+                        println!("{}", table_for(k, &items));
                     }
                 }
             }

@@ -247,7 +247,7 @@ impl StateService {
         rollback_of: Option<Revision>,
         opts: WriteOptions,
         (carried, complete): (Vec<Problem>, bool),
-        edit: impl FnOnce(&mut DesiredState) -> Result<(), WriteError>,
+        edit: impl FnOnce(&mut DesiredState) -> Result<(), WriteError> + Send + 'static,
     ) -> Result<WriteOutcome, WriteError> {
         let _writer = self.writer.lock().await;
         let current = self.snapshot();
@@ -259,13 +259,21 @@ impl StateService {
                 });
             }
         }
-        let mut next = current.state.clone();
-        edit(&mut next)?;
-        let problems = validate_with(&next, carried, complete);
-        if !problems.is_empty() {
-            return Err(WriteError::Invalid(problems));
-        }
-        let changes = diff(&current.state, &next);
+        // Validating a large state takes milliseconds of CPU: do it on the
+        // blocking pool so admin reads (and later xDS) keep being served.
+        let base = current.clone();
+        let started = std::time::Instant::now();
+        let (next, changes) = blocking(move || {
+            let mut next = base.state.clone();
+            edit(&mut next)?;
+            let problems = validate_with(&next, carried, complete);
+            if !problems.is_empty() {
+                return Err(WriteError::Invalid(problems));
+            }
+            let changes = diff(&base.state, &next);
+            Ok((next, changes))
+        })
+        .await?;
         if changes.is_empty() || opts.dry_run {
             return Ok(WriteOutcome {
                 revision: current.revision,
@@ -284,8 +292,20 @@ impl StateService {
                 .map(|c| (c.key.clone(), c.after.clone()))
                 .collect(),
         };
+        let validated = started.elapsed();
         let store = self.store.clone();
         let info = blocking(move || store.commit(new_revision)).await?;
+        tracing::info!(
+            revision = %info.number,
+            operation = ?operation,
+            author = %info.author,
+            created = info.created,
+            updated = info.updated,
+            deleted = info.deleted,
+            validate_ms = validated.as_secs_f64() * 1e3,
+            commit_ms = (started.elapsed() - validated).as_secs_f64() * 1e3,
+            "committed a revision"
+        );
         self.current.send_replace(Arc::new(Snapshot {
             revision: info.number,
             state: next,
@@ -352,7 +372,7 @@ fn load_snapshot(store: &dyn Store, at: Option<Revision>) -> Result<Snapshot, Lo
                 .collect::<Vec<_>>()
                 .join("; "),
         })?;
-        state.insert(key, res);
+        state.insert(key, Arc::new(res));
     }
     Ok(Snapshot { revision, state })
 }

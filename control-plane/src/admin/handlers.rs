@@ -86,9 +86,17 @@ fn finish(
             result: label.into(),
         })
         .inc();
-    let outcome = result?;
+    let mut outcome = result?;
     if outcome.committed.is_some() {
         update_gauges(shared);
+    }
+    if !dry_run {
+        // A committed write answers with what changed, not the documents:
+        // they can be large, and `GET /api/v1/revisions/{n}` has them.
+        for c in &mut outcome.changes {
+            c.before = None;
+            c.after = None;
+        }
     }
     Ok(Json(WriteResponse {
         revision: outcome.revision,

@@ -42,7 +42,9 @@ pub struct WriteResponse {
     pub committed: bool,
     /// Whether this was a dry run.
     pub dry_run: bool,
-    /// What changed (or would change).
+    /// What changed (or would change). Documents before and after are
+    /// included only in dry runs; for a committed revision, read them from
+    /// `GET /api/v1/revisions/{number}`.
     pub changes: Vec<Change>,
 }
 

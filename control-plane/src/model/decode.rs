@@ -210,7 +210,8 @@ fn decode_part<T: DeserializeOwned>(
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
     let result = {
-        let de = serde_path_to_error::Deserializer::new(value.clone(), &mut track);
+        // Deserializing from `&Value` borrows instead of copying the tree.
+        let de = serde_path_to_error::Deserializer::new(value, &mut track);
         serde_ignored::deserialize(de, |path| {
             let mut p = String::from(root);
             push_ignored_path(&mut p, &path);
@@ -285,7 +286,11 @@ pub fn decode_all(docs: &[SourceDocument]) -> Decoded {
             continue;
         };
         let key = res.key();
-        if out.resources.insert(key.clone(), res).is_some() {
+        if out
+            .resources
+            .insert(key.clone(), std::sync::Arc::new(res))
+            .is_some()
+        {
             out.problems.push(Problem::document(
                 key.to_string(),
                 "",

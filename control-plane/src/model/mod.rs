@@ -201,5 +201,6 @@ pub struct DocumentSchema {
     spec: Spec,
 }
 
-/// The whole desired state: every document, keyed and ordered.
-pub type DesiredState = BTreeMap<ResourceKey, Resource>;
+/// The whole desired state: every document, keyed and ordered. Documents
+/// are shared, so the next state of a write is a cheap copy of the map.
+pub type DesiredState = BTreeMap<ResourceKey, std::sync::Arc<Resource>>;

@@ -3,31 +3,31 @@
 //! methods. Within one Api, a later route that an earlier one fully
 //! shadows is reported too.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use crate::model::api::{PathType, Route};
-use crate::model::{DesiredState, Spec};
+use crate::model::{DesiredState, ResourceKey, Spec};
 use crate::problem::Problem;
 
 /// What a route claims, minus its methods.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Claim {
-    gateway: String,
-    host: String,
+#[derive(PartialEq, Eq, Hash)]
+struct Claim<'a> {
+    gateway: &'a str,
+    host: &'a str,
     path_type: u8,
     path: String,
     conditions: String,
 }
 
-struct Owner {
-    document: String,
+struct Owner<'a> {
+    document: &'a ResourceKey,
     route: usize,
     /// Empty means every method.
     methods: Vec<String>,
 }
 
 pub(super) fn check(state: &DesiredState, problems: &mut Vec<Problem>) {
-    let mut claims: BTreeMap<Claim, Vec<Owner>> = BTreeMap::new();
+    let mut claims: HashMap<Claim<'_>, Vec<Owner<'_>>> = HashMap::new();
     for (key, res) in state {
         let Spec::Api(api) = &res.spec else { continue };
         if !api.lifecycle.state.is_served() {
@@ -44,7 +44,7 @@ pub(super) fn check(state: &DesiredState, problems: &mut Vec<Problem>) {
                 for host in &hosts {
                     let claim = claim_of(gateway, host, base, route);
                     let owner = Owner {
-                        document: key.to_string(),
+                        document: key,
                         route: i,
                         methods: route.matcher.methods.clone(),
                     };
@@ -77,9 +77,9 @@ pub(super) fn check(state: &DesiredState, problems: &mut Vec<Problem>) {
                     if let Some((same_doc, message)) = described {
                         let path = format!("spec.routes[{i}].match");
                         problems.push(if same_doc {
-                            Problem::document(&owner.document, path, message)
+                            Problem::document(owner.document.to_string(), path, message)
                         } else {
-                            Problem::reference(&owner.document, path, message)
+                            Problem::reference(owner.document.to_string(), path, message)
                         });
                     } else {
                         owners.push(owner);
@@ -90,7 +90,7 @@ pub(super) fn check(state: &DesiredState, problems: &mut Vec<Problem>) {
     }
 }
 
-fn claim_of(gateway: &str, host: &str, base: &str, route: &Route) -> Claim {
+fn claim_of<'a>(gateway: &'a str, host: &'a str, base: &str, route: &Route) -> Claim<'a> {
     let m = &route.matcher;
     let path = match m.path_type {
         PathType::Regex => format!("{base}~{}", m.path),
@@ -98,10 +98,14 @@ fn claim_of(gateway: &str, host: &str, base: &str, route: &Route) -> Claim {
     };
     // Header and query conditions distinguish routes (e.g. a version
     // header); canonical JSON makes equal conditions compare equal.
-    let conditions = serde_json::to_string(&(&m.headers, &m.query)).unwrap_or_default();
+    let conditions = if m.headers.is_empty() && m.query.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&(&m.headers, &m.query)).unwrap_or_default()
+    };
     Claim {
-        gateway: gateway.to_string(),
-        host: host.to_string(),
+        gateway,
+        host,
         path_type: m.path_type as u8,
         path,
         conditions,

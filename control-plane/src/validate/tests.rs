@@ -15,7 +15,7 @@ fn state(docs: Vec<Value>) -> DesiredState {
                 value,
             })
             .expect("decodes");
-            (res.key(), res)
+            (res.key(), std::sync::Arc::new(res))
         })
         .collect()
 }

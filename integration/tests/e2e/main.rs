@@ -5,6 +5,7 @@
 mod admin_api;
 mod auth;
 mod crash;
+mod demo;
 mod state_cli;
 mod validation;
 
