@@ -60,7 +60,7 @@ pub fn split(text: &str, file: &str) -> Result<Vec<SourceDocument>, SyntaxError>
 }
 
 fn split_json(text: &str, file: &str) -> Result<Vec<Value>, SyntaxError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| SyntaxError {
+    let Strict(value) = serde_json::from_str(text).map_err(|e| SyntaxError {
         file: file.to_string(),
         line: e.line(),
         column: e.column(),
@@ -76,7 +76,7 @@ fn split_json(text: &str, file: &str) -> Result<Vec<Value>, SyntaxError> {
 fn split_yaml(text: &str, file: &str) -> Result<Vec<Value>, SyntaxError> {
     let mut out = Vec::new();
     for doc in serde_yaml_ng::Deserializer::from_str(text) {
-        let value = Value::deserialize(doc).map_err(|e| {
+        let Strict(value) = Strict::deserialize(doc).map_err(|e| {
             let (line, column) = e
                 .location()
                 .map(|l| (l.line(), l.column()))
@@ -94,6 +94,74 @@ fn split_yaml(text: &str, file: &str) -> Result<Vec<Value>, SyntaxError> {
         }
     }
     Ok(out)
+}
+
+/// A JSON value parsed strictly: a key given twice in one mapping is an
+/// error (plain `Value` keeps the last one silently, hiding a mistake).
+/// Raised inside the parser, so the error carries line and column.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON-compatible value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom(format!("{v} is not a finite number")))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        Strict::deserialize(d).map(|s| s.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// Parsers append " at line L column C"; the error already says where.
@@ -367,6 +435,15 @@ mod tests {
         assert!(err.line >= 2, "{err}");
         let err = split("{\"a\": }", "bad.json").unwrap_err();
         assert_eq!((err.line, err.format), (1, "JSON"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_syntax_errors() {
+        let err = split("a: 1\nb:\n  c: 1\n  c: 2\n", "d.yaml").unwrap_err();
+        assert!(err.message.contains("duplicate key \"c\""), "{err}");
+        assert_eq!(err.line, 3, "the mapping holding the duplicate: {err}");
+        let err = split("{\"a\": 1, \"a\": 2}", "d.json").unwrap_err();
+        assert!(err.message.contains("duplicate key"), "{err}");
     }
 
     #[test]
