@@ -20,3 +20,4 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod validate;
+pub mod xds;

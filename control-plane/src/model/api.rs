@@ -285,3 +285,30 @@ pub struct PolicyRef {
     #[schema(value_type = Object)]
     pub config: Option<serde_json::Value>,
 }
+
+/// The request path a route matches once the Api's base path is added:
+/// `/pets` + `/` is `/pets`, `/pets` + `/{id}` is `/pets/{id}`.
+pub fn full_path(base: &str, path: &str) -> String {
+    match (base, path) {
+        ("/", p) => p.to_string(),
+        (b, "/") => b.to_string(),
+        (b, p) => format!("{b}{p}"),
+    }
+}
+
+/// Whether a listener host `pattern` (a host name or `*.suffix`) accepts
+/// `host`; a wildcard host matches only an equal or narrower wildcard.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    if pattern == host {
+        return true;
+    }
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            bare.len() > suffix.len() + 1
+                && bare.ends_with(suffix)
+                && bare.as_bytes()[bare.len() - suffix.len() - 1] == b'.'
+        }
+        None => false,
+    }
+}

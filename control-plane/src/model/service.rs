@@ -29,9 +29,34 @@ pub struct ServiceSpec {
     /// Limits that shed load instead of queueing without bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Passive health checking: eject endpoints that keep failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
     /// TLS to the endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+}
+
+/// Envoy's outlier detection on consecutive 5xx answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers that eject an endpoint; 5 unless set; 1-1000.
+    #[serde(
+        default,
+        rename = "consecutive5xx",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub consecutive_5xx: Option<u32>,
+    /// Time between ejection sweeps; `10s` unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Base time an endpoint stays ejected; `30s` unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// At most this percentage of endpoints ejected at once; 10 unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
 }
 
 /// One endpoint of a Service.

@@ -398,30 +398,13 @@ fn gateway_accepts(gw: &GatewaySpec, host: &str) -> bool {
         l.hostnames.is_empty()
             || l.hostnames
                 .iter()
-                .any(|pattern| host_matches(pattern, host))
+                .any(|pattern| crate::model::api::host_matches(pattern, host))
     })
-}
-
-/// `pattern` is a host name or `*.suffix`; a wildcard host matches only
-/// an equal or narrower wildcard.
-fn host_matches(pattern: &str, host: &str) -> bool {
-    if pattern == host {
-        return true;
-    }
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => {
-            let bare = host.strip_prefix("*.").unwrap_or(host);
-            bare.len() > suffix.len() + 1
-                && bare.ends_with(suffix)
-                && bare.as_bytes()[bare.len() - suffix.len() - 1] == b'.'
-        }
-        None => false,
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::host_matches;
+    use crate::model::api::host_matches;
 
     #[test]
     fn wildcard_hosts() {

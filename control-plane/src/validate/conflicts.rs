@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use crate::model::api::{PathType, Route};
+use crate::model::api::{full_path, PathType, Route};
 use crate::model::{DesiredState, ResourceKey, Spec};
 use crate::problem::Problem;
 
@@ -109,15 +109,6 @@ fn claim_of<'a>(gateway: &'a str, host: &'a str, base: &str, route: &Route) -> C
         path_type: m.path_type as u8,
         path,
         conditions,
-    }
-}
-
-/// The request path a route matches once the Api's base path is added.
-pub(crate) fn full_path(base: &str, path: &str) -> String {
-    match (base, path) {
-        ("/", p) => p.to_string(),
-        (b, "/") => b.to_string(),
-        (b, p) => format!("{b}{p}"),
     }
 }
 

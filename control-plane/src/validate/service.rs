@@ -84,6 +84,32 @@ pub(super) fn check(spec: &ServiceSpec, r: &mut Report<'_>) {
             }
         }
     }
+    if let Some(od) = &spec.outlier_detection {
+        if let Some(n) = od.consecutive_5xx.filter(|n| !(1..=1000).contains(n)) {
+            r.value(
+                "spec.outlierDetection.consecutive5xx",
+                format!("{n} is out of range; must be between 1 and 1000"),
+            );
+        }
+        if let Some(t) = &od.interval {
+            r.check(
+                "spec.outlierDetection.interval",
+                rules::check_duration(t, false),
+            );
+        }
+        if let Some(t) = &od.base_ejection_time {
+            r.check(
+                "spec.outlierDetection.baseEjectionTime",
+                rules::check_duration(t, false),
+            );
+        }
+        if let Some(p) = od.max_ejection_percent.filter(|p| *p > 100) {
+            r.value(
+                "spec.outlierDetection.maxEjectionPercent",
+                format!("{p} is not a percentage"),
+            );
+        }
+    }
     if let Some(tls) = &spec.tls {
         if let Some(sni) = &tls.sni {
             r.check("spec.tls.sni", rules::check_hostname(sni, false));

@@ -1,0 +1,170 @@
+//! xDS resources as the server hands them out: encoded once, versioned by
+//! content, shared by every stream that sends them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use portico_proto::google::protobuf::Any;
+use portico_proto::type_url;
+use prost::{Message, Name};
+use sha2::{Digest, Sha256};
+
+/// The resource types Portico serves, in make-before-break order:
+/// clusters, then their endpoints, then listeners, then routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TypeUrl {
+    /// `Cluster` (CDS).
+    Cluster,
+    /// `ClusterLoadAssignment` (EDS).
+    Endpoint,
+    /// `Listener` (LDS).
+    Listener,
+    /// `RouteConfiguration` (RDS).
+    Route,
+    /// `Secret` (SDS).
+    Secret,
+}
+
+impl TypeUrl {
+    /// Every type, in push order.
+    pub const ALL: [TypeUrl; 5] = [
+        TypeUrl::Cluster,
+        TypeUrl::Endpoint,
+        TypeUrl::Listener,
+        TypeUrl::Route,
+        TypeUrl::Secret,
+    ];
+
+    /// The full type URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TypeUrl::Cluster => type_url::CLUSTER,
+            TypeUrl::Endpoint => type_url::ENDPOINT,
+            TypeUrl::Listener => type_url::LISTENER,
+            TypeUrl::Route => type_url::ROUTE,
+            TypeUrl::Secret => type_url::SECRET,
+        }
+    }
+
+    /// Parses a type URL; `None` for types Portico does not serve.
+    pub fn parse(s: &str) -> Option<TypeUrl> {
+        TypeUrl::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// A short name for metrics and status: `cds`, `eds`, `lds`, `rds`, `sds`.
+    pub fn short(self) -> &'static str {
+        match self {
+            TypeUrl::Cluster => "cds",
+            TypeUrl::Endpoint => "eds",
+            TypeUrl::Listener => "lds",
+            TypeUrl::Route => "rds",
+            TypeUrl::Secret => "sds",
+        }
+    }
+
+    /// LDS and CDS: SotW responses carry the whole subscribed set, and a
+    /// first request without names means "everything" (legacy wildcard).
+    pub fn is_full_state(self) -> bool {
+        matches!(self, TypeUrl::Listener | TypeUrl::Cluster)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for TypeUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One encoded resource.
+#[derive(Debug, PartialEq, Eq)]
+pub struct XdsResource {
+    /// The resource's name.
+    pub name: Arc<str>,
+    /// Content hash of the encoded resource: equal content, equal version.
+    pub version: Arc<str>,
+    /// The resource, packed.
+    pub body: Any,
+}
+
+impl XdsResource {
+    /// Encodes `msg` and versions it by content.
+    pub fn new<M: Message + Name>(name: &str, msg: &M) -> Arc<XdsResource> {
+        let value = msg.encode_to_vec();
+        let digest = Sha256::digest(&value);
+        let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Arc::new(XdsResource {
+            name: name.into(),
+            version: version.into(),
+            body: Any {
+                type_url: M::type_url(),
+                value,
+            },
+        })
+    }
+}
+
+/// A resource in a view, and whether a wildcard subscription covers it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The resource.
+    pub resource: Arc<XdsResource>,
+    /// False for resources only served when named (the `api_listener`s of
+    /// proxyless gRPC clients, which an Envoy must not receive).
+    pub in_wildcard: bool,
+}
+
+/// Everything one group of nodes may receive, by type and name.
+#[derive(Debug, Default)]
+pub struct View {
+    types: [BTreeMap<Arc<str>, Entry>; 5],
+}
+
+impl View {
+    /// Adds a resource.
+    pub fn insert(&mut self, t: TypeUrl, resource: Arc<XdsResource>, in_wildcard: bool) {
+        self.types[t.index()].insert(
+            resource.name.clone(),
+            Entry {
+                resource,
+                in_wildcard,
+            },
+        );
+    }
+
+    /// The resources of one type.
+    pub fn of(&self, t: TypeUrl) -> &BTreeMap<Arc<str>, Entry> {
+        &self.types[t.index()]
+    }
+
+    /// One resource.
+    pub fn get(&self, t: TypeUrl, name: &str) -> Option<&Entry> {
+        self.types[t.index()].get(name)
+    }
+}
+
+/// The xDS rendering of one desired-state revision: a view per node group.
+#[derive(Debug, Default)]
+pub struct XdsSnapshot {
+    /// The desired-state revision this was built from.
+    pub revision: u64,
+    /// Views by node group (`node.cluster`).
+    pub groups: HashMap<String, Arc<View>>,
+    /// The view of nodes whose group has no Gateway: only what is served
+    /// to everyone (proxyless gRPC services).
+    pub default_view: Arc<View>,
+}
+
+impl XdsSnapshot {
+    /// The view for a node group.
+    pub fn view(&self, group: &str) -> Arc<View> {
+        self.groups
+            .get(group)
+            .cloned()
+            .unwrap_or_else(|| self.default_view.clone())
+    }
+}

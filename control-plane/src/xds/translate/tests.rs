@@ -1,0 +1,208 @@
+//! Translation: determinism, group selection, route order, gRFC A27 shape.
+
+use std::sync::Arc;
+
+use portico_proto::envoy::config::listener::v3::Listener;
+use portico_proto::envoy::config::route::v3::{route_match::PathSpecifier, RouteConfiguration};
+use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use prost::Message;
+use serde_json::{json, Value};
+
+use super::translate;
+use crate::model::decode::{decode, document, SourceDocument};
+use crate::model::{DesiredState, Kind};
+use crate::xds::resources::TypeUrl;
+
+fn state(docs: Vec<Value>) -> DesiredState {
+    docs.into_iter()
+        .map(|value| {
+            let res = decode(&SourceDocument {
+                origin: "t".into(),
+                value,
+            })
+            .expect("decodes");
+            (res.key(), Arc::new(res))
+        })
+        .collect()
+}
+
+fn base() -> Vec<Value> {
+    vec![
+        document(
+            Kind::Gateway,
+            "edge",
+            json!({"nodeGroup": "edge", "listeners": [{"name": "http", "port": 8080, "protocol": "HTTP"}]}),
+        ),
+        document(
+            Kind::Gateway,
+            "internal",
+            json!({"nodeGroup": "internal", "listeners": [{"name": "http", "port": 9090, "protocol": "HTTP"}]}),
+        ),
+        document(
+            Kind::Service,
+            "pets",
+            json!({"endpoints": [{"address": "10.0.0.1", "port": 80}]}),
+        ),
+        document(
+            Kind::Service,
+            "greeter",
+            json!({"protocol": "grpc", "endpoints": [{"address": "10.0.0.2", "port": 50051}]}),
+        ),
+        document(
+            Kind::Api,
+            "pets",
+            json!({"version": "v1", "gateways": ["edge"], "hostnames": ["api.example.com"], "basePath": "/pets",
+            "lifecycle": {"state": "published"}, "routes": [
+                {"match": {"path": "/"}, "action": {"service": "pets"}},
+                {"match": {"path": "/search", "pathType": "exact"}, "action": {"service": "pets"}},
+                {"match": {"path": "/food"}, "action": {"service": "pets"}}
+            ]}),
+        ),
+    ]
+}
+
+#[test]
+fn same_state_same_bytes_and_versions() {
+    let a = translate(&state(base()), 1);
+    let b = translate(&state(base()), 2);
+    for t in TypeUrl::ALL {
+        let va: Vec<_> = a
+            .view("edge")
+            .of(t)
+            .values()
+            .map(|e| {
+                (
+                    e.resource.name.clone(),
+                    e.resource.version.clone(),
+                    e.resource.body.value.clone(),
+                )
+            })
+            .collect();
+        let vb: Vec<_> = b
+            .view("edge")
+            .of(t)
+            .values()
+            .map(|e| {
+                (
+                    e.resource.name.clone(),
+                    e.resource.version.clone(),
+                    e.resource.body.value.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(va, vb, "{t}");
+    }
+}
+
+#[test]
+fn groups_get_only_what_they_select() {
+    let snap = translate(&state(base()), 1);
+    let edge = snap.view("edge");
+    let internal = snap.view("internal");
+    let wildcard = |v: &crate::xds::resources::View, t| {
+        v.of(t)
+            .iter()
+            .filter(|(_, e)| e.in_wildcard)
+            .map(|(n, _)| n.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(wildcard(&edge, TypeUrl::Listener), vec!["edge/http"]);
+    assert_eq!(wildcard(&edge, TypeUrl::Cluster), vec!["pets"]);
+    assert_eq!(
+        wildcard(&internal, TypeUrl::Listener),
+        vec!["internal/http"]
+    );
+    assert!(wildcard(&internal, TypeUrl::Cluster).is_empty());
+    // The proxyless gRPC listener is there for anyone who names it.
+    assert!(internal
+        .get(TypeUrl::Listener, "greeter")
+        .is_some_and(|e| !e.in_wildcard));
+    assert!(snap
+        .view("unknown-group")
+        .get(TypeUrl::Cluster, "greeter")
+        .is_some());
+    assert!(snap
+        .view("unknown-group")
+        .get(TypeUrl::Listener, "edge/http")
+        .is_none());
+}
+
+#[test]
+fn routes_are_most_specific_first_and_prefixes_respect_segments() {
+    let snap = translate(&state(base()), 1);
+    let view = snap.view("edge");
+    let rc = RouteConfiguration::decode(
+        &*view
+            .get(TypeUrl::Route, "edge/http")
+            .unwrap()
+            .resource
+            .body
+            .value,
+    )
+    .unwrap();
+    let vh = &rc.virtual_hosts[0];
+    assert_eq!(vh.domains, vec!["api.example.com"]);
+    let paths: Vec<_> = vh
+        .routes
+        .iter()
+        .map(|r| r.r#match.as_ref().unwrap().path_specifier.clone().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            PathSpecifier::Path("/pets/search".into()),
+            PathSpecifier::PathSeparatedPrefix("/pets/food".into()),
+            PathSpecifier::PathSeparatedPrefix("/pets".into()),
+        ]
+    );
+}
+
+#[test]
+fn grpc_services_follow_grfc_a27() {
+    let snap = translate(&state(base()), 1);
+    let view = snap.view("anything");
+    let l = Listener::decode(
+        &*view
+            .get(TypeUrl::Listener, "greeter")
+            .unwrap()
+            .resource
+            .body
+            .value,
+    )
+    .unwrap();
+    assert_eq!(l.name, "greeter");
+    let any = l.api_listener.unwrap().api_listener.unwrap();
+    let hcm = HttpConnectionManager::decode(&*any.value).unwrap();
+    assert_eq!(
+        hcm.http_filters.last().unwrap().name,
+        "envoy.filters.http.router"
+    );
+    let rc = RouteConfiguration::decode(
+        &*view
+            .get(TypeUrl::Route, "greeter")
+            .unwrap()
+            .resource
+            .body
+            .value,
+    )
+    .unwrap();
+    assert_eq!(rc.virtual_hosts[0].domains, vec!["greeter"]);
+    use portico_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    let cla = ClusterLoadAssignment::decode(
+        &*view
+            .get(TypeUrl::Endpoint, "greeter")
+            .unwrap()
+            .resource
+            .body
+            .value,
+    )
+    .unwrap();
+    assert_eq!(
+        cla.endpoints[0]
+            .load_balancing_weight
+            .as_ref()
+            .unwrap()
+            .value,
+        1
+    );
+}
