@@ -371,11 +371,60 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .map(|(k, n)| format!("{n} {k}"))
                         .collect();
                     println!("documents      {}", counts.join(", "));
+                    println!("nodes          {} connected", s.nodes.len());
+                    if !s.nodes.is_empty() {
+                        println!();
+                        print!("{}", nodes_table(&s.nodes));
+                        for n in &s.nodes {
+                            for (t, st) in &n.types {
+                                if let Some(nack) = &st.nack {
+                                    println!("NACK  {} {t}: {nack}", n.id);
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One row per node: who, where, and per type the ACKed version (`!` marks
+/// a type whose last response was NACKed).
+fn nodes_table(nodes: &[portico_cp::xds::registry::NodeStatus]) -> String {
+    let mut t = Table::new(vec![
+        "NODE", "GROUP", "CLIENT", "ADDRESS", "STREAM", "CDS", "EDS", "LDS", "RDS",
+    ]);
+    for n in nodes {
+        let v = |ty: &str| match n.types.get(ty) {
+            None => "-".to_string(),
+            Some(st) => {
+                let acked = st
+                    .acked_version
+                    .as_deref()
+                    .map(|v| v.chars().take(6).collect::<String>())
+                    .unwrap_or_else(|| "sent".into());
+                if st.nack.is_some() {
+                    format!("{acked}!")
+                } else {
+                    acked
+                }
+            }
+        };
+        t.row(vec![
+            n.id.clone(),
+            n.group.clone(),
+            format!("{:?}", n.client).to_lowercase(),
+            n.address.clone(),
+            n.stream.clone(),
+            v("cds"),
+            v("eds"),
+            v("lds"),
+            v("rds"),
+        ]);
+    }
+    t.render(100)
 }
 
 fn validate_offline(files: &[PathBuf]) -> anyhow::Result<ExitCode> {

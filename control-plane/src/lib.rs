@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod metrics;
 pub mod model;
 pub mod problem;
 pub mod server;

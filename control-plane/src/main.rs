@@ -19,6 +19,10 @@ struct Args {
     #[arg(long, env = "PORTICO_ADMIN_LISTEN", default_value = "127.0.0.1:7700")]
     admin_listen: SocketAddr,
 
+    /// Address of the xDS (gRPC, ADS) server for data-plane nodes.
+    #[arg(long, env = "PORTICO_XDS_LISTEN", default_value = "127.0.0.1:18000")]
+    xds_listen: SocketAddr,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "PORTICO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -41,6 +45,7 @@ fn main() -> std::process::ExitCode {
     let settings = Settings {
         data_dir,
         admin_listen: args.admin_listen,
+        xds_listen: args.xds_listen,
         admin_token: admin_token.map(|t| t.trim().to_string()),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::{self, TokenTable};
 use crate::state::StateService;
 use crate::store::{SqliteStore, Store};
+use crate::xds::{self, registry::Registry};
 
 /// Settings of a control plane.
 #[derive(Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Address of the admin API.
     pub admin_listen: SocketAddr,
+    /// Address of the xDS (gRPC) server.
+    pub xds_listen: SocketAddr,
     /// Admin token given by the operator, instead of a generated one.
     pub admin_token: Option<String>,
 }
@@ -28,6 +31,9 @@ pub struct Settings {
 /// Name of the file, in the data directory, holding the admin API's bound
 /// address once it listens (useful with port 0).
 pub const ADMIN_ADDR_FILE: &str = "admin.addr";
+
+/// Likewise for the xDS server.
+pub const XDS_ADDR_FILE: &str = "xds.addr";
 
 /// Runs the control plane until `shutdown` completes.
 pub async fn run(
@@ -58,13 +64,26 @@ pub async fn run(
     );
     tracing::info!(revision = %state.snapshot().revision, "desired state loaded");
 
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let registry = Arc::new(Registry::default());
+    let xds_shared = Arc::new(xds::stream::Shared::new(
+        xds::spawn_translator(&state),
+        registry.clone(),
+        metrics.clone(),
+    ));
     let shared = Arc::new(AdminState {
         state,
         tokens,
-        metrics: Default::default(),
+        metrics,
+        registry,
         started: Instant::now(),
     });
     admin::handlers_update_gauges(&shared);
+
+    let xds_listener = TcpListener::bind(settings.xds_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for xDS", settings.xds_listen))?;
+    let xds_bound = xds_listener.local_addr()?;
     let listener = TcpListener::bind(settings.admin_listen)
         .await
         .with_context(|| {
@@ -74,20 +93,53 @@ pub async fn run(
             )
         })?;
     let bound = listener.local_addr()?;
-    write_addr_file(&settings.data_dir, bound)?;
-    tracing::info!(addr = %bound, "admin API listening");
-    axum::serve(listener, admin::router(shared))
-        .with_graceful_shutdown(shutdown)
+    write_addr_file(&settings.data_dir, XDS_ADDR_FILE, xds_bound)?;
+    write_addr_file(&settings.data_dir, ADMIN_ADDR_FILE, bound)?;
+    tracing::info!(admin = %bound, xds = %xds_bound, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut builder = tonic::transport::Server::builder()
+        // Find dead peers without waiting for TCP to give up.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    let xds_router = xds::service::XdsService::new(xds_shared).add_to(&mut builder);
+    let mut xds_stop = stop_rx.clone();
+    let xds_task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+        xds_router
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = xds_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let mut admin_stop = stop_rx;
+    let admin_task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            admin::router(shared).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        })
         .await
-        .context("admin API server failed")?;
+    });
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    // Streams never end by themselves: give in-flight work a moment, then go.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = admin_task.await;
+        let _ = xds_task.await;
+    })
+    .await;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Writes the bound address atomically so a reader never sees half of it.
-fn write_addr_file(dir: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
-    let tmp = dir.join(format!("{ADMIN_ADDR_FILE}.tmp"));
+fn write_addr_file(dir: &std::path::Path, name: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
     std::fs::write(&tmp, format!("{addr}\n"))?;
-    std::fs::rename(&tmp, dir.join(ADMIN_ADDR_FILE))?;
+    std::fs::rename(&tmp, dir.join(name))?;
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct ControlPlane {
     pub data_dir: PathBuf,
     /// `127.0.0.1:PORT` of the admin API.
     pub addr: String,
+    /// `127.0.0.1:PORT` of the xDS server.
+    pub xds_addr: String,
     /// The admin token.
     pub token: String,
     /// Where the CLI looks for its config (kept empty unless a test writes one).
@@ -63,11 +65,14 @@ impl ControlPlane {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let addr_file = data_dir.join("admin.addr");
         let _ = std::fs::remove_file(&addr_file);
+        let _ = std::fs::remove_file(data_dir.join("xds.addr"));
         let log = std::fs::File::create(data_dir.join("cp.log")).expect("log file");
         let mut cmd = Command::new(bin("portico-cp"));
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .arg("--xds-listen")
             .arg("127.0.0.1:0")
             .env_remove("PORTICO_ADMIN_TOKEN")
             .env("PORTICO_LOG", "warn")
@@ -95,12 +100,17 @@ impl ControlPlane {
                 .trim()
                 .to_string(),
         };
+        let xds_addr = std::fs::read_to_string(data_dir.join("xds.addr"))
+            .expect("xds.addr is written before admin.addr")
+            .trim()
+            .to_string();
         let config_home = data_dir.join("cli-config");
         std::fs::create_dir_all(&config_home).expect("config home");
         ControlPlane {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             addr,
+            xds_addr,
             token,
             config_home,
         }

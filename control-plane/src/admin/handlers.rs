@@ -81,7 +81,7 @@ fn finish(
     shared
         .metrics
         .writes
-        .get_or_create(&super::metrics::WriteLabels {
+        .get_or_create(&crate::metrics::WriteLabels {
             operation: format!("{operation:?}").to_lowercase(),
             result: label.into(),
         })
@@ -115,7 +115,7 @@ pub fn update_gauges(shared: &AdminState) {
         shared
             .metrics
             .resources
-            .get_or_create(&super::metrics::KindLabels {
+            .get_or_create(&crate::metrics::KindLabels {
                 kind: kind.slug().into(),
             })
             .set(n as i64);
@@ -191,6 +191,16 @@ pub async fn status(State(shared): State<Arc<AdminState>>) -> ApiResult<StatusRe
         resources,
         store: shared.state.store().describe(),
         uptime_seconds: shared.started.elapsed().as_secs(),
+        nodes: shared.registry.list(),
+    }))
+}
+
+/// Connected xDS nodes: per type what was sent, ACKed and NACKed.
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "meta",
+    responses((status = 200, body = NodeList), (status = 401, body = ErrorResponse)), security(("bearer" = [])))]
+pub async fn nodes(State(shared): State<Arc<AdminState>>) -> ApiResult<NodeList> {
+    Ok(Json(NodeList {
+        items: shared.registry.list(),
     }))
 }
 

@@ -7,7 +7,6 @@
 
 mod error;
 mod handlers;
-pub mod metrics;
 mod openapi;
 pub mod types;
 
@@ -26,8 +25,8 @@ pub use handlers::update_gauges as handlers_update_gauges;
 pub use openapi::openapi_json;
 
 use crate::auth::TokenTable;
+use crate::metrics::{self, Metrics};
 use crate::state::StateService;
-use metrics::Metrics;
 
 /// Largest request body accepted: a whole desired state in one apply.
 const MAX_BODY: usize = 64 << 20;
@@ -40,6 +39,8 @@ pub struct AdminState {
     pub tokens: TokenTable,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Connected xDS nodes.
+    pub registry: Arc<crate::xds::registry::Registry>,
     /// When the control plane started.
     pub started: Instant,
 }
@@ -53,6 +54,7 @@ pub fn router(shared: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/api/v1/openapi.json", get(handlers::openapi))
         .route("/api/v1/status", get(handlers::status))
+        .route("/api/v1/nodes", get(handlers::nodes))
         .route("/api/v1/resources", get(handlers::list_all))
         .route("/api/v1/resources/{kind}", get(handlers::list_kind))
         .route(

@@ -19,6 +19,7 @@ use super::handlers;
         handlers::metrics,
         handlers::openapi,
         handlers::status,
+        handlers::nodes,
         handlers::list_all,
         handlers::list_kind,
         handlers::get_one,

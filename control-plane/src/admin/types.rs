@@ -162,6 +162,16 @@ pub struct StatusResponse {
     pub store: String,
     /// Seconds since the control plane started.
     pub uptime_seconds: u64,
+    /// Connected xDS nodes.
+    pub nodes: Vec<crate::xds::registry::NodeStatus>,
+}
+
+/// `GET /api/v1/nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeList {
+    /// Every connected xDS stream, by node id.
+    pub items: Vec<crate::xds::registry::NodeStatus>,
 }
 
 /// The body of every error response.

@@ -2,7 +2,55 @@
 //! streamed to data-plane nodes, Envoys and proxyless gRPC clients.
 //!
 //! - [`resources`]: encoded, content-versioned resources and per-group views.
-//! - [`translate`]: desired state → views.
+//! - [`translate`]: desired state → views, once per revision.
+//! - [`sotw`], [`delta`]: the two stream protocols, one task per stream.
+//! - [`service`]: ADS and per-type gRPC services; [`csds`]: client status.
+//! - [`registry`]: connected nodes and what they ACKed or NACKed.
+//!
+//! A revision reaches nodes like this: the state service publishes a
+//! snapshot; [`spawn_translator`] renders it once; each stream task wakes
+//! on the new rendering (latest wins, so a slow node skips intermediate
+//! ones), compares it with what its client has, and sends the difference.
 
+pub mod csds;
+pub mod delta;
+pub mod registry;
 pub mod resources;
+pub mod service;
+pub mod sotw;
+pub mod stream;
 pub mod translate;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::state::StateService;
+use resources::XdsSnapshot;
+
+/// Renders every new desired-state snapshot into an xDS snapshot, off the
+/// async workers, and publishes it (latest value wins).
+pub fn spawn_translator(state: &StateService) -> watch::Receiver<Arc<XdsSnapshot>> {
+    let mut desired = state.subscribe();
+    let first = desired.borrow_and_update().clone();
+    let (tx, rx) = watch::channel(Arc::new(translate::translate(
+        &first.state,
+        first.revision.0,
+    )));
+    tokio::spawn(async move {
+        while desired.changed().await.is_ok() {
+            let snap = desired.borrow_and_update().clone();
+            let rendered = tokio::task::spawn_blocking(move || {
+                translate::translate(&snap.state, snap.revision.0)
+            })
+            .await;
+            match rendered {
+                Ok(r) => {
+                    tx.send_replace(Arc::new(r));
+                }
+                Err(e) => tracing::error!(error = %e, "translating the desired state failed"),
+            }
+        }
+    });
+    rx
+}

@@ -14,6 +14,7 @@ fn the_demo_script_runs_end_to_end() {
         .env("PORTICO_BIN_DIR", &bin_dir)
         .env("PORTICO_DATA_DIR", dir.path())
         .env("PORTICO_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("PORTICO_XDS_LISTEN", "127.0.0.1:0")
         .env_remove("PORTICO_TOKEN")
         .output()
         .unwrap();

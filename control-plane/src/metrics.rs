@@ -1,4 +1,5 @@
-//! Prometheus metrics of the control plane, served at `/metrics`.
+//! Prometheus metrics of the control plane, served at `/metrics` on the
+//! admin listener.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -34,6 +35,22 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// Labels of xDS stream metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `ads` or a per-type service (`lds`, `cds`, ...).
+    pub service: String,
+    /// `sotw` or `delta`.
+    pub variant: String,
+}
+
+/// Labels of per-type xDS metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    /// `cds`, `eds`, `lds`, `rds`, `sds`.
+    pub r#type: String,
+}
+
 /// Every metric of the control plane.
 pub struct Metrics {
     registry: Registry,
@@ -47,6 +64,14 @@ pub struct Metrics {
     pub revision: Gauge,
     /// Documents per kind.
     pub resources: Family<KindLabels, Gauge>,
+    /// Connected xDS streams.
+    pub xds_streams: Family<StreamLabels, Gauge>,
+    /// xDS responses sent.
+    pub xds_pushes: Family<TypeLabels, Counter>,
+    /// xDS NACKs received.
+    pub xds_nacks: Family<TypeLabels, Counter>,
+    /// Time from sending a response to its ACK.
+    pub xds_push_to_ack_seconds: Family<TypeLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -78,6 +103,20 @@ impl Default for Metrics {
             "Documents in the desired state",
             resources.clone(),
         );
+        let xds_streams = Family::<StreamLabels, Gauge>::default();
+        let xds_pushes = Family::<TypeLabels, Counter>::default();
+        let xds_nacks = Family::<TypeLabels, Counter>::default();
+        let xds_push_to_ack_seconds = Family::<TypeLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))) as fn() -> Histogram,
+        );
+        registry.register("xds_streams", "Connected xDS streams", xds_streams.clone());
+        registry.register("xds_pushes", "xDS responses sent", xds_pushes.clone());
+        registry.register("xds_nacks", "xDS NACKs received", xds_nacks.clone());
+        registry.register(
+            "xds_push_to_ack_seconds",
+            "Time from an xDS response to its ACK",
+            xds_push_to_ack_seconds.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -85,6 +124,10 @@ impl Default for Metrics {
             write_seconds,
             revision,
             resources,
+            xds_streams,
+            xds_pushes,
+            xds_nacks,
+            xds_push_to_ack_seconds,
         }
     }
 }

@@ -1,0 +1,366 @@
+//! Incremental (Delta) streams (ADS and per-type).
+//!
+//! Per type the stream tracks what the client has (`known`: name →
+//! version, seeded from `initial_resource_versions` on reconnect) and sends
+//! only differences: changed resources, and `removed_resources` for
+//! deletions and for subscribed names that do not exist (rules 14–19).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use portico_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::resources::{TypeUrl, View, XdsResource};
+use super::stream::{
+    register_node, set_version, NodeCtx, Scope, Shared, StreamGuard, Subscription,
+};
+
+type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+#[derive(Default)]
+struct TypeState {
+    sub: Subscription,
+    started: bool,
+    nonce: String,
+    /// What the client has: name → version.
+    known: BTreeMap<String, Arc<str>>,
+    sent_at: Option<Instant>,
+}
+
+struct Stream {
+    shared: Arc<Shared>,
+    guard: StreamGuard,
+    scope: Scope,
+    node: Option<NodeCtx>,
+    view: Arc<View>,
+    revision: u64,
+    types: BTreeMap<TypeUrl, TypeState>,
+    nonce: u64,
+    tx: Tx,
+}
+
+/// Serves one Delta stream until the client closes it or it fails.
+pub async fn run(
+    shared: Arc<Shared>,
+    scope: Scope,
+    peer: Option<SocketAddr>,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: Tx,
+) {
+    let mut snapshots = shared.snapshots.clone();
+    let mut s = Stream {
+        guard: StreamGuard::new(shared.clone(), scope, "delta"),
+        shared,
+        scope,
+        node: None,
+        view: Arc::new(View::default()),
+        revision: 0,
+        types: BTreeMap::new(),
+        nonce: 0,
+        tx,
+    };
+    let kind = format!("{}-delta", scope.label());
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let req = match msg {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "xDS stream ended by the client");
+                        break;
+                    }
+                };
+                if s.node.is_none() {
+                    match register_node(&s.shared, &s.guard, req.node.as_ref(), peer, &kind) {
+                        Ok(node) => {
+                            let snap = snapshots.borrow_and_update().clone();
+                            s.view = snap.view(&node.group);
+                            s.revision = snap.revision;
+                            s.node = Some(node);
+                        }
+                        Err(status) => {
+                            let _ = s.tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                }
+                match s.on_request(req).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(status) => {
+                        let _ = s.tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+            changed = snapshots.changed(), if s.node.is_some() => {
+                if changed.is_err() {
+                    break;
+                }
+                let group = s.node.as_ref().map(|n| n.group.clone()).unwrap_or_default();
+                let snap = snapshots.borrow_and_update().clone();
+                let view = snap.view(&group);
+                s.revision = snap.revision;
+                if !Arc::ptr_eq(&view, &s.view) {
+                    s.view = view;
+                    if !s.push_all().await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Stream {
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<bool, Status> {
+        let t = self.scope.resolve(&req.type_url)?;
+        let id = self.guard.id;
+        let shared = self.shared.clone();
+        let view = self.view.clone();
+        let ty = self.types.entry(t).or_default();
+        // ACK/NACK only for the latest nonce; subscription changes in a
+        // stale request still count (12).
+        if !req.response_nonce.is_empty() && req.response_nonce == ty.nonce {
+            if let Some(err) = &req.error_detail {
+                shared
+                    .metrics
+                    .xds_nacks
+                    .get_or_create(&Shared::type_labels(t))
+                    .inc();
+                let message = format!("{} (code {})", err.message, err.code);
+                tracing::warn!(stream = id, r#type = t.short(), error = %message, "NACK");
+                shared.registry.update(id, t, |st| st.nack = Some(message));
+            } else {
+                if let Some(at) = ty.sent_at.take() {
+                    shared
+                        .metrics
+                        .xds_push_to_ack_seconds
+                        .get_or_create(&Shared::type_labels(t))
+                        .observe(at.elapsed().as_secs_f64());
+                }
+                shared.registry.update(id, t, |st| {
+                    st.acked_version = st.sent_version.clone();
+                    st.nack = None;
+                });
+            }
+        }
+        let first = !ty.started;
+        ty.started = true;
+        let mut resources: BTreeMap<String, Arc<XdsResource>> = BTreeMap::new();
+        let mut removed: BTreeSet<String> = BTreeSet::new();
+        if first {
+            // Reconnect: the client says what it has (18).
+            for (name, version) in &req.initial_resource_versions {
+                ty.known.insert(name.clone(), version.as_str().into());
+            }
+            if req.resource_names_subscribe.is_empty() && t.is_full_state() {
+                ty.sub.wildcard = true; // legacy wildcard (15)
+                ty.sub.legacy = true;
+            }
+        }
+        let mut explicit = Vec::new();
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                ty.sub.wildcard = true;
+            } else {
+                ty.sub.names.insert(name.clone());
+                explicit.push(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                ty.sub.wildcard = false;
+                ty.sub.legacy = false;
+                continue;
+            }
+            // Unsubscribing a name never subscribed is not an error (17).
+            if ty.sub.names.remove(name) && ty.sub.wildcard {
+                match view.get(t, name).filter(|e| e.in_wildcard) {
+                    Some(e) => {
+                        resources.insert(name.clone(), e.resource.clone());
+                    }
+                    None => {
+                        removed.insert(name.clone());
+                    }
+                }
+            } else if !ty.sub.covers(&view, t, name) {
+                ty.known.remove(name);
+            }
+        }
+        if first {
+            for r in ty.sub.resources(&view, t) {
+                if ty.known.get(&*r.name) != Some(&r.version) {
+                    resources.insert(r.name.to_string(), r);
+                }
+            }
+            for name in ty.known.keys() {
+                if view.get(t, name).is_none() || !ty.sub.covers(&view, t, name) {
+                    removed.insert(name.clone());
+                }
+            }
+            for name in &explicit {
+                if view.get(t, name).is_none() {
+                    removed.insert(name.clone()); // does not exist (14)
+                }
+            }
+        } else {
+            // A name in resource_names_subscribe is always answered (16).
+            for name in &explicit {
+                match view.get(t, name) {
+                    Some(e) => {
+                        resources.insert(name.clone(), e.resource.clone());
+                    }
+                    None => {
+                        removed.insert(name.clone());
+                    }
+                }
+            }
+        }
+        let must_answer = first && ty.sub.wildcard;
+        if resources.is_empty() && removed.is_empty() && !must_answer {
+            return Ok(true);
+        }
+        let pushed_clusters = t == TypeUrl::Cluster && !resources.is_empty();
+        let cluster_names: Vec<String> = resources.keys().cloned().collect();
+        if !self
+            .send(
+                t,
+                resources.into_values().collect(),
+                removed.into_iter().collect(),
+            )
+            .await
+        {
+            return Ok(false);
+        }
+        if pushed_clusters && matches!(self.scope, Scope::Ads) {
+            return Ok(self.push_endpoints_for(&cluster_names).await);
+        }
+        Ok(true)
+    }
+
+    /// Sends what changed for every type, make-before-break: additions in
+    /// CDS, EDS, LDS, RDS order, then removals of clusters and endpoints.
+    async fn push_all(&mut self) -> bool {
+        let mut late_removals: Vec<(TypeUrl, Vec<String>)> = Vec::new();
+        for t in TypeUrl::ALL {
+            let Some(ty) = self.types.get(&t).filter(|ty| ty.started) else {
+                continue;
+            };
+            let desired = ty.sub.resources(&self.view, t);
+            let changed: Vec<_> = desired
+                .iter()
+                .filter(|r| ty.known.get(&*r.name) != Some(&r.version))
+                .cloned()
+                .collect();
+            let mut removed: Vec<String> = ty
+                .known
+                .keys()
+                .filter(|n| !desired.iter().any(|d| &*d.name == n.as_str()))
+                .cloned()
+                .collect();
+            let ads = matches!(self.scope, Scope::Ads);
+            if ads && matches!(t, TypeUrl::Cluster | TypeUrl::Endpoint) && !removed.is_empty() {
+                late_removals.push((t, std::mem::take(&mut removed)));
+            }
+            if changed.is_empty() && removed.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = changed.iter().map(|r| r.name.to_string()).collect();
+            if !self.send(t, changed, removed).await {
+                return false;
+            }
+            if t == TypeUrl::Cluster
+                && ads
+                && !names.is_empty()
+                && !self.push_endpoints_for(&names).await
+            {
+                return false;
+            }
+        }
+        for (t, removed) in late_removals {
+            if !self.send(t, Vec::new(), removed).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Endpoints of clusters just sent, even if unchanged: Envoy finishes
+    /// warming a cluster only when they arrive after it (21).
+    async fn push_endpoints_for(&mut self, clusters: &[String]) -> bool {
+        let Some(ty) = self.types.get(&TypeUrl::Endpoint).filter(|t| t.started) else {
+            return true;
+        };
+        let resources: Vec<_> = ty
+            .sub
+            .resources(&self.view, TypeUrl::Endpoint)
+            .into_iter()
+            .filter(|r| clusters.iter().any(|c| c.as_str() == &*r.name))
+            .collect();
+        if resources.is_empty() {
+            return true;
+        }
+        self.send(TypeUrl::Endpoint, resources, Vec::new()).await
+    }
+
+    async fn send(
+        &mut self,
+        t: TypeUrl,
+        resources: Vec<Arc<XdsResource>>,
+        removed: Vec<String>,
+    ) -> bool {
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let Some(ty) = self.types.get_mut(&t) else {
+            return true;
+        };
+        for r in &resources {
+            ty.known.insert(r.name.to_string(), r.version.clone());
+        }
+        for name in &removed {
+            ty.known.remove(name);
+        }
+        ty.nonce = nonce.clone();
+        ty.sent_at = Some(Instant::now());
+        let version = set_version(ty.known.iter().map(|(n, v)| (n.as_str(), &**v)));
+        let listing: BTreeMap<String, String> = ty
+            .known
+            .iter()
+            .map(|(n, v)| (n.clone(), v.to_string()))
+            .collect();
+        self.shared.registry.update(self.guard.id, t, |st| {
+            st.sent_version = Some(version);
+            st.resources = listing;
+        });
+        self.shared
+            .metrics
+            .xds_pushes
+            .get_or_create(&Shared::type_labels(t))
+            .inc();
+        let response = DeltaDiscoveryResponse {
+            system_version_info: self.revision.to_string(),
+            resources: resources
+                .iter()
+                .map(|r| Resource {
+                    name: r.name.to_string(),
+                    version: r.version.to_string(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: t.as_str().to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        };
+        self.tx.send(Ok(response)).await.is_ok()
+    }
+}

@@ -1,0 +1,198 @@
+//! The gRPC services: ADS (SotW and Delta), the per-type services, and
+//! Client Status Discovery. Each stream runs in its own task.
+
+use std::sync::Arc;
+
+use portico_proto::envoy::service::cluster::v3::cluster_discovery_service_server::{
+    ClusterDiscoveryService, ClusterDiscoveryServiceServer,
+};
+use portico_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use portico_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use portico_proto::envoy::service::endpoint::v3::endpoint_discovery_service_server::{
+    EndpointDiscoveryService, EndpointDiscoveryServiceServer,
+};
+use portico_proto::envoy::service::listener::v3::listener_discovery_service_server::{
+    ListenerDiscoveryService, ListenerDiscoveryServiceServer,
+};
+use portico_proto::envoy::service::route::v3::route_discovery_service_server::{
+    RouteDiscoveryService, RouteDiscoveryServiceServer,
+};
+use portico_proto::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::resources::TypeUrl;
+use super::stream::{Scope, Shared, QUEUE};
+use super::{delta, sotw};
+
+type SotwStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+/// Every xDS service, sharing one view of the state.
+#[derive(Clone)]
+pub struct XdsService {
+    shared: Arc<Shared>,
+}
+
+impl XdsService {
+    /// A service over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        XdsService { shared }
+    }
+
+    fn sotw(
+        &self,
+        scope: Scope,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Response<SotwStream> {
+        let peer = req.remote_addr();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(sotw::run(
+            self.shared.clone(),
+            scope,
+            peer,
+            req.into_inner(),
+            tx,
+        ));
+        Response::new(ReceiverStream::new(rx))
+    }
+
+    fn delta(
+        &self,
+        scope: Scope,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Response<DeltaStream> {
+        let peer = req.remote_addr();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(delta::run(
+            self.shared.clone(),
+            scope,
+            peer,
+            req.into_inner(),
+            tx,
+        ));
+        Response::new(ReceiverStream::new(rx))
+    }
+
+    /// Adds every xDS service to a tonic router.
+    pub fn add_to(
+        self,
+        builder: &mut tonic::transport::Server,
+    ) -> tonic::transport::server::Router {
+        builder
+            .add_service(AggregatedDiscoveryServiceServer::new(self.clone()))
+            .add_service(ListenerDiscoveryServiceServer::new(self.clone()))
+            .add_service(RouteDiscoveryServiceServer::new(self.clone()))
+            .add_service(ClusterDiscoveryServiceServer::new(self.clone()))
+            .add_service(EndpointDiscoveryServiceServer::new(self.clone()))
+            .add_service(SecretDiscoveryServiceServer::new(self.clone()))
+            .add_service(super::csds::server(self.shared.clone()))
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsService {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Ok(self.sotw(Scope::Ads, req))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        Ok(self.delta(Scope::Ads, req))
+    }
+}
+
+/// The per-type services differ only in names and type.
+macro_rules! per_type_service {
+    ($trait:ident, $t:expr, $stream:ident, $StreamTy:ident, $delta:ident, $DeltaTy:ident, $fetch:ident) => {
+        #[tonic::async_trait]
+        impl $trait for XdsService {
+            type $StreamTy = SotwStream;
+            type $DeltaTy = DeltaStream;
+
+            async fn $stream(
+                &self,
+                req: Request<Streaming<DiscoveryRequest>>,
+            ) -> Result<Response<SotwStream>, Status> {
+                Ok(self.sotw(Scope::Only($t), req))
+            }
+
+            async fn $delta(
+                &self,
+                req: Request<Streaming<DeltaDiscoveryRequest>>,
+            ) -> Result<Response<DeltaStream>, Status> {
+                Ok(self.delta(Scope::Only($t), req))
+            }
+
+            async fn $fetch(
+                &self,
+                _req: Request<DiscoveryRequest>,
+            ) -> Result<Response<DiscoveryResponse>, Status> {
+                Err(Status::unimplemented(
+                    "REST-style fetch is not served; use the streaming or ADS API",
+                ))
+            }
+        }
+    };
+}
+
+per_type_service!(
+    ListenerDiscoveryService,
+    TypeUrl::Listener,
+    stream_listeners,
+    StreamListenersStream,
+    delta_listeners,
+    DeltaListenersStream,
+    fetch_listeners
+);
+per_type_service!(
+    RouteDiscoveryService,
+    TypeUrl::Route,
+    stream_routes,
+    StreamRoutesStream,
+    delta_routes,
+    DeltaRoutesStream,
+    fetch_routes
+);
+per_type_service!(
+    ClusterDiscoveryService,
+    TypeUrl::Cluster,
+    stream_clusters,
+    StreamClustersStream,
+    delta_clusters,
+    DeltaClustersStream,
+    fetch_clusters
+);
+per_type_service!(
+    EndpointDiscoveryService,
+    TypeUrl::Endpoint,
+    stream_endpoints,
+    StreamEndpointsStream,
+    delta_endpoints,
+    DeltaEndpointsStream,
+    fetch_endpoints
+);
+per_type_service!(
+    SecretDiscoveryService,
+    TypeUrl::Secret,
+    stream_secrets,
+    StreamSecretsStream,
+    delta_secrets,
+    DeltaSecretsStream,
+    fetch_secrets
+);

@@ -1,0 +1,325 @@
+//! State-of-the-world streams (ADS and per-type).
+//!
+//! The rules kept here are numbered as in the project's xDS notes: LDS/CDS
+//! responses always carry the whole subscribed set (6), RDS/EDS only what
+//! changed (7), the wildcard sequence (8), newly named resources are always
+//! sent (9), stale nonces are ignored (12), a NACK is recorded and the same
+//! version never resent (5), make-before-break order on ADS (20) and EDS
+//! after every CDS push (21).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use portico_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::resources::{TypeUrl, View, XdsResource};
+use super::stream::{
+    register_node, set_version, NodeCtx, Scope, Shared, StreamGuard, Subscription,
+};
+
+type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+
+#[derive(Default)]
+struct TypeState {
+    sub: Subscription,
+    started: bool,
+    /// Nonce of the last response; only a request echoing it is current.
+    nonce: String,
+    /// What the client was last sent (for LDS/CDS, exactly its state).
+    sent: BTreeMap<Arc<str>, Arc<XdsResource>>,
+    sent_at: Option<Instant>,
+}
+
+struct Stream {
+    shared: Arc<Shared>,
+    guard: StreamGuard,
+    scope: Scope,
+    node: Option<NodeCtx>,
+    view: Arc<View>,
+    types: BTreeMap<TypeUrl, TypeState>,
+    nonce: u64,
+    tx: Tx,
+}
+
+/// Serves one SotW stream until the client closes it or it fails.
+pub async fn run(
+    shared: Arc<Shared>,
+    scope: Scope,
+    peer: Option<SocketAddr>,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: Tx,
+) {
+    let mut snapshots = shared.snapshots.clone();
+    let mut s = Stream {
+        guard: StreamGuard::new(shared.clone(), scope, "sotw"),
+        shared,
+        scope,
+        node: None,
+        view: Arc::new(View::default()),
+        types: BTreeMap::new(),
+        nonce: 0,
+        tx,
+    };
+    let kind = format!("{}-sotw", scope.label());
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let req = match msg {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "xDS stream ended by the client");
+                        break;
+                    }
+                };
+                if s.node.is_none() {
+                    match register_node(&s.shared, &s.guard, req.node.as_ref(), peer, &kind) {
+                        Ok(node) => {
+                            s.view = snapshots.borrow_and_update().view(&node.group);
+                            s.node = Some(node);
+                        }
+                        Err(status) => {
+                            let _ = s.tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                }
+                match s.on_request(req).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(status) => {
+                        let _ = s.tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+            changed = snapshots.changed(), if s.node.is_some() => {
+                if changed.is_err() {
+                    break;
+                }
+                let group = s.node.as_ref().map(|n| n.group.clone()).unwrap_or_default();
+                let view = snapshots.borrow_and_update().view(&group);
+                if !Arc::ptr_eq(&view, &s.view) {
+                    s.view = view;
+                    if !s.push_all().await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Stream {
+    /// Handles one request; `Ok(false)` when the client is gone.
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<bool, Status> {
+        let t = self.scope.resolve(&req.type_url)?;
+        let id = self.guard.id;
+        let shared = self.shared.clone();
+        let ty = self.types.entry(t).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != ty.nonce {
+                return Ok(true); // stale: superseded by a later response (12)
+            }
+            if let Some(err) = &req.error_detail {
+                shared
+                    .metrics
+                    .xds_nacks
+                    .get_or_create(&Shared::type_labels(t))
+                    .inc();
+                let message = format!("{} (code {})", err.message, err.code);
+                tracing::warn!(stream = id, r#type = t.short(), error = %message, "NACK");
+                shared.registry.update(id, t, |st| st.nack = Some(message));
+            } else {
+                if let Some(at) = ty.sent_at.take() {
+                    shared
+                        .metrics
+                        .xds_push_to_ack_seconds
+                        .get_or_create(&Shared::type_labels(t))
+                        .observe(at.elapsed().as_secs_f64());
+                }
+                let version = req.version_info.clone();
+                shared.registry.update(id, t, |st| {
+                    st.acked_version = Some(version);
+                    st.nack = None;
+                });
+            }
+        }
+        let mut names: std::collections::BTreeSet<String> =
+            req.resource_names.iter().cloned().collect();
+        let star = names.remove("*");
+        let first = !ty.started;
+        let sub = if first && names.is_empty() && !star && t.is_full_state() {
+            Subscription {
+                wildcard: true,
+                legacy: true,
+                names,
+            }
+        } else if !first && ty.sub.legacy && names.is_empty() && !star {
+            ty.sub.clone()
+        } else {
+            Subscription {
+                wildcard: star,
+                legacy: false,
+                names,
+            }
+        };
+        ty.started = true;
+        let changed = sub != ty.sub;
+        ty.sub = sub;
+        if !(first || changed) {
+            return Ok(true); // an ACK or NACK: nothing new to say (5)
+        }
+        let resources = ty.sub.resources(&self.view, t);
+        if resources.is_empty() && !t.is_full_state() {
+            ty.sent.clear();
+            return Ok(true); // nothing to send yet; pushed when it appears (9)
+        }
+        if !self.send(t, resources, true).await {
+            return Ok(false);
+        }
+        if t == TypeUrl::Cluster && matches!(self.scope, Scope::Ads) {
+            return Ok(self.push_endpoints_after_clusters().await);
+        }
+        Ok(true)
+    }
+
+    /// Sends every type whose subscribed resources changed, in
+    /// make-before-break order; stale clusters go last.
+    async fn push_all(&mut self) -> bool {
+        let mut final_clusters = None;
+        for t in TypeUrl::ALL {
+            let Some(ty) = self.types.get(&t).filter(|ty| ty.started) else {
+                continue;
+            };
+            let desired = ty.sub.resources(&self.view, t);
+            if t.is_full_state() {
+                let same = desired.len() == ty.sent.len()
+                    && desired
+                        .iter()
+                        .all(|r| ty.sent.get(&r.name).is_some_and(|s| s.version == r.version));
+                if same {
+                    continue;
+                }
+                let mut first_phase = desired.clone();
+                if t == TypeUrl::Cluster && matches!(self.scope, Scope::Ads) {
+                    // Keep clusters about to go until listeners and routes
+                    // stop using them (20).
+                    let kept: Vec<_> = ty
+                        .sent
+                        .values()
+                        .filter(|old| !desired.iter().any(|d| d.name == old.name))
+                        .cloned()
+                        .collect();
+                    if !kept.is_empty() {
+                        first_phase.extend(kept);
+                        first_phase.sort_by(|a, b| a.name.cmp(&b.name));
+                        final_clusters = Some(desired);
+                    }
+                }
+                if !self.send(t, first_phase, true).await {
+                    return false;
+                }
+                if t == TypeUrl::Cluster
+                    && matches!(self.scope, Scope::Ads)
+                    && !self.push_endpoints_after_clusters().await
+                {
+                    return false;
+                }
+            } else if !self.push_changed(t, desired).await {
+                // (Endpoints of clusters just pushed were sent with them and
+                // count as unchanged here.)
+                return false;
+            }
+        }
+        if let Some(clusters) = final_clusters {
+            return self.send(TypeUrl::Cluster, clusters, true).await;
+        }
+        true
+    }
+
+    /// RDS/EDS/SDS: sends only the resources whose version changed.
+    async fn push_changed(&mut self, t: TypeUrl, desired: Vec<Arc<XdsResource>>) -> bool {
+        let Some(ty) = self.types.get_mut(&t) else {
+            return true;
+        };
+        ty.sent
+            .retain(|name, _| desired.iter().any(|d| &d.name == name));
+        let changed: Vec<_> = desired
+            .into_iter()
+            .filter(|r| ty.sent.get(&r.name).is_none_or(|s| s.version != r.version))
+            .collect();
+        if changed.is_empty() {
+            return true;
+        }
+        self.send(t, changed, false).await
+    }
+
+    /// Envoy finishes warming a cluster only when endpoints arrive after
+    /// it, so every CDS push is followed by EDS for its clusters (21).
+    async fn push_endpoints_after_clusters(&mut self) -> bool {
+        let Some(ty) = self.types.get(&TypeUrl::Endpoint).filter(|t| t.started) else {
+            return true;
+        };
+        let clusters: Vec<Arc<str>> = self
+            .types
+            .get(&TypeUrl::Cluster)
+            .map(|c| c.sent.keys().cloned().collect())
+            .unwrap_or_default();
+        let resources: Vec<_> = ty
+            .sub
+            .resources(&self.view, TypeUrl::Endpoint)
+            .into_iter()
+            .filter(|r| clusters.contains(&r.name))
+            .collect();
+        if resources.is_empty() {
+            return true;
+        }
+        self.send(TypeUrl::Endpoint, resources, false).await
+    }
+
+    /// Sends a response; `replace` makes `resources` the client's whole set.
+    async fn send(&mut self, t: TypeUrl, resources: Vec<Arc<XdsResource>>, replace: bool) -> bool {
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let Some(ty) = self.types.get_mut(&t) else {
+            return true;
+        };
+        if replace {
+            ty.sent.clear();
+        }
+        for r in &resources {
+            ty.sent.insert(r.name.clone(), r.clone());
+        }
+        let version = set_version(ty.sent.values().map(|r| (&*r.name, &*r.version)));
+        ty.nonce = nonce.clone();
+        ty.sent_at = Some(Instant::now());
+        let listing: BTreeMap<String, String> = ty
+            .sent
+            .values()
+            .map(|r| (r.name.to_string(), r.version.to_string()))
+            .collect();
+        let v = version.clone();
+        self.shared.registry.update(self.guard.id, t, |st| {
+            st.sent_version = Some(v);
+            st.resources = listing;
+        });
+        self.shared
+            .metrics
+            .xds_pushes
+            .get_or_create(&Shared::type_labels(t))
+            .inc();
+        let response = DiscoveryResponse {
+            version_info: version,
+            resources: resources.iter().map(|r| r.body.clone()).collect(),
+            type_url: t.as_str().to_string(),
+            nonce,
+            ..Default::default()
+        };
+        self.tx.send(Ok(response)).await.is_ok()
+    }
+}

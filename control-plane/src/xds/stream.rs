@@ -1,0 +1,213 @@
+//! What SotW and Delta streams share: scope, subscriptions, the per-stream
+//! guard that keeps the registry and metrics true.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::registry::Registry;
+use super::resources::{TypeUrl, View, XdsResource, XdsSnapshot};
+use crate::metrics::{Metrics, StreamLabels, TypeLabels};
+
+/// Responses a stream may have queued for a slow client. Small on
+/// purpose: a client that does not read blocks only its own stream, which
+/// then skips intermediate states (the snapshot channel keeps the latest).
+pub(crate) const QUEUE: usize = 2;
+
+/// What every stream needs.
+pub struct Shared {
+    /// The latest xDS snapshot (latest value wins).
+    pub snapshots: watch::Receiver<Arc<XdsSnapshot>>,
+    /// Connected nodes.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// Shared state for a server.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<XdsSnapshot>>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Shared {
+            snapshots,
+            registry,
+            metrics,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn type_labels(t: TypeUrl) -> TypeLabels {
+        TypeLabels {
+            r#type: t.short().to_string(),
+        }
+    }
+}
+
+/// Which types a stream serves: all (ADS) or one (a per-type service).
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    /// Aggregated Discovery Service.
+    Ads,
+    /// A per-type discovery service.
+    Only(TypeUrl),
+}
+
+impl Scope {
+    /// `ads`, or the type's short name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Ads => "ads",
+            Scope::Only(t) => t.short(),
+        }
+    }
+
+    /// The type a request is about, or the status that ends the stream.
+    pub fn resolve(self, type_url: &str) -> Result<TypeUrl, Status> {
+        match self {
+            Scope::Ads if type_url.is_empty() => Err(Status::invalid_argument(
+                "type_url is empty: every request on an aggregated (ADS) stream must name its resource type",
+            )),
+            Scope::Ads => TypeUrl::parse(type_url).ok_or_else(|| unknown_type(type_url)),
+            Scope::Only(t) if type_url.is_empty() || type_url == t.as_str() => Ok(t),
+            Scope::Only(t) => Err(Status::invalid_argument(format!(
+                "type_url {type_url:?} on the {} service, which serves only {t}",
+                t.short().to_uppercase()
+            ))),
+        }
+    }
+}
+
+fn unknown_type(type_url: &str) -> Status {
+    Status::invalid_argument(format!(
+        "unknown type URL {type_url:?}: Portico serves {}",
+        TypeUrl::ALL.map(|t| t.as_str()).join(", ")
+    ))
+}
+
+/// A client's subscription to one type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Subscription {
+    /// Everything the view offers to wildcard subscribers.
+    pub wildcard: bool,
+    /// Wildcard because the first request named nothing (LDS/CDS); stays
+    /// so while the client keeps naming nothing.
+    pub legacy: bool,
+    /// Names subscribed explicitly.
+    pub names: BTreeSet<String>,
+}
+
+impl Subscription {
+    /// Whether the subscription covers `name` as it stands in `view`.
+    pub fn covers(&self, view: &View, t: TypeUrl, name: &str) -> bool {
+        self.names.contains(name)
+            || (self.wildcard && view.get(t, name).is_some_and(|e| e.in_wildcard))
+    }
+
+    /// The existing resources the subscription covers, ordered by name.
+    pub fn resources(&self, view: &View, t: TypeUrl) -> Vec<Arc<XdsResource>> {
+        let mut out: Vec<Arc<XdsResource>> = Vec::new();
+        if self.wildcard {
+            out.extend(
+                view.of(t)
+                    .values()
+                    .filter(|e| e.in_wildcard)
+                    .map(|e| e.resource.clone()),
+            );
+        }
+        for name in &self.names {
+            if let Some(e) = view.get(t, name) {
+                if !(self.wildcard && e.in_wildcard) {
+                    out.push(e.resource.clone());
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// A version for a set of resources: a hash of their names and versions.
+pub(crate) fn set_version<'a>(items: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut h = Sha256::new();
+    for (name, version) in items {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(version.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Removes a stream from the registry and gauges however it ends.
+pub(crate) struct StreamGuard {
+    pub id: u64,
+    shared: Arc<Shared>,
+    labels: StreamLabels,
+}
+
+impl StreamGuard {
+    pub fn new(shared: Arc<Shared>, scope: Scope, variant: &str) -> Self {
+        let labels = StreamLabels {
+            service: scope.label().to_string(),
+            variant: variant.to_string(),
+        };
+        shared.metrics.xds_streams.get_or_create(&labels).inc();
+        StreamGuard {
+            id: shared.next_id(),
+            shared,
+            labels,
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .xds_streams
+            .get_or_create(&self.labels)
+            .dec();
+        self.shared.registry.disconnect(self.id);
+    }
+}
+
+/// The node of a stream, once its first request arrived.
+pub(crate) struct NodeCtx {
+    pub group: String,
+}
+
+/// Checks and records the node of a stream's first request.
+pub(crate) fn register_node(
+    shared: &Shared,
+    guard: &StreamGuard,
+    node: Option<&portico_proto::envoy::config::core::v3::Node>,
+    peer: Option<SocketAddr>,
+    kind: &str,
+) -> Result<NodeCtx, Status> {
+    let node = node.ok_or_else(|| {
+        Status::invalid_argument(
+            "the first request of a stream must carry node (with id and cluster)",
+        )
+    })?;
+    shared.registry.connect(guard.id, node, peer, kind);
+    tracing::debug!(node = %node.id, group = %node.cluster, stream = kind, "xDS stream opened");
+    Ok(NodeCtx {
+        group: node.cluster.clone(),
+    })
+}
