@@ -424,7 +424,7 @@ fn nodes_table(nodes: &[portico_cp::xds::registry::NodeStatus]) -> String {
             v("rds"),
         ]);
     }
-    t.render(100)
+    t.render(80)
 }
 
 fn validate_offline(files: &[PathBuf]) -> anyhow::Result<ExitCode> {

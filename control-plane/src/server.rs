@@ -66,8 +66,9 @@ pub async fn run(
 
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let registry = Arc::new(Registry::default());
+    let rendered = xds::spawn_translator(&state);
     let xds_shared = Arc::new(xds::stream::Shared::new(
-        xds::spawn_translator(&state),
+        rendered.clone(),
         registry.clone(),
         metrics.clone(),
     ));
@@ -76,6 +77,7 @@ pub async fn run(
         tokens,
         metrics,
         registry,
+        xds: rendered,
         started: Instant::now(),
     });
     admin::handlers_update_gauges(&shared);

@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod workload;
+pub mod xds_client;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

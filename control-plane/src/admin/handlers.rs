@@ -188,6 +188,7 @@ pub async fn status(State(shared): State<Arc<AdminState>>) -> ApiResult<StatusRe
     Ok(Json(StatusResponse {
         version: env!("CARGO_PKG_VERSION").to_string(),
         revision: snap.revision,
+        xds_revision: Revision(shared.xds.borrow().revision),
         resources,
         store: shared.state.store().describe(),
         uptime_seconds: shared.started.elapsed().as_secs(),

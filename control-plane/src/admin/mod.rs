@@ -41,6 +41,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Connected xDS nodes.
     pub registry: Arc<crate::xds::registry::Registry>,
+    /// What the xDS server serves.
+    pub xds: tokio::sync::watch::Receiver<Arc<crate::xds::resources::XdsSnapshot>>,
     /// When the control plane started.
     pub started: Instant,
 }

@@ -156,6 +156,9 @@ pub struct StatusResponse {
     pub version: String,
     /// The current head.
     pub revision: Revision,
+    /// The revision the xDS server is serving (equal to `revision` once
+    /// the latest apply has been rendered).
+    pub xds_revision: Revision,
     /// Documents per kind.
     pub resources: BTreeMap<String, usize>,
     /// Where the state is stored.

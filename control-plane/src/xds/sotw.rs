@@ -221,7 +221,11 @@ impl Stream {
                         final_clusters = Some(desired);
                     }
                 }
-                if !self.send(t, first_phase, true).await {
+                let first_phase_is_news = first_phase.len() != ty.sent.len()
+                    || first_phase
+                        .iter()
+                        .any(|r| ty.sent.get(&r.name).is_none_or(|s| s.version != r.version));
+                if first_phase_is_news && !self.send(t, first_phase, true).await {
                     return false;
                 }
                 if t == TypeUrl::Cluster

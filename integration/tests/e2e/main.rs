@@ -8,6 +8,7 @@ mod crash;
 mod demo;
 mod state_cli;
 mod validation;
+mod xds_sotw;
 
 use portico_integration::ControlPlane;
 
@@ -23,4 +24,18 @@ pub fn file(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write file");
     p.display().to_string()
+}
+
+/// Polls an admin API path until `ok` holds for its JSON (or 10 s pass).
+pub fn wait_json(
+    cp: &ControlPlane,
+    path: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    portico_integration::wait_for(std::time::Duration::from_secs(10), || {
+        last = cp.api("GET", path, None).json();
+        ok(&last).then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("{path} never satisfied the condition; last: {last}"))
 }
