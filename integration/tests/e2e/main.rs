@@ -8,6 +8,7 @@ mod crash;
 mod demo;
 mod state_cli;
 mod validation;
+mod xds_delta;
 mod xds_sotw;
 
 use portico_integration::ControlPlane;
