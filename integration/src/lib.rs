@@ -6,6 +6,7 @@
 //! which the test command in the README does).
 
 pub mod http;
+pub mod python;
 pub mod workload;
 pub mod xds_client;
 

@@ -6,6 +6,7 @@ mod admin_api;
 mod auth;
 mod crash;
 mod demo;
+mod grpc_proxyless;
 mod state_cli;
 mod validation;
 mod xds_delta;

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use portico_integration::xds_client::{channel, delta_versions, node, Delta, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use portico_integration::xds_client::{
+    channel, delta_versions, node, Delta, CLUSTER, ENDPOINT, LISTENER, ROUTE,
+};
 
 use super::xds_sotw::{api, apply, delete, edge_state, gateway, service};
 
@@ -19,24 +21,40 @@ async fn wildcard_then_only_changes_then_removals() {
     d.ack(&r).await;
     d.request(ROUTE, &["edge/http"], &[], "", &[]).await;
     let r = d.recv().await;
-    assert_eq!(r.removed_resources, vec!["edge/http"], "a name that does not exist is answered as removed (14)");
+    assert_eq!(
+        r.removed_resources,
+        vec!["edge/http"],
+        "a name that does not exist is answered as removed (14)"
+    );
     d.ack(&r).await;
 
-    apply(&cp, &[gateway("edge", "edge", 8080), gateway("edge", "edge2", 8081)]);
+    apply(
+        &cp,
+        &[
+            gateway("edge", "edge", 8080),
+            gateway("edge", "edge2", 8081),
+        ],
+    );
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..2 {
         let r = d.recv().await;
         seen.insert(r.type_url.clone(), delta_versions(&r));
         d.ack(&r).await;
     }
-    assert_eq!(seen[LISTENER].keys().collect::<Vec<_>>(), vec!["edge/http", "edge2/http"]);
+    assert_eq!(
+        seen[LISTENER].keys().collect::<Vec<_>>(),
+        vec!["edge/http", "edge2/http"]
+    );
     assert_eq!(seen[ROUTE].keys().collect::<Vec<_>>(), vec!["edge/http"]);
 
     // One listener changes: exactly one resource (19).
     apply(&cp, &[gateway("edge", "edge2", 8082)]);
     let r = d.recv().await;
     assert_eq!(r.type_url, LISTENER);
-    assert_eq!(delta_versions(&r).keys().collect::<Vec<_>>(), vec!["edge2/http"]);
+    assert_eq!(
+        delta_versions(&r).keys().collect::<Vec<_>>(),
+        vec!["edge2/http"]
+    );
     d.ack(&r).await;
     d.silent(QUIET).await;
 
@@ -52,7 +70,14 @@ async fn wildcard_then_only_changes_then_removals() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reconnect_with_initial_versions_sends_only_what_differs() {
     let (_dir, cp) = super::fresh();
-    apply(&cp, &[gateway("edge", "a", 8080), gateway("edge", "b", 8081), gateway("edge", "c", 8082)]);
+    apply(
+        &cp,
+        &[
+            gateway("edge", "a", 8080),
+            gateway("edge", "b", 8081),
+            gateway("edge", "c", 8082),
+        ],
+    );
     let ch = channel(&cp.xds_addr).await;
     let mut d = Delta::open(ch.clone(), node("d", "edge")).await;
     d.request(LISTENER, &["*"], &[], "", &[]).await;
@@ -66,7 +91,11 @@ async fn reconnect_with_initial_versions_sends_only_what_differs() {
     let initial: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     d.request(LISTENER, &["*"], &[], "", &initial).await;
     let r = d.recv().await;
-    assert_eq!(delta_versions(&r).keys().collect::<Vec<_>>(), vec!["b/http"], "only what differs (18)");
+    assert_eq!(
+        delta_versions(&r).keys().collect::<Vec<_>>(),
+        vec!["b/http"],
+        "only what differs (18)"
+    );
     assert_eq!(r.removed_resources, vec!["c/http"]);
     d.ack(&r).await;
     d.silent(QUIET).await;
@@ -75,16 +104,25 @@ async fn reconnect_with_initial_versions_sends_only_what_differs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn explicit_names_are_always_answered_and_unsubscribe_rules() {
     let (_dir, cp) = super::fresh();
-    apply(&cp, &[gateway("edge", "a", 8080), gateway("edge", "b", 8081)]);
+    apply(
+        &cp,
+        &[gateway("edge", "a", 8080), gateway("edge", "b", 8081)],
+    );
     let mut d = Delta::open(channel(&cp.xds_addr).await, node("d", "edge")).await;
     d.request(ROUTE, &["a/http"], &[], "", &[]).await;
     let r = d.recv().await;
-    assert_eq!(delta_versions(&r).keys().collect::<Vec<_>>(), vec!["a/http"]);
+    assert_eq!(
+        delta_versions(&r).keys().collect::<Vec<_>>(),
+        vec!["a/http"]
+    );
     d.ack(&r).await;
     // Subscribing again to a name the client has: answered anyway (16).
     d.request(ROUTE, &["a/http"], &[], &r.nonce, &[]).await;
     let again = d.recv().await;
-    assert_eq!(delta_versions(&again).keys().collect::<Vec<_>>(), vec!["a/http"]);
+    assert_eq!(
+        delta_versions(&again).keys().collect::<Vec<_>>(),
+        vec!["a/http"]
+    );
     // Unsubscribing a name never subscribed: not an error, no answer (17).
     d.request(ROUTE, &[], &["never"], &again.nonce, &[]).await;
     d.silent(QUIET).await;
@@ -97,19 +135,30 @@ async fn explicit_names_are_always_answered_and_unsubscribe_rules() {
     d.ack(&r).await;
     d.request(LISTENER, &[], &["a/http"], &r.nonce, &[]).await;
     let r = d.recv().await;
-    assert_eq!(delta_versions(&r).keys().collect::<Vec<_>>(), vec!["a/http"]);
+    assert_eq!(
+        delta_versions(&r).keys().collect::<Vec<_>>(),
+        vec!["a/http"]
+    );
 
     // A stale nonce still carries subscription changes (12).
     d.request(ROUTE, &["b/http"], &[], "stale-nonce", &[]).await;
     let r = d.recv().await;
-    assert_eq!(delta_versions(&r).keys().collect::<Vec<_>>(), vec!["b/http"]);
+    assert_eq!(
+        delta_versions(&r).keys().collect::<Vec<_>>(),
+        vec!["b/http"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clusters_then_endpoints_then_listeners_then_routes_and_nack() {
     let (_dir, cp) = super::fresh();
     let mut d = Delta::open(channel(&cp.xds_addr).await, node("d", "edge")).await;
-    for (t, names) in [(CLUSTER, &[][..]), (ENDPOINT, &["pets", "pets2"][..]), (LISTENER, &[][..]), (ROUTE, &["edge/http"][..])] {
+    for (t, names) in [
+        (CLUSTER, &[][..]),
+        (ENDPOINT, &["pets", "pets2"][..]),
+        (LISTENER, &[][..]),
+        (ROUTE, &["edge/http"][..]),
+    ] {
         d.request(t, names, &[], "", &[]).await;
         let r = d.recv().await;
         d.ack(&r).await;
@@ -128,18 +177,34 @@ async fn clusters_then_endpoints_then_listeners_then_routes_and_nack() {
 
     // Moving the Api to another Service: the new cluster comes first, the
     // old one is removed last (20).
-    apply(&cp, &[service("pets2", 9002), api("pets", "edge", "pets2", "5s")]);
+    apply(
+        &cp,
+        &[service("pets2", 9002), api("pets", "edge", "pets2", "5s")],
+    );
     let mut seq = Vec::new();
     for _ in 0..5 {
         let r = d.recv().await;
-        seq.push((r.type_url.clone(), delta_versions(&r).into_keys().collect::<Vec<_>>(), r.removed_resources.clone()));
+        seq.push((
+            r.type_url.clone(),
+            delta_versions(&r).into_keys().collect::<Vec<_>>(),
+            r.removed_resources.clone(),
+        ));
         d.ack(&r).await;
     }
-    assert_eq!(seq[0], (CLUSTER.to_string(), vec!["pets2".to_string()], vec![]));
+    assert_eq!(
+        seq[0],
+        (CLUSTER.to_string(), vec!["pets2".to_string()], vec![])
+    );
     assert_eq!(seq[1].0, ENDPOINT);
     assert_eq!(seq[2].0, ROUTE);
-    assert_eq!(seq[3], (CLUSTER.to_string(), vec![], vec!["pets".to_string()]));
-    assert_eq!(seq[4], (ENDPOINT.to_string(), vec![], vec!["pets".to_string()]));
+    assert_eq!(
+        seq[3],
+        (CLUSTER.to_string(), vec![], vec!["pets".to_string()])
+    );
+    assert_eq!(
+        seq[4],
+        (ENDPOINT.to_string(), vec![], vec!["pets".to_string()])
+    );
 
     // A NACK is recorded and the same version is not sent again.
     apply(&cp, &[api("pets", "edge", "pets2", "7s")]);
@@ -148,6 +213,8 @@ async fn clusters_then_endpoints_then_listeners_then_routes_and_nack() {
     d.nack(&r, "route rejected for the test").await;
     d.silent(QUIET).await;
     super::wait_json(&cp, "/api/v1/nodes", |n| {
-        n["items"][0]["types"]["rds"]["nack"].as_str().is_some_and(|m| m.contains("route rejected for the test"))
+        n["items"][0]["types"]["rds"]["nack"]
+            .as_str()
+            .is_some_and(|m| m.contains("route rejected for the test"))
     });
 }

@@ -10,7 +10,7 @@ use portico_proto::envoy::config::cluster::v3::{
 use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
 use portico_proto::envoy::config::core::v3::{
     address, health_check, socket_address::PortSpecifier, transport_socket, Address, HealthCheck,
-    SocketAddress, TransportSocket,
+    Locality, SocketAddress, TransportSocket,
 };
 use portico_proto::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint,
@@ -194,7 +194,9 @@ fn load_assignment(name: &str, svc: &ServiceSpec) -> ClusterLoadAssignment {
     ClusterLoadAssignment {
         cluster_name: name.to_string(),
         endpoints: vec![LocalityLbEndpoints {
-            // gRFC A27: proxyless clients need the locality weight set.
+            // gRFC A27: proxyless clients need a locality, with its
+            // weight set.
+            locality: Some(Locality::default()),
             load_balancing_weight: u32v(1),
             priority: 0,
             lb_endpoints: svc
