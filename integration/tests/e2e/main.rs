@@ -10,6 +10,7 @@ mod grpc_proxyless;
 mod state_cli;
 mod validation;
 mod xds_delta;
+mod xds_property;
 mod xds_sotw;
 
 use portico_integration::ControlPlane;
