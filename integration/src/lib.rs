@@ -69,7 +69,19 @@ impl ControlPlane {
         let _ = std::fs::remove_file(&addr_file);
         let _ = std::fs::remove_file(data_dir.join("xds.addr"));
         let log = std::fs::File::create(data_dir.join("cp.log")).expect("log file");
-        let mut cmd = Command::new(bin("portico-cp"));
+        // PORTICO_CP_WRAPPER runs the control plane under another program,
+        // e.g. "valgrind --tool=massif" to profile a benchmark.
+        let wrapper: Vec<String> = std::env::var("PORTICO_CP_WRAPPER")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("portico-cp"));
+                c
+            }
+            None => Command::new(bin("portico-cp")),
+        };
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("--admin-listen")
@@ -84,7 +96,7 @@ impl ControlPlane {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn portico-cp");
-        let addr = wait_for(Duration::from_secs(30), || {
+        let addr = wait_for(Duration::from_secs(120), || {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(data_dir.join("cp.log")).unwrap_or_default();
                 panic!("portico-cp exited with {status} before listening:\n{log}");

@@ -347,5 +347,14 @@ fn main() {
         size(rss1),
         size(rss2)
     );
+    // A graceful stop lets a profiler wrapped around the control plane
+    // (PORTICO_CP_WRAPPER) write its report.
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    wait_until(Duration::from_secs(30), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
     runtime.shutdown_background();
 }

@@ -79,8 +79,8 @@ fn client_config(n: NodeStatus) -> ClientConfig {
             };
             generic.push(GenericXdsConfig {
                 type_url: t.as_str().to_string(),
-                name: name.clone(),
-                version_info: version.clone(),
+                name: name.to_string(),
+                version_info: version.to_string(),
                 config_status: if synced {
                     ConfigStatus::Synced
                 } else {

@@ -21,7 +21,7 @@ use super::stream::{
     register_node, set_version, NodeCtx, Scope, Shared, StreamGuard, Subscription,
 };
 
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+type Tx = mpsc::Sender<Box<Result<DeltaDiscoveryResponse, Status>>>;
 
 #[derive(Default)]
 struct TypeState {
@@ -29,7 +29,7 @@ struct TypeState {
     started: bool,
     nonce: String,
     /// What the client has: name → version.
-    known: BTreeMap<String, Arc<str>>,
+    known: BTreeMap<Arc<str>, Arc<str>>,
     sent_at: Option<Instant>,
 }
 
@@ -86,16 +86,16 @@ pub async fn run(
                             s.node = Some(node);
                         }
                         Err(status) => {
-                            let _ = s.tx.send(Err(status)).await;
+                            let _ = s.tx.send(Box::new(Err(status))).await;
                             break;
                         }
                     }
                 }
-                match s.on_request(req).await {
+                match Box::pin(s.on_request(req)).await {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(status) => {
-                        let _ = s.tx.send(Err(status)).await;
+                        let _ = s.tx.send(Box::new(Err(status))).await;
                         break;
                     }
                 }
@@ -110,7 +110,7 @@ pub async fn run(
                 s.revision = snap.revision;
                 if !Arc::ptr_eq(&view, &s.view) {
                     s.view = view;
-                    if !s.push_all().await {
+                    if !Box::pin(s.push_all()).await {
                         break;
                     }
                 }
@@ -159,7 +159,8 @@ impl Stream {
         if first {
             // Reconnect: the client says what it has (18).
             for (name, version) in &req.initial_resource_versions {
-                ty.known.insert(name.clone(), version.as_str().into());
+                ty.known
+                    .insert(name.as_str().into(), version.as_str().into());
             }
             if req.resource_names_subscribe.is_empty() && t.is_full_state() {
                 ty.sub.wildcard = true; // legacy wildcard (15)
@@ -192,18 +193,18 @@ impl Stream {
                     }
                 }
             } else if !ty.sub.covers(&view, t, name) {
-                ty.known.remove(name);
+                ty.known.remove(name.as_str());
             }
         }
         if first {
             for r in ty.sub.resources(&view, t) {
-                if ty.known.get(&*r.name) != Some(&r.version) {
+                if ty.known.get(&r.name) != Some(&r.version) {
                     resources.insert(r.name.to_string(), r);
                 }
             }
             for name in ty.known.keys() {
                 if view.get(t, name).is_none() || !ty.sub.covers(&view, t, name) {
-                    removed.insert(name.clone());
+                    removed.insert(name.to_string());
                 }
             }
             for name in &explicit {
@@ -257,14 +258,14 @@ impl Stream {
             let desired = ty.sub.resources(&self.view, t);
             let changed: Vec<_> = desired
                 .iter()
-                .filter(|r| ty.known.get(&*r.name) != Some(&r.version))
+                .filter(|r| ty.known.get(&r.name) != Some(&r.version))
                 .cloned()
                 .collect();
             let mut removed: Vec<String> = ty
                 .known
                 .keys()
-                .filter(|n| !desired.iter().any(|d| &*d.name == n.as_str()))
-                .cloned()
+                .filter(|n| !desired.iter().any(|d| d.name == **n))
+                .map(|n| n.to_string())
                 .collect();
             let ads = matches!(self.scope, Scope::Ads);
             if ads && matches!(t, TypeUrl::Cluster | TypeUrl::Endpoint) && !removed.is_empty() {
@@ -323,19 +324,15 @@ impl Stream {
             return true;
         };
         for r in &resources {
-            ty.known.insert(r.name.to_string(), r.version.clone());
+            ty.known.insert(r.name.clone(), r.version.clone());
         }
         for name in &removed {
-            ty.known.remove(name);
+            ty.known.remove(name.as_str());
         }
         ty.nonce = nonce.clone();
         ty.sent_at = Some(Instant::now());
-        let version = set_version(ty.known.iter().map(|(n, v)| (n.as_str(), &**v)));
-        let listing: BTreeMap<String, String> = ty
-            .known
-            .iter()
-            .map(|(n, v)| (n.clone(), v.to_string()))
-            .collect();
+        let version = set_version(ty.known.iter().map(|(n, v)| (&**n, &**v)));
+        let listing = ty.known.clone();
         self.shared.registry.update(self.guard.id, t, |st| {
             st.sent_version = Some(version);
             st.resources = listing;
@@ -361,6 +358,6 @@ impl Stream {
             nonce,
             ..Default::default()
         };
-        self.tx.send(Ok(response)).await.is_ok()
+        self.tx.send(Box::new(Ok(response))).await.is_ok()
     }
 }

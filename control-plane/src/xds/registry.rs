@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -54,8 +54,10 @@ pub struct TypeStatus {
     /// The node's error for the last NACKed response, until it ACKs again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nack: Option<String>,
-    /// Resources the node has been sent: name → version.
-    pub resources: BTreeMap<String, String>,
+    /// Resources the node has been sent: name → version. The strings are
+    /// shared with the resources themselves, so a node costs no copies.
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub resources: BTreeMap<Arc<str>, Arc<str>>,
 }
 
 /// A connected xDS stream and its node.

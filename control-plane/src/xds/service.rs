@@ -1,6 +1,7 @@
 //! The gRPC services: ADS (SotW and Delta), the per-type services, and
 //! Client Status Discovery. Each stream runs in its own task.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use portico_proto::envoy::service::cluster::v3::cluster_discovery_service_server::{
@@ -26,14 +27,24 @@ use portico_proto::envoy::service::secret::v3::secret_discovery_service_server::
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resources::TypeUrl;
 use super::stream::{Scope, Shared, QUEUE};
 use super::{delta, sotw};
 
-type SotwStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+/// Responses travel boxed: tokio's channel allocates its slots in blocks
+/// of 32 whatever the capacity, and a boxed slot is 8 bytes instead of a
+/// whole response, per stream, idle or not.
+fn unboxed<T: Send + 'static>(
+    rx: mpsc::Receiver<Box<Result<T, Status>>>,
+) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
+    Box::pin(ReceiverStream::new(rx).map(|b| *b))
+}
 
 /// Every xDS service, sharing one view of the state.
 #[derive(Clone)]
@@ -61,7 +72,7 @@ impl XdsService {
             req.into_inner(),
             tx,
         ));
-        Response::new(ReceiverStream::new(rx))
+        Response::new(unboxed(rx))
     }
 
     fn delta(
@@ -78,7 +89,7 @@ impl XdsService {
             req.into_inner(),
             tx,
         ));
-        Response::new(ReceiverStream::new(rx))
+        Response::new(unboxed(rx))
     }
 
     /// Adds every xDS service to a tonic router.

@@ -21,7 +21,7 @@ use super::stream::{
     register_node, set_version, NodeCtx, Scope, Shared, StreamGuard, Subscription,
 };
 
-type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+type Tx = mpsc::Sender<Box<Result<DiscoveryResponse, Status>>>;
 
 #[derive(Default)]
 struct TypeState {
@@ -83,16 +83,16 @@ pub async fn run(
                             s.node = Some(node);
                         }
                         Err(status) => {
-                            let _ = s.tx.send(Err(status)).await;
+                            let _ = s.tx.send(Box::new(Err(status))).await;
                             break;
                         }
                     }
                 }
-                match s.on_request(req).await {
+                match Box::pin(s.on_request(req)).await {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(status) => {
-                        let _ = s.tx.send(Err(status)).await;
+                        let _ = s.tx.send(Box::new(Err(status))).await;
                         break;
                     }
                 }
@@ -105,7 +105,7 @@ pub async fn run(
                 let view = snapshots.borrow_and_update().view(&group);
                 if !Arc::ptr_eq(&view, &s.view) {
                     s.view = view;
-                    if !s.push_all().await {
+                    if !Box::pin(s.push_all()).await {
                         break;
                     }
                 }
@@ -302,10 +302,10 @@ impl Stream {
         let version = set_version(ty.sent.values().map(|r| (&*r.name, &*r.version)));
         ty.nonce = nonce.clone();
         ty.sent_at = Some(Instant::now());
-        let listing: BTreeMap<String, String> = ty
+        let listing: BTreeMap<Arc<str>, Arc<str>> = ty
             .sent
             .values()
-            .map(|r| (r.name.to_string(), r.version.to_string()))
+            .map(|r| (r.name.clone(), r.version.clone()))
             .collect();
         let v = version.clone();
         self.shared.registry.update(self.guard.id, t, |st| {
@@ -324,6 +324,6 @@ impl Stream {
             nonce,
             ..Default::default()
         };
-        self.tx.send(Ok(response)).await.is_ok()
+        self.tx.send(Box::new(Ok(response))).await.is_ok()
     }
 }
