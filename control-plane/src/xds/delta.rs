@@ -168,6 +168,9 @@ impl Stream {
             }
         }
         let mut explicit = Vec::new();
+        if ty.sub.names.len() + req.resource_names_subscribe.len() > super::stream::MAX_NAMES {
+            return Err(super::stream::too_many_names(t));
+        }
         for name in &req.resource_names_subscribe {
             if name == "*" {
                 ty.sub.wildcard = true;

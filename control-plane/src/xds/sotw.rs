@@ -149,6 +149,9 @@ impl Stream {
                 });
             }
         }
+        if req.resource_names.len() > super::stream::MAX_NAMES {
+            return Err(super::stream::too_many_names(t));
+        }
         let mut names: std::collections::BTreeSet<String> =
             req.resource_names.iter().cloned().collect();
         let star = names.remove("*");

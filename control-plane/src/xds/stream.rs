@@ -19,6 +19,19 @@ use crate::metrics::{Metrics, StreamLabels, TypeLabels};
 /// then skips intermediate states (the snapshot channel keeps the latest).
 pub(crate) const QUEUE: usize = 2;
 
+/// Names one stream may subscribe to per type: far above any real
+/// configuration, low enough that a client cannot grow a stream's memory
+/// without bound.
+pub(crate) const MAX_NAMES: usize = 100_000;
+
+/// The status that ends a stream subscribing to too many names.
+pub(crate) fn too_many_names(t: TypeUrl) -> Status {
+    Status::resource_exhausted(format!(
+        "more than {MAX_NAMES} {} names subscribed on one stream",
+        t.short().to_uppercase()
+    ))
+}
+
 /// What every stream needs.
 pub struct Shared {
     /// The latest xDS snapshot (latest value wins).

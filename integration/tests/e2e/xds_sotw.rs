@@ -321,6 +321,14 @@ async fn bad_requests_get_a_clear_status_and_others_are_unaffected() {
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
     assert!(st.message().contains("unknown type URL"), "{st}");
 
+    // A subscription beyond any real configuration is refused, not stored.
+    let mut greedy = Sotw::open(ch.clone(), node("greedy", "edge")).await;
+    let many: Vec<String> = (0..100_001).map(|i| format!("r{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    greedy.request(ROUTE, &many, "", "", None).await;
+    let st = greedy.error().await;
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st}");
+
     // A flood of subscription changes is answered in order and ends right.
     let mut flood = Sotw::open(ch.clone(), node("flood", "edge")).await;
     flood.request(ROUTE, &["edge/http"], "", "", None).await;
@@ -344,6 +352,16 @@ async fn bad_requests_get_a_clear_status_and_others_are_unaffected() {
     apply(&cp, &[gateway("edge", "edge", 9999)]);
     let r = good.recv().await;
     assert_eq!(r.type_url, LISTENER);
+
+    // The metrics saw all of it.
+    let m = cp.http("GET", "/metrics", None, None).body;
+    for needle in [
+        "portico_xds_streams{service=\"ads\",variant=\"sotw\"}",
+        "portico_xds_pushes_total{type=\"lds\"}",
+        "portico_xds_push_to_ack_seconds_count{type=\"lds\"} 1",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
