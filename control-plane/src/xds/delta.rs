@@ -129,27 +129,9 @@ impl Stream {
         // ACK/NACK only for the latest nonce; subscription changes in a
         // stale request still count (12).
         if !req.response_nonce.is_empty() && req.response_nonce == ty.nonce {
-            if let Some(err) = &req.error_detail {
-                shared
-                    .metrics
-                    .xds_nacks
-                    .get_or_create(&Shared::type_labels(t))
-                    .inc();
-                let message = format!("{} (code {})", err.message, err.code);
-                tracing::warn!(stream = id, r#type = t.short(), error = %message, "NACK");
-                shared.registry.update(id, t, |st| st.nack = Some(message));
-            } else {
-                if let Some(at) = ty.sent_at.take() {
-                    shared
-                        .metrics
-                        .xds_push_to_ack_seconds
-                        .get_or_create(&Shared::type_labels(t))
-                        .observe(at.elapsed().as_secs_f64());
-                }
-                shared.registry.update(id, t, |st| {
-                    st.acked_version = st.sent_version.clone();
-                    st.nack = None;
-                });
+            match &req.error_detail {
+                Some(err) => shared.nack(id, t, err),
+                None => shared.ack(id, t, ty.sent_at.take(), None),
             }
         }
         let first = !ty.started;

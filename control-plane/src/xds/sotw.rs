@@ -125,28 +125,9 @@ impl Stream {
             if req.response_nonce != ty.nonce {
                 return Ok(true); // stale: superseded by a later response (12)
             }
-            if let Some(err) = &req.error_detail {
-                shared
-                    .metrics
-                    .xds_nacks
-                    .get_or_create(&Shared::type_labels(t))
-                    .inc();
-                let message = format!("{} (code {})", err.message, err.code);
-                tracing::warn!(stream = id, r#type = t.short(), error = %message, "NACK");
-                shared.registry.update(id, t, |st| st.nack = Some(message));
-            } else {
-                if let Some(at) = ty.sent_at.take() {
-                    shared
-                        .metrics
-                        .xds_push_to_ack_seconds
-                        .get_or_create(&Shared::type_labels(t))
-                        .observe(at.elapsed().as_secs_f64());
-                }
-                let version = req.version_info.clone();
-                shared.registry.update(id, t, |st| {
-                    st.acked_version = Some(version);
-                    st.nack = None;
-                });
+            match &req.error_detail {
+                Some(err) => shared.nack(id, t, err),
+                None => shared.ack(id, t, ty.sent_at.take(), Some(req.version_info.clone())),
             }
         }
         if req.resource_names.len() > super::stream::MAX_NAMES {

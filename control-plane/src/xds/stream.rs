@@ -67,6 +67,39 @@ impl Shared {
             r#type: t.short().to_string(),
         }
     }
+
+    /// Records a NACK: counted, logged, and shown until the node ACKs again.
+    pub(crate) fn nack(&self, stream: u64, t: TypeUrl, err: &portico_proto::google::rpc::Status) {
+        self.metrics
+            .xds_nacks
+            .get_or_create(&Self::type_labels(t))
+            .inc();
+        let message = format!("{} (code {})", err.message, err.code);
+        tracing::warn!(stream, r#type = t.short(), error = %message, "NACK");
+        self.registry
+            .update(stream, t, |st| st.nack = Some(message));
+    }
+
+    /// Records an ACK of `version` (the sent version when `None`, as Delta
+    /// ACKs carry none) and the time since the response was sent.
+    pub(crate) fn ack(
+        &self,
+        stream: u64,
+        t: TypeUrl,
+        sent_at: Option<std::time::Instant>,
+        version: Option<String>,
+    ) {
+        if let Some(at) = sent_at {
+            self.metrics
+                .xds_push_to_ack_seconds
+                .get_or_create(&Self::type_labels(t))
+                .observe(at.elapsed().as_secs_f64());
+        }
+        self.registry.update(stream, t, |st| {
+            st.acked_version = version.or_else(|| st.sent_version.clone());
+            st.nack = None;
+        });
+    }
 }
 
 /// Which types a stream serves: all (ADS) or one (a per-type service).
