@@ -81,10 +81,17 @@ pub(crate) fn build<'a>(
     // Routes of Apis with no host names are served on every host of the
     // listener, so they join every virtual host.
     let mut vhosts = Vec::new();
+    // Envoy rejects a domain that appears in two virtual hosts, so the
+    // catch-all host leaves out the names that have their own.
     let default_domains: Vec<String> = if listener.hostnames.is_empty() {
         vec!["*".into()]
     } else {
-        listener.hostnames.clone()
+        listener
+            .hostnames
+            .iter()
+            .filter(|h| !by_host.contains_key(*h))
+            .cloned()
+            .collect()
     };
     for (host, mut routes) in by_host {
         routes.extend(any_host.iter().map(|p| Placed {
@@ -93,8 +100,9 @@ pub(crate) fn build<'a>(
         }));
         vhosts.push(vhost(&host, vec![host.clone()], routes));
     }
-    if !any_host.is_empty() {
-        vhosts.push(vhost("default", default_domains, any_host));
+    if !any_host.is_empty() && !default_domains.is_empty() {
+        // "*" cannot be a host name, so this name never clashes with one.
+        vhosts.push(vhost("*", default_domains, any_host));
     }
     services.sort_unstable();
     services.dedup();

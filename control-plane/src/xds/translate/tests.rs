@@ -206,3 +206,43 @@ fn grpc_services_follow_grfc_a27() {
         1
     );
 }
+
+#[test]
+fn no_domain_is_in_two_virtual_hosts() {
+    let mut docs = base();
+    docs[0] = document(
+        Kind::Gateway,
+        "edge",
+        json!({"nodeGroup": "edge", "listeners": [
+        {"name": "http", "port": 8080, "protocol": "HTTP", "hostnames": ["api.example.com", "*.example.com"]}]}),
+    );
+    docs.push(document(Kind::Api, "any", json!({"version": "v1", "gateways": ["edge"], "basePath": "/any",
+        "lifecycle": {"state": "published"}, "routes": [{"match": {"path": "/"}, "action": {"service": "pets"}}]})));
+    let snap = translate(&state(docs), 1);
+    let view = snap.view("edge");
+    let rc = RouteConfiguration::decode(
+        &*view
+            .get(TypeUrl::Route, "edge/http")
+            .unwrap()
+            .resource
+            .body
+            .value,
+    )
+    .unwrap();
+    let mut domains: Vec<&String> = rc.virtual_hosts.iter().flat_map(|v| &v.domains).collect();
+    let n = domains.len();
+    domains.sort();
+    domains.dedup();
+    assert_eq!(domains.len(), n, "{:?}", rc.virtual_hosts);
+    // The host-agnostic Api is served on the specific host too.
+    let api_host = rc
+        .virtual_hosts
+        .iter()
+        .find(|v| v.domains == ["api.example.com"])
+        .unwrap();
+    assert!(api_host.routes.iter().any(|r| r.name.starts_with("any/")));
+    assert!(rc
+        .virtual_hosts
+        .iter()
+        .any(|v| v.domains == ["*.example.com"]));
+}
