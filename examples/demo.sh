@@ -5,6 +5,7 @@
 # Ctrl-C. `--once` stops after showing the result (used by the tests).
 #
 # Environment: PORTICO_ADMIN_LISTEN (default 127.0.0.1:7700),
+# PORTICO_XDS_LISTEN (default 127.0.0.1:18000),
 # PORTICO_DATA_DIR (default: a new temporary directory),
 # PORTICO_BIN_DIR (use binaries from there instead of building).
 set -euo pipefail
@@ -57,7 +58,9 @@ if $once; then
 fi
 cat <<EOT
 
-Portico's control plane is running. In another terminal:
+Portico's control plane is running; data-plane nodes, Envoys and proxyless
+gRPC clients connect to its xDS server at $(cat "$data_dir/xds.addr") (node.cluster "edge").
+In another terminal:
   export PORTICO_SERVER=$PORTICO_SERVER PORTICO_TOKEN_FILE=$PORTICO_TOKEN_FILE
   $portico get apis
   curl -H "Authorization: Bearer \$(cat $PORTICO_TOKEN_FILE)" http://$PORTICO_SERVER/api/v1/openapi.json
