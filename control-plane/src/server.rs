@@ -100,21 +100,13 @@ pub async fn run(
     tracing::info!(admin = %bound, xds = %xds_bound, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut builder = tonic::transport::Server::builder()
-        // Find dead peers without waiting for TCP to give up.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true);
-    let xds_router = xds::service::XdsService::new(xds_shared).add_to(&mut builder);
-    let mut xds_stop = stop_rx.clone();
-    let xds_task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
-        xds_router
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = xds_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let routes = xds::service::XdsService::new(xds_shared.clone()).routes();
+    let xds_task = tokio::spawn(xds::grpc::serve(
+        xds_listener,
+        xds_shared,
+        routes,
+        stop_rx.clone(),
+    ));
     let mut admin_stop = stop_rx;
     let admin_task = tokio::spawn(async move {
         axum::serve(

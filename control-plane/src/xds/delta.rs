@@ -14,7 +14,8 @@ use portico_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tokio_stream::StreamExt;
+use tonic::Status;
 
 use super::resources::{TypeUrl, View, XdsResource};
 use super::stream::{
@@ -50,7 +51,7 @@ pub async fn run(
     shared: Arc<Shared>,
     scope: Scope,
     peer: Option<SocketAddr>,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    mut inbound: impl tokio_stream::Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Unpin + Send,
     tx: Tx,
 ) {
     let mut snapshots = shared.snapshots.clone();
@@ -68,11 +69,11 @@ pub async fn run(
     let kind = format!("{}-delta", scope.label());
     loop {
         tokio::select! {
-            msg = inbound.message() => {
+            msg = inbound.next() => {
                 let req = match msg {
-                    Ok(Some(req)) => req,
-                    Ok(None) => break,
-                    Err(status) => {
+                    Some(Ok(req)) => req,
+                    None => break,
+                    Some(Err(status)) => {
                         tracing::debug!(%status, "xDS stream ended by the client");
                         break;
                     }

@@ -14,6 +14,7 @@
 
 pub mod csds;
 pub mod delta;
+pub mod grpc;
 pub mod registry;
 pub mod resources;
 pub mod service;

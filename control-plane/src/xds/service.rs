@@ -92,13 +92,11 @@ impl XdsService {
         Response::new(unboxed(rx))
     }
 
-    /// Adds every xDS service to a tonic router.
-    pub fn add_to(
-        self,
-        builder: &mut tonic::transport::Server,
-    ) -> tonic::transport::server::Router {
-        builder
-            .add_service(AggregatedDiscoveryServiceServer::new(self.clone()))
+    /// Every xDS service as tonic routes. The streaming methods are served
+    /// by [`super::grpc`] before a request gets here; these answer the
+    /// rest (CSDS, REST-style fetches).
+    pub fn routes(self) -> tonic::service::Routes {
+        tonic::service::Routes::new(AggregatedDiscoveryServiceServer::new(self.clone()))
             .add_service(ListenerDiscoveryServiceServer::new(self.clone()))
             .add_service(RouteDiscoveryServiceServer::new(self.clone()))
             .add_service(ClusterDiscoveryServiceServer::new(self.clone()))
