@@ -10,11 +10,11 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::stream::unfold;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{HeaderMap, Request, Response};
@@ -116,7 +116,7 @@ async fn handle(
     mut fallback: tonic::service::Routes,
 ) -> Response<Body> {
     let Some((scope, is_delta)) = route(req.uri().path()) else {
-        use tower_service_shim::Service;
+        use tower_service::Service;
         let req = req.map(tonic::body::Body::new);
         return match fallback.call(req).await {
             Ok(resp) => resp.map(|b| {
@@ -148,10 +148,6 @@ async fn handle(
         ));
         grpc_response(rx)
     }
-}
-
-mod tower_service_shim {
-    pub use tonic::codegen::Service;
 }
 
 /// gRPC messages from a request body: 1 byte compressed flag, 4 bytes
@@ -204,62 +200,6 @@ fn decode_stream<T: Message + Default + Send + 'static>(
             }
         }
     })
-}
-
-/// A minimal `unfold` so we need no futures crate.
-fn unfold<S, F, Fut, T>(init: S, f: F) -> impl Stream<Item = T> + Send
-where
-    S: Send + Unpin + 'static,
-    F: FnMut(S) -> Fut + Send + Unpin + 'static,
-    Fut: std::future::Future<Output = Option<(T, S)>> + Send + 'static,
-    T: Send + 'static,
-{
-    struct Unfold<S, F, Fut> {
-        state: Option<S>,
-        f: F,
-        fut: Option<Pin<Box<Fut>>>,
-    }
-    impl<S, F, Fut, T> Stream for Unfold<S, F, Fut>
-    where
-        F: FnMut(S) -> Fut + Unpin,
-        Fut: std::future::Future<Output = Option<(T, S)>>,
-        S: Unpin,
-    {
-        type Item = T;
-        fn poll_next(
-            mut self: Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<T>> {
-            let this = &mut *self;
-            if this.fut.is_none() {
-                match this.state.take() {
-                    Some(s) => this.fut = Some(Box::pin((this.f)(s))),
-                    None => return std::task::Poll::Ready(None),
-                }
-            }
-            let Some(fut) = this.fut.as_mut() else {
-                return std::task::Poll::Ready(None);
-            };
-            match fut.as_mut().poll(cx) {
-                std::task::Poll::Pending => std::task::Poll::Pending,
-                std::task::Poll::Ready(out) => {
-                    this.fut = None;
-                    match out {
-                        Some((item, s)) => {
-                            this.state = Some(s);
-                            std::task::Poll::Ready(Some(item))
-                        }
-                        None => std::task::Poll::Ready(None),
-                    }
-                }
-            }
-        }
-    }
-    Unfold {
-        state: Some(init),
-        f,
-        fut: None,
-    }
 }
 
 /// The response: headers now, one DATA frame per message, trailers with
