@@ -14,12 +14,11 @@ use std::time::Instant;
 
 use portico_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tonic::Status;
 
-use super::resources::{TypeUrl, View, XdsResource};
+use super::resources::{TypeUrl, View, XdsResource, XdsSnapshot};
 use super::stream::{
-    register_node, set_version, NodeCtx, Scope, Shared, StreamGuard, Subscription,
+    drive, set_version, NodeCtx, Protocol, Scope, Shared, StreamGuard, Subscription,
 };
 
 type Tx = mpsc::Sender<Box<Result<DiscoveryResponse, Status>>>;
@@ -51,11 +50,10 @@ pub async fn run(
     shared: Arc<Shared>,
     scope: Scope,
     peer: Option<SocketAddr>,
-    mut inbound: impl tokio_stream::Stream<Item = Result<DiscoveryRequest, Status>> + Unpin + Send,
+    inbound: impl tokio_stream::Stream<Item = Result<DiscoveryRequest, Status>> + Unpin + Send,
     tx: Tx,
 ) {
-    let mut snapshots = shared.snapshots.clone();
-    let mut s = Stream {
+    let s = Stream {
         guard: StreamGuard::new(shared.clone(), scope, "sotw"),
         shared,
         scope,
@@ -65,59 +63,58 @@ pub async fn run(
         nonce: 0,
         tx,
     };
-    let kind = format!("{}-sotw", scope.label());
-    loop {
-        tokio::select! {
-            msg = inbound.next() => {
-                let req = match msg {
-                    Some(Ok(req)) => req,
-                    None => break,
-                    Some(Err(status)) => {
-                        tracing::debug!(%status, "xDS stream ended by the client");
-                        break;
-                    }
-                };
-                if s.node.is_none() {
-                    match register_node(&s.shared, &s.guard, req.node.as_ref(), peer, &kind) {
-                        Ok(node) => {
-                            s.view = snapshots.borrow_and_update().view(&node.group);
-                            s.node = Some(node);
-                        }
-                        Err(status) => {
-                            let _ = s.tx.send(Box::new(Err(status))).await;
-                            break;
-                        }
-                    }
-                }
-                match Box::pin(s.on_request(req)).await {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(status) => {
-                        let _ = s.tx.send(Box::new(Err(status))).await;
-                        break;
-                    }
-                }
-            }
-            changed = snapshots.changed(), if s.node.is_some() => {
-                if changed.is_err() {
-                    break;
-                }
-                let group = s.node.as_ref().map(|n| n.group.clone()).unwrap_or_default();
-                let view = snapshots.borrow_and_update().view(&group);
-                if !Arc::ptr_eq(&view, &s.view) {
-                    s.view = view;
-                    if !Box::pin(s.push_all()).await {
-                        break;
-                    }
-                }
-            }
+    drive(s, scope, peer, inbound).await
+}
+
+impl Protocol for Stream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn node(req: &DiscoveryRequest) -> Option<&portico_proto::envoy::config::core::v3::Node> {
+        req.node.as_ref()
+    }
+    fn variant() -> &'static str {
+        "sotw"
+    }
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    fn guard(&self) -> &StreamGuard {
+        &self.guard
+    }
+    fn tx(&self) -> &Tx {
+        &self.tx
+    }
+    fn has_node(&self) -> bool {
+        self.node.is_some()
+    }
+    fn set_node(&mut self, node: NodeCtx) {
+        self.node = Some(node);
+    }
+    fn take_view(&mut self, snap: &XdsSnapshot) -> bool {
+        let view = snap.view(
+            self.node
+                .as_ref()
+                .map(|n| n.group.as_str())
+                .unwrap_or_default(),
+        );
+        if Arc::ptr_eq(&view, &self.view) {
+            return false;
         }
+        self.view = view;
+        true
+    }
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<bool, Status> {
+        self.handle(req).await
+    }
+    async fn push_all(&mut self) -> bool {
+        self.push_changes().await
     }
 }
 
 impl Stream {
     /// Handles one request; `Ok(false)` when the client is gone.
-    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<bool, Status> {
+    async fn handle(&mut self, req: DiscoveryRequest) -> Result<bool, Status> {
         let t = self.scope.resolve(&req.type_url)?;
         let id = self.guard.id;
         let shared = self.shared.clone();
@@ -175,7 +172,7 @@ impl Stream {
 
     /// Sends every type whose subscribed resources changed, in
     /// make-before-break order; stale clusters go last.
-    async fn push_all(&mut self) -> bool {
+    async fn push_changes(&mut self) -> bool {
         let mut final_clusters = None;
         for t in TypeUrl::ALL {
             let Some(ty) = self.types.get(&t).filter(|ty| ty.started) else {

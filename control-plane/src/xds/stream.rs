@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use super::registry::Registry;
@@ -256,4 +256,89 @@ pub(crate) fn register_node(
     Ok(NodeCtx {
         group: node.cluster.clone(),
     })
+}
+
+/// What the stream loop needs from a protocol (SotW or Delta).
+pub(crate) trait Protocol: Send + 'static {
+    /// The protocol's request message.
+    type Request: Send + 'static;
+    /// The protocol's response message.
+    type Response: Send + 'static;
+
+    /// The node in a request (present at least on the first).
+    fn node(req: &Self::Request) -> Option<&portico_proto::envoy::config::core::v3::Node>;
+    /// `sotw` or `delta`.
+    fn variant() -> &'static str;
+    fn shared(&self) -> &Arc<Shared>;
+    fn guard(&self) -> &StreamGuard;
+    fn tx(&self) -> &mpsc::Sender<Box<Result<Self::Response, Status>>>;
+    fn has_node(&self) -> bool;
+    fn set_node(&mut self, node: NodeCtx);
+    /// Takes the node's view from a new rendering; true if it changed.
+    fn take_view(&mut self, snap: &XdsSnapshot) -> bool;
+    /// Handles a request; `Ok(false)` when the client is gone.
+    fn on_request(
+        &mut self,
+        req: Self::Request,
+    ) -> impl std::future::Future<Output = Result<bool, Status>> + Send;
+    /// Sends what changed in the view; false when the client is gone.
+    fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// Runs a stream until the client closes it or it fails: requests in,
+/// renderings in (latest wins), responses out.
+pub(crate) async fn drive<P: Protocol>(
+    mut s: P,
+    scope: Scope,
+    peer: Option<SocketAddr>,
+    mut inbound: impl tokio_stream::Stream<Item = Result<P::Request, Status>> + Unpin + Send,
+) {
+    use tokio_stream::StreamExt;
+    let mut snapshots = s.shared().snapshots.clone();
+    let kind = format!("{}-{}", scope.label(), P::variant());
+    loop {
+        tokio::select! {
+            msg = inbound.next() => {
+                let req = match msg {
+                    Some(Ok(req)) => req,
+                    None => break,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "xDS stream ended by the client");
+                        break;
+                    }
+                };
+                if !s.has_node() {
+                    match register_node(s.shared(), s.guard(), P::node(&req), peer, &kind) {
+                        Ok(node) => {
+                            s.set_node(node);
+                            let snap = snapshots.borrow_and_update().clone();
+                            s.take_view(&snap);
+                        }
+                        Err(status) => {
+                            let _ = s.tx().send(Box::new(Err(status))).await;
+                            break;
+                        }
+                    }
+                }
+                // Boxed so an idle stream's task stays small.
+                match Box::pin(s.on_request(req)).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(status) => {
+                        let _ = s.tx().send(Box::new(Err(status))).await;
+                        break;
+                    }
+                }
+            }
+            changed = snapshots.changed(), if s.has_node() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snap = snapshots.borrow_and_update().clone();
+                if s.take_view(&snap) && !Box::pin(s.push_all()).await {
+                    break;
+                }
+            }
+        }
+    }
 }
