@@ -379,6 +379,21 @@ pub fn document(kind: Kind, name: &str, spec: Value) -> Value {
     Value::Object(m)
 }
 
+/// A desired state from documents that must decode (for tests).
+#[cfg(test)]
+pub(crate) fn test_state(docs: Vec<Value>) -> super::DesiredState {
+    docs.into_iter()
+        .map(|value| {
+            let res = decode(&SourceDocument {
+                origin: "t".into(),
+                value,
+            })
+            .expect("decodes");
+            (res.key(), std::sync::Arc::new(res))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

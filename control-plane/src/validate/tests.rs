@@ -3,21 +3,12 @@
 use serde_json::{json, Value};
 
 use super::validate_state;
-use crate::model::decode::{decode, document, SourceDocument};
+use crate::model::decode::document;
 use crate::model::{DesiredState, Kind};
 use crate::problem::{Problem, ProblemClass};
 
 fn state(docs: Vec<Value>) -> DesiredState {
-    docs.into_iter()
-        .map(|value| {
-            let res = decode(&SourceDocument {
-                origin: "t".into(),
-                value,
-            })
-            .expect("decodes");
-            (res.key(), std::sync::Arc::new(res))
-        })
-        .collect()
+    crate::model::decode::test_state(docs)
 }
 
 fn gateway() -> Value {

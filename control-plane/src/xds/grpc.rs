@@ -26,7 +26,7 @@ use tokio_stream::Stream;
 use tonic::{Code, Status};
 
 use super::resources::TypeUrl;
-use super::stream::{Scope, Shared, QUEUE};
+use super::stream::{Scope, Shared};
 use super::{delta, sotw};
 
 type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -128,25 +128,19 @@ async fn handle(
     };
     let body = req.into_body();
     if is_delta {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(delta::run(
+        grpc_response(delta::spawn(
             shared,
             scope,
             Some(peer),
             Box::pin(decode_stream(body)),
-            tx,
-        ));
-        grpc_response(rx)
+        ))
     } else {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(sotw::run(
+        grpc_response(sotw::spawn(
             shared,
             scope,
             Some(peer),
             Box::pin(decode_stream(body)),
-            tx,
-        ));
-        grpc_response(rx)
+        ))
     }
 }
 

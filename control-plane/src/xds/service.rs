@@ -31,7 +31,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resources::TypeUrl;
-use super::stream::{Scope, Shared, QUEUE};
+use super::stream::{Scope, Shared};
 use super::{delta, sotw};
 
 type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
@@ -64,15 +64,12 @@ impl XdsService {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Response<SotwStream> {
         let peer = req.remote_addr();
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(sotw::run(
+        Response::new(unboxed(sotw::spawn(
             self.shared.clone(),
             scope,
             peer,
             req.into_inner(),
-            tx,
-        ));
-        Response::new(unboxed(rx))
+        )))
     }
 
     fn delta(
@@ -81,15 +78,12 @@ impl XdsService {
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Response<DeltaStream> {
         let peer = req.remote_addr();
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(delta::run(
+        Response::new(unboxed(delta::spawn(
             self.shared.clone(),
             scope,
             peer,
             req.into_inner(),
-            tx,
-        ));
-        Response::new(unboxed(rx))
+        )))
     }
 
     /// Every xDS service as tonic routes. The streaming methods are served

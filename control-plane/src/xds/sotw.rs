@@ -66,6 +66,19 @@ pub async fn run(
     drive(s, scope, peer, inbound).await
 }
 
+/// Starts a stream task; its responses (and final status) come out of the
+/// returned channel, at most [`QUEUE`](super::stream::QUEUE) ahead of the client.
+pub fn spawn(
+    shared: Arc<Shared>,
+    scope: Scope,
+    peer: Option<SocketAddr>,
+    inbound: impl tokio_stream::Stream<Item = Result<DiscoveryRequest, Status>> + Unpin + Send + 'static,
+) -> mpsc::Receiver<Box<Result<DiscoveryResponse, Status>>> {
+    let (tx, rx) = mpsc::channel(super::stream::QUEUE);
+    tokio::spawn(run(shared, scope, peer, inbound, tx));
+    rx
+}
+
 impl Protocol for Stream {
     type Request = DiscoveryRequest;
     type Response = DiscoveryResponse;

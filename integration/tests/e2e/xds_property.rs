@@ -182,7 +182,7 @@ impl Node {
                 let t: &'static str = TYPES.into_iter().find(|t| *t == r.type_url).unwrap();
                 let mut got: BTreeMap<String, String> = BTreeMap::new();
                 for (name, any) in names(&r).into_iter().zip(&r.resources) {
-                    got.insert(name, format!("{:x}", md5ish(&any.value)));
+                    got.insert(name, format!("{:x}", fingerprint(&any.value)));
                 }
                 let entry = self.state.get_mut(t).unwrap();
                 if t == LISTENER || t == CLUSTER {
@@ -210,7 +210,7 @@ impl Node {
                 for res in &r.resources {
                     entry.insert(
                         res.name.clone(),
-                        format!("{:x}", md5ish(&res.resource.as_ref().unwrap().value)),
+                        format!("{:x}", fingerprint(&res.resource.as_ref().unwrap().value)),
                     );
                 }
                 for name in &r.removed_resources {
@@ -256,7 +256,7 @@ impl Node {
 }
 
 /// Content fingerprint of an encoded resource.
-fn md5ish(bytes: &[u8]) -> u64 {
+fn fingerprint(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
     })
@@ -277,7 +277,7 @@ async fn fresh(
         for (n, any) in names(&r).into_iter().zip(&r.resources) {
             out.get_mut(t)
                 .unwrap()
-                .insert(n, format!("{:x}", md5ish(&any.value)));
+                .insert(n, format!("{:x}", fingerprint(&any.value)));
         }
     }
     let eds: BTreeSet<String> = eds_for
@@ -296,7 +296,7 @@ async fn fresh(
             for (n, any) in names(&r).into_iter().zip(&r.resources) {
                 out.get_mut(t)
                     .unwrap()
-                    .insert(n, format!("{:x}", md5ish(&any.value)));
+                    .insert(n, format!("{:x}", fingerprint(&any.value)));
             }
         }
     }

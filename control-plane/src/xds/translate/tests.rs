@@ -1,7 +1,5 @@
 //! Translation: determinism, group selection, route order, gRFC A27 shape.
 
-use std::sync::Arc;
-
 use portico_proto::envoy::config::listener::v3::Listener;
 use portico_proto::envoy::config::route::v3::{route_match::PathSpecifier, RouteConfiguration};
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
@@ -9,21 +7,12 @@ use prost::Message;
 use serde_json::{json, Value};
 
 use super::translate;
-use crate::model::decode::{decode, document, SourceDocument};
+use crate::model::decode::document;
 use crate::model::{DesiredState, Kind};
 use crate::xds::resources::TypeUrl;
 
 fn state(docs: Vec<Value>) -> DesiredState {
-    docs.into_iter()
-        .map(|value| {
-            let res = decode(&SourceDocument {
-                origin: "t".into(),
-                value,
-            })
-            .expect("decodes");
-            (res.key(), Arc::new(res))
-        })
-        .collect()
+    crate::model::decode::test_state(docs)
 }
 
 fn base() -> Vec<Value> {
