@@ -4,12 +4,14 @@ use portico_proto::envoy::config::core::v3::{transport_socket, TransportSocket};
 use portico_proto::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::UpgradeConfig,
     http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use portico_proto::envoy::extensions::transport_sockets::tls::v3::{
     CommonTlsContext, DownstreamTlsContext,
 };
+use portico_proto::google::protobuf::BoolValue;
 
 use super::cluster::{pack, sds, socket};
 use super::{ads, Shared};
@@ -45,7 +47,16 @@ pub(crate) fn hcm(stat_prefix: &str, route_config_name: &str) -> HttpConnectionM
 }
 
 pub(crate) fn build(name: &str, l: &GwListener) -> Shared {
-    let manager = hcm(&name.replace('/', "_"), name);
+    let manager = HttpConnectionManager {
+        // A gateway is the edge: the client's address is the peer's, and
+        // x-forwarded-for gets it appended.
+        use_remote_address: Some(BoolValue { value: true }),
+        upgrade_configs: vec![UpgradeConfig {
+            upgrade_type: "websocket".into(),
+            ..Default::default()
+        }],
+        ..hcm(&name.replace('/', "_"), name)
+    };
     let mut chain = FilterChain {
         filters: vec![Filter {
             name: "envoy.filters.network.http_connection_manager".into(),

@@ -1,0 +1,122 @@
+//! JSON-lines access log with the fields of Envoy's default format plus the
+//! route and cluster names. Lines are formatted on the worker and written
+//! by one thread per target, so a slow disk never blocks a request; when
+//! the writer falls behind, lines are dropped and counted.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::config::listener::LogTarget;
+use crate::stats::Stats;
+
+/// One request's log record (Envoy's default format fields).
+#[derive(Debug, Default, Serialize)]
+pub struct Record {
+    /// Request start, RFC 3339 with milliseconds.
+    pub start_time: String,
+    /// `:method`.
+    pub method: String,
+    /// Original path (before rewrites).
+    pub path: String,
+    /// HTTP/1.1 or HTTP/2.
+    pub protocol: &'static str,
+    /// Status sent downstream.
+    pub response_code: u16,
+    /// Envoy's response flags (NR, UH, UF, UT, URX, UO, UC, DC, ...).
+    pub response_flags: String,
+    /// Request body bytes received (when known).
+    pub bytes_received: u64,
+    /// Response body bytes sent.
+    pub bytes_sent: u64,
+    /// Total duration, ms.
+    pub duration: u64,
+    /// Time to upstream response headers, ms.
+    pub upstream_service_time: Option<u64>,
+    /// `x-forwarded-for` as received.
+    pub x_forwarded_for: Option<String>,
+    /// `user-agent`.
+    pub user_agent: Option<String>,
+    /// `x-request-id`.
+    pub request_id: Option<String>,
+    /// `:authority`.
+    pub authority: String,
+    /// Endpoint that answered.
+    pub upstream_host: Option<String>,
+    /// Route name.
+    pub route_name: String,
+    /// Cluster name.
+    pub upstream_cluster: String,
+    /// Client address.
+    pub downstream_remote_address: String,
+}
+
+/// Writers by target, shared by every listener logging there.
+#[derive(Default)]
+pub struct AccessLogs {
+    writers: Mutex<HashMap<LogTarget, SyncSender<Vec<u8>>>>,
+}
+
+/// A handle to one target's writer.
+#[derive(Clone)]
+pub struct Sink(SyncSender<Vec<u8>>);
+
+impl AccessLogs {
+    /// The sink for a target, starting its writer on first use.
+    pub fn sink(&self, target: &LogTarget) -> std::io::Result<Sink> {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = w.get(target) {
+            return Ok(Sink(tx.clone()));
+        }
+        let mut out: Box<dyn Write + Send> = match target {
+            LogTarget::Stdout => Box::new(std::io::stdout()),
+            LogTarget::Stderr => Box::new(std::io::stderr()),
+            LogTarget::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+        };
+        let (tx, rx) = sync_channel::<Vec<u8>>(8192);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let mut buf = Vec::with_capacity(64 * 1024);
+                while let Ok(line) = rx.recv() {
+                    buf.extend_from_slice(&line);
+                    while let Ok(more) = rx.try_recv() {
+                        buf.extend_from_slice(&more);
+                        if buf.len() > 60 * 1024 {
+                            break;
+                        }
+                    }
+                    if out.write_all(&buf).and_then(|_| out.flush()).is_err() {
+                        return;
+                    }
+                    buf.clear();
+                }
+            })?;
+        w.insert(target.clone(), tx.clone());
+        Ok(Sink(tx))
+    }
+}
+
+impl Sink {
+    /// Formats and queues one record.
+    pub fn write(&self, r: &Record, stats: &Arc<Stats>) {
+        let mut line = Vec::with_capacity(384);
+        if serde_json::to_writer(&mut line, r).is_err() {
+            return;
+        }
+        line.push(b'\n');
+        if let Err(TrySendError::Full(_)) = self.0.try_send(line) {
+            stats
+                .access_log_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}

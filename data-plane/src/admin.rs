@@ -1,0 +1,216 @@
+//! The local admin listener (Envoy's admin endpoints), on a thread of its
+//! own so that reading stats never takes time from the workers.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use crate::snapshot::Shared;
+
+/// Binds the admin address and serves it on a new thread; returns the
+/// bound address (the port may have been 0).
+pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    let bound = std_listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin runtime failed");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                    return;
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| {
+                            let shared = shared.clone();
+                            async move { Ok::<_, std::convert::Infallible>(route(&shared, &req)) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        })?;
+    Ok(bound)
+}
+
+fn text(status: StatusCode, body: String, ctype: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/ready" => {
+            if shared.ready.load(Relaxed) {
+                text(StatusCode::OK, "LIVE\n".into(), "text/plain")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "PRE_INITIALIZING\n".into(),
+                    "text/plain",
+                )
+            }
+        }
+        "/stats" => text(StatusCode::OK, stats(shared, false), "text/plain"),
+        "/stats/prometheus" => text(
+            StatusCode::OK,
+            stats(shared, true),
+            "text/plain; version=0.0.4",
+        ),
+        "/config_dump" => {
+            let snap = shared.snapshot.load();
+            let body = serde_json::to_string_pretty(&snap.dump.to_json()).unwrap_or_default();
+            text(StatusCode::OK, body, "application/json")
+        }
+        "/clusters" => text(StatusCode::OK, clusters(shared), "text/plain"),
+        "/listeners" => {
+            let snap = shared.snapshot.load();
+            let mut out = String::new();
+            for (n, l) in &snap.listeners {
+                let _ = writeln!(out, "{n}::{}", l.address);
+            }
+            text(StatusCode::OK, out, "text/plain")
+        }
+        "/" => text(
+            StatusCode::OK,
+            "/ready /stats /stats/prometheus /config_dump /clusters /listeners\n".into(),
+            "text/plain",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    }
+}
+
+fn stats(shared: &Shared, prometheus: bool) -> String {
+    let mut out = String::new();
+    let snap = shared.snapshot.load();
+    let mut line = |name: &str, labels: Option<(&str, &str)>, v: u64| {
+        if prometheus {
+            let metric = format!("envoy_{}", name.replace(['.', '-'], "_"));
+            match labels {
+                Some((k, val)) => {
+                    let _ = writeln!(
+                        out,
+                        "{metric}{{{k}=\"{}\"}} {v}",
+                        val.replace('\\', "\\\\").replace('"', "\\\"")
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{metric} {v}");
+                }
+            }
+        } else {
+            match labels {
+                Some((_, val)) => {
+                    let (prefix, rest) = name.split_once('.').unwrap_or(("", name));
+                    let _ = writeln!(out, "{prefix}.{val}.{rest}: {v}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}: {v}");
+                }
+            }
+        }
+    };
+    line("server.live", None, shared.ready.load(Relaxed) as u64);
+    line(
+        "control_plane.connected_state",
+        None,
+        shared.xds_connected.load(Relaxed) as u64,
+    );
+    line(
+        "listener_manager.total_listeners_active",
+        None,
+        snap.listeners.len() as u64,
+    );
+    line(
+        "cluster_manager.active_clusters",
+        None,
+        snap.clusters.len() as u64,
+    );
+    for (k, v) in shared.stats.each() {
+        line(&format!("http.{k}"), None, v);
+    }
+    let mut names: Vec<_> = snap.clusters.keys().collect();
+    names.sort();
+    for n in names {
+        let c = &snap.clusters[n];
+        for (k, v) in c.stats.each() {
+            line(&format!("cluster.{k}"), Some(("envoy_cluster_name", n)), v);
+        }
+        line(
+            "cluster.upstream_rq_active",
+            Some(("envoy_cluster_name", n)),
+            c.active.load(Relaxed) as u64,
+        );
+        let cx: u64 = c
+            .endpoints
+            .load()
+            .endpoints
+            .iter()
+            .map(|e| e.pool.open.load(Relaxed) as u64)
+            .sum();
+        line(
+            "cluster.upstream_cx_active",
+            Some(("envoy_cluster_name", n)),
+            cx,
+        );
+    }
+    out
+}
+
+fn clusters(shared: &Shared) -> String {
+    let snap = shared.snapshot.load();
+    let mut out = String::new();
+    let mut names: Vec<_> = snap.clusters.keys().collect();
+    names.sort();
+    for n in names {
+        let c = &snap.clusters[n];
+        let set = c.endpoints.load();
+        if set.endpoints.is_empty() {
+            let _ = writeln!(out, "{n}::no_endpoints");
+        }
+        for e in &set.endpoints {
+            let (idle, open) = e.pool.describe();
+            let _ = writeln!(out, "{n}::{}::health_flags::{}", e.addr, e.health_flags());
+            let _ = writeln!(out, "{n}::{}::weight::{}", e.addr, e.weight);
+            let _ = writeln!(out, "{n}::{}::cx_active::{open}", e.addr);
+            let _ = writeln!(out, "{n}::{}::cx_idle::{idle}", e.addr);
+            let _ = writeln!(
+                out,
+                "{n}::{}::rq_active::{}",
+                e.addr,
+                e.active.load(Relaxed)
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,279 @@
+//! `Listener` → [`ListenerConfig`]: an address and an HTTP connection
+//! manager (its routes, filters, access logs and limits).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portico_proto::envoy::config::accesslog::v3::access_log;
+use portico_proto::envoy::config::listener::v3::{filter, Listener};
+use portico_proto::envoy::extensions::access_loggers::file::v3::FileAccessLog;
+use portico_proto::envoy::extensions::access_loggers::stream::v3::{
+    StderrAccessLog, StdoutAccessLog,
+};
+use portico_proto::envoy::extensions::filters::http::router::v3::Router;
+use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
+    http_filter, HttpConnectionManager,
+};
+use prost::Name;
+
+use super::route::RouteTable;
+use super::{duration, socket_addr, unpack, ConfigError};
+
+/// Where a listener's routes come from.
+#[derive(Debug)]
+pub enum Routes {
+    /// A `RouteConfiguration` by name, over RDS.
+    Rds(Arc<str>),
+    /// Inline in the listener.
+    Inline(Arc<RouteTable>),
+}
+
+/// Which HTTP versions the listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// HTTP/1.1 and h2c with prior knowledge.
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only.
+    Http2,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LogTarget {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+/// A converted listener.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    /// Resource name.
+    pub name: Arc<str>,
+    /// Where to listen.
+    pub address: SocketAddr,
+    /// The HCM's stat prefix.
+    pub stat_prefix: Arc<str>,
+    /// Routes.
+    pub routes: Routes,
+    /// Ignore any port in Host when matching virtual hosts.
+    pub strip_port: bool,
+    /// HTTP versions.
+    pub codec: Codec,
+    /// WebSocket upgrades allowed on every route.
+    pub websocket: bool,
+    /// Access logs.
+    pub access_logs: Vec<LogTarget>,
+    /// Time allowed for a request's headers to arrive.
+    pub request_headers_timeout: Duration,
+    /// Limit on request header size.
+    pub max_request_headers: usize,
+    /// Idle connection timeout.
+    pub idle_timeout: Option<Duration>,
+    /// How long a removed listener lets open requests finish.
+    pub drain_timeout: Duration,
+    /// Append the client address to x-forwarded-for.
+    pub use_remote_address: bool,
+}
+
+impl ListenerConfig {
+    /// Converts a Listener; every error names the place.
+    pub fn convert(l: &Listener) -> Result<Self, ConfigError> {
+        let at = format!("Listener {:?}", l.name);
+        let address = socket_addr(l.address.as_ref(), &format!("{at} address"))?;
+        if !l.listener_filters.is_empty() {
+            return Err(ConfigError::new(&at, "listener_filters are not supported"));
+        }
+        let chains: Vec<_> = l
+            .filter_chains
+            .iter()
+            .chain(l.default_filter_chain.iter())
+            .collect();
+        let [chain] = chains.as_slice() else {
+            return Err(ConfigError::new(
+                &at,
+                format!(
+                    "exactly one filter chain is supported, got {}",
+                    chains.len()
+                ),
+            ));
+        };
+        if chain.transport_socket.is_some() {
+            return Err(ConfigError::new(
+                &at,
+                "TLS termination (transport_socket) is not supported yet",
+            ));
+        }
+        let [f] = chain.filters.as_slice() else {
+            return Err(ConfigError::new(&at, "the filter chain must hold exactly one network filter, the HTTP connection manager"));
+        };
+        let fat = format!("{at} filter {:?}", f.name);
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            return Err(ConfigError::new(&fat, "needs a typed_config"));
+        };
+        let hcm: HttpConnectionManager = unpack(any, &fat)?;
+        Self::from_hcm(l, address, hcm, &fat)
+    }
+
+    fn from_hcm(
+        l: &Listener,
+        address: SocketAddr,
+        hcm: HttpConnectionManager,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        let routes = match &hcm.route_specifier {
+            Some(RouteSpecifier::Rds(rds)) => {
+                if rds.route_config_name.is_empty() {
+                    return Err(ConfigError::new(at, "rds.route_config_name is empty"));
+                }
+                Routes::Rds(rds.route_config_name.as_str().into())
+            }
+            Some(RouteSpecifier::RouteConfig(rc)) => {
+                Routes::Inline(Arc::new(RouteTable::convert(rc)?))
+            }
+            Some(RouteSpecifier::ScopedRoutes(_)) => {
+                return Err(ConfigError::new(at, "scoped_routes are not supported"))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    at,
+                    "no route specifier (rds or route_config)",
+                ))
+            }
+        };
+        check_http_filters(&hcm, at)?;
+        let codec = match CodecType::try_from(hcm.codec_type) {
+            Ok(CodecType::Auto) => Codec::Auto,
+            Ok(CodecType::Http1) => Codec::Http1,
+            Ok(CodecType::Http2) => Codec::Http2,
+            _ => return Err(ConfigError::new(at, "codec_type HTTP3 is not supported")),
+        };
+        let access_logs = hcm
+            .access_log
+            .iter()
+            .map(|a| {
+                let aat = format!("{at} access_log {:?}", a.name);
+                if a.filter.is_some() {
+                    return Err(ConfigError::new(
+                        &aat,
+                        "access log filters are not supported",
+                    ));
+                }
+                let Some(access_log::ConfigType::TypedConfig(any)) = &a.config_type else {
+                    return Err(ConfigError::new(&aat, "needs a typed_config"));
+                };
+                if any.type_url == FileAccessLog::type_url() {
+                    let f: FileAccessLog = unpack(any, &aat)?;
+                    Ok(match f.path.as_str() {
+                        "/dev/stdout" => LogTarget::Stdout,
+                        "/dev/stderr" => LogTarget::Stderr,
+                        "" => return Err(ConfigError::new(&aat, "path is empty")),
+                        p => LogTarget::File(p.into()),
+                    })
+                } else if any.type_url == StdoutAccessLog::type_url() {
+                    Ok(LogTarget::Stdout)
+                } else if any.type_url == StderrAccessLog::type_url() {
+                    Ok(LogTarget::Stderr)
+                } else {
+                    Err(ConfigError::new(
+                        &aat,
+                        format!("access logger {} is not supported", any.type_url),
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let common = hcm.common_http_protocol_options.as_ref();
+        Ok(ListenerConfig {
+            name: l.name.as_str().into(),
+            address,
+            stat_prefix: hcm.stat_prefix.as_str().into(),
+            routes,
+            strip_port: matches!(
+                hcm.strip_port_mode,
+                Some(StripPortMode::StripAnyHostPort(true))
+            ),
+            codec,
+            websocket: hcm.upgrade_configs.iter().any(|u| {
+                u.upgrade_type.eq_ignore_ascii_case("websocket")
+                    && u.enabled.is_none_or(|e| e.value)
+            }),
+            access_logs,
+            // Envoy has no header timeout by default; a gateway facing the
+            // internet needs one against slow-header attacks.
+            request_headers_timeout: hcm
+                .request_headers_timeout
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_secs(10)),
+            max_request_headers: hcm
+                .max_request_headers_kb
+                .as_ref()
+                .map_or(60, |v| v.value as usize)
+                * 1024,
+            idle_timeout: Some(
+                common
+                    .and_then(|c| c.idle_timeout.as_ref())
+                    .map(duration)
+                    .unwrap_or(Duration::from_secs(3600)),
+            )
+            .filter(|d| !d.is_zero()),
+            drain_timeout: hcm
+                .drain_timeout
+                .as_ref()
+                .map(duration)
+                .unwrap_or(Duration::from_secs(5)),
+            use_remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
+        })
+    }
+}
+
+/// The filter chain must end with the router; a filter this proxy does not
+/// know is an error unless it is marked optional (Envoy's rule).
+fn check_http_filters(hcm: &HttpConnectionManager, at: &str) -> Result<(), ConfigError> {
+    let Some(last) = hcm.http_filters.last() else {
+        return Err(ConfigError::new(
+            at,
+            "http_filters is empty; the router filter must be last",
+        ));
+    };
+    for (i, f) in hcm.http_filters.iter().enumerate() {
+        let fat = format!("{at} http_filters[{i}] {:?}", f.name);
+        let type_url = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+            Some(http_filter::ConfigType::ConfigDiscovery(_)) => {
+                return Err(ConfigError::new(
+                    &fat,
+                    "filter config discovery (ECDS) is not supported",
+                ));
+            }
+            None => return Err(ConfigError::new(&fat, "needs a typed_config")),
+        };
+        let is_router = type_url == Router::type_url();
+        if is_router != std::ptr::eq(f, last) {
+            return Err(ConfigError::new(
+                &fat,
+                if is_router {
+                    "the router filter must be last"
+                } else {
+                    "the last filter must be the router"
+                },
+            ));
+        }
+        if !is_router && !f.is_optional && !f.disabled {
+            return Err(ConfigError::new(
+                &fat,
+                format!("unknown HTTP filter {type_url} (not optional)"),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Envoy resources converted once into the proxy's own immutable types.
+//!
+//! Everything here is checked when a resource arrives; a problem becomes a
+//! [`ConfigError`] naming the resource, the place and the reason, which the
+//! xDS client sends back as the NACK's `error_detail`. The request path then
+//! reads only these converted types.
+
+pub mod cluster;
+pub mod listener;
+pub mod matcher;
+pub mod route;
+
+use std::fmt;
+
+/// A resource the proxy cannot run, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The resource and the place in it.
+    pub at: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// A new error at `at`.
+    pub fn new(at: &str, reason: impl Into<String>) -> Self {
+        ConfigError {
+            at: at.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A protobuf duration as a std one (negative values become zero).
+pub fn duration(d: &portico_proto::google::protobuf::Duration) -> std::time::Duration {
+    if d.seconds < 0 || d.nanos < 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(d.seconds as u64, d.nanos as u32)
+}
+
+/// Decodes a typed `Any` as `M`, checking its type URL.
+pub fn unpack<M: prost::Message + prost::Name + Default>(
+    any: &portico_proto::google::protobuf::Any,
+    at: &str,
+) -> Result<M, ConfigError> {
+    if any.type_url != M::type_url() {
+        return Err(ConfigError::new(
+            at,
+            format!("expected {} but got {}", M::type_url(), any.type_url),
+        ));
+    }
+    M::decode(any.value.as_slice())
+        .map_err(|e| ConfigError::new(at, format!("cannot decode {}: {e}", M::full_name())))
+}
+
+/// A socket address from an Envoy `Address` (IP literals only).
+pub fn socket_addr(
+    a: Option<&portico_proto::envoy::config::core::v3::Address>,
+    at: &str,
+) -> Result<std::net::SocketAddr, ConfigError> {
+    let (host, port) = host_port(a, at)?;
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| ConfigError::new(at, format!("address {host:?} is not an IP address")))?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
+/// Host and port from an Envoy `Address`.
+pub fn host_port(
+    a: Option<&portico_proto::envoy::config::core::v3::Address>,
+    at: &str,
+) -> Result<(String, u16), ConfigError> {
+    use portico_proto::envoy::config::core::v3::{address, socket_address::PortSpecifier};
+    let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
+        return Err(ConfigError::new(at, "only socket addresses are supported"));
+    };
+    let port = match sa.port_specifier {
+        Some(PortSpecifier::PortValue(p)) => u16::try_from(p)
+            .map_err(|_| ConfigError::new(at, format!("port {p} is out of range")))?,
+        _ => {
+            return Err(ConfigError::new(
+                at,
+                "address needs a port_value (named ports are not supported)",
+            ))
+        }
+    };
+    Ok((sa.address.clone(), port))
+}

@@ -1,0 +1,1052 @@
+//! `RouteConfiguration` → [`RouteTable`]: virtual hosts found by host name,
+//! routes tried in order, first match wins (Envoy's semantics).
+
+// Envoy's deprecated fields are still sent by control planes; honour them.
+#![allow(deprecated)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use portico_proto::envoy::config::core::v3::{
+    data_source, header_value_option::HeaderAppendAction, HeaderValueOption,
+};
+use portico_proto::envoy::config::route::v3::{
+    redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier},
+    route::Action,
+    route_action::{hash_policy::PolicySpecifier, ClusterSpecifier, HostRewriteSpecifier},
+    route_match::PathSpecifier,
+    RetryPolicy as PbRetryPolicy, Route as PbRoute, RouteConfiguration,
+    VirtualHost as PbVirtualHost,
+};
+use regex::Regex;
+
+use super::matcher::{full_regex, HeaderMatch, QueryMatch, RequestHead, Substitution};
+use super::{duration, ConfigError};
+
+/// A converted route configuration, ready for lookups.
+#[derive(Debug)]
+pub struct RouteTable {
+    /// The resource name.
+    pub name: Arc<str>,
+    vhosts: Vec<VirtualHost>,
+    exact: HashMap<String, usize>,
+    /// `*SUFFIX` domains, longest suffix first.
+    suffix: Vec<(String, usize)>,
+    /// `PREFIX*` domains, longest prefix first.
+    prefix: Vec<(String, usize)>,
+    any: Option<usize>,
+    ignore_port: bool,
+    /// Header edits of the whole configuration (applied last).
+    pub edits: Edits,
+    /// Every cluster a route names (weighted ones included).
+    pub clusters: Vec<Arc<str>>,
+}
+
+/// A virtual host.
+#[derive(Debug)]
+pub struct VirtualHost {
+    /// Its name, for stats and logs.
+    pub name: Arc<str>,
+    /// Routes in order.
+    pub routes: Vec<Route>,
+    /// Header edits of the virtual host.
+    pub edits: Edits,
+}
+
+/// One route: what it matches and what it does.
+#[derive(Debug)]
+pub struct Route {
+    /// Its name (may be empty), for the access log.
+    pub name: Arc<str>,
+    matcher: RouteMatcher,
+    /// What to do with a matching request.
+    pub action: RouteAction,
+    /// Header edits of the route.
+    pub edits: Edits,
+}
+
+#[derive(Debug)]
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+    SeparatedPrefix(String),
+}
+
+#[derive(Debug)]
+struct RouteMatcher {
+    path: PathMatch,
+    case_sensitive: bool,
+    headers: Vec<HeaderMatch>,
+    query: Vec<QueryMatch>,
+    grpc: bool,
+}
+
+/// The action of a route.
+#[derive(Debug)]
+pub enum RouteAction {
+    /// Proxy to a cluster.
+    Forward(Box<Forward>),
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer directly.
+    Direct {
+        /// Status code.
+        status: http::StatusCode,
+        /// Body.
+        body: Bytes,
+    },
+}
+
+/// Which cluster a forwarded request goes to.
+#[derive(Debug)]
+pub enum ClusterChoice {
+    /// Always this one.
+    One(Arc<str>),
+    /// One of these, by weight.
+    Weighted(Vec<(Arc<str>, u32)>, u32),
+    /// The one named by a request header.
+    Header(HeaderName),
+}
+
+/// How the Host header is rewritten upstream.
+#[derive(Debug)]
+pub enum HostRewrite {
+    /// Left alone.
+    Keep,
+    /// Set to this.
+    Literal(HeaderValue),
+    /// Set to the chosen endpoint's address.
+    Auto,
+}
+
+/// A hash policy for ring-hash load balancing.
+#[derive(Debug)]
+pub enum HashPolicy {
+    /// Hash a request header.
+    Header(HeaderName),
+    /// Hash the client's IP.
+    SourceIp,
+    /// Hash a cookie's value.
+    Cookie(String),
+    /// Hash a query parameter.
+    Query(String),
+}
+
+/// A route's forwarding settings.
+#[derive(Debug)]
+pub struct Forward {
+    /// Target cluster(s).
+    pub clusters: ClusterChoice,
+    /// Replace the matched prefix with this.
+    pub prefix_rewrite: Option<String>,
+    /// Or rewrite the path by regex.
+    pub regex_rewrite: Option<Substitution>,
+    /// Host header rewrite.
+    pub host_rewrite: HostRewrite,
+    /// Whole-request timeout (None: disabled).
+    pub timeout: Option<Duration>,
+    /// Retries (the route's, else the virtual host's).
+    pub retry: Option<Arc<RetryPolicy>>,
+    /// Hash policies for ring hash.
+    pub hash: Vec<HashPolicy>,
+    /// Whether WebSocket upgrades are allowed on this route.
+    pub websocket: bool,
+}
+
+/// A route's redirect.
+#[derive(Debug)]
+pub struct Redirect {
+    /// Status code.
+    pub status: http::StatusCode,
+    /// New scheme.
+    pub scheme: Option<String>,
+    /// New host.
+    pub host: Option<String>,
+    /// New port.
+    pub port: Option<u16>,
+    /// New path.
+    pub path: Option<String>,
+    /// Or replace the matched prefix.
+    pub prefix: Option<String>,
+    /// Or rewrite by regex.
+    pub regex: Option<Substitution>,
+    /// Drop the query string.
+    pub strip_query: bool,
+}
+
+/// Envoy's retry policy.
+#[derive(Debug, Clone, Default)]
+pub struct RetryPolicy {
+    /// Retry on 5xx responses (includes connect failures and resets).
+    pub on_5xx: bool,
+    /// Retry on 502, 503, 504 (includes connect failures and resets).
+    pub gateway_error: bool,
+    /// Retry when the upstream reset the stream.
+    pub reset: bool,
+    /// Retry when connecting failed.
+    pub connect_failure: bool,
+    /// Retry on 409.
+    pub retriable_4xx: bool,
+    /// Retry on HTTP/2 REFUSED_STREAM.
+    pub refused_stream: bool,
+    /// Retry on these statuses (when `retriable-status-codes` is on).
+    pub statuses: Vec<u16>,
+    /// gRPC statuses to retry on (from `grpc-status`).
+    pub grpc: Vec<u32>,
+    /// Retries after the first try.
+    pub num_retries: u32,
+    /// Timeout of each try.
+    pub per_try_timeout: Option<Duration>,
+    /// Backoff base.
+    pub base: Duration,
+    /// Backoff ceiling.
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    fn convert(p: &PbRetryPolicy, at: &str) -> Result<Self, ConfigError> {
+        let mut r = RetryPolicy {
+            num_retries: p.num_retries.as_ref().map_or(1, |v| v.value),
+            per_try_timeout: p
+                .per_try_timeout
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero()),
+            base: Duration::from_millis(25),
+            ..Default::default()
+        };
+        let mut codes_on = false;
+        for token in p
+            .retry_on
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            match token {
+                "5xx" => r.on_5xx = true,
+                "gateway-error" => r.gateway_error = true,
+                "reset" | "reset-before-request" => r.reset = true,
+                "connect-failure" => r.connect_failure = true,
+                "retriable-4xx" => r.retriable_4xx = true,
+                "refused-stream" => r.refused_stream = true,
+                "retriable-status-codes" => codes_on = true,
+                "cancelled" => r.grpc.push(1),
+                "deadline-exceeded" => r.grpc.push(4),
+                "resource-exhausted" => r.grpc.push(8),
+                "internal" => r.grpc.push(13),
+                "unavailable" => r.grpc.push(14),
+                // Conditions this proxy never produces; accepted so Envoy
+                // configuration runs unchanged.
+                "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure" => {}
+                other => {
+                    return Err(ConfigError::new(
+                        at,
+                        format!("unknown retry_on condition {other:?}"),
+                    ));
+                }
+            }
+        }
+        if codes_on {
+            r.statuses = p.retriable_status_codes.iter().map(|c| *c as u16).collect();
+        }
+        if let Some(b) = &p.retry_back_off {
+            if let Some(base) = b.base_interval.as_ref().map(duration) {
+                if base.is_zero() {
+                    return Err(ConfigError::new(
+                        at,
+                        "retry_back_off.base_interval must be > 0",
+                    ));
+                }
+                r.base = base;
+            }
+            r.max = b.max_interval.as_ref().map(duration).unwrap_or(r.base * 10);
+            if r.max < r.base {
+                return Err(ConfigError::new(
+                    at,
+                    "retry_back_off.max_interval is below base_interval",
+                ));
+            }
+        } else {
+            r.max = r.base * 10;
+        }
+        Ok(r)
+    }
+
+    /// Whether a response status asks for another try.
+    pub fn retry_status(&self, status: u16, headers: &HeaderMap) -> bool {
+        (self.on_5xx && status >= 500)
+            || (self.gateway_error && matches!(status, 502..=504))
+            || (self.retriable_4xx && status == 409)
+            || self.statuses.contains(&status)
+            || (!self.grpc.is_empty()
+                && headers
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+                    .is_some_and(|c| self.grpc.contains(&c)))
+    }
+
+    /// Whether a failed connect asks for another try.
+    pub fn retry_connect(&self) -> bool {
+        self.connect_failure || self.on_5xx || self.gateway_error
+    }
+
+    /// Whether a reset (or broken connection) asks for another try.
+    pub fn retry_reset(&self) -> bool {
+        self.reset || self.on_5xx || self.gateway_error
+    }
+
+    /// Backoff before retry number `n` (1-based): full jitter over an
+    /// exponentially growing window, as Envoy does.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let window = self.base.saturating_mul(1u32 << n.min(16)).min(self.max);
+        let ms = window.as_millis().max(1) as u64;
+        Duration::from_millis(fastrand::u64(0..ms))
+    }
+}
+
+/// Header edits at one level (route, virtual host, configuration).
+#[derive(Debug, Default)]
+pub struct Edits {
+    /// Request headers to add.
+    pub request_add: Vec<HeaderAdd>,
+    /// Request headers to remove.
+    pub request_remove: Vec<HeaderName>,
+    /// Response headers to add.
+    pub response_add: Vec<HeaderAdd>,
+    /// Response headers to remove.
+    pub response_remove: Vec<HeaderName>,
+}
+
+/// One header to add, with Envoy's append semantics.
+#[derive(Debug)]
+pub struct HeaderAdd {
+    name: HeaderName,
+    value: HeaderValue,
+    action: HeaderAppendAction,
+}
+
+impl Edits {
+    fn convert(
+        req_add: &[HeaderValueOption],
+        req_rm: &[String],
+        resp_add: &[HeaderValueOption],
+        resp_rm: &[String],
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        let adds = |v: &[HeaderValueOption], what: &str| -> Result<Vec<HeaderAdd>, ConfigError> {
+            v.iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    let at = format!("{at}.{what}[{i}]");
+                    let h = o
+                        .header
+                        .as_ref()
+                        .ok_or_else(|| ConfigError::new(&at, "no header"))?;
+                    let name = header_name(&h.key, &at)?;
+                    let raw = if h.raw_value.is_empty() {
+                        h.value.as_bytes()
+                    } else {
+                        &h.raw_value
+                    };
+                    let value = HeaderValue::from_bytes(raw).map_err(|_| {
+                        ConfigError::new(&at, format!("bad value for header {:?}", h.key))
+                    })?;
+                    let action = match o.append {
+                        Some(b) if b.value => HeaderAppendAction::AppendIfExistsOrAdd,
+                        Some(_) => HeaderAppendAction::OverwriteIfExistsOrAdd,
+                        None => HeaderAppendAction::try_from(o.append_action)
+                            .unwrap_or(HeaderAppendAction::AppendIfExistsOrAdd),
+                    };
+                    Ok(HeaderAdd {
+                        name,
+                        value,
+                        action,
+                    })
+                })
+                .collect()
+        };
+        let removes = |v: &[String], what: &str| -> Result<Vec<HeaderName>, ConfigError> {
+            v.iter()
+                .map(|n| {
+                    let at = format!("{at}.{what}");
+                    if n.starts_with(':') || n.eq_ignore_ascii_case("host") {
+                        return Err(ConfigError::new(&at, format!("{n:?} cannot be removed")));
+                    }
+                    header_name(n, &at)
+                })
+                .collect()
+        };
+        Ok(Edits {
+            request_add: adds(req_add, "request_headers_to_add")?,
+            request_remove: removes(req_rm, "request_headers_to_remove")?,
+            response_add: adds(resp_add, "response_headers_to_add")?,
+            response_remove: removes(resp_rm, "response_headers_to_remove")?,
+        })
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.request_add.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_add.is_empty()
+            && self.response_remove.is_empty()
+    }
+
+    /// Applies the request edits.
+    pub fn apply_request(&self, h: &mut HeaderMap) {
+        apply(h, &self.request_remove, &self.request_add);
+    }
+
+    /// Applies the response edits.
+    pub fn apply_response(&self, h: &mut HeaderMap) {
+        apply(h, &self.response_remove, &self.response_add);
+    }
+}
+
+fn apply(h: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderAdd]) {
+    for n in remove {
+        h.remove(n);
+    }
+    for a in add {
+        match a.action {
+            HeaderAppendAction::AppendIfExistsOrAdd => {
+                h.append(a.name.clone(), a.value.clone());
+            }
+            HeaderAppendAction::AddIfAbsent => {
+                if !h.contains_key(&a.name) {
+                    h.insert(a.name.clone(), a.value.clone());
+                }
+            }
+            HeaderAppendAction::OverwriteIfExistsOrAdd => {
+                h.insert(a.name.clone(), a.value.clone());
+            }
+            HeaderAppendAction::OverwriteIfExists => {
+                if h.contains_key(&a.name) {
+                    h.insert(a.name.clone(), a.value.clone());
+                }
+            }
+        }
+    }
+}
+
+fn header_name(n: &str, at: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+        .map_err(|_| ConfigError::new(at, format!("bad header name {n:?}")))
+}
+
+impl RouteTable {
+    /// Converts a route configuration; every error names the place.
+    pub fn convert(rc: &RouteConfiguration) -> Result<Self, ConfigError> {
+        let at = format!("RouteConfiguration {:?}", rc.name);
+        if rc.vhds.is_some() {
+            return Err(ConfigError::new(&at, "VHDS is not supported"));
+        }
+        if !rc.cluster_specifier_plugins.is_empty() {
+            return Err(ConfigError::new(
+                &at,
+                "cluster_specifier_plugins are not supported",
+            ));
+        }
+        let mut table = RouteTable {
+            name: rc.name.as_str().into(),
+            vhosts: Vec::with_capacity(rc.virtual_hosts.len()),
+            exact: HashMap::new(),
+            suffix: Vec::new(),
+            prefix: Vec::new(),
+            any: None,
+            ignore_port: rc.ignore_port_in_host_matching,
+            edits: Edits::convert(
+                &rc.request_headers_to_add,
+                &rc.request_headers_to_remove,
+                &rc.response_headers_to_add,
+                &rc.response_headers_to_remove,
+                &at,
+            )?,
+            clusters: Vec::new(),
+        };
+        for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+            let vat = format!("{at} virtual_hosts[{i}] ({:?})", vh.name);
+            for d in &vh.domains {
+                let d = d.to_ascii_lowercase();
+                let dup = if d == "*" {
+                    table.any.replace(i).is_some()
+                } else if let Some(s) = d.strip_prefix('*') {
+                    let dup = table.suffix.iter().any(|(x, _)| *x == s);
+                    table.suffix.push((s.to_string(), i));
+                    dup
+                } else if let Some(p) = d.strip_suffix('*') {
+                    let dup = table.prefix.iter().any(|(x, _)| *x == p);
+                    table.prefix.push((p.to_string(), i));
+                    dup
+                } else {
+                    table.exact.insert(d.clone(), i).is_some()
+                };
+                if dup {
+                    return Err(ConfigError::new(
+                        &vat,
+                        format!("domain {d:?} is used by more than one virtual host"),
+                    ));
+                }
+            }
+            table
+                .vhosts
+                .push(convert_vhost(vh, &vat, &mut table.clusters)?);
+        }
+        table
+            .suffix
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table
+            .prefix
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table.clusters.sort();
+        table.clusters.dedup();
+        Ok(table)
+    }
+
+    /// The virtual host for a `Host`/`:authority` value.
+    pub fn virtual_host(&self, authority: &str, strip_port: bool) -> Option<&VirtualHost> {
+        let mut host = authority;
+        if strip_port || self.ignore_port {
+            host = strip_host_port(host);
+        }
+        let lowered;
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            host = &lowered;
+        }
+        let i = self
+            .exact
+            .get(host)
+            .copied()
+            .or_else(|| {
+                self.suffix
+                    .iter()
+                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+                    .map(|x| x.1)
+            })
+            .or_else(|| {
+                self.prefix
+                    .iter()
+                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
+                    .map(|x| x.1)
+            })
+            .or(self.any)?;
+        self.vhosts.get(i)
+    }
+}
+
+/// `host:port` → `host`, leaving IPv6 literals intact.
+fn strip_host_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.find(']').map_or(h, |e| &h[..=e]);
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+fn convert_vhost(
+    vh: &PbVirtualHost,
+    at: &str,
+    clusters: &mut Vec<Arc<str>>,
+) -> Result<VirtualHost, ConfigError> {
+    if vh.matcher.is_some() {
+        return Err(ConfigError::new(
+            at,
+            "the matcher tree is not supported; use routes",
+        ));
+    }
+    let retry = vh
+        .retry_policy
+        .as_ref()
+        .map(|p| RetryPolicy::convert(p, at))
+        .transpose()?
+        .map(Arc::new);
+    let routes = vh
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            convert_route(
+                r,
+                &format!("{at} routes[{i}] ({:?})", r.name),
+                retry.as_ref(),
+                clusters,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(VirtualHost {
+        name: vh.name.as_str().into(),
+        routes,
+        edits: Edits::convert(
+            &vh.request_headers_to_add,
+            &vh.request_headers_to_remove,
+            &vh.response_headers_to_add,
+            &vh.response_headers_to_remove,
+            at,
+        )?,
+    })
+}
+
+fn convert_route(
+    r: &PbRoute,
+    at: &str,
+    vh_retry: Option<&Arc<RetryPolicy>>,
+    clusters: &mut Vec<Arc<str>>,
+) -> Result<Route, ConfigError> {
+    let m = r
+        .r#match
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(at, "route has no match"))?;
+    let case_sensitive = m.case_sensitive.is_none_or(|b| b.value);
+    let fold = |s: &String| {
+        if case_sensitive {
+            s.clone()
+        } else {
+            s.to_ascii_lowercase()
+        }
+    };
+    let path = match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(fold(p)),
+        Some(PathSpecifier::Path(p)) => PathMatch::Exact(fold(p)),
+        Some(PathSpecifier::SafeRegex(re)) => {
+            let mut re = re.clone();
+            if !case_sensitive {
+                re.regex = format!("(?i:{})", re.regex);
+            }
+            PathMatch::Regex(full_regex(&re, at)?)
+        }
+        Some(PathSpecifier::PathSeparatedPrefix(p)) => {
+            if p.ends_with('/') || p.contains(['?', '#']) {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "path_separated_prefix {p:?} must not end in '/' or contain '?' or '#'"
+                    ),
+                ));
+            }
+            PathMatch::SeparatedPrefix(fold(p))
+        }
+        Some(PathSpecifier::ConnectMatcher(_)) => {
+            return Err(ConfigError::new(at, "CONNECT matching is not supported"))
+        }
+        Some(PathSpecifier::PathMatchPolicy(p)) => {
+            return Err(ConfigError::new(
+                at,
+                format!("path_match_policy {:?} is not supported", p.name),
+            ))
+        }
+        None => return Err(ConfigError::new(at, "route match has no path specifier")),
+    };
+    if !m.cookies.is_empty() || !m.dynamic_metadata.is_empty() || !m.filter_state.is_empty() {
+        return Err(ConfigError::new(
+            at,
+            "cookie, dynamic metadata and filter state matchers are not supported",
+        ));
+    }
+    let matcher = RouteMatcher {
+        path,
+        case_sensitive,
+        headers: m
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| HeaderMatch::compile(h, &format!("{at}.match.headers[{i}]")))
+            .collect::<Result<_, _>>()?,
+        query: m
+            .query_parameters
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueryMatch::compile(q, &format!("{at}.match.query_parameters[{i}]")))
+            .collect::<Result<_, _>>()?,
+        grpc: m.grpc.is_some(),
+    };
+    let action = match &r.action {
+        Some(Action::Route(a)) => {
+            let cluster_choice = match &a.cluster_specifier {
+                Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => {
+                    let c: Arc<str> = c.as_str().into();
+                    clusters.push(c.clone());
+                    ClusterChoice::One(c)
+                }
+                Some(ClusterSpecifier::ClusterHeader(h)) => {
+                    ClusterChoice::Header(header_name(h, at)?)
+                }
+                Some(ClusterSpecifier::WeightedClusters(w)) => {
+                    let mut v = Vec::new();
+                    let mut total = 0u32;
+                    for (i, c) in w.clusters.iter().enumerate() {
+                        if c.name.is_empty() {
+                            return Err(ConfigError::new(at, format!("weighted_clusters.clusters[{i}] has no name (cluster_header is not supported)")));
+                        }
+                        let weight = c.weight.as_ref().map_or(0, |w| w.value);
+                        total = total
+                            .checked_add(weight)
+                            .ok_or_else(|| ConfigError::new(at, "weights overflow"))?;
+                        let name: Arc<str> = c.name.as_str().into();
+                        clusters.push(name.clone());
+                        v.push((name, weight));
+                    }
+                    if total == 0 {
+                        return Err(ConfigError::new(
+                            at,
+                            "weighted_clusters: the weights sum to 0",
+                        ));
+                    }
+                    ClusterChoice::Weighted(v, total)
+                }
+                Some(_) | None => return Err(ConfigError::new(
+                    at,
+                    "route action names no cluster (cluster specifier plugins are not supported)",
+                )),
+            };
+            let host_rewrite = match &a.host_rewrite_specifier {
+                None => HostRewrite::Keep,
+                Some(HostRewriteSpecifier::HostRewriteLiteral(h)) => {
+                    HostRewrite::Literal(HeaderValue::from_str(h).map_err(|_| {
+                        ConfigError::new(at, format!("bad host_rewrite_literal {h:?}"))
+                    })?)
+                }
+                Some(HostRewriteSpecifier::AutoHostRewrite(b)) if b.value => HostRewrite::Auto,
+                Some(HostRewriteSpecifier::AutoHostRewrite(_)) => HostRewrite::Keep,
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        at,
+                        "only host_rewrite_literal and auto_host_rewrite are supported",
+                    ))
+                }
+            };
+            if a.path_rewrite_policy.is_some() {
+                return Err(ConfigError::new(at, "path_rewrite_policy is not supported"));
+            }
+            let hash = a
+                .hash_policy
+                .iter()
+                .filter_map(|h| match &h.policy_specifier {
+                    Some(PolicySpecifier::Header(h)) => {
+                        Some(header_name(&h.header_name, at).map(HashPolicy::Header))
+                    }
+                    Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => {
+                        Some(Ok(HashPolicy::SourceIp))
+                    }
+                    Some(PolicySpecifier::Cookie(c)) => {
+                        Some(Ok(HashPolicy::Cookie(c.name.clone())))
+                    }
+                    Some(PolicySpecifier::QueryParameter(q)) => {
+                        Some(Ok(HashPolicy::Query(q.name.clone())))
+                    }
+                    _ => None,
+                })
+                .collect::<Result<_, _>>()?;
+            let retry = match &a.retry_policy {
+                Some(p) => Some(Arc::new(RetryPolicy::convert(p, at)?)),
+                None => vh_retry.cloned(),
+            };
+            RouteAction::Forward(Box::new(Forward {
+                clusters: cluster_choice,
+                prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
+                regex_rewrite: a
+                    .regex_rewrite
+                    .as_ref()
+                    .map(|s| Substitution::compile(s, at))
+                    .transpose()?,
+                host_rewrite,
+                // Envoy's default route timeout is 15 s; 0 disables it.
+                timeout: match &a.timeout {
+                    None => Some(Duration::from_secs(15)),
+                    Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+                },
+                retry,
+                hash,
+                websocket: a.upgrade_configs.iter().any(|u| {
+                    u.upgrade_type.eq_ignore_ascii_case("websocket")
+                        && u.enabled.is_none_or(|e| e.value)
+                }),
+            }))
+        }
+        Some(Action::Redirect(rd)) => {
+            let status = match RedirectResponseCode::try_from(rd.response_code)
+                .unwrap_or(RedirectResponseCode::MovedPermanently)
+            {
+                RedirectResponseCode::MovedPermanently => 301,
+                RedirectResponseCode::Found => 302,
+                RedirectResponseCode::SeeOther => 303,
+                RedirectResponseCode::TemporaryRedirect => 307,
+                RedirectResponseCode::PermanentRedirect => 308,
+            };
+            let mut redirect = Redirect {
+                status: http::StatusCode::from_u16(status)
+                    .unwrap_or(http::StatusCode::MOVED_PERMANENTLY),
+                scheme: match &rd.scheme_rewrite_specifier {
+                    Some(SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
+                    Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
+                    _ => None,
+                },
+                host: (!rd.host_redirect.is_empty()).then(|| rd.host_redirect.clone()),
+                port: (rd.port_redirect != 0).then_some(rd.port_redirect as u16),
+                path: None,
+                prefix: None,
+                regex: None,
+                strip_query: rd.strip_query,
+            };
+            match &rd.path_rewrite_specifier {
+                Some(PathRewriteSpecifier::PathRedirect(p)) => redirect.path = Some(p.clone()),
+                Some(PathRewriteSpecifier::PrefixRewrite(p)) => redirect.prefix = Some(p.clone()),
+                Some(PathRewriteSpecifier::RegexRewrite(s)) => {
+                    redirect.regex = Some(Substitution::compile(s, at)?)
+                }
+                Some(PathRewriteSpecifier::PathRewrite(_)) => {
+                    return Err(ConfigError::new(
+                        at,
+                        "redirect path_rewrite is not supported",
+                    ))
+                }
+                None => {}
+            }
+            RouteAction::Redirect(redirect)
+        }
+        Some(Action::DirectResponse(d)) => {
+            let status = u16::try_from(d.status)
+                .ok()
+                .and_then(|s| http::StatusCode::from_u16(s).ok())
+                .filter(|s| s.as_u16() >= 200)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        at,
+                        format!(
+                            "direct_response status {} is not a valid final status",
+                            d.status
+                        ),
+                    )
+                })?;
+            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => Bytes::new(),
+                Some(data_source::Specifier::InlineString(s)) => Bytes::from(s.clone()),
+                Some(data_source::Specifier::InlineBytes(b)) => Bytes::from(b.clone()),
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        at,
+                        "direct_response body must be inline (inline_string or inline_bytes)",
+                    ))
+                }
+            };
+            RouteAction::Direct { status, body }
+        }
+        Some(other) => {
+            let what = match other {
+                Action::FilterAction(_) => "filter_action",
+                Action::NonForwardingAction(_) => "non_forwarding_action",
+                _ => "this action",
+            };
+            return Err(ConfigError::new(at, format!("{what} is not supported")));
+        }
+        None => return Err(ConfigError::new(at, "route has no action")),
+    };
+    Ok(Route {
+        name: r.name.as_str().into(),
+        matcher,
+        action,
+        edits: Edits::convert(
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+            at,
+        )?,
+    })
+}
+
+impl VirtualHost {
+    /// The first route matching the request.
+    pub fn find(&self, req: &RequestHead<'_>) -> Option<&Route> {
+        let (path, query) = match req.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (req.path, None),
+        };
+        self.routes
+            .iter()
+            .find(|r| r.matcher.matches(req.path, path, query, req))
+    }
+}
+
+impl RouteMatcher {
+    fn matches(&self, full: &str, path: &str, query: Option<&str>, req: &RequestHead<'_>) -> bool {
+        let lowered;
+        let (full, path) = if self.case_sensitive {
+            (full, path)
+        } else {
+            lowered = full.to_ascii_lowercase();
+            (lowered.as_str(), &lowered[..path.len()])
+        };
+        let path_ok = match &self.path {
+            // Envoy's prefix compares against the whole :path, query included.
+            PathMatch::Prefix(p) => full.starts_with(p.as_str()),
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::SeparatedPrefix(p) => {
+                path.starts_with(p.as_str())
+                    && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+            }
+        };
+        path_ok
+            && (!self.grpc
+                || req
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")))
+            && self.headers.iter().all(|h| h.matches(req))
+            && self.query.iter().all(|q| q.matches(query))
+    }
+}
+
+impl Route {
+    /// The length of the prefix this route matched, for `prefix_rewrite`
+    /// (Envoy replaces exactly the matched prefix, or the whole path for
+    /// exact and regex matches).
+    pub fn matched_prefix_len(&self, path: &str) -> usize {
+        match &self.matcher.path {
+            PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) => p.len(),
+            PathMatch::Exact(_) | PathMatch::Regex(_) => path.split('?').next().map_or(0, str::len),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::envoy::config::route::v3::{RouteAction as PbRouteAction, RouteMatch};
+
+    fn route(p: PathSpecifier, cluster: &str) -> PbRoute {
+        PbRoute {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(p),
+                ..Default::default()
+            }),
+            action: Some(Action::Route(PbRouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn table(vhosts: Vec<(Vec<&str>, Vec<PbRoute>)>) -> RouteTable {
+        RouteTable::convert(&RouteConfiguration {
+            name: "t".into(),
+            virtual_hosts: vhosts
+                .into_iter()
+                .enumerate()
+                .map(|(i, (d, routes))| PbVirtualHost {
+                    name: format!("vh{i}"),
+                    domains: d.into_iter().map(String::from).collect(),
+                    routes,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .expect("converts")
+    }
+
+    #[test]
+    fn virtual_hosts_follow_envoy_precedence() {
+        let t = table(vec![
+            (vec!["*"], vec![]),
+            (vec!["api.example.com"], vec![]),
+            (vec!["*.example.com"], vec![]),
+            (vec!["*.b.example.com"], vec![]),
+            (vec!["api.*"], vec![]),
+        ]);
+        let name = |h: &str| t.virtual_host(h, true).map(|v| v.name.to_string());
+        assert_eq!(name("api.example.com:8080").as_deref(), Some("vh1"));
+        assert_eq!(name("API.Example.com").as_deref(), Some("vh1"));
+        assert_eq!(name("x.b.example.com").as_deref(), Some("vh3"));
+        assert_eq!(name("x.example.com").as_deref(), Some("vh2"));
+        assert_eq!(name("api.other.org").as_deref(), Some("vh4"));
+        assert_eq!(name("other.org").as_deref(), Some("vh0"));
+        assert_eq!(
+            name(".example.com").as_deref(),
+            Some("vh0"),
+            "a wildcard matches at least one character"
+        );
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_separated_prefix_respects_segments() {
+        let t = table(vec![(
+            vec!["*"],
+            vec![
+                route(PathSpecifier::Path("/a".into()), "exact"),
+                route(PathSpecifier::PathSeparatedPrefix("/a".into()), "sep"),
+                route(
+                    PathSpecifier::SafeRegex(
+                        portico_proto::envoy::r#type::matcher::v3::RegexMatcher {
+                            regex: "/r/[0-9]+".into(),
+                            ..Default::default()
+                        },
+                    ),
+                    "re",
+                ),
+                route(PathSpecifier::Prefix("/".into()), "all"),
+            ],
+        )]);
+        let vh = t.virtual_host("x", true).expect("vhost");
+        let h = HeaderMap::new();
+        let c = |p: &str| match &vh
+            .find(&RequestHead {
+                method: "GET",
+                path: p,
+                authority: "x",
+                scheme: "http",
+                headers: &h,
+            })
+            .expect("route")
+            .action
+        {
+            RouteAction::Forward(f) => match &f.clusters {
+                ClusterChoice::One(c) => c.to_string(),
+                _ => unreachable!(),
+            },
+            _ => unreachable!(),
+        };
+        assert_eq!(c("/a"), "exact");
+        assert_eq!(c("/a?x=1"), "exact");
+        assert_eq!(c("/a/b"), "sep");
+        assert_eq!(c("/ab"), "all");
+        assert_eq!(c("/r/12"), "re");
+        assert_eq!(c("/r/12x"), "all");
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let mut r = route(
+            PathSpecifier::SafeRegex(portico_proto::envoy::r#type::matcher::v3::RegexMatcher {
+                regex: "(".into(),
+                ..Default::default()
+            }),
+            "c",
+        );
+        r.name = "broken".into();
+        let err = RouteTable::convert(&RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![PbVirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![r],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .expect_err("bad regex");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"rc\"") && msg.contains("\"broken\"") && msg.contains("bad regex"),
+            "{msg}"
+        );
+    }
+}

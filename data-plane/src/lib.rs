@@ -1,0 +1,20 @@
+//! `portico-dp`: Portico's data plane, a reverse proxy that takes all of its
+//! configuration from an xDS control plane (Portico's or any other that
+//! speaks Envoy's v3 API) and runs it with Envoy's semantics.
+//!
+//! - [`xds`] follows the ADS stream and applies updates atomically;
+//! - [`config`] converts Envoy resources into immutable types once;
+//! - [`snapshot`] holds the running configuration, swapped whole;
+//! - [`proxy`] runs listeners and the request path;
+//! - [`upstream`] holds clusters, endpoints, pools and load balancing;
+//! - [`admin`], [`stats`] and [`access_log`] are for the operator.
+
+pub mod access_log;
+pub mod admin;
+pub mod bootstrap;
+pub mod config;
+pub mod proxy;
+pub mod snapshot;
+pub mod stats;
+pub mod upstream;
+pub mod xds;

@@ -1,0 +1,117 @@
+//! `portico-dp`: the data-plane proxy binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use portico_dp::bootstrap::Bootstrap;
+use portico_dp::snapshot::Shared;
+use portico_dp::xds::client::{node, Client, ClientConfig};
+
+/// Portico's data plane: a proxy configured only by xDS.
+#[derive(Parser, Debug)]
+#[command(name = "portico-dp", version)]
+struct Args {
+    /// Envoy bootstrap file (node, ads_config, the xDS cluster, admin).
+    #[arg(long)]
+    bootstrap: Option<PathBuf>,
+    /// xDS server, host:port (overrides the bootstrap).
+    #[arg(long, env = "PORTICO_XDS")]
+    xds: Option<String>,
+    /// Node id (overrides the bootstrap).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Node group, sent as node.cluster (overrides the bootstrap).
+    #[arg(long)]
+    node_group: Option<String>,
+    /// Use SotW ADS instead of Delta.
+    #[arg(long)]
+    sotw: bool,
+    /// Admin listener address (default 127.0.0.1:9901; port 0 picks one).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Write the admin listener's bound address to this file.
+    #[arg(long)]
+    admin_address_path: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Keep the last good configuration here and boot from it when the
+    /// control plane is unreachable.
+    #[arg(long)]
+    config_cache: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PORTICO_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let boot = match &args.bootstrap {
+        Some(p) => Some(Bootstrap::load(p)?),
+        None => None,
+    };
+    let server = args
+        .xds
+        .clone()
+        .or_else(|| boot.as_ref().map(|b| b.xds_server.clone()));
+    let id = args
+        .node_id
+        .clone()
+        .or_else(|| boot.as_ref().map(|b| b.node_id.clone()));
+    let group = args
+        .node_group
+        .clone()
+        .or_else(|| boot.as_ref().map(|b| b.node_cluster.clone()));
+    let (Some(server), Some(id), Some(group)) = (server, id, group) else {
+        bail!("need --xds, --node-id and --node-group (or --bootstrap FILE)");
+    };
+    let delta = !args.sotw && boot.as_ref().is_none_or(|b| b.delta);
+    let admin_addr = args
+        .admin_listen
+        .or(boot.as_ref().and_then(|b| b.admin))
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901)));
+
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("worker")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let shared = Arc::new(Shared::default());
+    let admin = portico_dp::admin::start(admin_addr, shared.clone())
+        .with_context(|| format!("admin listener on {admin_addr}"))?;
+    tracing::info!(%admin, "admin listening");
+    if let Some(p) = &args.admin_address_path {
+        std::fs::write(p, admin.to_string()).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let cfg = ClientConfig {
+        server,
+        node: node(&id, &group),
+        delta,
+        cache: args.config_cache.clone(),
+    };
+    tracing::info!(node = %id, group = %group, server = %cfg.server, delta, workers, "starting");
+    rt.block_on(async move {
+        tokio::spawn(Client::new(cfg, shared).run());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The downstream response body: upstream bytes streamed through, or a
+//! local reply. It carries the request's guard, which on the last byte
+//! returns the upstream connection to its pool and, when dropped, releases
+//! counters and writes the access log line.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::access_log::{Record, Sink};
+use crate::stats::Stats;
+use crate::upstream::pool::Lease;
+use crate::upstream::{Cluster, Endpoint};
+
+/// A response body with its request's bookkeeping.
+pub struct ResponseBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    guard: Guard,
+}
+
+/// What a request holds until its response is done.
+pub struct Guard {
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) upstream: Option<Upstream>,
+    pub(crate) log: Option<Box<(Vec<Sink>, Record, Instant)>>,
+    pub(crate) bytes: u64,
+    pub(crate) ended: bool,
+}
+
+/// The endpoint and connection serving a request.
+pub struct Upstream {
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) endpoint: Arc<Endpoint>,
+    pub(crate) lease: Option<Lease>,
+}
+
+impl Guard {
+    /// A guard for a new request.
+    pub fn new(stats: Arc<Stats>) -> Self {
+        stats.downstream_rq_active.fetch_add(1, Relaxed);
+        Guard {
+            stats,
+            upstream: None,
+            log: None,
+            bytes: 0,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.endpoint.active.fetch_sub(1, Relaxed);
+        self.cluster.active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stats.downstream_rq_active.fetch_sub(1, Relaxed);
+        if let Some(mut up) = self.upstream.take() {
+            if let Some(lease) = up.lease.take() {
+                if self.ended {
+                    up.endpoint.pool.release(lease);
+                }
+            }
+        }
+        if let Some(b) = self.log.take() {
+            let (sinks, mut rec, start) = *b;
+            rec.bytes_sent = self.bytes;
+            rec.duration = start.elapsed().as_millis() as u64;
+            if !self.ended && rec.response_flags.is_empty() {
+                rec.response_flags = "DC".into(); // downstream went away mid-response
+            }
+            for s in &sinks {
+                s.write(&rec, &self.stats);
+            }
+        }
+    }
+}
+
+impl ResponseBody {
+    /// An upstream body.
+    pub fn upstream(body: Incoming, guard: Guard) -> Self {
+        let mut b = ResponseBody {
+            inner: Either::Left(body),
+            guard,
+        };
+        b.guard.ended = b.inner.is_end_stream();
+        b
+    }
+
+    /// A local body.
+    pub fn local(body: Bytes, mut guard: Guard) -> Self {
+        guard.ended = true;
+        guard.bytes = body.len() as u64;
+        ResponseBody {
+            inner: Either::Right(Full::new(body)),
+            guard,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some(d), Either::Left(_)) = (f.data_ref(), &this.inner) {
+                    this.guard.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.guard.ended = true;
+                }
+            }
+            None => this.guard.ended = true,
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

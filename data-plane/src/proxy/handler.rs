@@ -1,0 +1,684 @@
+//! One request through the gateway: find the route, then answer locally or
+//! forward to a cluster with retries and timeouts (Envoy's router filter).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{Guard, ResponseBody, Upstream};
+use super::ListenerRuntime;
+use crate::access_log::Record;
+use crate::config::listener::Routes;
+use crate::config::matcher::RequestHead;
+use crate::config::route::{
+    ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, Route, RouteAction, RouteTable,
+    VirtualHost,
+};
+use crate::snapshot::{Shared, Snapshot};
+use crate::upstream::lb::hash64;
+use crate::upstream::pool::{ReqBody, SendError};
+use crate::upstream::{is_hashing, Cluster};
+
+/// Request bodies up to this size are buffered when a retry policy may
+/// need to send them again (Envoy's per-request buffer limit).
+const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// What a connection's requests share.
+pub struct Conn {
+    /// Proxy-wide state.
+    pub shared: Arc<Shared>,
+    /// The listener, updated in place when its config changes.
+    pub listener: Arc<ArcSwap<ListenerRuntime>>,
+    /// The client.
+    pub peer: SocketAddr,
+}
+
+/// A request's outcome before it becomes a response.
+struct Local {
+    status: StatusCode,
+    body: &'static str,
+    flags: &'static str,
+}
+
+fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Local {
+    Local {
+        status,
+        body,
+        flags,
+    }
+}
+
+/// Serves one request; never fails (errors become local replies).
+pub async fn handle(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let shared = &conn.shared;
+    shared.stats.downstream_rq_total.fetch_add(1, Relaxed);
+    let lr = conn.listener.load_full();
+    let mut guard = Guard::new(shared.stats.clone());
+    if !lr.sinks.is_empty() {
+        guard.log = Some(Box::new((
+            lr.sinks.clone(),
+            record(&req, conn.peer),
+            Instant::now(),
+        )));
+    }
+    let snap = shared.snapshot.load_full();
+    let resp = match route_request(&conn, &lr, &snap, req, &mut guard).await {
+        Ok(resp) => resp,
+        Err(l) => {
+            if let Some(b) = guard.log.as_mut() {
+                b.1.response_flags = l.flags.into();
+            }
+            local_reply(l.status, l.body)
+        }
+    };
+    let status = resp.status().as_u16();
+    shared.stats.count_status(status);
+    if let Some(b) = guard.log.as_mut() {
+        b.1.response_code = status;
+    }
+    let (parts, body) = resp.into_parts();
+    let body = match body {
+        Either::Left(incoming) => ResponseBody::upstream(incoming, guard),
+        Either::Right(bytes) => ResponseBody::local(bytes, guard),
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+type Out = Response<Either<Incoming, Bytes>>;
+
+fn local_reply(status: StatusCode, body: &'static str) -> Out {
+    let mut r = Response::new(Either::Right(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    r
+}
+
+fn record(req: &Request<Incoming>, peer: SocketAddr) -> Record {
+    let h = req.headers();
+    let s = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    Record {
+        start_time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        method: req.method().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned(),
+        protocol: if req.version() == Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        },
+        bytes_received: h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0),
+        x_forwarded_for: s(&header::FORWARDED).or_else(|| {
+            h.get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        }),
+        user_agent: s(&header::USER_AGENT),
+        request_id: h
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        authority: authority(req).unwrap_or_default().to_owned(),
+        downstream_remote_address: peer.to_string(),
+        ..Default::default()
+    }
+}
+
+fn authority(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })
+}
+
+async fn route_request(
+    conn: &Conn,
+    lr: &ListenerRuntime,
+    snap: &Snapshot,
+    req: Request<Incoming>,
+    guard: &mut Guard,
+) -> Result<Out, Local> {
+    let stats = &conn.shared.stats;
+    // Both framing headers on one HTTP/1.1 request is how requests are
+    // smuggled past a proxy; refuse it (hyper then closes the connection).
+    if req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(local(
+            StatusCode::BAD_REQUEST,
+            "both content-length and transfer-encoding\n",
+            "DPE",
+        ));
+    }
+    let Some(host) = authority(&req) else {
+        return Err(local(
+            StatusCode::BAD_REQUEST,
+            "missing host header\n",
+            "DPE",
+        ));
+    };
+    let table: &RouteTable = match &lr.config.routes {
+        Routes::Inline(t) => t,
+        Routes::Rds(name) => match snap.routes.get(name) {
+            Some(t) => t,
+            None => {
+                stats.no_route.fetch_add(1, Relaxed);
+                return Err(local(StatusCode::NOT_FOUND, "", "NR"));
+            }
+        },
+    };
+    let Some(vh) = table.virtual_host(host, lr.config.strip_port) else {
+        stats.no_route.fetch_add(1, Relaxed);
+        return Err(local(StatusCode::NOT_FOUND, "", "NR"));
+    };
+    let head = RequestHead {
+        method: req.method().as_str(),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        authority: host,
+        scheme: "http",
+        headers: req.headers(),
+    };
+    let Some(route) = vh.find(&head) else {
+        stats.no_route.fetch_add(1, Relaxed);
+        return Err(local(StatusCode::NOT_FOUND, "", "NR"));
+    };
+    if let Some(b) = guard.log.as_mut() {
+        b.1.route_name = route.name.to_string();
+    }
+    let mut resp = match &route.action {
+        RouteAction::Direct { status, body } => {
+            let mut r = Response::new(Either::Right(body.clone()));
+            *r.status_mut() = *status;
+            if !body.is_empty() {
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            r
+        }
+        RouteAction::Redirect(rd) => redirect(rd, route, &req, host),
+        RouteAction::Forward(fwd) => {
+            forward(conn, lr, snap, table, vh, route, fwd, req, guard).await?
+        }
+    };
+    route.edits.apply_response(resp.headers_mut());
+    vh.edits.apply_response(resp.headers_mut());
+    table.edits.apply_response(resp.headers_mut());
+    Ok(resp)
+}
+
+fn redirect(rd: &Redirect, route: &Route, req: &Request<Incoming>, host: &str) -> Out {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let (path, query) = pq.split_once('?').map_or((pq, None), |(p, q)| (p, Some(q)));
+    let mut new_path = if let Some(p) = &rd.path {
+        p.clone()
+    } else if let Some(prefix) = &rd.prefix {
+        let n = route.matched_prefix_len(path).min(path.len());
+        format!("{prefix}{}", &path[n..])
+    } else if let Some(re) = &rd.regex {
+        re.apply(path)
+    } else {
+        path.to_owned()
+    };
+    if let (Some(q), false, false) = (query, rd.strip_query, new_path.contains('?')) {
+        new_path = format!("{new_path}?{q}");
+    }
+    let scheme = rd.scheme.as_deref().unwrap_or("http");
+    let (h, port) = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+        _ => (host, None),
+    };
+    let h = rd.host.as_deref().unwrap_or(h);
+    let port = rd.port.map(|p| p.to_string()).or(if rd.scheme.is_some() {
+        None
+    } else {
+        port.map(str::to_owned)
+    });
+    let location = match port {
+        Some(p) => format!("{scheme}://{h}:{p}{new_path}"),
+        None => format!("{scheme}://{h}{new_path}"),
+    };
+    let mut r = Response::new(Either::Right(Bytes::new()));
+    *r.status_mut() = rd.status;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// Headers that describe one hop and never travel past the proxy.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(c) = h.get(header::CONNECTION).cloned() {
+        if let Ok(c) = c.to_str() {
+            for name in c.split(',').map(str::trim) {
+                if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
+                    if let Ok(n) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                        h.remove(n);
+                    }
+                }
+            }
+        }
+    }
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+fn pick_cluster<'a>(
+    snap: &'a Snapshot,
+    fwd: &Forward,
+    headers: &HeaderMap,
+) -> Option<&'a Arc<Cluster>> {
+    let name: &str = match &fwd.clusters {
+        ClusterChoice::One(c) => c,
+        ClusterChoice::Weighted(list, total) => {
+            let mut x = fastrand::u32(..*total);
+            let mut chosen = &list[0].0;
+            for (c, w) in list {
+                if x < *w {
+                    chosen = c;
+                    break;
+                }
+                x -= w;
+            }
+            chosen
+        }
+        ClusterChoice::Header(h) => headers.get(h)?.to_str().ok()?,
+    };
+    snap.clusters.get(name)
+}
+
+fn request_hash(fwd: &Forward, req: &Request<Incoming>, peer: SocketAddr) -> Option<u64> {
+    for p in &fwd.hash {
+        let v = match p {
+            HashPolicy::Header(h) => req.headers().get(h).map(|v| hash64(v.as_bytes())),
+            HashPolicy::SourceIp => Some(hash64(peer.ip())),
+            HashPolicy::Cookie(name) => req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| kv.trim().strip_prefix(name.as_str())?.strip_prefix('='))
+                .map(hash64),
+            HashPolicy::Query(q) => req
+                .uri()
+                .query()
+                .and_then(|qs| {
+                    qs.split('&')
+                        .find_map(|kv| kv.strip_prefix(q.as_str())?.strip_prefix('='))
+                })
+                .map(hash64),
+        };
+        if v.is_some() {
+            return v;
+        }
+    }
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    conn: &Conn,
+    lr: &ListenerRuntime,
+    snap: &Snapshot,
+    table: &RouteTable,
+    vh: &VirtualHost,
+    route: &Route,
+    fwd: &Forward,
+    mut req: Request<Incoming>,
+    guard: &mut Guard,
+) -> Result<Out, Local> {
+    let stats = &conn.shared.stats;
+    let Some(cluster) = pick_cluster(snap, fwd, req.headers()) else {
+        stats.no_cluster.fetch_add(1, Relaxed);
+        return Err(local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster not found\n",
+            "NC",
+        ));
+    };
+    if let Some(b) = guard.log.as_mut() {
+        b.1.upstream_cluster = cluster.config.name.to_string();
+    }
+    let hash = if is_hashing(cluster) {
+        request_hash(fwd, &req, conn.peer)
+    } else {
+        None
+    };
+    let upgrade = req.version() == Version::HTTP_11
+        && (fwd.websocket || lr.config.websocket)
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    // The request as it goes upstream.
+    let authority = authority(&req).unwrap_or_default().to_owned();
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let new_pq = rewrite_path(fwd, route, pq);
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers, upgrade);
+    if !cluster.config.http2 {
+        headers.remove(header::TE);
+    }
+    if lr.config.use_remote_address {
+        let ip = conn.peer.ip().to_string();
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", v);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-request-id") {
+        let id = format!("{:032x}", fastrand::u128(..));
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            headers.insert("x-request-id", v);
+        }
+    }
+    let mut host_value = match &fwd.host_rewrite {
+        HostRewrite::Literal(v) => Some(v.clone()),
+        HostRewrite::Keep | HostRewrite::Auto => HeaderValue::from_str(&authority).ok(),
+    };
+    route.edits.apply_request(&mut headers);
+    vh.edits.apply_request(&mut headers);
+    table.edits.apply_request(&mut headers);
+    headers.remove(header::HOST);
+
+    // Retries need the body again; buffer it when it is small.
+    let retry = fwd.retry.as_deref();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut body = Some(body);
+    let mut buffered: Option<Bytes> = None;
+    let empty = body.as_ref().is_some_and(http_body::Body::is_end_stream);
+    if empty {
+        buffered = Some(Bytes::new());
+        body = None;
+    } else if retry.is_some() && declared.is_some_and(|n| n <= RETRY_BUFFER_LIMIT) {
+        let b = body.take().expect("body present");
+        match Limited::new(b, RETRY_BUFFER_LIMIT as usize).collect().await {
+            Ok(c) => buffered = Some(c.to_bytes()),
+            Err(_) => {
+                return Err(local(
+                    StatusCode::BAD_REQUEST,
+                    "request body could not be read\n",
+                    "DPE",
+                ))
+            }
+        }
+    }
+
+    let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+    let max_tries = 1 + if body.is_none() {
+        retry.map_or(0, |r| r.num_retries)
+    } else {
+        0
+    };
+    let mut last_ep: Option<Arc<crate::upstream::Endpoint>> = None;
+    let mut failure = local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no healthy upstream\n",
+        "UH",
+    );
+    let started = Instant::now();
+    for attempt in 0..max_tries {
+        if attempt > 0 {
+            // Retries are bounded by the cluster's retry budget too.
+            if cluster.retries.load(Relaxed) >= cluster.config.limits.max_retries {
+                break;
+            }
+            stats.upstream_rq_retry.fetch_add(1, Relaxed);
+            cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+            if let Some(r) = retry {
+                cluster.retries.fetch_add(1, Relaxed);
+                tokio::time::sleep(r.backoff(attempt)).await;
+                cluster.retries.fetch_sub(1, Relaxed);
+            }
+        }
+        let Some(ep) = cluster.pick(hash, last_ep.as_deref()) else {
+            stats.no_healthy_upstream.fetch_add(1, Relaxed);
+            failure = local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream\n",
+                "UH",
+            );
+            break;
+        };
+        if cluster.active.load(Relaxed) >= cluster.config.limits.max_requests {
+            cluster.stats.rq_overflow.fetch_add(1, Relaxed);
+            failure = local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n", "UO");
+            break;
+        }
+        cluster.active.fetch_add(1, Relaxed);
+        ep.active.fetch_add(1, Relaxed);
+        let upstream = Upstream {
+            cluster: cluster.clone(),
+            endpoint: ep.clone(),
+            lease: None,
+        };
+        if let Some(b) = guard.log.as_mut() {
+            b.1.upstream_host = Some(ep.addr.to_string());
+        }
+        if let HostRewrite::Auto = fwd.host_rewrite {
+            host_value = HeaderValue::from_str(&ep.addr.to_string()).ok();
+        }
+        let mut builder = Request::builder().method(parts.method.clone());
+        builder = if cluster.config.http2 {
+            let auth = host_value
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("localhost");
+            builder
+                .uri(format!("http://{auth}{new_pq}"))
+                .version(Version::HTTP_2)
+        } else {
+            builder.uri(new_pq.as_str())
+        };
+        let up_body: ReqBody = match (&buffered, body.take()) {
+            (Some(b), _) => Either::Right(Full::new(b.clone())),
+            (None, Some(b)) => Either::Left(b),
+            (None, None) => break, // streamed body already spent
+        };
+        let Ok(mut up_req) = builder.body(up_body) else {
+            return Err(local(StatusCode::BAD_REQUEST, "bad request path\n", "DPE"));
+        };
+        *up_req.headers_mut() = headers.clone();
+        if !cluster.config.http2 {
+            if let Some(h) = &host_value {
+                up_req.headers_mut().insert(header::HOST, h.clone());
+            }
+        }
+        cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
+
+        if let Some(down) = down_upgrade {
+            return websocket(cluster, upstream, up_req, down, guard).await;
+        }
+
+        let per_try = retry
+            .and_then(|r| r.per_try_timeout)
+            .map(|t| tokio::time::Instant::now() + t);
+        let try_deadline = match (deadline, per_try) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent = match try_deadline {
+            Some(d) => tokio::time::timeout_at(d, ep.pool.send(up_req)).await,
+            None => Ok(ep.pool.send(up_req).await),
+        };
+        let more = attempt + 1 < max_tries;
+        match sent {
+            Ok(Ok((resp, lease))) => {
+                let status = resp.status().as_u16();
+                cluster.stats.count_status(status);
+                cluster.observe(&ep, Some(status));
+                if more && retry.is_some_and(|r| r.retry_status(status, resp.headers())) {
+                    last_ep = Some(ep);
+                    failure = local(StatusCode::BAD_GATEWAY, "", "URX");
+                    drop((resp, lease, upstream));
+                    continue;
+                }
+                if let Some(b) = guard.log.as_mut() {
+                    b.1.upstream_service_time = Some(started.elapsed().as_millis() as u64);
+                }
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers, false);
+                // The downstream connection's version, not the upstream's.
+                rparts.version = parts.version;
+                let mut upstream = upstream;
+                upstream.lease = Some(lease);
+                guard.upstream = Some(upstream);
+                return Ok(Response::from_parts(rparts, Either::Left(rbody)));
+            }
+            Ok(Err(e)) => {
+                cluster.observe(&ep, None);
+                let retryable = match &e {
+                    SendError::Connect(_) => {
+                        failure = local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n", "UF");
+                        retry.is_some_and(|r| r.retry_connect())
+                    }
+                    SendError::Reset(_) => {
+                        cluster.stats.upstream_rq_reset.fetch_add(1, Relaxed);
+                        failure = local(StatusCode::BAD_GATEWAY, "upstream connect error or disconnect/reset before headers. reset reason: connection termination\n", "UC");
+                        retry.is_some_and(|r| r.retry_reset())
+                    }
+                    SendError::Overflow => {
+                        failure = local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n", "UO");
+                        false
+                    }
+                };
+                tracing::debug!(cluster = %cluster.config.name, endpoint = %ep.addr, error = %e, "upstream request failed");
+                last_ep = Some(ep);
+                if !retryable {
+                    break;
+                }
+            }
+            Err(_elapsed) => {
+                stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                cluster.observe(&ep, Some(504));
+                failure = local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout\n",
+                    "UT",
+                );
+                last_ep = Some(ep);
+                let route_timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                if route_timed_out
+                    || !retry
+                        .is_some_and(|r| r.retry_reset() || r.retry_status(504, &HeaderMap::new()))
+                {
+                    break;
+                }
+            }
+        }
+    }
+    if failure.flags == "URX" {
+        // Retries ran out on a retriable status: Envoy passes the last
+        // response through; we report it as a bad gateway with the flag.
+        failure.status = StatusCode::BAD_GATEWAY;
+    }
+    Err(failure)
+}
+
+/// Path after the route's rewrite (prefix or regex), query kept.
+fn rewrite_path(fwd: &Forward, route: &Route, pq: &str) -> String {
+    if let Some(prefix) = &fwd.prefix_rewrite {
+        let (path, query) = pq.split_once('?').map_or((pq, None), |(p, q)| (p, Some(q)));
+        let n = route.matched_prefix_len(path).min(path.len());
+        let mut out = format!("{prefix}{}", &path[n..]);
+        if out.is_empty() {
+            out.push('/');
+        }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        return out;
+    }
+    if let Some(re) = &fwd.regex_rewrite {
+        let (path, query) = pq.split_once('?').map_or((pq, None), |(p, q)| (p, Some(q)));
+        let mut out = re.apply(path);
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        return out;
+    }
+    pq.to_owned()
+}
+
+/// A WebSocket upgrade: its own upstream connection; after both sides
+/// switch protocols, bytes are copied both ways until either closes.
+async fn websocket(
+    cluster: &Arc<Cluster>,
+    upstream: Upstream,
+    up_req: Request<ReqBody>,
+    down: hyper::upgrade::OnUpgrade,
+    guard: &mut Guard,
+) -> Result<Out, Local> {
+    let fail = || {
+        local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n", "UF")
+    };
+    let mut tx = upstream
+        .endpoint
+        .pool
+        .connect_h1()
+        .await
+        .map_err(|_| fail())?;
+    let mut resp = tx.send_request(up_req).await.map_err(|_| {
+        local(
+            StatusCode::BAD_GATEWAY,
+            "upstream reset before the upgrade\n",
+            "UC",
+        )
+    })?;
+    cluster.stats.count_status(resp.status().as_u16());
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (parts, body) = resp.into_parts();
+        guard.upstream = Some(upstream);
+        return Ok(Response::from_parts(parts, Either::Left(body)));
+    }
+    let up = hyper::upgrade::on(&mut resp);
+    let stats = guard.stats.clone();
+    tokio::spawn(async move {
+        let _hold = upstream; // counts as active until the tunnel closes
+        if let (Ok(d), Ok(u)) = tokio::join!(down, up) {
+            stats.upstream_upgrades.fetch_add(1, Relaxed);
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+        }
+    });
+    let (parts, _) = resp.into_parts();
+    Ok(Response::from_parts(parts, Either::Right(Bytes::new())))
+}

@@ -1,0 +1,169 @@
+//! Listeners and the request path.
+//!
+//! The listener manager binds, updates and drains listeners as the
+//! configuration changes; each accepted connection is served by hyper
+//! (HTTP/1.1 and h2c) and each request by [`handler::handle`].
+
+pub mod body;
+pub mod handler;
+mod server;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::access_log::Sink;
+use crate::config::listener::ListenerConfig;
+use crate::config::ConfigError;
+use crate::snapshot::{Shared, Snapshot};
+
+/// A listener's configuration with what it resolved to at apply time.
+pub struct ListenerRuntime {
+    /// Its configuration.
+    pub config: Arc<ListenerConfig>,
+    /// Its access log sinks.
+    pub sinks: Vec<Sink>,
+}
+
+struct Running {
+    addr: SocketAddr,
+    runtime: Arc<ArcSwap<ListenerRuntime>>,
+    drain: tokio::sync::watch::Sender<bool>,
+}
+
+/// Starts, updates and drains listeners.
+pub struct ListenerManager {
+    shared: Arc<Shared>,
+    running: HashMap<Arc<str>, Running>,
+}
+
+impl ListenerManager {
+    /// No listeners yet.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ListenerManager {
+            shared,
+            running: HashMap::new(),
+        }
+    }
+
+    /// Binds every new listener of `snap` before anything changes, so a
+    /// port that cannot be bound rejects the update as a whole.
+    pub fn prepare(&self, snap: &Snapshot) -> Result<Prepared, ConfigError> {
+        let mut bound = HashMap::new();
+        for (name, l) in &snap.listeners {
+            let reuse = self.running.get(name).is_some_and(|r| r.addr == l.address);
+            // A listener moving to another address binds before the old one
+            // closes; one taking over an address another listener held is
+            // bound after that one is drained (see apply).
+            let held_by_other = self
+                .running
+                .iter()
+                .any(|(n, r)| n != name && r.addr == l.address);
+            if reuse || held_by_other {
+                continue;
+            }
+            let sock = bind(l.address).map_err(|e| {
+                ConfigError::new(
+                    &format!("Listener {name:?}"),
+                    format!("cannot listen on {}: {e}", l.address),
+                )
+            })?;
+            bound.insert(name.clone(), sock);
+        }
+        for l in snap.listeners.values() {
+            for t in &l.access_logs {
+                self.shared.access_logs.sink(t).map_err(|e| {
+                    ConfigError::new(
+                        &format!("Listener {:?} access_log", l.name),
+                        format!("cannot open {t:?}: {e}"),
+                    )
+                })?;
+            }
+        }
+        Ok(Prepared { bound })
+    }
+
+    /// Brings running listeners in line with `snap`.
+    pub fn apply(&mut self, snap: &Snapshot, mut prepared: Prepared) {
+        // Drain removed listeners and those that moved.
+        let gone: Vec<Arc<str>> = self
+            .running
+            .iter()
+            .filter(|(n, r)| snap.listeners.get(*n).is_none_or(|l| l.address != r.addr))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            if let Some(r) = self.running.remove(&n) {
+                tracing::info!(listener = %n, addr = %r.addr, "draining listener");
+                let _ = r.drain.send(true);
+            }
+        }
+        for (name, l) in &snap.listeners {
+            let sinks = l
+                .access_logs
+                .iter()
+                .filter_map(|t| self.shared.access_logs.sink(t).ok())
+                .collect();
+            let rt = Arc::new(ListenerRuntime {
+                config: l.clone(),
+                sinks,
+            });
+            if let Some(r) = self.running.get(name) {
+                r.runtime.store(rt);
+                continue;
+            }
+            let sock = match prepared.bound.remove(name) {
+                Some(s) => s,
+                None => match bind(l.address) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(listener = %name, addr = %l.address, error = %e, "cannot listen");
+                        continue;
+                    }
+                },
+            };
+            let runtime = Arc::new(ArcSwap::new(rt));
+            let (drain, drained) = tokio::sync::watch::channel(false);
+            tracing::info!(listener = %name, addr = %l.address, "listening");
+            server::spawn(sock, runtime.clone(), self.shared.clone(), drained);
+            self.running.insert(
+                name.clone(),
+                Running {
+                    addr: l.address,
+                    runtime,
+                    drain,
+                },
+            );
+        }
+    }
+
+    /// Addresses of running listeners.
+    pub fn addresses(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        self.running
+            .iter()
+            .map(|(n, r)| (n.clone(), r.addr))
+            .collect()
+    }
+}
+
+/// Sockets bound for an update that has not been applied yet.
+pub struct Prepared {
+    bound: HashMap<Arc<str>, std::net::TcpListener>,
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    // std's bind does not set SO_REUSEADDR; tokio's does, so a restarted
+    // proxy can rebind a port with connections in TIME_WAIT.
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_nodelay(true)?;
+    sock.bind(addr)?;
+    let l = sock.listen(4096)?;
+    l.into_std()
+}

@@ -1,0 +1,108 @@
+//! Counters, kept as relaxed atomics and read by the admin thread.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Default)]
+        pub struct $name { $($(#[$fm])* pub $field: AtomicU64,)* }
+        impl $name {
+            /// Every counter with its name.
+            pub fn each(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field.load(Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters!(
+    /// Proxy-wide counters (Envoy's `http.<prefix>.*` and friends, summed).
+    Stats {
+        /// Downstream connections accepted.
+        downstream_cx_total,
+        /// Downstream connections open.
+        downstream_cx_active,
+        /// Requests received.
+        downstream_rq_total,
+        /// Requests in flight.
+        downstream_rq_active,
+        /// Responses by class.
+        downstream_rq_1xx, downstream_rq_2xx, downstream_rq_3xx, downstream_rq_4xx, downstream_rq_5xx,
+        /// No virtual host or route matched.
+        no_route,
+        /// The route's cluster does not exist.
+        no_cluster,
+        /// The cluster had no available endpoint.
+        no_healthy_upstream,
+        /// Upstream did not answer in time.
+        upstream_rq_timeout,
+        /// Retries sent.
+        upstream_rq_retry,
+        /// WebSocket upgrades proxied.
+        upstream_upgrades,
+        /// Access log lines dropped because the writer fell behind.
+        access_log_dropped,
+        /// Config updates accepted and rejected, all types.
+        xds_update_success, xds_update_rejected,
+        /// Connections to the control plane.
+        xds_connects,
+    }
+);
+
+counters!(
+    /// Per-cluster counters (Envoy's `cluster.<name>.*`).
+    ClusterStats {
+        /// Requests sent.
+        upstream_rq_total,
+        /// Responses by class.
+        upstream_rq_2xx, upstream_rq_3xx, upstream_rq_4xx, upstream_rq_5xx,
+        /// Connections opened.
+        cx_total,
+        /// Connect failures.
+        cx_connect_fail,
+        /// Connection limit reached.
+        cx_overflow,
+        /// Request limit reached.
+        rq_overflow,
+        /// Resets before response headers.
+        upstream_rq_reset,
+        /// Per-try or route timeouts.
+        upstream_rq_timeout,
+        /// Retries.
+        upstream_rq_retry,
+        /// Endpoints ejected.
+        outlier_ejections,
+        /// Health-check state changes.
+        health_flaps,
+        /// Endpoints known.
+        membership_total,
+    }
+);
+
+impl Stats {
+    /// Counts a response by status class.
+    pub fn count_status(&self, status: u16) {
+        let c = match status {
+            100..=199 => &self.downstream_rq_1xx,
+            200..=299 => &self.downstream_rq_2xx,
+            300..=399 => &self.downstream_rq_3xx,
+            400..=499 => &self.downstream_rq_4xx,
+            _ => &self.downstream_rq_5xx,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+impl ClusterStats {
+    /// Counts an upstream response by status class.
+    pub fn count_status(&self, status: u16) {
+        let c = match status {
+            200..=299 => &self.upstream_rq_2xx,
+            300..=399 => &self.upstream_rq_3xx,
+            400..=499 => &self.upstream_rq_4xx,
+            _ => &self.upstream_rq_5xx,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+}

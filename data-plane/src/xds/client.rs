@@ -1,0 +1,460 @@
+//! The ADS client: Delta (default) or SotW, ACK what was applied, NACK
+//! with the reason, reconnect with jittered backoff while the last good
+//! configuration keeps serving.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portico_proto::envoy::config::cluster::v3::Cluster;
+use portico_proto::envoy::config::core::v3::{node::UserAgentVersionType, Node};
+use portico_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use portico_proto::envoy::config::listener::v3::Listener;
+use portico_proto::envoy::config::route::v3::RouteConfiguration;
+use portico_proto::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
+    DiscoveryRequest,
+};
+use portico_proto::google::protobuf::Any;
+use portico_proto::google::rpc::Status;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::cache;
+use super::dump::ConfigDump;
+use super::state::{State, Ty, Update};
+use crate::config::ConfigError;
+use crate::proxy::ListenerManager;
+use crate::snapshot::{Shared, Snapshot};
+use crate::upstream::ClusterManager;
+
+/// How to reach the control plane and who we are.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the xDS server.
+    pub server: String,
+    /// This node.
+    pub node: Node,
+    /// Delta (incremental) ADS rather than SotW.
+    pub delta: bool,
+    /// Where to keep the last good configuration, if anywhere.
+    pub cache: Option<PathBuf>,
+}
+
+/// The node identity Portico's data plane sends.
+pub fn node(id: &str, group: &str) -> Node {
+    Node {
+        id: id.into(),
+        cluster: group.into(),
+        user_agent_name: "portico-dp".into(),
+        user_agent_version_type: Some(UserAgentVersionType::UserAgentVersion(
+            env!("CARGO_PKG_VERSION").into(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// The name inside a resource of a given type.
+pub fn resource_name(ty: Ty, any: &Any) -> Option<String> {
+    let b = any.value.as_slice();
+    Some(match ty {
+        Ty::Listener => Listener::decode(b).ok()?.name,
+        Ty::Route => RouteConfiguration::decode(b).ok()?.name,
+        Ty::Cluster => Cluster::decode(b).ok()?.name,
+        Ty::Endpoint => ClusterLoadAssignment::decode(b).ok()?.cluster_name,
+    })
+}
+
+/// The client and everything it configures.
+pub struct Client {
+    cfg: ClientConfig,
+    shared: Arc<Shared>,
+    listeners: ListenerManager,
+    clusters: ClusterManager,
+    state: State,
+    /// Non-wildcard subscriptions on the current stream.
+    subscribed: HashMap<Ty, BTreeSet<String>>,
+    /// Last nonce per type on the current SotW stream.
+    nonces: HashMap<Ty, String>,
+    lds_seen: bool,
+    last_rejection: Option<(String, String)>,
+}
+
+type Error = String;
+
+impl Client {
+    /// A client that has applied nothing yet.
+    pub fn new(cfg: ClientConfig, shared: Arc<Shared>) -> Self {
+        Client {
+            listeners: ListenerManager::new(shared.clone()),
+            cfg,
+            shared,
+            clusters: ClusterManager::default(),
+            state: State::default(),
+            subscribed: HashMap::new(),
+            nonces: HashMap::new(),
+            lds_seen: false,
+            last_rejection: None,
+        }
+    }
+
+    /// Runs forever: connect, follow the stream, reconnect after failures.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(250);
+        let mut tried_cache = false;
+        loop {
+            let started = Instant::now();
+            let r = if self.cfg.delta {
+                self.delta_session().await
+            } else {
+                self.sotw_session().await
+            };
+            self.shared.xds_connected.store(false, Relaxed);
+            if let Err(e) = r {
+                tracing::warn!(server = %self.cfg.server, error = %e, "xDS stream ended; serving the last good configuration");
+            }
+            if !tried_cache && !self.shared.ready.load(Relaxed) {
+                tried_cache = true;
+                self.boot_from_cache();
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(250);
+            }
+            // Full jitter keeps a fleet from reconnecting in lockstep.
+            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    fn boot_from_cache(&mut self) {
+        let Some(path) = self.cfg.cache.clone() else {
+            return;
+        };
+        let saved = match cache::load(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the config cache");
+                return;
+            }
+        };
+        for (ty, resources) in saved {
+            if let Err(e) = self.apply(Update {
+                ty,
+                resources,
+                removed: Vec::new(),
+                complete: true,
+            }) {
+                tracing::warn!(error = %e, "cached configuration rejected");
+                return;
+            }
+        }
+        tracing::info!(path = %path.display(), "control plane unreachable; serving the cached configuration");
+    }
+
+    /// Stages, checks and applies one update; nothing changes on error.
+    fn apply(&mut self, u: Update) -> Result<(), ConfigError> {
+        let mut next = self.state.staged(&u)?;
+        next.collect_garbage();
+        let mut snap = Snapshot {
+            listeners: next
+                .listeners
+                .iter()
+                .map(|(n, i)| (n.clone(), i.value.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            routes: next
+                .routes
+                .iter()
+                .map(|(n, i)| (n.clone(), i.value.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let prepared = self.listeners.prepare(&snap)?;
+        let configs = next
+            .clusters
+            .iter()
+            .map(|(n, i)| (n.clone(), i.value.clone()))
+            .collect();
+        let eps = next
+            .endpoints
+            .iter()
+            .map(|(n, i)| (n.clone(), i.value.clone()))
+            .collect();
+        snap.clusters = self.clusters.update(&configs, &eps);
+        self.state = next;
+        if u.ty == Ty::Listener {
+            self.lds_seen = true;
+        }
+        snap.dump = Arc::new(ConfigDump::capture(
+            &self.state,
+            self.last_rejection.clone(),
+        ));
+        let snap = Arc::new(snap);
+        self.shared.snapshot.store(snap.clone());
+        self.listeners.apply(&snap, prepared);
+        self.shared.stats.xds_update_success.fetch_add(1, Relaxed);
+        if self.lds_seen && self.state.complete() && !self.shared.ready.swap(true, Relaxed) {
+            tracing::info!(
+                listeners = snap.listeners.len(),
+                clusters = snap.clusters.len(),
+                "initial configuration applied; ready"
+            );
+        }
+        if let Some(path) = self.cfg.cache.clone() {
+            let state = self.state.clone();
+            tokio::task::spawn_blocking(move || cache::save(&path, &state));
+        }
+        Ok(())
+    }
+
+    fn rejected(&mut self, ty: Ty, e: &ConfigError) -> Status {
+        self.shared.stats.xds_update_rejected.fetch_add(1, Relaxed);
+        tracing::warn!(type_url = ty.url(), error = %e, "rejected configuration update; keeping the last good one");
+        self.last_rejection = Some((ty.url().into(), e.to_string()));
+        // Republish the dump so /config_dump shows the rejection.
+        let cur = self.shared.snapshot.load_full();
+        let snap = Snapshot {
+            listeners: cur.listeners.clone(),
+            routes: cur.routes.clone(),
+            clusters: cur.clusters.clone(),
+            dump: Arc::new(ConfigDump::capture(
+                &self.state,
+                self.last_rejection.clone(),
+            )),
+        };
+        self.shared.snapshot.store(Arc::new(snap));
+        Status {
+            code: tonic::Code::InvalidArgument as i32,
+            message: e.to_string(),
+            details: vec![],
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, Error> {
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", self.cfg.server))
+            .map_err(|e| format!("bad xDS server address {:?}: {e}", self.cfg.server))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let ch = ep
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.cfg.server))?;
+        self.shared.stats.xds_connects.fetch_add(1, Relaxed);
+        // Large route tables exceed tonic's 4 MiB default.
+        Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(256 << 20))
+    }
+
+    async fn delta_session(&mut self) -> Result<(), Error> {
+        let mut client = self.connect().await?;
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+        self.subscribed.clear();
+        for ty in Ty::ALL {
+            let names = if ty.wildcard() {
+                BTreeSet::new()
+            } else {
+                self.state.wanted(ty)
+            };
+            if !ty.wildcard() && names.is_empty() {
+                continue;
+            }
+            let versions = self.state.versions(ty);
+            let req = DeltaDiscoveryRequest {
+                node: (ty == Ty::Cluster).then(|| self.cfg.node.clone()),
+                type_url: ty.url().into(),
+                resource_names_subscribe: names.iter().cloned().collect(),
+                initial_resource_versions: versions,
+                ..Default::default()
+            };
+            let _ = tx.send(req).await;
+            if !ty.wildcard() {
+                self.subscribed.insert(ty, names);
+            }
+        }
+        let mut stream = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("stream refused: {}", s.message()))?
+            .into_inner();
+        self.shared.xds_connected.store(true, Relaxed);
+        tracing::info!(server = %self.cfg.server, "xDS stream (Delta) established");
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err("the server closed the stream".into()),
+                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            };
+            let Some(ty) = Ty::from_url(&resp.type_url) else {
+                let _ = tx
+                    .send(DeltaDiscoveryRequest {
+                        type_url: resp.type_url.clone(),
+                        response_nonce: resp.nonce,
+                        error_detail: Some(Status {
+                            code: tonic::Code::InvalidArgument as i32,
+                            message: format!("type {} is not supported", resp.type_url),
+                            details: vec![],
+                        }),
+                        ..Default::default()
+                    })
+                    .await;
+                continue;
+            };
+            let u = Update {
+                ty,
+                resources: resp
+                    .resources
+                    .into_iter()
+                    .filter_map(|r| r.resource.map(|a| (r.name, r.version, a)))
+                    .collect(),
+                removed: resp.removed_resources,
+                complete: false,
+            };
+            let error_detail = self.apply(u).err().map(|e| self.rejected(ty, &e));
+            let ack = DeltaDiscoveryRequest {
+                type_url: ty.url().into(),
+                response_nonce: resp.nonce,
+                error_detail,
+                ..Default::default()
+            };
+            if tx.send(ack).await.is_err() {
+                return Err("request stream closed".into());
+            }
+            for ty in [Ty::Endpoint, Ty::Route] {
+                let want = self.state.wanted(ty);
+                let have = self.subscribed.entry(ty).or_default();
+                if want == *have {
+                    continue;
+                }
+                let req = DeltaDiscoveryRequest {
+                    type_url: ty.url().into(),
+                    resource_names_subscribe: want.difference(have).cloned().collect(),
+                    resource_names_unsubscribe: have.difference(&want).cloned().collect(),
+                    ..Default::default()
+                };
+                *have = want;
+                if tx.send(req).await.is_err() {
+                    return Err("request stream closed".into());
+                }
+            }
+        }
+    }
+
+    async fn sotw_session(&mut self) -> Result<(), Error> {
+        let mut client = self.connect().await?;
+        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+        self.subscribed.clear();
+        self.nonces.clear();
+        for ty in Ty::ALL {
+            let names = if ty.wildcard() {
+                BTreeSet::new()
+            } else {
+                self.state.wanted(ty)
+            };
+            if !ty.wildcard() && names.is_empty() {
+                continue;
+            }
+            let req = DiscoveryRequest {
+                node: (ty == Ty::Cluster).then(|| self.cfg.node.clone()),
+                type_url: ty.url().into(),
+                resource_names: names.iter().cloned().collect(),
+                version_info: self
+                    .state
+                    .sotw_versions
+                    .get(&ty)
+                    .cloned()
+                    .unwrap_or_default(),
+                ..Default::default()
+            };
+            let _ = tx.send(req).await;
+            if !ty.wildcard() {
+                self.subscribed.insert(ty, names);
+            }
+        }
+        let mut stream = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("stream refused: {}", s.message()))?
+            .into_inner();
+        self.shared.xds_connected.store(true, Relaxed);
+        tracing::info!(server = %self.cfg.server, "xDS stream (SotW) established");
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err("the server closed the stream".into()),
+                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            };
+            let Some(ty) = Ty::from_url(&resp.type_url) else {
+                continue;
+            };
+            let mut resources = Vec::with_capacity(resp.resources.len());
+            for a in resp.resources {
+                let name = resource_name(ty, &a).unwrap_or_default();
+                resources.push((name, resp.version_info.clone(), a));
+            }
+            let u = Update {
+                ty,
+                resources,
+                removed: Vec::new(),
+                complete: ty.wildcard(),
+            };
+            let result = self.apply(u);
+            let error_detail = result.as_ref().err().map(|e| self.rejected(ty, e));
+            if error_detail.is_none() {
+                self.state
+                    .sotw_versions
+                    .insert(ty, resp.version_info.clone());
+            }
+            self.nonces.insert(ty, resp.nonce.clone());
+            let ack = DiscoveryRequest {
+                type_url: ty.url().into(),
+                version_info: self
+                    .state
+                    .sotw_versions
+                    .get(&ty)
+                    .cloned()
+                    .unwrap_or_default(),
+                resource_names: self
+                    .subscribed
+                    .get(&ty)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default(),
+                response_nonce: resp.nonce,
+                error_detail,
+                ..Default::default()
+            };
+            if tx.send(ack).await.is_err() {
+                return Err("request stream closed".into());
+            }
+            for ty in [Ty::Endpoint, Ty::Route] {
+                let want = self.state.wanted(ty);
+                if self.subscribed.get(&ty).is_some_and(|h| *h == want)
+                    || (want.is_empty() && !self.subscribed.contains_key(&ty))
+                {
+                    continue;
+                }
+                let req = DiscoveryRequest {
+                    type_url: ty.url().into(),
+                    version_info: self
+                        .state
+                        .sotw_versions
+                        .get(&ty)
+                        .cloned()
+                        .unwrap_or_default(),
+                    resource_names: want.iter().cloned().collect(),
+                    response_nonce: self.nonces.get(&ty).cloned().unwrap_or_default(),
+                    ..Default::default()
+                };
+                self.subscribed.insert(ty, want);
+                if tx.send(req).await.is_err() {
+                    return Err("request stream closed".into());
+                }
+            }
+        }
+    }
+}
