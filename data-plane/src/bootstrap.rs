@@ -220,12 +220,11 @@ impl Bootstrap {
         let mut unknown = Vec::new();
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let f: File =
-            serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).map_err(|e| {
-                BootstrapError::Syntax {
+            serde_ignored::deserialize(de, |p| unknown.push(p.to_string().replace(".?", "")))
+                .map_err(|e| BootstrapError::Syntax {
                     path: path.into(),
                     message: e.to_string(),
-                }
-            })?;
+                })?;
         if !unknown.is_empty() {
             return Err(BootstrapError::Unknown {
                 path: path.into(),
