@@ -5,8 +5,10 @@
 //! The binaries must be built first (`cargo build --workspace --bins`,
 //! which the test command in the README does).
 
+pub mod dataplane;
 pub mod http;
 pub mod python;
+pub mod upstream;
 pub mod workload;
 pub mod xds_client;
 
@@ -64,6 +66,16 @@ impl ControlPlane {
 
     /// As [`ControlPlane::start`], with extra environment variables.
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> ControlPlane {
+        Self::launch(data_dir, env, "127.0.0.1:0")
+    }
+
+    /// As [`ControlPlane::start`] with the xDS server on a given address
+    /// (to come back where data planes expect it).
+    pub fn start_on(data_dir: &Path, xds_listen: &str) -> ControlPlane {
+        Self::launch(data_dir, &[], xds_listen)
+    }
+
+    fn launch(data_dir: &Path, env: &[(&str, &str)], xds_listen: &str) -> ControlPlane {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let addr_file = data_dir.join("admin.addr");
         let _ = std::fs::remove_file(&addr_file);
@@ -87,7 +99,7 @@ impl ControlPlane {
             .arg("--admin-listen")
             .arg("127.0.0.1:0")
             .arg("--xds-listen")
-            .arg("127.0.0.1:0")
+            .arg(xds_listen)
             .env_remove("PORTICO_ADMIN_TOKEN")
             .env("PORTICO_LOG", "warn")
             .stdout(Stdio::null())

@@ -1,0 +1,263 @@
+//! `portico-dp` keeps serving through change and failure: config applied
+//! under load, the control plane killed and back, a NACKed update, a
+//! removed listener draining, and booting from the cached config.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portico_integration::dataplane::DataPlane;
+use portico_integration::upstream::Upstream;
+use portico_integration::{wait_for, ControlPlane};
+use serde_json::json;
+
+use super::dp_common::{api, apply, gateway, http1, service, Env};
+
+fn routes(n: usize) -> serde_json::Value {
+    let mut r: Vec<_> = (0..n).map(|i| json!({"name": format!("r{i}"), "match": {"path": format!("/extra{i}")}, "action": {"service": "s"}})).collect();
+    r.push(json!({"name": "main", "match": {"path": "/"}, "action": {"service": "s", "responseHeaders": {"set": {"x-gen": format!("{n}")}}}}));
+    json!(r)
+}
+
+#[test]
+fn config_applied_under_load_fails_no_request() {
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ]
+    });
+    let _dp = env.dp("dp1", &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed, port) = (stop.clone(), ok.clone(), failed.clone(), env.port);
+            std::thread::spawn(move || {
+                let mut last = String::new();
+                // Bounded: at most 20,000 requests per worker.
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match http1(port, "GET", "/a/x", "gw", &[], "") {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(r) => {
+                            last = format!("{} {}", r.status, r.body);
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => {
+                            last = e.to_string();
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+                last
+            })
+        })
+        .collect();
+    // Eight revisions while the load runs: routes added, the matched
+    // route's response headers changed, a second service swapped in.
+    let up2 = Upstream::start("u2");
+    for gen in 1..=8 {
+        let mut docs = vec![
+            gateway(env.port),
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(gen * 10)),
+        ];
+        if gen % 2 == 0 {
+            docs.push(service("s2", &[&up2], json!({})));
+        }
+        apply(&env.cp, &docs);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let errors: Vec<String> = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .filter(|e| !e.is_empty())
+        .collect();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "load ran: {ok} requests");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {errors:?}",
+        ok + failed
+    );
+    let r = http1(env.port, "GET", "/a/x", "gw", &[], "").expect("request");
+    assert_eq!(
+        r.header("x-gen"),
+        Some("80"),
+        "the last revision is in effect"
+    );
+}
+
+#[test]
+fn traffic_flows_while_the_control_plane_is_down_and_the_node_reconnects() {
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ]
+    });
+    let dp = env.dp("dp1", &[]);
+    let xds = env.cp.xds_addr.clone();
+    let data_dir = env.cp.data_dir.clone();
+    let Env {
+        dir: _dir,
+        mut cp,
+        port,
+    } = env;
+    cp.kill9();
+    wait_for(Duration::from_secs(10), || {
+        (dp.stat("control_plane.connected_state") == 0).then_some(())
+    })
+    .expect("the node notices");
+    for _ in 0..50 {
+        let r = http1(port, "GET", "/a/x", "gw", &[], "").expect("request");
+        assert_eq!(r.status, 200, "last config keeps serving: {r:?}");
+    }
+    let connects = dp.stat("http.xds_connects");
+    let cp = ControlPlane::start_on(&data_dir, &xds);
+    wait_for(Duration::from_secs(30), || {
+        (dp.stat("control_plane.connected_state") == 1).then_some(())
+    })
+    .expect("the node reconnects");
+    assert!(dp.stat("http.xds_connects") > connects);
+    // And takes new config again.
+    apply(
+        &cp,
+        &[
+            gateway(port),
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(3)),
+        ],
+    );
+    wait_for(Duration::from_secs(10), || {
+        (http1(port, "GET", "/a/x", "gw", &[], "")
+            .ok()?
+            .header("x-gen")?
+            == "3")
+            .then_some(())
+    })
+    .expect("new config after the reconnect");
+}
+
+#[test]
+fn a_nacked_update_keeps_the_old_config_and_shows_in_status() {
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ]
+    });
+    let dp = env.dp("dp1", &[]);
+    // Upstream TLS is something this data plane does not run yet: the
+    // control plane accepts it, the node must refuse it and say why.
+    let tls = service(
+        "s",
+        &[&up],
+        json!({"tls": {"sni": "u.internal", "insecureSkipVerify": true}}),
+    );
+    apply(
+        &env.cp,
+        &[gateway(env.port), tls, api("a", "/a", &[], routes(0))],
+    );
+    let out = wait_for(Duration::from_secs(10), || {
+        let out = env.cp.run(&["status"]);
+        out.stdout.contains("NACK").then_some(out.stdout)
+    })
+    .unwrap_or_else(|| panic!("status shows no NACK; node log:\n{}", dp.logs()));
+    assert!(out.contains("upstream TLS"), "the reason is shown: {out}");
+    let r = http1(env.port, "GET", "/a/x", "gw", &[], "").expect("request");
+    assert_eq!(r.status, 200, "the old config still serves: {r:?}");
+    assert!(dp.stat("http.xds_update_rejected") >= 1);
+    let (_, dump) = dp.admin_get("/config_dump");
+    assert!(
+        dump.contains("upstream TLS"),
+        "config_dump shows the rejection"
+    );
+}
+
+#[test]
+fn a_removed_listener_drains_open_requests() {
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ]
+    });
+    let _dp = env.dp("dp1", &[]);
+    let port = env.port;
+    let slow = std::thread::spawn(move || http1(port, "GET", "/a/slow/1500", "gw", &[], ""));
+    std::thread::sleep(Duration::from_millis(300));
+    // Move the gateway to another port: the old listener drains.
+    let other = portico_integration::dataplane::free_port();
+    apply(
+        &env.cp,
+        &[
+            gateway(other),
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ],
+    );
+    wait_for(Duration::from_secs(10), || {
+        (http1(other, "GET", "/a/x", "gw", &[], "").ok()?.status == 200).then_some(())
+    })
+    .expect("new listener serves");
+    let refused = wait_for(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    });
+    assert!(refused.is_some(), "the old listener stops accepting");
+    let r = slow
+        .join()
+        .expect("thread")
+        .expect("the open request finishes");
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn boots_from_the_cached_config_when_the_control_plane_is_unreachable() {
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(2)),
+        ]
+    });
+    let cache = env.dir.path().join("dp.cache");
+    let cache_arg = cache.display().to_string();
+    let dp = env.dp("dp1", &["--config-cache", &cache_arg]);
+    wait_for(Duration::from_secs(10), || cache.exists().then_some(())).expect("cache written");
+    drop(dp);
+    let Env { dir, mut cp, port } = env;
+    let xds = cp.xds_addr.clone();
+    cp.kill9();
+    let started = Instant::now();
+    let dp = DataPlane::start(
+        dir.path(),
+        "dp2",
+        &xds,
+        "edge",
+        &["--config-cache", &cache_arg],
+    );
+    let r = wait_for(Duration::from_secs(10), || {
+        http1(port, "GET", "/a/x", "gw", &[], "")
+            .ok()
+            .filter(|r| r.status == 200)
+    })
+    .expect("serves the cached config");
+    assert_eq!(r.header("x-gen"), Some("2"));
+    assert!(
+        dp.logs().contains("cached configuration"),
+        "says so in its log"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

@@ -1,0 +1,279 @@
+//! `portico-dp` routes real traffic the way Envoy would: virtual hosts,
+//! first matching route, rewrites, header edits, redirects, direct
+//! responses, load balancing; over HTTP/1.1 and h2c; gRPC with trailers
+//! and streaming; WebSocket upgrades.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use portico_integration::upstream::Upstream;
+use serde_json::json;
+
+use super::dp_common::{api, h2, http1, rt, service, Env};
+
+#[test]
+fn routes_rewrites_and_edits_over_http1_and_h2c() {
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    let env = Env::new(|_| {
+        vec![
+            service("s1", &[&one], json!({})),
+            service("s2", &[&two], json!({})),
+            service("both", &[&one, &two], json!({})),
+            api(
+                "shop",
+                "/shop",
+                &["shop.test"],
+                json!([
+                    {"name": "exact", "match": {"path": "/exact", "pathType": "exact"},
+                     "action": {"service": "s1", "requestHeaders": {"set": {"x-added": "yes"}}, "responseHeaders": {"set": {"x-resp": "r"}}}},
+                    {"name": "regex", "match": {"path": "/items/[0-9]+", "pathType": "regex"}, "action": {"service": "s2"}},
+                    {"name": "hdr", "match": {"path": "/h", "headers": [{"name": "x-pick", "exact": "two"}]}, "action": {"service": "s2"}},
+                    {"name": "rw", "match": {"path": "/rw"}, "action": {"service": "s1", "prefixRewrite": "/inner"}},
+                    {"name": "rr", "match": {"path": "/rr"}, "action": {"service": "both"}},
+                    {"name": "ping", "match": {"path": "/ping", "pathType": "exact"}, "action": {"directResponse": {"status": 200, "body": "pong\n"}}},
+                    {"name": "old", "match": {"path": "/old", "pathType": "exact"}, "action": {"redirect": {"path": "/new", "code": 301}}},
+                    {"name": "post", "match": {"path": "/echo", "methods": ["POST"]}, "action": {"service": "s2"}},
+                    {"name": "rest", "match": {"path": "/"}, "action": {"service": "s1"}}
+                ]),
+            ),
+        ]
+    });
+    let _dp = env.dp("dp1", &[]);
+    let host = format!("shop.test:{}", env.port);
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        http1(env.port, "GET", path, &host, headers, "").expect("request")
+    };
+
+    let r = get("/shop/exact", &[]);
+    assert_eq!(
+        (r.status, r.header("x-upstream")),
+        (200, Some("one")),
+        "{r:?}"
+    );
+    assert!(r.body.starts_with("GET /shop/exact\n"), "{}", r.body);
+    assert!(
+        r.body.contains("x-added: yes"),
+        "request header set: {}",
+        r.body
+    );
+    assert!(
+        r.body.contains("x-forwarded-for: 127.0.0.1"),
+        "xff appended: {}",
+        r.body
+    );
+    assert!(
+        r.body.contains("x-request-id: "),
+        "request id generated: {}",
+        r.body
+    );
+    assert_eq!(r.header("x-resp"), Some("r"));
+
+    assert_eq!(
+        get("/shop/exact/more", &[]).header("x-upstream"),
+        Some("one")
+    );
+    assert_eq!(get("/shop/items/42", &[]).header("x-upstream"), Some("two"));
+    assert_eq!(
+        get("/shop/items/4x", &[]).header("x-upstream"),
+        Some("one"),
+        "regex matches the whole path"
+    );
+    assert_eq!(
+        get("/shop/h", &[("x-pick", "two")]).header("x-upstream"),
+        Some("two")
+    );
+    assert_eq!(
+        get("/shop/h", &[("x-pick", "one")]).header("x-upstream"),
+        Some("one")
+    );
+    assert!(
+        get("/shop/rw/a?b=1", &[])
+            .body
+            .starts_with("GET /inner/a?b=1\n"),
+        "prefix rewrite keeps the rest and the query"
+    );
+
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(
+            get("/shop/rr", &[])
+                .header("x-upstream")
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["one", "two"],
+        "round robin reaches both endpoints"
+    );
+
+    let r = get("/shop/ping", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "pong\n"));
+    let r = get("/shop/old?x=1", &[]);
+    assert_eq!(r.status, 301);
+    assert!(
+        r.header("location")
+            .is_some_and(|l| l.ends_with("/new?x=1")),
+        "{r:?}"
+    );
+
+    let r = http1(
+        env.port,
+        "POST",
+        "/shop/echo",
+        &host,
+        &[("content-type", "text/plain")],
+        "hello body",
+    )
+    .expect("post");
+    assert_eq!(r.header("x-upstream"), Some("two"));
+    assert!(
+        r.body.ends_with("\n\nhello body"),
+        "body forwarded: {}",
+        r.body
+    );
+
+    let r = http1(env.port, "GET", "/shop/exact", "other.test", &[], "").expect("request");
+    assert_eq!(r.status, 404, "unknown host: {r:?}");
+    let r = http1(env.port, "GET", "/nothing", &host, &[], "").expect("request");
+    assert_eq!(r.status, 404, "no route: {r:?}");
+
+    // The same table over h2c (prior knowledge) on the same port.
+    rt().block_on(async {
+        let r = h2(env.port, "GET", "/shop/exact", &host, &[], "").await;
+        assert_eq!(
+            (r.status, r.header("x-upstream")),
+            (200, Some("one")),
+            "{r:?}"
+        );
+        assert!(
+            r.body.contains("host: shop.test"),
+            "authority becomes Host upstream: {}",
+            r.body
+        );
+        let r = h2(env.port, "POST", "/shop/echo", &host, &[], "h2 body").await;
+        assert!(r.body.ends_with("\n\nh2 body"), "{}", r.body);
+        assert_eq!(
+            h2(env.port, "GET", "/shop/items/7", &host, &[], "")
+                .await
+                .header("x-upstream"),
+            Some("two")
+        );
+    });
+}
+
+#[test]
+fn grpc_streams_with_trailers_and_websocket_upgrades() {
+    let up = Upstream::start("grpc");
+    let env = Env::new(|_| {
+        vec![
+            service("g", &[&up], json!({"protocol": "grpc"})),
+            service("ws", &[&up], json!({})),
+            api(
+                "grpc",
+                "/echo.Echo",
+                &[],
+                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "g", "timeout": "0s"}}]),
+            ),
+            api(
+                "ws",
+                "/ws",
+                &[],
+                json!([{"name": "ws", "match": {"path": "/"}, "action": {"service": "ws"}}]),
+            ),
+        ]
+    });
+    let _dp = env.dp("dp1", &[]);
+
+    // gRPC over h2c, client streaming three messages; each comes back as
+    // it is sent (the upstream echoes frames), then the trailers.
+    rt().block_on(async {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+            .await
+            .expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("handshake");
+        tokio::spawn(conn);
+        let (btx, brx) = tokio::sync::mpsc::channel::<
+            Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+        >(4);
+        let body =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(brx));
+        let req = hyper::Request::post(format!("http://gw:{}/echo.Echo/Chat", env.port))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .expect("request");
+        let resp = tokio::spawn(async move { tx.send_request(req).await });
+        let msg = |s: &str| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            m.extend_from_slice(s.as_bytes());
+            Bytes::from(m)
+        };
+        btx.send(Ok(hyper::body::Frame::data(msg("first"))))
+            .await
+            .expect("send");
+        let resp = resp
+            .await
+            .expect("join")
+            .expect("response headers before the stream ends");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let f = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("first echo streams back")
+            .expect("frame")
+            .expect("ok");
+        assert_eq!(f.into_data().expect("data"), msg("first"));
+        btx.send(Ok(hyper::body::Frame::data(msg("second"))))
+            .await
+            .expect("send");
+        let f = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("second echo")
+            .expect("frame")
+            .expect("ok");
+        assert_eq!(f.into_data().expect("data"), msg("second"));
+        drop(btx);
+        let mut trailers = None;
+        while let Some(f) = body.frame().await {
+            if let Ok(t) = f.expect("frame").into_trailers() {
+                trailers = Some(t);
+            }
+        }
+        let t = trailers.expect("trailers arrive");
+        assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    });
+
+    // WebSocket: 101 through the gateway, then bytes both ways.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", env.port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /ws/chat HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"ping over the tunnel").expect("write");
+    let mut buf = [0u8; 20];
+    s.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"ping over the tunnel");
+}
