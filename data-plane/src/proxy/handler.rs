@@ -160,18 +160,6 @@ async fn route_request(
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let stats = &conn.shared.stats;
-    // Both framing headers on one HTTP/1.1 request is how requests are
-    // smuggled past a proxy; refuse it (hyper then closes the connection).
-    if req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(local(
-            StatusCode::BAD_REQUEST,
-            "both content-length and transfer-encoding\n",
-            "DPE",
-        ));
-    }
     let Some(host) = authority(&req) else {
         return Err(local(
             StatusCode::BAD_REQUEST,

@@ -9,6 +9,7 @@ mod demo;
 mod dp_common;
 mod dp_resilience;
 mod dp_routing;
+mod dp_upstreams;
 mod grpc_proxyless;
 mod state_cli;
 mod validation;
