@@ -15,6 +15,7 @@ fn the_demo_script_runs_end_to_end() {
         .env("PORTICO_DATA_DIR", dir.path())
         .env("PORTICO_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PORTICO_XDS_LISTEN", "127.0.0.1:0")
+        .env("PORTICO_DP_ADMIN_LISTEN", "127.0.0.1:0")
         .env_remove("PORTICO_TOKEN")
         .output()
         .unwrap();
@@ -27,4 +28,9 @@ fn the_demo_script_runs_end_to_end() {
         "{stdout}"
     );
     assert!(stdout.contains("revision       1"), "{stdout}");
+    assert!(
+        stdout.contains(r#""service": "pets", "method": "GET", "path": "/pets""#),
+        "a request went through the gateway to the upstream: {stdout}"
+    );
+    assert!(stdout.contains("demo-1"), "status lists the node: {stdout}");
 }
