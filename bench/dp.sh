@@ -31,6 +31,8 @@
 #   LAYOUTS="pinned unpinned"
 #   PROTOCOLS="h1 h2"
 #   UNPINNED_WORKERS=2 workers/threads of each proxy in the unpinned layout
+#   REPEAT=1           runs of each cell, round-robin over the proxies; the
+#                      table shows the run with the median req/s
 #   PORTICO_BIN_DIR=target/release   where portico-dp, portico-cp, portico are
 #   PORTICO_LOG=warn   log filter for portico-cp and portico-dp
 set -euo pipefail
@@ -57,6 +59,7 @@ PROXIES="${PROXIES:-direct nginx haproxy portico}"
 LAYOUTS="${LAYOUTS:-pinned unpinned}"
 PROTOCOLS="${PROTOCOLS:-h1 h2}"
 UNPINNED_WORKERS="${UNPINNED_WORKERS:-2}"
+REPEAT="${REPEAT:-1}"
 BIN="${PORTICO_BIN_DIR:-target/release}"
 WRK_CONNS=50
 H2_CONNS=10
@@ -67,7 +70,7 @@ BUSY_WARN=10 # % of a core used by other work that makes a run suspect
 die() { echo "bench/dp.sh: error: $*" >&2; exit 1; }
 say() { echo "==> $*" >&2; }
 
-for v in DURATION WARMUP UNPINNED_WORKERS; do
+for v in DURATION WARMUP UNPINNED_WORKERS REPEAT; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
 for p in $PROXIES; do
@@ -467,18 +470,20 @@ rss_kib() { # PIDS... : VmRSS summed
   echo "$total"
 }
 
-# /proc/stat, all CPUs: "task_ns steal_ns" (task = user + nice + system).
+# /proc/stat, all CPUs: "busy_ns steal_ns" (busy = user + nice + system + irq
+# + softirq: a task's schedstat time includes the softirqs run in its context).
 CLK_TCK="$(getconf CLK_TCK 2>/dev/null || echo 100)"
 stat_ns() {
-  local _c u n sy _i _w _q _sq st _
-  read -r _c u n sy _i _w _q _sq st _ </proc/stat
-  echo "$(((u + n + sy) * 1000000000 / CLK_TCK)) $((st * 1000000000 / CLK_TCK))"
+  local _c u n sy _i _w q sq st _
+  read -r _c u n sy _i _w q sq st _ </proc/stat
+  echo "$(((u + n + sy + q + sq) * 1000000000 / CLK_TCK)) $((st * 1000000000 / CLK_TCK))"
 }
-# CPU time of this shell's finished children (so: of the load generator), ns.
+# CPU time of this shell's finished children (so: of the load generator), in
+# CHILDREN_NS; not to be called in a subshell, which has children of its own.
 children_ns() {
   times >"$TMP/times"
-  awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
-                 printf "%.0f\n", t * 1e9 }' "$TMP/times"
+  CHILDREN_NS="$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
+                 printf "%.0f\n", t * 1e9 }' "$TMP/times")"
 }
 
 # wrk output -> "rps p50_ms p99_ms requests errors"
@@ -528,16 +533,16 @@ parse_h2load() {
     }' "$out"
 }
 
-declare -A R_RPS R_P50 R_P99 R_RSS R_CPU R_ERR R_BG R_STEAL
+declare -A R_RPS R_P50 R_P99 R_RSS R_CPU R_ERR R_BG R_STEAL R_ALL
 
 # measure LAYOUT PROXY PROTO PORT
-measure() {
-  local layout="$1" proxy="$2" proto="$3" port="$4"
-  local key="$layout/$proto/$proxy" label="$layout-$proxy-$proto"
+measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
+  local layout="$1" proxy="$2" proto="$3" port="$4" r="$5"
+  local key="$layout/$proto/$proxy#$r" label="$layout-$proxy-$proto${REPEAT_SUFFIX}"
   local url="http://127.0.0.1:$port/" pids="" before=0 after=0 parsed rps p50 p99 req err
   local origin_pids o0 o1 c0 c1 s0 s1 st0 st1 w0 w1
   local out="$RAW/$label.txt"
-  say "$layout / $proto / $proxy: warm-up ${WARMUP}s, then ${DURATION}s on $url"
+  say "$layout / $proto / $proxy${REPEAT_SUFFIX}: warm-up ${WARMUP}s, then ${DURATION}s on $url"
   if [ "$proto" = h1 ]; then
     "${PIN_LOAD[@]}" wrk -t1 -c"$WRK_CONNS" -d"${WARMUP}s" "$url" >"$RAW/$label.warmup.txt" 2>&1 \
       || die "wrk warm-up failed: $RAW/$label.warmup.txt"
@@ -554,7 +559,7 @@ measure() {
   # origin and the load generator (a check that the machine was quiet).
   origin_pids="$(proc_tree "$ORIGIN_PID")"
   # shellcheck disable=SC2086
-  o0="$(cpu_ns $origin_pids)"; c0="$(children_ns)"; read -r s0 st0 <<<"$(stat_ns)"; w0="$(date +%s%N)"
+  o0="$(cpu_ns $origin_pids)"; children_ns; c0="$CHILDREN_NS"; read -r s0 st0 <<<"$(stat_ns)"; w0="$(date +%s%N)"
   if [ "$proto" = h1 ]; then
     "${PIN_LOAD[@]}" wrk -t1 -c"$WRK_CONNS" -d"${DURATION}s" --latency "$url" >"$out" 2>&1 \
       || die "wrk failed: $out"
@@ -563,7 +568,7 @@ measure() {
       --log-file "$RAW/$label.h2load.log" "$url" >"$out" 2>&1 \
       || die "h2load failed: $out"
   fi
-  w1="$(date +%s%N)"; read -r s1 st1 <<<"$(stat_ns)"; c1="$(children_ns)"
+  w1="$(date +%s%N)"; read -r s1 st1 <<<"$(stat_ns)"; children_ns; c1="$CHILDREN_NS"
   # shellcheck disable=SC2086
   o1="$(cpu_ns $origin_pids)"
   if [ "$proxy" != direct ]; then
@@ -586,6 +591,9 @@ measure() {
   if [ "$proxy" != direct ]; then
     R_CPU[$key]="$(awk -v d="$((after - before))" -v n="$req" 'BEGIN { if (n > 0) printf "%.2f", d / 1000 / n; else print "n/a" }')"
   fi
+  printf 'wall_ns %s\nsystem_busy_ns %s\nsteal_ns %s\nproxy_ns %s\norigin_ns %s\nload_generator_ns %s\n' \
+    "$((w1 - w0))" "$((s1 - s0))" "$((st1 - st0))" "$((after - before))" "$((o1 - o0))" "$((c1 - c0))" \
+    >"$RAW/$label.cpu.txt"
   R_BG[$key]="$(awk -v t="$((s1 - s0))" -v p="$((after - before))" -v o="$((o1 - o0))" -v c="$((c1 - c0))" \
     -v w="$((w1 - w0))" 'BEGIN { x = (t - p - o - c) / w * 100; if (x < 0) x = 0; printf "%.0f", x }')"
   R_STEAL[$key]="$(awk -v st="$((st1 - st0))" -v w="$((w1 - w0))" 'BEGIN { printf "%.1f", st / w * 100 }')"
@@ -618,22 +626,51 @@ for layout in $LAYOUTS; do
     PIN_PROXY=(); PIN_LOAD=(); PIN_ORIGIN=(); workers="$UNPINNED_WORKERS"
   fi
   start_origin "${PIN_ORIGIN[@]}"
-  for proxy in $PROXIES; do
-    for proto in $PROTOCOLS; do
-      # A fresh proxy for every run, so RSS and CPU belong to that run only;
-      # its config and logs go to runs/LAYOUT-PROXY-PROTO.
-      RUN_DIR="$TMP/runs/$layout-$proxy-$proto"
-      case "$proxy" in
-        direct) ;;
-        nginx) start_nginx "$workers" "${PIN_PROXY[@]}" ;;
-        haproxy) start_haproxy "$workers" "${PIN_PROXY[@]}" ;;
-        portico) start_portico "$workers" "${PIN_PROXY[@]}" ;;
-      esac
-      measure "$layout" "$proxy" "$proto" "$(port_of "$proxy" "$proto")"
-      [ "$proxy" = direct ] || stop_tree "$PROXY_PID"
+  # Repeats go round all proxies in turn, so slow drifts of the machine
+  # spread over every proxy alike.
+  for ((r = 1; r <= REPEAT; r++)); do
+    REPEAT_SUFFIX=""
+    [ "$REPEAT" -eq 1 ] || REPEAT_SUFFIX="-$r"
+    for proxy in $PROXIES; do
+      for proto in $PROTOCOLS; do
+        # A fresh proxy for every run, so RSS and CPU belong to that run
+        # only; its config and logs go to runs/LAYOUT-PROXY-PROTO[-REPEAT].
+        RUN_DIR="$TMP/runs/$layout-$proxy-$proto$REPEAT_SUFFIX"
+        case "$proxy" in
+          direct) ;;
+          nginx) start_nginx "$workers" "${PIN_PROXY[@]}" ;;
+          haproxy) start_haproxy "$workers" "${PIN_PROXY[@]}" ;;
+          portico) start_portico "$workers" "${PIN_PROXY[@]}" ;;
+        esac
+        measure "$layout" "$proxy" "$proto" "$(port_of "$proxy" "$proto")" "$r"
+        [ "$proxy" = direct ] || stop_tree "$PROXY_PID"
+      done
     done
   done
   stop_tree "$ORIGIN_PID"
+done
+
+# Each row is the run with the median req/s (the lower middle one for an even
+# REPEAT); other CPU is the worst run's.
+for layout in $LAYOUTS; do
+  for proto in $PROTOCOLS; do
+    for proxy in $PROXIES; do
+      k="$layout/$proto/$proxy"
+      mid="$(for ((r = 1; r <= REPEAT; r++)); do echo "${R_RPS[$k#$r]} $r"; done \
+        | sort -n | awk -v n="$REPEAT" 'NR == int((n + 1) / 2) { print $2 }')"
+      for v in R_RPS R_P50 R_P99 R_RSS R_CPU R_ERR R_STEAL; do
+        declare -n arr="$v"
+        # shellcheck disable=SC2004 # arr is associative
+        [ -z "${arr[$k#$mid]+x}" ] || arr[$k]="${arr[$k#$mid]}"
+        unset -n arr
+      done
+      R_BG[$k]=0 R_ALL[$k]=""
+      for ((r = 1; r <= REPEAT; r++)); do
+        [ "${R_BG[$k#$r]}" -gt "${R_BG[$k]}" ] && R_BG[$k]="${R_BG[$k#$r]}"
+        R_ALL[$k]+="${R_ALL[$k]:+/}${R_RPS[$k#$r]}"
+      done
+    done
+  done
 done
 
 # -------------------------------------------------------------- report -----
@@ -662,7 +699,7 @@ REPORT="$TMP/report.md"
   echo "Latency: wrk's percentiles for HTTP/1.1; for HTTP/2, nearest-rank percentiles of the per-request times in h2load's \`--log-file\`."
   echo "RSS: VmRSS summed over the proxy's processes after the run. CPU/req: the proxy's time on CPU (schedstat, all processes and threads) during the measured run ÷ completed requests."
   echo "Errors: wrk socket errors + non-2xx/3xx; h2load failed + timeouts + 4xx/5xx."
-  echo "Other CPU: CPU time (user + system, /proc/stat) used during a measured run by anything but the proxy, the origin and the load generator, in % of one core; above ${BUSY_WARN}% the run was disturbed."
+  echo "Other CPU: CPU time (user + system + irq + softirq in /proc/stat) used during a measured run by anything but the proxy, the origin and the load generator, in % of one core; above ${BUSY_WARN}% the run was disturbed."
   for layout in $LAYOUTS; do
     for proto in $PROTOCOLS; do
       echo
@@ -693,6 +730,11 @@ REPORT="$TMP/report.md"
       done
       echo
       echo "Other CPU during the runs: $bg; CPU steal at most $steal%.${disturbed:+ **Disturbed by other work: $disturbed.**}"
+      if [ "$REPEAT" -gt 1 ]; then
+        all=""
+        for proxy in $PROXIES; do all+="${all:+; }$proxy ${R_ALL[$layout/$proto/$proxy]}"; done
+        echo "Median of $REPEAT runs by req/s; req/s of each run: $all."
+      fi
     done
   done
   echo

@@ -11,15 +11,42 @@ use portico_proto::envoy::config::route::v3::{
 use portico_proto::envoy::r#type::matcher::v3::{
     string_matcher::MatchPattern, RegexMatchAndSubstitute, RegexMatcher, StringMatcher,
 };
+use std::sync::Arc;
+
 use regex::Regex;
 
 use super::ConfigError;
 
+/// Compiled regexes by pattern. Route tables repeat patterns (a method
+/// list becomes the same regex on thousands of routes) and are converted
+/// again on every change; a compiled `Regex` is shared behind an `Arc` (a
+/// `Regex` clone would get its own match-cache pool), so each
+/// pattern is compiled and held once. Cleared when it grows past a bound.
+static REGEX_CACHE: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<Regex>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+const REGEX_CACHE_MAX: usize = 50_000;
+
+/// Compiles `pattern`, or returns the copy compiled before.
+pub fn cached_regex(pattern: &str) -> Result<Arc<Regex>, regex::Error> {
+    let mut cache = REGEX_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = cache.get(pattern) {
+        return Ok(r.clone());
+    }
+    let r = Arc::new(Regex::new(pattern)?);
+    if cache.len() >= REGEX_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(pattern.to_string(), r.clone());
+    Ok(r)
+}
+
 /// Compiles an Envoy `RegexMatcher` (RE2 syntax; Rust's `regex` accepts the
 /// same language). Envoy matches a regex against the *whole* value, so the
 /// pattern is anchored here.
-pub fn full_regex(m: &RegexMatcher, at: &str) -> Result<Regex, ConfigError> {
-    Regex::new(&format!("^(?:{})$", m.regex))
+pub fn full_regex(m: &RegexMatcher, at: &str) -> Result<Arc<Regex>, ConfigError> {
+    cached_regex(&format!("^(?:{})$", m.regex))
         .map_err(|e| ConfigError::new(at, format!("bad regex {:?}: {e}", m.regex)))
 }
 
@@ -27,7 +54,7 @@ pub fn full_regex(m: &RegexMatcher, at: &str) -> Result<Regex, ConfigError> {
 /// with RE2's `\1` references turned into the `regex` crate's `${1}`.
 #[derive(Debug, Clone)]
 pub struct Substitution {
-    pattern: Regex,
+    pattern: Arc<Regex>,
     replacement: String,
 }
 
@@ -37,7 +64,7 @@ impl Substitution {
         let Some(p) = &m.pattern else {
             return Err(ConfigError::new(at, "regex_rewrite without a pattern"));
         };
-        let pattern = Regex::new(&p.regex)
+        let pattern = cached_regex(&p.regex)
             .map_err(|e| ConfigError::new(at, format!("bad regex {:?}: {e}", p.regex)))?;
         let mut replacement = String::with_capacity(m.substitution.len());
         let mut chars = m.substitution.chars().peekable();
@@ -81,7 +108,7 @@ pub enum StringMatch {
     /// Contains.
     Contains(String, bool),
     /// The whole value matches the regex.
-    Regex(Regex),
+    Regex(Arc<Regex>),
 }
 
 impl StringMatch {

@@ -72,7 +72,7 @@ pub struct Route {
 enum PathMatch {
     Prefix(String),
     Exact(String),
-    Regex(Regex),
+    Regex(Arc<Regex>),
     SeparatedPrefix(String),
 }
 
@@ -572,12 +572,17 @@ fn convert_vhost(
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            convert_route(
-                r,
-                &format!("{at} routes[{i}] ({:?})", r.name),
-                retry.as_ref(),
-                clusters,
-            )
+            // Naming the place costs a string per route; a table has
+            // thousands. Convert unnamed, and only when that fails convert
+            // again (it fails the same way) to say where.
+            convert_route(r, "", retry.as_ref(), clusters).or_else(|_| {
+                convert_route(
+                    r,
+                    &format!("{at} routes[{i}] ({:?})", r.name),
+                    retry.as_ref(),
+                    clusters,
+                )
+            })
         })
         .collect::<Result<_, _>>()?;
     Ok(VirtualHost {

@@ -372,6 +372,9 @@ async fn forward(
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let new_pq = rewrite_path(fwd, route, pq);
     let (parts, body) = req.into_parts();
+    let original_uri = &parts.uri;
+    let original_pq = original_uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut up_uri: Option<http::Uri> = None;
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, upgrade);
     if !cluster.config.http2 {
@@ -389,10 +392,7 @@ async fn forward(
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
     if !headers.contains_key("x-request-id") {
-        let id = format!("{:032x}", fastrand::u128(..));
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            headers.insert("x-request-id", v);
-        }
+        headers.insert("x-request-id", request_id());
     }
     let mut host_value = match &fwd.host_rewrite {
         HostRewrite::Literal(v) => Some(v.clone()),
@@ -482,27 +482,46 @@ async fn forward(
         if let HostRewrite::Auto = fwd.host_rewrite {
             host_value = HeaderValue::from_str(&ep.addr.to_string()).ok();
         }
-        let mut builder = Request::builder().method(parts.method.clone());
-        builder = if cluster.config.http2 {
-            let auth = host_value
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("localhost");
-            builder
-                .uri(format!("http://{auth}{new_pq}"))
-                .version(Version::HTTP_2)
-        } else {
-            builder.uri(new_pq.as_str())
-        };
+        // The URI is built once; a retry clones it (reference-counted).
+        if up_uri.is_none() {
+            let built = if cluster.config.http2 {
+                let auth = host_value
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("localhost");
+                format!("http://{auth}{new_pq}").parse::<http::Uri>()
+            } else if new_pq == original_pq {
+                Ok(http::Uri::from(
+                    original_uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                ))
+            } else {
+                new_pq.parse::<http::Uri>()
+            };
+            match built {
+                Ok(u) => up_uri = Some(u),
+                Err(_) => return Err(local(StatusCode::BAD_REQUEST, "bad request path\n", "DPE")),
+            }
+        }
         let up_body: ReqBody = match (&buffered, body.take()) {
             (Some(b), _) => Either::Right(Full::new(b.clone())),
             (None, Some(b)) => Either::Left(b),
             (None, None) => break, // streamed body already spent
         };
-        let Ok(mut up_req) = builder.body(up_body) else {
-            return Err(local(StatusCode::BAD_REQUEST, "bad request path\n", "DPE"));
+        let mut up_req = Request::new(up_body);
+        *up_req.method_mut() = parts.method.clone();
+        *up_req.uri_mut() = up_uri.clone().unwrap_or_default();
+        if cluster.config.http2 {
+            *up_req.version_mut() = Version::HTTP_2;
+        }
+        // The last try takes the headers; earlier ones copy them.
+        *up_req.headers_mut() = if attempt + 1 == max_tries {
+            std::mem::take(&mut headers)
+        } else {
+            headers.clone()
         };
-        *up_req.headers_mut() = headers.clone();
         if !cluster.config.http2 {
             if let Some(h) = &host_value {
                 up_req.headers_mut().insert(header::HOST, h.clone());
@@ -598,6 +617,18 @@ async fn forward(
         failure.status = StatusCode::BAD_GATEWAY;
     }
     Err(failure)
+}
+
+/// A random 128-bit request id in hex (Envoy generates one per request).
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 15) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Path after the route's rewrite (prefix or regex), query kept.

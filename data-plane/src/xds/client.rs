@@ -80,6 +80,7 @@ pub struct Client {
     /// Last nonce per type on the current SotW stream.
     nonces: HashMap<Ty, String>,
     lds_seen: bool,
+    cache_generation: Arc<std::sync::atomic::AtomicU64>,
     last_rejection: Option<(String, String)>,
 }
 
@@ -97,6 +98,7 @@ impl Client {
             subscribed: HashMap::new(),
             nonces: HashMap::new(),
             lds_seen: false,
+            cache_generation: Arc::default(),
             last_rejection: None,
         }
     }
@@ -157,6 +159,23 @@ impl Client {
 
     /// Stages, checks and applies one update; nothing changes on error.
     fn apply(&mut self, u: Update) -> Result<(), ConfigError> {
+        let started = Instant::now();
+        let ty = u.ty;
+        let count = u.resources.len();
+        let result = self.apply_inner(u);
+        let took = started.elapsed();
+        if took > Duration::from_millis(20) {
+            tracing::info!(
+                type_url = ty.url(),
+                resources = count,
+                ms = took.as_millis() as u64,
+                "slow configuration update"
+            );
+        }
+        result
+    }
+
+    fn apply_inner(&mut self, u: Update) -> Result<(), ConfigError> {
         let mut next = self.state.staged(&u)?;
         next.collect_garbage();
         let mut snap = Snapshot {
@@ -184,7 +203,7 @@ impl Client {
             .map(|(n, i)| (n.clone(), i.value.clone()))
             .collect();
         snap.clusters = self.clusters.update(&configs, &eps);
-        self.state = next;
+        let old_state = std::mem::replace(&mut self.state, next);
         if u.ty == Ty::Listener {
             self.lds_seen = true;
         }
@@ -193,8 +212,11 @@ impl Client {
             self.last_rejection.clone(),
         ));
         let snap = Arc::new(snap);
-        self.shared.snapshot.store(snap.clone());
+        let old_snap = self.shared.snapshot.swap(snap.clone());
         self.listeners.apply(&snap, prepared);
+        // Freeing a large route table takes milliseconds; do it off the
+        // path of the next update and of the workers.
+        tokio::task::spawn_blocking(move || drop((old_snap, old_state)));
         self.shared.stats.xds_update_success.fetch_add(1, Relaxed);
         if self.lds_seen && self.state.complete() && !self.shared.ready.swap(true, Relaxed) {
             tracing::info!(
@@ -203,9 +225,24 @@ impl Client {
                 "initial configuration applied; ready"
             );
         }
-        if let Some(path) = self.cfg.cache.clone() {
+        // Only a complete configuration is worth booting from.
+        if let (Some(path), true) = (
+            self.cfg.cache.clone(),
+            self.lds_seen && self.state.complete(),
+        ) {
             let state = self.state.clone();
-            tokio::task::spawn_blocking(move || cache::save(&path, &state));
+            let generation = self.cache_generation.fetch_add(1, Relaxed) + 1;
+            let written = self.cache_generation.clone();
+            tokio::task::spawn_blocking(move || {
+                // Saves may run out of order; an older one never overwrites
+                // a newer one.
+                static WRITER: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+                let mut last = WRITER.lock().unwrap_or_else(|p| p.into_inner());
+                if generation > *last && generation == written.load(Relaxed) {
+                    cache::save(&path, &state);
+                    *last = generation;
+                }
+            });
         }
         Ok(())
     }

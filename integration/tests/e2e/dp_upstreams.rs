@@ -20,8 +20,16 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
     let env = Env::new(|_| {
         vec![
             service("s", &[&up], json!({})),
-            service("sick", &[&sick], json!({"healthCheck": {"path": "/healthz", "interval": "200ms", "timeout": "100ms", "unhealthyThreshold": 1, "healthyThreshold": 1}})),
-            service("closed", &[], json!({"endpoints": [{"address": "127.0.0.1", "port": portico_integration::dataplane::free_port()}]})),
+            service(
+                "sick",
+                &[&sick],
+                json!({"healthCheck": {"path": "/healthz", "interval": "200ms", "timeout": "100ms", "unhealthyThreshold": 1, "healthyThreshold": 1}}),
+            ),
+            service(
+                "closed",
+                &[],
+                json!({"endpoints": [{"address": "127.0.0.1", "port": portico_integration::dataplane::free_port()}]}),
+            ),
             api(
                 "a",
                 "/a",
@@ -43,12 +51,20 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
     let r = get("/a/flaky/k1/2");
     assert_eq!(r.status, 200, "two 503s retried away: {r:?}");
     assert!(dp.stat("http.upstream_rq_retry") >= 2);
-    assert_eq!(get("/a/once/flaky/k2/1").status, 503, "without a retry policy the 503 passes through");
+    assert_eq!(
+        get("/a/once/flaky/k2/1").status,
+        503,
+        "without a retry policy the 503 passes through"
+    );
 
     let t = Instant::now();
     let r = get("/a/slow/3000");
     assert_eq!(r.status, 504, "{r:?}");
-    assert!(t.elapsed() < Duration::from_secs(2), "the route timeout cut it: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the route timeout cut it: {:?}",
+        t.elapsed()
+    );
     assert!(r.body.contains("upstream request timeout"));
 
     let r = get("/a/reset");
@@ -58,12 +74,18 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
     assert_eq!(r.status, 503, "connect failure: {r:?}");
     assert!(r.body.contains("connection failure"), "{}", r.body);
 
-    let r = wait_for(Duration::from_secs(10), || Some(get("/a/sick")).filter(|r| r.status == 503)).expect("health check marks the endpoint down");
+    let r = wait_for(Duration::from_secs(10), || {
+        Some(get("/a/sick")).filter(|r| r.status == 503)
+    })
+    .expect("health check marks the endpoint down");
     assert!(r.body.contains("no healthy upstream"), "{}", r.body);
     let (_, clusters) = dp.admin_get("/clusters");
     assert!(clusters.contains("failed_active_hc"), "{clusters}");
     sick.unhealthy.store(false, Ordering::Relaxed);
-    wait_for(Duration::from_secs(10), || (get("/a/sick").status == 200).then_some(())).expect("and back up when it passes");
+    wait_for(Duration::from_secs(10), || {
+        (get("/a/sick").status == 200).then_some(())
+    })
+    .expect("and back up when it passes");
 }
 
 #[test]
@@ -73,18 +95,34 @@ fn outlier_detection_ejects_a_failing_endpoint() {
     bad.failing.store(true, Ordering::Relaxed);
     let env = Env::new(|_| {
         vec![
-            service("s", &[&good, &bad], json!({"outlierDetection": {"consecutive5xx": 3, "baseEjectionTime": "30s", "maxEjectionPercent": 50}})),
-            api("a", "/a", &[], json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}])),
+            service(
+                "s",
+                &[&good, &bad],
+                json!({"outlierDetection": {"consecutive5xx": 3, "baseEjectionTime": "30s", "maxEjectionPercent": 50}}),
+            ),
+            api(
+                "a",
+                "/a",
+                &[],
+                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
+            ),
         ]
     });
     let _dp = env.dp("dp1", &[]);
     let mut fails = 0;
     for _ in 0..20 {
-        if http1(env.port, "GET", "/a/x", "gw", &[], "").expect("request").status == 500 {
+        if http1(env.port, "GET", "/a/x", "gw", &[], "")
+            .expect("request")
+            .status
+            == 500
+        {
             fails += 1;
         }
     }
-    assert!(fails <= 3, "after 3 consecutive 5xx the endpoint is ejected; saw {fails} failures");
+    assert!(
+        fails <= 3,
+        "after 3 consecutive 5xx the endpoint is ejected; saw {fails} failures"
+    );
     for _ in 0..10 {
         let r = http1(env.port, "GET", "/a/x", "gw", &[], "").expect("request");
         assert_eq!(r.header("x-upstream"), Some("good"));
@@ -94,7 +132,17 @@ fn outlier_detection_ejects_a_failing_endpoint() {
 #[test]
 fn bad_requests_get_clear_answers_and_cost_nothing_else() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| vec![service("s", &[&up], json!({})), api("a", "/a", &[], json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]))]);
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api(
+                "a",
+                "/a",
+                &[],
+                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
+            ),
+        ]
+    });
     let dp = env.dp("dp1", &[]);
     let port = env.port;
 
@@ -111,19 +159,24 @@ fn bad_requests_get_clear_answers_and_cost_nothing_else() {
             }
         }
         let mut buf = Vec::new();
-        s.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
         let _ = s.read_to_end(&mut buf);
         (start.elapsed(), String::from_utf8_lossy(&buf).into_owned())
     });
 
     let r = raw(port, b"GARBAGE\r\n\r\n").expect("answer");
     assert_eq!(r.status, 400, "malformed: {r:?}");
-    let big = format!("GET /a/x HTTP/1.1\r\nHost: gw\r\nx-big: {}\r\n\r\n", "a".repeat(100 * 1024));
+    let big = format!(
+        "GET /a/x HTTP/1.1\r\nHost: gw\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
     let r = raw(port, big.as_bytes()).expect("answer");
     assert_eq!(r.status, 431, "headers too large: {r:?}");
     let smuggle = b"POST /a/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /a/admin HTTP/1.1\r\nHost: gw\r\n\r\n";
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     s.write_all(smuggle).expect("write");
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
@@ -132,24 +185,55 @@ fn bad_requests_get_clear_answers_and_cost_nothing_else() {
     // Content-Length and closes after answering (RFC 9112 section 6.1),
     // so the smuggled request behind it is never served. The issue asks
     // for a 400 here; see the note in BENCHMARKS.md/issue notes.
-    assert!(!r.body.contains("content-length: 4"), "the conflicting length never reaches the upstream: {r:?}");
-    assert_eq!(String::from_utf8_lossy(&out).matches("HTTP/1.1 ").count(), 1, "one answer, then the connection closes: {r:?}");
-    assert!(!String::from_utf8_lossy(&out).contains("/a/admin"), "the smuggled request is not served");
+    assert!(
+        !r.body.contains("content-length: 4"),
+        "the conflicting length never reaches the upstream: {r:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out).matches("HTTP/1.1 ").count(),
+        1,
+        "one answer, then the connection closes: {r:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out).contains("/a/admin"),
+        "the smuggled request is not served"
+    );
 
     // Other clients are served all along.
     for _ in 0..20 {
-        assert_eq!(http1(port, "GET", "/a/x", "gw", &[], "").expect("request").status, 200);
+        assert_eq!(
+            http1(port, "GET", "/a/x", "gw", &[], "")
+                .expect("request")
+                .status,
+            200
+        );
     }
     let (elapsed, answer) = trickler.join().expect("trickler");
-    assert!(elapsed < Duration::from_secs(15), "the header timeout cut the trickler off after {elapsed:?}");
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "the header timeout cut the trickler off after {elapsed:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer:?}"
+    );
     assert_eq!(dp.admin_get("/ready").0, 200);
 }
 
 #[test]
 fn admin_endpoints_and_bootstrap_file() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| vec![service("s", &[&up], json!({})), api("a", "/a", &[], json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]))]);
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api(
+                "a",
+                "/a",
+                &[],
+                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
+            ),
+        ]
+    });
     let (host, xport) = env.cp.xds_addr.rsplit_once(':').expect("addr");
     let bootstrap = format!(
         "node: {{id: boot-1, cluster: edge}}\n\
@@ -157,24 +241,50 @@ fn admin_endpoints_and_bootstrap_file() {
          static_resources:\n  clusters:\n  - name: xds\n    type: STATIC\n    load_assignment: {{cluster_name: xds, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {xport}}}}}}}}}]}}]}}\n"
     );
     let file = super::file(env.dir.path(), "bootstrap.yaml", &bootstrap);
-    let dp = portico_integration::dataplane::DataPlane::spawn(env.dir.path(), "boot", &["--bootstrap", &file]);
+    let dp = portico_integration::dataplane::DataPlane::spawn(
+        env.dir.path(),
+        "boot",
+        &["--bootstrap", &file],
+    );
     dp.wait_ready();
-    assert_eq!(http1(env.port, "GET", "/a/x", "gw", &[], "").expect("request").status, 200, "a SotW node from an Envoy bootstrap serves");
+    assert_eq!(
+        http1(env.port, "GET", "/a/x", "gw", &[], "")
+            .expect("request")
+            .status,
+        200,
+        "a SotW node from an Envoy bootstrap serves"
+    );
     let (_, stats) = dp.admin_get("/stats");
     assert!(stats.contains("cluster.s.upstream_rq_total: 1"), "{stats}");
     let (_, prom) = dp.admin_get("/stats/prometheus");
-    assert!(prom.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"s\"} 1"), "{prom}");
+    assert!(
+        prom.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"s\"} 1"),
+        "{prom}"
+    );
     let (_, dump) = dp.admin_get("/config_dump");
     let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
-    assert!(dump["configs"].as_array().is_some_and(|c| c.len() == 4), "{dump}");
+    assert!(
+        dump["configs"].as_array().is_some_and(|c| c.len() == 4),
+        "{dump}"
+    );
     let (_, clusters) = dp.admin_get("/clusters");
-    assert!(clusters.contains(&format!("s::{}::health_flags::healthy", up.addr)), "{clusters}");
+    assert!(
+        clusters.contains(&format!("s::{}::health_flags::healthy", up.addr)),
+        "{clusters}"
+    );
     let nodes = env.cp.api("GET", "/api/v1/nodes", None).body;
     assert!(nodes.contains("boot-1"), "{nodes}");
 
     // Unknown bootstrap fields are named and stop the start.
-    let bad = super::file(env.dir.path(), "bad.yaml", &format!("{bootstrap}tracing: {{}}\n"));
-    let out = std::process::Command::new(portico_integration::bin("portico-dp")).args(["--bootstrap", &bad]).output().expect("run");
+    let bad = super::file(
+        env.dir.path(),
+        "bad.yaml",
+        &format!("{bootstrap}tracing: {{}}\n"),
+    );
+    let out = std::process::Command::new(portico_integration::bin("portico-dp"))
+        .args(["--bootstrap", &bad])
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unsupported field(s): tracing"), "{err}");
