@@ -82,12 +82,38 @@ fn main() -> anyhow::Result<()> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("worker")
+    // The control thread runs the xDS client, health checks and DNS; the
+    // workers run only listeners and requests.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let mut handles = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
+                rt.block_on(std::future::pending::<()>());
+            })
+            .context("starting a worker thread")?;
+        handles.push(
+            rx.recv()
+                .context("worker thread died")?
+                .context("worker runtime")?,
+        );
+    }
     let shared = Arc::new(Shared::default());
     let admin = portico_dp::admin::start(admin_addr, shared.clone())
         .with_context(|| format!("admin listener on {admin_addr}"))?;
@@ -103,7 +129,7 @@ fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %id, group = %group, server = %cfg.server, delta, workers, "starting");
     rt.block_on(async move {
-        tokio::spawn(Client::new(cfg, shared).run());
+        tokio::spawn(Client::new(cfg, shared, portico_dp::proxy::Workers(handles)).run());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

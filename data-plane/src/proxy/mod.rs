@@ -33,17 +33,27 @@ struct Running {
     drain: tokio::sync::watch::Sender<bool>,
 }
 
+/// The worker threads that serve traffic: one single-threaded runtime
+/// each, like nginx's worker processes. Every listener is bound once per
+/// worker with `SO_REUSEPORT`, so the kernel spreads connections and a
+/// connection lives on one thread from accept to close (no work stealing,
+/// no cross-thread wake-ups on the request path).
+#[derive(Clone)]
+pub struct Workers(pub Vec<tokio::runtime::Handle>);
+
 /// Starts, updates and drains listeners.
 pub struct ListenerManager {
     shared: Arc<Shared>,
+    workers: Workers,
     running: HashMap<Arc<str>, Running>,
 }
 
 impl ListenerManager {
     /// No listeners yet.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, workers: Workers) -> Self {
         ListenerManager {
             shared,
+            workers,
             running: HashMap::new(),
         }
     }
@@ -64,7 +74,7 @@ impl ListenerManager {
             if reuse || held_by_other {
                 continue;
             }
-            let sock = bind(l.address).map_err(|e| {
+            let sock = bind_all(l.address, self.workers.0.len()).map_err(|e| {
                 ConfigError::new(
                     &format!("Listener {name:?}"),
                     format!("cannot listen on {}: {e}", l.address),
@@ -116,7 +126,7 @@ impl ListenerManager {
             }
             let sock = match prepared.bound.remove(name) {
                 Some(s) => s,
-                None => match bind(l.address) {
+                None => match bind_all(l.address, self.workers.0.len()) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(listener = %name, addr = %l.address, error = %e, "cannot listen");
@@ -127,7 +137,14 @@ impl ListenerManager {
             let runtime = Arc::new(ArcSwap::new(rt));
             let (drain, drained) = tokio::sync::watch::channel(false);
             tracing::info!(listener = %name, addr = %l.address, "listening");
-            server::spawn(sock, runtime.clone(), self.shared.clone(), drained);
+            for (socket, worker) in sock.into_iter().zip(&self.workers.0) {
+                worker.spawn(server::serve(
+                    socket,
+                    runtime.clone(),
+                    self.shared.clone(),
+                    drained.clone(),
+                ));
+            }
             self.running.insert(
                 name.clone(),
                 Running {
@@ -150,7 +167,12 @@ impl ListenerManager {
 
 /// Sockets bound for an update that has not been applied yet.
 pub struct Prepared {
-    bound: HashMap<Arc<str>, std::net::TcpListener>,
+    bound: HashMap<Arc<str>, Vec<std::net::TcpListener>>,
+}
+
+/// One socket per worker on the same address.
+fn bind_all(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    (0..n.max(1)).map(|_| bind(addr)).collect()
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -162,6 +184,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
     sock.set_nodelay(true)?;
     sock.bind(addr)?;
     let l = sock.listen(4096)?;

@@ -16,13 +16,13 @@ use super::ListenerRuntime;
 use crate::config::listener::Codec;
 use crate::snapshot::Shared;
 
-pub(super) fn spawn(
+pub(super) async fn serve(
     sock: std::net::TcpListener,
     runtime: Arc<ArcSwap<ListenerRuntime>>,
     shared: Arc<Shared>,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
-    tokio::spawn(async move {
+    {
         let listener = match sock
             .set_nonblocking(true)
             .and_then(|_| TcpListener::from_std(sock))
@@ -111,5 +111,5 @@ pub(super) fn spawn(
             tracing::info!("drain timeout reached; closing remaining connections");
         }
         let _ = kill.send(true);
-    });
+    }
 }

@@ -27,7 +27,7 @@ use super::cache;
 use super::dump::ConfigDump;
 use super::state::{State, Ty, Update};
 use crate::config::ConfigError;
-use crate::proxy::ListenerManager;
+use crate::proxy::{ListenerManager, Workers};
 use crate::snapshot::{Shared, Snapshot};
 use crate::upstream::ClusterManager;
 
@@ -88,9 +88,9 @@ type Error = String;
 
 impl Client {
     /// A client that has applied nothing yet.
-    pub fn new(cfg: ClientConfig, shared: Arc<Shared>) -> Self {
+    pub fn new(cfg: ClientConfig, shared: Arc<Shared>, workers: Workers) -> Self {
         Client {
-            listeners: ListenerManager::new(shared.clone()),
+            listeners: ListenerManager::new(shared.clone(), workers),
             cfg,
             shared,
             clusters: ClusterManager::default(),
