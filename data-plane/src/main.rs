@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use portico_dp::bootstrap::Bootstrap;
+use portico_dp::config::listener::LogTarget;
 use portico_dp::snapshot::Shared;
 use portico_dp::xds::client::{node, Client, ClientConfig};
 
@@ -38,6 +39,10 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Write a JSON access log line per request here ("-" for stdout), on
+    /// every listener (listeners may also name their own in the config).
+    #[arg(long)]
+    access_log: Option<PathBuf>,
     /// Keep the last good configuration here and boot from it when the
     /// control plane is unreachable.
     #[arg(long)]
@@ -126,6 +131,17 @@ fn main() -> anyhow::Result<()> {
         node: node(&id, &group),
         delta,
         cache: args.config_cache.clone(),
+        access_logs: args
+            .access_log
+            .iter()
+            .map(|p| {
+                if p.as_os_str() == "-" {
+                    LogTarget::Stdout
+                } else {
+                    LogTarget::File(p.clone())
+                }
+            })
+            .collect(),
     };
     tracing::info!(node = %id, group = %group, server = %cfg.server, delta, workers, "starting");
     rt.block_on(async move {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::access_log::Sink;
-use crate::config::listener::ListenerConfig;
+use crate::config::listener::{ListenerConfig, LogTarget};
 use crate::config::ConfigError;
 use crate::snapshot::{Shared, Snapshot};
 
@@ -45,15 +45,18 @@ pub struct Workers(pub Vec<tokio::runtime::Handle>);
 pub struct ListenerManager {
     shared: Arc<Shared>,
     workers: Workers,
+    /// Access logs every listener writes to, besides its own.
+    extra_logs: Vec<LogTarget>,
     running: HashMap<Arc<str>, Running>,
 }
 
 impl ListenerManager {
     /// No listeners yet.
-    pub fn new(shared: Arc<Shared>, workers: Workers) -> Self {
+    pub fn new(shared: Arc<Shared>, workers: Workers, extra_logs: Vec<LogTarget>) -> Self {
         ListenerManager {
             shared,
             workers,
+            extra_logs,
             running: HashMap::new(),
         }
     }
@@ -83,7 +86,7 @@ impl ListenerManager {
             bound.insert(name.clone(), sock);
         }
         for l in snap.listeners.values() {
-            for t in &l.access_logs {
+            for t in l.access_logs.iter().chain(&self.extra_logs) {
                 self.shared.access_logs.sink(t).map_err(|e| {
                     ConfigError::new(
                         &format!("Listener {:?} access_log", l.name),
@@ -114,6 +117,7 @@ impl ListenerManager {
             let sinks = l
                 .access_logs
                 .iter()
+                .chain(&self.extra_logs)
                 .filter_map(|t| self.shared.access_logs.sink(t).ok())
                 .collect();
             let rt = Arc::new(ListenerRuntime {

@@ -42,6 +42,8 @@ pub struct ClientConfig {
     pub delta: bool,
     /// Where to keep the last good configuration, if anywhere.
     pub cache: Option<PathBuf>,
+    /// Access logs for every listener, besides those the config names.
+    pub access_logs: Vec<crate::config::listener::LogTarget>,
 }
 
 /// The node identity Portico's data plane sends.
@@ -90,7 +92,7 @@ impl Client {
     /// A client that has applied nothing yet.
     pub fn new(cfg: ClientConfig, shared: Arc<Shared>, workers: Workers) -> Self {
         Client {
-            listeners: ListenerManager::new(shared.clone(), workers),
+            listeners: ListenerManager::new(shared.clone(), workers, cfg.access_logs.clone()),
             cfg,
             shared,
             clusters: ClusterManager::default(),

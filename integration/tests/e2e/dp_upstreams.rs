@@ -289,3 +289,74 @@ fn admin_endpoints_and_bootstrap_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unsupported field(s): tracing"), "{err}");
 }
+
+#[test]
+fn access_log_lines_carry_envoy_fields_route_and_cluster() {
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api(
+                "a",
+                "/a",
+                &[],
+                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
+            ),
+        ]
+    });
+    let log = env.dir.path().join("access.log");
+    let log_arg = log.display().to_string();
+    let _dp = env.dp("dp1", &["--access-log", &log_arg]);
+    let r = http1(
+        env.port,
+        "GET",
+        "/a/x?q=1",
+        "gw",
+        &[("user-agent", "test-agent"), ("x-request-id", "rid-1")],
+        "",
+    )
+    .expect("request");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        http1(env.port, "GET", "/nope", "gw", &[], "")
+            .expect("request")
+            .status,
+        404
+    );
+    let lines = wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        lines
+            .iter()
+            .any(|l| l["request_id"] == "rid-1")
+            .then_some(lines)
+    })
+    .expect("access log lines");
+    let ok = lines
+        .iter()
+        .find(|l| l["request_id"] == "rid-1")
+        .expect("line");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/a/x?q=1");
+    assert_eq!(ok["protocol"], "HTTP/1.1");
+    assert_eq!(ok["response_code"], 200);
+    assert_eq!(ok["user_agent"], "test-agent");
+    assert_eq!(ok["upstream_cluster"], "s");
+    assert_eq!(ok["route_name"], "a/all");
+    assert_eq!(ok["upstream_host"], up.addr.to_string());
+    assert!(ok["bytes_sent"].as_u64().is_some_and(|b| b > 0), "{ok}");
+    assert!(
+        ok["start_time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{ok}"
+    );
+    wait_for(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.lines()
+            .any(|l| l.contains("\"response_flags\":\"NR\"") && l.contains("\"response_code\":404"))
+            .then_some(())
+    })
+    .expect("the 404 is logged with flag NR");
+}
