@@ -360,3 +360,71 @@ fn access_log_lines_carry_envoy_fields_route_and_cluster() {
     })
     .expect("the 404 is logged with flag NR");
 }
+
+#[test]
+fn weights_circuit_breakers_and_http2_upstreams() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let env = Env::new(|_| {
+        vec![
+            service("a", &[&a], json!({})),
+            service("b", &[&b], json!({})),
+            service("h2", &[&a], json!({"protocol": "http2"})),
+            service(
+                "tight",
+                &[&a],
+                json!({"circuitBreaker": {"maxRequests": 1}}),
+            ),
+            service("lr", &[&a, &b], json!({"loadBalancing": "least_request"})),
+            api(
+                "w",
+                "/w",
+                &[],
+                json!([
+                    {"name": "split", "match": {"path": "/split"}, "action": {"services": [{"name": "a", "weight": 80}, {"name": "b", "weight": 20}]}},
+                    {"name": "h2", "match": {"path": "/h2"}, "action": {"service": "h2"}},
+                    {"name": "tight", "match": {"path": "/tight"}, "action": {"service": "tight"}},
+                    {"name": "lr", "match": {"path": "/lr"}, "action": {"service": "lr"}}
+                ]),
+            ),
+        ]
+    });
+    let _dp = env.dp("dp1", &[]);
+    let get = |p: &str| http1(env.port, "GET", p, "gw", &[], "").expect("request");
+
+    let mut to_a = 0;
+    for _ in 0..200 {
+        if get("/w/split").header("x-upstream") == Some("a") {
+            to_a += 1;
+        }
+    }
+    assert!(
+        (130..=190).contains(&to_a),
+        "80/20 split: {to_a} of 200 went to a"
+    );
+
+    // The HTTP/1.1 client's request reaches the upstream over HTTP/2.
+    let r = get("/w/h2/x");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.starts_with("GET /w/h2/x\n"), "{}", r.body);
+
+    // max_requests 1: a second request while one is in flight overflows.
+    let port = env.port;
+    let slow = std::thread::spawn(move || {
+        http1(port, "GET", "/w/tight/slow/800", "gw", &[], "").expect("request")
+    });
+    // Let the slow request take the only slot first.
+    std::thread::sleep(Duration::from_millis(300));
+    let overflow = wait_for(Duration::from_secs(5), || {
+        Some(get("/w/tight/x")).filter(|r| r.status == 503)
+    });
+    let r = overflow.expect("a 503 while the slow request holds the only slot");
+    assert!(r.body.contains("overflow"), "{}", r.body);
+    assert_eq!(slow.join().expect("thread").status, 200);
+
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(get("/w/lr").header("x-upstream").unwrap_or("").to_string());
+    }
+    assert_eq!(seen.len(), 2, "least request uses both endpoints: {seen:?}");
+}
