@@ -388,14 +388,6 @@ impl Edits {
         })
     }
 
-    /// Whether there is nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.request_add.is_empty()
-            && self.request_remove.is_empty()
-            && self.response_add.is_empty()
-            && self.response_remove.is_empty()
-    }
-
     /// Applies the request edits.
     pub fn apply_request(&self, h: &mut HeaderMap) {
         apply(h, &self.request_remove, &self.request_add);

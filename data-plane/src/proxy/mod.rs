@@ -159,14 +159,6 @@ impl ListenerManager {
             );
         }
     }
-
-    /// Addresses of running listeners.
-    pub fn addresses(&self) -> Vec<(Arc<str>, SocketAddr)> {
-        self.running
-            .iter()
-            .map(|(n, r)| (n.clone(), r.addr))
-            .collect()
-    }
 }
 
 /// Sockets bound for an update that has not been applied yet.

@@ -290,31 +290,40 @@ impl Client {
         Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(256 << 20))
     }
 
+    /// What a new stream asks for first, in make-before-break order:
+    /// wildcard CDS and LDS, and the EDS/RDS names already needed (so a
+    /// reconnect resumes where the last stream left off). Records the
+    /// non-wildcard subscriptions.
+    fn initial_subscriptions(&mut self) -> Vec<(Ty, BTreeSet<String>)> {
+        self.subscribed.clear();
+        self.nonces.clear();
+        let mut out = Vec::new();
+        for ty in Ty::ALL {
+            if ty.wildcard() {
+                out.push((ty, BTreeSet::new()));
+                continue;
+            }
+            let names = self.state.wanted(ty);
+            if !names.is_empty() {
+                self.subscribed.insert(ty, names.clone());
+                out.push((ty, names));
+            }
+        }
+        out
+    }
+
     async fn delta_session(&mut self) -> Result<(), Error> {
         let mut client = self.connect().await?;
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
-        self.subscribed.clear();
-        for ty in Ty::ALL {
-            let names = if ty.wildcard() {
-                BTreeSet::new()
-            } else {
-                self.state.wanted(ty)
-            };
-            if !ty.wildcard() && names.is_empty() {
-                continue;
-            }
-            let versions = self.state.versions(ty);
+        for (ty, names) in self.initial_subscriptions() {
             let req = DeltaDiscoveryRequest {
                 node: (ty == Ty::Cluster).then(|| self.cfg.node.clone()),
                 type_url: ty.url().into(),
-                resource_names_subscribe: names.iter().cloned().collect(),
-                initial_resource_versions: versions,
+                resource_names_subscribe: names.into_iter().collect(),
+                initial_resource_versions: self.state.versions(ty),
                 ..Default::default()
             };
             let _ = tx.send(req).await;
-            if !ty.wildcard() {
-                self.subscribed.insert(ty, names);
-            }
         }
         let mut stream = client
             .delta_aggregated_resources(ReceiverStream::new(rx))
@@ -324,11 +333,7 @@ impl Client {
         self.shared.xds_connected.store(true, Relaxed);
         tracing::info!(server = %self.cfg.server, "xDS stream (Delta) established");
         loop {
-            let resp = match stream.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Err("the server closed the stream".into()),
-                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
-            };
+            let resp = next_message(stream.message().await)?;
             let Some(ty) = Ty::from_url(&resp.type_url) else {
                 let _ = tx
                     .send(DeltaDiscoveryRequest {
@@ -387,21 +392,11 @@ impl Client {
     async fn sotw_session(&mut self) -> Result<(), Error> {
         let mut client = self.connect().await?;
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
-        self.subscribed.clear();
-        self.nonces.clear();
-        for ty in Ty::ALL {
-            let names = if ty.wildcard() {
-                BTreeSet::new()
-            } else {
-                self.state.wanted(ty)
-            };
-            if !ty.wildcard() && names.is_empty() {
-                continue;
-            }
+        for (ty, names) in self.initial_subscriptions() {
             let req = DiscoveryRequest {
                 node: (ty == Ty::Cluster).then(|| self.cfg.node.clone()),
                 type_url: ty.url().into(),
-                resource_names: names.iter().cloned().collect(),
+                resource_names: names.into_iter().collect(),
                 version_info: self
                     .state
                     .sotw_versions
@@ -411,9 +406,6 @@ impl Client {
                 ..Default::default()
             };
             let _ = tx.send(req).await;
-            if !ty.wildcard() {
-                self.subscribed.insert(ty, names);
-            }
         }
         let mut stream = client
             .stream_aggregated_resources(ReceiverStream::new(rx))
@@ -423,11 +415,7 @@ impl Client {
         self.shared.xds_connected.store(true, Relaxed);
         tracing::info!(server = %self.cfg.server, "xDS stream (SotW) established");
         loop {
-            let resp = match stream.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Err("the server closed the stream".into()),
-                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
-            };
+            let resp = next_message(stream.message().await)?;
             let Some(ty) = Ty::from_url(&resp.type_url) else {
                 continue;
             };
@@ -495,5 +483,14 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// The next response on a stream, or why the stream ended.
+fn next_message<T>(r: Result<Option<T>, tonic::Status>) -> Result<T, Error> {
+    match r {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err("the server closed the stream".into()),
+        Err(s) => Err(format!("{}: {}", s.code(), s.message())),
     }
 }

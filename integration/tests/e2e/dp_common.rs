@@ -164,6 +164,27 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An h2c (prior knowledge) connection to the gateway, driven by its own
+/// task.
+pub async fn h2_sender<B>(port: u16) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    tx
+}
+
 /// One h2c (prior knowledge) request.
 pub async fn h2(
     port: u16,
@@ -173,16 +194,7 @@ pub async fn h2(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Resp {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut tx = h2_sender(port).await;
     let mut req = hyper::Request::builder()
         .method(method)
         .uri(format!("http://{host}{path}"))

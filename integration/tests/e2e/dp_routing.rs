@@ -192,16 +192,7 @@ fn grpc_streams_with_trailers_and_websocket_upgrades() {
     // gRPC over h2c, client streaming three messages; each comes back as
     // it is sent (the upstream echoes frames), then the trailers.
     rt().block_on(async {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
-            .await
-            .expect("connect");
-        let (mut tx, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("handshake");
-        tokio::spawn(conn);
+        let mut tx = super::dp_common::h2_sender(env.port).await;
         let (btx, brx) = tokio::sync::mpsc::channel::<
             Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
         >(4);
