@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{Guard, ResponseBody, Upstream};
+use super::framing::Verdict;
 use super::ListenerRuntime;
 use crate::access_log::Record;
 use crate::config::listener::Routes;
@@ -41,6 +42,10 @@ pub struct Conn {
     pub listener: Arc<ArcSwap<ListenerRuntime>>,
     /// The client.
     pub peer: SocketAddr,
+    /// What the HTTP/1.1 framing scan found on this connection.
+    pub framing: Arc<Verdict>,
+    /// HTTP/1.x requests handled so far on this connection.
+    pub requests: AtomicU32,
 }
 
 /// A request's outcome before it becomes a response.
@@ -160,6 +165,18 @@ async fn route_request(
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let stats = &conn.shared.stats;
+    if req.version() <= Version::HTTP_11 {
+        let n = conn.requests.fetch_add(1, Relaxed) + 1;
+        if conn.framing.is_conflicting(n) {
+            // hyper has already dropped the Content-Length and will close
+            // the connection after this answer.
+            return Err(local(
+                StatusCode::BAD_REQUEST,
+                "both Content-Length and Transfer-Encoding\n",
+                "DPE",
+            ));
+        }
+    }
     let Some(host) = authority(&req) else {
         return Err(local(
             StatusCode::BAD_REQUEST,

@@ -5,6 +5,7 @@
 //! (HTTP/1.1 and h2c) and each request by [`handler::handle`].
 
 pub mod body;
+pub mod framing;
 pub mod handler;
 mod server;
 

@@ -1,6 +1,6 @@
 //! The accept loop and connection serving for one listener.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use super::framing::{Scanned, Verdict};
 use super::handler::{handle, Conn};
 use super::ListenerRuntime;
 use crate::config::listener::Codec;
@@ -75,10 +76,13 @@ pub(super) async fn serve(
                 Codec::Http1 => builder.http1_only(),
                 Codec::Http2 => builder.http2_only(),
             };
+            let framing = Arc::new(Verdict::default());
             let conn = Arc::new(Conn {
                 shared: shared.clone(),
                 listener: runtime.clone(),
                 peer,
+                framing: framing.clone(),
+                requests: AtomicU32::new(0),
             });
             let stats = shared.stats.clone();
             let mut killed = killed.clone();
@@ -86,7 +90,10 @@ pub(super) async fn serve(
             stats.downstream_cx_active.fetch_add(1, Relaxed);
             let service = service_fn(move |req| handle(conn.clone(), req));
             let served = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(
+                    TokioIo::new(Scanned::new(stream, framing)),
+                    service,
+                )
                 .into_owned();
             let served = graceful.watch(served);
             tokio::spawn(async move {
