@@ -271,6 +271,7 @@ impl StateService {
                 return Err(WriteError::Invalid(problems));
             }
             let changes = diff(&base.state, &next);
+            share_unchanged(&base.state, &mut next);
             Ok((next, changes))
         })
         .await?;
@@ -315,6 +316,19 @@ impl StateService {
             committed: Some(info),
             changes,
         })
+    }
+}
+
+/// Points every document of `next` equal to its counterpart in `old` at
+/// that same `Arc`, so later stages (the xDS rendering cache) see an
+/// unchanged document as the same pointer.
+fn share_unchanged(old: &DesiredState, next: &mut DesiredState) {
+    for (key, res) in next.iter_mut() {
+        if let Some(prev) = old.get(key) {
+            if !Arc::ptr_eq(prev, res) && prev == res {
+                *res = prev.clone();
+            }
+        }
     }
 }
 

@@ -83,7 +83,10 @@ fn pct(v: &[f64], p: f64) -> f64 {
 
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::start(&dir.path().join("cp"));
+    let cp = ControlPlane::start_with(
+        &dir.path().join("cp"),
+        &[("PORTICO_LOG", "warn,portico_cp::xds=info")],
+    );
     let up = Upstream::start("origin");
     let port = free_port();
     let gateway_only = vec![state(port, up.addr.port(), None)[0].clone()];
@@ -139,6 +142,14 @@ fn main() {
         .logs()
         .lines()
         .filter(|l| l.contains("slow configuration update"))
+        .take(8)
+    {
+        eprintln!("{l}");
+    }
+    let cp_log = std::fs::read_to_string(dir.path().join("cp").join("cp.log")).unwrap_or_default();
+    for l in cp_log
+        .lines()
+        .filter(|l| l.contains("slow xDS rendering"))
         .take(8)
     {
         eprintln!("{l}");

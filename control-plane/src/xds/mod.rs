@@ -34,19 +34,29 @@ use resources::XdsSnapshot;
 pub fn spawn_translator(state: &StateService) -> watch::Receiver<Arc<XdsSnapshot>> {
     let mut desired = state.subscribe();
     let first = desired.borrow_and_update().clone();
-    let (tx, rx) = watch::channel(Arc::new(translate::translate(
-        &first.state,
-        first.revision.0,
-    )));
+    let mut translator = translate::Translator::default();
+    let (tx, rx) = watch::channel(Arc::new(translator.render(&first.state, first.revision.0)));
     tokio::spawn(async move {
         while desired.changed().await.is_ok() {
             let snap = desired.borrow_and_update().clone();
+            let mut t = std::mem::take(&mut translator);
             let rendered = tokio::task::spawn_blocking(move || {
-                translate::translate(&snap.state, snap.revision.0)
+                let started = std::time::Instant::now();
+                let out = t.render(&snap.state, snap.revision.0);
+                let took = started.elapsed();
+                if took > std::time::Duration::from_millis(10) {
+                    tracing::info!(
+                        revision = snap.revision.0,
+                        ms = took.as_millis() as u64,
+                        "slow xDS rendering"
+                    );
+                }
+                (out, t)
             })
             .await;
             match rendered {
-                Ok(r) => {
+                Ok((r, t)) => {
+                    translator = t;
                     tx.send_replace(Arc::new(r));
                 }
                 Err(e) => tracing::error!(error = %e, "translating the desired state failed"),

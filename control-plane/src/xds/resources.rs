@@ -94,16 +94,18 @@ pub struct XdsResource {
 impl XdsResource {
     /// Encodes `msg` and versions it by content.
     pub fn new<M: Message + Name>(name: &str, msg: &M) -> Arc<XdsResource> {
-        let value = msg.encode_to_vec();
+        Self::from_encoded(name, M::type_url(), msg.encode_to_vec())
+    }
+
+    /// A resource already encoded (its type's `type_url` and bytes),
+    /// versioned by content.
+    pub fn from_encoded(name: &str, type_url: String, value: Vec<u8>) -> Arc<XdsResource> {
         let digest = Sha256::digest(&value);
         let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         Arc::new(XdsResource {
             name: name.into(),
             version: version.into(),
-            body: Any {
-                type_url: M::type_url(),
-                value,
-            },
+            body: Any { type_url, value },
         })
     }
 }

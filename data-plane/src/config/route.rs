@@ -5,6 +5,7 @@
 #![allow(deprecated)]
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use portico_proto::envoy::config::route::v3::{
     RetryPolicy as PbRetryPolicy, Route as PbRoute, RouteConfiguration,
     VirtualHost as PbVirtualHost,
 };
+use prost::Message;
 use regex::Regex;
 
 use super::matcher::{full_regex, HeaderMatch, QueryMatch, RequestHead, Substitution};
@@ -31,7 +33,10 @@ use super::{duration, ConfigError};
 pub struct RouteTable {
     /// The resource name.
     pub name: Arc<str>,
-    vhosts: Vec<VirtualHost>,
+    vhosts: Vec<Arc<VirtualHost>>,
+    /// Where each virtual host's encoding was in the bytes the table was
+    /// decoded from (empty when converted from a message).
+    spans: Vec<Range<usize>>,
     exact: HashMap<String, usize>,
     /// `*SUFFIX` domains, longest suffix first.
     suffix: Vec<(String, usize)>,
@@ -50,6 +55,10 @@ pub struct RouteTable {
 pub struct VirtualHost {
     /// Its name, for stats and logs.
     pub name: Arc<str>,
+    /// The host names it serves.
+    pub domains: Vec<String>,
+    /// Every cluster its routes name, sorted, once each.
+    pub clusters: Vec<Arc<str>>,
     /// Routes in order.
     pub routes: Vec<Route>,
     /// Header edits of the virtual host.
@@ -434,6 +443,88 @@ impl RouteTable {
     /// Converts a route configuration; every error names the place.
     pub fn convert(rc: &RouteConfiguration) -> Result<Self, ConfigError> {
         let at = format!("RouteConfiguration {:?}", rc.name);
+        let vhosts = rc
+            .virtual_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, vh)| convert_vhost(vh, &vhost_place(&at, i, &vh.name)).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::assemble(rc, at, vhosts, Vec::new())
+    }
+
+    /// Decodes and converts an encoded route configuration. Virtual hosts
+    /// whose encoding is byte for byte one of `previous`'s (the table this
+    /// one replaces, and the bytes it came from) are shared with it rather
+    /// than converted again: a one-route change to a table of thousands
+    /// converts one virtual host. `resource` names the resource in errors
+    /// found before its own name is read.
+    pub fn decode(
+        resource: &str,
+        bytes: &[u8],
+        previous: Option<(&RouteTable, &[u8])>,
+    ) -> Result<Self, ConfigError> {
+        let undecodable = |why: String| {
+            ConfigError::new(
+                &format!("RouteConfiguration {resource:?}"),
+                format!("cannot decode: {why}"),
+            )
+        };
+        let fields =
+            split_virtual_hosts(bytes).ok_or_else(|| undecodable("malformed protobuf".into()))?;
+        // Everything but the virtual hosts, decoded as usual.
+        let rc = RouteConfiguration::decode(fields.rest.as_slice())
+            .map_err(|e| undecodable(e.to_string()))?;
+        let at = format!("RouteConfiguration {:?}", rc.name);
+        let mut reusable: Option<HashMap<&[u8], &Arc<VirtualHost>>> = None;
+        let mut vhosts = Vec::with_capacity(fields.vhosts.len());
+        for (i, span) in fields.vhosts.iter().enumerate() {
+            let encoded = &bytes[span.clone()];
+            let old = previous.and_then(|(table, old_bytes)| {
+                // Same place first (the usual case), then anywhere.
+                let same_place = table
+                    .spans
+                    .get(i)
+                    .filter(|s| old_bytes.get((*s).clone()) == Some(encoded))
+                    .and_then(|_| table.vhosts.get(i));
+                same_place.or_else(|| {
+                    reusable
+                        .get_or_insert_with(|| {
+                            table
+                                .spans
+                                .iter()
+                                .zip(&table.vhosts)
+                                .filter_map(|(s, v)| Some((old_bytes.get(s.clone())?, v)))
+                                .collect()
+                        })
+                        .get(encoded)
+                        .copied()
+                })
+            });
+            let vh = match old {
+                Some(v) => v.clone(),
+                None => {
+                    let pb = PbVirtualHost::decode(encoded).map_err(|e| {
+                        ConfigError::new(
+                            &format!("{at} virtual_hosts[{i}]"),
+                            format!("cannot decode: {e}"),
+                        )
+                    })?;
+                    Arc::new(convert_vhost(&pb, &vhost_place(&at, i, &pb.name))?)
+                }
+            };
+            vhosts.push(vh);
+        }
+        Self::assemble(&rc, at, vhosts, fields.vhosts)
+    }
+
+    /// The table around converted virtual hosts: the host index, the
+    /// table-wide edits, the cluster list.
+    fn assemble(
+        rc: &RouteConfiguration,
+        at: String,
+        vhosts: Vec<Arc<VirtualHost>>,
+        spans: Vec<Range<usize>>,
+    ) -> Result<Self, ConfigError> {
         if rc.vhds.is_some() {
             return Err(ConfigError::new(&at, "VHDS is not supported"));
         }
@@ -445,7 +536,8 @@ impl RouteTable {
         }
         let mut table = RouteTable {
             name: rc.name.as_str().into(),
-            vhosts: Vec::with_capacity(rc.virtual_hosts.len()),
+            vhosts: Vec::new(),
+            spans,
             exact: HashMap::new(),
             suffix: Vec::new(),
             prefix: Vec::new(),
@@ -460,8 +552,7 @@ impl RouteTable {
             )?,
             clusters: Vec::new(),
         };
-        for (i, vh) in rc.virtual_hosts.iter().enumerate() {
-            let vat = format!("{at} virtual_hosts[{i}] ({:?})", vh.name);
+        for (i, vh) in vhosts.iter().enumerate() {
             for d in &vh.domains {
                 let d = d.to_ascii_lowercase();
                 let dup = if d == "*" {
@@ -479,15 +570,14 @@ impl RouteTable {
                 };
                 if dup {
                     return Err(ConfigError::new(
-                        &vat,
+                        &vhost_place(&at, i, &vh.name),
                         format!("domain {d:?} is used by more than one virtual host"),
                     ));
                 }
             }
-            table
-                .vhosts
-                .push(convert_vhost(vh, &vat, &mut table.clusters)?);
+            table.clusters.extend(vh.clusters.iter().cloned());
         }
+        table.vhosts = vhosts;
         table
             .suffix
             .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
@@ -527,8 +617,54 @@ impl RouteTable {
                     .map(|x| x.1)
             })
             .or(self.any)?;
-        self.vhosts.get(i)
+        self.vhosts.get(i).map(|v| &**v)
     }
+}
+
+fn vhost_place(at: &str, i: usize, name: &str) -> String {
+    format!("{at} virtual_hosts[{i}] ({name:?})")
+}
+
+/// An encoded `RouteConfiguration` split into its virtual hosts (field 2)
+/// and everything else.
+struct Split {
+    /// Where each virtual host's bytes are.
+    vhosts: Vec<Range<usize>>,
+    /// The other fields, re-encoded as they came.
+    rest: Vec<u8>,
+}
+
+/// Walks the top level of the encoding; `None` if it is not well-formed.
+fn split_virtual_hosts(bytes: &[u8]) -> Option<Split> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut buf = bytes;
+    let mut out = Split {
+        vhosts: Vec::new(),
+        rest: Vec::new(),
+    };
+    while !buf.is_empty() {
+        let start = bytes.len() - buf.len();
+        let (tag, wire) = decode_key(&mut buf).ok()?;
+        let len = match wire {
+            WireType::Varint => {
+                decode_varint(&mut buf).ok()?;
+                0
+            }
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => usize::try_from(decode_varint(&mut buf).ok()?).ok()?,
+            WireType::StartGroup | WireType::EndGroup => return None,
+        };
+        let body = bytes.len() - buf.len();
+        let end = body.checked_add(len).filter(|&e| e <= bytes.len())?;
+        if tag == 2 && wire == WireType::LengthDelimited {
+            out.vhosts.push(body..end);
+        } else {
+            out.rest.extend_from_slice(&bytes[start..end]);
+        }
+        buf = &bytes[end..];
+    }
+    Some(out)
 }
 
 /// `host:port` → `host`, leaving IPv6 literals intact.
@@ -542,11 +678,8 @@ fn strip_host_port(h: &str) -> &str {
     }
 }
 
-fn convert_vhost(
-    vh: &PbVirtualHost,
-    at: &str,
-    clusters: &mut Vec<Arc<str>>,
-) -> Result<VirtualHost, ConfigError> {
+fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigError> {
+    let mut clusters = Vec::new();
     if vh.matcher.is_some() {
         return Err(ConfigError::new(
             at,
@@ -567,18 +700,22 @@ fn convert_vhost(
             // Naming the place costs a string per route; a table has
             // thousands. Convert unnamed, and only when that fails convert
             // again (it fails the same way) to say where.
-            convert_route(r, "", retry.as_ref(), clusters).or_else(|_| {
+            convert_route(r, "", retry.as_ref(), &mut clusters).or_else(|_| {
                 convert_route(
                     r,
                     &format!("{at} routes[{i}] ({:?})", r.name),
                     retry.as_ref(),
-                    clusters,
+                    &mut clusters,
                 )
             })
         })
         .collect::<Result<_, _>>()?;
+    clusters.sort();
+    clusters.dedup();
     Ok(VirtualHost {
         name: vh.name.as_str().into(),
+        domains: vh.domains.clone(),
+        clusters,
         routes,
         edits: Edits::convert(
             &vh.request_headers_to_add,
@@ -948,6 +1085,57 @@ mod tests {
             ..Default::default()
         })
         .expect("converts")
+    }
+
+    #[test]
+    fn decoding_shares_unchanged_virtual_hosts() {
+        let rc = |second: &str| {
+            RouteConfiguration {
+                name: "t".into(),
+                virtual_hosts: ["a.example", "b.example", "c.example"]
+                    .into_iter()
+                    .map(|d| PbVirtualHost {
+                        name: d.into(),
+                        domains: vec![d.into()],
+                        routes: vec![route(
+                            PathSpecifier::Prefix("/".into()),
+                            if d == "b.example" { second } else { "c0" },
+                        )],
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let cluster = |t: &RouteTable, host: &str| {
+            let vh = t.virtual_host(host, true).expect("vhost");
+            vh.clusters.clone()
+        };
+        let (b1, b2) = (rc("c1"), rc("c2"));
+        let t1 = RouteTable::decode("t", &b1, None).expect("decodes");
+        let t2 = RouteTable::decode("t", &b2, Some((&t1, &b1))).expect("decodes");
+        assert!(Arc::ptr_eq(&t1.vhosts[0], &t2.vhosts[0]));
+        assert!(!Arc::ptr_eq(&t1.vhosts[1], &t2.vhosts[1]));
+        assert!(Arc::ptr_eq(&t1.vhosts[2], &t2.vhosts[2]));
+        assert_eq!(cluster(&t2, "b.example"), [Arc::from("c2")]);
+        assert_eq!(t2.clusters, [Arc::from("c0"), Arc::from("c2")]);
+        // Reordered virtual hosts are still found by content.
+        let mut pb = RouteConfiguration::decode(b2.as_slice()).expect("pb");
+        pb.virtual_hosts.reverse();
+        let b3 = pb.encode_to_vec();
+        let t3 = RouteTable::decode("t", &b3, Some((&t2, &b2))).expect("decodes");
+        assert!(Arc::ptr_eq(&t2.vhosts[0], &t3.vhosts[2]));
+        assert_eq!(cluster(&t3, "b.example"), [Arc::from("c2")]);
+        // The same as converting the message whole.
+        let whole = RouteTable::convert(&pb).expect("converts");
+        for host in ["a.example", "b.example", "c.example"] {
+            assert_eq!(cluster(&whole, host), cluster(&t3, host), "{host}");
+        }
+        assert_eq!(whole.clusters, t3.clusters);
+        // Garbage names the resource.
+        let e = RouteTable::decode("t", &[0x12, 0xff], None).expect_err("malformed");
+        assert_eq!(e.at, "RouteConfiguration \"t\"");
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::time::SystemTime;
 use portico_proto::envoy::config::cluster::v3::Cluster;
 use portico_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use portico_proto::envoy::config::listener::v3::Listener;
-use portico_proto::envoy::config::route::v3::RouteConfiguration;
 use portico_proto::google::protobuf::Any;
 use portico_proto::type_url;
 use prost::Message;
@@ -210,9 +209,13 @@ impl State {
             }
             Ty::Route => {
                 next.routes = stage(&self.routes, u, |a, n| {
-                    let rc: RouteConfiguration = decode(a, "RouteConfiguration", n)?;
-                    named(n, &rc.name, "RouteConfiguration")?;
-                    RouteTable::convert(&rc)
+                    let previous = self
+                        .routes
+                        .get(n)
+                        .map(|old| (&*old.value, old.raw.value.as_slice()));
+                    let t = RouteTable::decode(n, &a.value, previous)?;
+                    named(n, &t.name, "RouteConfiguration")?;
+                    Ok(t)
                 })?;
                 for (name, _, _) in &u.resources {
                     if let Some(t) = next.routes.get(name.as_str()) {

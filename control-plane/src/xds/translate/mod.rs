@@ -21,8 +21,35 @@ use portico_proto::google::protobuf::{Duration as PbDuration, UInt32Value};
 use super::resources::{TypeUrl, View, XdsResource, XdsSnapshot};
 use crate::model::{DesiredState, Spec};
 
-/// Builds the xDS snapshot of a desired state.
+/// Builds the xDS snapshot of a desired state from scratch.
 pub fn translate(state: &DesiredState, revision: u64) -> XdsSnapshot {
+    Translator::default().render(state, revision)
+}
+
+/// Renders successive desired states, reusing what an earlier rendering
+/// built from the same documents (see [`route::RouteCache`]). The output is
+/// byte for byte what [`translate`] gives.
+#[derive(Default)]
+pub struct Translator {
+    routes: route::RouteCache,
+}
+
+impl Translator {
+    /// Builds the xDS snapshot of `state`.
+    pub fn render(&mut self, state: &DesiredState, revision: u64) -> XdsSnapshot {
+        let mut next_routes = route::RouteCache::default();
+        let out = render(state, revision, &self.routes, &mut next_routes);
+        self.routes = next_routes;
+        out
+    }
+}
+
+fn render(
+    state: &DesiredState,
+    revision: u64,
+    previous: &route::RouteCache,
+    next: &mut route::RouteCache,
+) -> XdsSnapshot {
     // Clusters and endpoints are the same for every group that uses them:
     // build each once.
     let mut clusters: BTreeMap<&str, cluster::Built> = BTreeMap::new();
@@ -42,7 +69,7 @@ pub fn translate(state: &DesiredState, revision: u64) -> XdsSnapshot {
         let mut used: BTreeSet<&str> = BTreeSet::new();
         for l in &gw.listeners {
             let name = format!("{}/{}", key.name, l.name);
-            let (routes, services) = route::build(&name, &key.name, l, state);
+            let (routes, services) = route::build(&name, &key.name, l, state, previous, next);
             used.extend(services);
             view.insert(TypeUrl::Route, routes, true);
             view.insert(TypeUrl::Listener, listener::build(&name, l), true);

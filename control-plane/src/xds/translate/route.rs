@@ -1,7 +1,11 @@
 //! Apis served on a listener → one `RouteConfiguration`: a virtual host per
 //! host name, routes ordered most specific first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use prost::encoding::WireType;
+use prost::{Message, Name};
 
 use portico_proto::envoy::config::core::v3::{
     data_source, header_value_option::HeaderAppendAction, DataSource, HeaderValue,
@@ -23,7 +27,7 @@ use crate::model::api::{
     full_path, host_matches, ApiSpec, HeaderEdits, LifecycleState, PathType, Route as ApiRoute,
 };
 use crate::model::gateway::Listener;
-use crate::model::{DesiredState, ResourceKey, Spec};
+use crate::model::{DesiredState, Kind, Resource, ResourceKey, Spec};
 use crate::xds::resources::XdsResource;
 
 /// One route ready to be placed, with what orders it.
@@ -34,15 +38,75 @@ struct Placed<'a> {
     route: Route,
 }
 
+/// An Api served on the listener being built.
+struct Served<'a> {
+    key: &'a ResourceKey,
+    res: &'a Arc<Resource>,
+    api: &'a ApiSpec,
+}
+
+/// Encoded virtual hosts of the previous rendering, reused while what they
+/// are built from is unchanged. Unchanged documents keep their `Arc` from
+/// one revision to the next (the state service shares them), so "unchanged"
+/// is a pointer comparison and a one-route edit re-renders one virtual host,
+/// not the thousands beside it.
+#[derive(Default)]
+pub(crate) struct RouteCache {
+    vhosts: HashMap<(String, String), Cached>,
+}
+
+struct Cached {
+    inputs: Inputs,
+    encoded: Arc<[u8]>,
+}
+
+/// Everything a virtual host's encoding depends on.
+struct Inputs {
+    domains: Vec<String>,
+    /// The Apis whose routes it holds, in order.
+    apis: Vec<Arc<Resource>>,
+    /// The Services those routes name (for their default timeouts), in
+    /// order; `None` where the name resolves to nothing.
+    services: Vec<Option<Arc<Resource>>>,
+}
+
+impl Inputs {
+    fn same(&self, other: &Inputs) -> bool {
+        let same_arc = |a: &Arc<Resource>, b: &Arc<Resource>| Arc::ptr_eq(a, b);
+        self.domains == other.domains
+            && self.apis.len() == other.apis.len()
+            && self
+                .apis
+                .iter()
+                .zip(&other.apis)
+                .all(|(a, b)| same_arc(a, b))
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|(a, b)| match (a, b) {
+                    (Some(a), Some(b)) => same_arc(a, b),
+                    (None, None) => true,
+                    _ => false,
+                })
+    }
+}
+
 /// Builds the listener's route table; returns it and the Services it uses.
+/// Virtual hosts whose inputs are unchanged since the last rendering come
+/// from `previous` already encoded; every one used is kept in `next`.
 pub(crate) fn build<'a>(
     name: &str,
     gateway: &str,
     listener: &Listener,
     state: &'a DesiredState,
+    previous: &RouteCache,
+    next: &mut RouteCache,
 ) -> (Shared, Vec<&'a str>) {
-    let mut by_host: BTreeMap<String, Vec<Placed<'a>>> = BTreeMap::new();
-    let mut any_host: Vec<Placed<'a>> = Vec::new();
+    let mut served: Vec<Served<'a>> = Vec::new();
+    let mut by_host: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut any_host: Vec<usize> = Vec::new();
     let mut services = Vec::new();
     for (key, res) in state {
         let Spec::Api(api) = &res.spec else { continue };
@@ -60,27 +124,20 @@ pub(crate) fn build<'a>(
         if !api.hostnames.is_empty() && hosts.is_empty() {
             continue; // served by another listener of this gateway
         }
-        for (i, r) in api.routes.iter().enumerate() {
+        for r in &api.routes {
             services.extend(r.action.service.as_deref());
             services.extend(r.action.services.iter().map(|w| w.name.as_str()));
-            let placed = || Placed {
-                rank: rank(api, r),
-                api: key,
-                index: i,
-                route: route(key, api, i, r, state),
-            };
-            if api.hostnames.is_empty() {
-                any_host.push(placed());
-            } else {
-                for h in &hosts {
-                    by_host.entry((*h).clone()).or_default().push(placed());
-                }
+        }
+        let i = served.len();
+        served.push(Served { key, res, api });
+        if api.hostnames.is_empty() {
+            any_host.push(i);
+        } else {
+            for h in hosts {
+                by_host.entry(h.clone()).or_default().push(i);
             }
         }
     }
-    // Routes of Apis with no host names are served on every host of the
-    // listener, so they join every virtual host.
-    let mut vhosts = Vec::new();
     // Envoy rejects a domain that appears in two virtual hosts, so the
     // catch-all host leaves out the names that have their own.
     let default_domains: Vec<String> = if listener.hostnames.is_empty() {
@@ -93,25 +150,82 @@ pub(crate) fn build<'a>(
             .cloned()
             .collect()
     };
-    for (host, mut routes) in by_host {
-        routes.extend(any_host.iter().map(|p| Placed {
-            route: p.route.clone(),
-            ..*p
-        }));
-        vhosts.push(vhost(&host, vec![host.clone()], routes));
-    }
+    // Routes of Apis with no host names are served on every host of the
+    // listener, so they join every virtual host.
+    let mut plan: Vec<(String, Vec<String>, Vec<usize>)> = by_host
+        .into_iter()
+        .map(|(host, mut apis)| {
+            apis.extend(&any_host);
+            (host.clone(), vec![host], apis)
+        })
+        .collect();
     if !any_host.is_empty() && !default_domains.is_empty() {
         // "*" cannot be a host name, so this name never clashes with one.
-        vhosts.push(vhost("*", default_domains, any_host));
+        plan.push(("*".into(), default_domains, any_host));
+    }
+    let mut encoded = RouteConfiguration {
+        name: name.to_string(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for (vh_name, domains, apis) in plan {
+        let inputs = Inputs {
+            domains,
+            apis: apis.iter().map(|&i| served[i].res.clone()).collect(),
+            services: apis
+                .iter()
+                .flat_map(|&i| served[i].api.routes.iter())
+                .filter_map(|r| r.action.service.as_ref())
+                .map(|s| {
+                    state
+                        .get(&ResourceKey::new(Kind::Service, s.clone()))
+                        .cloned()
+                })
+                .collect(),
+        };
+        let cache_key = (name.to_string(), vh_name);
+        let bytes = match previous.vhosts.get(&cache_key) {
+            Some(c) if c.inputs.same(&inputs) => c.encoded.clone(),
+            _ => {
+                let routes = apis
+                    .iter()
+                    .flat_map(|&i| {
+                        let s = &served[i];
+                        s.api
+                            .routes
+                            .iter()
+                            .enumerate()
+                            .map(move |(index, r)| Placed {
+                                rank: rank(s.api, r),
+                                api: s.key,
+                                index,
+                                route: route(s.key, s.api, index, r, state),
+                            })
+                    })
+                    .collect();
+                let vh = vhost(&cache_key.1, inputs.domains.clone(), routes);
+                Arc::from(vh.encode_to_vec())
+            }
+        };
+        // `virtual_hosts` is field 2 of RouteConfiguration and every later
+        // field is empty, so appending gives exactly prost's encoding.
+        prost::encoding::encode_key(2, WireType::LengthDelimited, &mut encoded);
+        prost::encoding::encode_varint(bytes.len() as u64, &mut encoded);
+        encoded.extend_from_slice(&bytes);
+        next.vhosts.insert(
+            cache_key,
+            Cached {
+                inputs,
+                encoded: bytes,
+            },
+        );
     }
     services.sort_unstable();
     services.dedup();
-    let config = RouteConfiguration {
-        name: name.to_string(),
-        virtual_hosts: vhosts,
-        ..Default::default()
-    };
-    (XdsResource::new(name, &config), services)
+    (
+        XdsResource::from_encoded(name, RouteConfiguration::type_url(), encoded),
+        services,
+    )
 }
 
 fn vhost(name: &str, domains: Vec<String>, mut routes: Vec<Placed<'_>>) -> VirtualHost {
@@ -291,7 +405,7 @@ fn route(
             // The route's timeout, else the Service's request timeout.
             let service_timeout = a.service.as_ref().and_then(|s| {
                 match state
-                    .get(&ResourceKey::new(crate::model::Kind::Service, s.clone()))
+                    .get(&ResourceKey::new(Kind::Service, s.clone()))
                     .map(|r| &r.spec)
                 {
                     Some(Spec::Service(svc)) => svc.request_timeout.clone(),

@@ -6,10 +6,11 @@ use portico_proto::envoy::extensions::filters::network::http_connection_manager:
 use prost::Message;
 use serde_json::{json, Value};
 
-use super::translate;
+use super::{translate, Translator};
 use crate::model::decode::document;
 use crate::model::{DesiredState, Kind};
 use crate::xds::resources::TypeUrl;
+use crate::xds::resources::XdsSnapshot;
 
 fn state(docs: Vec<Value>) -> DesiredState {
     crate::model::decode::test_state(docs)
@@ -80,6 +81,98 @@ fn same_state_same_bytes_and_versions() {
             })
             .collect();
         assert_eq!(va, vb, "{t}");
+    }
+}
+
+/// Every resource of every group and the default view: name, version, bytes.
+fn everything(s: &XdsSnapshot) -> Vec<(String, String, Vec<u8>)> {
+    let mut groups: Vec<&str> = s.groups.keys().map(String::as_str).collect();
+    groups.sort_unstable();
+    let mut out = Vec::new();
+    for t in TypeUrl::ALL {
+        for e in s.default_view.of(t).values() {
+            out.push((
+                "".into(),
+                e.resource.version.to_string(),
+                e.resource.body.value.clone(),
+            ));
+        }
+        for g in &groups {
+            for e in s.view(g).of(t).values() {
+                out.push((
+                    format!("{g}/{}", e.resource.name),
+                    e.resource.version.to_string(),
+                    e.resource.body.value.clone(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Replaces one document the way an apply does: a new `Arc` for it, the
+/// others shared with the previous revision.
+fn with_doc(prev: &DesiredState, doc: Value) -> DesiredState {
+    let mut next = prev.clone();
+    for (k, v) in state(vec![doc]) {
+        next.insert(k, v);
+    }
+    next
+}
+
+#[test]
+fn cached_rendering_equals_a_fresh_one() {
+    let mut t = Translator::default();
+    let mut s = state(base());
+    s = with_doc(
+        &s,
+        document(
+            Kind::Api,
+            "everywhere",
+            json!({"version": "v1", "gateways": ["edge"], "basePath": "/all",
+            "lifecycle": {"state": "published"}, "routes": [{"match": {"path": "/"}, "action": {"service": "pets"}}]}),
+        ),
+    );
+    s = with_doc(
+        &s,
+        document(
+            Kind::Api,
+            "shop",
+            json!({"version": "v1", "gateways": ["edge"], "hostnames": ["shop.example.com"], "basePath": "/shop",
+            "lifecycle": {"state": "published"}, "routes": [{"match": {"path": "/"}, "action": {"service": "pets"}}]}),
+        ),
+    );
+    let first = t.render(&s, 1);
+    assert_eq!(everything(&first), everything(&translate(&s, 1)));
+    let edits = [
+        // One route of one Api changes.
+        document(
+            Kind::Api,
+            "shop",
+            json!({"version": "v1", "gateways": ["edge"], "hostnames": ["shop.example.com"], "basePath": "/shop",
+            "lifecycle": {"state": "published"}, "routes": [{"match": {"path": "/"}, "action": {"service": "pets", "timeout": "3s"}}]}),
+        ),
+        // A Service's default timeout, which every route to it inherits.
+        document(
+            Kind::Service,
+            "pets",
+            json!({"requestTimeout": "7s", "endpoints": [{"address": "10.0.0.1", "port": 80}]}),
+        ),
+        // The host-less Api, which joins every virtual host.
+        document(
+            Kind::Api,
+            "everywhere",
+            json!({"version": "v1", "gateways": ["edge"], "basePath": "/every",
+            "lifecycle": {"state": "published"}, "routes": [{"match": {"path": "/"}, "action": {"service": "pets"}}]}),
+        ),
+    ];
+    let mut before = everything(&first);
+    for (i, doc) in edits.into_iter().enumerate() {
+        s = with_doc(&s, doc);
+        let cached = everything(&t.render(&s, 2 + i as u64));
+        assert_eq!(cached, everything(&translate(&s, 2 + i as u64)), "edit {i}");
+        assert_ne!(cached, before, "edit {i} shows");
+        before = cached;
     }
 }
 
