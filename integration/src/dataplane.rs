@@ -27,7 +27,10 @@ impl DataPlane {
             .arg(&addr_file)
             .args(["--workers", "2"])
             .args(args)
-            .env("PORTICO_LOG", "info")
+            .env(
+                "PORTICO_LOG",
+                std::env::var("PORTICO_DP_LOG").unwrap_or("info".into()),
+            )
             .stdout(std::fs::File::create(dir.join(format!("{name}.out"))).expect("out file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .stdin(Stdio::null())

@@ -7,6 +7,7 @@ mod auth;
 mod crash;
 mod demo;
 mod dp_common;
+mod dp_foreign;
 mod dp_resilience;
 mod dp_routing;
 mod dp_upstreams;

@@ -1,0 +1,375 @@
+//! portico-dp configured by a control plane that is not Portico's (a bare
+//! SotW ADS server in this test), with Envoy features Portico's renderer
+//! does not emit: regex and host rewrites, ring hash with a header hash
+//! policy, random balancing, endpoint health status from EDS, retries on
+//! connect failure and on reset — and a NACK sent to that server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::net::TcpListener;
+
+use portico_integration::dataplane::{free_port, DataPlane};
+use portico_integration::static_xds::{resource, StaticXds};
+use portico_integration::upstream::Upstream;
+use portico_integration::wait_for;
+use portico_integration::xds_client::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use portico_proto::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
+};
+use portico_proto::envoy::config::cluster::v3::Cluster;
+use portico_proto::envoy::config::core::v3::{
+    address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
+    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, SocketAddress,
+};
+use portico_proto::envoy::config::endpoint::v3::{
+    lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use portico_proto::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use portico_proto::envoy::config::route::v3::{
+    route::Action,
+    route_action::{hash_policy, ClusterSpecifier, HashPolicy, HostRewriteSpecifier},
+    route_match::PathSpecifier,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+};
+use portico_proto::envoy::extensions::filters::http::router::v3::Router;
+use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager, HttpFilter, Rds,
+};
+use portico_proto::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
+use portico_proto::google::protobuf::{Any, UInt32Value};
+use prost::{Message, Name};
+
+use super::dp_common::http1;
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn pack<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn addr(port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: "127.0.0.1".into(),
+            port_specifier: Some(PortSpecifier::PortValue(port.into())),
+            ..Default::default()
+        })),
+    }
+}
+
+fn listener(port: u16) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: "foreign".into(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: "routes".into(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: "foreign".into(),
+        address: Some(addr(port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn endpoints(name: &str, eps: &[(u16, HealthStatus)]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: eps
+                .iter()
+                .map(|(port, health)| LbEndpoint {
+                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                        address: Some(addr(*port)),
+                        ..Default::default()
+                    })),
+                    health_status: *health as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An EDS cluster (endpoints come separately) or a STATIC one.
+fn cluster(name: &str, lb: LbPolicy, static_eps: Option<&[u16]>) -> Cluster {
+    let mut c = Cluster {
+        name: name.into(),
+        lb_policy: lb as i32,
+        ..Default::default()
+    };
+    match static_eps {
+        Some(ports) => {
+            c.cluster_discovery_type =
+                Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+            let eps: Vec<_> = ports.iter().map(|p| (*p, HealthStatus::Unknown)).collect();
+            c.load_assignment = Some(endpoints(name, &eps));
+        }
+        None => {
+            c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
+            c.eds_cluster_config = Some(EdsClusterConfig {
+                eds_config: Some(ads()),
+                service_name: String::new(),
+            });
+        }
+    }
+    c
+}
+
+fn prefix_route(prefix: &str, cluster: &str, edit: impl FnOnce(&mut RouteAction)) -> Route {
+    let mut action = RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    };
+    edit(&mut action);
+    Route {
+        name: prefix.trim_matches('/').into(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix(prefix.into())),
+            ..Default::default()
+        }),
+        action: Some(Action::Route(action)),
+        ..Default::default()
+    }
+}
+
+fn routes(extra: Vec<Route>) -> RouteConfiguration {
+    let retry = |on: &str| {
+        Some(RetryPolicy {
+            retry_on: on.into(),
+            num_retries: Some(UInt32Value { value: 3 }),
+            ..Default::default()
+        })
+    };
+    let mut rs = extra;
+    rs.extend([
+        prefix_route("/rx/", "plain", |a| {
+            a.regex_rewrite = Some(RegexMatchAndSubstitute {
+                pattern: Some(RegexMatcher {
+                    regex: "^/rx/([a-z]+)/([0-9]+)$".into(),
+                    ..Default::default()
+                }),
+                substitution: "/items/\\2/\\1".into(),
+            });
+        }),
+        prefix_route("/host", "plain", |a| {
+            a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(
+                "rewritten.example".into(),
+            ));
+        }),
+        prefix_route("/hash", "hash", |a| {
+            a.hash_policy = vec![HashPolicy {
+                policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
+                    header_name: "x-user".into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }];
+        }),
+        prefix_route("/random", "random", |_| {}),
+        prefix_route("/health", "health", |_| {}),
+        prefix_route("/connect", "connect", |a| {
+            a.retry_policy = retry("connect-failure")
+        }),
+        prefix_route("/noretry", "resetting", |_| {}),
+        prefix_route("/on-reset", "resetting", |a| {
+            a.retry_policy = retry("reset")
+        }),
+    ]);
+    RouteConfiguration {
+        name: "routes".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: rs,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A server that reads a request and closes without answering.
+fn resetter() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            drop(s);
+        }
+    });
+    port
+}
+
+#[test]
+fn foreign_control_plane_envoy_features() {
+    let ups: Vec<Upstream> = ["u1", "u2", "u3"]
+        .into_iter()
+        .map(Upstream::start)
+        .collect();
+    let p: Vec<u16> = ups.iter().map(|u| u.addr.port()).collect();
+    let port = free_port();
+    let xds = StaticXds::start();
+    xds.set(
+        CLUSTER,
+        vec![
+            resource(
+                "plain",
+                &cluster("plain", LbPolicy::RoundRobin, Some(&[p[1]])),
+            ),
+            resource("hash", &cluster("hash", LbPolicy::RingHash, None)),
+            resource("random", &cluster("random", LbPolicy::Random, None)),
+            resource("health", &cluster("health", LbPolicy::RoundRobin, None)),
+            resource(
+                "connect",
+                &cluster("connect", LbPolicy::RoundRobin, Some(&[free_port(), p[0]])),
+            ),
+            resource(
+                "resetting",
+                &cluster("resetting", LbPolicy::RoundRobin, Some(&[resetter(), p[2]])),
+            ),
+        ],
+    );
+    let all: Vec<_> = p.iter().map(|x| (*x, HealthStatus::Unknown)).collect();
+    xds.set(
+        ENDPOINT,
+        vec![
+            resource("hash", &endpoints("hash", &all)),
+            resource("random", &endpoints("random", &all)),
+            resource(
+                "health",
+                &endpoints(
+                    "health",
+                    &[
+                        (p[0], HealthStatus::Healthy),
+                        (p[1], HealthStatus::Unhealthy),
+                        (p[2], HealthStatus::Draining),
+                    ],
+                ),
+            ),
+        ],
+    );
+    xds.set(LISTENER, vec![resource("foreign", &listener(port))]);
+    xds.set(ROUTE, vec![resource("routes", &routes(Vec::new()))]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dp = DataPlane::start(
+        dir.path(),
+        "dp-foreign",
+        &xds.addr.to_string(),
+        "any",
+        &["--sotw"],
+    );
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        http1(port, "GET", path, "gw", headers, "").expect("request")
+    };
+
+    // Regex rewrite with capture groups, and a literal host rewrite.
+    let r = get("/rx/pets/42", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.starts_with("GET /items/42/pets\n"), "{}", r.body);
+    let r = get("/host", &[]);
+    assert!(r.body.contains("\nhost: rewritten.example\n"), "{}", r.body);
+
+    // Ring hash on a header: one user always lands on one endpoint, and
+    // users spread over more than one.
+    let mut by_user: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for i in 0..60 {
+        let user = format!("user-{}", i % 12);
+        let r = get("/hash", &[("x-user", &user)]);
+        assert_eq!(r.status, 200, "{r:?}");
+        by_user
+            .entry(user)
+            .or_default()
+            .insert(r.header("x-upstream").expect("x-upstream").to_string());
+    }
+    assert!(
+        by_user.values().all(|s| s.len() == 1),
+        "sticky: {by_user:?}"
+    );
+    let used: BTreeSet<_> = by_user.values().flatten().collect();
+    assert!(used.len() >= 2, "spread: {by_user:?}");
+
+    // Random reaches every endpoint.
+    let mut seen = BTreeSet::new();
+    for _ in 0..90 {
+        seen.insert(get("/random", &[]).header("x-upstream").map(String::from));
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    // EDS health status: only the HEALTHY endpoint takes traffic.
+    for _ in 0..12 {
+        let r = get("/health", &[]);
+        assert_eq!(r.header("x-upstream"), Some("u1"), "{r:?}");
+    }
+
+    // Connect failure and reset retried onto the endpoint that answers;
+    // without a retry policy the reset shows.
+    for _ in 0..6 {
+        let r = get("/connect", &[]);
+        assert_eq!(
+            (r.status, r.header("x-upstream")),
+            (200, Some("u1")),
+            "{r:?}"
+        );
+        let r = get("/on-reset", &[]);
+        assert_eq!(
+            (r.status, r.header("x-upstream")),
+            (200, Some("u3")),
+            "{r:?}"
+        );
+    }
+    let statuses: BTreeSet<u16> = (0..6).map(|_| get("/noretry", &[]).status).collect();
+    assert!(
+        statuses.contains(&502),
+        "no retry: the reset shows: {statuses:?}"
+    );
+    assert!(dp.stat("http.upstream_rq_retry") >= 6);
+
+    // A route to a cluster that does not exist: NACKed to this server with
+    // the resource named, and the old routes keep serving.
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &routes(vec![prefix_route("/ghost", "no-such-cluster", |_| {})]),
+        )],
+    );
+    let nack = wait_for(std::time::Duration::from_secs(10), || {
+        xds.nacks.lock().expect("nacks").last().cloned()
+    })
+    .expect("a NACK reaches the server");
+    assert!(
+        nack.contains("RouteConfiguration \"routes\"") && nack.contains("no-such-cluster"),
+        "{nack}"
+    );
+    assert_eq!(get("/host", &[]).status, 200);
+    assert_eq!(get("/ghost", &[]).status, 404);
+}
