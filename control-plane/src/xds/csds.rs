@@ -64,7 +64,7 @@ fn client_config(n: NodeStatus) -> ClientConfig {
             continue;
         };
         let synced = st.acked_version.is_some() && st.acked_version == st.sent_version;
-        for (name, version) in &st.resources {
+        for (name, version) in st.resources.iter() {
             let (client_status, error_state) = match &st.nack {
                 Some(details) if !synced => (
                     ClientResourceStatus::Nacked,

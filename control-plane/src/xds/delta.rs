@@ -16,7 +16,7 @@ use portico_proto::envoy::service::discovery::v3::{
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::resources::{TypeUrl, View, XdsResource, XdsSnapshot};
+use super::resources::{PerType, TypeUrl, Versions, View, XdsResource, XdsSnapshot};
 use super::stream::{
     drive, set_version, NodeCtx, Protocol, Scope, Shared, StreamGuard, Subscription,
 };
@@ -27,9 +27,10 @@ type Tx = mpsc::Sender<Box<Result<DeltaDiscoveryResponse, Status>>>;
 struct TypeState {
     sub: Subscription,
     started: bool,
-    nonce: String,
+    /// Nonce of the last response (0: none yet).
+    nonce: u64,
     /// What the client has: name → version.
-    known: BTreeMap<Arc<str>, Arc<str>>,
+    known: Versions,
     sent_at: Option<Instant>,
 }
 
@@ -40,7 +41,7 @@ struct Stream {
     node: Option<NodeCtx>,
     view: Arc<View>,
     revision: u64,
-    types: BTreeMap<TypeUrl, TypeState>,
+    types: PerType<TypeState>,
     nonce: u64,
     tx: Tx,
 }
@@ -50,7 +51,7 @@ pub async fn run(
     shared: Arc<Shared>,
     scope: Scope,
     peer: Option<SocketAddr>,
-    inbound: impl tokio_stream::Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Unpin + Send,
+    inbound: impl tokio_stream::Stream<Item = Result<Box<DeltaDiscoveryRequest>, Status>> + Unpin + Send,
     tx: Tx,
 ) {
     let s = Stream {
@@ -60,7 +61,7 @@ pub async fn run(
         node: None,
         view: Arc::new(View::default()),
         revision: 0,
-        types: BTreeMap::new(),
+        types: PerType::default(),
         nonce: 0,
         tx,
     };
@@ -73,7 +74,7 @@ pub fn spawn(
     shared: Arc<Shared>,
     scope: Scope,
     peer: Option<SocketAddr>,
-    inbound: impl tokio_stream::Stream<Item = Result<DeltaDiscoveryRequest, Status>>
+    inbound: impl tokio_stream::Stream<Item = Result<Box<DeltaDiscoveryRequest>, Status>>
         + Unpin
         + Send
         + 'static,
@@ -136,10 +137,10 @@ impl Stream {
         let id = self.guard.id;
         let shared = self.shared.clone();
         let view = self.view.clone();
-        let ty = self.types.entry(t).or_default();
+        let ty = self.types.slot(t);
         // ACK/NACK only for the latest nonce; subscription changes in a
         // stale request still count (12).
-        if !req.response_nonce.is_empty() && req.response_nonce == ty.nonce {
+        if ty.nonce != 0 && req.response_nonce.parse::<u64>().ok() == Some(ty.nonce) {
             match &req.error_detail {
                 Some(err) => shared.nack(id, t, err),
                 None => shared.ack(id, t, ty.sent_at.take(), None),
@@ -151,9 +152,9 @@ impl Stream {
         let mut removed: BTreeSet<String> = BTreeSet::new();
         if first {
             // Reconnect: the client says what it has (18).
+            let known = Arc::make_mut(&mut ty.known);
             for (name, version) in &req.initial_resource_versions {
-                ty.known
-                    .insert(name.as_str().into(), version.as_str().into());
+                known.insert(name.as_str().into(), version.as_str().into());
             }
             if req.resource_names_subscribe.is_empty() && t.is_full_state() {
                 ty.sub.wildcard = true; // legacy wildcard (15)
@@ -168,7 +169,7 @@ impl Stream {
             if name == "*" {
                 ty.sub.wildcard = true;
             } else {
-                ty.sub.names.insert(name.clone());
+                ty.sub.names.insert(Subscription::intern(&view, t, name));
                 explicit.push(name.clone());
             }
         }
@@ -179,7 +180,7 @@ impl Stream {
                 continue;
             }
             // Unsubscribing a name never subscribed is not an error (17).
-            if ty.sub.names.remove(name) && ty.sub.wildcard {
+            if ty.sub.names.remove(name.as_str()) && ty.sub.wildcard {
                 match view.get(t, name).filter(|e| e.in_wildcard) {
                     Some(e) => {
                         resources.insert(name.clone(), e.resource.clone());
@@ -188,8 +189,8 @@ impl Stream {
                         removed.insert(name.clone());
                     }
                 }
-            } else if !ty.sub.covers(&view, t, name) {
-                ty.known.remove(name.as_str());
+            } else if !ty.sub.covers(&view, t, name) && ty.known.contains_key(name.as_str()) {
+                Arc::make_mut(&mut ty.known).remove(name.as_str());
             }
         }
         if first {
@@ -315,17 +316,22 @@ impl Stream {
         removed: Vec<String>,
     ) -> bool {
         self.nonce += 1;
-        let nonce = self.nonce.to_string();
+        let nonce = self.nonce;
         let Some(ty) = self.types.get_mut(&t) else {
             return true;
         };
+        let known = Arc::make_mut(&mut ty.known);
         for r in &resources {
-            ty.known.insert(r.name.clone(), r.version.clone());
+            known.insert(r.name.clone(), r.version.clone());
         }
         for name in &removed {
-            ty.known.remove(name.as_str());
+            known.remove(name.as_str());
         }
-        ty.nonce = nonce.clone();
+        // Usually what every node of the group has: keep the view's map.
+        if let Some(shared) = self.view.share_versions(t, &ty.known) {
+            ty.known = shared;
+        }
+        ty.nonce = nonce;
         ty.sent_at = Some(Instant::now());
         let version = set_version(ty.known.iter().map(|(n, v)| (&**n, &**v)));
         let listing = ty.known.clone();
@@ -351,7 +357,7 @@ impl Stream {
                 .collect(),
             type_url: t.as_str().to_string(),
             removed_resources: removed,
-            nonce,
+            nonce: nonce.to_string(),
             ..Default::default()
         };
         self.tx.send(Box::new(Ok(response))).await.is_ok()

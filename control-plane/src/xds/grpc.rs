@@ -148,7 +148,7 @@ async fn handle(
 /// big-endian length, then the message.
 fn decode_stream<T: Message + Default + Send + 'static>(
     body: Incoming,
-) -> impl Stream<Item = Result<T, Status>> + Send {
+) -> impl Stream<Item = Result<Box<T>, Status>> + Send {
     let state = (body, BytesMut::new(), false);
     unfold(state, |(mut body, mut buf, done)| async move {
         if done {
@@ -172,9 +172,11 @@ fn decode_stream<T: Message + Default + Send + 'static>(
                     buf.advance(5);
                     let msg = buf.split_to(len);
                     let item = T::decode(msg.freeze())
+                        .map(Box::new)
                         .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")));
-                    // Give back a large buffer once it is drained.
-                    if buf.is_empty() && buf.capacity() > 8192 {
+                    // Give the buffer back once it is drained: an idle
+                    // stream then holds none.
+                    if buf.is_empty() {
                         buf = BytesMut::new();
                     }
                     return Some((item, (body, buf, false)));

@@ -3,13 +3,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::resources::TypeUrl;
+use super::resources::{PerType, TypeUrl, Versions};
 
 /// What kind of client a node is, from `node.user_agent_name`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -57,7 +57,7 @@ pub struct TypeStatus {
     /// Resources the node has been sent: name → version. The strings are
     /// shared with the resources themselves, so a node costs no copies.
     #[schema(value_type = BTreeMap<String, String>)]
-    pub resources: BTreeMap<Arc<str>, Arc<str>>,
+    pub resources: Versions,
 }
 
 /// A connected xDS stream and its node.
@@ -82,14 +82,26 @@ pub struct NodeStatus {
     pub types: BTreeMap<String, TypeStatus>,
 }
 
+/// A connected stream as the registry keeps it: the node's status with its
+/// per-type part held compactly (a [`NodeStatus`]'s map is built when
+/// listed; thousands of idle nodes need not each carry one).
+#[derive(Debug)]
+struct Record {
+    /// Without `address`, `connected_at` and `types`, filled in by `list`.
+    node: NodeStatus,
+    address: Option<SocketAddr>,
+    connected_at: SystemTime,
+    types: PerType<TypeStatus>,
+}
+
 /// Every connected stream, by stream id.
 #[derive(Debug, Default)]
 pub struct Registry {
-    nodes: Mutex<HashMap<u64, NodeStatus>>,
+    nodes: Mutex<HashMap<u64, Record>>,
 }
 
 impl Registry {
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<u64, NodeStatus>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<u64, Record>) -> T) -> T {
         f(&mut self.nodes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -108,16 +120,26 @@ impl Registry {
         let status = NodeStatus {
             id: node.id.clone(),
             group: node.cluster.clone(),
-            address: address.map(|a| a.to_string()).unwrap_or_default(),
+            address: String::new(),
             client: ClientKind::from_user_agent(&node.user_agent_name),
             user_agent: format!("{} {version}", node.user_agent_name)
                 .trim()
                 .to_string(),
             stream: kind.to_string(),
-            connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            connected_at: String::new(),
             types: BTreeMap::new(),
         };
-        self.with(|n| n.insert(stream, status));
+        self.with(|n| {
+            n.insert(
+                stream,
+                Record {
+                    node: status,
+                    address,
+                    connected_at: SystemTime::now(),
+                    types: PerType::default(),
+                },
+            )
+        });
     }
 
     /// Forgets a closed stream.
@@ -128,15 +150,28 @@ impl Registry {
     /// Updates one type's status of a stream.
     pub fn update(&self, stream: u64, t: TypeUrl, f: impl FnOnce(&mut TypeStatus)) {
         self.with(|n| {
-            if let Some(node) = n.get_mut(&stream) {
-                f(node.types.entry(t.short().to_string()).or_default());
+            if let Some(record) = n.get_mut(&stream) {
+                f(record.types.slot(t));
             }
         });
     }
 
     /// Every connected node, ordered by id.
     pub fn list(&self) -> Vec<NodeStatus> {
-        let mut out: Vec<NodeStatus> = self.with(|n| n.values().cloned().collect());
+        let mut out: Vec<NodeStatus> = self.with(|n| {
+            n.values()
+                .map(|r| NodeStatus {
+                    address: r.address.map(|a| a.to_string()).unwrap_or_default(),
+                    connected_at: humantime::format_rfc3339_seconds(r.connected_at).to_string(),
+                    types: r
+                        .types
+                        .iter()
+                        .map(|(t, st)| (t.short().to_string(), st.clone()))
+                        .collect(),
+                    ..r.node.clone()
+                })
+                .collect()
+        });
         out.sort_by(|a, b| (&a.id, &a.stream).cmp(&(&b.id, &b.stream)));
         out
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use portico_proto::google::protobuf::Any;
 use portico_proto::type_url;
@@ -74,6 +74,44 @@ impl TypeUrl {
     }
 }
 
+/// One value per resource type, stored inline: a stream or node touches
+/// four or five types, and a map would allocate room for eleven.
+#[derive(Debug, Clone)]
+pub struct PerType<T>([Option<T>; 5]);
+
+impl<T> Default for PerType<T> {
+    fn default() -> Self {
+        PerType([None, None, None, None, None])
+    }
+}
+
+impl<T> PerType<T> {
+    /// The value for `t`, if set.
+    pub fn get(&self, t: &TypeUrl) -> Option<&T> {
+        self.0[t.index()].as_ref()
+    }
+
+    /// The value for `t`, if set, mutably.
+    pub fn get_mut(&mut self, t: &TypeUrl) -> Option<&mut T> {
+        self.0[t.index()].as_mut()
+    }
+
+    /// The value for `t`, set to its default first if missing.
+    pub fn slot(&mut self, t: TypeUrl) -> &mut T
+    where
+        T: Default,
+    {
+        self.0[t.index()].get_or_insert_with(T::default)
+    }
+
+    /// Every set value with its type, in push order.
+    pub fn iter(&self) -> impl Iterator<Item = (TypeUrl, &T)> {
+        TypeUrl::ALL
+            .into_iter()
+            .filter_map(|t| Some((t, self.get(&t)?)))
+    }
+}
+
 impl fmt::Display for TypeUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -120,15 +158,30 @@ pub struct Entry {
     pub in_wildcard: bool,
 }
 
+/// Name → version of the resources a client has (or was sent).
+pub type Versions = Arc<BTreeMap<Arc<str>, Arc<str>>>;
+
+/// Name → resource of what a client was sent.
+pub type Sent = Arc<BTreeMap<Arc<str>, Arc<XdsResource>>>;
+
 /// Everything one group of nodes may receive, by type and name.
+///
+/// A view also lends streams its wildcard sets as ready-made maps: every
+/// node of a group usually holds exactly those, so a stream (and the
+/// registry) that would keep an equal map keeps a pointer to the view's
+/// instead — per idle node, no per-type maps at all.
 #[derive(Debug, Default)]
 pub struct View {
     types: [BTreeMap<Arc<str>, Entry>; 5],
+    versions: [OnceLock<Versions>; 5],
+    sent: [OnceLock<Sent>; 5],
 }
 
 impl View {
     /// Adds a resource.
     pub fn insert(&mut self, t: TypeUrl, resource: Arc<XdsResource>, in_wildcard: bool) {
+        self.versions[t.index()] = OnceLock::new();
+        self.sent[t.index()] = OnceLock::new();
         self.types[t.index()].insert(
             resource.name.clone(),
             Entry {
@@ -146,6 +199,64 @@ impl View {
     /// One resource.
     pub fn get(&self, t: TypeUrl, name: &str) -> Option<&Entry> {
         self.types[t.index()].get(name)
+    }
+
+    fn wildcard(&self, t: TypeUrl) -> impl Iterator<Item = &Arc<XdsResource>> {
+        self.types[t.index()]
+            .values()
+            .filter(|e| e.in_wildcard)
+            .map(|e| &e.resource)
+    }
+
+    fn versions(&self, t: TypeUrl) -> &Versions {
+        self.versions[t.index()].get_or_init(|| {
+            Arc::new(
+                self.wildcard(t)
+                    .map(|r| (r.name.clone(), r.version.clone()))
+                    .collect(),
+            )
+        })
+    }
+
+    fn sent(&self, t: TypeUrl) -> &Sent {
+        self.sent[t.index()].get_or_init(|| {
+            Arc::new(
+                self.wildcard(t)
+                    .map(|r| (r.name.clone(), r.clone()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// The view's own map if `mine` lists the same names and versions as
+    /// the wildcard set of `t`.
+    pub fn share_versions(&self, t: TypeUrl, mine: &Versions) -> Option<Versions> {
+        let theirs = self.versions(t);
+        (Arc::ptr_eq(theirs, mine) || theirs == mine).then(|| theirs.clone())
+    }
+
+    /// The view's own map if `mine` holds the same resources as the
+    /// wildcard set of `t`.
+    pub fn share_sent(&self, t: TypeUrl, mine: &Sent) -> Option<Sent> {
+        let theirs = self.sent(t);
+        let same = Arc::ptr_eq(theirs, mine)
+            || (theirs.len() == mine.len()
+                && theirs.iter().zip(mine.iter()).all(|((n1, a), (n2, b))| {
+                    n1 == n2 && (Arc::ptr_eq(a, b) || a.version == b.version)
+                }));
+        same.then(|| theirs.clone())
+    }
+
+    /// Name → version of `sent`: the view's map when `sent` is the view's.
+    pub fn versions_of(&self, t: TypeUrl, sent: &Sent) -> Versions {
+        if Arc::ptr_eq(self.sent(t), sent) {
+            return self.versions(t).clone();
+        }
+        Arc::new(
+            sent.values()
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect(),
+        )
     }
 }
 

@@ -68,7 +68,7 @@ impl XdsService {
             self.shared.clone(),
             scope,
             peer,
-            req.into_inner(),
+            req.into_inner().map(|r| r.map(Box::new)),
         )))
     }
 
@@ -82,7 +82,7 @@ impl XdsService {
             self.shared.clone(),
             scope,
             peer,
-            req.into_inner(),
+            req.into_inner().map(|r| r.map(Box::new)),
         )))
     }
 

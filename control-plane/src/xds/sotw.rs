@@ -7,7 +7,6 @@
 //! version never resent (5), make-before-break order on ADS (20) and EDS
 //! after every CDS push (21).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +15,7 @@ use portico_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryRe
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::resources::{TypeUrl, View, XdsResource, XdsSnapshot};
+use super::resources::{PerType, Sent, TypeUrl, View, XdsResource, XdsSnapshot};
 use super::stream::{
     drive, set_version, NodeCtx, Protocol, Scope, Shared, StreamGuard, Subscription,
 };
@@ -27,10 +26,11 @@ type Tx = mpsc::Sender<Box<Result<DiscoveryResponse, Status>>>;
 struct TypeState {
     sub: Subscription,
     started: bool,
-    /// Nonce of the last response; only a request echoing it is current.
-    nonce: String,
+    /// Nonce of the last response (0: none yet); only a request echoing
+    /// it is current.
+    nonce: u64,
     /// What the client was last sent (for LDS/CDS, exactly its state).
-    sent: BTreeMap<Arc<str>, Arc<XdsResource>>,
+    sent: Sent,
     sent_at: Option<Instant>,
 }
 
@@ -40,7 +40,7 @@ struct Stream {
     scope: Scope,
     node: Option<NodeCtx>,
     view: Arc<View>,
-    types: BTreeMap<TypeUrl, TypeState>,
+    types: PerType<TypeState>,
     nonce: u64,
     tx: Tx,
 }
@@ -50,7 +50,7 @@ pub async fn run(
     shared: Arc<Shared>,
     scope: Scope,
     peer: Option<SocketAddr>,
-    inbound: impl tokio_stream::Stream<Item = Result<DiscoveryRequest, Status>> + Unpin + Send,
+    inbound: impl tokio_stream::Stream<Item = Result<Box<DiscoveryRequest>, Status>> + Unpin + Send,
     tx: Tx,
 ) {
     let s = Stream {
@@ -59,7 +59,7 @@ pub async fn run(
         scope,
         node: None,
         view: Arc::new(View::default()),
-        types: BTreeMap::new(),
+        types: PerType::default(),
         nonce: 0,
         tx,
     };
@@ -72,7 +72,10 @@ pub fn spawn(
     shared: Arc<Shared>,
     scope: Scope,
     peer: Option<SocketAddr>,
-    inbound: impl tokio_stream::Stream<Item = Result<DiscoveryRequest, Status>> + Unpin + Send + 'static,
+    inbound: impl tokio_stream::Stream<Item = Result<Box<DiscoveryRequest>, Status>>
+        + Unpin
+        + Send
+        + 'static,
 ) -> mpsc::Receiver<Box<Result<DiscoveryResponse, Status>>> {
     let (tx, rx) = mpsc::channel(super::stream::QUEUE);
     tokio::spawn(run(shared, scope, peer, inbound, tx));
@@ -131,9 +134,9 @@ impl Stream {
         let t = self.scope.resolve(&req.type_url)?;
         let id = self.guard.id;
         let shared = self.shared.clone();
-        let ty = self.types.entry(t).or_default();
+        let ty = self.types.slot(t);
         if !req.response_nonce.is_empty() {
-            if req.response_nonce != ty.nonce {
+            if req.response_nonce.parse::<u64>().ok() != Some(ty.nonce) {
                 return Ok(true); // stale: superseded by a later response (12)
             }
             match &req.error_detail {
@@ -144,8 +147,11 @@ impl Stream {
         if req.resource_names.len() > super::stream::MAX_NAMES {
             return Err(super::stream::too_many_names(t));
         }
-        let mut names: std::collections::BTreeSet<String> =
-            req.resource_names.iter().cloned().collect();
+        let mut names: std::collections::BTreeSet<Arc<str>> = req
+            .resource_names
+            .iter()
+            .map(|n| Subscription::intern(&self.view, t, n))
+            .collect();
         let star = names.remove("*");
         let first = !ty.started;
         let sub = if first && names.is_empty() && !star && t.is_full_state() {
@@ -171,7 +177,7 @@ impl Stream {
         }
         let resources = ty.sub.resources(&self.view, t);
         if resources.is_empty() && !t.is_full_state() {
-            ty.sent.clear();
+            ty.sent = Sent::default();
             return Ok(true); // nothing to send yet; pushed when it appears (9)
         }
         if !self.send(t, resources, true).await {
@@ -246,8 +252,13 @@ impl Stream {
         let Some(ty) = self.types.get_mut(&t) else {
             return true;
         };
-        ty.sent
-            .retain(|name, _| desired.iter().any(|d| &d.name == name));
+        if ty
+            .sent
+            .keys()
+            .any(|name| !desired.iter().any(|d| &d.name == name))
+        {
+            Arc::make_mut(&mut ty.sent).retain(|name, _| desired.iter().any(|d| &d.name == name));
+        }
         let changed: Vec<_> = desired
             .into_iter()
             .filter(|r| ty.sent.get(&r.name).is_none_or(|s| s.version != r.version))
@@ -284,24 +295,25 @@ impl Stream {
     /// Sends a response; `replace` makes `resources` the client's whole set.
     async fn send(&mut self, t: TypeUrl, resources: Vec<Arc<XdsResource>>, replace: bool) -> bool {
         self.nonce += 1;
-        let nonce = self.nonce.to_string();
+        let nonce = self.nonce;
         let Some(ty) = self.types.get_mut(&t) else {
             return true;
         };
         if replace {
-            ty.sent.clear();
+            ty.sent = Sent::default();
         }
+        let sent = Arc::make_mut(&mut ty.sent);
         for r in &resources {
-            ty.sent.insert(r.name.clone(), r.clone());
+            sent.insert(r.name.clone(), r.clone());
+        }
+        // Usually what every node of the group has: keep the view's map.
+        if let Some(shared) = self.view.share_sent(t, &ty.sent) {
+            ty.sent = shared;
         }
         let version = set_version(ty.sent.values().map(|r| (&*r.name, &*r.version)));
-        ty.nonce = nonce.clone();
+        ty.nonce = nonce;
         ty.sent_at = Some(Instant::now());
-        let listing: BTreeMap<Arc<str>, Arc<str>> = ty
-            .sent
-            .values()
-            .map(|r| (r.name.clone(), r.version.clone()))
-            .collect();
+        let listing = self.view.versions_of(t, &ty.sent);
         let v = version.clone();
         self.shared.registry.update(self.guard.id, t, |st| {
             st.sent_version = Some(v);
@@ -316,7 +328,7 @@ impl Stream {
             version_info: version,
             resources: resources.iter().map(|r| r.body.clone()).collect(),
             type_url: t.as_str().to_string(),
-            nonce,
+            nonce: nonce.to_string(),
             ..Default::default()
         };
         self.tx.send(Box::new(Ok(response))).await.is_ok()

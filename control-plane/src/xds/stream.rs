@@ -151,11 +151,19 @@ pub(crate) struct Subscription {
     /// Wildcard because the first request named nothing (LDS/CDS); stays
     /// so while the client keeps naming nothing.
     pub legacy: bool,
-    /// Names subscribed explicitly.
-    pub names: BTreeSet<String>,
+    /// Names subscribed explicitly (the view's own strings where it has
+    /// the resource, so thousands of nodes naming the same clusters share
+    /// them).
+    pub names: BTreeSet<Arc<str>>,
 }
 
 impl Subscription {
+    /// `name` as a shared string: the view's when it has such a resource.
+    pub fn intern(view: &View, t: TypeUrl, name: &str) -> Arc<str> {
+        view.get(t, name)
+            .map_or_else(|| name.into(), |e| e.resource.name.clone())
+    }
+
     /// Whether the subscription covers `name` as it stands in `view`.
     pub fn covers(&self, view: &View, t: TypeUrl, name: &str) -> bool {
         self.names.contains(name)
@@ -291,11 +299,12 @@ pub(crate) async fn drive<P: Protocol>(
     mut s: P,
     scope: Scope,
     peer: Option<SocketAddr>,
-    mut inbound: impl tokio_stream::Stream<Item = Result<P::Request, Status>> + Unpin + Send,
+    // Requests come boxed: a request is half a kilobyte, and an unboxed one
+    // would sit in every idle stream's task.
+    mut inbound: impl tokio_stream::Stream<Item = Result<Box<P::Request>, Status>> + Unpin + Send,
 ) {
     use tokio_stream::StreamExt;
     let mut snapshots = s.shared().snapshots.clone();
-    let kind = format!("{}-{}", scope.label(), P::variant());
     loop {
         tokio::select! {
             msg = inbound.next() => {
@@ -308,6 +317,7 @@ pub(crate) async fn drive<P: Protocol>(
                     }
                 };
                 if !s.has_node() {
+                    let kind = format!("{}-{}", scope.label(), P::variant());
                     match register_node(s.shared(), s.guard(), P::node(&req), peer, &kind) {
                         Ok(node) => {
                             s.set_node(node);
@@ -321,7 +331,7 @@ pub(crate) async fn drive<P: Protocol>(
                     }
                 }
                 // Boxed so an idle stream's task stays small.
-                match Box::pin(s.on_request(req)).await {
+                match Box::pin(s.on_request(*req)).await {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(status) => {
