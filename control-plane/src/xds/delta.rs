@@ -169,7 +169,7 @@ impl Stream {
             if name == "*" {
                 ty.sub.wildcard = true;
             } else {
-                ty.sub.names.insert(Subscription::intern(&view, t, name));
+                Arc::make_mut(&mut ty.sub.names).insert(Subscription::intern(&view, t, name));
                 explicit.push(name.clone());
             }
         }
@@ -180,7 +180,11 @@ impl Stream {
                 continue;
             }
             // Unsubscribing a name never subscribed is not an error (17).
-            if ty.sub.names.remove(name.as_str()) && ty.sub.wildcard {
+            let had = ty.sub.names.contains(name.as_str());
+            if had {
+                Arc::make_mut(&mut ty.sub.names).remove(name.as_str());
+            }
+            if had && ty.sub.wildcard {
                 match view.get(t, name).filter(|e| e.in_wildcard) {
                     Some(e) => {
                         resources.insert(name.clone(), e.resource.clone());
@@ -193,6 +197,7 @@ impl Stream {
                 Arc::make_mut(&mut ty.known).remove(name.as_str());
             }
         }
+        ty.sub.share_names(&view, t);
         if first {
             for r in ty.sub.resources(&view, t) {
                 if ty.known.get(&r.name) != Some(&r.version) {

@@ -118,7 +118,9 @@ async fn handle(
     let Some((scope, is_delta)) = route(req.uri().path()) else {
         use tower_service::Service;
         let req = req.map(tonic::body::Body::new);
-        return match fallback.call(req).await {
+        // Boxed: hyper keeps this future in every stream's task, and the
+        // router's future is large; the xDS streams need none of it.
+        return match Box::pin(fallback.call(req)).await {
             Ok(resp) => resp.map(|b| {
                 b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
                     .boxed_unsync()

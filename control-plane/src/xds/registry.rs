@@ -97,11 +97,12 @@ struct Record {
 /// Every connected stream, by stream id.
 #[derive(Debug, Default)]
 pub struct Registry {
-    nodes: Mutex<HashMap<u64, Record>>,
+    // Boxed: a map's spare slots then cost a pointer, not a record.
+    nodes: Mutex<HashMap<u64, Box<Record>>>,
 }
 
 impl Registry {
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<u64, Record>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<u64, Box<Record>>) -> T) -> T {
         f(&mut self.nodes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -132,12 +133,12 @@ impl Registry {
         self.with(|n| {
             n.insert(
                 stream,
-                Record {
+                Box::new(Record {
                     node: status,
                     address,
                     connected_at: SystemTime::now(),
                     types: PerType::default(),
-                },
+                }),
             )
         });
     }

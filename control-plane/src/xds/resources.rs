@@ -1,7 +1,7 @@
 //! xDS resources as the server hands them out: encoded once, versioned by
 //! content, shared by every stream that sends them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -164,6 +164,9 @@ pub type Versions = Arc<BTreeMap<Arc<str>, Arc<str>>>;
 /// Name → resource of what a client was sent.
 pub type Sent = Arc<BTreeMap<Arc<str>, Arc<XdsResource>>>;
 
+/// Resource names a client subscribed to.
+pub type Names = Arc<BTreeSet<Arc<str>>>;
+
 /// Everything one group of nodes may receive, by type and name.
 ///
 /// A view also lends streams its wildcard sets as ready-made maps: every
@@ -175,6 +178,7 @@ pub struct View {
     types: [BTreeMap<Arc<str>, Entry>; 5],
     versions: [OnceLock<Versions>; 5],
     sent: [OnceLock<Sent>; 5],
+    names: [OnceLock<Names>; 5],
 }
 
 impl View {
@@ -182,6 +186,7 @@ impl View {
     pub fn insert(&mut self, t: TypeUrl, resource: Arc<XdsResource>, in_wildcard: bool) {
         self.versions[t.index()] = OnceLock::new();
         self.sent[t.index()] = OnceLock::new();
+        self.names[t.index()] = OnceLock::new();
         self.types[t.index()].insert(
             resource.name.clone(),
             Entry {
@@ -247,6 +252,14 @@ impl View {
         same.then(|| theirs.clone())
     }
 
+    /// The view's own set if `mine` names exactly the wildcard set of `t`
+    /// (as Envoy does for EDS and RDS: every cluster, every route table).
+    pub fn share_names(&self, t: TypeUrl, mine: &Names) -> Option<Names> {
+        let theirs = self.names[t.index()]
+            .get_or_init(|| Arc::new(self.wildcard(t).map(|r| r.name.clone()).collect()));
+        (Arc::ptr_eq(theirs, mine) || theirs == mine).then(|| theirs.clone())
+    }
+
     /// Name → version of `sent`: the view's map when `sent` is the view's.
     pub fn versions_of(&self, t: TypeUrl, sent: &Sent) -> Versions {
         if Arc::ptr_eq(self.sent(t), sent) {
@@ -279,5 +292,68 @@ impl XdsSnapshot {
             .get(group)
             .cloned()
             .unwrap_or_else(|| self.default_view.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::envoy::config::cluster::v3::Cluster;
+
+    fn cluster(name: &str, timeout: i64) -> Arc<XdsResource> {
+        XdsResource::new(
+            name,
+            &Cluster {
+                name: name.into(),
+                connect_timeout: Some(portico_proto::google::protobuf::Duration {
+                    seconds: timeout,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn streams_share_the_views_maps_only_when_equal() {
+        let mut view = View::default();
+        view.insert(TypeUrl::Cluster, cluster("a", 1), true);
+        view.insert(TypeUrl::Cluster, cluster("b", 1), true);
+        view.insert(TypeUrl::Cluster, cluster("hidden", 1), false);
+        let t = TypeUrl::Cluster;
+
+        // Equal content (not the same pointer): the view's map comes back.
+        let mine: Versions = Arc::new(
+            [("a", 1), ("b", 1)]
+                .into_iter()
+                .map(|(n, v)| (Arc::from(n), cluster(n, v).version.clone()))
+                .collect(),
+        );
+        let shared = view.share_versions(t, &mine).expect("equal");
+        assert!(Arc::ptr_eq(
+            &shared,
+            &view.share_versions(t, &shared).expect("same")
+        ));
+        // Another version, or another name set: not shared.
+        let mut other = shared.clone();
+        Arc::make_mut(&mut other).insert("b".into(), cluster("b", 2).version.clone());
+        assert!(view.share_versions(t, &other).is_none());
+        // Changing a stream's copy leaves the view's map alone.
+        assert_eq!(view.share_versions(t, &mine).expect("still").len(), 2);
+
+        let sent: Sent = Arc::new(
+            ["a", "b"]
+                .into_iter()
+                .map(|n| (Arc::from(n), cluster(n, 1)))
+                .collect(),
+        );
+        let shared_sent = view.share_sent(t, &sent).expect("equal");
+        assert!(Arc::ptr_eq(&view.versions_of(t, &shared_sent), &shared));
+        assert_eq!(view.versions_of(t, &sent).len(), 2);
+
+        let names: Names = Arc::new(["a", "b"].into_iter().map(Arc::from).collect());
+        assert!(view.share_names(t, &names).is_some());
+        let names: Names = Arc::new(["a"].into_iter().map(Arc::from).collect());
+        assert!(view.share_names(t, &names).is_none());
     }
 }

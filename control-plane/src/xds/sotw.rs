@@ -154,7 +154,8 @@ impl Stream {
             .collect();
         let star = names.remove("*");
         let first = !ty.started;
-        let sub = if first && names.is_empty() && !star && t.is_full_state() {
+        let names = Arc::new(names);
+        let mut sub = if first && names.is_empty() && !star && t.is_full_state() {
             Subscription {
                 wildcard: true,
                 legacy: true,
@@ -169,6 +170,7 @@ impl Stream {
                 names,
             }
         };
+        sub.share_names(&self.view, t);
         ty.started = true;
         let changed = sub != ty.sub;
         ty.sub = sub;

@@ -1,7 +1,6 @@
 //! What SotW and Delta streams share: scope, subscriptions, the per-stream
 //! guard that keeps the registry and metrics true.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use super::registry::Registry;
-use super::resources::{TypeUrl, View, XdsResource, XdsSnapshot};
+use super::resources::{Names, TypeUrl, View, XdsResource, XdsSnapshot};
 use crate::metrics::{Metrics, StreamLabels, TypeLabels};
 
 /// Responses a stream may have queued for a slow client. Small on
@@ -154,10 +153,17 @@ pub(crate) struct Subscription {
     /// Names subscribed explicitly (the view's own strings where it has
     /// the resource, so thousands of nodes naming the same clusters share
     /// them).
-    pub names: BTreeSet<Arc<str>>,
+    pub names: Names,
 }
 
 impl Subscription {
+    /// Shares the view's set when the names are exactly its wildcard set.
+    pub fn share_names(&mut self, view: &View, t: TypeUrl) {
+        if let Some(shared) = view.share_names(t, &self.names) {
+            self.names = shared;
+        }
+    }
+
     /// `name` as a shared string: the view's when it has such a resource.
     pub fn intern(view: &View, t: TypeUrl, name: &str) -> Arc<str> {
         view.get(t, name)
@@ -181,7 +187,7 @@ impl Subscription {
                     .map(|e| e.resource.clone()),
             );
         }
-        for name in &self.names {
+        for name in self.names.iter() {
             if let Some(e) = view.get(t, name) {
                 if !(self.wildcard && e.in_wildcard) {
                     out.push(e.resource.clone());
