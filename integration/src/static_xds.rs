@@ -148,8 +148,14 @@ impl AggregatedDiscoveryService for Ads {
                         let changed_names = subs
                             .get(&req.type_url)
                             .is_none_or(|s| s.0 != req.resource_names);
-                        subs.insert(req.type_url.clone(), (req.resource_names.clone(), current.version));
-                        if sent.is_none() || changed_names || req.error_detail.is_some() && sent != Some(current.version) {
+                        let answer = sent.is_none()
+                            || changed_names
+                            || req.error_detail.is_some() && sent != Some(current.version);
+                        // The version counts as sent only when it is: a
+                        // change not yet pushed must still be pushed.
+                        let recorded = if answer { current.version } else { sent.unwrap_or(0) };
+                        subs.insert(req.type_url.clone(), (req.resource_names.clone(), recorded));
+                        if answer {
                             nonce += 1;
                             let resp = response(&current, &req.type_url, &req.resource_names, nonce);
                             if tx.send(Ok(resp)).await.is_err() {

@@ -140,7 +140,7 @@ impl Stream {
         let ty = self.types.slot(t);
         // ACK/NACK only for the latest nonce; subscription changes in a
         // stale request still count (12).
-        if ty.nonce != 0 && req.response_nonce.parse::<u64>().ok() == Some(ty.nonce) {
+        if ty.nonce != 0 && req.response_nonce == ty.nonce.to_string() {
             match &req.error_detail {
                 Some(err) => shared.nack(id, t, err),
                 None => shared.ack(id, t, ty.sent_at.take(), None),

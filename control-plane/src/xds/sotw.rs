@@ -136,7 +136,7 @@ impl Stream {
         let shared = self.shared.clone();
         let ty = self.types.slot(t);
         if !req.response_nonce.is_empty() {
-            if req.response_nonce.parse::<u64>().ok() != Some(ty.nonce) {
+            if ty.nonce == 0 || req.response_nonce != ty.nonce.to_string() {
                 return Ok(true); // stale: superseded by a later response (12)
             }
             match &req.error_detail {

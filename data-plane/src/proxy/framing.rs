@@ -12,10 +12,14 @@
 //! request head and note the first one that has both headers. The handler
 //! counts the requests it is given and refuses that one.
 //!
-//! The scan stops for good at anything it does not follow (an HTTP/2
-//! preface, an upgrade or CONNECT, a malformed head): hyper rejects
-//! malformed input itself, and it never reuses a connection after a
+//! The scan stops for good at what it cannot follow (an HTTP/2 preface, a
+//! malformed head, a Transfer-Encoding that is not chunked): hyper rejects
+//! those itself and closes, and it never reuses a connection after a
 //! conflicting head, so nothing behind one can be smuggled either way.
+//! Upgrades and CONNECT are followed like any request: if hyper refuses the
+//! upgrade it keeps parsing requests, in step with the scan; if it accepts,
+//! the bytes after are the tunnel's, and whatever the scan makes of them
+//! can only name request numbers hyper never hands to the handler.
 
 use std::io;
 use std::pin::Pin;
@@ -25,9 +29,10 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest header line prefix kept for inspection; longer lines keep their
-/// first bytes only (enough for the names and values we look at).
-const LINE_KEEP: usize = 128;
+/// Longest header line kept; hyper answers 431 to longer heads anyway
+/// (its limit is the listener's header size, far below this), so a line
+/// cut here never reaches a handler.
+const LINE_KEEP: usize = 256 * 1024;
 
 /// What the scan found, shared with the connection's request handler.
 #[derive(Debug, Default)]
@@ -70,7 +75,6 @@ struct Head {
     content_length: Option<u64>,
     transfer_encoding: bool,
     chunked: bool,
-    tunnel: bool,
 }
 
 /// Follows HTTP/1.1 request framing over arbitrarily split reads.
@@ -187,7 +191,6 @@ impl Scanner {
                 return;
             } else {
                 head.seen_request_line = true;
-                head.tunnel = line.starts_with(b"CONNECT ");
             }
             head.line.clear();
             return;
@@ -214,8 +217,6 @@ impl Scanner {
             head.transfer_encoding = true;
             let last = value.rsplit(|&b| b == b',').next().map(trim);
             head.chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            head.tunnel = true;
         }
         head.line.clear();
     }
@@ -230,7 +231,8 @@ impl Scanner {
                 .conflicting
                 .compare_exchange(0, self.request, Relaxed, Relaxed);
             self.state = State::Off;
-        } else if head.tunnel || (head.transfer_encoding && !head.chunked) {
+        } else if head.transfer_encoding && !head.chunked {
+            // hyper refuses it (400) and closes.
             self.state = State::Off;
         } else if head.chunked {
             self.state = State::ChunkSize {
@@ -384,14 +386,30 @@ POST /d HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
     }
 
     #[test]
-    fn stops_at_what_it_does_not_follow() {
+    fn stops_at_http2_and_follows_refused_upgrades() {
         assert_eq!(
             scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             0
         );
+        // `Upgrade: h2c` that hyper ignores: the next request is number 2.
         assert_eq!(
-            scan(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            0
+            scan(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            2
         );
+    }
+
+    #[test]
+    fn long_values_are_read_whole() {
+        // A length padded with zeros past any short prefix still frames
+        // the body as hyper does.
+        let input = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}5\r\n\r\nX\r\n\r\n\
+POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "0".repeat(200)
+        );
+        let v = Arc::new(Verdict::default());
+        let mut s = Scanner::new(v.clone());
+        s.feed(input.as_bytes());
+        assert_eq!(v.conflicting.load(Relaxed), 2);
     }
 }

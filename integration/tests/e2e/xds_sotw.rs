@@ -282,6 +282,9 @@ async fn stale_nonces_are_ignored_and_new_names_always_sent() {
     s.request(ROUTE, &["b/http"], &first.version_info, &first.nonce, None)
         .await;
     s.silent(QUIET).await;
+    // So is one echoing a nonce never sent, on a type never answered.
+    s.request(CLUSTER, &[], "", "0", None).await;
+    s.silent(QUIET).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
