@@ -256,6 +256,25 @@ impl Run {
     }
 }
 
+/// A one-thread runtime for a test server and its listener on an
+/// ephemeral loopback port.
+pub(crate) fn loopback_server() -> (
+    tokio::runtime::Runtime,
+    tokio::net::TcpListener,
+    std::net::SocketAddr,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (rt, listener, addr)
+}
+
 /// Polls `f` every few milliseconds until it returns `Some`, or `limit` passes.
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;

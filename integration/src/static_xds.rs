@@ -56,15 +56,7 @@ pub fn resource<M: Message + Name>(name: &str, msg: &M) -> (String, Any) {
 impl StaticXds {
     /// Starts one on an ephemeral loopback port, serving nothing yet.
     pub fn start() -> StaticXds {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (rt, listener, addr) = crate::loopback_server();
         let (tx, _) = watch::channel(Resources::default());
         let state = Arc::new(tx);
         let nacks = Arc::new(Mutex::new(Vec::new()));

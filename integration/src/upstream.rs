@@ -44,15 +44,7 @@ struct Ctx {
 impl Upstream {
     /// Starts one on an ephemeral loopback port.
     pub fn start(name: &str) -> Upstream {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (rt, listener, addr) = crate::loopback_server();
         let ctx = Arc::new(Ctx {
             name: name.to_string(),
             unhealthy: Arc::new(AtomicBool::new(false)),
