@@ -70,7 +70,6 @@ enum State {
 
 #[derive(Debug, Default)]
 struct Head {
-    line: Vec<u8>,
     seen_request_line: bool,
     content_length: Option<u64>,
     transfer_encoding: bool,
@@ -83,6 +82,9 @@ pub struct Scanner {
     state: State,
     /// Number of the request whose head is being read (1-based).
     request: u32,
+    /// A head line split across reads, kept until its end arrives. Lines
+    /// that arrive whole (the usual case) are read in place, uncopied.
+    partial: Vec<u8>,
     verdict: Arc<Verdict>,
 }
 
@@ -92,6 +94,7 @@ impl Scanner {
         Scanner {
             state: State::Head(Head::default()),
             request: 1,
+            partial: Vec::new(),
             verdict,
         }
     }
@@ -158,14 +161,33 @@ impl Scanner {
                         _ => *empty = false,
                     }
                 }
-                State::Head(head) => {
+                State::Head(_) => {
                     let end = data.iter().position(|&b| b == b'\n');
-                    let take = end.map_or(data.len(), |i| i + 1);
-                    let room = LINE_KEEP.saturating_sub(head.line.len());
-                    head.line.extend_from_slice(&data[..take.min(room)]);
-                    data = &data[take..];
-                    if end.is_some() {
-                        self.end_of_line();
+                    match end {
+                        Some(i) if self.partial.is_empty() => {
+                            let (line, rest) = data.split_at(i + 1);
+                            data = rest;
+                            self.end_of_line(line);
+                        }
+                        Some(i) => {
+                            let (line, rest) = data.split_at(i + 1);
+                            data = rest;
+                            let mut whole = std::mem::take(&mut self.partial);
+                            let room = LINE_KEEP.saturating_sub(whole.len());
+                            whole.extend_from_slice(&line[..line.len().min(room)]);
+                            self.end_of_line(&whole);
+                            // Keep a small buffer for the next split line.
+                            whole.clear();
+                            if whole.capacity() <= 1024 {
+                                self.partial = whole;
+                            }
+                        }
+                        None => {
+                            let room = LINE_KEEP.saturating_sub(self.partial.len());
+                            self.partial
+                                .extend_from_slice(&data[..data.len().min(room)]);
+                            data = &[];
+                        }
                     }
                 }
             }
@@ -177,11 +199,11 @@ impl Scanner {
         self.state = State::Head(Head::default());
     }
 
-    fn end_of_line(&mut self) {
+    fn end_of_line(&mut self, line: &[u8]) {
         let State::Head(head) = &mut self.state else {
             return;
         };
-        let line = trim_eol(&head.line);
+        let line = trim_eol(line);
         if !head.seen_request_line {
             if line.is_empty() {
                 // Empty lines before a request line are ignored (RFC 9112
@@ -192,7 +214,6 @@ impl Scanner {
             } else {
                 head.seen_request_line = true;
             }
-            head.line.clear();
             return;
         }
         if line.is_empty() {
@@ -218,7 +239,6 @@ impl Scanner {
             let last = value.rsplit(|&b| b == b',').next().map(trim);
             head.chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
         }
-        head.line.clear();
     }
 
     fn end_of_head(&mut self) {
