@@ -229,10 +229,7 @@ impl Scanner {
             match std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()) {
                 Some(n) => head.content_length = Some(n),
                 // hyper rejects it with a 400; nothing more to follow.
-                None => {
-                    self.state = State::Off;
-                    return;
-                }
+                None => self.state = State::Off,
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             head.transfer_encoding = true;
