@@ -33,6 +33,22 @@ impl Env {
         Env { dir, cp, port }
     }
 
+    /// Service `s` on `ups` (with `service_extra` in its spec) behind Api
+    /// `a`, which sends everything under `/a` to it.
+    pub fn one_route(ups: &[&Upstream], service_extra: Value) -> Env {
+        Env::new(|_| {
+            vec![
+                service("s", ups, service_extra),
+                api(
+                    "a",
+                    "/a",
+                    &[],
+                    json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
+                ),
+            ]
+        })
+    }
+
     /// Starts a data-plane node in group `edge` and waits until it serves.
     pub fn dp(&self, name: &str, extra: &[&str]) -> DataPlane {
         let dp = DataPlane::start(self.dir.path(), name, &self.cp.xds_addr, "edge", extra);

@@ -93,21 +93,10 @@ fn outlier_detection_ejects_a_failing_endpoint() {
     let good = Upstream::start("good");
     let bad = Upstream::start("bad");
     bad.failing.store(true, Ordering::Relaxed);
-    let env = Env::new(|_| {
-        vec![
-            service(
-                "s",
-                &[&good, &bad],
-                json!({"outlierDetection": {"consecutive5xx": 3, "baseEjectionTime": "30s", "maxEjectionPercent": 50}}),
-            ),
-            api(
-                "a",
-                "/a",
-                &[],
-                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
-            ),
-        ]
-    });
+    let env = Env::one_route(
+        &[&good, &bad],
+        json!({"outlierDetection": {"consecutive5xx": 3, "baseEjectionTime": "30s", "maxEjectionPercent": 50}}),
+    );
     let _dp = env.dp("dp1", &[]);
     let mut fails = 0;
     for _ in 0..20 {
@@ -132,17 +121,7 @@ fn outlier_detection_ejects_a_failing_endpoint() {
 #[test]
 fn bad_requests_get_clear_answers_and_cost_nothing_else() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api(
-                "a",
-                "/a",
-                &[],
-                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
-            ),
-        ]
-    });
+    let env = Env::one_route(&[&up], json!({}));
     let dp = env.dp("dp1", &[]);
     let port = env.port;
 
@@ -234,17 +213,7 @@ fn bad_requests_get_clear_answers_and_cost_nothing_else() {
 #[test]
 fn admin_endpoints_and_bootstrap_file() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api(
-                "a",
-                "/a",
-                &[],
-                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
-            ),
-        ]
-    });
+    let env = Env::one_route(&[&up], json!({}));
     let (host, xport) = env.cp.xds_addr.rsplit_once(':').expect("addr");
     let bootstrap = format!(
         "node: {{id: boot-1, cluster: edge}}\n\
@@ -304,17 +273,7 @@ fn admin_endpoints_and_bootstrap_file() {
 #[test]
 fn access_log_lines_carry_envoy_fields_route_and_cluster() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api(
-                "a",
-                "/a",
-                &[],
-                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
-            ),
-        ]
-    });
+    let env = Env::one_route(&[&up], json!({}));
     let log = env.dir.path().join("access.log");
     let log_arg = log.display().to_string();
     let _dp = env.dp("dp1", &["--access-log", &log_arg]);
