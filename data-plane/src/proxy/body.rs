@@ -1,7 +1,7 @@
 //! The downstream response body: upstream bytes streamed through, or a
-//! local reply. It carries the request's guard, which on the last byte
-//! returns the upstream connection to its pool and, when dropped, releases
-//! counters and writes the access log line.
+//! local reply. It carries the request's guard, which holds the upstream
+//! endpoint (and an HTTP/2 stream slot) until the response is done and,
+//! when dropped, releases counters and writes the access log line.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -12,16 +12,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::access_log::{Record, Sink};
 use crate::stats::Stats;
-use crate::upstream::pool::Lease;
+use crate::upstream::pool::{RespBody, StreamSlot};
 use crate::upstream::{Cluster, Endpoint};
 
 /// A response body with its request's bookkeeping.
 pub struct ResponseBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<RespBody, Full<Bytes>>,
     guard: Guard,
 }
 
@@ -38,7 +37,7 @@ pub struct Guard {
 pub struct Upstream {
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) endpoint: Arc<Endpoint>,
-    pub(crate) lease: Option<Lease>,
+    pub(crate) slot: Option<StreamSlot>,
 }
 
 impl Guard {
@@ -65,13 +64,7 @@ impl Drop for Upstream {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.stats.downstream_rq_active.fetch_sub(1, Relaxed);
-        if let Some(mut up) = self.upstream.take() {
-            if let Some(lease) = up.lease.take() {
-                if self.ended {
-                    up.endpoint.pool.release(lease);
-                }
-            }
-        }
+        self.upstream = None;
         if let Some(b) = self.log.take() {
             let (sinks, mut rec, start) = *b;
             rec.bytes_sent = self.bytes;
@@ -88,7 +81,7 @@ impl Drop for Guard {
 
 impl ResponseBody {
     /// An upstream body.
-    pub fn upstream(body: Incoming, guard: Guard) -> Self {
+    pub fn upstream(body: RespBody, guard: Guard) -> Self {
         let mut b = ResponseBody {
             inner: Either::Left(body),
             guard,

@@ -1,6 +1,7 @@
 //! One request through the gateway: find the route, then answer locally or
 //! forward to a cluster with retries and timeouts (Envoy's router filter).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -27,7 +28,7 @@ use crate::config::route::{
 };
 use crate::snapshot::{Shared, Snapshot};
 use crate::upstream::lb::hash64;
-use crate::upstream::pool::{ReqBody, SendError};
+use crate::upstream::pool::{ReqBody, RespBody, SendError};
 use crate::upstream::{is_hashing, Cluster};
 
 /// Request bodies up to this size are buffered when a retry policy may
@@ -42,6 +43,8 @@ pub struct Conn {
     pub listener: Arc<ArcSwap<ListenerRuntime>>,
     /// The client.
     pub peer: SocketAddr,
+    /// The client's address as a header value (for `x-forwarded-for`).
+    pub peer_ip: HeaderValue,
     /// What the HTTP/1.1 framing scan found on this connection.
     pub framing: Arc<Verdict>,
     /// HTTP/1.x requests handled so far on this connection.
@@ -102,7 +105,7 @@ pub async fn handle(
     Ok(Response::from_parts(parts, body))
 }
 
-type Out = Response<Either<Incoming, Bytes>>;
+type Out = Response<Either<RespBody, Bytes>>;
 
 fn local_reply(status: StatusCode, body: &'static str) -> Out {
     let mut r = Response::new(Either::Right(Bytes::from_static(body.as_bytes())));
@@ -134,13 +137,13 @@ fn record(req: &Request<Incoming>, peer: SocketAddr) -> Record {
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .unwrap_or(0),
         x_forwarded_for: s(&header::FORWARDED).or_else(|| {
-            h.get("x-forwarded-for")
+            h.get(&X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         }),
         user_agent: s(&header::USER_AGENT),
         request_id: h
-            .get("x-request-id")
+            .get(&X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         authority: authority(req).unwrap_or_default().to_owned(),
@@ -272,8 +275,26 @@ fn redirect(rd: &Redirect, route: &Route, req: &Request<Incoming>, host: &str) -
     r
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Headers that describe one hop and never travel past the proxy.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages have none: one pass over the names (a few pointer
+    // compares each) instead of a hash lookup per name.
+    let any = h.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::UPGRADE
+            || n == header::TRANSFER_ENCODING
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    });
+    if !any {
+        return;
+    }
     if let Some(c) = h.get(header::CONNECTION).cloned() {
         if let Ok(c) = c.to_str() {
             for name in c.split(',').map(str::trim) {
@@ -290,8 +311,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         h.remove(header::UPGRADE);
     }
     h.remove(header::TRANSFER_ENCODING);
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
 }
 
 fn pick_cluster<'a>(
@@ -384,13 +405,19 @@ async fn forward(
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    // The request as it goes upstream.
-    let authority = authority(&req).unwrap_or_default().to_owned();
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let new_pq = rewrite_path(fwd, route, pq);
+    // The request as it goes upstream. The Host value is the client's own
+    // (shared, not copied) unless the route rewrites it.
+    let mut host_value = match &fwd.host_rewrite {
+        HostRewrite::Literal(v) => Some(v.clone()),
+        HostRewrite::Keep | HostRewrite::Auto => match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        },
+    };
     let (parts, body) = req.into_parts();
     let original_uri = &parts.uri;
     let original_pq = original_uri.path_and_query().map_or("/", |p| p.as_str());
+    let new_pq = rewrite_path(fwd, route, original_pq);
     let mut up_uri: Option<http::Uri> = None;
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, upgrade);
@@ -398,27 +425,26 @@ async fn forward(
         headers.remove(header::TE);
     }
     if lr.config.use_remote_address {
-        let ip = conn.peer.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
+            None => Some(conn.peer_ip.clone()),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert("x-forwarded-for", v);
+        if let Some(v) = xff {
+            headers.insert(&X_FORWARDED_FOR, v);
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if !headers.contains_key("x-request-id") {
-        headers.insert("x-request-id", request_id());
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(&X_REQUEST_ID, request_id());
     }
-    let mut host_value = match &fwd.host_rewrite {
-        HostRewrite::Literal(v) => Some(v.clone()),
-        HostRewrite::Keep | HostRewrite::Auto => HeaderValue::from_str(&authority).ok(),
-    };
     route.edits.apply_request(&mut headers);
     vh.edits.apply_request(&mut headers);
     table.edits.apply_request(&mut headers);
-    headers.remove(header::HOST);
+    // HTTP/2 carries the authority in the URI; HTTP/1.1 gets `host_value`
+    // inserted over whatever is there.
+    if cluster.config.http2 || host_value.is_none() {
+        headers.remove(header::HOST);
+    }
 
     // Retries need the body again; buffer it when it is small.
     let retry = fwd.retry.as_deref();
@@ -491,7 +517,7 @@ async fn forward(
         let upstream = Upstream {
             cluster: cluster.clone(),
             endpoint: ep.clone(),
-            lease: None,
+            slot: None,
         };
         if let Some(b) = guard.log.as_mut() {
             b.1.upstream_host = Some(ep.addr.to_string());
@@ -563,14 +589,14 @@ async fn forward(
         };
         let more = attempt + 1 < max_tries;
         match sent {
-            Ok(Ok((resp, lease))) => {
+            Ok(Ok((resp, slot))) => {
                 let status = resp.status().as_u16();
                 cluster.stats.count_status(status);
                 cluster.observe(&ep, Some(status));
                 if more && retry.is_some_and(|r| r.retry_status(status, resp.headers())) {
                     last_ep = Some(ep);
                     failure = local(StatusCode::BAD_GATEWAY, "", "URX");
-                    drop((resp, lease, upstream));
+                    drop((resp, slot, upstream));
                     continue;
                 }
                 if let Some(b) = guard.log.as_mut() {
@@ -581,7 +607,7 @@ async fn forward(
                 // The downstream connection's version, not the upstream's.
                 rparts.version = parts.version;
                 let mut upstream = upstream;
-                upstream.lease = Some(lease);
+                upstream.slot = slot;
                 guard.upstream = Some(upstream);
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
@@ -649,7 +675,7 @@ fn request_id() -> HeaderValue {
 }
 
 /// Path after the route's rewrite (prefix or regex), query kept.
-fn rewrite_path(fwd: &Forward, route: &Route, pq: &str) -> String {
+fn rewrite_path<'a>(fwd: &Forward, route: &Route, pq: &'a str) -> Cow<'a, str> {
     if let Some(prefix) = &fwd.prefix_rewrite {
         let (path, query) = pq.split_once('?').map_or((pq, None), |(p, q)| (p, Some(q)));
         let n = route.matched_prefix_len(path).min(path.len());
@@ -661,7 +687,7 @@ fn rewrite_path(fwd: &Forward, route: &Route, pq: &str) -> String {
             out.push('?');
             out.push_str(q);
         }
-        return out;
+        return Cow::Owned(out);
     }
     if let Some(re) = &fwd.regex_rewrite {
         let (path, query) = pq.split_once('?').map_or((pq, None), |(p, q)| (p, Some(q)));
@@ -670,9 +696,9 @@ fn rewrite_path(fwd: &Forward, route: &Route, pq: &str) -> String {
             out.push('?');
             out.push_str(q);
         }
-        return out;
+        return Cow::Owned(out);
     }
-    pq.to_owned()
+    Cow::Borrowed(pq)
 }
 
 /// A WebSocket upgrade: its own upstream connection; after both sides
@@ -704,7 +730,10 @@ async fn websocket(
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = resp.into_parts();
         guard.upstream = Some(upstream);
-        return Ok(Response::from_parts(parts, Either::Left(body)));
+        return Ok(Response::from_parts(
+            parts,
+            Either::Left(Either::Right(body)),
+        ));
     }
     let up = hyper::upgrade::on(&mut resp);
     let stats = guard.stats.clone();

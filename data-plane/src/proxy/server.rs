@@ -81,6 +81,8 @@ pub(super) async fn serve(
                 shared: shared.clone(),
                 listener: runtime.clone(),
                 peer,
+                peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
+                    .unwrap_or(http::HeaderValue::from_static("unknown")),
                 framing: framing.clone(),
                 requests: AtomicU32::new(0),
             });

@@ -2,6 +2,7 @@
 //! load balancing. Endpoint state outlives configuration changes: an EDS or
 //! CDS update keeps the pools and health of endpoints that remain.
 
+pub mod h1;
 pub mod health;
 pub mod lb;
 pub mod pool;

@@ -1,11 +1,12 @@
 //! Connections to one endpoint: an idle stack of HTTP/1.1 connections with
-//! keep-alive, or a few HTTP/2 connections, another opened when every one
-//! is at its stream limit (one connection per endpoint stalls under load).
+//! keep-alive (driven by the request's own task, see [`super::h1`]), or a
+//! few HTTP/2 connections, another opened when every one is at its stream
+//! limit (one connection per endpoint stalls under load).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -15,12 +16,17 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::h1::{self, IdleList};
 use crate::config::cluster::ClusterConfig;
 use crate::stats::ClusterStats;
 
 /// The body of an upstream request: streamed from downstream, or buffered
 /// so that it can be sent again on retry.
 pub type ReqBody = Either<Incoming, Full<Bytes>>;
+
+/// The body of an upstream response: from an HTTP/1.1 connection of the
+/// pool, or from hyper (HTTP/2, and upgrades refused by the upstream).
+pub type RespBody = Either<h1::Body, Incoming>;
 
 /// Why a request never got a response from the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +40,6 @@ pub enum SendError {
     /// The circuit breaker's connection limit is reached.
     #[error("overflow: too many connections")]
     Overflow,
-}
-
-struct Idle {
-    tx: http1::SendRequest<ReqBody>,
-    since: Instant,
-    uses: u32,
 }
 
 struct H2 {
@@ -56,7 +56,7 @@ pub struct Pool {
     max_streams: u32,
     max_uses: u32,
     max_connections: u32,
-    idle: Mutex<Vec<Idle>>,
+    idle: IdleList,
     h2: Mutex<Vec<H2>>,
     /// Open connections.
     pub open: Arc<AtomicU32>,
@@ -72,14 +72,6 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// A connection lent to one request; returned when the response ends.
-pub enum Lease {
-    /// An HTTP/1.1 connection, reusable once its response body is done.
-    H1(http1::SendRequest<ReqBody>, u32),
-    /// A stream slot on an HTTP/2 connection.
-    H2(StreamSlot),
-}
-
 impl Pool {
     /// An empty pool.
     pub fn new(addr: SocketAddr, cfg: &ClusterConfig, stats: Arc<ClusterStats>) -> Self {
@@ -91,67 +83,49 @@ impl Pool {
             max_streams: cfg.max_concurrent_streams,
             max_uses: cfg.max_requests_per_connection.unwrap_or(u32::MAX),
             max_connections: cfg.limits.max_connections,
-            idle: Mutex::new(Vec::new()),
+            idle: IdleList::default(),
             h2: Mutex::new(Vec::new()),
             open: Arc::new(AtomicU32::new(0)),
             stats,
         }
     }
 
-    /// Sends a request; the lease must live as long as the response body.
+    /// Sends a request. An HTTP/2 response holds a stream slot, which must
+    /// live as long as its body; an HTTP/1.1 body returns its connection to
+    /// the pool itself when it ends cleanly.
     pub async fn send(
         &self,
         req: Request<ReqBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<(Response<RespBody>, Option<StreamSlot>), SendError> {
         if self.http2 {
-            return self.send_h2(req).await;
+            let (resp, slot) = self.send_h2(req).await?;
+            return Ok((resp.map(Either::Right), Some(slot)));
         }
-        let (mut tx, uses) = match self.take_idle().await {
+        let conn = match self.take_idle() {
             Some(c) => c,
-            None => (self.connect_h1().await?, 0),
+            None => h1::Connection::new(self.tcp().await?, self.open.clone()),
         };
-        match tx.send_request(req).await {
-            Ok(resp) => Ok((resp, Lease::H1(tx, uses + 1))),
-            Err(e) => Err(SendError::Reset(e.to_string())),
-        }
+        let ret = h1::Return {
+            idle: self.idle.clone(),
+            max_uses: self.max_uses,
+        };
+        let resp = h1::exchange(conn, req, &ret).await?;
+        Ok((resp.map(Either::Left), None))
     }
 
-    async fn take_idle(&self) -> Option<(http1::SendRequest<ReqBody>, u32)> {
-        loop {
-            let c = {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.pop()?
-            };
-            if c.tx.is_closed() || c.since.elapsed() > self.idle_timeout {
-                continue; // dropping the sender closes the connection
-            }
-            let mut tx = c.tx;
-            // The connection turns ready as soon as its task has seen the
-            // end of the previous response; this rarely waits.
-            if tx.ready().await.is_ok() {
-                return Some((tx, c.uses));
+    /// The most recently used idle connection that is still good.
+    fn take_idle(&self) -> Option<h1::Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            // Dropping one closes it.
+            if c.since.elapsed() <= self.idle_timeout && c.is_usable() {
+                return Some(c);
             }
         }
+        None
     }
 
-    /// Returns an HTTP/1.1 connection whose response ended cleanly.
-    pub fn release(&self, lease: Lease) {
-        match lease {
-            Lease::H1(tx, uses) => {
-                if uses < self.max_uses && !tx.is_closed() {
-                    let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                    idle.push(Idle {
-                        tx,
-                        since: Instant::now(),
-                        uses,
-                    });
-                }
-            }
-            Lease::H2(slot) => drop(slot),
-        }
-    }
-
-    async fn tcp(&self) -> Result<TokioIo<TcpStream>, SendError> {
+    async fn tcp(&self) -> Result<TcpStream, SendError> {
         if self.open.load(Relaxed) >= self.max_connections {
             self.stats.cx_overflow.fetch_add(1, Relaxed);
             return Err(SendError::Overflow);
@@ -173,12 +147,13 @@ impl Pool {
             };
         let _ = stream.set_nodelay(true);
         self.stats.cx_total.fetch_add(1, Relaxed);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
-    /// Opens a connection that is not pooled (for upgrades), with upgrades on.
+    /// Opens a hyper connection that is not pooled (for upgrades and health
+    /// checks), with upgrades on.
     pub async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
-        let io = self.tcp().await?;
+        let io = TokioIo::new(self.tcp().await?);
         let (tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -195,7 +170,7 @@ impl Pool {
     async fn send_h2(
         &self,
         req: Request<ReqBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<(Response<Incoming>, StreamSlot), SendError> {
         let found = {
             let mut conns = self.h2.lock().unwrap_or_else(|p| p.into_inner());
             conns.retain(|c| !c.tx.is_closed());
@@ -210,7 +185,7 @@ impl Pool {
         let (mut tx, slot) = match found {
             Some(f) => f,
             None => {
-                let io = self.tcp().await?;
+                let io = TokioIo::new(self.tcp().await?);
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(io)
@@ -234,7 +209,7 @@ impl Pool {
             return Err(SendError::Reset("HTTP/2 connection closed".into()));
         }
         match tx.send_request(req).await {
-            Ok(resp) => Ok((resp, Lease::H2(slot))),
+            Ok(resp) => Ok((resp, slot)),
             Err(e) => Err(SendError::Reset(e.to_string())),
         }
     }

@@ -1,0 +1,879 @@
+//! HTTP/1.1 to an upstream, driven inside the request's own task.
+//!
+//! hyper's client runs each connection as a task of its own and hands
+//! requests, responses and body chunks to it over channels: every proxied
+//! request woke two tasks and crossed four channels. Here the request's
+//! task writes the request and reads the response on a pooled socket
+//! itself. A response whose body has already arrived with its head (most
+//! API responses) is answered at once and its connection goes back to the
+//! pool before the downstream write; a longer one streams from the socket
+//! and the connection goes back when the body ends cleanly.
+//!
+//! Framing follows RFC 9112: a request body is sent with its exact length
+//! when known, chunked otherwise, while the response head is read (an
+//! upstream may answer before it has read the whole body); a response
+//! body is delimited by `Transfer-Encoding: chunked`, else
+//! `Content-Length`, else the end of the connection, and there is none for
+//! HEAD, 1xx, 204 and 304.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Either};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::pool::{ReqBody, SendError};
+
+/// Response heads longer than this are refused (hyper's default too).
+const MAX_HEAD: usize = 64 * 1024;
+/// Response header fields beyond this many are refused.
+const MAX_HEADERS: usize = 100;
+/// A chunk-size line longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Request bodies up to this size are written with the head in one call.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// Idle connections of one endpoint, newest last.
+pub type IdleList = Arc<Mutex<Vec<Connection>>>;
+
+/// One HTTP/1.1 connection to an endpoint.
+#[derive(Debug)]
+pub struct Connection {
+    io: TcpStream,
+    /// Bytes read and not yet consumed.
+    buf: BytesMut,
+    /// Where request heads are encoded (kept to spare an allocation).
+    wbuf: Vec<u8>,
+    /// Requests sent on it so far.
+    pub(crate) uses: u32,
+    /// When it last went idle.
+    pub(crate) since: Instant,
+    open: Arc<AtomicU32>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Connection {
+    /// Wraps a connected socket; `open` counts the endpoint's connections.
+    pub fn new(io: TcpStream, open: Arc<AtomicU32>) -> Self {
+        open.fetch_add(1, Relaxed);
+        Connection {
+            io,
+            buf: BytesMut::with_capacity(8 * 1024),
+            wbuf: Vec::new(),
+            uses: 0,
+            since: Instant::now(),
+            open,
+        }
+    }
+
+    /// Keeps a small head buffer for the next request (a large one, grown
+    /// by a body written with its head, is let go).
+    fn keep_wbuf(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= 4096 {
+            self.wbuf = buf;
+        }
+    }
+
+    /// Whether an idle connection can take another request: the peer has
+    /// neither closed it nor sent anything since the last response. Costs
+    /// a syscall only when the socket became readable while idle.
+    pub fn is_usable(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// Where a finished connection goes back to, and how often it may be used.
+#[derive(Clone)]
+pub struct Return {
+    /// The endpoint's idle list.
+    pub idle: IdleList,
+    /// Requests per connection at most.
+    pub max_uses: u32,
+}
+
+impl Return {
+    fn put(&self, conn: Connection) {
+        if conn.uses < self.max_uses && conn.buf.is_empty() {
+            let mut conn = conn;
+            conn.since = Instant::now();
+            self.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+        }
+    }
+}
+
+/// How the request body is sent.
+enum Outgoing {
+    None,
+    Whole(Bytes),
+    Stream(hyper::body::Incoming, Option<u64>),
+}
+
+/// Sends one request on `conn` and reads the response head.
+pub async fn exchange(
+    mut conn: Connection,
+    req: Request<ReqBody>,
+    ret: &Return,
+) -> Result<Response<Body>, SendError> {
+    conn.uses += 1;
+    let (parts, body) = req.into_parts();
+    let outgoing = match body {
+        Either::Right(full) => {
+            let b = full
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            if b.is_empty() {
+                Outgoing::None
+            } else {
+                Outgoing::Whole(b)
+            }
+        }
+        Either::Left(incoming) if incoming.is_end_stream() => Outgoing::None,
+        Either::Left(incoming) => {
+            let exact = incoming.size_hint().exact();
+            Outgoing::Stream(incoming, exact)
+        }
+    };
+    let head_only = parts.method == Method::HEAD;
+    let mut head = std::mem::take(&mut conn.wbuf);
+    head.clear();
+    encode_head(&parts, &outgoing, &mut head);
+
+    let mut reusable = true;
+    let resp = match outgoing {
+        Outgoing::None => {
+            write_all(&mut conn.io, &head).await?;
+            conn.keep_wbuf(head);
+            read_head(&mut conn.io, &mut conn.buf).await?
+        }
+        Outgoing::Whole(b) if b.len() <= COALESCE_BODY => {
+            head.extend_from_slice(&b);
+            write_all(&mut conn.io, &head).await?;
+            conn.keep_wbuf(head);
+            read_head(&mut conn.io, &mut conn.buf).await?
+        }
+        Outgoing::Whole(b) => {
+            write_all(&mut conn.io, &head).await?;
+            write_all(&mut conn.io, &b).await?;
+            read_head(&mut conn.io, &mut conn.buf).await?
+        }
+        Outgoing::Stream(body, exact) => {
+            // The upstream may answer before it has read the whole body
+            // (a 413, say): read the head while writing, and give up the
+            // body (and the connection) if the answer comes first.
+            let Connection { io, buf, .. } = &mut conn;
+            let (mut rd, mut wr) = io.split();
+            let send = send_body(&mut wr, &head, body, exact.is_none());
+            let recv = read_head(&mut rd, buf);
+            tokio::pin!(send, recv);
+            let mut sent = false;
+            loop {
+                tokio::select! {
+                    r = &mut send, if !sent => {
+                        r?;
+                        sent = true;
+                    }
+                    h = &mut recv => {
+                        reusable &= sent;
+                        break h?;
+                    }
+                }
+            }
+        }
+    };
+    let Head {
+        status,
+        version,
+        headers,
+        close,
+        framing,
+    } = resp;
+    reusable &= !close;
+    let framing = if head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Length(0)
+    } else {
+        framing
+    };
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        reusable = false; // not asked for on this path
+    }
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    let body = match framing {
+        Framing::Length(n) if n as usize <= conn.buf.len() => {
+            let data = conn.buf.split_to(n as usize).freeze();
+            if reusable {
+                ret.put(conn);
+            }
+            Body::whole(data)
+        }
+        framing => Body {
+            state: match framing {
+                Framing::Length(n) => State::Length(n),
+                Framing::Chunked => State::Chunked(Chunk::Size),
+                Framing::Close => State::Close,
+            },
+            first: None,
+            conn: Some(conn),
+            ret: reusable.then(|| ret.clone()),
+        },
+    };
+    *response.body_mut() = body;
+    Ok(response)
+}
+
+async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), SendError> {
+    w.write_all(b)
+        .await
+        .map_err(|e| SendError::Reset(format!("writing the request: {e}")))
+}
+
+/// Writes the head, then the body: as is when its length is known (it
+/// was declared), chunked otherwise; trailers only when chunked.
+async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    head: &[u8],
+    mut body: hyper::body::Incoming,
+    chunked: bool,
+) -> Result<(), SendError> {
+    write_all(w, head).await?;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| SendError::Reset(format!("reading the request body: {e}")))?;
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) if chunked => {
+                let size = format!("{:x}\r\n", data.len());
+                write_all(w, size.as_bytes()).await?;
+                write_all(w, &data).await?;
+                write_all(w, b"\r\n").await?;
+            }
+            Ok(data) => write_all(w, &data).await?,
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    if chunked {
+        let mut end = b"0\r\n".to_vec();
+        for (name, value) in trailers.iter().flatten() {
+            end.extend_from_slice(name.as_str().as_bytes());
+            end.extend_from_slice(b": ");
+            end.extend_from_slice(value.as_bytes());
+            end.extend_from_slice(b"\r\n");
+        }
+        end.extend_from_slice(b"\r\n");
+        write_all(w, &end).await?;
+    }
+    w.flush()
+        .await
+        .map_err(|e| SendError::Reset(format!("writing the request: {e}")))
+}
+
+/// Methods whose requests carry a body by definition (an empty one gets
+/// `content-length: 0`, as hyper sends).
+fn expects_body(m: &Method) -> bool {
+    matches!(*m, Method::POST | Method::PUT | Method::PATCH)
+}
+
+fn encode_head(parts: &http::request::Parts, body: &Outgoing, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        // Framing is this hop's own; it is written below.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match body {
+        Outgoing::None if expects_body(&parts.method) => {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Outgoing::None => {}
+        Outgoing::Whole(b) => write_length(out, b.len() as u64),
+        Outgoing::Stream(_, Some(n)) => write_length(out, *n),
+        Outgoing::Stream(_, None) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    /// The connection may not carry another request.
+    close: bool,
+    framing: Framing,
+}
+
+fn bad(what: impl std::fmt::Display) -> SendError {
+    SendError::Reset(format!("invalid response from upstream: {what}"))
+}
+
+/// Reads until a final (non-1xx, or 101) response head is complete and
+/// consumes it from `buf`.
+async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Head, SendError> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf)? {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    continue; // 100 Continue and friends: the answer follows
+                }
+                return Ok(head);
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(bad("response head too large"));
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) => {
+                return Err(SendError::Reset(
+                    "upstream closed the connection before a response".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(SendError::Reset(format!("reading the response: {e}"))),
+        }
+    }
+}
+
+/// Parses a response head at the start of `buf`: `None` while incomplete;
+/// when complete, consumes it. Header values share the head's bytes.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(bad(e)),
+    };
+    let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(bad)?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each field sits in the head (which is under MAX_HEAD, so u32
+    // offsets do), so that values can share its bytes once it is frozen.
+    let base = buf.as_ptr() as usize;
+    let mut at = [[0u32; 4]; MAX_HEADERS];
+    let n = resp.headers.len();
+    for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
+        let name = (h.name.as_ptr() as usize - base) as u32;
+        let value = (h.value.as_ptr() as usize - base) as u32;
+        *slot = [
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        ];
+    }
+    if len > MAX_HEAD {
+        return Err(bad("response head too large"));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(n);
+    let mut close = version == Version::HTTP_10;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut other_coding = false;
+    for &[n0, n1, v0, v1] in &at[..n] {
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).map_err(bad)?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).map_err(bad)?;
+        if name == header::CONTENT_LENGTH {
+            let v = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| bad("bad content-length"))?;
+            if length.is_some_and(|l| l != v) {
+                return Err(bad("conflicting content-length"));
+            }
+            length = Some(v);
+        } else if name == header::TRANSFER_ENCODING {
+            let last = value
+                .as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            chunked = last.eq_ignore_ascii_case(b"chunked");
+            other_coding |= !chunked;
+        } else if name == header::CONNECTION {
+            let v = value.as_bytes();
+            if v.split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            {
+                close = true;
+            } else if version == Version::HTTP_10
+                && v.split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"))
+            {
+                close = false;
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = if chunked {
+        // With both, Transfer-Encoding wins, but the connection is suspect.
+        close |= length.is_some();
+        Framing::Chunked
+    } else if other_coding {
+        close = true;
+        Framing::Close
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        close = true;
+        Framing::Close
+    };
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        close,
+        framing,
+    }))
+}
+
+/// Where a chunked body's decoding is.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+#[derive(Debug)]
+enum State {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+    Done,
+}
+
+/// A response body from an HTTP/1.1 upstream.
+#[derive(Debug)]
+pub struct Body {
+    state: State,
+    /// Data already read, handed out first.
+    first: Option<Bytes>,
+    conn: Option<Connection>,
+    /// Where the connection goes when the body ends cleanly (`None`: it
+    /// may not be reused).
+    ret: Option<Return>,
+}
+
+impl std::fmt::Debug for Return {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Return")
+            .field("max_uses", &self.max_uses)
+            .finish()
+    }
+}
+
+/// An error while reading a response body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body {
+    fn empty() -> Self {
+        Body::whole(Bytes::new())
+    }
+
+    fn whole(data: Bytes) -> Self {
+        Body {
+            state: State::Done,
+            first: (!data.is_empty()).then_some(data),
+            conn: None,
+            ret: None,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(conn), Some(ret)) = (self.conn.take(), self.ret.take()) {
+            ret.put(conn);
+        }
+    }
+
+    /// Reads more from the socket into the buffer; `Ok(0)` at its end.
+    fn poll_fill(conn: &mut Connection, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(conn.io.poll_read_ready(cx))?;
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(16 * 1024);
+            }
+            match conn.io.try_read_buf(&mut conn.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+fn truncated() -> BodyError {
+    "upstream closed the connection in the middle of the response body".into()
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                State::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = (left as usize).min(conn.buf.len());
+                        let data = conn.buf.split_to(n).freeze();
+                        this.state = State::Length(left - n as u64);
+                        if left == n as u64 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(Self::poll_fill(conn, cx))? == 0 {
+                        this.state = State::Done;
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(truncated())));
+                    }
+                }
+                State::Close => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(Self::poll_fill(conn, cx))? == 0 {
+                        this.state = State::Done;
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                }
+                State::Chunked(step) => match decode_chunk(step, &mut conn.buf) {
+                    Err(e) => {
+                        this.state = State::Done;
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Ok(Decoded::Next(step)) => this.state = State::Chunked(step),
+                    Ok(Decoded::Data(data, step)) => {
+                        this.state = State::Chunked(step);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(Decoded::End(trailers)) => {
+                        this.finish();
+                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::NeedMore) => {
+                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                            this.state = State::Done;
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(truncated())));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = self.first.as_ref().map_or(0, |b| b.len() as u64);
+        match self.state {
+            State::Done => SizeHint::with_exact(first),
+            State::Length(n) => SizeHint::with_exact(first + n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Decoded {
+    Next(Chunk),
+    Data(Bytes, Chunk),
+    End(Option<HeaderMap>),
+    NeedMore,
+}
+
+/// One step of chunked decoding over what is buffered.
+fn decode_chunk(step: Chunk, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
+    let line_end = |buf: &BytesMut| -> Result<Option<usize>, BodyError> {
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => Ok(Some(i)),
+            None if buf.len() > MAX_CHUNK_LINE => Err("chunk line too long".into()),
+            None => Ok(None),
+        }
+    };
+    match step {
+        Chunk::Size => {
+            let Some(i) = line_end(buf)? else {
+                return Ok(Decoded::NeedMore);
+            };
+            let line = &buf[..i];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let digits = line
+                .split(|b| *b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            let size = std::str::from_utf8(digits)
+                .ok()
+                .filter(|s| !s.is_empty() && s.len() <= 16)
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or("bad chunk size")?;
+            buf.advance(i + 1);
+            Ok(Decoded::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Decoded::NeedMore);
+            }
+            let n = (left as usize).min(buf.len());
+            let data = buf.split_to(n).freeze();
+            let next = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok(Decoded::Data(data, next))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 && !buf.starts_with(b"\n") {
+                return Ok(Decoded::NeedMore);
+            }
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+            } else if buf.starts_with(b"\n") {
+                buf.advance(1);
+            } else {
+                return Err("missing CRLF after chunk data".into());
+            }
+            Ok(Decoded::Next(Chunk::Size))
+        }
+        Chunk::Trailers => {
+            // Trailer fields, then an empty line.
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(buf, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let mut map = HeaderMap::new();
+                    for f in fields {
+                        if let (Ok(n), Ok(v)) = (
+                            HeaderName::from_bytes(f.name.as_bytes()),
+                            HeaderValue::from_bytes(f.value),
+                        ) {
+                            map.append(n, v);
+                        }
+                    }
+                    buf.advance(len);
+                    Ok(Decoded::End((!map.is_empty()).then_some(map)))
+                }
+                Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                    Err("trailers too large".into())
+                }
+                Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
+                Err(e) => Err(format!("bad trailers: {e}").into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Head {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_head(&mut buf).unwrap().unwrap()
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let h = parse("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(!h.close);
+        assert_eq!(h.headers["x-a"], "b");
+        let h = parse(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n",
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(h.close, "both framings: do not reuse");
+        let h = parse("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(h.framing, Framing::Close);
+        assert!(h.close);
+        let h = parse("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
+        assert!(!h.close);
+        let h = parse("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+        assert!(h.close);
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
+        );
+        assert!(parse_head(&mut buf).is_err());
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(parse_head(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn chunked_bodies_decode_split_anywhere() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n";
+        for split in 0..wire.len() {
+            let mut buf = BytesMut::new();
+            let mut fed = 0;
+            let mut step = Chunk::Size;
+            let mut out = Vec::new();
+            let trailers = loop {
+                match decode_chunk(step, &mut buf).unwrap() {
+                    Decoded::Next(s) => step = s,
+                    Decoded::Data(d, s) => {
+                        out.extend_from_slice(&d);
+                        step = s;
+                    }
+                    Decoded::End(t) => break t,
+                    Decoded::NeedMore => {
+                        let upto = if fed < split { split } else { wire.len() };
+                        assert!(fed < upto, "stuck at {fed} (split {split})");
+                        buf.extend_from_slice(&wire[fed..upto]);
+                        fed = upto;
+                    }
+                }
+            };
+            assert_eq!(out, b"hello world", "split {split}");
+            assert_eq!(trailers.unwrap()["x-t"], "1");
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_chunk_sizes_are_errors() {
+        for wire in [&b"zz\r\n"[..], b"\r\n", b"11111111111111111\r\n"] {
+            let mut buf = BytesMut::from(wire);
+            assert!(decode_chunk(Chunk::Size, &mut buf).is_err(), "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn request_heads_carry_this_hops_framing() {
+        let req = Request::post("/p?q=1")
+            .header("host", "h")
+            .header("content-length", "99")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        encode_head(
+            &parts,
+            &Outgoing::Whole(Bytes::from_static(b"abc")),
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_head(&parts, &Outgoing::None, &mut out);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("content-length: 0\r\n\r\n"));
+    }
+}

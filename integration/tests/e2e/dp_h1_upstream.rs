@@ -1,0 +1,316 @@
+//! portico-dp's own HTTP/1.1 upstream client against a scripted origin
+//! that writes its answers byte by byte as the test says: every framing
+//! RFC 9112 allows, answers that arrive before the request body is read,
+//! keep-alive connections the origin closes while idle, and garbage.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::dp_common::{api, http1, raw, Env};
+
+/// What the origin saw of one request.
+struct Seen {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+/// Reads a request head; `None` at a clean end of the connection.
+fn read_head(r: &mut BufReader<TcpStream>) -> Option<Seen> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).ok()?;
+        let l = l.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    Some(Seen {
+        method,
+        path,
+        headers,
+    })
+}
+
+impl Seen {
+    fn header(&self, n: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the request body by its framing; returns its bytes.
+fn read_body(r: &mut BufReader<TcpStream>, seen: &Seen) -> Vec<u8> {
+    if seen
+        .header("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        let mut out = Vec::new();
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).expect("chunk size");
+            let n = usize::from_str_radix(size.trim(), 16).expect("hex size");
+            if n == 0 {
+                // Trailers until an empty line.
+                loop {
+                    let mut l = String::new();
+                    r.read_line(&mut l).expect("trailer");
+                    if l.trim_end().is_empty() {
+                        return out;
+                    }
+                }
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).expect("chunk");
+            out.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let n: usize = seen
+        .header("content-length")
+        .map_or(0, |v| v.parse().expect("content-length"));
+    let mut body = vec![0; n];
+    r.read_exact(&mut body).expect("body");
+    body
+}
+
+/// The scripted origin: one thread per connection, keep-alive; counts
+/// connections. Paths say how to answer.
+fn origin() -> (u16, Arc<AtomicU32>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let conns = Arc::new(AtomicU32::new(0));
+    let counter = conns.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            counter.fetch_add(1, SeqCst);
+            std::thread::spawn(move || serve(s));
+        }
+    });
+    (port, conns)
+}
+
+fn serve(s: TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = BufReader::new(s);
+    while let Some(seen) = read_head(&mut r) {
+        let path = seen.path.trim_start_matches("/a");
+        // Answers that do not wait for the body come first.
+        if path == "/early" {
+            let _ = w.write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large",
+            );
+            // Let the proxy see the answer before the socket goes.
+            let _ = w.shutdown(std::net::Shutdown::Write);
+            let mut sink = [0u8; 64 * 1024];
+            while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+            return;
+        }
+        if path == "/continue" {
+            let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let body = read_body(&mut r, &seen);
+        let write = |w: &mut TcpStream, parts: &[&[u8]]| {
+            for p in parts {
+                w.write_all(p)?;
+                w.flush()?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let ok = match path {
+            "/chunked" => write(
+                &mut w,
+                &[
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trailer\r\n\r\n5\r",
+                    b"\nhel",
+                    b"lo\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n",
+                    b"\r\n",
+                ],
+            ),
+            "/close" => {
+                let _ = write(&mut w, &[b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end"]);
+                return;
+            }
+            "/nocontent" => write(&mut w, &[b"HTTP/1.1 204 No Content\r\n\r\n"]),
+            "/split" => write(
+                &mut w,
+                &[
+                    b"HTTP/1.1 200 OK\r\ncontent-",
+                    b"length: 11\r\nx-a: b\r\n\r\nhello",
+                    b" world",
+                ],
+            ),
+            "/idle-close" => {
+                let _ = write(&mut w, &[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]);
+                // An origin whose keep-alive timeout is short: the
+                // connection goes while the proxy holds it idle.
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+            "/garbage" => {
+                let _ = write(&mut w, &[b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"]);
+                return;
+            }
+            _ => {
+                let text = format!(
+                    "{} {} body={} te={} cl={}",
+                    seen.method,
+                    path,
+                    body.len(),
+                    seen.header("transfer-encoding").unwrap_or("-"),
+                    seen.header("content-length").unwrap_or("-"),
+                );
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", text.len());
+                if seen.method == "HEAD" {
+                    write(&mut w, &[head.as_bytes()])
+                } else {
+                    write(&mut w, &[head.as_bytes(), text.as_bytes()])
+                }
+            }
+        };
+        if ok.is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn http1_upstream_framing_early_answers_and_idle_closes() {
+    let (origin_port, conns) = origin();
+    let env = Env::new(|_| {
+        vec![
+            json!({"apiVersion": "portico.dev/v1", "kind": "Service", "metadata": {"name": "s"},
+                   "spec": {"endpoints": [{"address": "127.0.0.1", "port": origin_port}]}}),
+            api(
+                "a",
+                "/a",
+                &[],
+                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "s"}}]),
+            ),
+        ]
+    });
+    let _dp = env.dp("dp1", &[]);
+    let port = env.port;
+    let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("answer");
+
+    // A chunked answer split mid-size-line, with an extension and trailers.
+    let r = get("/a/chunked");
+    assert_eq!((r.status, r.body.as_str()), (200, "hello world"), "{r:?}");
+    // Its trailers reach a client that asks for them.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(
+        b"GET /a/chunked HTTP/1.1\r\nHost: gw\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .expect("request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(text.contains("\r\nx-trailer: t\r\n"), "{text}");
+    // A head split mid-name, the body in two writes.
+    let r = get("/a/split");
+    assert_eq!((r.status, r.body.as_str()), (200, "hello world"), "{r:?}");
+    assert_eq!(r.header("x-a"), Some("b"));
+    // Delimited by the end of the connection.
+    let r = get("/a/close");
+    assert_eq!((r.status, r.body.as_str()), (200, "until the end"), "{r:?}");
+    // No body by status or by method, though a length is declared.
+    let r = get("/a/nocontent");
+    assert_eq!((r.status, r.body.as_str()), (204, ""), "{r:?}");
+    let r = http1(port, "HEAD", "/a/head", "gw", &[], "").expect("answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    let expected = "HEAD /head body=0 te=- cl=-".len().to_string();
+    assert_eq!(r.header("content-length"), Some(expected.as_str()), "{r:?}");
+    // 100 Continue is passed over; the final answer comes through.
+    let r = http1(port, "POST", "/a/continue", "gw", &[], "abc").expect("answer");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "POST /continue body=3 te=- cl=3"),
+        "{r:?}"
+    );
+    // Bodies: a declared length goes as is; an empty POST says 0.
+    let r = http1(port, "PUT", "/a/len", "gw", &[], "hello").expect("answer");
+    assert_eq!(r.body, "PUT /len body=5 te=- cl=5", "{r:?}");
+    let r = http1(port, "POST", "/a/len", "gw", &[], "").expect("answer");
+    assert_eq!(r.body, "POST /len body=0 te=- cl=0", "{r:?}");
+    // A chunked request of 1 MiB streams through (not buffered: it is
+    // over the retry buffer) and goes upstream chunked.
+    let mut req = b"POST /a/big HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..16 {
+        req.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
+        req.extend_from_slice(&[b'x'; 64 * 1024]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let r = raw(port, &req).expect("answer");
+    assert_eq!(r.body, "POST /big body=1048576 te=chunked cl=-", "{r:?}");
+    // An answer before the body is read: the proxy stops sending and
+    // passes it on (8 MiB would fill every socket buffer on the way).
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"POST /a/early HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: 8388608\r\n\r\n")
+        .expect("head");
+    let writer = {
+        let mut s = s.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let chunk = vec![b'y'; 64 * 1024];
+            for _ in 0..128 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let r = super::dp_common::parse(&out).expect("early answer");
+    assert_eq!((r.status, r.body.as_str()), (413, "too large"), "{r:?}");
+    drop(s);
+    let _ = writer.join();
+
+    // An idle pooled connection the origin has closed is not used again:
+    // each request below first finds the previous one's connection, which
+    // the origin closed meanwhile, and still succeeds.
+    for i in 0..5 {
+        let r = get("/a/idle-close");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "ok"),
+            "request {i}: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    // Keep-alive otherwise: ten requests, no new connection.
+    let before = conns.load(SeqCst);
+    for _ in 0..10 {
+        assert_eq!(get("/a/len").status, 200);
+    }
+    assert!(conns.load(SeqCst) - before <= 1, "connections are reused");
+
+    // Garbage from the origin: 502, and the next request is fine.
+    let r = get("/a/garbage");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(get("/a/len").status, 200);
+}
