@@ -24,6 +24,15 @@ pub mod type_url {
     pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 }
 
+/// A serialized `google.protobuf.FileDescriptorSet` of the Envoy messages a
+/// data plane runs (listeners, routes, clusters, endpoints, the HTTP
+/// connection manager, TLS, and the HTTP filters Portico uses), compiled at
+/// build time from the `.proto` files `envoy-types` ships. The generated
+/// types carry no reflection; this lets admin pages print resources as
+/// Envoy's JSON.
+pub const ENVOY_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use portico_proto::google::protobuf::Any;
+use portico_proto::ENVOY_DESCRIPTORS;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde_json::{json, Value};
 
 use super::state::{State, Ty};
@@ -37,19 +39,35 @@ impl ConfigDump {
         }
     }
 
-    /// Envoy's JSON layout: one config per type with its dynamic resources.
+    /// Envoy's JSON layout (`envoy.admin.v3.ConfigDump`): one config per
+    /// type with its dynamic resources, each resource in Envoy's JSON
+    /// (proto3 JSON with the proto field names, as Envoy prints it).
     pub fn to_json(&self) -> Value {
+        // Decoded per dump, not kept: the pool is a few MB the proxy does
+        // not need between dumps.
+        let pool = DescriptorPool::decode(ENVOY_DESCRIPTORS).ok();
         let of = |t: Ty| -> Vec<Value> {
             self.items
                 .iter()
                 .filter(|i| i.0 == t)
                 .map(|(_, name, version, any, updated)| {
-                    json!({
-                        "name": name.as_ref(),
-                        "version_info": version,
-                        "last_updated": humantime::format_rfc3339_millis(*updated).to_string(),
-                        "resource": {"@type": any.type_url, "bytes": any.value.len()},
-                    })
+                    let updated = humantime::format_rfc3339_millis(*updated).to_string();
+                    let body = envoy_json(pool.as_ref(), any);
+                    match t {
+                        Ty::Listener => json!({
+                            "name": name.as_ref(),
+                            "active_state": {"version_info": version, "listener": body, "last_updated": updated},
+                        }),
+                        Ty::Route => {
+                            json!({"version_info": version, "route_config": body, "last_updated": updated})
+                        }
+                        Ty::Cluster => {
+                            json!({"version_info": version, "cluster": body, "last_updated": updated})
+                        }
+                        Ty::Endpoint => {
+                            json!({"version_info": version, "endpoint_config": body, "last_updated": updated})
+                        }
+                    }
                 })
                 .collect()
         };
@@ -62,5 +80,73 @@ impl ConfigDump {
             ],
             "last_rejection": self.last_rejection.as_ref().map(|(t, m)| json!({"type_url": t, "error": m})),
         })
+    }
+}
+
+/// A resource as Envoy's JSON, `@type` first; a resource that cannot be
+/// rendered (a message or an embedded `Any` of a type this build has no
+/// descriptor for) says so instead of failing the whole dump.
+fn envoy_json(pool: Option<&DescriptorPool>, any: &Any) -> Value {
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let rendered = pool
+        .ok_or_else(|| "descriptors unavailable".to_string())
+        .and_then(|p| {
+            p.get_message_by_name(name)
+                .ok_or_else(|| format!("no descriptor for {name}"))
+        })
+        .and_then(|desc| {
+            DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| e.to_string())
+        })
+        .and_then(|msg| {
+            let opts = SerializeOptions::new().use_proto_field_name(true);
+            msg.serialize_with_options(serde_json::value::Serializer, &opts)
+                .map_err(|e| e.to_string())
+        });
+    match rendered {
+        Ok(Value::Object(mut fields)) => {
+            fields.insert("@type".into(), Value::String(any.type_url.clone()));
+            Value::Object(fields)
+        }
+        Ok(other) => json!({"@type": any.type_url, "value": other}),
+        Err(e) => json!({"@type": any.type_url, "error": format!("cannot render: {e}")}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::envoy::config::cluster::v3::Cluster;
+    use prost::Message;
+
+    #[test]
+    fn resources_render_as_envoy_json_and_unknown_types_say_so() {
+        let pool = DescriptorPool::decode(ENVOY_DESCRIPTORS).expect("descriptors");
+        let cluster = Cluster {
+            name: "c1".into(),
+            connect_timeout: Some(portico_proto::google::protobuf::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: portico_proto::type_url::CLUSTER.into(),
+            value: cluster.encode_to_vec(),
+        };
+        let v = envoy_json(Some(&pool), &any);
+        assert_eq!(v["@type"], portico_proto::type_url::CLUSTER);
+        assert_eq!(v["name"], "c1");
+        assert_eq!(v["connect_timeout"], "2s", "{v}");
+        let odd = Any {
+            type_url: "type.googleapis.com/example.Unknown".into(),
+            value: vec![1, 2, 3],
+        };
+        let v = envoy_json(Some(&pool), &odd);
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("example.Unknown")),
+            "{v}"
+        );
     }
 }

@@ -247,6 +247,38 @@ fn admin_endpoints_and_bootstrap_file() {
         dump["configs"].as_array().is_some_and(|c| c.len() == 4),
         "{dump}"
     );
+    // Every resource in Envoy's own JSON (proto field names, `@type`s).
+    let cluster = &dump["configs"][0]["dynamic_active_clusters"][0]["cluster"];
+    assert_eq!(
+        cluster["@type"],
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    );
+    assert_eq!(cluster["name"], "s", "{cluster}");
+    let cla = &dump["configs"][1]["dynamic_endpoint_configs"][0]["endpoint_config"];
+    assert_eq!(
+        cla["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["port_value"],
+        up.addr.port(),
+        "{cla}"
+    );
+    let listener = &dump["configs"][2]["dynamic_listeners"][0]["active_state"]["listener"];
+    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    assert_eq!(
+        hcm["@type"],
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "{listener}"
+    );
+    assert!(
+        hcm["http_filters"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty()),
+        "{hcm}"
+    );
+    let routes = &dump["configs"][3]["dynamic_route_configs"][0]["route_config"];
+    assert!(
+        routes["virtual_hosts"][0]["routes"][0]["route"]["cluster"] == "s",
+        "{routes}"
+    );
     let (_, clusters) = dp.admin_get("/clusters");
     assert!(
         clusters.contains(&format!("s::{}::health_flags::healthy", up.addr)),
