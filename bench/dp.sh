@@ -2,7 +2,7 @@
 # Data-plane benchmark: portico-dp against nginx and HAProxy as reverse
 # proxies, and against no proxy at all, on loopback.
 #
-# Usage: bash bench/dp.sh [--no-build] [--help]
+# Usage: bash bench/dp.sh [--no-build] [--instructions] [--help]
 #
 # Every proxy forwards to the same origin, a separate nginx (1 worker)
 # answering `200 hello world` over HTTP/1.1 keep-alive. Load is HTTP/1.1 from
@@ -24,7 +24,15 @@
 # portico are built with `cargo build --release` if target/release lacks them,
 # unless --no-build is given.
 #
+# --instructions: instead, count each proxy's user-space instructions per
+# request under valgrind's callgrind (one worker, INSTR_REQUESTS requests
+# with h2load after a warm-up, counters zeroed in between). Unlike time on
+# CPU this does not move with the machine's speed, so it shows what a
+# change to a proxy's own code did even on a noisy machine; it does not
+# see the kernel's share (the syscalls, about the same for every proxy).
+#
 # Environment:
+#   INSTR_REQUESTS=20000 requests counted per proxy and protocol (--instructions)
 #   DURATION=10        seconds of each measured run
 #   WARMUP=2           seconds of the warm-up before each measured run
 #   PROXIES="direct nginx haproxy portico"   which rows to run
@@ -44,9 +52,11 @@ export LC_ALL=C
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$SELF"; }
 
 build=true
+instructions=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) build=false ;;
+    --instructions) instructions=true ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench/dp.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -94,6 +104,10 @@ install_tools() {
   command -v curl >/dev/null || missing+=(curl)
   command -v python3 >/dev/null || missing+=(python3)
   command -v taskset >/dev/null || missing+=(taskset)
+  if $instructions; then
+    command -v valgrind >/dev/null || missing+=(valgrind)
+    command -v callgrind_control >/dev/null || missing+=(valgrind)
+  fi
   [ ${#missing[@]} -eq 0 ] && return 0
   say "installing missing tools: ${missing[*]}"
   command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
@@ -612,6 +626,92 @@ port_of() { # PROXY PROTO
   esac
 }
 
+# -------------------------------------------------------- instructions -----
+# Sums the Ir totals of callgrind's dumps in DIR (files cg.PID.N).
+dumped_ir() {
+  local f total=0 v
+  for f in "$1"/cg.*.[0-9]*; do
+    [ -e "$f" ] || continue
+    v="$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$f" | tail -n1)"
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+
+run_instructions() {
+  local n="${INSTR_REQUESTS:-20000}" proxy proto url pids ir load=()
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "INSTR_REQUESTS must be a positive integer (got '$n')"
+  READY_SECS=120 # everything is slow under valgrind
+  layout=instructions
+  start_origin
+  for proxy in $PROXIES; do
+    [ "$proxy" = direct ] && continue
+    for proto in $PROTOCOLS; do
+      RUN_DIR="$TMP/runs/instructions-$proxy-$proto"
+      mkdir -p "$RUN_DIR"
+      local vg=(valgrind --tool=callgrind --callgrind-out-file="$RUN_DIR/cg.%p" --dump-instr=no)
+      case "$proxy" in
+        nginx) start_nginx 1 "${vg[@]}" ;;
+        haproxy) start_haproxy 1 "${vg[@]}" ;;
+        portico) start_portico 1 "${vg[@]}" ;;
+      esac
+      url="http://127.0.0.1:$(port_of "$proxy" "$proto")/"
+      load=(h2load -c"$H2_CONNS" -m1)
+      [ "$proto" = h1 ] && load=(h2load --h1 -c"$WRK_CONNS" -m1)
+      say "instructions / $proto / $proxy: warm-up, then $n requests on $url"
+      "${load[@]}" -n 2000 "$url" >"$RAW/instructions-$proxy-$proto.warmup.txt" 2>&1 \
+        || die "warm-up failed: $RAW/instructions-$proxy-$proto.warmup.txt"
+      pids="$(proc_tree "$PROXY_PID")"
+      # shellcheck disable=SC2086
+      callgrind_control -z $pids >/dev/null 2>&1 || true
+      "${load[@]}" -n "$n" "$url" >"$RAW/instructions-$proxy-$proto.txt" 2>&1 \
+        || die "load failed: $RAW/instructions-$proxy-$proto.txt"
+      grep -q "^requests: $n total, $n started, $n done, $n succeeded" "$RAW/instructions-$proxy-$proto.txt" \
+        || die "not every request succeeded: $RAW/instructions-$proxy-$proto.txt"
+      # shellcheck disable=SC2086
+      callgrind_control -d $pids >/dev/null 2>&1 || die "callgrind_control -d failed for $proxy"
+      ir="$(dumped_ir "$RUN_DIR")"
+      [ "$ir" -gt 0 ] || die "no callgrind dump for $proxy in $RUN_DIR"
+      R_CPU["$proto/$proxy"]=$((ir / n))
+      say "  ${R_CPU["$proto/$proxy"]} instructions per request"
+      stop_tree "$PROXY_PID"
+    done
+  done
+  stop_tree "$ORIGIN_PID"
+  {
+    echo "## Data plane: user-space instructions per request (\`bash bench/dp.sh --instructions\`)"
+    echo
+    echo "Run $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); valgrind $(valgrind --version 2>/dev/null | sed 's/valgrind-//'), nginx $NGINX_VERSION, haproxy $HAPROXY_VERSION."
+    echo "Each proxy with one worker under callgrind, $n requests counted after 2000 of warm-up: HTTP/1.1 \`h2load --h1 -c$WRK_CONNS\`, h2c \`h2load -c$H2_CONNS -m1\`; the origin as in the main benchmark. Kernel time is not counted."
+    echo
+    echo "| proxy | HTTP/1.1 instr/req | h2c instr/req |"
+    echo "|---|---:|---:|"
+    for proxy in $PROXIES; do
+      [ "$proxy" = direct ] && continue
+      echo "| $proxy | ${R_CPU["h1/$proxy"]:-n/a} | ${R_CPU["h2/$proxy"]:-n/a} |"
+    done
+    if want portico; then
+      for peer in nginx haproxy; do
+        want "$peer" || continue
+        echo "| portico-dp ÷ $peer | $(ratio "${R_CPU["h1/portico"]:-}" "${R_CPU["h1/$peer"]:-}") | $(ratio "${R_CPU["h2/portico"]:-}" "${R_CPU["h2/$peer"]:-}") |"
+      done
+    fi
+  } | tee "$TMP/instructions.md"
+  mkdir -p bench/dp
+  cp "$TMP/instructions.md" bench/dp/last-instructions.md
+  echo "written: bench/dp/last-instructions.md" >&2
+}
+
+ratio() { # A B -> "1.23×" or n/a
+  awk -v a="${1:-}" -v b="${2:-}" 'BEGIN {
+    if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b + 0 > 0) printf "%.2f×", a / b; else print "n/a" }'
+}
+
+if $instructions; then
+  run_instructions
+  exit 0
+fi
+
 # ---------------------------------------------------------------- runs -----
 # How busy the machine is before we start, in % of one core over 1 s.
 read -r s0 _ <<<"$(stat_ns)"; sleep 1; read -r s1 _ <<<"$(stat_ns)"
@@ -681,10 +781,6 @@ proxy_name() {
     haproxy) echo "haproxy $HAPROXY_VERSION" ;;
     portico) echo "portico-dp" ;;
   esac
-}
-ratio() { # A B -> "1.23×" or n/a
-  awk -v a="${1:-}" -v b="${2:-}" 'BEGIN {
-    if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b + 0 > 0) printf "%.2f×", a / b; else print "n/a" }'
 }
 
 REPORT="$TMP/report.md"

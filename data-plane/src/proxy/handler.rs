@@ -283,36 +283,71 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Headers that describe one hop and never travel past the proxy.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages have none: one pass over the names (a few pointer
-    // compares each) instead of a hash lookup per name.
-    let any = h.keys().any(|n| {
-        n == header::CONNECTION
-            || n == header::UPGRADE
-            || n == header::TRANSFER_ENCODING
-            || n == KEEP_ALIVE
-            || n == PROXY_CONNECTION
-    });
-    if !any {
+    const CONNECTION: u8 = 1;
+    const UPGRADE: u8 = 2;
+    const TRANSFER_ENCODING: u8 = 4;
+    const KEEP_ALIVE_: u8 = 8;
+    const PROXY_CONNECTION_: u8 = 16;
+    // One pass over the names (a length check each, mostly) says which are
+    // present, so only those cost a hash lookup; most messages have none,
+    // and a `Connection: keep-alive` costs two lookups, not eight.
+    let mut found = 0u8;
+    for n in h.keys() {
+        found |= match n.as_str() {
+            "connection" => CONNECTION,
+            "upgrade" => UPGRADE,
+            "transfer-encoding" => TRANSFER_ENCODING,
+            "keep-alive" => KEEP_ALIVE_,
+            "proxy-connection" => PROXY_CONNECTION_,
+            _ => 0,
+        };
+    }
+    if found == 0 {
         return;
     }
-    if let Some(c) = h.get(header::CONNECTION).cloned() {
-        if let Ok(c) = c.to_str() {
-            for name in c.split(',').map(str::trim) {
-                if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
-                    if let Ok(n) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
-                        h.remove(n);
-                    }
-                }
-            }
+    if found & CONNECTION != 0 {
+        // Every header the Connection header names is this hop's too.
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && ![
+                        "close",
+                        "keep-alive",
+                        "upgrade",
+                        "transfer-encoding",
+                        "proxy-connection",
+                    ]
+                    .iter()
+                    .any(|k| t.eq_ignore_ascii_case(k))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            h.remove(n);
         }
     }
     if !keep_upgrade {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
+        if found & CONNECTION != 0 {
+            h.remove(header::CONNECTION);
+        }
+        if found & UPGRADE != 0 {
+            h.remove(header::UPGRADE);
+        }
     }
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove(&KEEP_ALIVE);
-    h.remove(&PROXY_CONNECTION);
+    if found & TRANSFER_ENCODING != 0 {
+        h.remove(header::TRANSFER_ENCODING);
+    }
+    if found & KEEP_ALIVE_ != 0 {
+        h.remove(&KEEP_ALIVE);
+    }
+    if found & PROXY_CONNECTION_ != 0 {
+        h.remove(&PROXY_CONNECTION);
+    }
 }
 
 fn pick_cluster<'a>(
@@ -746,4 +781,50 @@ async fn websocket(
     });
     let (parts, _) = resp.into_parts();
     Ok(Response::from_parts(parts, Either::Right(Bytes::new())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Hop, te"),
+            ("x-hop", "1"),
+            ("te", "trailers"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-keep", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
+
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("a", "b"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 3, "an upgrade keeps Connection and Upgrade");
+
+        let mut h = map(&[("a", "b"), ("c", "d")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2);
+    }
 }
