@@ -302,7 +302,7 @@ nginx_h2_listen() {
 nginx_common() { # DIR WORKERS
   cat <<EOF
 daemon off;
-master_process on;
+master_process ${NGINX_MASTER:-on};
 worker_processes $2;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
@@ -642,6 +642,7 @@ run_instructions() {
   local n="${INSTR_REQUESTS:-20000}" proxy proto url pids ir load=()
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "INSTR_REQUESTS must be a positive integer (got '$n')"
   READY_SECS=120 # everything is slow under valgrind
+  NGINX_MASTER=off # a forked worker escapes callgrind_control
   layout=instructions
   start_origin
   for proxy in $PROXIES; do

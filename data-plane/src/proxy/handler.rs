@@ -608,7 +608,8 @@ async fn forward(
         cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
 
         if let Some(down) = down_upgrade {
-            return websocket(cluster, upstream, up_req, down, guard).await;
+            // Boxed: a rare, large state every request would carry.
+            return Box::pin(websocket(cluster, upstream, up_req, down, guard)).await;
         }
 
         let per_try = retry

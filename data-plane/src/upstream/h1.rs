@@ -184,27 +184,11 @@ pub async fn exchange(
             read_head(&mut conn.io, &mut conn.buf).await?
         }
         Outgoing::Stream(body, exact) => {
-            // The upstream may answer before it has read the whole body
-            // (a 413, say): read the head while writing, and give up the
-            // body (and the connection) if the answer comes first.
-            let Connection { io, buf, .. } = &mut conn;
-            let (mut rd, mut wr) = io.split();
-            let send = send_body(&mut wr, &head, body, exact.is_none());
-            let recv = read_head(&mut rd, buf);
-            tokio::pin!(send, recv);
-            let mut sent = false;
-            loop {
-                tokio::select! {
-                    r = &mut send, if !sent => {
-                        r?;
-                        sent = true;
-                    }
-                    h = &mut recv => {
-                        reusable &= sent;
-                        break h?;
-                    }
-                }
-            }
+            // Boxed: this state is large and rare, and every request's
+            // future would otherwise be as large as it.
+            let (head, sent) = Box::pin(stream_exchange(&mut conn, &head, body, exact)).await?;
+            reusable &= sent;
+            head
         }
     };
     let Head {
@@ -252,6 +236,33 @@ pub async fn exchange(
     };
     *response.body_mut() = body;
     Ok(response)
+}
+
+/// Writes the head and a streamed body while reading the response head.
+/// The upstream may answer before it has read the whole body (a 413, say):
+/// the body (and the connection's reuse) is given up if the answer comes
+/// first. Returns the head and whether the whole body was sent.
+async fn stream_exchange(
+    conn: &mut Connection,
+    head: &[u8],
+    body: hyper::body::Incoming,
+    exact: Option<u64>,
+) -> Result<(Head, bool), SendError> {
+    let Connection { io, buf, .. } = conn;
+    let (mut rd, mut wr) = io.split();
+    let send = send_body(&mut wr, head, body, exact.is_none());
+    let recv = read_head(&mut rd, buf);
+    tokio::pin!(send, recv);
+    let mut sent = false;
+    loop {
+        tokio::select! {
+            r = &mut send, if !sent => {
+                r?;
+                sent = true;
+            }
+            h = &mut recv => return Ok((h?, sent)),
+        }
+    }
 }
 
 async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), SendError> {
