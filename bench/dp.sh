@@ -547,7 +547,7 @@ parse_h2load() {
     }' "$out"
 }
 
-declare -A R_RPS R_P50 R_P99 R_RSS R_CPU R_ERR R_BG R_STEAL R_ALL
+declare -A R_RPS R_P50 R_P99 R_RSS R_CPU R_ERR R_BG R_STEAL R_ALL R_ALLCPU
 
 # measure LAYOUT PROXY PROTO PORT
 measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
@@ -765,10 +765,11 @@ for layout in $LAYOUTS; do
         [ -z "${arr[$k#$mid]+x}" ] || arr[$k]="${arr[$k#$mid]}"
         unset -n arr
       done
-      R_BG[$k]=0 R_ALL[$k]=""
+      R_BG[$k]=0 R_ALL[$k]="" R_ALLCPU[$k]=""
       for ((r = 1; r <= REPEAT; r++)); do
         [ "${R_BG[$k#$r]}" -gt "${R_BG[$k]}" ] && R_BG[$k]="${R_BG[$k#$r]}"
         R_ALL[$k]+="${R_ALL[$k]:+/}${R_RPS[$k#$r]}"
+        R_ALLCPU[$k]+="${R_ALLCPU[$k]:+/}${R_CPU[$k#$r]:-n/a}"
       done
     done
   done
@@ -828,9 +829,12 @@ REPORT="$TMP/report.md"
       echo
       echo "Other CPU during the runs: $bg; CPU steal at most $steal%.${disturbed:+ **Disturbed by other work: $disturbed.**}"
       if [ "$REPEAT" -gt 1 ]; then
-        all=""
-        for proxy in $PROXIES; do all+="${all:+; }$proxy ${R_ALL[$layout/$proto/$proxy]}"; done
-        echo "Median of $REPEAT runs by req/s; req/s of each run: $all."
+        all="" cpus=""
+        for proxy in $PROXIES; do
+          all+="${all:+; }$proxy ${R_ALL[$layout/$proto/$proxy]}"
+          [ "$proxy" = direct ] || cpus+="${cpus:+; }$proxy ${R_ALLCPU[$layout/$proto/$proxy]}"
+        done
+        echo "Median of $REPEAT runs by req/s; req/s of each run: $all; CPU µs/req of each run: $cpus."
       fi
     done
   done
