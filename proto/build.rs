@@ -58,12 +58,19 @@ fn main() {
     }
     files.sort();
     let includes: Vec<PathBuf> = INCLUDES.iter().map(|i| root.join(i)).collect();
-    let set = protox::compile(&files, &includes)
-        .unwrap_or_else(|e| panic!("compiling Envoy's protos from {}: {e:?}", root.display()));
+    // Encoded by the compiler itself: a round trip through prost_types
+    // would drop the options' extensions (udpa.annotations.sensitive, which
+    // says which fields to redact).
+    let fail = |e: protox::Error| -> ! {
+        panic!("compiling Envoy's protos from {}: {e:?}", root.display())
+    };
+    let mut compiler = protox::Compiler::new(&includes).unwrap_or_else(|e| fail(e));
+    compiler.include_imports(true);
+    compiler.open_files(&files).unwrap_or_else(|e| fail(e));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     std::fs::write(
         out.join("envoy_descriptors.bin"),
-        prost::Message::encode_to_vec(&set),
+        compiler.encode_file_descriptor_set(),
     )
     .expect("write descriptor set");
 }

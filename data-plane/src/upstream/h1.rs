@@ -208,6 +208,9 @@ pub async fn exchange(
     } else {
         framing
     };
+    // A body that ends with the connection ends its reuse too (decided
+    // here: a 204 or a HEAD answer has no length and keeps it).
+    reusable &= framing != Framing::Close;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         reusable = false; // not asked for on this path
     }
@@ -239,9 +242,12 @@ pub async fn exchange(
 }
 
 /// Writes the head and a streamed body while reading the response head.
-/// The upstream may answer before it has read the whole body (a 413, say):
-/// the body (and the connection's reuse) is given up if the answer comes
-/// first. Returns the head and whether the whole body was sent.
+/// The upstream may answer before it has read the whole body: an error or
+/// a closing answer (a 413, say) ends the upload and is passed on at once
+/// (also when writing failed because the upstream stopped reading); a
+/// success is passed on once the body is sent, as RFC 9110 lets a client
+/// stop only when the server closes. Returns the head and whether the
+/// whole body was sent (the connection is reusable only then).
 async fn stream_exchange(
     conn: &mut Connection,
     head: &[u8],
@@ -254,15 +260,26 @@ async fn stream_exchange(
     let recv = read_head(&mut rd, buf);
     tokio::pin!(send, recv);
     let mut sent = false;
-    loop {
+    let mut send_error = None;
+    let head = loop {
         tokio::select! {
-            r = &mut send, if !sent => {
-                r?;
-                sent = true;
-            }
-            h = &mut recv => return Ok((h?, sent)),
+            r = &mut send, if !sent && send_error.is_none() => match r {
+                Ok(()) => sent = true,
+                // Perhaps the upstream answered and stopped reading: see
+                // whether an answer comes before giving up.
+                Err(e) => send_error = Some(e),
+            },
+            h = &mut recv => match h {
+                Ok(h) => break h,
+                Err(e) => return Err(send_error.take().unwrap_or(e)),
+            },
         }
+    };
+    if !sent && send_error.is_none() && head.status.as_u16() < 400 && !head.close {
+        (&mut send).await?;
+        sent = true;
     }
+    Ok((head, sent))
 }
 
 async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), SendError> {
@@ -466,15 +483,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     let mut close = version == Version::HTTP_10;
     let mut length: Option<u64> = None;
     let mut chunked = false;
+    // Chunked applied twice is a framing the proxy will not reuse after.
+    let mut chunked_twice = false;
     let mut other_coding = false;
     for &[n0, n1, v0, v1] in &at[..n] {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).map_err(bad)?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).map_err(bad)?;
         if name == header::CONTENT_LENGTH {
-            let v = std::str::from_utf8(value.as_bytes())
+            // Digits only (`parse` would take a leading `+`).
+            let digits = value.as_bytes().trim_ascii();
+            let v = std::str::from_utf8(digits)
                 .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse::<u64>().ok())
                 .ok_or_else(|| bad("bad content-length"))?;
             if length.is_some_and(|l| l != v) {
                 return Err(bad("conflicting content-length"));
@@ -487,7 +509,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
                 .next()
                 .unwrap_or_default()
                 .trim_ascii();
-            chunked = last.eq_ignore_ascii_case(b"chunked");
+            let is_chunked = last.eq_ignore_ascii_case(b"chunked");
+            chunked_twice |= chunked
+                || value
+                    .as_bytes()
+                    .split(|b| *b == b',')
+                    .filter(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+                    .count()
+                    > 1;
+            chunked = is_chunked;
             other_coding |= !chunked;
         } else if name == header::CONNECTION {
             let v = value.as_bytes();
@@ -506,15 +536,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     }
     let framing = if chunked {
         // With both, Transfer-Encoding wins, but the connection is suspect.
-        close |= length.is_some();
+        close |= length.is_some() || chunked_twice;
         Framing::Chunked
     } else if other_coding {
-        close = true;
         Framing::Close
     } else if let Some(n) = length {
         Framing::Length(n)
     } else {
-        close = true;
         Framing::Close
     };
     Ok(Some(Head {
@@ -726,7 +754,9 @@ fn decode_chunk(step: Chunk, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
                 .trim_ascii();
             let size = std::str::from_utf8(digits)
                 .ok()
-                .filter(|s| !s.is_empty() && s.len() <= 16)
+                .filter(|s| {
+                    !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+                })
                 .and_then(|s| u64::from_str_radix(s, 16).ok())
                 .ok_or("bad chunk size")?;
             buf.advance(i + 1);
@@ -811,7 +841,15 @@ mod tests {
         assert!(h.close, "both framings: do not reuse");
         let h = parse("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(h.framing, Framing::Close);
-        assert!(h.close);
+        // No Connection: close — a 204 or HEAD answer like this is reusable;
+        // `exchange` ends reuse only when the body really runs to the close.
+        assert!(!h.close);
+        let h = parse(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        assert!(h.close, "chunked twice: do not reuse");
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf).is_err(), "a sign is not a digit");
         let h = parse("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
         assert!(!h.close);
         let h = parse("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
@@ -856,7 +894,7 @@ mod tests {
 
     #[test]
     fn bad_chunk_sizes_are_errors() {
-        for wire in [&b"zz\r\n"[..], b"\r\n", b"11111111111111111\r\n"] {
+        for wire in [&b"zz\r\n"[..], b"\r\n", b"11111111111111111\r\n", b"+5\r\n"] {
             let mut buf = BytesMut::from(wire);
             assert!(decode_chunk(Chunk::Size, &mut buf).is_err(), "{wire:?}");
         }

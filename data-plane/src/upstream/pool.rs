@@ -115,12 +115,16 @@ impl Pool {
 
     /// The most recently used idle connection that is still good.
     fn take_idle(&self) -> Option<h1::Connection> {
+        let good = |c: &h1::Connection| c.since.elapsed() <= self.idle_timeout && c.is_usable();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop() {
-            // Dropping one closes it.
-            if c.since.elapsed() <= self.idle_timeout && c.is_usable() {
+            if good(&c) {
                 return Some(c);
             }
+            // One went stale (the origin closed it, or it idled out): the
+            // others may have too; close them all now rather than hold
+            // their sockets until each comes up (dropping one closes it).
+            idle.retain(good);
         }
         None
     }

@@ -6,7 +6,9 @@ use std::time::SystemTime;
 
 use portico_proto::google::protobuf::Any;
 use portico_proto::ENVOY_DESCRIPTORS;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, SerializeOptions};
+use prost_reflect::{ReflectMessage as _, Value as PValue};
 use serde_json::{json, Value};
 
 use super::state::{State, Ty};
@@ -97,6 +99,14 @@ fn envoy_json(pool: Option<&DescriptorPool>, any: &Any) -> Value {
         .and_then(|desc| {
             DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| e.to_string())
         })
+        .map(|mut msg| {
+            if let Some(sensitive) =
+                pool.and_then(|p| p.get_extension_by_name("udpa.annotations.sensitive"))
+            {
+                redact(&mut msg, &sensitive, false);
+            }
+            msg
+        })
         .and_then(|msg| {
             let opts = SerializeOptions::new().use_proto_field_name(true);
             msg.serialize_with_options(serde_json::value::Serializer, &opts)
@@ -109,6 +119,57 @@ fn envoy_json(pool: Option<&DescriptorPool>, any: &Any) -> Value {
         }
         Ok(other) => json!({"@type": any.type_url, "value": other}),
         Err(e) => json!({"@type": any.type_url, "error": format!("cannot render: {e}")}),
+    }
+}
+
+/// What a redacted string or bytes field shows (Envoy's word).
+const REDACTED: &str = "[redacted]";
+
+/// Replaces what fields marked `udpa.annotations.sensitive` hold (private
+/// keys, passwords, tokens) with `[redacted]`, as Envoy's own config dump
+/// does: strings and bytes anywhere under such a field, including inside
+/// embedded `Any`s, which are decoded, redacted and encoded again.
+fn redact(msg: &mut DynamicMessage, sensitive: &ExtensionDescriptor, all: bool) {
+    let desc = msg.descriptor();
+    if desc.full_name() == "google.protobuf.Any" {
+        let url = msg.get_field_by_name("type_url");
+        let inner = url.as_deref().and_then(|u| u.as_str()).and_then(|u| {
+            desc.parent_pool()
+                .get_message_by_name(u.rsplit('/').next()?)
+        });
+        let bytes = msg
+            .get_field_by_name("value")
+            .and_then(|v| v.as_bytes().cloned());
+        if let (Some(inner), Some(bytes)) = (inner, bytes) {
+            match DynamicMessage::decode(inner, bytes) {
+                Ok(mut m) => {
+                    redact(&mut m, sensitive, all);
+                    msg.set_field_by_name("value", PValue::Bytes(m.encode_to_vec().into()));
+                }
+                // Undecodable: show nothing of it rather than risk a secret.
+                Err(_) => msg.set_field_by_name("value", PValue::Bytes(Default::default())),
+            }
+        }
+        return;
+    }
+    for (field, value) in msg.fields_mut() {
+        let hidden = all || field.options().get_extension(sensitive).as_bool() == Some(true);
+        redact_value(value, sensitive, hidden);
+    }
+}
+
+fn redact_value(v: &mut PValue, sensitive: &ExtensionDescriptor, hidden: bool) {
+    match v {
+        PValue::String(s) if hidden => *s = REDACTED.into(),
+        PValue::Bytes(b) if hidden => *b = REDACTED.as_bytes().to_vec().into(),
+        PValue::Message(m) => redact(m, sensitive, hidden),
+        PValue::List(items) => items
+            .iter_mut()
+            .for_each(|i| redact_value(i, sensitive, hidden)),
+        PValue::Map(entries) => entries
+            .values_mut()
+            .for_each(|i| redact_value(i, sensitive, hidden)),
+        _ => {}
     }
 }
 
@@ -137,6 +198,53 @@ mod tests {
         assert_eq!(v["@type"], portico_proto::type_url::CLUSTER);
         assert_eq!(v["name"], "c1");
         assert_eq!(v["connect_timeout"], "2s", "{v}");
+        // Secrets never show, also inside an embedded Any.
+        use portico_proto::envoy::config::core::v3::{data_source, DataSource, TransportSocket};
+        use portico_proto::envoy::extensions::transport_sockets::tls::v3::{
+            CommonTlsContext, TlsCertificate, UpstreamTlsContext,
+        };
+        let tls = UpstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificates: vec![TlsCertificate {
+                    private_key: Some(DataSource {
+                        specifier: Some(data_source::Specifier::InlineString(
+                            "-----BEGIN PRIVATE KEY----- SECRET".into(),
+                        )),
+                        ..Default::default()
+                    }),
+                    certificate_chain: Some(DataSource {
+                        specifier: Some(data_source::Specifier::InlineString("CERT".into())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let with_tls = Cluster {
+            name: "c2".into(),
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(
+                    portico_proto::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                        Any {
+                            type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext".into(),
+                            value: tls.encode_to_vec(),
+                        },
+                    ),
+                ),
+            }),
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: portico_proto::type_url::CLUSTER.into(),
+            value: with_tls.encode_to_vec(),
+        };
+        let text = envoy_json(Some(&pool), &any).to_string();
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(text.contains("[redacted]"), "{text}");
+        assert!(text.contains("CERT"), "only sensitive fields go: {text}");
         let odd = Any {
             type_url: "type.googleapis.com/example.Unknown".into(),
             value: vec![1, 2, 3],

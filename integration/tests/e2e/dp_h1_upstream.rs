@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,6 +107,9 @@ fn origin() -> (u16, Arc<AtomicU32>) {
     (port, conns)
 }
 
+/// Body bytes `/early-ok` read after it had answered.
+static EARLY_OK_READ: AtomicUsize = AtomicUsize::new(0);
+
 fn serve(s: TcpStream) {
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
@@ -124,6 +127,15 @@ fn serve(s: TcpStream) {
             let mut sink = [0u8; 64 * 1024];
             while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
             return;
+        }
+        if path == "/early-ok" {
+            // Answers at once and reads the body afterwards (an upload
+            // service that flushes its head first): the proxy must still
+            // send all of it.
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nearly ok");
+            let body = read_body(&mut r, &seen);
+            EARLY_OK_READ.store(body.len(), SeqCst);
+            continue;
         }
         if path == "/continue" {
             let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -238,6 +250,15 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     // No body by status or by method, though a length is declared.
     let r = get("/a/nocontent");
     assert_eq!((r.status, r.body.as_str()), (204, ""), "{r:?}");
+    // A 204 has no length and still leaves its connection reusable.
+    let before = conns.load(SeqCst);
+    for _ in 0..5 {
+        assert_eq!(get("/a/nocontent").status, 204);
+    }
+    assert!(
+        conns.load(SeqCst) - before <= 1,
+        "204s reuse the connection"
+    );
     let r = http1(port, "HEAD", "/a/head", "gw", &[], "").expect("answer");
     assert_eq!(r.status, 200, "{r:?}");
     let expected = "HEAD /head body=0 te=- cl=-".len().to_string();
@@ -265,6 +286,24 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     req.extend_from_slice(b"0\r\n\r\n");
     let r = raw(port, &req).expect("answer");
     assert_eq!(r.body, "POST /big body=1048576 te=chunked cl=-", "{r:?}");
+    // A success before the body is read: the body still goes in full.
+    let mut req = b"POST /a/early-ok HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..8 {
+        req.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
+        req.extend_from_slice(&[b'z'; 64 * 1024]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let r = raw(port, &req).expect("answer");
+    assert_eq!((r.status, r.body.as_str()), (200, "early ok"), "{r:?}");
+    assert!(
+        portico_integration::wait_for(Duration::from_secs(5), || {
+            (EARLY_OK_READ.load(SeqCst) == 8 * 64 * 1024).then_some(())
+        })
+        .is_some(),
+        "the origin read {} body bytes",
+        EARLY_OK_READ.load(SeqCst)
+    );
     // An answer before the body is read: the proxy stops sending and
     // passes it on (8 MiB would fill every socket buffer on the way).
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
