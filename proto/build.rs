@@ -87,6 +87,7 @@ fn envoy_types_protos() -> PathBuf {
             "--format-version",
             "1",
             "--offline",
+            "--locked",
             "--manifest-path",
         ])
         .arg(&manifest)
@@ -101,15 +102,27 @@ fn envoy_types_protos() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
-    let pkg = meta["packages"]
+    let found: Vec<&serde_json::Value> = meta["packages"]
         .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "envoy-types"))
-        .expect("envoy-types in cargo metadata");
+        .map(|ps| ps.iter().filter(|p| p["name"] == "envoy-types").collect())
+        .unwrap_or_default();
+    // Two versions would leave it unclear whose protos match the types.
+    let [pkg] = found.as_slice() else {
+        panic!(
+            "expected exactly one envoy-types package in cargo metadata, found {}",
+            found.len()
+        );
+    };
     let dir = Path::new(pkg["manifest_path"].as_str().expect("manifest_path"))
         .parent()
         .expect("package dir")
         .join("proto");
     println!("cargo:rerun-if-changed={}", dir.display());
     println!("cargo:rerun-if-changed=build.rs");
+    // A new envoy-types version lives in another directory: the lock file
+    // is what changes.
+    if let Some(ws) = meta["workspace_root"].as_str() {
+        println!("cargo:rerun-if-changed={ws}/Cargo.lock");
+    }
     dir
 }

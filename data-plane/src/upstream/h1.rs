@@ -212,7 +212,9 @@ pub async fn exchange(
     // here: a 204 or a HEAD answer has no length and keeps it).
     reusable &= framing != Framing::Close;
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        reusable = false; // not asked for on this path
+        // Upgrades take their own path; a switch nobody asked for is a
+        // broken upstream, not an answer to pass on.
+        return Err(bad("101 Switching Protocols without an upgrade request"));
     }
     let mut response = Response::new(Body::empty());
     *response.status_mut() = status;

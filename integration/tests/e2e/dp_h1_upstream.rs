@@ -179,6 +179,13 @@ fn serve(s: TcpStream) {
                 std::thread::sleep(Duration::from_millis(50));
                 return;
             }
+            "/switch" => {
+                let _ = write(
+                    &mut w,
+                    &[b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n"],
+                );
+                return;
+            }
             "/garbage" => {
                 let _ = write(&mut w, &[b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"]);
                 return;
@@ -348,6 +355,9 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     }
     assert!(conns.load(SeqCst) - before <= 1, "connections are reused");
 
+    // A protocol switch nobody asked for is a bad gateway, not an answer.
+    let r = get("/a/switch");
+    assert_eq!(r.status, 502, "{r:?}");
     // Garbage from the origin: 502, and the next request is fine.
     let r = get("/a/garbage");
     assert_eq!(r.status, 502, "{r:?}");
