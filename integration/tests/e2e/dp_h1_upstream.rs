@@ -213,6 +213,21 @@ fn serve(s: TcpStream) {
     }
 }
 
+/// A chunked POST of `chunks` chunks of 64 KiB, on a connection that closes.
+fn chunked_post(path: &str, chunks: usize) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..chunks {
+        req.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
+        req.extend_from_slice(&[b'x'; 64 * 1024]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
 #[test]
 fn http1_upstream_framing_early_answers_and_idle_closes() {
     let (origin_port, conns) = origin();
@@ -284,24 +299,10 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     assert_eq!(r.body, "POST /len body=0 te=- cl=0", "{r:?}");
     // A chunked request of 1 MiB streams through (not buffered: it is
     // over the retry buffer) and goes upstream chunked.
-    let mut req = b"POST /a/big HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for _ in 0..16 {
-        req.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
-        req.extend_from_slice(&[b'x'; 64 * 1024]);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"0\r\n\r\n");
-    let r = raw(port, &req).expect("answer");
+    let r = raw(port, &chunked_post("/a/big", 16)).expect("answer");
     assert_eq!(r.body, "POST /big body=1048576 te=chunked cl=-", "{r:?}");
     // A success before the body is read: the body still goes in full.
-    let mut req = b"POST /a/early-ok HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for _ in 0..8 {
-        req.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
-        req.extend_from_slice(&[b'z'; 64 * 1024]);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"0\r\n\r\n");
-    let r = raw(port, &req).expect("answer");
+    let r = raw(port, &chunked_post("/a/early-ok", 8)).expect("answer");
     assert_eq!((r.status, r.body.as_str()), (200, "early ok"), "{r:?}");
     assert!(
         portico_integration::wait_for(Duration::from_secs(5), || {
