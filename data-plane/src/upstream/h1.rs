@@ -216,10 +216,6 @@ pub async fn exchange(
         // broken upstream, not an answer to pass on.
         return Err(bad("101 Switching Protocols without an upgrade request"));
     }
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = status;
-    *response.version_mut() = version;
-    *response.headers_mut() = headers;
     let body = match framing {
         Framing::Length(n) if n as usize <= conn.buf.len() => {
             let data = conn.buf.split_to(n as usize).freeze();
@@ -239,7 +235,10 @@ pub async fn exchange(
             ret: reusable.then(|| ret.clone()),
         },
     };
-    *response.body_mut() = body;
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
     Ok(response)
 }
 
@@ -597,10 +596,6 @@ impl std::fmt::Debug for Return {
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body {
-    fn empty() -> Self {
-        Body::whole(Bytes::new())
-    }
-
     fn whole(data: Bytes) -> Self {
         Body {
             state: State::Done,
