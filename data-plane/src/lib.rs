@@ -7,12 +7,14 @@
 //! - [`snapshot`] holds the running configuration, swapped whole;
 //! - [`proxy`] runs listeners and the request path;
 //! - [`upstream`] holds clusters, endpoints, pools and load balancing;
+//! - [`http1`] has the HTTP/1.1 wire pieces both sides share;
 //! - [`admin`], [`stats`] and [`access_log`] are for the operator.
 
 pub mod access_log;
 pub mod admin;
 pub mod bootstrap;
 pub mod config;
+pub mod http1;
 pub mod proxy;
 pub mod snapshot;
 pub mod stats;

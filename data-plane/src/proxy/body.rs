@@ -1,7 +1,9 @@
-//! The downstream response body: upstream bytes streamed through, or a
-//! local reply. It carries the request's guard, which holds the upstream
-//! endpoint (and an HTTP/2 stream slot) until the response is done and,
-//! when dropped, releases counters and writes the access log line.
+//! Downstream bodies. A request body comes from Portico's HTTP/1.1
+//! server or hyper's HTTP/2 one. A response body is upstream bytes
+//! streamed through, or a local reply; it carries the request's guard,
+//! which holds the upstream endpoint (and an HTTP/2 stream slot) until the
+//! response is done and, when dropped, releases counters and writes the
+//! access log line.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -14,9 +16,48 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 
 use crate::access_log::{Record, Sink};
+use crate::http1::BodyError;
 use crate::stats::Stats;
 use crate::upstream::pool::{RespBody, StreamSlot};
 use crate::upstream::{Cluster, Endpoint};
+
+/// A request body from a downstream connection.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// From an HTTP/1.1 connection.
+    Http1(super::http1::Body),
+    /// From an HTTP/2 connection.
+    Http2(hyper::body::Incoming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            RequestBody::Http1(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Http1(b) => b.is_end_stream(),
+            RequestBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Http1(b) => b.size_hint(),
+            RequestBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
 
 /// A response body with its request's bookkeeping.
 pub struct ResponseBody {

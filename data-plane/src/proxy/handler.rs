@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,11 +13,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
-use super::body::{Guard, ResponseBody, Upstream};
-use super::framing::Verdict;
+use super::body::{Guard, RequestBody, ResponseBody, Upstream};
+use super::http1::{FramingConflict, OnUpgrade, Upgraded};
 use super::ListenerRuntime;
 use crate::access_log::Record;
 use crate::config::listener::Routes;
@@ -45,10 +45,6 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// The client's address as a header value (for `x-forwarded-for`).
     pub peer_ip: HeaderValue,
-    /// What the HTTP/1.1 framing scan found on this connection.
-    pub framing: Arc<Verdict>,
-    /// HTTP/1.x requests handled so far on this connection.
-    pub requests: AtomicU32,
 }
 
 /// A request's outcome before it becomes a response.
@@ -69,7 +65,7 @@ fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Local {
 /// Serves one request; never fails (errors become local replies).
 pub async fn handle(
     conn: Arc<Conn>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let shared = &conn.shared;
     shared.stats.downstream_rq_total.fetch_add(1, Relaxed);
@@ -116,7 +112,7 @@ fn local_reply(status: StatusCode, body: &'static str) -> Out {
     r
 }
 
-fn record(req: &Request<Incoming>, peer: SocketAddr) -> Record {
+fn record(req: &Request<RequestBody>, peer: SocketAddr) -> Record {
     let h = req.headers();
     let s = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
     Record {
@@ -152,7 +148,7 @@ fn record(req: &Request<Incoming>, peer: SocketAddr) -> Record {
     }
 }
 
-fn authority(req: &Request<Incoming>) -> Option<&str> {
+fn authority(req: &Request<RequestBody>) -> Option<&str> {
     req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
             .get(header::HOST)
@@ -164,21 +160,18 @@ async fn route_request(
     conn: &Conn,
     lr: &ListenerRuntime,
     snap: &Snapshot,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let stats = &conn.shared.stats;
-    if req.version() <= Version::HTTP_11 {
-        let n = conn.requests.fetch_add(1, Relaxed) + 1;
-        if conn.framing.is_conflicting(n) {
-            // hyper has already dropped the Content-Length and will close
-            // the connection after this answer.
-            return Err(local(
-                StatusCode::BAD_REQUEST,
-                "both Content-Length and Transfer-Encoding\n",
-                "DPE",
-            ));
-        }
+    if req.extensions().get::<FramingConflict>().is_some() {
+        // The smuggling vector (RFC 9112 section 6.1); the connection
+        // closes after this answer.
+        return Err(local(
+            StatusCode::BAD_REQUEST,
+            "both Content-Length and Transfer-Encoding\n",
+            "DPE",
+        ));
     }
     let Some(host) = authority(&req) else {
         return Err(local(
@@ -236,7 +229,7 @@ async fn route_request(
     Ok(resp)
 }
 
-fn redirect(rd: &Redirect, route: &Route, req: &Request<Incoming>, host: &str) -> Out {
+fn redirect(rd: &Redirect, route: &Route, req: &Request<RequestBody>, host: &str) -> Out {
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let (path, query) = pq.split_once('?').map_or((pq, None), |(p, q)| (p, Some(q)));
     let mut new_path = if let Some(p) = &rd.path {
@@ -306,27 +299,31 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         return;
     }
     if found & CONNECTION != 0 {
-        // Every header the Connection header names is this hop's too.
-        let listed: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| {
-                !t.is_empty()
-                    && ![
-                        "close",
-                        "keep-alive",
-                        "upgrade",
-                        "transfer-encoding",
-                        "proxy-connection",
-                    ]
-                    .iter()
-                    .any(|k| t.eq_ignore_ascii_case(k))
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
-            .collect();
+        // Every header the Connection header names is this hop's too
+        // (usually none: `keep-alive`, `close` and `upgrade` are handled
+        // here anyway, so nothing is collected for them).
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for v in h.get_all(header::CONNECTION) {
+            for t in v.as_bytes().split(|b| *b == b',') {
+                let t = t.trim_ascii();
+                let known = [
+                    &b"close"[..],
+                    b"keep-alive",
+                    b"upgrade",
+                    b"transfer-encoding",
+                    b"proxy-connection",
+                ]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k));
+                if t.is_empty() || known {
+                    continue;
+                }
+                // `from_bytes` lowercases.
+                if let Ok(n) = HeaderName::from_bytes(t) {
+                    listed.push(n);
+                }
+            }
+        }
         for n in listed {
             h.remove(n);
         }
@@ -374,7 +371,7 @@ fn pick_cluster<'a>(
     snap.clusters.get(name)
 }
 
-fn request_hash(fwd: &Forward, req: &Request<Incoming>, peer: SocketAddr) -> Option<u64> {
+fn request_hash(fwd: &Forward, req: &Request<RequestBody>, peer: SocketAddr) -> Option<u64> {
     for p in &fwd.hash {
         let v = match p {
             HashPolicy::Header(h) => req.headers().get(h).map(|v| hash64(v.as_bytes())),
@@ -412,7 +409,7 @@ async fn forward(
     vh: &VirtualHost,
     route: &Route,
     fwd: &Forward,
-    mut req: Request<Incoming>,
+    req: Request<RequestBody>,
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let stats = &conn.shared.stats;
@@ -432,13 +429,19 @@ async fn forward(
     } else {
         None
     };
-    let upgrade = req.version() == Version::HTTP_11
+    let down_upgrade = (req.version() == Version::HTTP_11
         && (fwd.websocket || lr.config.websocket)
         && req
             .headers()
             .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket")))
+    .then(|| {
+        req.extensions()
+            .get::<OnUpgrade>()
+            .and_then(OnUpgrade::take)
+    })
+    .flatten();
+    let upgrade = down_upgrade.is_some();
 
     // The request as it goes upstream. The Host value is the client's own
     // (shared, not copied) unless the route rewrites it.
@@ -743,7 +746,7 @@ async fn websocket(
     cluster: &Arc<Cluster>,
     upstream: Upstream,
     up_req: Request<ReqBody>,
-    down: hyper::upgrade::OnUpgrade,
+    down: tokio::sync::oneshot::Receiver<Upgraded>,
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let fail = || {
@@ -777,7 +780,12 @@ async fn websocket(
         let _hold = upstream; // counts as active until the tunnel closes
         if let (Ok(d), Ok(u)) = tokio::join!(down, up) {
             stats.upstream_upgrades.fetch_add(1, Relaxed);
-            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+            let Upgraded { mut io, read_ahead } = d;
+            let mut u = TokioIo::new(u);
+            // What the client sent right behind its request goes first.
+            if u.write_all(&read_ahead).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut io, &mut u).await;
+            }
         }
     });
     let (parts, _) = resp.into_parts();

@@ -1,12 +1,13 @@
 //! Listeners and the request path.
 //!
 //! The listener manager binds, updates and drains listeners as the
-//! configuration changes; each accepted connection is served by hyper
-//! (HTTP/1.1 and h2c) and each request by [`handler::handle`].
+//! configuration changes; each accepted connection is served by
+//! [`http1`] (Portico's own HTTP/1.1 server) or hyper (h2c), and each
+//! request by [`handler::handle`].
 
 pub mod body;
-pub mod framing;
 pub mod handler;
+pub mod http1;
 mod server;
 
 use std::collections::HashMap;

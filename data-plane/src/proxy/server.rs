@@ -1,124 +1,231 @@
-//! The accept loop and connection serving for one listener.
+//! The accept loop of one listener, and each connection's protocol: the
+//! listener's codec, or for `AUTO` the first bytes (an HTTP/2 connection
+//! preface means h2c with prior knowledge, anything else HTTP/1.1).
 
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
-use super::framing::{Scanned, Verdict};
+use super::body::RequestBody;
 use super::handler::{handle, Conn};
-use super::ListenerRuntime;
+use super::{http1, ListenerRuntime};
 use crate::config::listener::Codec;
 use crate::snapshot::Shared;
+
+/// What an HTTP/2 client sends first (RFC 9113 section 3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 pub(super) async fn serve(
     sock: std::net::TcpListener,
     runtime: Arc<ArcSwap<ListenerRuntime>>,
     shared: Arc<Shared>,
-    mut drain: tokio::sync::watch::Receiver<bool>,
+    mut drain: watch::Receiver<bool>,
 ) {
+    let listener = match sock
+        .set_nonblocking(true)
+        .and_then(|_| TcpListener::from_std(sock))
     {
-        let listener = match sock
-            .set_nonblocking(true)
-            .and_then(|_| TcpListener::from_std(sock))
-        {
-            Ok(l) => l,
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register listener");
+            return;
+        }
+    };
+    // Every connection holds a receiver of `alive`: when all are gone,
+    // `closed` resolves and the drain is over.
+    let (alive, alive_rx) = watch::channel(());
+    // Fires when the drain timeout ends, closing what is still open.
+    let (kill, killed) = watch::channel(false);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
             Err(e) => {
-                tracing::error!(error = %e, "cannot register listener");
-                return;
+                // Out of file descriptors and the like: wait and retry
+                // rather than spin or give up the listener.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
         };
-        let graceful = GracefulShutdown::new();
-        // Fires when the drain timeout ends, closing what is still open.
-        let (kill, killed) = tokio::sync::watch::channel(false);
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = drain.changed() => break,
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Conn {
+            shared: shared.clone(),
+            listener: runtime.clone(),
+            peer,
+            peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or(http::HeaderValue::from_static("unknown")),
+        });
+        let stats = shared.stats.clone();
+        let mut killed = killed.clone();
+        let alive = alive_rx.clone();
+        let drain = drain.clone();
+        stats.downstream_cx_total.fetch_add(1, Relaxed);
+        stats.downstream_cx_active.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            let _alive = alive;
+            tokio::select! {
+                _ = connection(stream, conn, drain) => {}
+                _ = killed.changed() => {}
+            }
+            stats.downstream_cx_active.fetch_sub(1, Relaxed);
+        });
+    }
+    // Draining: no new connections; open ones finish their requests
+    // (HTTP/1.1 answers with `Connection: close`, HTTP/2 gets a GOAWAY),
+    // bounded by the listener's drain timeout.
+    drop(listener);
+    drop(alive_rx);
+    let timeout = runtime.load().config.drain_timeout;
+    if tokio::time::timeout(timeout, alive.closed()).await.is_err() {
+        tracing::info!("drain timeout reached; closing remaining connections");
+    }
+    let _ = kill.send(true);
+}
+
+/// Serves one connection in the protocol its listener or its first bytes
+/// call for.
+async fn connection(io: TcpStream, conn: Arc<Conn>, mut drain: watch::Receiver<bool>) {
+    let (codec, header_timeout) = {
+        let lr = conn.listener.load();
+        (lr.config.codec, lr.config.request_headers_timeout)
+    };
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let h2 = match codec {
+        Codec::Http1 => false,
+        Codec::Http2 => true,
+        Codec::Auto => {
+            // The first bytes may take as long as the client likes (as an
+            // idle keep-alive connection may); the rest of a preface is due
+            // within the header timeout.
+            let first = tokio::select! {
+                r = http1::fill(&io, &mut buf) => r,
+                _ = drain.changed() => return,
             };
-            let (stream, peer) = match accepted {
-                Ok(x) => {
-                    backoff = Duration::from_millis(5);
-                    x
+            if !matches!(first, Ok(n) if n > 0) {
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + header_timeout;
+            loop {
+                let n = buf.len().min(PREFACE.len());
+                if buf[..n] != PREFACE[..n] {
+                    break false;
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: wait and retry
-                    // rather than spin or give up the listener.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
+                if n == PREFACE.len() {
+                    break true;
                 }
-            };
-            let _ = stream.set_nodelay(true);
-            let rt = runtime.load();
-            let cfg = &rt.config;
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(cfg.request_headers_timeout)
-                .max_buf_size(cfg.max_request_headers.max(8192))
-                .keep_alive(true);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(cfg.max_request_headers as u32);
-            let builder = match cfg.codec {
-                Codec::Auto => builder,
-                Codec::Http1 => builder.http1_only(),
-                Codec::Http2 => builder.http2_only(),
-            };
-            let framing = Arc::new(Verdict::default());
-            let conn = Arc::new(Conn {
-                shared: shared.clone(),
-                listener: runtime.clone(),
-                peer,
-                peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
-                    .unwrap_or(http::HeaderValue::from_static("unknown")),
-                framing: framing.clone(),
-                requests: AtomicU32::new(0),
-            });
-            let stats = shared.stats.clone();
-            let mut killed = killed.clone();
-            stats.downstream_cx_total.fetch_add(1, Relaxed);
-            stats.downstream_cx_active.fetch_add(1, Relaxed);
-            let service = service_fn(move |req| handle(conn.clone(), req));
-            let served = builder
-                .serve_connection_with_upgrades(
-                    TokioIo::new(Scanned::new(stream, framing)),
-                    service,
-                )
-                .into_owned();
-            let served = graceful.watch(served);
-            tokio::spawn(async move {
-                tokio::select! {
-                    r = served => if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    },
-                    _ = killed.changed() => {}
+                match tokio::time::timeout_at(deadline, http1::fill(&io, &mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
                 }
-                stats.downstream_cx_active.fetch_sub(1, Relaxed);
-            });
+            }
         }
-        // Draining: no new connections; open ones finish their requests
-        // (HTTP/1.1 gets `Connection: close`, HTTP/2 a GOAWAY), bounded by
-        // the listener's drain timeout.
-        drop(listener);
-        let timeout = runtime.load().config.drain_timeout;
-        if tokio::time::timeout(timeout, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::info!("drain timeout reached; closing remaining connections");
+    };
+    if !h2 {
+        return http1::serve(io, buf, conn, drain).await;
+    }
+    let max_headers = conn.listener.load().config.max_request_headers as u32;
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(max_headers);
+    let service =
+        service_fn(move |req: Request<Incoming>| handle(conn.clone(), req.map(RequestBody::Http2)));
+    let served = builder.serve_connection(
+        TokioIo::new(Rewound {
+            read: buf.freeze(),
+            io,
+        }),
+        service,
+    );
+    tokio::pin!(served);
+    let ended = tokio::select! {
+        r = served.as_mut() => Some(r),
+        _ = drain.changed() => None,
+    };
+    let ended = match ended {
+        Some(r) => r,
+        None => {
+            served.as_mut().graceful_shutdown();
+            served.await
         }
-        let _ = kill.send(true);
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A socket whose first bytes were already read to pick the protocol:
+/// they are read again first.
+struct Rewound {
+    read: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{BodyExt, Either};
@@ -32,13 +32,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pool::{ReqBody, SendError};
+use crate::http1::{
+    has_token, last_coding, parse_length, parsed_value, write_chunk_size, write_length, BodyError,
+    Chunk, Framed, Piece,
+};
+use crate::proxy::body::RequestBody;
 
 /// Response heads longer than this are refused (hyper's default too).
 const MAX_HEAD: usize = 64 * 1024;
 /// Response header fields beyond this many are refused.
 const MAX_HEADERS: usize = 100;
-/// A chunk-size line longer than this is refused.
-const MAX_CHUNK_LINE: usize = 4096;
 /// Request bodies up to this size are written with the head in one call.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -130,7 +133,7 @@ impl Return {
 enum Outgoing {
     None,
     Whole(Bytes),
-    Stream(hyper::body::Incoming, Option<u64>),
+    Stream(RequestBody, Option<u64>),
 }
 
 /// Sends one request on `conn` and reads the response head.
@@ -154,10 +157,10 @@ pub async fn exchange(
                 Outgoing::Whole(b)
             }
         }
-        Either::Left(incoming) if incoming.is_end_stream() => Outgoing::None,
-        Either::Left(incoming) => {
-            let exact = incoming.size_hint().exact();
-            Outgoing::Stream(incoming, exact)
+        Either::Left(down) if down.is_end_stream() => Outgoing::None,
+        Either::Left(down) => {
+            let exact = down.size_hint().exact();
+            Outgoing::Stream(down, exact)
         }
     };
     let head_only = parts.method == Method::HEAD;
@@ -225,10 +228,10 @@ pub async fn exchange(
             Body::whole(data)
         }
         framing => Body {
-            state: match framing {
-                Framing::Length(n) => State::Length(n),
-                Framing::Chunked => State::Chunked(Chunk::Size),
-                Framing::Close => State::Close,
+            framed: match framing {
+                Framing::Length(n) => Framed::Length(n),
+                Framing::Chunked => Framed::Chunked(Chunk::Size),
+                Framing::Close => Framed::Close,
             },
             first: None,
             conn: Some(conn),
@@ -252,7 +255,7 @@ pub async fn exchange(
 async fn stream_exchange(
     conn: &mut Connection,
     head: &[u8],
-    body: hyper::body::Incoming,
+    body: RequestBody,
     exact: Option<u64>,
 ) -> Result<(Head, bool), SendError> {
     let Connection { io, buf, .. } = conn;
@@ -294,7 +297,7 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Res
 async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
     head: &[u8],
-    mut body: hyper::body::Incoming,
+    mut body: RequestBody,
     chunked: bool,
 ) -> Result<(), SendError> {
     write_all(w, head).await?;
@@ -305,8 +308,9 @@ async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
             Ok(data) if chunked => {
-                let size = format!("{:x}\r\n", data.len());
-                write_all(w, size.as_bytes()).await?;
+                let mut size = Vec::with_capacity(18);
+                write_chunk_size(&mut size, data.len());
+                write_all(w, &size).await?;
                 write_all(w, &data).await?;
                 write_all(w, b"\r\n").await?;
             }
@@ -366,23 +370,6 @@ fn encode_head(parts: &http::request::Parts, body: &Outgoing, out: &mut Vec<u8>)
         Outgoing::Stream(_, Some(n)) => write_length(out, *n),
         Outgoing::Stream(_, None) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
-    out.extend_from_slice(b"\r\n");
-}
-
-fn write_length(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(b"content-length: ");
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -489,28 +476,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     let mut other_coding = false;
     for &[n0, n1, v0, v1] in &at[..n] {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).map_err(bad)?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).map_err(bad)?;
+        let value = parsed_value(head.slice(v0 as usize..v1 as usize));
         if name == header::CONTENT_LENGTH {
-            // Digits only (`parse` would take a leading `+`).
-            let digits = value.as_bytes().trim_ascii();
-            let v = std::str::from_utf8(digits)
-                .ok()
-                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|d| d.parse::<u64>().ok())
-                .ok_or_else(|| bad("bad content-length"))?;
+            let v = parse_length(value.as_bytes()).ok_or_else(|| bad("bad content-length"))?;
             if length.is_some_and(|l| l != v) {
                 return Err(bad("conflicting content-length"));
             }
             length = Some(v);
         } else if name == header::TRANSFER_ENCODING {
-            let last = value
-                .as_bytes()
-                .rsplit(|b| *b == b',')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            let is_chunked = last.eq_ignore_ascii_case(b"chunked");
+            let is_chunked = last_coding(value.as_bytes()).eq_ignore_ascii_case(b"chunked");
             chunked_twice |= chunked
                 || value
                     .as_bytes()
@@ -522,14 +496,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
             other_coding |= !chunked;
         } else if name == header::CONNECTION {
             let v = value.as_bytes();
-            if v.split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            {
+            if has_token(v, "close") {
                 close = true;
-            } else if version == Version::HTTP_10
-                && v.split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"))
-            {
+            } else if version == Version::HTTP_10 && has_token(v, "keep-alive") {
                 close = false;
             }
         }
@@ -555,29 +524,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     }))
 }
 
-/// Where a chunked body's decoding is.
-#[derive(Debug, Clone, Copy)]
-enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-}
-
-#[derive(Debug)]
-enum State {
-    Length(u64),
-    Chunked(Chunk),
-    Close,
-    Done,
-}
-
 /// A response body from an HTTP/1.1 upstream.
 #[derive(Debug)]
 pub struct Body {
-    state: State,
+    framed: Framed,
     /// Data already read, handed out first.
     first: Option<Bytes>,
+    /// The connection the rest comes from (`None` once the body ended).
     conn: Option<Connection>,
     /// Where the connection goes when the body ends cleanly (`None`: it
     /// may not be reused).
@@ -592,13 +545,10 @@ impl std::fmt::Debug for Return {
     }
 }
 
-/// An error while reading a response body.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-
 impl Body {
     fn whole(data: Bytes) -> Self {
         Body {
-            state: State::Done,
+            framed: Framed::Length(0),
             first: (!data.is_empty()).then_some(data),
             conn: None,
             ret: None,
@@ -606,7 +556,6 @@ impl Body {
     }
 
     fn finish(&mut self) {
-        self.state = State::Done;
         if let (Some(conn), Some(ret)) = (self.conn.take(), self.ret.take()) {
             ret.put(conn);
         }
@@ -647,171 +596,44 @@ impl http_body::Body for Body {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match this.state {
-                State::Done => return Poll::Ready(None),
-                State::Length(0) => {
-                    this.finish();
-                    return Poll::Ready(None);
+            match this.framed.decode(&mut conn.buf) {
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
                 }
-                State::Length(left) => {
-                    if !conn.buf.is_empty() {
-                        let n = (left as usize).min(conn.buf.len());
-                        let data = conn.buf.split_to(n).freeze();
-                        this.state = State::Length(left - n as u64);
-                        if left == n as u64 {
-                            this.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if ready!(Self::poll_fill(conn, cx))? == 0 {
-                        this.state = State::Done;
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(truncated())));
-                    }
-                }
-                State::Close => {
-                    if !conn.buf.is_empty() {
-                        let data = conn.buf.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if ready!(Self::poll_fill(conn, cx))? == 0 {
-                        this.state = State::Done;
-                        this.conn = None;
-                        return Poll::Ready(None);
-                    }
-                }
-                State::Chunked(step) => match decode_chunk(step, &mut conn.buf) {
-                    Err(e) => {
-                        this.state = State::Done;
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    Ok(Decoded::Next(step)) => this.state = State::Chunked(step),
-                    Ok(Decoded::Data(data, step)) => {
-                        this.state = State::Chunked(step);
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Ok(Decoded::End(trailers)) => {
+                Ok(Piece::Data(data)) => {
+                    if this.framed.is_complete() {
                         this.finish();
-                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                     }
-                    Ok(Decoded::NeedMore) => {
-                        if ready!(Self::poll_fill(conn, cx))? == 0 {
-                            this.state = State::Done;
-                            this.conn = None;
-                            return Poll::Ready(Some(Err(truncated())));
-                        }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Piece::End(trailers)) => {
+                    this.finish();
+                    return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                }
+                Ok(Piece::NeedMore) => {
+                    if ready!(Self::poll_fill(conn, cx))? == 0 {
+                        this.conn = None;
+                        return Poll::Ready(match this.framed {
+                            Framed::Close => None,
+                            _ => Some(Err(truncated())),
+                        });
                     }
-                },
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && matches!(self.state, State::Done)
+        self.first.is_none() && self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         let first = self.first.as_ref().map_or(0, |b| b.len() as u64);
-        match self.state {
-            State::Done => SizeHint::with_exact(first),
-            State::Length(n) => SizeHint::with_exact(first + n),
+        match (&self.conn, self.framed) {
+            (None, _) => SizeHint::with_exact(first),
+            (Some(_), Framed::Length(n)) => SizeHint::with_exact(first + n),
             _ => SizeHint::default(),
-        }
-    }
-}
-
-enum Decoded {
-    Next(Chunk),
-    Data(Bytes, Chunk),
-    End(Option<HeaderMap>),
-    NeedMore,
-}
-
-/// One step of chunked decoding over what is buffered.
-fn decode_chunk(step: Chunk, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
-    let line_end = |buf: &BytesMut| -> Result<Option<usize>, BodyError> {
-        match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => Ok(Some(i)),
-            None if buf.len() > MAX_CHUNK_LINE => Err("chunk line too long".into()),
-            None => Ok(None),
-        }
-    };
-    match step {
-        Chunk::Size => {
-            let Some(i) = line_end(buf)? else {
-                return Ok(Decoded::NeedMore);
-            };
-            let line = &buf[..i];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let digits = line
-                .split(|b| *b == b';')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            let size = std::str::from_utf8(digits)
-                .ok()
-                .filter(|s| {
-                    !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
-                })
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                .ok_or("bad chunk size")?;
-            buf.advance(i + 1);
-            Ok(Decoded::Next(if size == 0 {
-                Chunk::Trailers
-            } else {
-                Chunk::Data(size)
-            }))
-        }
-        Chunk::Data(left) => {
-            if buf.is_empty() {
-                return Ok(Decoded::NeedMore);
-            }
-            let n = (left as usize).min(buf.len());
-            let data = buf.split_to(n).freeze();
-            let next = if left == n as u64 {
-                Chunk::DataEnd
-            } else {
-                Chunk::Data(left - n as u64)
-            };
-            Ok(Decoded::Data(data, next))
-        }
-        Chunk::DataEnd => {
-            if buf.len() < 2 && !buf.starts_with(b"\n") {
-                return Ok(Decoded::NeedMore);
-            }
-            if buf.starts_with(b"\r\n") {
-                buf.advance(2);
-            } else if buf.starts_with(b"\n") {
-                buf.advance(1);
-            } else {
-                return Err("missing CRLF after chunk data".into());
-            }
-            Ok(Decoded::Next(Chunk::Size))
-        }
-        Chunk::Trailers => {
-            // Trailer fields, then an empty line.
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            match httparse::parse_headers(buf, &mut fields) {
-                Ok(httparse::Status::Complete((len, fields))) => {
-                    let mut map = HeaderMap::new();
-                    for f in fields {
-                        if let (Ok(n), Ok(v)) = (
-                            HeaderName::from_bytes(f.name.as_bytes()),
-                            HeaderValue::from_bytes(f.value),
-                        ) {
-                            map.append(n, v);
-                        }
-                    }
-                    buf.advance(len);
-                    Ok(Decoded::End((!map.is_empty()).then_some(map)))
-                }
-                Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                    Err("trailers too large".into())
-                }
-                Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
-                Err(e) => Err(format!("bad trailers: {e}").into()),
-            }
         }
     }
 }
@@ -857,44 +679,6 @@ mod tests {
         assert!(parse_head(&mut buf).is_err());
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
         assert!(parse_head(&mut buf).unwrap().is_none());
-    }
-
-    #[test]
-    fn chunked_bodies_decode_split_anywhere() {
-        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n";
-        for split in 0..wire.len() {
-            let mut buf = BytesMut::new();
-            let mut fed = 0;
-            let mut step = Chunk::Size;
-            let mut out = Vec::new();
-            let trailers = loop {
-                match decode_chunk(step, &mut buf).unwrap() {
-                    Decoded::Next(s) => step = s,
-                    Decoded::Data(d, s) => {
-                        out.extend_from_slice(&d);
-                        step = s;
-                    }
-                    Decoded::End(t) => break t,
-                    Decoded::NeedMore => {
-                        let upto = if fed < split { split } else { wire.len() };
-                        assert!(fed < upto, "stuck at {fed} (split {split})");
-                        buf.extend_from_slice(&wire[fed..upto]);
-                        fed = upto;
-                    }
-                }
-            };
-            assert_eq!(out, b"hello world", "split {split}");
-            assert_eq!(trailers.unwrap()["x-t"], "1");
-            assert!(buf.is_empty());
-        }
-    }
-
-    #[test]
-    fn bad_chunk_sizes_are_errors() {
-        for wire in [&b"zz\r\n"[..], b"\r\n", b"11111111111111111\r\n", b"+5\r\n"] {
-            let mut buf = BytesMut::from(wire);
-            assert!(decode_chunk(Chunk::Size, &mut buf).is_err(), "{wire:?}");
-        }
     }
 
     #[test]

@@ -18,11 +18,12 @@ use tokio::net::TcpStream;
 
 use super::h1::{self, IdleList};
 use crate::config::cluster::ClusterConfig;
+use crate::proxy::body::RequestBody;
 use crate::stats::ClusterStats;
 
 /// The body of an upstream request: streamed from downstream, or buffered
 /// so that it can be sent again on retry.
-pub type ReqBody = Either<Incoming, Full<Bytes>>;
+pub type ReqBody = Either<RequestBody, Full<Bytes>>;
 
 /// The body of an upstream response: from an HTTP/1.1 connection of the
 /// pool, or from hyper (HTTP/2, and upgrades refused by the upstream).

@@ -228,8 +228,9 @@ fn chunked_post(path: &str, chunks: usize) -> Vec<u8> {
     req
 }
 
-#[test]
-fn http1_upstream_framing_early_answers_and_idle_closes() {
+/// A gateway whose API `a` (base `/a`) routes everything to the scripted
+/// origin; with the origin's connection count.
+pub(super) fn gateway_to_origin() -> (Env, Arc<AtomicU32>) {
     let (origin_port, conns) = origin();
     let env = Env::new(|_| {
         vec![
@@ -243,6 +244,12 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
             ),
         ]
     });
+    (env, conns)
+}
+
+#[test]
+fn http1_upstream_framing_early_answers_and_idle_closes() {
+    let (env, conns) = gateway_to_origin();
     let _dp = env.dp("dp1", &[]);
     let port = env.port;
     let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("answer");

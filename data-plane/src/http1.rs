@@ -1,0 +1,338 @@
+//! HTTP/1.1 wire pieces both sides of the proxy share: chunked bodies
+//! (RFC 9112 section 7.1), length fields and connection tokens.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// An error while reading a body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A chunk-size line longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Trailer sections longer than this are refused.
+const MAX_TRAILERS: usize = 64 * 1024;
+/// Trailer fields beyond this many are refused.
+const MAX_TRAILER_FIELDS: usize = 100;
+
+/// A header value from a head httparse accepted, sharing its bytes.
+///
+/// httparse admits in a field value exactly the bytes `HeaderValue`
+/// does (visible ASCII, space, tab, obs-text; `parsed_values_are_valid`
+/// checks every byte), so checking them again would only cost time.
+pub(crate) fn parsed_value(bytes: Bytes) -> HeaderValue {
+    // SAFETY: `bytes` is a field value httparse accepted, and every byte
+    // httparse accepts in one is valid in a `HeaderValue` (see the test).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+}
+
+/// Whether a comma-separated header value lists `token` (any case).
+pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The last transfer coding of a `Transfer-Encoding` value.
+pub(crate) fn last_coding(value: &[u8]) -> &[u8] {
+    value
+        .rsplit(|b| *b == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+}
+
+/// A `Content-Length` value: digits only (`parse` would take a `+`).
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Writes a chunk-size line for `n` bytes.
+pub(crate) fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Where a chunked body's decoding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// What one step of chunked decoding found.
+pub(crate) enum Decoded {
+    /// Moved on; decode again.
+    Next(Chunk),
+    /// Chunk data, and where decoding goes next.
+    Data(Bytes, Chunk),
+    /// The last chunk and its trailers (if any).
+    End(Option<HeaderMap>),
+    /// More bytes are needed.
+    NeedMore,
+}
+
+/// One step of chunked decoding over what is buffered.
+pub(crate) fn decode_chunk(step: Chunk, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
+    let line_end = |buf: &BytesMut| -> Result<Option<usize>, BodyError> {
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => Ok(Some(i)),
+            None if buf.len() > MAX_CHUNK_LINE => Err("chunk line too long".into()),
+            None => Ok(None),
+        }
+    };
+    match step {
+        Chunk::Size => {
+            let Some(i) = line_end(buf)? else {
+                return Ok(Decoded::NeedMore);
+            };
+            let line = &buf[..i];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let digits = line
+                .split(|b| *b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            let size = std::str::from_utf8(digits)
+                .ok()
+                .filter(|s| {
+                    !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or("bad chunk size")?;
+            buf.advance(i + 1);
+            Ok(Decoded::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Decoded::NeedMore);
+            }
+            let n = (left as usize).min(buf.len());
+            let data = buf.split_to(n).freeze();
+            let next = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok(Decoded::Data(data, next))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 && !buf.starts_with(b"\n") {
+                return Ok(Decoded::NeedMore);
+            }
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+            } else if buf.starts_with(b"\n") {
+                buf.advance(1);
+            } else {
+                return Err("missing CRLF after chunk data".into());
+            }
+            Ok(Decoded::Next(Chunk::Size))
+        }
+        Chunk::Trailers => {
+            // Trailer fields, then an empty line.
+            let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILER_FIELDS];
+            match httparse::parse_headers(buf, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let mut map = HeaderMap::new();
+                    for f in fields {
+                        if let (Ok(n), Ok(v)) = (
+                            HeaderName::from_bytes(f.name.as_bytes()),
+                            HeaderValue::from_bytes(f.value),
+                        ) {
+                            map.append(n, v);
+                        }
+                    }
+                    buf.advance(len);
+                    Ok(Decoded::End((!map.is_empty()).then_some(map)))
+                }
+                Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILERS => {
+                    Err("trailers too large".into())
+                }
+                Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
+                Err(e) => Err(format!("bad trailers: {e}").into()),
+            }
+        }
+    }
+}
+
+/// How a message body is delimited, and how far its decoding has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framed {
+    /// This many bytes are still to come.
+    Length(u64),
+    /// Chunked, at this step.
+    Chunked(Chunk),
+    /// Until the connection ends.
+    Close,
+}
+
+/// What [`Framed::decode`] found in the buffer.
+pub(crate) enum Piece {
+    /// Body data.
+    Data(Bytes),
+    /// The end of the body, with a chunked body's trailers.
+    End(Option<HeaderMap>),
+    /// More bytes are needed.
+    NeedMore,
+}
+
+impl Framed {
+    /// Takes the next piece of the body from `buf`, leaving whatever
+    /// follows the body there.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Piece, BodyError> {
+        loop {
+            match *self {
+                Framed::Length(0) => return Ok(Piece::End(None)),
+                Framed::Length(_) | Framed::Close if buf.is_empty() => return Ok(Piece::NeedMore),
+                Framed::Length(left) => {
+                    let n = (left as usize).min(buf.len());
+                    *self = Framed::Length(left - n as u64);
+                    return Ok(Piece::Data(buf.split_to(n).freeze()));
+                }
+                Framed::Close => return Ok(Piece::Data(buf.split().freeze())),
+                Framed::Chunked(step) => match decode_chunk(step, buf)? {
+                    Decoded::Next(step) => *self = Framed::Chunked(step),
+                    Decoded::Data(data, step) => {
+                        *self = Framed::Chunked(step);
+                        return Ok(Piece::Data(data));
+                    }
+                    Decoded::End(trailers) => return Ok(Piece::End(trailers)),
+                    Decoded::NeedMore => return Ok(Piece::NeedMore),
+                },
+            }
+        }
+    }
+
+    /// Whether the data decoded so far is all of the body (known before
+    /// the next call only for a length).
+    pub(crate) fn is_complete(&self) -> bool {
+        *self == Framed::Length(0)
+    }
+}
+
+/// Writes a `content-length` field.
+pub(crate) fn write_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_decode_split_anywhere() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n";
+        for split in 0..wire.len() {
+            let mut buf = BytesMut::new();
+            let mut fed = 0;
+            let mut step = Chunk::Size;
+            let mut out = Vec::new();
+            let trailers = loop {
+                match decode_chunk(step, &mut buf).unwrap() {
+                    Decoded::Next(s) => step = s,
+                    Decoded::Data(d, s) => {
+                        out.extend_from_slice(&d);
+                        step = s;
+                    }
+                    Decoded::End(t) => break t,
+                    Decoded::NeedMore => {
+                        let upto = if fed < split { split } else { wire.len() };
+                        assert!(fed < upto, "stuck at {fed} (split {split})");
+                        buf.extend_from_slice(&wire[fed..upto]);
+                        fed = upto;
+                    }
+                }
+            };
+            assert_eq!(out, b"hello world", "split {split}");
+            assert_eq!(trailers.unwrap()["x-t"], "1");
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_chunk_sizes_are_errors() {
+        for wire in [&b"zz\r\n"[..], b"\r\n", b"11111111111111111\r\n", b"+5\r\n"] {
+            let mut buf = BytesMut::from(wire);
+            assert!(decode_chunk(Chunk::Size, &mut buf).is_err(), "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn parsed_values_are_valid() {
+        for b in 0..=255u8 {
+            let mut head = b"HTTP/1.1 200 OK\r\nx: a".to_vec();
+            head.extend_from_slice(&[b, b'a']);
+            head.extend_from_slice(b"\r\n\r\n");
+            let mut fields = [httparse::EMPTY_HEADER; 4];
+            let mut resp = httparse::Response::new(&mut fields);
+            if let Ok(httparse::Status::Complete(_)) = resp.parse(&head) {
+                let value = resp.headers[0].value;
+                assert!(
+                    HeaderValue::from_bytes(value).is_ok(),
+                    "httparse accepts byte {b:#04x} that HeaderValue refuses"
+                );
+            }
+            let mut req = b"GET / HTTP/1.1\r\nx: a".to_vec();
+            req.extend_from_slice(&[b, b'a']);
+            req.extend_from_slice(b"\r\n\r\n");
+            let mut fields = [httparse::EMPTY_HEADER; 4];
+            let mut r = httparse::Request::new(&mut fields);
+            if let Ok(httparse::Status::Complete(_)) = r.parse(&req) {
+                assert!(
+                    HeaderValue::from_bytes(r.headers[0].value).is_ok(),
+                    "request: {b:#04x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_lengths_and_sizes() {
+        assert!(has_token(b"keep-alive, Close", "close"));
+        assert!(!has_token(b"closed", "close"));
+        assert_eq!(last_coding(b"gzip, Chunked "), b"Chunked");
+        assert_eq!(parse_length(b" 42 "), Some(42));
+        for bad in [&b"+5"[..], b"", b"4 2", b"-1", b"99999999999999999999"] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+        let mut out = Vec::new();
+        write_chunk_size(&mut out, 0x1f0);
+        write_chunk_size(&mut out, 0);
+        assert_eq!(out, b"1f0\r\n0\r\n");
+    }
+}

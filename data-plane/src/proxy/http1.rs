@@ -1,0 +1,972 @@
+//! HTTP/1.1 downstream connections, served in the connection's own task.
+//!
+//! One task reads a request head, runs the handler, writes the response
+//! and goes back for the next head: no dispatcher task, no channels, and a
+//! response whose body is already there (most API answers) leaves in one
+//! write with its head. Request heads are parsed with httparse into
+//! header values that share the read buffer.
+//!
+//! Framing follows RFC 9112: a request body is chunked when
+//! `Transfer-Encoding` ends in `chunked`, else `Content-Length` long, else
+//! empty; a request with both headers is the classic smuggling vector and
+//! is refused with a 400 by the handler (so it is logged), then the
+//! connection closes. A response is sent with its exact length when known,
+//! chunked to HTTP/1.1 clients otherwise, and delimited by the close to
+//! HTTP/1.0 clients. Malformed heads get a 400, heads over the listener's
+//! limit a 431, and a head that does not arrive within the header timeout
+//! a 408; each then closes its connection and nothing else.
+//!
+//! A request body is read from the socket by whoever consumes it (the
+//! upstream client, in the same task, or hyper's HTTP/2 client task); it
+//! hands the read buffer back when it ends cleanly, and the connection is
+//! closed when it was abandoned part way.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+
+use super::body::{RequestBody, ResponseBody};
+use super::handler::{handle, Conn};
+use crate::http1::{
+    has_token, last_coding, parse_length, parsed_value, write_chunk_size, write_length, BodyError,
+    Chunk, Framed, Piece,
+};
+
+/// Request header fields beyond this many get a 431.
+const MAX_HEADERS: usize = 100;
+/// Response data up to this much is gathered before a write.
+const COALESCE: usize = 16 * 1024;
+/// What is written when a client waits for `100 Continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// In the extensions of a request that had both `Content-Length` and
+/// `Transfer-Encoding`: the handler refuses it.
+#[derive(Debug, Clone, Copy)]
+pub struct FramingConflict;
+
+/// The client's side of an upgraded connection, once the 101 is written.
+#[derive(Debug)]
+pub struct Upgraded {
+    /// The client's socket.
+    pub io: TcpStream,
+    /// Bytes the client sent after its request, already read.
+    pub read_ahead: Bytes,
+}
+
+/// In the extensions of a request that asks for an upgrade: yields the
+/// client's connection if the response is a `101 Switching Protocols`.
+#[derive(Debug, Clone)]
+pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    /// The future connection (only the first caller gets it).
+    pub fn take(&self) -> Option<oneshot::Receiver<Upgraded>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Serves HTTP/1.1 on `io` until the client closes, a request ends the
+/// connection, or the listener drains. `buf` holds bytes already read.
+pub(super) async fn serve(
+    io: TcpStream,
+    mut buf: BytesMut,
+    conn: Arc<Conn>,
+    drain: watch::Receiver<bool>,
+) {
+    let io = Arc::new(io);
+    let mut wbuf: Vec<u8> = Vec::with_capacity(1024);
+    let mut drain_wait = drain.clone();
+    let drained = async move {
+        let _ = drain_wait.changed().await;
+    };
+    tokio::pin!(drained);
+    // The idle timer is armed once per idle period, not per request: when
+    // it fires after requests were served, it is pushed back.
+    let mut idle: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut served: u64 = 0;
+    let mut served_at_arm: u64 = 0;
+    loop {
+        let (header_timeout, idle_timeout, max_head) = {
+            let lr = conn.listener.load();
+            let c = &lr.config;
+            (
+                c.request_headers_timeout,
+                c.idle_timeout,
+                c.max_request_headers.max(8192),
+            )
+        };
+        // Wait for the first byte of the next request.
+        if buf.is_empty() {
+            if let (Some(d), None) = (idle_timeout, &idle) {
+                idle = Some(Box::pin(tokio::time::sleep(d)));
+                served_at_arm = served;
+            }
+            let read = loop {
+                let timer = async {
+                    match idle.as_mut() {
+                        Some(s) => s.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    r = fill(&io, &mut buf) => break r,
+                    _ = &mut drained => return,
+                    _ = timer => {
+                        if served == served_at_arm {
+                            return; // idle for a whole period
+                        }
+                        if let (Some(s), Some(d)) = (idle.as_mut(), idle_timeout) {
+                            s.as_mut().reset(tokio::time::Instant::now() + d);
+                        }
+                        served_at_arm = served;
+                    }
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+        let head = match parse_head(&mut buf, max_head) {
+            Ok(Some(h)) => Ok(h),
+            Ok(None) => {
+                // The rest of the head is due within the header timeout.
+                let deadline = tokio::time::Instant::now() + header_timeout;
+                loop {
+                    match tokio::time::timeout_at(deadline, fill(&io, &mut buf)).await {
+                        Err(_) => break Err(Refusal::TIMEOUT),
+                        Ok(Ok(0) | Err(_)) => return,
+                        Ok(Ok(_)) => {}
+                    }
+                    match parse_head(&mut buf, max_head) {
+                        Ok(Some(h)) => break Ok(h),
+                        Ok(None) => {}
+                        Err(r) => break Err(r),
+                    }
+                }
+            }
+            Err(r) => Err(r),
+        };
+        let head = match head {
+            Ok(h) => h,
+            Err(r) => {
+                conn.shared.stats.count_status(r.status.as_u16());
+                refuse(io, &r).await;
+                return;
+            }
+        };
+        served += 1;
+
+        let Parsed {
+            method,
+            uri,
+            version,
+            headers,
+            framing,
+            mut keep_alive,
+            expect_continue,
+            upgrade,
+            trailers,
+            conflict,
+        } = head;
+        let head_only = method == Method::HEAD;
+        let (body, back) = match framing {
+            BodyFraming::None | BodyFraming::Length(0) => (Body::empty(), None),
+            BodyFraming::Length(n) => Body::reading(
+                io.clone(),
+                std::mem::take(&mut buf),
+                Framed::Length(n),
+                expect_continue,
+            ),
+            BodyFraming::Chunked => Body::reading(
+                io.clone(),
+                std::mem::take(&mut buf),
+                Framed::Chunked(Chunk::Size),
+                expect_continue,
+            ),
+        };
+        let mut req = Request::new(RequestBody::Http1(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        let upgrade_tx = upgrade.then(|| {
+            let (tx, rx) = oneshot::channel();
+            req.extensions_mut()
+                .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            tx
+        });
+        if conflict {
+            req.extensions_mut().insert(FramingConflict);
+            keep_alive = false;
+        }
+        let resp = match handle(conn.clone(), req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
+        keep_alive &= !draining(&drain);
+        let reply = Reply {
+            head_only,
+            version,
+            trailers,
+            switching,
+        };
+        match write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return,
+        }
+        if wbuf.capacity() > 64 * 1024 {
+            wbuf = Vec::with_capacity(1024);
+        }
+        if switching {
+            let (Some(tx), None) = (upgrade_tx, back) else {
+                return;
+            };
+            if let Ok(io) = Arc::try_unwrap(io) {
+                let _ = tx.send(Upgraded {
+                    io,
+                    read_ahead: buf.split().freeze(),
+                });
+            }
+            return;
+        }
+        if let Some(back) = back {
+            // Whoever reads the body gives the buffer back at its clean
+            // end; dropped part way, the rest of it is unread and the
+            // connection cannot carry another request.
+            match back.await {
+                Ok(rest) => buf = rest,
+                Err(_) => keep_alive = false,
+            }
+        }
+        if !keep_alive {
+            linger_close(io).await;
+            return;
+        }
+    }
+}
+
+fn draining(drain: &watch::Receiver<bool>) -> bool {
+    *drain.borrow() || drain.has_changed().is_err()
+}
+
+/// Reads more from the socket into `buf`; `Ok(0)` at its end.
+pub(super) async fn fill(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+        match read_some(io, buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.readable().await?,
+            r => return r,
+        }
+    }
+}
+
+/// One read without waiting. A read that leaves room in `buf` has taken
+/// all the socket had, so the socket's readiness is cleared then (as
+/// tokio's `AsyncRead` does): the next read waits for the poller instead
+/// of costing a system call that would only say "would block".
+pub(super) fn read_some(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut got = None;
+    let r = io.try_io(tokio::io::Interest::READABLE, || {
+        let n = io.try_read_buf(buf)?;
+        if n > 0 && n < room {
+            got = Some(n);
+            // Clears the readiness this read was made on (not a newer one).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
+/// Writes all of `data`.
+async fn write_all(io: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match io.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Closes after a last answer: FIN first, then what the client still
+/// sends is read and dropped (bounded) so that unread input does not turn
+/// the close into a reset that could destroy the answer in flight.
+async fn linger_close(io: Arc<TcpStream>) {
+    let Ok(mut io) = Arc::try_unwrap(io) else {
+        return;
+    };
+    if io.shutdown().await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut sink = [0u8; 4096];
+        for _ in 0..256 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// A request refused before it reached the handler.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    why: &'static str,
+}
+
+impl Refusal {
+    const TIMEOUT: Refusal = Refusal {
+        status: StatusCode::REQUEST_TIMEOUT,
+        why: "request headers not received in time\n",
+    };
+    const TOO_LARGE: Refusal = Refusal {
+        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        why: "request headers too large\n",
+    };
+
+    fn bad(why: &'static str) -> Refusal {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            why,
+        }
+    }
+}
+
+async fn refuse(io: Arc<TcpStream>, r: &Refusal) {
+    let text = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n{}",
+        r.status.as_str(),
+        r.status.canonical_reason().unwrap_or(""),
+        r.why.len(),
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+        r.why
+    );
+    if write_all(&io, text.as_bytes()).await.is_ok() {
+        linger_close(io).await;
+    }
+}
+
+/// How a request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+struct Parsed {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    framing: BodyFraming,
+    /// The client lets the connection carry another request.
+    keep_alive: bool,
+    expect_continue: bool,
+    /// It asks for a protocol upgrade.
+    upgrade: bool,
+    /// It accepts trailers (`TE: trailers`).
+    trailers: bool,
+    /// It has both `Content-Length` and `Transfer-Encoding`.
+    conflict: bool,
+}
+
+/// Parses a request head at the start of `buf`: `None` while incomplete;
+/// when complete, consumes it. Header values share the head's bytes.
+fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal> {
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(Refusal::TOO_LARGE),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TOO_LARGE),
+        Err(_) => return Err(Refusal::bad("malformed request\n")),
+    };
+    if len > max_head {
+        return Err(Refusal::TOO_LARGE);
+    }
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refusal::bad("bad method\n"))?;
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Where the target and each field sit in the head (under `max_head`,
+    // far below 4 GiB), so that they can share its bytes once frozen.
+    let base = buf.as_ptr() as usize;
+    let path = req.path.unwrap_or_default();
+    let p0 = path.as_ptr() as usize - base;
+    let target = (p0, p0 + path.len());
+    let mut at = [[0u32; 4]; MAX_HEADERS];
+    let n = req.headers.len();
+    for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
+        let name = (h.name.as_ptr() as usize - base) as u32;
+        let value = (h.value.as_ptr() as usize - base) as u32;
+        *slot = [
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        ];
+    }
+    let head = buf.split_to(len).freeze();
+    let target = head.slice(target.0..target.1);
+    let uri = if target.first() == Some(&b'/') {
+        PathAndQuery::from_maybe_shared(target).map(Uri::from)
+    } else {
+        Uri::from_maybe_shared(target)
+    }
+    .map_err(|_| Refusal::bad("bad request target\n"))?;
+
+    // Room for what the proxy adds (x-forwarded-*, x-request-id, host,
+    // route edits): a map that grows rehashes every entry.
+    let mut headers = HeaderMap::with_capacity(n + 8);
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut length: Option<u64> = None;
+    let mut te = false;
+    let mut chunked = false;
+    let mut expect_continue = false;
+    let mut upgrade = false;
+    let mut trailers = false;
+    for &[n0, n1, v0, v1] in &at[..n] {
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
+            .map_err(|_| Refusal::bad("bad header name\n"))?;
+        let value = parsed_value(head.slice(v0 as usize..v1 as usize));
+        if name == header::CONTENT_LENGTH {
+            // A list of equal values is one length (RFC 9110 section 8.6).
+            let mut v = None;
+            for part in value.as_bytes().split(|b| *b == b',') {
+                let n = parse_length(part).ok_or(Refusal::bad("bad content-length\n"))?;
+                if v.is_some_and(|v| v != n) || length.is_some_and(|l| l != n) {
+                    return Err(Refusal::bad("conflicting content-length\n"));
+                }
+                v = Some(n);
+            }
+            length = v;
+        } else if name == header::TRANSFER_ENCODING {
+            te = true;
+            chunked = last_coding(value.as_bytes()).eq_ignore_ascii_case(b"chunked");
+        } else if name == header::CONNECTION {
+            let v = value.as_bytes();
+            if has_token(v, "close") {
+                keep_alive = false;
+            } else if has_token(v, "keep-alive") {
+                keep_alive = true;
+            }
+        } else if name == header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::UPGRADE {
+            upgrade = true;
+        } else if name == header::TE {
+            trailers |= has_token(value.as_bytes(), "trailers");
+        }
+        headers.append(name, value);
+    }
+    let conflict = te && length.is_some();
+    let framing = if conflict {
+        BodyFraming::None
+    } else if te {
+        // A request body must end in `chunked` to be delimited at all
+        // (RFC 9112 section 6.3), and HTTP/1.0 has no transfer codings.
+        if !chunked || version == Version::HTTP_10 {
+            return Err(Refusal::bad("unsupported transfer-encoding\n"));
+        }
+        BodyFraming::Chunked
+    } else {
+        length.map_or(BodyFraming::None, BodyFraming::Length)
+    };
+    Ok(Some(Parsed {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+        upgrade,
+        trailers,
+        conflict,
+    }))
+}
+
+/// What the response to one request depends on.
+struct Reply {
+    head_only: bool,
+    version: Version,
+    trailers: bool,
+    switching: bool,
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    None,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// Writes a response. `Ok(false)`: the body could not be sent whole and
+/// the connection must close; `keep_alive` is cleared when the response
+/// ends the connection.
+async fn write_response(
+    io: &TcpStream,
+    wbuf: &mut Vec<u8>,
+    resp: Response<ResponseBody>,
+    r: &Reply,
+    keep_alive: &mut bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    wbuf.clear();
+    wbuf.extend_from_slice(b"HTTP/1.1 ");
+    wbuf.extend_from_slice(status.as_str().as_bytes());
+    wbuf.push(b' ');
+    wbuf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    wbuf.extend_from_slice(b"\r\n");
+    // No body, and no length either, for 1xx and 204; 304 and HEAD answers
+    // keep the length they describe.
+    let bodiless_status = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let no_body = bodiless_status || r.head_only || status == StatusCode::NOT_MODIFIED;
+    let mut declared: Option<u64> = None;
+    let mut has_date = false;
+    for (name, value) in &parts.headers {
+        if r.switching {
+            // The switch's own headers (Connection, Upgrade) go as they are.
+        } else if name == header::CONTENT_LENGTH {
+            if bodiless_status {
+                continue;
+            }
+            match parse_length(value.as_bytes()) {
+                Some(n) if declared.is_none() => declared = Some(n),
+                _ => continue,
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            continue; // framing is this hop's own
+        } else if name == header::CONNECTION {
+            if has_token(value.as_bytes(), "close") {
+                *keep_alive = false;
+            }
+            continue;
+        } else if name == header::DATE {
+            has_date = true;
+        }
+        wbuf.extend_from_slice(name.as_str().as_bytes());
+        wbuf.extend_from_slice(b": ");
+        wbuf.extend_from_slice(value.as_bytes());
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    let out = if r.switching || no_body {
+        Out::None
+    } else if let Some(n) = declared {
+        Out::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        write_length(wbuf, n);
+        Out::Length(n)
+    } else if r.version == Version::HTTP_11 {
+        wbuf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Out::Chunked
+    } else {
+        *keep_alive = false;
+        Out::Close
+    };
+    if !r.switching {
+        if !*keep_alive {
+            wbuf.extend_from_slice(b"connection: close\r\n");
+        } else if r.version == Version::HTTP_10 {
+            wbuf.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    if !has_date {
+        wbuf.extend_from_slice(b"date: ");
+        push_date(wbuf);
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    wbuf.extend_from_slice(b"\r\n");
+    if out == Out::None {
+        drop(body);
+        write_all(io, wbuf).await?;
+        return Ok(true);
+    }
+
+    // The head waits for body data that is ready now, so that a short
+    // answer leaves in one write; it goes alone if the body is slow.
+    let mut left = match out {
+        Out::Length(n) => n,
+        _ => u64::MAX,
+    };
+    loop {
+        let frame = if wbuf.is_empty() {
+            body.frame().await
+        } else {
+            let polled =
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+            match polled {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    write_all(io, wbuf).await?;
+                    wbuf.clear();
+                    continue;
+                }
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(mut data) => {
+                    if out == Out::Length(0) || left == 0 {
+                        // More than the declared length: the rest cannot
+                        // be framed; end the connection after what fits.
+                        write_all(io, wbuf).await?;
+                        return Ok(false);
+                    }
+                    if (data.len() as u64) > left {
+                        data.truncate(left as usize);
+                    }
+                    left -= data.len() as u64;
+                    if out == Out::Chunked {
+                        write_chunk_size(wbuf, data.len());
+                    }
+                    if data.len() <= COALESCE {
+                        wbuf.extend_from_slice(&data);
+                    } else {
+                        write_all(io, wbuf).await?;
+                        wbuf.clear();
+                        write_all(io, &data).await?;
+                    }
+                    if out == Out::Chunked {
+                        wbuf.extend_from_slice(b"\r\n");
+                    }
+                    if wbuf.len() >= COALESCE {
+                        write_all(io, wbuf).await?;
+                        wbuf.clear();
+                    }
+                }
+                Err(frame) => {
+                    if let (Out::Chunked, Ok(t)) = (out, frame.into_trailers()) {
+                        return end_chunked(io, wbuf, r.trailers.then_some(&t)).await;
+                    }
+                }
+            },
+            None => {
+                return match out {
+                    Out::Chunked => end_chunked(io, wbuf, None).await,
+                    Out::Length(_) if left != 0 => {
+                        write_all(io, wbuf).await?;
+                        Ok(false)
+                    }
+                    _ => {
+                        write_all(io, wbuf).await?;
+                        Ok(out != Out::Close)
+                    }
+                };
+            }
+            Some(Err(_)) => {
+                // The upstream failed mid-body: what was sent stands, and
+                // the close (no last chunk) tells the client it is cut.
+                write_all(io, wbuf).await?;
+                return Ok(false);
+            }
+        }
+    }
+}
+
+async fn end_chunked(
+    io: &TcpStream,
+    wbuf: &mut Vec<u8>,
+    trailers: Option<&HeaderMap>,
+) -> io::Result<bool> {
+    wbuf.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        wbuf.extend_from_slice(name.as_str().as_bytes());
+        wbuf.extend_from_slice(b": ");
+        wbuf.extend_from_slice(value.as_bytes());
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    wbuf.extend_from_slice(b"\r\n");
+    write_all(io, wbuf).await?;
+    Ok(true)
+}
+
+/// Appends the current time as an HTTP date, formatted once a second.
+fn push_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(c.1.as_bytes());
+    });
+}
+
+/// A request body being read from the client's socket.
+#[derive(Debug)]
+struct Reading {
+    io: Arc<TcpStream>,
+    /// Bytes read and not yet consumed (the body's, then perhaps the next
+    /// request's).
+    buf: BytesMut,
+    framed: Framed,
+    /// How much of `100 Continue` is still to be written.
+    continue_left: usize,
+    /// Where the buffer goes at the body's clean end.
+    back: Option<oneshot::Sender<BytesMut>>,
+}
+
+/// The body of an HTTP/1.1 request.
+#[derive(Debug, Default)]
+pub struct Body {
+    /// `None` once the body has ended (or when there is none).
+    reading: Option<Box<Reading>>,
+}
+
+impl Body {
+    fn empty() -> Self {
+        Body { reading: None }
+    }
+
+    fn reading(
+        io: Arc<TcpStream>,
+        buf: BytesMut,
+        framed: Framed,
+        expect_continue: bool,
+    ) -> (Self, Option<oneshot::Receiver<BytesMut>>) {
+        let (tx, rx) = oneshot::channel();
+        let body = Body {
+            reading: Some(Box::new(Reading {
+                io,
+                buf,
+                framed,
+                continue_left: if expect_continue { CONTINUE.len() } else { 0 },
+                back: Some(tx),
+            })),
+        };
+        (body, Some(rx))
+    }
+
+    /// The body ended cleanly: the buffer goes back to the connection.
+    fn finish(&mut self) {
+        if let Some(mut r) = self.reading.take() {
+            if let Some(tx) = r.back.take() {
+                let _ = tx.send(std::mem::take(&mut r.buf));
+            }
+        }
+    }
+}
+
+fn cut_short() -> BodyError {
+    "client closed the connection in the middle of the request body".into()
+}
+
+impl Reading {
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.continue_left > 0 {
+            ready!(self.io.poll_write_ready(cx))?;
+            let from = CONTINUE.len() - self.continue_left;
+            match self.io.try_write(&CONTINUE[from..]) {
+                Ok(n) => self.continue_left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(16 * 1024);
+            }
+            match read_some(&self.io, &mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(r) = this.reading.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Err(e) = ready!(r.poll_continue(cx)) {
+                this.reading = None;
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            match r.framed.decode(&mut r.buf) {
+                Err(e) => {
+                    this.reading = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Piece::Data(data)) => {
+                    if r.framed.is_complete() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Piece::End(trailers)) => {
+                    this.finish();
+                    return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                }
+                Ok(Piece::NeedMore) => {}
+            }
+            match ready!(r.poll_fill(cx)) {
+                Ok(0) => {
+                    this.reading = None;
+                    return Poll::Ready(Some(Err(cut_short())));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.reading = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.reading.as_deref().map(|r| r.framed) {
+            None => SizeHint::with_exact(0),
+            Some(Framed::Length(n)) => SizeHint::with_exact(n),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<Parsed>, Refusal> {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_head(&mut buf, 64 * 1024)
+    }
+
+    fn status(text: &str) -> u16 {
+        parse(text).expect_err("refused").status.as_u16()
+    }
+
+    #[test]
+    fn request_framing_follows_rfc_9112() {
+        let p = parse("POST /a?b=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, BodyFraming::Length(5));
+        assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/a?b=1");
+        assert!(p.keep_alive);
+        assert_eq!(p.headers["host"], "h");
+        let p = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, BodyFraming::Chunked);
+        let p = parse("POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(p.conflict, "both framing headers");
+        let p = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!p.keep_alive, "HTTP/1.0 closes unless asked");
+        let p = parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(p.keep_alive);
+        let p = parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!p.keep_alive);
+        let p = parse("GET http://gw:8/x HTTP/1.1\r\nUpgrade: websocket\r\nExpect: 100-continue\r\nTE: trailers\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.uri.authority().unwrap().as_str(), "gw:8");
+        assert!(p.upgrade && p.expect_continue && p.trailers);
+        let p = parse("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, BodyFraming::Length(3));
+        assert!(parse("GET / HTTP/1.1\r\nHost: h\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_heads_are_refused_with_the_right_status() {
+        assert_eq!(status("GARBAGE\r\n\r\n"), 400);
+        assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"), 400);
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400
+        );
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("x-{i}: v\r\n"))
+            .collect();
+        assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+        let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(9000)).as_str());
+        assert_eq!(
+            parse_head(&mut buf, 8192).expect_err("too large").status,
+            431
+        );
+    }
+}
