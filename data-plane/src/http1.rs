@@ -18,9 +18,15 @@ const MAX_TRAILER_FIELDS: usize = 100;
 ///
 /// httparse admits in a field value exactly the bytes `HeaderValue`
 /// does (visible ASCII, space, tab, obs-text; `parsed_values_are_valid`
-/// checks every byte), so checking them again would only cost time.
-pub(crate) fn parsed_value(bytes: Bytes) -> HeaderValue {
-    // SAFETY: `bytes` is a field value httparse accepted, and every byte
+/// checks every byte on each of httparse's code paths), so checking them
+/// again would only cost time.
+///
+/// # Safety
+///
+/// `bytes` must be a field value httparse accepted with its default
+/// configuration (obsolete line folding off).
+pub(crate) unsafe fn parsed_value(bytes: Bytes) -> HeaderValue {
+    // SAFETY: the caller passes a value httparse accepted, and every byte
     // httparse accepts in one is valid in a `HeaderValue` (see the test).
     unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
@@ -91,30 +97,47 @@ pub(crate) enum Decoded {
 
 /// One step of chunked decoding over what is buffered.
 pub(crate) fn decode_chunk(step: Chunk, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
-    let line_end = |buf: &BytesMut| -> Result<Option<usize>, BodyError> {
-        match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => Ok(Some(i)),
-            None if buf.len() > MAX_CHUNK_LINE => Err("chunk line too long".into()),
-            None => Ok(None),
-        }
-    };
     match step {
         Chunk::Size => {
-            let Some(i) = line_end(buf)? else {
-                return Ok(Decoded::NeedMore);
+            // chunk-size [ BWS ";" ext ] CRLF, strictly: a proxy that ended
+            // the line or the size elsewhere than its neighbours would
+            // disagree with them on where the body ends (smuggling).
+            let Some(i) = buf.iter().position(|b| *b == b'\n') else {
+                return if buf.len() > MAX_CHUNK_LINE {
+                    Err("chunk line too long".into())
+                } else {
+                    Ok(Decoded::NeedMore)
+                };
             };
-            let line = &buf[..i];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let digits = line
-                .split(|b| *b == b';')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            let size = std::str::from_utf8(digits)
+            if i > MAX_CHUNK_LINE {
+                return Err("chunk line too long".into());
+            }
+            if i == 0 || buf[i - 1] != b'\r' {
+                return Err("chunk size line does not end in CRLF".into());
+            }
+            let line = &buf[..i - 1];
+            let hex = line
+                .iter()
+                .position(|b| !b.is_ascii_hexdigit())
+                .unwrap_or(line.len());
+            if hex == 0 || hex > 16 {
+                return Err("bad chunk size".into());
+            }
+            let rest = &line[hex..];
+            let ext = rest.trim_ascii_start();
+            let blank_only = rest[..rest.len() - ext.len()]
+                .iter()
+                .all(|b| *b == b' ' || *b == b'\t');
+            let ext_ok = ext.is_empty()
+                || (ext[0] == b';'
+                    && ext
+                        .iter()
+                        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b) || *b >= 0x80));
+            if !blank_only || !ext_ok {
+                return Err("bad chunk extension".into());
+            }
+            let size = std::str::from_utf8(&line[..hex])
                 .ok()
-                .filter(|s| {
-                    !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
-                })
                 .and_then(|s| u64::from_str_radix(s, 16).ok())
                 .ok_or("bad chunk size")?;
             buf.advance(i + 1);
@@ -128,7 +151,7 @@ pub(crate) fn decode_chunk(step: Chunk, buf: &mut BytesMut) -> Result<Decoded, B
             if buf.is_empty() {
                 return Ok(Decoded::NeedMore);
             }
-            let n = (left as usize).min(buf.len());
+            let n = left.min(buf.len() as u64) as usize;
             let data = buf.split_to(n).freeze();
             let next = if left == n as u64 {
                 Chunk::DataEnd
@@ -138,16 +161,13 @@ pub(crate) fn decode_chunk(step: Chunk, buf: &mut BytesMut) -> Result<Decoded, B
             Ok(Decoded::Data(data, next))
         }
         Chunk::DataEnd => {
-            if buf.len() < 2 && !buf.starts_with(b"\n") {
+            if buf.len() < 2 {
                 return Ok(Decoded::NeedMore);
             }
-            if buf.starts_with(b"\r\n") {
-                buf.advance(2);
-            } else if buf.starts_with(b"\n") {
-                buf.advance(1);
-            } else {
+            if !buf.starts_with(b"\r\n") {
                 return Err("missing CRLF after chunk data".into());
             }
+            buf.advance(2);
             Ok(Decoded::Next(Chunk::Size))
         }
         Chunk::Trailers => {
@@ -207,7 +227,7 @@ impl Framed {
                 Framed::Length(0) => return Ok(Piece::End(None)),
                 Framed::Length(_) | Framed::Close if buf.is_empty() => return Ok(Piece::NeedMore),
                 Framed::Length(left) => {
-                    let n = (left as usize).min(buf.len());
+                    let n = left.min(buf.len() as u64) as usize;
                     *self = Framed::Length(left - n as u64);
                     return Ok(Piece::Data(buf.split_to(n).freeze()));
                 }
@@ -286,16 +306,41 @@ mod tests {
 
     #[test]
     fn bad_chunk_sizes_are_errors() {
-        for wire in [&b"zz\r\n"[..], b"\r\n", b"11111111111111111\r\n", b"+5\r\n"] {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"11111111111111111\r\n",
+            b"+5\r\n",
+            b" 5\r\n",
+            b"5\n",
+            b"2;\nxx\r\n",
+            b"5 x\r\n",
+            b"5;a\x01b\r\n",
+        ] {
             let mut buf = BytesMut::from(wire);
             assert!(decode_chunk(Chunk::Size, &mut buf).is_err(), "{wire:?}");
         }
+        let long = format!("5;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
+        let mut buf = BytesMut::from(long.as_bytes());
+        assert!(decode_chunk(Chunk::Size, &mut buf).is_err(), "long line");
+        for ok in [&b"5 \t;name=value\r\n"[..], b"5\r\n", b"A;x\r\n"] {
+            let mut buf = BytesMut::from(ok);
+            assert!(decode_chunk(Chunk::Size, &mut buf).is_ok(), "{ok:?}");
+        }
+        let mut buf = BytesMut::from(&b"x\n"[..]);
+        assert!(
+            decode_chunk(Chunk::DataEnd, &mut buf).is_err(),
+            "bare LF after data"
+        );
     }
 
     #[test]
     fn parsed_values_are_valid() {
-        for b in 0..=255u8 {
+        // Each byte alone and deep inside a long value, so that httparse's
+        // 8-, 16- and 32-byte block matchers see it too.
+        for (b, pad) in (0..=255u8).flat_map(|b| [(b, 0), (b, 37), (b, 70)]) {
             let mut head = b"HTTP/1.1 200 OK\r\nx: a".to_vec();
+            head.extend(std::iter::repeat_n(b'v', pad));
             head.extend_from_slice(&[b, b'a']);
             head.extend_from_slice(b"\r\n\r\n");
             let mut fields = [httparse::EMPTY_HEADER; 4];
@@ -304,10 +349,11 @@ mod tests {
                 let value = resp.headers[0].value;
                 assert!(
                     HeaderValue::from_bytes(value).is_ok(),
-                    "httparse accepts byte {b:#04x} that HeaderValue refuses"
+                    "httparse accepts byte {b:#04x} (after {pad}) that HeaderValue refuses"
                 );
             }
             let mut req = b"GET / HTTP/1.1\r\nx: a".to_vec();
+            req.extend(std::iter::repeat_n(b'v', pad));
             req.extend_from_slice(&[b, b'a']);
             req.extend_from_slice(b"\r\n\r\n");
             let mut fields = [httparse::EMPTY_HEADER; 4];

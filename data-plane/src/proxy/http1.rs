@@ -23,6 +23,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -50,6 +51,18 @@ const MAX_HEADERS: usize = 100;
 const COALESCE: usize = 16 * 1024;
 /// What is written when a client waits for `100 Continue`.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// Trailer fields never passed on (RFC 9110 section 6.5.1: framing,
+/// routing, authentication and the like).
+const FORBIDDEN_TRAILERS: [HeaderName; 8] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::HOST,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::SET_COOKIE,
+    header::AUTHORIZATION,
+    header::TRAILER,
+];
 
 /// In the extensions of a request that had both `Content-Length` and
 /// `Transfer-Encoding`: the handler refuses it.
@@ -107,6 +120,11 @@ pub(super) async fn serve(
                 c.max_request_headers.max(8192),
             )
         };
+        // Empty lines between requests are allowed (RFC 9112 section 2.2);
+        // they do not start a head, so its timeout does not run for them.
+        while buf.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
+            let _ = buf.split_to(1);
+        }
         // Wait for the first byte of the next request.
         if buf.is_empty() {
             if let (Some(d), None) = (idle_timeout, &idle) {
@@ -183,19 +201,22 @@ pub(super) async fn serve(
             conflict,
         } = head;
         let head_only = method == Method::HEAD;
-        let (body, back) = match framing {
+        // Told when the final response starts, after which `100 Continue`
+        // may no longer be sent.
+        let answered = expect_continue.then(|| Arc::new(AtomicBool::new(false)));
+        let (body, mut back) = match framing {
             BodyFraming::None | BodyFraming::Length(0) => (Body::empty(), None),
             BodyFraming::Length(n) => Body::reading(
                 io.clone(),
                 std::mem::take(&mut buf),
                 Framed::Length(n),
-                expect_continue,
+                answered.clone(),
             ),
             BodyFraming::Chunked => Body::reading(
                 io.clone(),
                 std::mem::take(&mut buf),
                 Framed::Chunked(Chunk::Size),
-                expect_continue,
+                answered.clone(),
             ),
         };
         let mut req = Request::new(RequestBody::Http1(body));
@@ -203,7 +224,9 @@ pub(super) async fn serve(
         *req.uri_mut() = uri;
         *req.version_mut() = version;
         *req.headers_mut() = headers;
-        let upgrade_tx = upgrade.then(|| {
+        // An upgrade's bytes follow its head at once, so one with a body
+        // is served as a plain request.
+        let upgrade_tx = (upgrade && back.is_none()).then(|| {
             let (tx, rx) = oneshot::channel();
             req.extensions_mut()
                 .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
@@ -219,6 +242,23 @@ pub(super) async fn serve(
         };
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
         keep_alive &= !draining(&drain);
+        if let Some(a) = &answered {
+            a.store(true, Relaxed);
+        }
+        // A body already given up cannot be skipped: say so in this answer.
+        if let Some(rx) = back.as_mut() {
+            match rx.try_recv() {
+                Ok(rest) => {
+                    buf = rest;
+                    back = None;
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    keep_alive = false;
+                    back = None;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+        }
         let reply = Reply {
             head_only,
             version,
@@ -247,10 +287,22 @@ pub(super) async fn serve(
         if let Some(back) = back {
             // Whoever reads the body gives the buffer back at its clean
             // end; dropped part way, the rest of it is unread and the
-            // connection cannot carry another request.
-            match back.await {
-                Ok(rest) => buf = rest,
-                Err(_) => keep_alive = false,
+            // connection cannot carry another request. Bounded: a holder
+            // that neither reads nor lets go must not keep the connection.
+            let limit = idle_timeout.unwrap_or(Duration::from_secs(3600));
+            let returned = tokio::select! {
+                r = back => r.ok(),
+                _ = &mut drained => None,
+                _ = tokio::time::sleep(limit) => None,
+            };
+            match returned {
+                Some(rest) => buf = rest,
+                None => {
+                    // Wakes the holder's reads with an error, so it lets
+                    // go of the socket too.
+                    let _ = socket2::SockRef::from(&*io).shutdown(std::net::Shutdown::Both);
+                    return;
+                }
             }
         }
         if !keep_alive {
@@ -455,6 +507,8 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Ref
     // route edits): a map that grows rehashes every entry.
     let mut headers = HeaderMap::with_capacity(n + 8);
     let mut keep_alive = version == Version::HTTP_11;
+    // `close` anywhere wins over `keep-alive` anywhere.
+    let mut close = false;
     let mut length: Option<u64> = None;
     let mut te = false;
     let mut chunked = false;
@@ -464,7 +518,8 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Ref
     for &[n0, n1, v0, v1] in &at[..n] {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
             .map_err(|_| Refusal::bad("bad header name\n"))?;
-        let value = parsed_value(head.slice(v0 as usize..v1 as usize));
+        // SAFETY: a field value httparse accepted, default configuration.
+        let value = unsafe { parsed_value(head.slice(v0 as usize..v1 as usize)) };
         if name == header::CONTENT_LENGTH {
             // A list of equal values is one length (RFC 9110 section 8.6).
             let mut v = None;
@@ -481,11 +536,8 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Ref
             chunked = last_coding(value.as_bytes()).eq_ignore_ascii_case(b"chunked");
         } else if name == header::CONNECTION {
             let v = value.as_bytes();
-            if has_token(v, "close") {
-                keep_alive = false;
-            } else if has_token(v, "keep-alive") {
-                keep_alive = true;
-            }
+            close |= has_token(v, "close");
+            keep_alive |= has_token(v, "keep-alive");
         } else if name == header::EXPECT {
             expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
         } else if name == header::UPGRADE {
@@ -514,7 +566,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Ref
         version,
         headers,
         framing,
-        keep_alive,
+        keep_alive: keep_alive && !close,
         expect_continue: expect_continue && version == Version::HTTP_11,
         upgrade,
         trailers,
@@ -628,6 +680,8 @@ async fn write_response(
         Out::Length(n) => n,
         _ => u64::MAX,
     };
+    // More data than the declared length: the rest cannot be framed.
+    let mut overflow = false;
     loop {
         let frame = if wbuf.is_empty() {
             body.frame().await
@@ -647,14 +701,13 @@ async fn write_response(
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if data.is_empty() => {}
                 Ok(mut data) => {
-                    if out == Out::Length(0) || left == 0 {
-                        // More than the declared length: the rest cannot
-                        // be framed; end the connection after what fits.
+                    if left == 0 {
                         write_all(io, wbuf).await?;
                         return Ok(false);
                     }
                     if (data.len() as u64) > left {
                         data.truncate(left as usize);
+                        overflow = true;
                     }
                     left -= data.len() as u64;
                     if out == Out::Chunked {
@@ -684,13 +737,15 @@ async fn write_response(
             None => {
                 return match out {
                     Out::Chunked => end_chunked(io, wbuf, None).await,
-                    Out::Length(_) if left != 0 => {
-                        write_all(io, wbuf).await?;
-                        Ok(false)
-                    }
                     _ => {
                         write_all(io, wbuf).await?;
-                        Ok(out != Out::Close)
+                        // Short of its length, or longer: cut; a body
+                        // delimited by the close ends with it (and
+                        // `keep_alive` is already off).
+                        Ok(match out {
+                            Out::Length(_) => left == 0 && !overflow,
+                            _ => true,
+                        })
                     }
                 };
             }
@@ -711,6 +766,9 @@ async fn end_chunked(
 ) -> io::Result<bool> {
     wbuf.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
+        if FORBIDDEN_TRAILERS.contains(name) {
+            continue;
+        }
         wbuf.extend_from_slice(name.as_str().as_bytes());
         wbuf.extend_from_slice(b": ");
         wbuf.extend_from_slice(value.as_bytes());
@@ -749,6 +807,8 @@ struct Reading {
     framed: Framed,
     /// How much of `100 Continue` is still to be written.
     continue_left: usize,
+    /// Set when the final response starts (then no `100 Continue`).
+    answered: Option<Arc<AtomicBool>>,
     /// Where the buffer goes at the body's clean end.
     back: Option<oneshot::Sender<BytesMut>>,
 }
@@ -769,7 +829,7 @@ impl Body {
         io: Arc<TcpStream>,
         buf: BytesMut,
         framed: Framed,
-        expect_continue: bool,
+        answered: Option<Arc<AtomicBool>>,
     ) -> (Self, Option<oneshot::Receiver<BytesMut>>) {
         let (tx, rx) = oneshot::channel();
         let body = Body {
@@ -777,18 +837,47 @@ impl Body {
                 io,
                 buf,
                 framed,
-                continue_left: if expect_continue { CONTINUE.len() } else { 0 },
+                continue_left: if answered.is_some() {
+                    CONTINUE.len()
+                } else {
+                    0
+                },
+                answered,
                 back: Some(tx),
             })),
         };
         (body, Some(rx))
     }
 
-    /// The body ended cleanly: the buffer goes back to the connection.
+    /// The body ended cleanly: the buffer goes back to the connection
+    /// (after the socket handle, so that the connection holds the only one).
     fn finish(&mut self) {
-        if let Some(mut r) = self.reading.take() {
-            if let Some(tx) = r.back.take() {
-                let _ = tx.send(std::mem::take(&mut r.buf));
+        if let Some(r) = self.reading.take() {
+            let Reading { io, buf, back, .. } = *r;
+            drop(io);
+            if let Some(tx) = back {
+                let _ = tx.send(buf);
+            }
+        }
+    }
+}
+
+impl Drop for Body {
+    /// A body dropped part way whose rest has already arrived is skipped,
+    /// so that its connection can carry the next request.
+    fn drop(&mut self) {
+        let Some(r) = self.reading.as_mut() else {
+            return;
+        };
+        if r.continue_left > 0 {
+            return; // the client has not been asked for it
+        }
+        loop {
+            match r.framed.decode(&mut r.buf) {
+                Ok(Piece::Data(_)) if r.framed.is_complete() => break self.finish(),
+                Ok(Piece::Data(_)) => {}
+                Ok(Piece::End(_)) => break self.finish(),
+                Ok(Piece::NeedMore) | Err(_) => break,
             }
         }
     }
@@ -800,6 +889,9 @@ fn cut_short() -> BodyError {
 
 impl Reading {
     fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.answered.as_ref().is_some_and(|a| a.load(Relaxed)) {
+            self.continue_left = 0;
+        }
         while self.continue_left > 0 {
             ready!(self.io.poll_write_ready(cx))?;
             let from = CONTINUE.len() - self.continue_left;
@@ -927,6 +1019,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!p.keep_alive);
+        let p = parse("GET / HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!p.keep_alive, "close wins wherever it is");
         let p = parse("GET http://gw:8/x HTTP/1.1\r\nUpgrade: websocket\r\nExpect: 100-continue\r\nTE: trailers\r\n\r\n")
             .unwrap()
             .unwrap();

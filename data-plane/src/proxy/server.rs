@@ -107,21 +107,29 @@ pub(super) async fn serve(
 /// Serves one connection in the protocol its listener or its first bytes
 /// call for.
 async fn connection(io: TcpStream, conn: Arc<Conn>, mut drain: watch::Receiver<bool>) {
-    let (codec, header_timeout) = {
+    let (codec, header_timeout, idle_timeout) = {
         let lr = conn.listener.load();
-        (lr.config.codec, lr.config.request_headers_timeout)
+        let c = &lr.config;
+        (c.codec, c.request_headers_timeout, c.idle_timeout)
     };
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let h2 = match codec {
         Codec::Http1 => false,
         Codec::Http2 => true,
         Codec::Auto => {
-            // The first bytes may take as long as the client likes (as an
-            // idle keep-alive connection may); the rest of a preface is due
-            // within the header timeout.
+            // The first bytes may take as long as an idle keep-alive
+            // connection may; the rest of a preface is due within the
+            // header timeout.
+            let idle = async {
+                match idle_timeout {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             let first = tokio::select! {
                 r = http1::fill(&io, &mut buf) => r,
                 _ = drain.changed() => return,
+                _ = idle => return,
             };
             if !matches!(first, Ok(n) if n > 0) {
                 return;

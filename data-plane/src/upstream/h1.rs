@@ -476,7 +476,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     let mut other_coding = false;
     for &[n0, n1, v0, v1] in &at[..n] {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).map_err(bad)?;
-        let value = parsed_value(head.slice(v0 as usize..v1 as usize));
+        // SAFETY: a field value httparse accepted, default configuration.
+        let value = unsafe { parsed_value(head.slice(v0 as usize..v1 as usize)) };
         if name == header::CONTENT_LENGTH {
             let v = parse_length(value.as_bytes()).ok_or_else(|| bad("bad content-length"))?;
             if length.is_some_and(|l| l != v) {
@@ -505,7 +506,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
         headers.append(name, value);
     }
     let framing = if chunked {
-        // With both, Transfer-Encoding wins, but the connection is suspect.
+        // With both, Transfer-Encoding wins (and the length is not passed
+        // on, RFC 9112 section 6.3), but the connection is suspect.
+        if length.is_some() {
+            headers.remove(header::CONTENT_LENGTH);
+        }
         close |= length.is_some() || chunked_twice;
         Framing::Chunked
     } else if other_coding {

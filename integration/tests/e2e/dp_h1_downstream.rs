@@ -1,7 +1,7 @@
 //! portico-dp's own HTTP/1.1 server, from raw client sockets: pipelined
 //! requests with bodies on one keep-alive connection, `Expect:
 //! 100-continue`, HTTP/1.0 clients, response framing by what is known,
-//! and a body the proxy never reads ending its connection.
+//! and bodies the proxy never reads.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -149,15 +149,27 @@ GET /a/get HTTP/1.1\r\nHost: gw\r\n\r\n",
         "{text}"
     );
 
-    // A body nobody reads (no route takes it): answered, then the
-    // connection closes, as the rest of the body cannot be skipped
-    // safely. The request behind it is not served.
+    // A body nobody reads (no route takes it) that has arrived whole is
+    // skipped: the request behind it is served on the same connection.
     let mut s = connect(port);
     s.write_all(
-        b"POST /nowhere HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhelloGET /a/x HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"POST /nowhere HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhelloGET /a/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
     )
     .expect("write");
     let text = read_all(&mut s);
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(text.ends_with("GET /x body=0 te=- cl=-"), "{text}");
+    // One still on its way cannot be skipped safely: the answer says the
+    // connection closes, and it does.
+    let mut s = connect(port);
+    s.write_all(b"POST /nowhere HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nhello")
+        .expect("write");
+    let text = read_all(&mut s);
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{text}"
+    );
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
 }
