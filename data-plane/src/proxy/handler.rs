@@ -497,7 +497,9 @@ async fn forward(
         body = None;
     } else if retry.is_some() && declared.is_some_and(|n| n <= RETRY_BUFFER_LIMIT) {
         let b = body.take().expect("body present");
-        match Limited::new(b, RETRY_BUFFER_LIMIT as usize).collect().await {
+        // Boxed, as the other rare states below: every request's future
+        // would otherwise carry their size (and be copied with it).
+        match Box::pin(Limited::new(b, RETRY_BUFFER_LIMIT as usize).collect()).await {
             Ok(c) => buffered = Some(c.to_bytes()),
             Err(_) => {
                 return Err(local(
@@ -532,7 +534,7 @@ async fn forward(
             cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
             if let Some(r) = retry {
                 cluster.retries.fetch_add(1, Relaxed);
-                tokio::time::sleep(r.backoff(attempt)).await;
+                Box::pin(tokio::time::sleep(r.backoff(attempt))).await;
                 cluster.retries.fetch_sub(1, Relaxed);
             }
         }

@@ -145,12 +145,14 @@ pub async fn exchange(
     conn.uses += 1;
     let (parts, body) = req.into_parts();
     let outgoing = match body {
-        Either::Right(full) => {
-            let b = full
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+        Either::Right(mut full) => {
+            // A buffered body is ready at once: no future (and no state
+            // in this one) to wait for it.
+            let mut cx = Context::from_waker(Waker::noop());
+            let b = match Pin::new(&mut full).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+                _ => Bytes::new(),
+            };
             if b.is_empty() {
                 Outgoing::None
             } else {

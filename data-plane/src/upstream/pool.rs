@@ -99,12 +99,15 @@ impl Pool {
         req: Request<ReqBody>,
     ) -> Result<(Response<RespBody>, Option<StreamSlot>), SendError> {
         if self.http2 {
-            let (resp, slot) = self.send_h2(req).await?;
+            // Boxed: hyper's HTTP/2 client state is large, and every
+            // HTTP/1.1 request's future would otherwise be as large as it.
+            let (resp, slot) = Box::pin(self.send_h2(req)).await?;
             return Ok((resp.map(Either::Right), Some(slot)));
         }
         let conn = match self.take_idle() {
             Some(c) => c,
-            None => h1::Connection::new(self.tcp().await?, self.open.clone()),
+            // Boxed: connecting is rare next to reuse, and its state large.
+            None => h1::Connection::new(Box::pin(self.tcp()).await?, self.open.clone()),
         };
         let ret = h1::Return {
             idle: self.idle.clone(),
