@@ -127,6 +127,9 @@ pub(super) async fn serve(
         }
         // Wait for the first byte of the next request.
         if buf.is_empty() {
+            if idle_timeout.is_none() {
+                idle = None; // the listener's idle timeout was turned off
+            }
             if let (Some(d), None) = (idle_timeout, &idle) {
                 idle = Some(Box::pin(tokio::time::sleep(d)));
                 served_at_arm = served;
