@@ -18,7 +18,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
@@ -31,7 +30,7 @@ use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::pool::{ReqBody, SendError};
+use super::pool::{OpenSlot, ReqBody, SendError};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, write_chunk_size, write_length, BodyError,
     Chunk, Framed, Piece,
@@ -60,26 +59,21 @@ pub struct Connection {
     pub(crate) uses: u32,
     /// When it last went idle.
     pub(crate) since: Instant,
-    open: Arc<AtomicU32>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Relaxed);
-    }
+    /// Counts it among the endpoint's open connections while it lives.
+    _open: OpenSlot,
 }
 
 impl Connection {
-    /// Wraps a connected socket; `open` counts the endpoint's connections.
-    pub fn new(io: TcpStream, open: Arc<AtomicU32>) -> Self {
-        open.fetch_add(1, Relaxed);
+    /// Wraps a connected socket and its place among the endpoint's open
+    /// connections.
+    pub fn new(io: TcpStream, open: OpenSlot) -> Self {
         Connection {
             io,
             buf: BytesMut::with_capacity(8 * 1024),
             wbuf: Vec::new(),
             uses: 0,
             since: Instant::now(),
-            open,
+            _open: open,
         }
     }
 

@@ -107,7 +107,10 @@ impl Pool {
         let conn = match self.take_idle() {
             Some(c) => c,
             // Boxed: connecting is rare next to reuse, and its state large.
-            None => h1::Connection::new(Box::pin(self.tcp()).await?, self.open.clone()),
+            None => {
+                let (io, slot) = Box::pin(self.tcp()).await?;
+                h1::Connection::new(io, slot)
+            }
         };
         let ret = h1::Return {
             idle: self.idle.clone(),
@@ -133,11 +136,19 @@ impl Pool {
         None
     }
 
-    async fn tcp(&self) -> Result<TcpStream, SendError> {
-        if self.open.load(Relaxed) >= self.max_connections {
+    /// Connects, counting the connection as open from the start (so that
+    /// connects under way count against the circuit breaker too).
+    async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
+        let max = self.max_connections;
+        if self
+            .open
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_err()
+        {
             self.stats.cx_overflow.fetch_add(1, Relaxed);
             return Err(SendError::Overflow);
         }
+        let slot = OpenSlot(self.open.clone());
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
                 Ok(Ok(s)) => s,
@@ -155,22 +166,20 @@ impl Pool {
             };
         let _ = stream.set_nodelay(true);
         self.stats.cx_total.fetch_add(1, Relaxed);
-        Ok(stream)
+        Ok((stream, slot))
     }
 
     /// Opens a hyper connection that is not pooled (for upgrades and health
     /// checks), with upgrades on.
     pub async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
-        let io = TokioIo::new(self.tcp().await?);
+        let (io, slot) = self.tcp().await?;
         let (tx, conn) = http1::Builder::new()
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect(e.to_string()))?;
-        let open = self.open.clone();
-        open.fetch_add(1, Relaxed);
         tokio::spawn(async move {
+            let _open = slot;
             let _ = conn.with_upgrades().await;
-            open.fetch_sub(1, Relaxed);
         });
         Ok(tx)
     }
@@ -193,17 +202,15 @@ impl Pool {
         let (mut tx, slot) = match found {
             Some(f) => f,
             None => {
-                let io = TokioIo::new(self.tcp().await?);
+                let (io, slot) = self.tcp().await?;
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .handshake(io)
+                    .handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| SendError::Connect(e.to_string()))?;
-                let open = self.open.clone();
-                open.fetch_add(1, Relaxed);
                 tokio::spawn(async move {
+                    let _open = slot;
                     let _ = conn.await;
-                    open.fetch_sub(1, Relaxed);
                 });
                 let streams = Arc::new(AtomicU32::new(1));
                 self.h2.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
@@ -229,6 +236,17 @@ impl Pool {
     }
 }
 
+/// One of an endpoint's open connections (or one being opened), counted
+/// in [`Pool::open`] until dropped.
+#[derive(Debug)]
+pub struct OpenSlot(Arc<AtomicU32>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// A stream slot on an HTTP/2 connection, given back when dropped (also
 /// when the response body is abandoned half way).
 pub struct StreamSlot(Arc<AtomicU32>);
@@ -236,5 +254,71 @@ pub struct StreamSlot(Arc<AtomicU32>);
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+    use portico_proto::envoy::config::cluster::v3::{
+        circuit_breakers::Thresholds, CircuitBreakers, Cluster,
+    };
+    use portico_proto::google::protobuf::UInt32Value;
+
+    /// Connects racing each other count against `max_connections` while
+    /// they are under way: of ten concurrent first requests to an
+    /// endpoint limited to two connections, eight overflow and the origin
+    /// sees two connections.
+    #[tokio::test]
+    async fn parallel_connects_respect_the_connection_limit() {
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU32::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            // Accepts and holds connections without answering.
+            let mut held = Vec::new();
+            while let Ok((s, _)) = origin.accept().await {
+                counter.fetch_add(1, Relaxed);
+                held.push(s);
+            }
+        });
+        let cluster = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            circuit_breakers: Some(CircuitBreakers {
+                thresholds: vec![Thresholds {
+                    max_connections: Some(UInt32Value { value: 2 }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&cluster).unwrap();
+        let pool = Arc::new(Pool::new(addr, &cfg, Arc::new(ClusterStats::default())));
+        let sends: Vec<_> = (0..10)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let req = Request::new(Either::Right(Full::new(Bytes::new())));
+                    tokio::time::timeout(Duration::from_millis(300), pool.send(req)).await
+                })
+            })
+            .collect();
+        let mut overflow = 0;
+        for s in sends {
+            if let Ok(Err(SendError::Overflow)) = s.await.unwrap() {
+                overflow += 1;
+            }
+        }
+        assert_eq!(overflow, 8, "eight of ten overflow");
+        assert_eq!(
+            accepted.load(Relaxed),
+            2,
+            "two connections reached the origin"
+        );
+        assert_eq!(pool.open.load(Relaxed), 0, "all given back");
     }
 }
