@@ -235,6 +235,7 @@ impl ClusterManager {
                     if let Some(hc) = &cfg.health_check {
                         health::spawn(Arc::downgrade(&c), hc.clone());
                     }
+                    spawn_idle_sweep(Arc::downgrade(&c));
                     if let Discovery::Dns(hosts) = &cfg.discovery {
                         spawn_dns(Arc::downgrade(&c), hosts.clone());
                     }
@@ -270,6 +271,28 @@ fn same_endpoints(set: &EndpointSet, specs: &[EndpointSpec]) -> bool {
                 && e.weight == s.weight
                 && e.eds_healthy.load(Relaxed) == eds_ok(s.health)
         })
+}
+
+/// Closes a cluster's idle upstream connections that idled out or that
+/// their origin closed, every half idle timeout (1–60 s) while it lives;
+/// otherwise they would only be found out when next used.
+fn spawn_idle_sweep(cluster: std::sync::Weak<Cluster>) {
+    tokio::spawn(async move {
+        loop {
+            let every = match cluster.upgrade() {
+                Some(c) => (c.config.idle_timeout / 2).clamp(
+                    std::time::Duration::from_secs(1),
+                    std::time::Duration::from_secs(60),
+                ),
+                None => return,
+            };
+            tokio::time::sleep(every).await;
+            let Some(c) = cluster.upgrade() else { return };
+            for ep in &c.endpoints.load().endpoints {
+                ep.pool.sweep_idle();
+            }
+        }
+    });
 }
 
 /// Resolves a DNS cluster's host names now and every 5 s while it lives.

@@ -120,9 +120,22 @@ impl Pool {
         Ok((resp.map(Either::Left), None))
     }
 
+    /// Whether an idle connection may still be used: not idle too long,
+    /// not closed or written to by the origin.
+    fn still_good(&self, c: &h1::Connection) -> bool {
+        c.since.elapsed() <= self.idle_timeout && c.is_usable()
+    }
+
+    /// Closes idle connections that idled out or that the origin closed
+    /// (run periodically, so that they do not linger without traffic).
+    pub fn sweep_idle(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|c| self.still_good(c));
+    }
+
     /// The most recently used idle connection that is still good.
     fn take_idle(&self) -> Option<h1::Connection> {
-        let good = |c: &h1::Connection| c.since.elapsed() <= self.idle_timeout && c.is_usable();
+        let good = |c: &h1::Connection| self.still_good(c);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop() {
             if good(&c) {
@@ -320,5 +333,54 @@ mod tests {
             "two connections reached the origin"
         );
         assert_eq!(pool.open.load(Relaxed), 0, "all given back");
+    }
+
+    /// An idle connection the origin closed is let go by the sweep, with
+    /// no request needed to find out.
+    #[tokio::test]
+    async fn the_sweep_closes_idle_connections_the_origin_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = origin.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            let _ = close_rx.await;
+            drop(s);
+        });
+        let cluster = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&cluster).unwrap();
+        let pool = Pool::new(addr, &cfg, Arc::new(ClusterStats::default()));
+        let (resp, _) = pool
+            .send(Request::new(Either::Right(Full::new(Bytes::new()))))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        assert_eq!(pool.describe(), (1, 1), "one idle connection");
+        pool.sweep_idle();
+        assert_eq!(pool.describe(), (1, 1), "still good: kept");
+        close_tx.send(()).unwrap();
+        let swept = async {
+            loop {
+                pool.sweep_idle();
+                if pool.describe() == (0, 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), swept)
+            .await
+            .expect("the closed connection is swept");
     }
 }
