@@ -653,8 +653,24 @@ async fn forward(
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
             Ok(Err(e)) => {
-                cluster.observe(&ep, None);
+                if !matches!(e, SendError::Downstream { .. }) {
+                    cluster.observe(&ep, None);
+                }
                 let retryable = match &e {
+                    SendError::Downstream { gone, .. } => {
+                        // Not the upstream's fault: no reset counted, no
+                        // outlier detection, no retry.
+                        failure = if *gone {
+                            local(
+                                StatusCode::BAD_REQUEST,
+                                "request body not received whole\n",
+                                "DC",
+                            )
+                        } else {
+                            local(StatusCode::BAD_REQUEST, "malformed request body\n", "DPE")
+                        };
+                        false
+                    }
                     SendError::Connect(_) => {
                         failure = local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n", "UF");
                         retry.is_some_and(|r| r.retry_connect())

@@ -886,8 +886,14 @@ impl Drop for Body {
     }
 }
 
-fn cut_short() -> BodyError {
-    "client closed the connection in the middle of the request body".into()
+/// The client went away (closed or reset its connection) in the middle of
+/// its request body; other body errors are the client's malformed input.
+#[derive(Debug, thiserror::Error)]
+#[error("client went away in the middle of the request body: {0}")]
+pub struct ClientGone(pub String);
+
+fn gone(why: impl std::fmt::Display) -> BodyError {
+    Box::new(ClientGone(why.to_string()))
 }
 
 impl Reading {
@@ -936,7 +942,7 @@ impl http_body::Body for Body {
             };
             if let Err(e) = ready!(r.poll_continue(cx)) {
                 this.reading = None;
-                return Poll::Ready(Some(Err(e.into())));
+                return Poll::Ready(Some(Err(gone(e))));
             }
             match r.framed.decode(&mut r.buf) {
                 Err(e) => {
@@ -958,12 +964,12 @@ impl http_body::Body for Body {
             match ready!(r.poll_fill(cx)) {
                 Ok(0) => {
                     this.reading = None;
-                    return Poll::Ready(Some(Err(cut_short())));
+                    return Poll::Ready(Some(Err(gone("closed"))));
                 }
                 Ok(_) => {}
                 Err(e) => {
                     this.reading = None;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(gone(e))));
                 }
             }
         }

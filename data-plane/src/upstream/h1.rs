@@ -36,6 +36,7 @@ use crate::http1::{
     Chunk, Framed, Piece,
 };
 use crate::proxy::body::RequestBody;
+use crate::proxy::http1::ClientGone;
 
 /// Response heads longer than this are refused (hyper's default too).
 const MAX_HEAD: usize = 64 * 1024;
@@ -265,6 +266,9 @@ async fn stream_exchange(
         tokio::select! {
             r = &mut send, if !sent && send_error.is_none() => match r {
                 Ok(()) => sent = true,
+                // The client's body failed: no answer can come for a
+                // request the upstream will never see whole.
+                Err(e @ SendError::Downstream { .. }) => return Err(e),
                 // Perhaps the upstream answered and stopped reading: see
                 // whether an answer comes before giving up.
                 Err(e) => send_error = Some(e),
@@ -299,8 +303,10 @@ async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
     write_all(w, head).await?;
     let mut trailers = None;
     while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| SendError::Reset(format!("reading the request body: {e}")))?;
+        let frame = frame.map_err(|e| SendError::Downstream {
+            gone: e.is::<ClientGone>(),
+            why: e.to_string(),
+        })?;
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
             Ok(data) if chunked => {

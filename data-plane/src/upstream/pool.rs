@@ -41,6 +41,15 @@ pub enum SendError {
     /// The circuit breaker's connection limit is reached.
     #[error("overflow: too many connections")]
     Overflow,
+    /// The client's request body failed while it was being sent: the
+    /// client went away (`gone`), or its body was malformed.
+    #[error("request body from the client failed: {why}")]
+    Downstream {
+        /// The client went away (rather than sending bad input).
+        gone: bool,
+        /// What happened.
+        why: String,
+    },
 }
 
 struct H2 {

@@ -172,4 +172,22 @@ GET /a/get HTTP/1.1\r\nHost: gw\r\n\r\n",
         "{text}"
     );
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+
+    // A malformed chunked body found while it streams upstream: the
+    // client's error (400) at once, not the upstream's fault (no 502, no
+    // wait for the upstream to time out waiting for the rest).
+    let started = std::time::Instant::now();
+    let mut s = connect(port);
+    s.write_all(
+        b"POST /a/len HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+    )
+    .expect("write");
+    let text = read_all(&mut s);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.ends_with("malformed request body\n"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        started.elapsed()
+    );
 }
