@@ -93,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    portico_dp::upstream::pool::set_workers(workers);
     let mut handles = Vec::with_capacity(workers);
     for i in 0..workers {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -109,6 +110,7 @@ fn main() -> anyhow::Result<()> {
                         return;
                     }
                 };
+                portico_dp::upstream::pool::set_worker(i);
                 let _ = tx.send(Ok(rt.handle().clone()));
                 rt.block_on(std::future::pending::<()>());
             })

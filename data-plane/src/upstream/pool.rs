@@ -3,8 +3,9 @@
 //! few HTTP/2 connections, another opened when every one is at its stream
 //! limit (one connection per endpoint stalls under load).
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +53,34 @@ pub enum SendError {
     },
 }
 
+/// How many worker threads there are (set once at start-up).
+static WORKERS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// This thread's worker number, if it is a worker.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Says how many worker threads serve traffic; call before any cluster
+/// exists.
+pub fn set_workers(n: usize) {
+    WORKERS.store(n.max(1), Relaxed);
+}
+
+/// Marks the calling thread as worker `i`.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(Some(i)));
+}
+
+/// The idle list the calling thread uses: its worker's, or one shared by
+/// every thread that is not a worker.
+fn slot(lists: usize) -> usize {
+    WORKER
+        .with(Cell::get)
+        .filter(|i| *i + 1 < lists)
+        .unwrap_or(lists - 1)
+}
+
 struct H2 {
     tx: http2::SendRequest<ReqBody>,
     streams: Arc<AtomicU32>,
@@ -66,7 +95,11 @@ pub struct Pool {
     max_streams: u32,
     max_uses: u32,
     max_connections: u32,
-    idle: IdleList,
+    /// Idle HTTP/1.1 connections, one list per worker: a socket is
+    /// registered with the runtime of the worker that opened it, and used
+    /// from another worker every readiness event would cross threads (an
+    /// eventfd write and a wake-up per request).
+    idle: Box<[IdleList]>,
     h2: Mutex<Vec<H2>>,
     /// Open connections.
     pub open: Arc<AtomicU32>,
@@ -93,7 +126,9 @@ impl Pool {
             max_streams: cfg.max_concurrent_streams,
             max_uses: cfg.max_requests_per_connection.unwrap_or(u32::MAX),
             max_connections: cfg.limits.max_connections,
-            idle: IdleList::default(),
+            idle: (0..=WORKERS.load(Relaxed))
+                .map(|_| IdleList::default())
+                .collect(),
             h2: Mutex::new(Vec::new()),
             open: Arc::new(AtomicU32::new(0)),
             stats,
@@ -113,7 +148,8 @@ impl Pool {
             let (resp, slot) = Box::pin(self.send_h2(req)).await?;
             return Ok((resp.map(Either::Right), Some(slot)));
         }
-        let conn = match self.take_idle() {
+        let idle = &self.idle[slot(self.idle.len())];
+        let conn = match self.take_idle(idle) {
             Some(c) => c,
             // Boxed: connecting is rare next to reuse, and its state large.
             None => {
@@ -122,7 +158,7 @@ impl Pool {
             }
         };
         let ret = h1::Return {
-            idle: self.idle.clone(),
+            idle: idle.clone(),
             max_uses: self.max_uses,
         };
         let resp = h1::exchange(conn, req, &ret).await?;
@@ -138,14 +174,16 @@ impl Pool {
     /// Closes idle connections that idled out or that the origin closed
     /// (run periodically, so that they do not linger without traffic).
     pub fn sweep_idle(&self) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| self.still_good(c));
+        for list in &self.idle {
+            let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|c| self.still_good(c));
+        }
     }
 
     /// The most recently used idle connection that is still good.
-    fn take_idle(&self) -> Option<h1::Connection> {
+    fn take_idle(&self, list: &IdleList) -> Option<h1::Connection> {
         let good = |c: &h1::Connection| self.still_good(c);
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop() {
             if good(&c) {
                 return Some(c);
@@ -253,7 +291,11 @@ impl Pool {
 
     /// Idle HTTP/1.1 connections and HTTP/2 connections, for `/clusters`.
     pub fn describe(&self) -> (usize, u32) {
-        let idle = self.idle.lock().map(|v| v.len()).unwrap_or(0);
+        let idle = self
+            .idle
+            .iter()
+            .map(|l| l.lock().map(|v| v.len()).unwrap_or(0))
+            .sum();
         (idle, self.open.load(Relaxed))
     }
 }

@@ -284,8 +284,10 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     for _ in 0..5 {
         assert_eq!(get("/a/nocontent").status, 204);
     }
+    // Each of the data plane's two workers keeps its own idle
+    // connections (nginx's workers do too): at most one new one each.
     assert!(
-        conns.load(SeqCst) - before <= 1,
+        conns.load(SeqCst) - before <= 2,
         "204s reuse the connection"
     );
     let r = http1(port, "HEAD", "/a/head", "gw", &[], "").expect("answer");
@@ -361,7 +363,10 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     for _ in 0..10 {
         assert_eq!(get("/a/len").status, 200);
     }
-    assert!(conns.load(SeqCst) - before <= 1, "connections are reused");
+    assert!(
+        conns.load(SeqCst) - before <= 2,
+        "connections are reused (one pool per worker)"
+    );
 
     // A protocol switch nobody asked for is a bad gateway, not an answer.
     let r = get("/a/switch");
