@@ -112,7 +112,17 @@ fn main() -> anyhow::Result<()> {
                 };
                 portico_dp::upstream::pool::set_worker(i);
                 let _ = tx.send(Ok(rt.handle().clone()));
-                rt.block_on(std::future::pending::<()>());
+                // A timer that is always due within a second: registering a
+                // request's timeout (seconds away) then never moves the
+                // timer wheel's next wake earlier, which would cost a
+                // self-wake (an eventfd write) whenever the worker had gone
+                // idle between requests.
+                rt.block_on(async {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                    }
+                });
             })
             .context("starting a worker thread")?;
         handles.push(
