@@ -1,8 +1,12 @@
 //! HTTP/1.1 wire pieces both sides of the proxy share: chunked bodies
 //! (RFC 9112 section 7.1), length fields and connection tokens.
 
+use std::io;
+use std::task::{ready, Context, Poll};
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::net::TcpStream;
 
 /// An error while reading a body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,6 +58,47 @@ pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// One read without waiting. A read that leaves room in `buf` has taken
+/// all the socket had, so the socket's readiness is cleared then (as
+/// tokio's `AsyncRead` does): the next read waits for the poller instead
+/// of costing a system call that would only say "would block".
+pub(crate) fn read_some(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut got = None;
+    let r = io.try_io(tokio::io::Interest::READABLE, || {
+        let n = io.try_read_buf(buf)?;
+        if n > 0 && n < room {
+            got = Some(n);
+            // Clears the readiness this read was made on (not a newer one).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
+/// Reads more from the socket into `buf` when it is readable (growing the
+/// buffer when it is nearly full); `Ok(0)` at the end of the stream.
+pub(crate) fn poll_fill(
+    io: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(io.poll_read_ready(cx))?;
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(16 * 1024);
+        }
+        match read_some(io, buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return Poll::Ready(r),
+        }
+    }
 }
 
 /// Writes a chunk-size line for `n` bytes.

@@ -41,8 +41,8 @@ use tokio::sync::{oneshot, watch};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use crate::http1::{
-    has_token, last_coding, parse_length, parsed_value, write_chunk_size, write_length, BodyError,
-    Chunk, Framed, Piece,
+    has_token, last_coding, parse_length, parsed_value, poll_fill, read_some, write_chunk_size,
+    write_length, BodyError, Chunk, Framed, Piece,
 };
 
 /// Request header fields beyond this many get a 431.
@@ -329,28 +329,6 @@ pub(super) async fn fill(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.readable().await?,
             r => return r,
         }
-    }
-}
-
-/// One read without waiting. A read that leaves room in `buf` has taken
-/// all the socket had, so the socket's readiness is cleared then (as
-/// tokio's `AsyncRead` does): the next read waits for the poller instead
-/// of costing a system call that would only say "would block".
-pub(super) fn read_some(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    let room = buf.capacity() - buf.len();
-    let mut got = None;
-    let r = io.try_io(tokio::io::Interest::READABLE, || {
-        let n = io.try_read_buf(buf)?;
-        if n > 0 && n < room {
-            got = Some(n);
-            // Clears the readiness this read was made on (not a newer one).
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match got {
-        Some(n) => Ok(n),
-        None => r,
     }
 }
 
@@ -912,19 +890,6 @@ impl Reading {
         }
         Poll::Ready(Ok(()))
     }
-
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(16 * 1024);
-            }
-            match read_some(&self.io, &mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
-    }
 }
 
 impl http_body::Body for Body {
@@ -961,7 +926,7 @@ impl http_body::Body for Body {
                 }
                 Ok(Piece::NeedMore) => {}
             }
-            match ready!(r.poll_fill(cx)) {
+            match ready!(poll_fill(&r.io, &mut r.buf, cx)) {
                 Ok(0) => {
                     this.reading = None;
                     return Poll::Ready(Some(Err(gone("closed"))));

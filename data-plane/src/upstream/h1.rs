@@ -32,8 +32,8 @@ use tokio::net::TcpStream;
 
 use super::pool::{OpenSlot, ReqBody, SendError};
 use crate::http1::{
-    has_token, last_coding, parse_length, parsed_value, write_chunk_size, write_length, BodyError,
-    Chunk, Framed, Piece,
+    has_token, last_coding, parse_length, parsed_value, poll_fill, write_chunk_size, write_length,
+    BodyError, Chunk, Framed, Piece,
 };
 use crate::proxy::body::RequestBody;
 use crate::proxy::http1::ClientGone;
@@ -567,20 +567,6 @@ impl Body {
             ret.put(conn);
         }
     }
-
-    /// Reads more from the socket into the buffer; `Ok(0)` at its end.
-    fn poll_fill(conn: &mut Connection, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(conn.io.poll_read_ready(cx))?;
-            if conn.buf.capacity() - conn.buf.len() < 1024 {
-                conn.buf.reserve(16 * 1024);
-            }
-            match conn.io.try_read_buf(&mut conn.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
-    }
 }
 
 fn truncated() -> BodyError {
@@ -619,7 +605,7 @@ impl http_body::Body for Body {
                     return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                 }
                 Ok(Piece::NeedMore) => {
-                    if ready!(Self::poll_fill(conn, cx))? == 0 {
+                    if ready!(poll_fill(&conn.io, &mut conn.buf, cx))? == 0 {
                         this.conn = None;
                         return Poll::Ready(match this.framed {
                             Framed::Close => None,
