@@ -1,5 +1,5 @@
 //! Downstream bodies. A request body comes from Portico's HTTP/1.1
-//! server or hyper's HTTP/2 one. A response body is upstream bytes
+//! server or its HTTP/2 one. A response body is upstream bytes
 //! streamed through, or a local reply; it carries the request's guard,
 //! which holds the upstream endpoint (and an HTTP/2 stream slot) until the
 //! response is done and, when dropped, releases counters and writes the
@@ -27,7 +27,7 @@ pub enum RequestBody {
     /// From an HTTP/1.1 connection.
     Http1(super::http1::Body),
     /// From an HTTP/2 connection.
-    Http2(hyper::body::Incoming),
+    Http2(super::h2::Body),
 }
 
 impl Body for RequestBody {
@@ -40,7 +40,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Http1(b) => Pin::new(b).poll_frame(cx),
-            RequestBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::Http2(b) => Pin::new(b).poll_frame(cx),
         }
     }
 

@@ -347,7 +347,7 @@ async fn write_all(io: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 /// Closes after a last answer: FIN first, then what the client still
 /// sends is read and dropped (bounded) so that unread input does not turn
 /// the close into a reset that could destroy the answer in flight.
-async fn linger_close(io: Arc<TcpStream>) {
+pub(super) async fn linger_close(io: Arc<TcpStream>) {
     let Ok(mut io) = Arc::try_unwrap(io) else {
         return;
     };
@@ -761,7 +761,7 @@ async fn end_chunked(
 }
 
 /// Appends the current time as an HTTP date, formatted once a second.
-fn push_date(out: &mut Vec<u8>) {
+pub(super) fn push_date(out: &mut Vec<u8>) {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {

@@ -2,10 +2,12 @@
 //!
 //! The listener manager binds, updates and drains listeners as the
 //! configuration changes; each accepted connection is served by
-//! [`http1`] (Portico's own HTTP/1.1 server) or hyper (h2c), and each
+//! [`http1`] (Portico's own HTTP/1.1 server) or [`h2`] (its own HTTP/2
+//! server, h2c), and each
 //! request by [`handler::handle`].
 
 pub mod body;
+pub mod h2;
 pub mod handler;
 pub mod http1;
 mod server;

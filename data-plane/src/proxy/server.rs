@@ -2,31 +2,20 @@
 //! listener's codec, or for `AUTO` the first bytes (an HTTP/2 connection
 //! preface means h2c with prior knowledge, anything else HTTP/1.1).
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::{Buf, Bytes, BytesMut};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::body::RequestBody;
-use super::handler::{handle, Conn};
-use super::{http1, ListenerRuntime};
+use super::handler::Conn;
+use super::{h2, http1, ListenerRuntime};
 use crate::config::listener::Codec;
+use crate::h2::frame::PREFACE;
 use crate::snapshot::Shared;
-
-/// What an HTTP/2 client sends first (RFC 9113 section 3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 pub(super) async fn serve(
     sock: std::net::TcpListener,
@@ -153,87 +142,5 @@ async fn connection(io: TcpStream, conn: Arc<Conn>, mut drain: watch::Receiver<b
     if !h2 {
         return http1::serve(io, buf, conn, drain).await;
     }
-    let max_headers = conn.listener.load().config.max_request_headers as u32;
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_header_list_size(max_headers);
-    let service =
-        service_fn(move |req: Request<Incoming>| handle(conn.clone(), req.map(RequestBody::Http2)));
-    let served = builder.serve_connection(
-        TokioIo::new(Rewound {
-            read: buf.freeze(),
-            io,
-        }),
-        service,
-    );
-    tokio::pin!(served);
-    let ended = tokio::select! {
-        r = served.as_mut() => Some(r),
-        _ = drain.changed() => None,
-    };
-    let ended = match ended {
-        Some(r) => r,
-        None => {
-            served.as_mut().graceful_shutdown();
-            served.await
-        }
-    };
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// A socket whose first bytes were already read to pick the protocol:
-/// they are read again first.
-struct Rewound {
-    read: Bytes,
-    io: TcpStream,
-}
-
-impl AsyncRead for Rewound {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read.is_empty() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read[..n]);
-            this.read.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewound {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
+    h2::serve(io, buf, conn, drain).await;
 }

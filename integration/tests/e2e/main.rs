@@ -10,6 +10,7 @@ mod dp_common;
 mod dp_foreign;
 mod dp_h1_downstream;
 mod dp_h1_upstream;
+mod dp_h2_downstream;
 mod dp_resilience;
 mod dp_routing;
 mod dp_upstreams;

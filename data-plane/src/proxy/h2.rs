@@ -1,0 +1,1517 @@
+//! Portico's own HTTP/2 server (h2c with prior knowledge; RFC 9113).
+//!
+//! One task per connection owns the socket, the HPACK decoder and every
+//! stream's state: it reads frames, runs each stream's handler future and
+//! response body itself (no task per stream, no lock around the stream
+//! table) and writes what they produce, batched, in one write per pass.
+//! A stream's future is polled with a waker that queues the stream's id
+//! and wakes the connection, so a pass polls only the streams that have
+//! something to do.
+//!
+//! A request body is the one piece shared with other tasks (an HTTP/2
+//! upstream's connection task may be the one reading it): its frames wait
+//! in a small locked queue, and what the reader consumed is credited back
+//! to the client as WINDOW_UPDATE, so the client can never have more in
+//! flight than the windows this server advertised.
+//!
+//! Refusals follow RFC 9113: malformed requests get RST_STREAM
+//! PROTOCOL_ERROR, header lists over the listener's limit a 431, streams
+//! over the concurrency limit REFUSED_STREAM; protocol violations end the
+//! connection with a GOAWAY naming the error. Floods are bounded: header
+//! blocks by size, control-frame answers by the write buffer (reading
+//! stops while it is full), streams reset by the client before their
+//! answer and streams this server had to reset by count.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use super::body::{RequestBody, ResponseBody};
+use super::handler::{handle, Conn};
+use super::http1::{linger_close, push_date, ClientGone};
+use crate::h2::frame::{self, flag, kind, setting, Head, Reason};
+use crate::h2::hpack::{self, Decoder, Name};
+use crate::http1::{parse_length, poll_fill, BodyError};
+
+/// Streams a client may have open at once (nginx: 128, hyper: 200).
+const MAX_STREAMS: usize = 256;
+/// Each stream's receive window: what a client may send of one request
+/// body before the proxy has passed it on.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// The connection's receive window: all request bodies of a connection
+/// together.
+const CONN_WINDOW: u32 = 2 << 20;
+/// The HPACK table size this server allows the client (the default).
+const TABLE_SIZE: usize = 4096;
+/// Above this many unsent bytes the connection stops reading frames and
+/// polling response bodies until the client has read some.
+const WRITE_HIGH: usize = 256 * 1024;
+/// Streams a client may reset before their answer, beyond half of those it
+/// opened, before the connection is ended (CVE-2023-44487, "rapid reset").
+const MAX_EARLY_RESETS: u64 = 100;
+/// Streams this server may have to reset for the client's errors before it
+/// ends the connection.
+const MAX_ERROR_RESETS: u64 = 1024;
+
+/// Serves an HTTP/2 connection whose first bytes (at least the preface,
+/// when the protocol was sniffed) are in `buf`.
+pub(super) async fn serve(
+    io: TcpStream,
+    buf: BytesMut,
+    conn: Arc<Conn>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let (max_headers, idle_timeout) = {
+        let lr = conn.listener.load();
+        (lr.config.max_request_headers, lr.config.idle_timeout)
+    };
+    let mut c = Connection::new(io, buf, conn, max_headers, idle_timeout);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            () = poll_fn(|cx| c.poll(cx)) => break,
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                c.go_away(Reason::NO_ERROR, "draining");
+            }
+        }
+    }
+    if let Some(why) = &c.closed_by {
+        tracing::debug!(peer = %c.conn.peer, "HTTP/2 connection ended: {why}");
+    }
+    // The GOAWAY is written; what the client still sends is read and
+    // dropped for a moment, so that unread input does not turn the close
+    // into a reset that destroys the GOAWAY in flight.
+    linger_close(Arc::new(c.io)).await;
+}
+
+/// A connection-level protocol error: the GOAWAY's code and its text.
+struct ConnError(Reason, String);
+
+fn err(reason: Reason, why: impl Into<String>) -> ConnError {
+    ConnError(reason, why.into())
+}
+
+/// Stream ids as their own hash (they are distinct small odd numbers).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u32 stream ids are hashed")
+    }
+    fn write_u32(&mut self, n: u32) {
+        // Spread the bits for hashbrown's top-7-bit control bytes.
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type Streams = HashMap<u32, Stream, BuildHasherDefault<IdHasher>>;
+
+/// What other tasks hand the connection: streams woken and request-body
+/// bytes consumed.
+#[derive(Default)]
+struct Ready(Mutex<ReadyInner>);
+
+#[derive(Default)]
+struct ReadyInner {
+    woken: Vec<u32>,
+    released: Vec<(u32, u32)>,
+    /// The connection task's waker.
+    waker: Option<Waker>,
+    /// The connection is inside its poll: it looks again before sleeping,
+    /// so no wake-up is needed.
+    polling: bool,
+}
+
+impl Ready {
+    fn lock(&self) -> MutexGuard<'_, ReadyInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, f: impl FnOnce(&mut ReadyInner)) {
+        let mut g = self.lock();
+        f(&mut g);
+        if !g.polling {
+            if let Some(w) = &g.waker {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    fn release(&self, id: u32, n: usize) {
+        if n > 0 {
+            self.push(|r| r.released.push((id, n as u32)));
+        }
+    }
+}
+
+/// A stream's waker: queues the stream once until the connection polls it.
+struct StreamWake {
+    id: u32,
+    queued: AtomicBool,
+    ready: Arc<Ready>,
+}
+
+impl Wake for StreamWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.ready.push(|r| r.woken.push(self.id));
+        }
+    }
+}
+
+type Handler = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+/// Where a stream's answer is.
+// The body lives in the stream table, moved once; boxing it would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Task {
+    /// The handler is still working.
+    Handler(Handler),
+    /// The head is sent; the body streams.
+    Body(ResponseBody),
+    /// The answer is complete (or the stream was reset).
+    Done,
+}
+
+struct Stream {
+    wake: Arc<StreamWake>,
+    waker: Waker,
+    task: Task,
+    /// Response data waiting for flow-control window.
+    pending: Bytes,
+    /// The pending data ends the stream.
+    pending_end: bool,
+    /// What the client lets this server send on the stream.
+    send_window: i64,
+    /// The request body's queue, while the client may still send.
+    recv: Option<Arc<Recv>>,
+    /// What the client may still send on the stream.
+    recv_window: i64,
+    /// Consumed request-body bytes not yet credited back.
+    recv_unacked: u32,
+    /// The client has ended its side.
+    remote_closed: bool,
+    /// A HEAD request: the answer has no body.
+    head_only: bool,
+    /// The request's declared Content-Length, and what arrived so far.
+    expect_len: Option<u64>,
+    got_len: u64,
+}
+
+/// What the connection writes, and the send-side flow-control state the
+/// streams share.
+struct Out {
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// What the client lets this server send on the connection.
+    conn_send: i64,
+    /// The client's SETTINGS_INITIAL_WINDOW_SIZE and SETTINGS_MAX_FRAME_SIZE.
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    /// Streams whose data waits for the connection window.
+    blocked: Vec<u32>,
+    /// Streams not polled because the write buffer was full.
+    deferred: Vec<u32>,
+    /// Streams this server reset for the client's errors.
+    error_resets: u64,
+}
+
+impl Out {
+    fn unsent(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    fn rst(&mut self, id: u32, reason: Reason) {
+        if reason != Reason::NO_ERROR && reason != Reason::CANCEL {
+            self.error_resets += 1;
+        }
+        frame::write_rst(&mut self.wbuf, id, reason);
+    }
+
+    /// Writes a header block as HEADERS (and CONTINUATION when it is over
+    /// the client's frame size); `at` is where 9 bytes were reserved for
+    /// the HEADERS frame header before the block was encoded.
+    fn finish_headers(&mut self, at: usize, id: u32, end_stream: bool) {
+        let end = if end_stream { flag::END_STREAM } else { 0 };
+        let len = self.wbuf.len() - at - 9;
+        if len <= self.peer_max_frame {
+            frame::put_head(
+                &mut self.wbuf,
+                at,
+                len,
+                kind::HEADERS,
+                end | flag::END_HEADERS,
+                id,
+            );
+            return;
+        }
+        let block = self.wbuf.split_off(at + 9);
+        self.wbuf.truncate(at);
+        let mut chunks = block.chunks(self.peer_max_frame).peekable();
+        let mut first = true;
+        while let Some(c) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let (k, mut f) = if first {
+                (kind::HEADERS, end)
+            } else {
+                (kind::CONTINUATION, 0)
+            };
+            if last {
+                f |= flag::END_HEADERS;
+            }
+            frame::write_head(&mut self.wbuf, c.len(), k, f, id);
+            self.wbuf.extend_from_slice(c);
+            first = false;
+        }
+    }
+
+    /// Sends as much of `data` as the windows allow; the rest waits in the
+    /// stream. True when all of it (and the end, if `end`) went out.
+    fn send_data(&mut self, s: &mut Stream, id: u32, mut data: Bytes, end: bool) -> bool {
+        loop {
+            if data.is_empty() {
+                if end {
+                    frame::write_head(&mut self.wbuf, 0, kind::DATA, flag::END_STREAM, id);
+                }
+                return true;
+            }
+            let room = s
+                .send_window
+                .min(self.conn_send)
+                .min(self.peer_max_frame as i64);
+            if room <= 0 {
+                s.pending = data;
+                s.pending_end = end;
+                if self.conn_send <= 0 {
+                    self.blocked.push(id);
+                }
+                return false;
+            }
+            let n = (room as usize).min(data.len());
+            let last = n == data.len();
+            let f = if last && end { flag::END_STREAM } else { 0 };
+            frame::write_head(&mut self.wbuf, n, kind::DATA, f, id);
+            self.wbuf.extend_from_slice(&data[..n]);
+            s.send_window -= n as i64;
+            self.conn_send -= n as i64;
+            data.advance(n);
+        }
+    }
+
+    /// Writes a response head.
+    fn response_head(&mut self, id: u32, parts: &http::response::Parts, end: bool) {
+        let at = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[0; 9]);
+        hpack::encode_status(&mut self.wbuf, parts.status.as_u16());
+        let mut has_date = false;
+        for (name, value) in &parts.headers {
+            if is_connection_specific(name) {
+                continue;
+            }
+            has_date |= name == header::DATE;
+            hpack::encode_field(&mut self.wbuf, name, value.as_bytes());
+        }
+        if !has_date {
+            hpack::encode_name_and_len(&mut self.wbuf, &header::DATE, 29);
+            push_date(&mut self.wbuf);
+        }
+        self.finish_headers(at, id, end);
+    }
+
+    /// Writes trailers, which end the stream.
+    fn trailers(&mut self, id: u32, trailers: &HeaderMap) {
+        let at = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[0; 9]);
+        for (name, value) in trailers {
+            if !is_connection_specific(name) {
+                hpack::encode_field(&mut self.wbuf, name, value.as_bytes());
+            }
+        }
+        self.finish_headers(at, id, true);
+    }
+}
+
+/// Headers that belong to one HTTP/1.1 hop and are malformed in HTTP/2
+/// (RFC 9113 section 8.2.2).
+fn is_connection_specific(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// What a pass over a stream decided.
+enum Step {
+    Keep,
+    Remove,
+}
+
+/// A header block's fields as they decode.
+#[derive(Default)]
+struct Fields {
+    method: Option<Bytes>,
+    scheme: Option<Bytes>,
+    authority: Option<Bytes>,
+    path: Option<Bytes>,
+    headers: HeaderMap,
+    regular_seen: bool,
+    pseudo_seen: bool,
+    /// Sum of the fields' sizes (RFC 7541 4.1).
+    size: usize,
+    too_large: bool,
+    malformed: Option<&'static str>,
+}
+
+impl Fields {
+    fn add(&mut self, name: Name, value: Bytes, size: usize, limit: usize) {
+        self.size += size;
+        if self.size > limit {
+            // Stop collecting: a block of repeated references to a large
+            // table entry would otherwise build a huge map.
+            self.too_large = true;
+        }
+        if self.too_large || self.malformed.is_some() {
+            return;
+        }
+        let slot = match name {
+            Name::Method => &mut self.method,
+            Name::Scheme => &mut self.scheme,
+            Name::Authority => &mut self.authority,
+            Name::Path => &mut self.path,
+            Name::Status => return self.malformed = Some(":status in a request"),
+            Name::Protocol => return self.malformed = Some(":protocol (extended CONNECT)"),
+            Name::Invalid => return self.malformed = Some("invalid header name"),
+            Name::Header(n) => {
+                self.regular_seen = true;
+                if is_connection_specific(&n) && !(n == header::TE && &value[..] == b"trailers") {
+                    return self.malformed = Some("connection-specific header");
+                }
+                let Ok(v) = HeaderValue::from_maybe_shared(value) else {
+                    return self.malformed = Some("invalid header value");
+                };
+                // Cookie crumbs are one header again for HTTP/1.1
+                // (RFC 9113 section 8.2.3).
+                if n == header::COOKIE {
+                    if let Some(prev) = self.headers.get_mut(header::COOKIE) {
+                        let mut joined = Vec::with_capacity(prev.len() + 2 + v.len());
+                        joined.extend_from_slice(prev.as_bytes());
+                        joined.extend_from_slice(b"; ");
+                        joined.extend_from_slice(v.as_bytes());
+                        if let Ok(j) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+                            *prev = j;
+                        }
+                        return;
+                    }
+                }
+                self.headers.append(n, v);
+                return;
+            }
+        };
+        self.pseudo_seen = true;
+        if self.regular_seen {
+            self.malformed = Some("pseudo-header after a regular header");
+        } else if slot.is_some() {
+            self.malformed = Some("duplicate pseudo-header");
+        } else {
+            *slot = Some(value);
+        }
+    }
+
+    /// The request the fields make, with its declared length.
+    fn request(self) -> Result<(Request<()>, Option<u64>), &'static str> {
+        if let Some(m) = self.malformed {
+            return Err(m);
+        }
+        let method =
+            Method::from_bytes(&self.method.ok_or("no :method")?).map_err(|_| "invalid :method")?;
+        let mut parts = http::uri::Parts::default();
+        if method == Method::CONNECT {
+            if self.scheme.is_some() || self.path.is_some() {
+                return Err(":scheme or :path in CONNECT");
+            }
+            let a = self.authority.ok_or("CONNECT without :authority")?;
+            parts.authority =
+                Some(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?);
+        } else {
+            let scheme = self.scheme.ok_or("no :scheme")?;
+            let path = self.path.ok_or("no :path")?;
+            if path.is_empty() {
+                return Err("empty :path");
+            }
+            if let Some(a) = self.authority {
+                parts.scheme = Some(match &scheme[..] {
+                    b"http" => Scheme::HTTP,
+                    b"https" => Scheme::HTTPS,
+                    s => Scheme::try_from(s).map_err(|_| "invalid :scheme")?,
+                });
+                parts.authority =
+                    Some(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?);
+            }
+            parts.path_and_query =
+                Some(PathAndQuery::from_maybe_shared(path).map_err(|_| "invalid :path")?);
+        }
+        let uri = Uri::from_parts(parts).map_err(|_| "invalid request target")?;
+        let len = match self.headers.get(header::CONTENT_LENGTH) {
+            Some(v) => Some(parse_length(v.as_bytes()).ok_or("invalid content-length")?),
+            None => None,
+        };
+        let mut req = Request::new(());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = self.headers;
+        Ok((req, len))
+    }
+}
+
+/// A header block split over HEADERS and CONTINUATION frames.
+struct Partial {
+    stream: u32,
+    end_stream: bool,
+    block: BytesMut,
+}
+
+struct Connection {
+    io: TcpStream,
+    conn: Arc<Conn>,
+    rbuf: BytesMut,
+    out: Out,
+    dec: Decoder,
+    streams: Streams,
+    ready: Arc<Ready>,
+    /// Streams to poll in this pass.
+    woken: Vec<u32>,
+    released: Vec<(u32, u32)>,
+    preface_seen: bool,
+    settings_seen: bool,
+    /// The highest stream id the client opened.
+    last_id: u32,
+    /// Set when this server sent GOAWAY: no new streams.
+    goaway_sent: bool,
+    /// The client sent GOAWAY.
+    peer_goaway: bool,
+    /// No more frames are read (end of stream, or a connection error).
+    read_closed: bool,
+    /// Why the connection ended, for the log.
+    closed_by: Option<String>,
+    /// What the client may still send on the connection, and what was
+    /// consumed but not yet credited back.
+    conn_recv: i64,
+    conn_unacked: u32,
+    partial: Option<Partial>,
+    max_header_list: usize,
+    /// The largest header block accepted.
+    max_block: usize,
+    opened: u64,
+    early_resets: u64,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle_since: Instant,
+}
+
+impl Connection {
+    fn new(
+        io: TcpStream,
+        rbuf: BytesMut,
+        conn: Arc<Conn>,
+        max_header_list: usize,
+        idle_timeout: Option<Duration>,
+    ) -> Connection {
+        let mut wbuf = Vec::with_capacity(16 * 1024);
+        frame::write_settings(
+            &mut wbuf,
+            &[
+                (setting::MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
+                (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+                (setting::MAX_HEADER_LIST_SIZE, max_header_list as u32),
+            ],
+        );
+        frame::write_window_update(&mut wbuf, 0, CONN_WINDOW - frame::DEFAULT_WINDOW as u32);
+        let now = Instant::now();
+        Connection {
+            io,
+            conn,
+            rbuf,
+            out: Out {
+                wbuf,
+                wpos: 0,
+                conn_send: frame::DEFAULT_WINDOW,
+                peer_initial_window: frame::DEFAULT_WINDOW,
+                peer_max_frame: frame::DEFAULT_MAX_FRAME,
+                blocked: Vec::new(),
+                deferred: Vec::new(),
+                error_resets: 0,
+            },
+            dec: Decoder::new(TABLE_SIZE),
+            streams: Streams::default(),
+            ready: Arc::new(Ready::default()),
+            woken: Vec::new(),
+            released: Vec::new(),
+            preface_seen: false,
+            settings_seen: false,
+            last_id: 0,
+            goaway_sent: false,
+            peer_goaway: false,
+            read_closed: false,
+            closed_by: None,
+            conn_recv: i64::from(CONN_WINDOW),
+            conn_unacked: 0,
+            partial: None,
+            max_header_list,
+            max_block: max_header_list.saturating_mul(2).max(64 * 1024),
+            opened: 0,
+            early_resets: 0,
+            idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep_until(now + d)))),
+            idle_since: now,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        {
+            let mut r = self.ready.lock();
+            r.polling = true;
+            if !r.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                r.waker = Some(cx.waker().clone());
+            }
+        }
+        for _ in 0..64 {
+            let mut busy = false;
+            if !self.read_closed && self.out.unsent() < WRITE_HIGH {
+                match poll_fill(&self.io, &mut self.rbuf, cx) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        busy = true;
+                        if let Err(e) = self.frames() {
+                            self.fail(e);
+                        }
+                    }
+                    Poll::Ready(r) => {
+                        busy = true;
+                        self.read_closed = true;
+                        self.closed_by.get_or_insert_with(|| match r {
+                            Err(e) => format!("read failed: {e}"),
+                            Ok(_) => "client closed the connection".into(),
+                        });
+                        self.abort_all();
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            busy |= self.take_ready();
+            self.run_streams();
+            self.credit();
+            if let Err(e) = self.flush(cx) {
+                self.closed_by
+                    .get_or_insert_with(|| format!("write failed: {e}"));
+                self.abort_all();
+                return Poll::Ready(());
+            }
+            if self.out.unsent() < WRITE_HIGH && !self.out.deferred.is_empty() {
+                self.woken.append(&mut self.out.deferred);
+                busy = true;
+            }
+            if self.out.unsent() == 0
+                && (self.read_closed || self.goaway_sent || self.peer_goaway)
+                && self.streams.is_empty()
+            {
+                return Poll::Ready(());
+            }
+            if busy {
+                continue;
+            }
+            {
+                let mut r = self.ready.lock();
+                if !r.woken.is_empty() || !r.released.is_empty() {
+                    continue;
+                }
+                r.polling = false;
+            }
+            if self.poll_idle(cx) {
+                self.go_away(Reason::NO_ERROR, "idle timeout");
+                self.ready.lock().polling = true;
+                continue;
+            }
+            return Poll::Pending;
+        }
+        // Fair to the worker's other connections: yield, come back soon.
+        self.ready.lock().polling = false;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Whether the connection has been idle (no streams) for its idle
+    /// timeout. The timer is re-armed only when it fires early.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some((d, sleep)) = &mut self.idle else {
+            return false;
+        };
+        if !self.streams.is_empty() || self.goaway_sent {
+            return false;
+        }
+        let due = self.idle_since + *d;
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= due {
+                return true;
+            }
+            sleep.as_mut().reset(due);
+        }
+    }
+
+    /// Sends GOAWAY: streams open now finish, no new ones start.
+    fn go_away(&mut self, reason: Reason, why: &str) {
+        if self.goaway_sent {
+            return;
+        }
+        self.goaway_sent = true;
+        frame::write_goaway(&mut self.out.wbuf, self.last_id, reason, why);
+        if reason != Reason::NO_ERROR {
+            self.closed_by
+                .get_or_insert_with(|| format!("{reason}: {why}"));
+        }
+    }
+
+    /// A connection error: GOAWAY with the reason, every stream ends.
+    fn fail(&mut self, e: ConnError) {
+        tracing::debug!(peer = %self.conn.peer, "HTTP/2 connection error {}: {}", e.0, e.1);
+        self.go_away(e.0, &e.1);
+        self.read_closed = true;
+        self.abort_all();
+    }
+
+    fn abort_all(&mut self) {
+        for (_, s) in self.streams.drain() {
+            if let Some(r) = &s.recv {
+                r.fail(Fail::Gone);
+            }
+        }
+    }
+
+    fn flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.out.wpos < self.out.wbuf.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.out.wbuf[self.out.wpos..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => self.out.wpos += n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(()),
+            }
+        }
+        self.out.wbuf.clear();
+        self.out.wpos = 0;
+        Ok(())
+    }
+
+    /// Moves what other tasks queued into this pass; true if anything.
+    fn take_ready(&mut self) -> bool {
+        let mut r = self.ready.lock();
+        if r.woken.is_empty() && r.released.is_empty() {
+            return false;
+        }
+        if self.woken.is_empty() {
+            std::mem::swap(&mut self.woken, &mut r.woken);
+        } else {
+            self.woken.append(&mut r.woken);
+        }
+        self.released.append(&mut r.released);
+        true
+    }
+
+    /// Credits consumed request-body bytes back to the client.
+    fn credit(&mut self) {
+        for (id, n) in self.released.drain(..) {
+            self.conn_unacked += n;
+            if let Some(s) = self.streams.get_mut(&id) {
+                if !s.remote_closed {
+                    s.recv_unacked += n;
+                    if s.recv_unacked >= STREAM_WINDOW / 2 {
+                        frame::write_window_update(&mut self.out.wbuf, id, s.recv_unacked);
+                        s.recv_window += i64::from(s.recv_unacked);
+                        s.recv_unacked = 0;
+                    }
+                }
+            }
+        }
+        if self.conn_unacked >= CONN_WINDOW / 2 && !self.read_closed {
+            frame::write_window_update(&mut self.out.wbuf, 0, self.conn_unacked);
+            self.conn_recv += i64::from(self.conn_unacked);
+            self.conn_unacked = 0;
+        }
+    }
+
+    fn run_streams(&mut self) {
+        let mut i = 0;
+        while i < self.woken.len() {
+            let id = self.woken[i];
+            i += 1;
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.wake.queued.store(false, Ordering::Release);
+            if let Step::Remove = step(s, id, &mut self.out) {
+                self.remove(id);
+            }
+        }
+        self.woken.clear();
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Some(s) = self.streams.remove(&id) {
+            if let Some(r) = &s.recv {
+                r.fail(Fail::Reset);
+            }
+        }
+        if self.streams.is_empty() && self.idle.is_some() {
+            self.idle_since = Instant::now();
+        }
+    }
+
+    /// Handles every complete frame in the read buffer.
+    fn frames(&mut self) -> Result<(), ConnError> {
+        if !self.preface_seen {
+            let n = self.rbuf.len().min(frame::PREFACE.len());
+            if self.rbuf[..n] != frame::PREFACE[..n] {
+                return Err(err(
+                    Reason::PROTOCOL_ERROR,
+                    "not an HTTP/2 connection preface",
+                ));
+            }
+            if n < frame::PREFACE.len() {
+                return Ok(());
+            }
+            self.rbuf.advance(n);
+            self.preface_seen = true;
+        }
+        while self.rbuf.len() >= 9 && !self.read_closed {
+            let head = Head::parse(&self.rbuf[..9]);
+            if head.len > frame::DEFAULT_MAX_FRAME {
+                return Err(err(
+                    Reason::FRAME_SIZE_ERROR,
+                    format!("frame of {} bytes over the 16384 limit", head.len),
+                ));
+            }
+            if self.rbuf.len() < 9 + head.len {
+                self.rbuf.reserve(9 + head.len - self.rbuf.len());
+                return Ok(());
+            }
+            self.rbuf.advance(9);
+            let payload = self.rbuf.split_to(head.len).freeze();
+            self.frame(head, payload)?;
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, head: Head, payload: Bytes) -> Result<(), ConnError> {
+        if !self.settings_seen && (head.kind != kind::SETTINGS || head.has(flag::ACK)) {
+            return Err(err(Reason::PROTOCOL_ERROR, "first frame is not SETTINGS"));
+        }
+        if let Some(p) = &self.partial {
+            if head.kind != kind::CONTINUATION || head.stream != p.stream {
+                return Err(err(
+                    Reason::PROTOCOL_ERROR,
+                    "header block interrupted before its END_HEADERS",
+                ));
+            }
+        }
+        match head.kind {
+            kind::DATA => self.on_data(head, payload),
+            kind::HEADERS => self.on_headers(head, payload),
+            kind::PRIORITY => {
+                if head.stream == 0 {
+                    return Err(err(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                }
+                if payload.len() != 5 {
+                    self.reset(head.stream, Reason::FRAME_SIZE_ERROR);
+                }
+                Ok(())
+            }
+            kind::RST_STREAM => self.on_rst(head, &payload),
+            kind::SETTINGS => self.on_settings(head, &payload),
+            kind::PUSH_PROMISE => Err(err(Reason::PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            kind::PING => {
+                if head.stream != 0 {
+                    return Err(err(Reason::PROTOCOL_ERROR, "PING on a stream"));
+                }
+                if payload.len() != 8 {
+                    return Err(err(Reason::FRAME_SIZE_ERROR, "PING not 8 bytes"));
+                }
+                if !head.has(flag::ACK) {
+                    frame::write_head(&mut self.out.wbuf, 8, kind::PING, flag::ACK, 0);
+                    self.out.wbuf.extend_from_slice(&payload);
+                }
+                Ok(())
+            }
+            kind::GOAWAY => {
+                if head.stream != 0 {
+                    return Err(err(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                }
+                if payload.len() < 8 {
+                    return Err(err(Reason::FRAME_SIZE_ERROR, "GOAWAY under 8 bytes"));
+                }
+                self.peer_goaway = true;
+                Ok(())
+            }
+            kind::WINDOW_UPDATE => self.on_window_update(head, &payload),
+            kind::CONTINUATION => {
+                let Some(p) = &mut self.partial else {
+                    return Err(err(Reason::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+                };
+                if p.block.len() + payload.len() > self.max_block {
+                    return Err(err(
+                        Reason::ENHANCE_YOUR_CALM,
+                        format!("header block over {} bytes", self.max_block),
+                    ));
+                }
+                p.block.extend_from_slice(&payload);
+                if head.has(flag::END_HEADERS) {
+                    let p = self.partial.take().expect("checked above");
+                    self.header_block(p.stream, p.end_stream, p.block.freeze())?;
+                }
+                Ok(())
+            }
+            _ => Ok(()), // unknown frame types are ignored (RFC 9113 5.5)
+        }
+    }
+
+    /// Resets a stream for an error of the client's.
+    fn reset(&mut self, id: u32, reason: Reason) {
+        self.out.rst(id, reason);
+        self.remove(id);
+    }
+
+    fn check_error_resets(&self) -> Result<(), ConnError> {
+        if self.out.error_resets > MAX_ERROR_RESETS {
+            return Err(err(
+                Reason::ENHANCE_YOUR_CALM,
+                format!("over {MAX_ERROR_RESETS} streams reset for errors"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn on_settings(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream != 0 {
+            return Err(err(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if head.has(flag::ACK) {
+            if !payload.is_empty() {
+                return Err(err(Reason::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
+            }
+            return Ok(());
+        }
+        if !payload.len().is_multiple_of(6) {
+            return Err(err(
+                Reason::FRAME_SIZE_ERROR,
+                "SETTINGS not a multiple of 6 bytes",
+            ));
+        }
+        self.settings_seen = true;
+        for s in payload.chunks(6) {
+            let id = u16::from_be_bytes([s[0], s[1]]);
+            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            match id {
+                setting::ENABLE_PUSH | setting::ENABLE_CONNECT_PROTOCOL if v > 1 => {
+                    return Err(err(
+                        Reason::PROTOCOL_ERROR,
+                        format!("setting {id:#x} = {v}"),
+                    ));
+                }
+                setting::INITIAL_WINDOW_SIZE => {
+                    let v = i64::from(v);
+                    if v > frame::MAX_WINDOW {
+                        return Err(err(
+                            Reason::FLOW_CONTROL_ERROR,
+                            format!("SETTINGS_INITIAL_WINDOW_SIZE {v} over 2^31-1"),
+                        ));
+                    }
+                    let delta = v - self.out.peer_initial_window;
+                    self.out.peer_initial_window = v;
+                    for (&sid, s) in &mut self.streams {
+                        s.send_window += delta;
+                        if s.send_window > frame::MAX_WINDOW {
+                            return Err(err(
+                                Reason::FLOW_CONTROL_ERROR,
+                                "stream window over 2^31-1",
+                            ));
+                        }
+                        if delta > 0 && !s.pending.is_empty() {
+                            self.woken.push(sid);
+                        }
+                    }
+                }
+                setting::MAX_FRAME_SIZE => {
+                    if !(frame::DEFAULT_MAX_FRAME as u32..1 << 24).contains(&v) {
+                        return Err(err(
+                            Reason::PROTOCOL_ERROR,
+                            format!("SETTINGS_MAX_FRAME_SIZE {v} out of range"),
+                        ));
+                    }
+                    self.out.peer_max_frame = v as usize;
+                }
+                // The encoder never indexes: the client's table size and
+                // the rest do not change what this server sends.
+                setting::HEADER_TABLE_SIZE
+                | setting::MAX_CONCURRENT_STREAMS
+                | setting::MAX_HEADER_LIST_SIZE => {}
+                _ => {}
+            }
+        }
+        frame::write_head(&mut self.out.wbuf, 0, kind::SETTINGS, flag::ACK, 0);
+        Ok(())
+    }
+
+    fn on_window_update(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if payload.len() != 4 {
+            return Err(err(Reason::FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes"));
+        }
+        let inc = i64::from(
+            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
+        );
+        if head.stream == 0 {
+            if inc == 0 {
+                return Err(err(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            self.out.conn_send += inc;
+            if self.out.conn_send > frame::MAX_WINDOW {
+                return Err(err(
+                    Reason::FLOW_CONTROL_ERROR,
+                    "connection window over 2^31-1",
+                ));
+            }
+            self.woken.append(&mut self.out.blocked);
+            return Ok(());
+        }
+        if head.stream > self.last_id {
+            return Err(err(
+                Reason::PROTOCOL_ERROR,
+                "WINDOW_UPDATE on an idle stream",
+            ));
+        }
+        let Some(s) = self.streams.get_mut(&head.stream) else {
+            return Ok(()); // closed: ignored
+        };
+        if inc == 0 {
+            self.reset(head.stream, Reason::PROTOCOL_ERROR);
+            return self.check_error_resets();
+        }
+        s.send_window += inc;
+        if s.send_window > frame::MAX_WINDOW {
+            self.reset(head.stream, Reason::FLOW_CONTROL_ERROR);
+            return self.check_error_resets();
+        }
+        if !s.pending.is_empty() {
+            self.woken.push(head.stream);
+        }
+        Ok(())
+    }
+
+    fn on_rst(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream == 0 {
+            return Err(err(Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+        }
+        if payload.len() != 4 {
+            return Err(err(Reason::FRAME_SIZE_ERROR, "RST_STREAM not 4 bytes"));
+        }
+        if head.stream > self.last_id {
+            return Err(err(Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+        }
+        if let Some(s) = self.streams.get(&head.stream) {
+            if matches!(s.task, Task::Handler(_)) {
+                self.early_resets += 1;
+                if self.early_resets > MAX_EARLY_RESETS && self.early_resets * 2 > self.opened {
+                    return Err(err(
+                        Reason::ENHANCE_YOUR_CALM,
+                        "too many streams reset before their answer",
+                    ));
+                }
+            }
+            self.remove(head.stream);
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, head: Head, payload: Bytes) -> Result<(), ConnError> {
+        let id = head.stream;
+        if id == 0 {
+            return Err(err(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        let total = payload.len();
+        self.conn_recv -= total as i64;
+        if self.conn_recv < 0 {
+            return Err(err(
+                Reason::FLOW_CONTROL_ERROR,
+                "DATA over the connection window",
+            ));
+        }
+        let data = unpad(head, payload)?;
+        let Some(s) = self.streams.get_mut(&id) else {
+            if id > self.last_id {
+                return Err(err(Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
+            }
+            // A stream already closed (or reset): its bytes still count
+            // against the connection window, and are credited back.
+            self.conn_unacked += total as u32;
+            return Ok(());
+        };
+        if s.remote_closed {
+            self.conn_unacked += total as u32;
+            self.reset(id, Reason::STREAM_CLOSED);
+            return self.check_error_resets();
+        }
+        s.recv_window -= total as i64;
+        if s.recv_window < 0 {
+            self.conn_unacked += total as u32;
+            self.reset(id, Reason::FLOW_CONTROL_ERROR);
+            return self.check_error_resets();
+        }
+        // Padding is credited back at once; data when it is consumed.
+        let pad = (total - data.len()) as u32;
+        self.conn_unacked += pad;
+        s.recv_unacked += pad;
+        s.got_len += data.len() as u64;
+        let end = head.has(flag::END_STREAM);
+        let bad_len = match s.expect_len {
+            Some(n) => s.got_len > n || (end && s.got_len != n),
+            None => false,
+        };
+        if bad_len {
+            self.conn_unacked += data.len() as u32;
+            self.reset(id, Reason::PROTOCOL_ERROR);
+            return self.check_error_resets();
+        }
+        let recv = s.recv.clone();
+        if end {
+            s.remote_closed = true;
+            s.recv = None;
+        }
+        let Some(recv) = recv else {
+            return Ok(());
+        };
+        let mut st = recv.lock();
+        if st.dropped {
+            drop(st);
+            self.conn_unacked += data.len() as u32;
+        } else {
+            if !data.is_empty() {
+                st.buffered += data.len();
+                st.chunks.push_back(data);
+            }
+            st.end |= end;
+            if let Some(w) = st.reader.take() {
+                w.wake();
+            }
+        }
+        Ok(())
+    }
+
+    fn on_headers(&mut self, head: Head, payload: Bytes) -> Result<(), ConnError> {
+        let id = head.stream;
+        if id == 0 {
+            return Err(err(Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
+        }
+        let mut block = unpad(head, payload)?;
+        if head.has(flag::PRIORITY) {
+            if block.len() < 5 {
+                return Err(err(
+                    Reason::FRAME_SIZE_ERROR,
+                    "HEADERS priority fields cut short",
+                ));
+            }
+            block.advance(5);
+        }
+        let end_stream = head.has(flag::END_STREAM);
+        if head.has(flag::END_HEADERS) {
+            return self.header_block(id, end_stream, block);
+        }
+        if block.len() > self.max_block {
+            return Err(err(
+                Reason::ENHANCE_YOUR_CALM,
+                format!("header block over {} bytes", self.max_block),
+            ));
+        }
+        self.partial = Some(Partial {
+            stream: id,
+            end_stream,
+            block: BytesMut::from(&block[..]),
+        });
+        Ok(())
+    }
+
+    /// A complete header block: a new request, or a request's trailers.
+    fn header_block(&mut self, id: u32, end_stream: bool, block: Bytes) -> Result<(), ConnError> {
+        // Decoded whatever happens to the stream: the table must stay in
+        // step with the client's.
+        let mut f = Fields::default();
+        let limit = self.max_header_list;
+        self.dec
+            .decode(&block, self.max_block, |n, v, size| {
+                f.add(n, v, size, limit)
+            })
+            .map_err(|e| err(Reason::COMPRESSION_ERROR, e.to_string()))?;
+        if id.is_multiple_of(2) {
+            return Err(err(Reason::PROTOCOL_ERROR, "even stream id from a client"));
+        }
+        if let Some(s) = self.streams.get_mut(&id) {
+            // Trailers.
+            if s.remote_closed {
+                self.reset(id, Reason::STREAM_CLOSED);
+                return self.check_error_resets();
+            }
+            if !end_stream || f.pseudo_seen || f.malformed.is_some() || f.too_large {
+                self.reset(id, Reason::PROTOCOL_ERROR);
+                return self.check_error_resets();
+            }
+            if s.expect_len.is_some_and(|n| n != s.got_len) {
+                self.reset(id, Reason::PROTOCOL_ERROR);
+                return self.check_error_resets();
+            }
+            s.remote_closed = true;
+            if let Some(recv) = s.recv.take() {
+                let mut st = recv.lock();
+                if !st.dropped {
+                    st.trailers = Some(f.headers);
+                    st.end = true;
+                    if let Some(w) = st.reader.take() {
+                        w.wake();
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if id <= self.last_id {
+            // A stream already closed; nothing more to do with it.
+            return Ok(());
+        }
+        self.last_id = id;
+        if self.goaway_sent {
+            return Ok(()); // past the GOAWAY: the client retries elsewhere
+        }
+        self.opened += 1;
+        if self.streams.len() >= MAX_STREAMS {
+            self.out.rst(id, Reason::REFUSED_STREAM);
+            return Ok(());
+        }
+        let too_large = f.too_large;
+        let (req, expect_len) = match f.request() {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::debug!(peer = %self.conn.peer, stream = id, "malformed request: {why}");
+                self.out.rst(id, Reason::PROTOCOL_ERROR);
+                return self.check_error_resets();
+            }
+        };
+        if end_stream && expect_len.is_some_and(|n| n != 0) {
+            self.out.rst(id, Reason::PROTOCOL_ERROR);
+            return self.check_error_resets();
+        }
+        let head_only = req.method() == Method::HEAD;
+        let recv = (!end_stream).then(|| Arc::new(Recv::default()));
+        let wake = Arc::new(StreamWake {
+            id,
+            queued: AtomicBool::new(true),
+            ready: self.ready.clone(),
+        });
+        let task = if too_large {
+            // Answered here; the stream still exists until both sides end.
+            let mut r = Response::new(ResponseBody::local(
+                Bytes::from_static(b"request headers too large\n"),
+                super::body::Guard::new(self.conn.shared.stats.clone()),
+            ));
+            *r.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            Task::Handler(Box::pin(std::future::ready(Ok(r))))
+        } else {
+            let body = RequestBody::Http2(Body {
+                recv: recv.clone(),
+                ready: self.ready.clone(),
+                id,
+                len: expect_len,
+            });
+            // Boxed straight from the call: a wrapping future would be
+            // one more copy of a large state.
+            Task::Handler(Box::pin(handle(self.conn.clone(), req.map(|()| body))))
+        };
+        self.streams.insert(
+            id,
+            Stream {
+                waker: Waker::from(wake.clone()),
+                wake,
+                task,
+                pending: Bytes::new(),
+                pending_end: false,
+                send_window: self.out.peer_initial_window,
+                recv,
+                recv_window: i64::from(STREAM_WINDOW),
+                recv_unacked: 0,
+                remote_closed: end_stream,
+                head_only,
+                expect_len,
+                got_len: 0,
+            },
+        );
+        self.woken.push(id);
+        Ok(())
+    }
+}
+
+/// Strips a DATA or HEADERS frame's padding.
+fn unpad(head: Head, mut payload: Bytes) -> Result<Bytes, ConnError> {
+    if !head.has(flag::PADDED) {
+        return Ok(payload);
+    }
+    let Some(&pad) = payload.first() else {
+        return Err(err(
+            Reason::FRAME_SIZE_ERROR,
+            "padded frame without its pad length",
+        ));
+    };
+    let pad = usize::from(pad);
+    if pad >= payload.len() {
+        return Err(err(Reason::PROTOCOL_ERROR, "padding as long as the frame"));
+    }
+    payload.truncate(payload.len() - pad);
+    payload.advance(1);
+    Ok(payload)
+}
+
+/// Advances a stream as far as it goes now.
+fn step(s: &mut Stream, id: u32, out: &mut Out) -> Step {
+    let waker = s.waker.clone();
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        match &mut s.task {
+            Task::Handler(fut) => {
+                let Poll::Ready(Ok(resp)) = fut.as_mut().poll(&mut cx) else {
+                    return Step::Keep;
+                };
+                let (parts, body) = resp.into_parts();
+                let status = parts.status;
+                let bodiless = s.head_only
+                    || status == StatusCode::NO_CONTENT
+                    || status == StatusCode::NOT_MODIFIED
+                    || status.is_informational();
+                let end = bodiless || body.is_end_stream();
+                out.response_head(id, &parts, end);
+                s.task = if end { Task::Done } else { Task::Body(body) };
+            }
+            Task::Body(_) => {
+                if !s.pending.is_empty() {
+                    let data = std::mem::take(&mut s.pending);
+                    if !out.send_data(s, id, data, s.pending_end) {
+                        return Step::Keep;
+                    }
+                    if s.pending_end {
+                        s.task = Task::Done;
+                        continue;
+                    }
+                }
+                if out.unsent() >= WRITE_HIGH {
+                    out.deferred.push(id);
+                    return Step::Keep;
+                }
+                let Task::Body(body) = &mut s.task else {
+                    unreachable!("matched above")
+                };
+                let polled = Pin::new(&mut *body).poll_frame(&mut cx);
+                let end = body.is_end_stream();
+                match polled {
+                    Poll::Pending => return Step::Keep,
+                    Poll::Ready(None) => {
+                        out.send_data(s, id, Bytes::new(), true);
+                        s.task = Task::Done;
+                    }
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => {
+                            if !out.send_data(s, id, data, end) {
+                                return Step::Keep;
+                            }
+                            if end {
+                                s.task = Task::Done;
+                            }
+                        }
+                        Err(frame) => {
+                            if let Ok(t) = frame.into_trailers() {
+                                out.trailers(id, &t);
+                            } else {
+                                out.send_data(s, id, Bytes::new(), true);
+                            }
+                            s.task = Task::Done;
+                        }
+                    },
+                    Poll::Ready(Some(Err(e))) => {
+                        tracing::debug!(stream = id, error = %e, "response body failed; stream reset");
+                        frame::write_rst(&mut out.wbuf, id, Reason::INTERNAL_ERROR);
+                        return Step::Remove;
+                    }
+                }
+            }
+            Task::Done => {
+                if !s.remote_closed {
+                    // The answer is complete before the request: the client
+                    // need not send the rest (RFC 9113 section 8.1).
+                    frame::write_rst(&mut out.wbuf, id, Reason::NO_ERROR);
+                }
+                return Step::Remove;
+            }
+        }
+    }
+}
+
+/// Why a request body cannot go on.
+#[derive(Clone, Copy, Debug)]
+enum Fail {
+    /// The client reset the stream (or the stream ended).
+    Reset,
+    /// The connection is gone.
+    Gone,
+}
+
+/// A request body's frames between the connection and its reader.
+#[derive(Default)]
+struct Recv(Mutex<RecvState>);
+
+#[derive(Default)]
+struct RecvState {
+    chunks: VecDeque<Bytes>,
+    buffered: usize,
+    trailers: Option<HeaderMap>,
+    end: bool,
+    fail: Option<Fail>,
+    reader: Option<Waker>,
+    /// The reader is gone: data is credited back as it arrives.
+    dropped: bool,
+}
+
+impl Recv {
+    fn lock(&self) -> MutexGuard<'_, RecvState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, why: Fail) {
+        let mut st = self.lock();
+        if !st.end {
+            st.fail = Some(why);
+        }
+        if let Some(w) = st.reader.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The body of an HTTP/2 request.
+pub struct Body {
+    recv: Option<Arc<Recv>>,
+    ready: Arc<Ready>,
+    id: u32,
+    len: Option<u64>,
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("h2::Body")
+            .field("stream", &self.id)
+            .field("open", &self.recv.is_some())
+            .finish()
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(recv) = &self.recv else {
+            return Poll::Ready(None);
+        };
+        let mut st = recv.lock();
+        if let Some(c) = st.chunks.pop_front() {
+            st.buffered -= c.len();
+            drop(st);
+            self.ready.release(self.id, c.len());
+            return Poll::Ready(Some(Ok(Frame::data(c))));
+        }
+        if let Some(t) = st.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        if st.end {
+            drop(st);
+            self.recv = None;
+            return Poll::Ready(None);
+        }
+        if let Some(f) = st.fail {
+            drop(st);
+            self.recv = None;
+            let why = match f {
+                Fail::Reset => "the client reset the stream",
+                Fail::Gone => "the connection closed",
+            };
+            return Poll::Ready(Some(Err(Box::new(ClientGone(why.into())))));
+        }
+        if !st.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.reader = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.recv {
+            None => true,
+            Some(r) => {
+                let st = r.lock();
+                st.end && st.chunks.is_empty() && st.trailers.is_none()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.len, &self.recv) {
+            (_, None) => SizeHint::with_exact(0),
+            (Some(n), _) => SizeHint::with_exact(n),
+            (None, _) => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(r) = self.recv.take() {
+            let n = {
+                let mut st = r.lock();
+                st.dropped = true;
+                st.chunks.clear();
+                std::mem::take(&mut st.buffered)
+            };
+            self.ready.release(self.id, n);
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! portico-dp's own HTTP/2 server, from raw h2c frames and from hyper's
+//! client: flow control both ways, malformed requests reset alone, header
+//! lists over the limit answered 431, protocol errors ending only their
+//! connection with the right GOAWAY, and floods cut off.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use portico_integration::upstream::Upstream;
+use serde_json::json;
+
+use super::dp_common::{h2_sender, rt, Env};
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+
+const PROTOCOL_ERROR: u32 = 1;
+const FRAME_SIZE_ERROR: u32 = 6;
+const COMPRESSION_ERROR: u32 = 9;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// A client speaking raw HTTP/2 frames.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    /// Connects, sends the preface and SETTINGS with `settings`.
+    fn connect(port: u16, settings: &[(u16, u32)]) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut c = Raw { s, buf: Vec::new() };
+        c.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let mut p = Vec::new();
+        for (id, v) in settings {
+            p.extend_from_slice(&id.to_be_bytes());
+            p.extend_from_slice(&v.to_be_bytes());
+        }
+        c.send(SETTINGS, 0, 0, &p);
+        c
+    }
+
+    fn write(&mut self, b: &[u8]) {
+        self.s.write_all(b).expect("write");
+    }
+
+    fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let n = payload.len();
+        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        self.write(&f);
+    }
+
+    /// The next frame; `None` at the end of the connection.
+    fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if self.buf.len() >= 9 {
+                let len = (usize::from(self.buf[0]) << 16)
+                    | (usize::from(self.buf[1]) << 8)
+                    | usize::from(self.buf[2]);
+                if self.buf.len() >= 9 + len {
+                    let f = Frame {
+                        kind: self.buf[3],
+                        flags: self.buf[4],
+                        stream: u32::from_be_bytes([
+                            self.buf[5],
+                            self.buf[6],
+                            self.buf[7],
+                            self.buf[8],
+                        ]),
+                        payload: self.buf[9..9 + len].to_vec(),
+                    };
+                    self.buf.drain(..9 + len);
+                    return Some(f);
+                }
+            }
+            let mut b = [0u8; 16 * 1024];
+            match self.s.read(&mut b) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// Frames until one that `want` accepts (SETTINGS are acknowledged).
+    fn until(&mut self, what: &str, want: impl Fn(&Frame) -> bool) -> Frame {
+        loop {
+            let f = self
+                .frame()
+                .unwrap_or_else(|| panic!("connection ended before {what}"));
+            if f.kind == SETTINGS && f.flags & 1 == 0 {
+                self.send(SETTINGS, 1, 0, &[]);
+            }
+            if want(&f) {
+                return f;
+            }
+        }
+    }
+
+    /// The GOAWAY that ends the connection: its error code.
+    fn goaway(&mut self) -> u32 {
+        let f = self.until("GOAWAY", |f| f.kind == GOAWAY);
+        let code = u32::from_be_bytes([f.payload[4], f.payload[5], f.payload[6], f.payload[7]]);
+        let mut rest = Vec::new();
+        let _ = self.s.read_to_end(&mut rest);
+        code
+    }
+
+    /// No frame arrives within `ms` (flow control holding data back).
+    fn quiet(&mut self, ms: u64) -> bool {
+        self.s
+            .set_read_timeout(Some(Duration::from_millis(ms)))
+            .expect("timeout");
+        let mut b = [0u8; 1024];
+        let r = self.s.read(&mut b);
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        match r {
+            Ok(n) => {
+                self.buf.extend_from_slice(&b[..n]);
+                false
+            }
+            Err(e) => matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        }
+    }
+
+    /// A request's frames on `stream`; the body, if any, in one DATA.
+    fn request(&mut self, stream: u32, fields: &[(&str, &str)], body: Option<&[u8]>) {
+        let flags = if body.is_none() {
+            END_HEADERS | END_STREAM
+        } else {
+            END_HEADERS
+        };
+        self.send(HEADERS, flags, stream, &block(fields));
+        if let Some(b) = body {
+            self.send(DATA, END_STREAM, stream, b);
+        }
+    }
+}
+
+fn int(out: &mut Vec<u8>, prefix: u8, mut n: usize) {
+    let max = (1usize << prefix) - 1;
+    if n < max {
+        out.push(n as u8);
+        return;
+    }
+    out.push(max as u8);
+    n -= max;
+    while n >= 128 {
+        out.push((n % 128) as u8 | 0x80);
+        n /= 128;
+    }
+    out.push(n as u8);
+}
+
+/// A header block of literal fields without indexing.
+fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (n, v) in fields {
+        out.push(0);
+        int(&mut out, 7, n.len());
+        out.extend_from_slice(n.as_bytes());
+        int(&mut out, 7, v.len());
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
+}
+
+fn get(path: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (":method", "GET".into()),
+        (":scheme", "http".into()),
+        (":path", path.into()),
+        (":authority", "gw".into()),
+    ]
+}
+
+fn fields<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(n, v)| (*n, v.as_str())).collect()
+}
+
+/// The error code of a RST_STREAM.
+fn rst_code(f: &Frame) -> u32 {
+    u32::from_be_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]])
+}
+
+#[test]
+fn h2_downstream_flow_control_refusals_and_floods() {
+    let up = Upstream::start("u");
+    let env = Env::one_route(&[&up], json!({}));
+    let _dp = env.dp("dp1", &[]);
+    let port = env.port;
+
+    // Flow control, both ways: a client window of 100 bytes holds the
+    // answer back after 100 bytes until the client opens it.
+    let mut c = Raw::connect(port, &[(4, 100)]);
+    let body = vec![b'x'; 1000];
+    let mut post = get("/a/echo");
+    post[0].1 = "POST".into();
+    post.push(("content-length", "1000".into()));
+    c.request(1, &fields(&post), Some(&body));
+    let h = c.until("response HEADERS", |f| f.kind == HEADERS);
+    assert_eq!(
+        (h.stream, h.payload[0]),
+        (1, 0x88),
+        "200 on stream 1: {h:?}"
+    );
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let f = c.until("DATA", |f| f.kind == DATA);
+        assert_eq!(f.flags & END_STREAM, 0, "not all of it fits the window");
+        got.extend_from_slice(&f.payload);
+    }
+    assert_eq!(got.len(), 100, "exactly the window's worth");
+    assert!(c.quiet(300), "nothing more until the window opens");
+    c.send(WINDOW_UPDATE, 0, 1, &100_000u32.to_be_bytes());
+    loop {
+        let f = c.until("DATA", |f| f.kind == DATA);
+        got.extend_from_slice(&f.payload);
+        if f.flags & END_STREAM != 0 {
+            break;
+        }
+    }
+    assert!(got.starts_with(b"POST /a/echo\n"), "{:?}", &got[..20]);
+    assert!(got.ends_with(&body), "the body comes back whole");
+
+    // Malformed requests are reset alone; the connection goes on.
+    let mut c = Raw::connect(port, &[]);
+    let mut upper = get("/a/x");
+    upper.push(("X-Upper", "1".into()));
+    let mut no_path = get("/a/x");
+    no_path.remove(2);
+    let mut bad_len = get("/a/x");
+    bad_len.push(("content-length", "5".into()));
+    let mut hop = get("/a/x");
+    hop.push(("connection", "keep-alive".into()));
+    for (id, f) in [(3, &upper), (5, &no_path), (7, &bad_len), (9, &hop)] {
+        c.request(id, &fields(f), None);
+        let r = c.until("RST_STREAM", |f| f.kind == RST_STREAM || f.kind == HEADERS);
+        assert_eq!(
+            (r.kind, r.stream, rst_code(&r)),
+            (RST_STREAM, id, PROTOCOL_ERROR),
+            "malformed request on stream {id}"
+        );
+    }
+    c.request(11, &fields(&get("/a/fine")), None);
+    let h = c.until("response", |f| f.kind == HEADERS);
+    assert_eq!((h.stream, h.payload[0]), (11, 0x88));
+    // Headers over the listener's limit (60 KiB), split over CONTINUATION
+    // frames: 431 for that stream.
+    let mut big = block(&fields(&get("/a/big")));
+    big.extend_from_slice(&block(&[("x-big", &"a".repeat(70 * 1024))]));
+    let mut parts = big.chunks(16_384).peekable();
+    let first = parts.next().expect("a first part");
+    c.send(HEADERS, END_STREAM, 13, first);
+    while let Some(p) = parts.next() {
+        let f = if parts.peek().is_none() {
+            END_HEADERS
+        } else {
+            0
+        };
+        c.send(CONTINUATION, f, 13, p);
+    }
+    let h = c.until("431", |f| f.kind == HEADERS && f.stream == 13);
+    assert!(
+        h.payload.windows(3).any(|w| w == b"431"),
+        "431 for headers too large: {h:?}"
+    );
+    // PING is answered with its payload.
+    c.send(PING, 0, 0, b"12345678");
+    let p = c.until("PING ack", |f| f.kind == PING);
+    assert_eq!((p.flags, p.payload.as_slice()), (1, &b"12345678"[..]));
+
+    // Protocol errors end their connection with a GOAWAY naming them.
+    let mut c = Raw::connect(port, &[]);
+    c.send(DATA, 0, 1, &vec![0; 20_000]);
+    assert_eq!(c.goaway(), FRAME_SIZE_ERROR, "frame over 16384 bytes");
+    let mut c = Raw::connect(port, &[]);
+    c.send(DATA, 0, 0, b"x");
+    assert_eq!(c.goaway(), PROTOCOL_ERROR, "DATA on stream 0");
+    let mut c = Raw::connect(port, &[]);
+    c.send(HEADERS, END_HEADERS | END_STREAM, 1, &[0x80]);
+    assert_eq!(c.goaway(), COMPRESSION_ERROR, "header index 0");
+    let mut c = Raw::connect(port, &[]);
+    c.send(HEADERS, END_HEADERS, 2, &block(&fields(&get("/a/x"))));
+    assert_eq!(c.goaway(), PROTOCOL_ERROR, "even stream id");
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut c = Raw { s, buf: Vec::new() };
+    c.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    c.send(PING, 0, 0, b"12345678");
+    assert_eq!(c.goaway(), PROTOCOL_ERROR, "first frame not SETTINGS");
+
+    // Floods: a header block that never ends, and streams reset as soon
+    // as they are opened (CVE-2023-44487).
+    let mut c = Raw::connect(port, &[]);
+    c.send(HEADERS, 0, 1, &block(&fields(&get("/a/x"))));
+    let continuation = {
+        let mut f = vec![0x00, 0x40, 0x00, CONTINUATION, 0, 0, 0, 0, 1];
+        f.extend_from_slice(&[0u8; 16_384]);
+        f
+    };
+    for _ in 0..64 {
+        if c.s.write_all(&continuation).is_err() {
+            break;
+        }
+    }
+    assert_eq!(c.goaway(), ENHANCE_YOUR_CALM, "endless header block");
+    let mut c = Raw::connect(port, &[]);
+    let slow = get("/a/slow/2000");
+    let mut burst = Vec::new();
+    for i in 0..200u32 {
+        let id = 2 * i + 1;
+        let b = block(&fields(&slow));
+        let n = b.len();
+        burst.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8, HEADERS]);
+        burst.push(END_HEADERS | END_STREAM);
+        burst.extend_from_slice(&id.to_be_bytes());
+        burst.extend_from_slice(&b);
+        burst.extend_from_slice(&[0, 0, 4, RST_STREAM, 0]);
+        burst.extend_from_slice(&id.to_be_bytes());
+        burst.extend_from_slice(&8u32.to_be_bytes()); // CANCEL
+    }
+    let _ = c.s.write_all(&burst);
+    assert_eq!(c.goaway(), ENHANCE_YOUR_CALM, "rapid reset");
+
+    // None of that disturbed anyone else: a body larger than both
+    // receive windows (1 MiB per stream, 2 MiB per connection) goes up
+    // and comes back whole through hyper's client.
+    rt().block_on(async {
+        let mut tx = h2_sender::<Full<Bytes>>(port).await;
+        let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("http://gw/a/echo")
+            .version(http::Version::HTTP_2)
+            .body(Full::new(Bytes::from(big.clone())))
+            .expect("request");
+        let resp = tx.send_request(req).await.expect("answer");
+        assert_eq!(resp.status(), 200);
+        let got = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(
+            got.ends_with(&big),
+            "3 MiB echoed whole ({} bytes)",
+            got.len()
+        );
+    });
+}
