@@ -161,7 +161,10 @@ impl Decoder {
                 let value = self.string(block, &mut pos, max_string)?;
                 let size = raw_len + value.len() + 32;
                 if index {
-                    self.insert(name.clone(), value.clone(), size);
+                    // Copied: the table outlives the frame it came in, and
+                    // a slice would keep the whole read buffer alive.
+                    let kept = Bytes::copy_from_slice(&value);
+                    self.insert(name.clone(), kept, size);
                 }
                 field(name, value, size);
             }

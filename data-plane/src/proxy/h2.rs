@@ -27,6 +27,7 @@ use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,6 +67,9 @@ const WRITE_HIGH: usize = 256 * 1024;
 /// Streams a client may reset before their answer, beyond half of those it
 /// opened, before the connection is ended (CVE-2023-44487, "rapid reset").
 const MAX_EARLY_RESETS: u64 = 100;
+/// A reset within this long of a stream's opening, before its answer, is
+/// premature.
+const EARLY: Duration = Duration::from_secs(1);
 /// Streams this server may have to reset for the client's errors before it
 /// ends the connection.
 const MAX_ERROR_RESETS: u64 = 1024;
@@ -126,7 +130,40 @@ impl Hasher for IdHasher {
     }
 }
 
-type Streams = HashMap<u32, Stream, BuildHasherDefault<IdHasher>>;
+/// The open streams. However the connection ends — even dropped from
+/// outside by the drain timeout — the request bodies other tasks hold
+/// learn that it is gone.
+#[derive(Default)]
+struct Streams(HashMap<u32, Stream, BuildHasherDefault<IdHasher>>);
+
+impl std::ops::Deref for Streams {
+    type Target = HashMap<u32, Stream, BuildHasherDefault<IdHasher>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Streams {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Streams {
+    fn abort_all(&mut self) {
+        for (_, s) in self.0.drain() {
+            if let Some(r) = &s.recv {
+                r.fail(Fail::Gone);
+            }
+        }
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        self.abort_all();
+    }
+}
 
 /// What other tasks hand the connection: streams woken and request-body
 /// bytes consumed.
@@ -223,6 +260,18 @@ struct Stream {
     /// The request's declared Content-Length, and what arrived so far.
     expect_len: Option<u64>,
     got_len: u64,
+    /// Listed in `Out::blocked`.
+    blocked: bool,
+    /// When the stream opened (for telling rapid resets from
+    /// cancellations).
+    opened_at: Instant,
+}
+
+/// Queues a stream for this pass unless it is queued already.
+fn requeue(woken: &mut Vec<u32>, id: u32, s: &Stream) {
+    if !s.wake.queued.swap(true, Ordering::AcqRel) {
+        woken.push(id);
+    }
 }
 
 /// What the connection writes, and the send-side flow-control state the
@@ -241,6 +290,8 @@ struct Out {
     deferred: Vec<u32>,
     /// Streams this server reset for the client's errors.
     error_resets: u64,
+    /// The client's decoder was told the table size (0).
+    table_sized: bool,
 }
 
 impl Out {
@@ -249,7 +300,7 @@ impl Out {
     }
 
     fn rst(&mut self, id: u32, reason: Reason) {
-        if reason != Reason::NO_ERROR && reason != Reason::CANCEL {
+        if ![Reason::NO_ERROR, Reason::CANCEL, Reason::REFUSED_STREAM].contains(&reason) {
             self.error_resets += 1;
         }
         frame::write_rst(&mut self.wbuf, id, reason);
@@ -309,7 +360,8 @@ impl Out {
             if room <= 0 {
                 s.pending = data;
                 s.pending_end = end;
-                if self.conn_send <= 0 {
+                if self.conn_send <= 0 && !s.blocked {
+                    s.blocked = true;
                     self.blocked.push(id);
                 }
                 return false;
@@ -329,6 +381,13 @@ impl Out {
     fn response_head(&mut self, id: u32, parts: &http::response::Parts, end: bool) {
         let at = self.wbuf.len();
         self.wbuf.extend_from_slice(&[0; 9]);
+        if !self.table_sized {
+            // The encoder never indexes: its table is set to size 0 once,
+            // which is within whatever SETTINGS_HEADER_TABLE_SIZE the
+            // client sends, now or later (RFC 7541 section 4.2).
+            self.table_sized = true;
+            self.wbuf.push(0x20);
+        }
         hpack::encode_status(&mut self.wbuf, parts.status.as_u16());
         let mut has_date = false;
         for (name, value) in &parts.headers {
@@ -432,7 +491,9 @@ impl Fields {
                         return;
                     }
                 }
-                self.headers.append(n, v);
+                if self.headers.try_append(n, v).is_err() {
+                    self.too_large = true;
+                }
                 return;
             }
         };
@@ -511,6 +572,8 @@ struct Connection {
     /// Streams to poll in this pass.
     woken: Vec<u32>,
     released: Vec<(u32, u32)>,
+    /// The read buffer holds bytes not yet parsed (from the protocol sniff).
+    unparsed: bool,
     preface_seen: bool,
     settings_seen: bool,
     /// The highest stream id the client opened.
@@ -556,6 +619,7 @@ impl Connection {
         );
         frame::write_window_update(&mut wbuf, 0, CONN_WINDOW - frame::DEFAULT_WINDOW as u32);
         let now = Instant::now();
+        let unparsed = !rbuf.is_empty();
         Connection {
             io,
             conn,
@@ -569,12 +633,14 @@ impl Connection {
                 blocked: Vec::new(),
                 deferred: Vec::new(),
                 error_resets: 0,
+                table_sized: false,
             },
             dec: Decoder::new(TABLE_SIZE),
             streams: Streams::default(),
             ready: Arc::new(Ready::default()),
             woken: Vec::new(),
             released: Vec::new(),
+            unparsed,
             preface_seen: false,
             settings_seen: false,
             last_id: 0,
@@ -595,6 +661,14 @@ impl Connection {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.unparsed {
+            // What came with the preface (often SETTINGS and the first
+            // requests) is handled before waiting for more.
+            self.unparsed = false;
+            if let Err(e) = self.frames() {
+                self.fail(e);
+            }
+        }
         {
             let mut r = self.ready.lock();
             r.polling = true;
@@ -603,6 +677,11 @@ impl Connection {
             }
         }
         for _ in 0..64 {
+            if !tokio::task::coop::has_budget_remaining() {
+                // Every socket and stream would now answer "not ready":
+                // passes over them would be wasted. Yield instead.
+                break;
+            }
             let mut busy = false;
             if !self.read_closed && self.out.unsent() < WRITE_HIGH {
                 match poll_fill(&self.io, &mut self.rbuf, cx) {
@@ -634,7 +713,11 @@ impl Connection {
                 return Poll::Ready(());
             }
             if self.out.unsent() < WRITE_HIGH && !self.out.deferred.is_empty() {
-                self.woken.append(&mut self.out.deferred);
+                for id in std::mem::take(&mut self.out.deferred) {
+                    if let Some(s) = self.streams.get(&id) {
+                        requeue(&mut self.woken, id, s);
+                    }
+                }
                 busy = true;
             }
             if self.out.unsent() == 0
@@ -689,7 +772,8 @@ impl Connection {
 
     /// Sends GOAWAY: streams open now finish, no new ones start.
     fn go_away(&mut self, reason: Reason, why: &str) {
-        if self.goaway_sent {
+        // A second GOAWAY only to name an error after a graceful one.
+        if self.goaway_sent && (reason == Reason::NO_ERROR || self.closed_by.is_some()) {
             return;
         }
         self.goaway_sent = true;
@@ -709,11 +793,7 @@ impl Connection {
     }
 
     fn abort_all(&mut self) {
-        for (_, s) in self.streams.drain() {
-            if let Some(r) = &s.recv {
-                r.fail(Fail::Gone);
-            }
-        }
+        self.streams.abort_all();
     }
 
     fn flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -760,7 +840,14 @@ impl Connection {
                 }
             }
         }
-        if self.conn_unacked >= CONN_WINDOW / 2 && !self.read_closed {
+        // Credited in batches, but at once when the client's window runs
+        // low: streams whose bodies wait unread must not hold up the ones
+        // being read.
+        let low = self.conn_recv < i64::from(CONN_WINDOW / 2);
+        if self.conn_unacked > 0
+            && (self.conn_unacked >= CONN_WINDOW / 2 || low)
+            && !self.read_closed
+        {
             frame::write_window_update(&mut self.out.wbuf, 0, self.conn_unacked);
             self.conn_recv += i64::from(self.conn_unacked);
             self.conn_unacked = 0;
@@ -848,8 +935,11 @@ impl Connection {
                 if head.stream == 0 {
                     return Err(err(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
-                if payload.len() != 5 {
+                // Priorities are ignored; a malformed one resets its
+                // stream if the stream is open (never an idle one).
+                if payload.len() != 5 && self.streams.contains_key(&head.stream) {
                     self.reset(head.stream, Reason::FRAME_SIZE_ERROR);
+                    return self.check_error_resets();
                 }
                 Ok(())
             }
@@ -934,6 +1024,9 @@ impl Connection {
             ));
         }
         self.settings_seen = true;
+        // Applied once per frame: a frame repeating the window setting
+        // must not cost a walk over every stream per entry.
+        let mut window = None;
         for s in payload.chunks(6) {
             let id = u16::from_be_bytes([s[0], s[1]]);
             let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
@@ -952,20 +1045,7 @@ impl Connection {
                             format!("SETTINGS_INITIAL_WINDOW_SIZE {v} over 2^31-1"),
                         ));
                     }
-                    let delta = v - self.out.peer_initial_window;
-                    self.out.peer_initial_window = v;
-                    for (&sid, s) in &mut self.streams {
-                        s.send_window += delta;
-                        if s.send_window > frame::MAX_WINDOW {
-                            return Err(err(
-                                Reason::FLOW_CONTROL_ERROR,
-                                "stream window over 2^31-1",
-                            ));
-                        }
-                        if delta > 0 && !s.pending.is_empty() {
-                            self.woken.push(sid);
-                        }
-                    }
+                    window = Some(v);
                 }
                 setting::MAX_FRAME_SIZE => {
                     if !(frame::DEFAULT_MAX_FRAME as u32..1 << 24).contains(&v) {
@@ -976,12 +1056,26 @@ impl Connection {
                     }
                     self.out.peer_max_frame = v as usize;
                 }
-                // The encoder never indexes: the client's table size and
+                // The encoder never indexes, and its first block sets the
+                // client's table to size 0 (whatever the client allows);
                 // the rest do not change what this server sends.
                 setting::HEADER_TABLE_SIZE
                 | setting::MAX_CONCURRENT_STREAMS
                 | setting::MAX_HEADER_LIST_SIZE => {}
                 _ => {}
+            }
+        }
+        if let Some(v) = window {
+            let delta = v - self.out.peer_initial_window;
+            self.out.peer_initial_window = v;
+            for (&sid, s) in self.streams.iter_mut() {
+                s.send_window += delta;
+                if s.send_window > frame::MAX_WINDOW {
+                    return Err(err(Reason::FLOW_CONTROL_ERROR, "stream window over 2^31-1"));
+                }
+                if delta > 0 && !s.pending.is_empty() {
+                    requeue(&mut self.woken, sid, s);
+                }
             }
         }
         frame::write_head(&mut self.out.wbuf, 0, kind::SETTINGS, flag::ACK, 0);
@@ -1006,7 +1100,12 @@ impl Connection {
                     "connection window over 2^31-1",
                 ));
             }
-            self.woken.append(&mut self.out.blocked);
+            for id in self.out.blocked.drain(..) {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.blocked = false;
+                    requeue(&mut self.woken, id, s);
+                }
+            }
             return Ok(());
         }
         if head.stream > self.last_id {
@@ -1028,7 +1127,7 @@ impl Connection {
             return self.check_error_resets();
         }
         if !s.pending.is_empty() {
-            self.woken.push(head.stream);
+            requeue(&mut self.woken, head.stream, s);
         }
         Ok(())
     }
@@ -1044,7 +1143,11 @@ impl Connection {
             return Err(err(Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
         }
         if let Some(s) = self.streams.get(&head.stream) {
-            if matches!(s.task, Task::Handler(_)) {
+            // Envoy's rule: a stream reset before its answer and within a
+            // second of opening is premature; a connection where they
+            // are over half of the streams is an attack, not cancelled
+            // calls.
+            if matches!(s.task, Task::Handler(_)) && s.opened_at.elapsed() < EARLY {
                 self.early_resets += 1;
                 if self.early_resets > MAX_EARLY_RESETS && self.early_resets * 2 > self.opened {
                     return Err(err(
@@ -1113,6 +1216,8 @@ impl Connection {
             s.recv = None;
         }
         let Some(recv) = recv else {
+            // No body reader (an answer given without reading it).
+            self.conn_unacked += data.len() as u32;
             return Ok(());
         };
         let mut st = recv.lock();
@@ -1122,7 +1227,7 @@ impl Connection {
         } else {
             if !data.is_empty() {
                 st.buffered += data.len();
-                st.chunks.push_back(data);
+                push_chunk(&mut st.chunks, data);
             }
             st.end |= end;
             if let Some(w) = st.reader.take() {
@@ -1214,11 +1319,11 @@ impl Connection {
         if self.goaway_sent {
             return Ok(()); // past the GOAWAY: the client retries elsewhere
         }
-        self.opened += 1;
         if self.streams.len() >= MAX_STREAMS {
             self.out.rst(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
+        self.opened += 1;
         let too_large = f.too_large;
         let (req, expect_len) = match f.request() {
             Ok(r) => r,
@@ -1233,7 +1338,8 @@ impl Connection {
             return self.check_error_resets();
         }
         let head_only = req.method() == Method::HEAD;
-        let recv = (!end_stream).then(|| Arc::new(Recv::default()));
+        // A 431 never reads its body: what arrives is credited back at once.
+        let recv = (!end_stream && !too_large).then(|| Arc::new(Recv::default()));
         let wake = Arc::new(StreamWake {
             id,
             queued: AtomicBool::new(true),
@@ -1274,10 +1380,32 @@ impl Connection {
                 head_only,
                 expect_len,
                 got_len: 0,
+                blocked: false,
+                opened_at: Instant::now(),
             },
         );
         self.woken.push(id);
         Ok(())
+    }
+}
+
+/// Queues request-body data. Small pieces are copied, and joined to a
+/// small piece before them, so that a client sending one byte per frame
+/// neither pins its read buffers nor builds a queue entry per byte.
+fn push_chunk(chunks: &mut VecDeque<Bytes>, data: Bytes) {
+    const SMALL: usize = 1024;
+    if data.len() >= SMALL {
+        chunks.push_back(data);
+        return;
+    }
+    match chunks.back_mut() {
+        Some(last) if last.len() < 4 * SMALL => {
+            let mut joined = BytesMut::with_capacity(last.len() + data.len());
+            joined.extend_from_slice(last);
+            joined.extend_from_slice(&data);
+            *last = joined.freeze();
+        }
+        _ => chunks.push_back(Bytes::copy_from_slice(&data)),
     }
 }
 
@@ -1301,6 +1429,12 @@ fn unpad(head: Head, mut payload: Bytes) -> Result<Bytes, ConnError> {
     Ok(payload)
 }
 
+fn panicked(out: &mut Out, id: u32) -> Step {
+    tracing::error!(stream = id, "request handling panicked; stream reset");
+    frame::write_rst(&mut out.wbuf, id, Reason::INTERNAL_ERROR);
+    Step::Remove
+}
+
 /// Advances a stream as far as it goes now.
 fn step(s: &mut Stream, id: u32, out: &mut Out) -> Step {
     let waker = s.waker.clone();
@@ -1308,8 +1442,13 @@ fn step(s: &mut Stream, id: u32, out: &mut Out) -> Step {
     loop {
         match &mut s.task {
             Task::Handler(fut) => {
-                let Poll::Ready(Ok(resp)) = fut.as_mut().poll(&mut cx) else {
-                    return Step::Keep;
+                // A panic in one request ends that stream, not the
+                // connection's others (as a task per stream would).
+                let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)));
+                let resp = match polled {
+                    Ok(Poll::Ready(Ok(resp))) => resp,
+                    Ok(Poll::Pending) => return Step::Keep,
+                    Err(_) => return panicked(out, id),
                 };
                 let (parts, body) = resp.into_parts();
                 let status = parts.status;
@@ -1339,7 +1478,12 @@ fn step(s: &mut Stream, id: u32, out: &mut Out) -> Step {
                 let Task::Body(body) = &mut s.task else {
                     unreachable!("matched above")
                 };
-                let polled = Pin::new(&mut *body).poll_frame(&mut cx);
+                let polled = match catch_unwind(AssertUnwindSafe(|| {
+                    Pin::new(&mut *body).poll_frame(&mut cx)
+                })) {
+                    Ok(p) => p,
+                    Err(_) => return panicked(out, id),
+                };
                 let end = body.is_end_stream();
                 match polled {
                     Poll::Pending => return Step::Keep,

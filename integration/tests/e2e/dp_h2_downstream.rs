@@ -204,6 +204,17 @@ fn fields<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(n, v)| (*n, v.as_str())).collect()
 }
 
+/// The first field of a response header block: `0x88` is `:status 200`.
+/// A leading dynamic table size update (`0x20`, the server's first block
+/// sets the client's table to 0) is skipped.
+fn first_field(f: &Frame) -> u8 {
+    match f.payload.as_slice() {
+        [0x20, b, ..] => *b,
+        [b, ..] => *b,
+        [] => panic!("empty header block"),
+    }
+}
+
 /// The error code of a RST_STREAM.
 fn rst_code(f: &Frame) -> u32 {
     u32::from_be_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]])
@@ -225,8 +236,9 @@ fn h2_downstream_flow_control_refusals_and_floods() {
     post.push(("content-length", "1000".into()));
     c.request(1, &fields(&post), Some(&body));
     let h = c.until("response HEADERS", |f| f.kind == HEADERS);
+    assert_eq!(h.payload[0], 0x20, "the first block sets the table size");
     assert_eq!(
-        (h.stream, h.payload[0]),
+        (h.stream, first_field(&h)),
         (1, 0x88),
         "200 on stream 1: {h:?}"
     );
@@ -249,6 +261,54 @@ fn h2_downstream_flow_control_refusals_and_floods() {
     assert!(got.starts_with(b"POST /a/echo\n"), "{:?}", &got[..20]);
     assert!(got.ends_with(&body), "the body comes back whole");
 
+    // Request trailers end a request body.
+    let mut c = Raw::connect(port, &[]);
+    let mut post = get("/a/echo");
+    post[0].1 = "POST".into();
+    c.send(HEADERS, END_HEADERS, 1, &block(&fields(&post)));
+    c.send(DATA, 0, 1, b"before trailers");
+    c.send(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &block(&[("x-trailer", "t")]),
+    );
+    let mut got = Vec::new();
+    loop {
+        let f = c.until("DATA", |f| f.kind == DATA);
+        got.extend_from_slice(&f.payload);
+        if f.flags & END_STREAM != 0 {
+            break;
+        }
+    }
+    assert!(
+        got.ends_with(b"before trailers"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // A client that sends its preface, SETTINGS and first request in one
+    // write and waits (without acknowledging the server's SETTINGS) is
+    // answered.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    first.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+    let b = block(&fields(&get("/a/once")));
+    first.extend_from_slice(&[0, (b.len() >> 8) as u8, b.len() as u8, HEADERS]);
+    first.extend_from_slice(&[END_HEADERS | END_STREAM, 0, 0, 0, 1]);
+    first.extend_from_slice(&b);
+    s.write_all(&first).expect("write");
+    let mut c = Raw { s, buf: Vec::new() };
+    let h = loop {
+        let f = c.frame().expect("an answer before the end");
+        if f.kind == HEADERS {
+            break f;
+        }
+    };
+    assert_eq!((h.stream, first_field(&h)), (1, 0x88));
+
     // Malformed requests are reset alone; the connection goes on.
     let mut c = Raw::connect(port, &[]);
     let mut upper = get("/a/x");
@@ -270,7 +330,7 @@ fn h2_downstream_flow_control_refusals_and_floods() {
     }
     c.request(11, &fields(&get("/a/fine")), None);
     let h = c.until("response", |f| f.kind == HEADERS);
-    assert_eq!((h.stream, h.payload[0]), (11, 0x88));
+    assert_eq!((h.stream, first_field(&h)), (11, 0x88));
     // Headers over the listener's limit (60 KiB), split over CONTINUATION
     // frames: 431 for that stream.
     let mut big = block(&fields(&get("/a/big")));
