@@ -86,17 +86,11 @@ pub(super) async fn serve(
         let lr = conn.listener.load();
         (lr.config.max_request_headers, lr.config.idle_timeout)
     };
-    let mut c = Connection::new(io, buf, conn, max_headers, idle_timeout);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            () = poll_fn(|cx| c.poll(cx)) => break,
-            _ = drain.changed(), if !draining => {
-                draining = true;
-                c.go_away(Reason::NO_ERROR, "draining");
-            }
-        }
-    }
+    let drain = Box::pin(async move {
+        let _ = drain.changed().await;
+    });
+    let mut c = Connection::new(io, buf, conn, max_headers, idle_timeout, drain);
+    poll_fn(|cx| c.poll(cx)).await;
     if let Some(why) = &c.closed_by {
         tracing::debug!(peer = %c.conn.peer, "HTTP/2 connection ended: {why}");
     }
@@ -112,6 +106,12 @@ struct ConnError(Reason, String);
 fn err(reason: Reason, why: impl Into<String>) -> ConnError {
     ConnError(reason, why.into())
 }
+
+/// Ids past any stream's (client stream ids are below 2^31) for the
+/// connection's own timers, woken like streams so that they are polled
+/// only when they fire, not on every pass.
+const DRAIN_ID: u32 = u32::MAX;
+const IDLE_ID: u32 = u32::MAX - 1;
 
 /// Stream ids as their own hash (they are distinct small odd numbers).
 #[derive(Default)]
@@ -596,7 +596,12 @@ struct Connection {
     max_block: usize,
     opened: u64,
     early_resets: u64,
+    /// The listener's drain: when it fires, GOAWAY.
+    drain: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    drain_wake: Arc<StreamWake>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle_wake: Arc<StreamWake>,
+    /// When the last stream ended.
     idle_since: Instant,
 }
 
@@ -607,6 +612,7 @@ impl Connection {
         conn: Arc<Conn>,
         max_header_list: usize,
         idle_timeout: Option<Duration>,
+        drain: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Connection {
         let mut wbuf = Vec::with_capacity(16 * 1024);
         frame::write_settings(
@@ -620,6 +626,15 @@ impl Connection {
         frame::write_window_update(&mut wbuf, 0, CONN_WINDOW - frame::DEFAULT_WINDOW as u32);
         let now = Instant::now();
         let unparsed = !rbuf.is_empty();
+        let ready = Arc::new(Ready::default());
+        let timer = |id| {
+            Arc::new(StreamWake {
+                id,
+                queued: AtomicBool::new(true),
+                ready: ready.clone(),
+            })
+        };
+        let (drain_wake, idle_wake) = (timer(DRAIN_ID), timer(IDLE_ID));
         Connection {
             io,
             conn,
@@ -637,8 +652,9 @@ impl Connection {
             },
             dec: Decoder::new(TABLE_SIZE),
             streams: Streams::default(),
-            ready: Arc::new(Ready::default()),
-            woken: Vec::new(),
+            ready,
+            // Both timers are polled once to register their wakers.
+            woken: vec![DRAIN_ID, IDLE_ID],
             released: Vec::new(),
             unparsed,
             preface_seen: false,
@@ -655,7 +671,10 @@ impl Connection {
             max_block: max_header_list.saturating_mul(2).max(64 * 1024),
             opened: 0,
             early_resets: 0,
+            drain: Some(drain),
+            drain_wake,
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep_until(now + d)))),
+            idle_wake,
             idle_since: now,
         }
     }
@@ -736,11 +755,6 @@ impl Connection {
                 }
                 r.polling = false;
             }
-            if self.poll_idle(cx) {
-                self.go_away(Reason::NO_ERROR, "idle timeout");
-                self.ready.lock().polling = true;
-                continue;
-            }
             return Poll::Pending;
         }
         // Fair to the worker's other connections: yield, come back soon.
@@ -749,24 +763,48 @@ impl Connection {
         Poll::Pending
     }
 
-    /// Whether the connection has been idle (no streams) for its idle
-    /// timeout. The timer is re-armed only when it fires early.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some((d, sleep)) = &mut self.idle else {
-            return false;
+    /// The drain timer fired (or is polled for the first time).
+    fn poll_drain(&mut self) {
+        let Some(d) = &mut self.drain else {
+            return;
         };
-        if !self.streams.is_empty() || self.goaway_sent {
-            return false;
+        self.drain_wake.queued.store(false, Ordering::Release);
+        let waker = Waker::from(self.drain_wake.clone());
+        if d.as_mut().poll(&mut Context::from_waker(&waker)).is_ready() {
+            self.drain = None;
+            self.go_away(Reason::NO_ERROR, "draining");
         }
-        let due = self.idle_since + *d;
+    }
+
+    /// The idle timer fired (or is polled for the first time): GOAWAY if
+    /// the connection has had no stream for the idle timeout, else the
+    /// timer is re-armed for when it might have. It is not moved as
+    /// streams come and go, only when it fires early.
+    fn poll_idle(&mut self) {
+        let Some((d, sleep)) = &mut self.idle else {
+            return;
+        };
+        self.idle_wake.queued.store(false, Ordering::Release);
+        let waker = Waker::from(self.idle_wake.clone());
+        let mut cx = Context::from_waker(&waker);
         loop {
-            if sleep.as_mut().poll(cx).is_pending() {
-                return false;
+            if sleep.as_mut().poll(&mut cx).is_pending() {
+                return;
             }
-            if Instant::now() >= due {
-                return true;
+            let now = Instant::now();
+            let due = if self.streams.is_empty() {
+                self.idle_since + *d
+            } else {
+                now + *d
+            };
+            if now >= due && !self.goaway_sent {
+                self.idle = None;
+                self.go_away(Reason::NO_ERROR, "idle timeout");
+                return;
             }
-            sleep.as_mut().reset(due);
+            sleep
+                .as_mut()
+                .reset(due.max(now + Duration::from_millis(1)));
         }
     }
 
@@ -859,6 +897,14 @@ impl Connection {
         while i < self.woken.len() {
             let id = self.woken[i];
             i += 1;
+            if id == DRAIN_ID {
+                self.poll_drain();
+                continue;
+            }
+            if id == IDLE_ID {
+                self.poll_idle();
+                continue;
+            }
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };

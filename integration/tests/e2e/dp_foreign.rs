@@ -19,7 +19,8 @@ use portico_proto::envoy::config::cluster::v3::cluster::{
 use portico_proto::envoy::config::cluster::v3::Cluster;
 use portico_proto::envoy::config::core::v3::{
     address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
-    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, SocketAddress,
+    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, HttpProtocolOptions,
+    SocketAddress,
 };
 use portico_proto::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -80,6 +81,14 @@ fn listener(port: u16) -> Listener {
             ))),
             ..Default::default()
         }],
+        // Short, so that the test sees connections idle out.
+        common_http_protocol_options: Some(HttpProtocolOptions {
+            idle_timeout: Some(portico_proto::google::protobuf::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     Listener {
@@ -372,4 +381,34 @@ fn foreign_control_plane_envoy_features() {
     );
     assert_eq!(get("/host", &[]).status, 200);
     assert_eq!(get("/ghost", &[]).status, 404);
+
+    // The HCM's idle timeout (1 s here) ends idle connections: HTTP/2 with
+    // a GOAWAY after its last stream, HTTP/1.1 by closing.
+    use super::dp_h2_downstream::{fields, get as h2get, Raw, DATA, END_STREAM, GOAWAY};
+    let started = std::time::Instant::now();
+    let mut c = Raw::connect(port, &[]);
+    c.request(1, &fields(&h2get("/host")), None);
+    c.until("the answer", |f| {
+        f.kind == DATA && f.flags & END_STREAM != 0
+    });
+    let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
+    assert_eq!(
+        &g.payload[..8],
+        &[0, 0, 0, 1, 0, 0, 0, 0],
+        "NO_ERROR after stream 1"
+    );
+    let idle = started.elapsed();
+    assert!(
+        idle >= std::time::Duration::from_millis(900) && idle < std::time::Duration::from_secs(5),
+        "idle for about a second: {idle:?}"
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty(),
+        "an idle HTTP/1.1 connection closes silently"
+    );
 }

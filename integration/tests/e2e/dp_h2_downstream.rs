@@ -14,39 +14,39 @@ use serde_json::json;
 
 use super::dp_common::{h2_sender, rt, Env};
 
-const DATA: u8 = 0;
-const HEADERS: u8 = 1;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const PING: u8 = 6;
-const GOAWAY: u8 = 7;
-const WINDOW_UPDATE: u8 = 8;
-const CONTINUATION: u8 = 9;
-const END_STREAM: u8 = 1;
-const END_HEADERS: u8 = 4;
+pub(super) const DATA: u8 = 0;
+pub(super) const HEADERS: u8 = 1;
+pub(super) const RST_STREAM: u8 = 3;
+pub(super) const SETTINGS: u8 = 4;
+pub(super) const PING: u8 = 6;
+pub(super) const GOAWAY: u8 = 7;
+pub(super) const WINDOW_UPDATE: u8 = 8;
+pub(super) const CONTINUATION: u8 = 9;
+pub(super) const END_STREAM: u8 = 1;
+pub(super) const END_HEADERS: u8 = 4;
 
-const PROTOCOL_ERROR: u32 = 1;
-const FRAME_SIZE_ERROR: u32 = 6;
-const COMPRESSION_ERROR: u32 = 9;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
+pub(super) const PROTOCOL_ERROR: u32 = 1;
+pub(super) const FRAME_SIZE_ERROR: u32 = 6;
+pub(super) const COMPRESSION_ERROR: u32 = 9;
+pub(super) const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 #[derive(Debug)]
-struct Frame {
-    kind: u8,
-    flags: u8,
-    stream: u32,
-    payload: Vec<u8>,
+pub(super) struct Frame {
+    pub(super) kind: u8,
+    pub(super) flags: u8,
+    pub(super) stream: u32,
+    pub(super) payload: Vec<u8>,
 }
 
 /// A client speaking raw HTTP/2 frames.
-struct Raw {
+pub(super) struct Raw {
     s: TcpStream,
     buf: Vec<u8>,
 }
 
 impl Raw {
     /// Connects, sends the preface and SETTINGS with `settings`.
-    fn connect(port: u16, settings: &[(u16, u32)]) -> Raw {
+    pub(super) fn connect(port: u16, settings: &[(u16, u32)]) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
@@ -107,7 +107,7 @@ impl Raw {
     }
 
     /// Frames until one that `want` accepts (SETTINGS are acknowledged).
-    fn until(&mut self, what: &str, want: impl Fn(&Frame) -> bool) -> Frame {
+    pub(super) fn until(&mut self, what: &str, want: impl Fn(&Frame) -> bool) -> Frame {
         loop {
             let f = self
                 .frame()
@@ -150,7 +150,7 @@ impl Raw {
     }
 
     /// A request's frames on `stream`; the body, if any, in one DATA.
-    fn request(&mut self, stream: u32, fields: &[(&str, &str)], body: Option<&[u8]>) {
+    pub(super) fn request(&mut self, stream: u32, fields: &[(&str, &str)], body: Option<&[u8]>) {
         let flags = if body.is_none() {
             END_HEADERS | END_STREAM
         } else {
@@ -179,7 +179,7 @@ fn int(out: &mut Vec<u8>, prefix: u8, mut n: usize) {
 }
 
 /// A header block of literal fields without indexing.
-fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+pub(super) fn block(fields: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (n, v) in fields {
         out.push(0);
@@ -191,7 +191,7 @@ fn block(fields: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
-fn get(path: &str) -> Vec<(&'static str, String)> {
+pub(super) fn get(path: &str) -> Vec<(&'static str, String)> {
     vec![
         (":method", "GET".into()),
         (":scheme", "http".into()),
@@ -200,14 +200,14 @@ fn get(path: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn fields<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+pub(super) fn fields<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(n, v)| (*n, v.as_str())).collect()
 }
 
 /// The first field of a response header block: `0x88` is `:status 200`.
 /// A leading dynamic table size update (`0x20`, the server's first block
 /// sets the client's table to 0) is skipped.
-fn first_field(f: &Frame) -> u8 {
+pub(super) fn first_field(f: &Frame) -> u8 {
     match f.payload.as_slice() {
         [0x20, b, ..] => *b,
         [b, ..] => *b,

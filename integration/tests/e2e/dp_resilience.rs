@@ -195,6 +195,19 @@ fn a_removed_listener_drains_open_requests() {
     let _dp = env.dp("dp1", &[]);
     let port = env.port;
     let slow = std::thread::spawn(move || http1(port, "GET", "/a/slow/1500", "gw", &[], ""));
+    // The same over HTTP/2: the connection gets a GOAWAY, its open stream
+    // still its answer.
+    let slow_h2 = std::thread::spawn(move || {
+        use super::dp_h2_downstream::{fields, first_field, get, Raw, DATA, END_STREAM, GOAWAY};
+        let mut c = Raw::connect(port, &[]);
+        c.request(1, &fields(&get("/a/slow/1500")), None);
+        let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
+        let last = u32::from_be_bytes([g.payload[0], g.payload[1], g.payload[2], g.payload[3]]);
+        let code = u32::from_be_bytes([g.payload[4], g.payload[5], g.payload[6], g.payload[7]]);
+        let h = c.until("the answer", |f| f.kind == super::dp_h2_downstream::HEADERS);
+        let end = c.until("its end", |f| f.kind == DATA && f.flags & END_STREAM != 0);
+        (last, code, first_field(&h), end.stream)
+    });
     std::thread::sleep(Duration::from_millis(300));
     // Move the gateway to another port: the old listener drains.
     let other = portico_integration::dataplane::free_port();
@@ -221,6 +234,11 @@ fn a_removed_listener_drains_open_requests() {
         .expect("thread")
         .expect("the open request finishes");
     assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        slow_h2.join().expect("thread"),
+        (1, 0, 0x88, 1),
+        "GOAWAY(NO_ERROR, last stream 1), then 200 and the body's end on stream 1"
+    );
 }
 
 #[test]
