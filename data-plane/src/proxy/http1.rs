@@ -40,6 +40,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
+use super::quiet::Quiet;
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, read_some, write_chunk_size,
     write_length, BodyError, Chunk, Framed, Piece,
@@ -101,13 +102,14 @@ pub(super) async fn serve(
     let io = Arc::new(io);
     let mut wbuf: Vec<u8> = Vec::with_capacity(1024);
     let mut drain_wait = drain.clone();
-    let drained = async move {
+    // Both polled only when they fire (`Quiet`), not each time the
+    // connection waits for a request.
+    let mut drained = Quiet::new(Box::pin(async move {
         let _ = drain_wait.changed().await;
-    };
-    tokio::pin!(drained);
+    }));
     // The idle timer is armed once per idle period, not per request: when
     // it fires after requests were served, it is pushed back.
-    let mut idle: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut idle: Option<Quiet<Pin<Box<tokio::time::Sleep>>>> = None;
     let mut served: u64 = 0;
     let mut served_at_arm: u64 = 0;
     loop {
@@ -131,13 +133,13 @@ pub(super) async fn serve(
                 idle = None; // the listener's idle timeout was turned off
             }
             if let (Some(d), None) = (idle_timeout, &idle) {
-                idle = Some(Box::pin(tokio::time::sleep(d)));
+                idle = Some(Quiet::new(Box::pin(tokio::time::sleep(d))));
                 served_at_arm = served;
             }
             let read = loop {
                 let timer = async {
                     match idle.as_mut() {
-                        Some(s) => s.as_mut().await,
+                        Some(s) => s.await,
                         None => std::future::pending().await,
                     }
                 };
@@ -150,7 +152,7 @@ pub(super) async fn serve(
                             return; // idle for a whole period
                         }
                         if let (Some(s), Some(d)) = (idle.as_mut(), idle_timeout) {
-                            s.as_mut().reset(tokio::time::Instant::now() + d);
+                            s.get_mut().as_mut().reset(tokio::time::Instant::now() + d);
                         }
                         served_at_arm = served;
                     }

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::handler::Conn;
+use super::quiet::Quiet;
 use super::{h2, http1, ListenerRuntime};
 use crate::config::listener::Codec;
 use crate::h2::frame::PREFACE;
@@ -67,7 +68,11 @@ pub(super) async fn serve(
                 .unwrap_or(http::HeaderValue::from_static("unknown")),
         });
         let stats = shared.stats.clone();
+        // Polled only when it fires, not each time the connection wakes.
         let mut killed = killed.clone();
+        let killed = Quiet::new(Box::pin(async move {
+            let _ = killed.changed().await;
+        }));
         let alive = alive_rx.clone();
         let drain = drain.clone();
         stats.downstream_cx_total.fetch_add(1, Relaxed);
@@ -76,7 +81,7 @@ pub(super) async fn serve(
             let _alive = alive;
             tokio::select! {
                 _ = connection(stream, conn, drain) => {}
-                _ = killed.changed() => {}
+                _ = killed => {}
             }
             stats.downstream_cx_active.fetch_sub(1, Relaxed);
         });
