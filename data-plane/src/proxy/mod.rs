@@ -146,12 +146,17 @@ impl ListenerManager {
             let runtime = Arc::new(ArcSwap::new(rt));
             let (drain, drained) = tokio::sync::watch::channel(false);
             tracing::info!(listener = %name, addr = %l.address, "listening");
-            for (socket, worker) in sock.into_iter().zip(&self.workers.0) {
+            let (balance, inboxes) = server::Balance::new(sock.len());
+            let each = sock.into_iter().zip(&self.workers.0).zip(inboxes);
+            for (me, ((socket, worker), inbox)) in each.enumerate() {
                 worker.spawn(server::serve(
                     socket,
                     runtime.clone(),
                     self.shared.clone(),
                     drained.clone(),
+                    balance.clone(),
+                    me,
+                    inbox,
                 ));
             }
             self.running.insert(

@@ -2,6 +2,8 @@
 //! listener's codec, or for `AUTO` the first bytes (an HTTP/2 connection
 //! preface means h2c with prior knowledge, anything else HTTP/1.1).
 
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::handler::Conn;
 use super::quiet::Quiet;
@@ -18,11 +20,59 @@ use crate::config::listener::Codec;
 use crate::h2::frame::PREFACE;
 use crate::snapshot::Shared;
 
+/// A connection handed from one worker to another.
+type Handed = (std::net::TcpStream, SocketAddr);
+
+/// Evens out a listener's connections between its workers. The kernel
+/// spreads connections over the workers' `SO_REUSEPORT` sockets by a hash
+/// of their addresses, which leaves one worker with more of a few dozen
+/// long-lived connections than the other, and its requests wait longer.
+/// A worker that accepts a connection while it has more open than the
+/// least loaded one hands it over (once per connection: nothing is
+/// shared on the request path).
+pub(super) struct Balance {
+    /// Open connections per worker.
+    open: Vec<AtomicUsize>,
+    /// Each worker's inbox.
+    inbox: Vec<mpsc::UnboundedSender<Handed>>,
+}
+
+impl Balance {
+    /// A balance for `n` workers, and their inboxes' receiving ends.
+    pub(super) fn new(n: usize) -> (Arc<Balance>, Vec<mpsc::UnboundedReceiver<Handed>>) {
+        let (tx, rx) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let open = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        (Arc::new(Balance { open, inbox: tx }), rx)
+    }
+
+    /// The worker a connection accepted by worker `me` should go to.
+    fn pick(&self, me: usize) -> usize {
+        let mine = self.open[me].load(Relaxed);
+        let (least, n) = self
+            .open
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (i, o.load(Relaxed)))
+            .min_by_key(|&(_, n)| n)
+            .unwrap_or((me, mine));
+        if n < mine {
+            least
+        } else {
+            me
+        }
+    }
+}
+
+/// One worker's accept loop for a listener; `me` is the worker's index in
+/// `balance`, `inbox` where other workers hand it connections.
 pub(super) async fn serve(
     sock: std::net::TcpListener,
     runtime: Arc<ArcSwap<ListenerRuntime>>,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
+    balance: Arc<Balance>,
+    me: usize,
+    mut inbox: mpsc::UnboundedReceiver<Handed>,
 ) {
     let listener = match sock
         .set_nonblocking(true)
@@ -40,9 +90,50 @@ pub(super) async fn serve(
     // Fires when the drain timeout ends, closing what is still open.
     let (kill, killed) = watch::channel(false);
     let mut backoff = Duration::from_millis(5);
+    let conn_drain = drain.clone();
+    let start = |stream: TcpStream, peer: SocketAddr| {
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Conn {
+            shared: shared.clone(),
+            listener: runtime.clone(),
+            peer,
+            peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or(http::HeaderValue::from_static("unknown")),
+        });
+        let stats = shared.stats.clone();
+        // Polled only when it fires, not each time the connection wakes.
+        let mut killed = killed.clone();
+        let killed = Quiet::new(Box::pin(async move {
+            let _ = killed.changed().await;
+        }));
+        let alive = alive_rx.clone();
+        let drain = conn_drain.clone();
+        let balance = balance.clone();
+        stats.downstream_cx_active.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            let _alive = alive;
+            tokio::select! {
+                _ = connection(stream, conn, drain) => {}
+                _ = killed => {}
+            }
+            stats.downstream_cx_active.fetch_sub(1, Relaxed);
+            balance.open[me].fetch_sub(1, Relaxed);
+        });
+    };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            Some((s, peer)) = inbox.recv() => {
+                // Counted in `open` by the worker that handed it over.
+                match TcpStream::from_std(s) {
+                    Ok(s) => start(s, peer),
+                    Err(e) => {
+                        balance.open[me].fetch_sub(1, Relaxed);
+                        tracing::warn!(error = %e, "cannot take over a connection");
+                    }
+                }
+                continue;
+            }
             _ = drain.changed() => break,
         };
         let (stream, peer) = match accepted {
@@ -59,32 +150,42 @@ pub(super) async fn serve(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let conn = Arc::new(Conn {
-            shared: shared.clone(),
-            listener: runtime.clone(),
-            peer,
-            peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
-                .unwrap_or(http::HeaderValue::from_static("unknown")),
-        });
-        let stats = shared.stats.clone();
-        // Polled only when it fires, not each time the connection wakes.
-        let mut killed = killed.clone();
-        let killed = Quiet::new(Box::pin(async move {
-            let _ = killed.changed().await;
-        }));
-        let alive = alive_rx.clone();
-        let drain = drain.clone();
-        stats.downstream_cx_total.fetch_add(1, Relaxed);
-        stats.downstream_cx_active.fetch_add(1, Relaxed);
-        tokio::spawn(async move {
-            let _alive = alive;
-            tokio::select! {
-                _ = connection(stream, conn, drain) => {}
-                _ = killed => {}
+        shared.stats.downstream_cx_total.fetch_add(1, Relaxed);
+        let to = balance.pick(me);
+        balance.open[to].fetch_add(1, Relaxed);
+        if to == me {
+            start(stream, peer);
+            continue;
+        }
+        // Leaves this worker's poller, to be registered with the other's.
+        match stream.into_std() {
+            Ok(s) => {
+                if let Err(mpsc::error::SendError((s, peer))) = balance.inbox[to].send((s, peer)) {
+                    // That worker is gone (draining): serve it here.
+                    balance.open[to].fetch_sub(1, Relaxed);
+                    balance.open[me].fetch_add(1, Relaxed);
+                    if let Ok(s) = TcpStream::from_std(s) {
+                        start(s, peer);
+                    } else {
+                        balance.open[me].fetch_sub(1, Relaxed);
+                    }
+                }
             }
-            stats.downstream_cx_active.fetch_sub(1, Relaxed);
-        });
+            Err(e) => {
+                balance.open[to].fetch_sub(1, Relaxed);
+                tracing::warn!(error = %e, "cannot hand over a connection");
+            }
+        }
+    }
+    // Connections handed over just before the drain are served too.
+    inbox.close();
+    while let Ok((s, peer)) = inbox.try_recv() {
+        match TcpStream::from_std(s) {
+            Ok(s) => start(s, peer),
+            Err(_) => {
+                balance.open[me].fetch_sub(1, Relaxed);
+            }
+        }
     }
     // Draining: no new connections; open ones finish their requests
     // (HTTP/1.1 answers with `Connection: close`, HTTP/2 gets a GOAWAY),
@@ -148,4 +249,22 @@ async fn connection(io: TcpStream, conn: Arc<Conn>, mut drain: watch::Receiver<b
         return http1::serve(io, buf, conn, drain).await;
     }
     h2::serve(io, buf, conn, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_go_to_the_least_loaded_worker_only_when_uneven() {
+        let (b, _rx) = Balance::new(3);
+        assert_eq!(b.pick(1), 1, "even: kept");
+        b.open[1].store(2, Relaxed);
+        b.open[0].store(2, Relaxed);
+        b.open[2].store(1, Relaxed);
+        assert_eq!(b.pick(1), 2, "more than the least loaded: handed over");
+        assert_eq!(b.pick(2), 2, "the least loaded keeps its own");
+        b.open[2].store(2, Relaxed);
+        assert_eq!(b.pick(0), 0, "even again: kept");
+    }
 }
