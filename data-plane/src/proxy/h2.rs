@@ -262,6 +262,8 @@ struct Stream {
     got_len: u64,
     /// Listed in `Out::blocked`.
     blocked: bool,
+    /// Since when its answer has waited for the client's window.
+    stalled_since: Option<Instant>,
     /// When the stream opened (for telling rapid resets from
     /// cancellations).
     opened_at: Instant,
@@ -360,6 +362,9 @@ impl Out {
             if room <= 0 {
                 s.pending = data;
                 s.pending_end = end;
+                if s.stalled_since.is_none() {
+                    s.stalled_since = Some(Instant::now());
+                }
                 if self.conn_send <= 0 && !s.blocked {
                     s.blocked = true;
                     self.blocked.push(id);
@@ -373,6 +378,7 @@ impl Out {
             self.wbuf.extend_from_slice(&data[..n]);
             s.send_window -= n as i64;
             self.conn_send -= n as i64;
+            s.stalled_since = None;
             data.advance(n);
         }
     }
@@ -603,6 +609,10 @@ struct Connection {
     idle_wake: Arc<StreamWake>,
     /// When the last stream ended.
     idle_since: Instant,
+    /// Since when unsent output has waited for the socket.
+    write_stalled_since: Option<Instant>,
+    /// To be closed at once (the client stopped reading).
+    dead: bool,
 }
 
 impl Connection {
@@ -676,6 +686,8 @@ impl Connection {
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep_until(now + d)))),
             idle_wake,
             idle_since: now,
+            write_stalled_since: None,
+            dead: false,
         }
     }
 
@@ -724,6 +736,10 @@ impl Connection {
             }
             busy |= self.take_ready();
             self.run_streams();
+            if self.dead {
+                self.abort_all();
+                return Poll::Ready(());
+            }
             self.credit();
             if let Err(e) = self.flush(cx) {
                 self.closed_by
@@ -781,30 +797,60 @@ impl Connection {
     /// timer is re-armed for when it might have. It is not moved as
     /// streams come and go, only when it fires early.
     fn poll_idle(&mut self) {
-        let Some((d, sleep)) = &mut self.idle else {
-            return;
-        };
         self.idle_wake.queued.store(false, Ordering::Release);
         let waker = Waker::from(self.idle_wake.clone());
         let mut cx = Context::from_waker(&waker);
         loop {
-            if sleep.as_mut().poll(&mut cx).is_pending() {
-                return;
-            }
+            let limit = match &mut self.idle {
+                None => return,
+                Some((d, sleep)) => {
+                    if sleep.as_mut().poll(&mut cx).is_pending() {
+                        return;
+                    }
+                    *d
+                }
+            };
             let now = Instant::now();
             let due = if self.streams.is_empty() {
-                self.idle_since + *d
+                self.idle_since + limit
             } else {
-                now + *d
+                now + limit
             };
             if now >= due && !self.goaway_sent {
                 self.idle = None;
                 self.go_away(Reason::NO_ERROR, "idle timeout");
                 return;
             }
-            sleep
-                .as_mut()
-                .reset(due.max(now + Duration::from_millis(1)));
+            // A client that stops reading holds upstream connections and
+            // their slots: an answer that waited a whole idle timeout for
+            // the client's window is reset, and a connection whose writes
+            // made no progress for as long is closed.
+            if self
+                .write_stalled_since
+                .is_some_and(|t| now.duration_since(t) >= limit)
+            {
+                self.closed_by = Some("the client stopped reading".into());
+                self.dead = true;
+                return;
+            }
+            let stalled: Vec<u32> = self
+                .streams
+                .iter()
+                .filter(|(_, s)| {
+                    s.stalled_since
+                        .is_some_and(|t| now.duration_since(t) >= limit)
+                })
+                .map(|(&id, _)| id)
+                .collect();
+            for id in stalled {
+                self.out.rst(id, Reason::CANCEL);
+                self.remove(id);
+            }
+            if let Some((_, sleep)) = &mut self.idle {
+                sleep
+                    .as_mut()
+                    .reset(due.max(now + Duration::from_millis(1)));
+            }
         }
     }
 
@@ -838,9 +884,17 @@ impl Connection {
         while self.out.wpos < self.out.wbuf.len() {
             match Pin::new(&mut self.io).poll_write(cx, &self.out.wbuf[self.out.wpos..]) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => self.out.wpos += n,
+                Poll::Ready(Ok(n)) => {
+                    self.out.wpos += n;
+                    self.write_stalled_since = None;
+                }
                 Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Ok(()),
+                Poll::Pending => {
+                    if self.write_stalled_since.is_none() {
+                        self.write_stalled_since = Some(Instant::now());
+                    }
+                    return Ok(());
+                }
             }
         }
         self.out.wbuf.clear();
@@ -1427,6 +1481,7 @@ impl Connection {
                 expect_len,
                 got_len: 0,
                 blocked: false,
+                stalled_since: None,
                 opened_at: Instant::now(),
             },
         );

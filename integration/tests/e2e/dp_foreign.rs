@@ -402,6 +402,26 @@ fn foreign_control_plane_envoy_features() {
         idle >= std::time::Duration::from_millis(900) && idle < std::time::Duration::from_secs(5),
         "idle for about a second: {idle:?}"
     );
+    // An answer the client never opens its window for is reset after the
+    // idle timeout, and the connection then idles out.
+    use super::dp_h2_downstream::{HEADERS, RST_STREAM};
+    let started = std::time::Instant::now();
+    let mut c = Raw::connect(port, &[(4, 0)]);
+    c.request(1, &fields(&h2get("/host")), None);
+    c.until("the head", |f| f.kind == HEADERS);
+    let r = c.until("RST_STREAM", |f| f.kind == RST_STREAM || f.kind == DATA);
+    assert_eq!(
+        (r.kind, r.stream, r.payload.as_slice()),
+        (RST_STREAM, 1, &[0, 0, 0, 8][..]),
+        "CANCEL"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900)
+            && waited < std::time::Duration::from_secs(5),
+        "after about the idle timeout: {waited:?}"
+    );
+    c.until("GOAWAY", |f| f.kind == GOAWAY);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .expect("timeout");
