@@ -1530,6 +1530,27 @@ fn unpad(head: Head, mut payload: Bytes) -> Result<Bytes, ConnError> {
     Ok(payload)
 }
 
+/// The reason an HTTP/2 upstream reset its stream with, if that is what
+/// ended a response body: passed on, so that a gRPC client sees the
+/// upstream's CANCEL or REFUSED_STREAM rather than an internal error.
+fn upstream_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err
+            .downcast_ref::<::h2::Error>()
+            .and_then(::h2::Error::reason)
+        {
+            return Some(Reason(u32::from(r)));
+        }
+        // An io::Error's `source` skips the error it wraps.
+        cur = match err.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
 fn panicked(out: &mut Out, id: u32) -> Step {
     tracing::error!(stream = id, "request handling panicked; stream reset");
     frame::write_rst(&mut out.wbuf, id, Reason::INTERNAL_ERROR);
@@ -1611,8 +1632,9 @@ fn step(s: &mut Stream, id: u32, out: &mut Out) -> Step {
                         }
                     },
                     Poll::Ready(Some(Err(e))) => {
-                        tracing::debug!(stream = id, error = %e, "response body failed; stream reset");
-                        frame::write_rst(&mut out.wbuf, id, Reason::INTERNAL_ERROR);
+                        let reason = upstream_reason(&*e).unwrap_or(Reason::INTERNAL_ERROR);
+                        tracing::debug!(stream = id, error = %e, %reason, "response body failed; stream reset");
+                        frame::write_rst(&mut out.wbuf, id, reason);
                         return Step::Remove;
                     }
                 }
@@ -1758,5 +1780,22 @@ impl Drop for Body {
             };
             self.ready.release(self.id, n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_reset_reason_is_passed_on() {
+        let direct: BodyError = Box::new(::h2::Error::from(::h2::Reason::CANCEL));
+        assert_eq!(upstream_reason(&*direct), Some(Reason::CANCEL));
+        let wrapped: BodyError = Box::new(io::Error::other(::h2::Error::from(
+            ::h2::Reason::REFUSED_STREAM,
+        )));
+        assert_eq!(upstream_reason(&*wrapped), Some(Reason::REFUSED_STREAM));
+        let other: BodyError = Box::new(io::Error::other("connection closed"));
+        assert_eq!(upstream_reason(&*other), None);
     }
 }
