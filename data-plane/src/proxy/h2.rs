@@ -379,6 +379,10 @@ impl Out {
             s.send_window -= n as i64;
             self.conn_send -= n as i64;
             s.stalled_since = None;
+            if last {
+                // The end (if any) went with this frame.
+                return true;
+            }
             data.advance(n);
         }
     }

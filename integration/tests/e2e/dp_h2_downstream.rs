@@ -261,6 +261,29 @@ fn h2_downstream_flow_control_refusals_and_floods() {
     assert!(got.starts_with(b"POST /a/echo\n"), "{:?}", &got[..20]);
     assert!(got.ends_with(&body), "the body comes back whole");
 
+    // Windows are per stream: with the client's initial window at 0, two
+    // answers wait; opening one stream's window lets that one finish
+    // while the other still waits.
+    let mut c = Raw::connect(port, &[(4, 0)]);
+    c.request(1, &fields(&get("/a/one")), None);
+    c.request(3, &fields(&get("/a/three")), None);
+    // The two heads, in either order.
+    let a = c.until("a head", |f| f.kind == HEADERS).stream;
+    let b = c.until("the other head", |f| f.kind == HEADERS).stream;
+    assert_eq!(a + b, 4, "heads of streams 1 and 3");
+    assert!(c.quiet(200), "no DATA without window");
+    c.send(WINDOW_UPDATE, 0, 3, &100_000u32.to_be_bytes());
+    let d = c.until("stream 3's end", |f| {
+        f.kind == DATA && f.flags & END_STREAM != 0
+    });
+    assert_eq!(d.stream, 3, "only the stream whose window opened");
+    assert!(c.quiet(200), "stream 1 still waits");
+    c.send(WINDOW_UPDATE, 0, 1, &100_000u32.to_be_bytes());
+    let d = c.until("stream 1's end", |f| {
+        f.kind == DATA && f.flags & END_STREAM != 0
+    });
+    assert_eq!(d.stream, 1);
+
     // Request trailers end a request body.
     let mut c = Raw::connect(port, &[]);
     let mut post = get("/a/echo");
