@@ -975,10 +975,11 @@ impl Connection {
     }
 
     fn remove(&mut self, id: u32) {
-        if let Some(s) = self.streams.remove(&id) {
-            if let Some(r) = &s.recv {
-                r.fail(Fail::Reset);
-            }
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        if let Some(r) = &s.recv {
+            r.fail(Fail::Reset);
         }
         if self.streams.is_empty() && self.idle.is_some() {
             self.idle_since = Instant::now();
@@ -1042,8 +1043,7 @@ impl Connection {
                 // Priorities are ignored; a malformed one resets its
                 // stream if the stream is open (never an idle one).
                 if payload.len() != 5 && self.streams.contains_key(&head.stream) {
-                    self.reset(head.stream, Reason::FRAME_SIZE_ERROR);
-                    return self.check_error_resets();
+                    return self.reset(head.stream, Reason::FRAME_SIZE_ERROR);
                 }
                 Ok(())
             }
@@ -1095,13 +1095,11 @@ impl Connection {
         }
     }
 
-    /// Resets a stream for an error of the client's.
-    fn reset(&mut self, id: u32, reason: Reason) {
+    /// Resets a stream for an error of the client's; too many such
+    /// resets end the connection.
+    fn reset(&mut self, id: u32, reason: Reason) -> Result<(), ConnError> {
         self.out.rst(id, reason);
         self.remove(id);
-    }
-
-    fn check_error_resets(&self) -> Result<(), ConnError> {
         if self.out.error_resets > MAX_ERROR_RESETS {
             return Err(err(
                 Reason::ENHANCE_YOUR_CALM,
@@ -1222,13 +1220,11 @@ impl Connection {
             return Ok(()); // closed: ignored
         };
         if inc == 0 {
-            self.reset(head.stream, Reason::PROTOCOL_ERROR);
-            return self.check_error_resets();
+            return self.reset(head.stream, Reason::PROTOCOL_ERROR);
         }
         s.send_window += inc;
         if s.send_window > frame::MAX_WINDOW {
-            self.reset(head.stream, Reason::FLOW_CONTROL_ERROR);
-            return self.check_error_resets();
+            return self.reset(head.stream, Reason::FLOW_CONTROL_ERROR);
         }
         if !s.pending.is_empty() {
             requeue(&mut self.woken, head.stream, s);
@@ -1290,14 +1286,12 @@ impl Connection {
         };
         if s.remote_closed {
             self.conn_unacked += total as u32;
-            self.reset(id, Reason::STREAM_CLOSED);
-            return self.check_error_resets();
+            return self.reset(id, Reason::STREAM_CLOSED);
         }
         s.recv_window -= total as i64;
         if s.recv_window < 0 {
             self.conn_unacked += total as u32;
-            self.reset(id, Reason::FLOW_CONTROL_ERROR);
-            return self.check_error_resets();
+            return self.reset(id, Reason::FLOW_CONTROL_ERROR);
         }
         // Padding is credited back at once; data when it is consumed.
         let pad = (total - data.len()) as u32;
@@ -1311,8 +1305,7 @@ impl Connection {
         };
         if bad_len {
             self.conn_unacked += data.len() as u32;
-            self.reset(id, Reason::PROTOCOL_ERROR);
-            return self.check_error_resets();
+            return self.reset(id, Reason::PROTOCOL_ERROR);
         }
         let recv = s.recv.clone();
         if end {
@@ -1391,16 +1384,13 @@ impl Connection {
         if let Some(s) = self.streams.get_mut(&id) {
             // Trailers.
             if s.remote_closed {
-                self.reset(id, Reason::STREAM_CLOSED);
-                return self.check_error_resets();
+                return self.reset(id, Reason::STREAM_CLOSED);
             }
             if !end_stream || f.pseudo_seen || f.malformed.is_some() || f.too_large {
-                self.reset(id, Reason::PROTOCOL_ERROR);
-                return self.check_error_resets();
+                return self.reset(id, Reason::PROTOCOL_ERROR);
             }
             if s.expect_len.is_some_and(|n| n != s.got_len) {
-                self.reset(id, Reason::PROTOCOL_ERROR);
-                return self.check_error_resets();
+                return self.reset(id, Reason::PROTOCOL_ERROR);
             }
             s.remote_closed = true;
             if let Some(recv) = s.recv.take() {
@@ -1433,13 +1423,11 @@ impl Connection {
             Ok(r) => r,
             Err(why) => {
                 tracing::debug!(peer = %self.conn.peer, stream = id, "malformed request: {why}");
-                self.out.rst(id, Reason::PROTOCOL_ERROR);
-                return self.check_error_resets();
+                return self.reset(id, Reason::PROTOCOL_ERROR);
             }
         };
         if end_stream && expect_len.is_some_and(|n| n != 0) {
-            self.out.rst(id, Reason::PROTOCOL_ERROR);
-            return self.check_error_resets();
+            return self.reset(id, Reason::PROTOCOL_ERROR);
         }
         let head_only = req.method() == Method::HEAD;
         // A 431 never reads its body: what arrives is credited back at once.
