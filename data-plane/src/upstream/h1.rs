@@ -30,7 +30,7 @@ use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::pool::{OpenSlot, ReqBody, SendError};
+use super::pool::{OpenSlot, Pool, ReqBody, SendError};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, write_chunk_size, write_length,
     BodyError, Chunk, Framed, Piece,
@@ -132,11 +132,21 @@ enum Outgoing {
 }
 
 /// Sends one request on `conn` and reads the response head.
+///
+/// A reused connection can turn out to have been closed by the upstream
+/// just as the request went out (its FIN not yet seen when the connection
+/// left the idle list). When nothing at all came back on it, a request
+/// that may safely be sent twice (an idempotent method, or one carrying an
+/// idempotency key) whose body is at hand is sent once more on a fresh
+/// connection, as nginx, HAProxy and Go's client do: otherwise an
+/// upstream's keep-alive timeout shorter than ours turns into sporadic 502s.
 pub async fn exchange(
     mut conn: Connection,
     req: Request<ReqBody>,
     ret: &Return,
+    pool: &Pool,
 ) -> Result<Response<Body>, SendError> {
+    let reused = conn.uses > 0;
     conn.uses += 1;
     let (parts, body) = req.into_parts();
     let outgoing = match body {
@@ -166,31 +176,78 @@ pub async fn exchange(
     encode_head(&parts, &outgoing, &mut head);
 
     let mut reusable = true;
-    let resp = match outgoing {
-        Outgoing::None => {
-            write_all(&mut conn.io, &head).await?;
-            conn.keep_wbuf(head);
-            read_head(&mut conn.io, &mut conn.buf).await?
-        }
+    let rest = match outgoing {
+        Outgoing::None => None,
         Outgoing::Whole(b) if b.len() <= COALESCE_BODY => {
             head.extend_from_slice(&b);
-            write_all(&mut conn.io, &head).await?;
-            conn.keep_wbuf(head);
-            read_head(&mut conn.io, &mut conn.buf).await?
+            None
         }
-        Outgoing::Whole(b) => {
-            write_all(&mut conn.io, &head).await?;
-            write_all(&mut conn.io, &b).await?;
-            read_head(&mut conn.io, &mut conn.buf).await?
-        }
+        Outgoing::Whole(b) => Some(b),
         Outgoing::Stream(body, exact) => {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
             let (head, sent) = Box::pin(stream_exchange(&mut conn, &head, body, exact)).await?;
             reusable &= sent;
-            head
+            return finish(conn, head, head_only, reusable, ret);
         }
     };
+    let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
+        Ok(resp) => resp,
+        Err(e) if reused && conn.buf.is_empty() && replayable(&parts) => {
+            tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
+            drop(conn);
+            // Boxed: rare, and connecting's state is large.
+            let (fresh, resp) = Box::pin(async {
+                let (io, slot) = pool.tcp().await?;
+                let mut fresh = Connection::new(io, slot);
+                fresh.uses = 1;
+                let resp = send_and_read(&mut fresh, &head, rest.as_ref()).await?;
+                Ok::<_, SendError>((fresh, resp))
+            })
+            .await?;
+            conn = fresh;
+            resp
+        }
+        Err(e) => return Err(e),
+    };
+    conn.keep_wbuf(head);
+    finish(conn, resp, head_only, reusable, ret)
+}
+
+/// Whether a request may be sent again after its connection failed with
+/// nothing received: RFC 9110's idempotent methods, or a request that
+/// names an idempotency key (as Go's client also accepts).
+fn replayable(parts: &http::request::Parts) -> bool {
+    parts.method.is_idempotent()
+        || parts.headers.contains_key("idempotency-key")
+        || parts.headers.contains_key("x-idempotency-key")
+}
+
+/// Writes a request head (with a small body already appended) and the rest
+/// of its body, then reads the response head.
+async fn send_and_read(
+    conn: &mut Connection,
+    head: &[u8],
+    rest: Option<&Bytes>,
+) -> Result<Head, SendError> {
+    write_all(&mut conn.io, head).await?;
+    if let Some(b) = rest {
+        write_all(&mut conn.io, b).await?;
+    }
+    read_head(&mut conn.io, &mut conn.buf).await
+}
+
+/// Turns a response head into the response, with a body that reads from
+/// the connection (or the bytes that came with the head, in which case the
+/// connection goes back to the pool at once).
+fn finish(
+    conn: Connection,
+    resp: Head,
+    head_only: bool,
+    mut reusable: bool,
+    ret: &Return,
+) -> Result<Response<Body>, SendError> {
+    let mut conn = conn;
     let Head {
         status,
         version,

@@ -161,7 +161,7 @@ impl Pool {
             idle: idle.clone(),
             max_uses: self.max_uses,
         };
-        let resp = h1::exchange(conn, req, &ret).await?;
+        let resp = h1::exchange(conn, req, &ret, self).await?;
         Ok((resp.map(Either::Left), None))
     }
 
@@ -198,7 +198,7 @@ impl Pool {
 
     /// Connects, counting the connection as open from the start (so that
     /// connects under way count against the circuit breaker too).
-    async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
+    pub(super) async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
         let max = self.max_connections;
         if self
             .open
@@ -433,5 +433,78 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), swept)
             .await
             .expect("the closed connection is swept");
+    }
+
+    /// A reused connection that the origin closed just before the request
+    /// went out (its FIN not yet seen: the runtime has not polled since)
+    /// costs a GET nothing: it is sent again on a new connection. A POST
+    /// is not sent twice: it fails.
+    #[tokio::test]
+    async fn a_get_on_a_connection_the_origin_just_closed_is_sent_again() {
+        use http_body_util::BodyExt;
+        use std::io::{Read, Write};
+        use std::sync::mpsc;
+        let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = origin.local_addr().unwrap();
+        let (close_tx, close_rx) = mpsc::channel::<()>();
+        let (closed_tx, closed_rx) = mpsc::channel::<()>();
+        // A blocking origin on its own thread: each connection gets one
+        // answer, then is closed on request.
+        let server = std::thread::spawn(move || {
+            let mut accepted = 0;
+            for answer in ["first", "again"] {
+                let (mut s, _) = origin.accept().unwrap();
+                accepted += 1;
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).unwrap();
+                assert!(buf[..n].starts_with(b"GET / HTTP/1.1\r\n"));
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n{answer}");
+                s.write_all(resp.as_bytes()).unwrap();
+                close_rx.recv().unwrap();
+                drop(s);
+                closed_tx.send(()).unwrap();
+            }
+            // Nothing else may arrive: the POST is not sent again.
+            origin.set_nonblocking(true).unwrap();
+            close_rx.recv().unwrap();
+            while origin.accept().is_ok() {
+                accepted += 1;
+            }
+            accepted
+        });
+        let cluster = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&cluster).unwrap();
+        let pool = Pool::new(addr, &cfg, Arc::new(ClusterStats::default()));
+        let get = || Request::new(Either::Right(Full::new(Bytes::new())));
+        let text = |resp: Response<RespBody>| async move {
+            let b = resp.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(b.to_vec()).unwrap()
+        };
+
+        let (resp, _) = pool.send(get()).await.unwrap();
+        assert_eq!(text(resp).await, "first");
+        assert_eq!(pool.describe(), (1, 1), "kept for reuse");
+        // Blocking waits: the runtime must not see the FIN before the
+        // next request takes the connection.
+        close_tx.send(()).unwrap();
+        closed_rx.recv().unwrap();
+        let (resp, _) = pool.send(get()).await.expect("the GET is sent again");
+        assert_eq!(text(resp).await, "again");
+
+        close_tx.send(()).unwrap();
+        closed_rx.recv().unwrap();
+        let mut post = Request::new(Either::Right(Full::new(Bytes::from_static(b"x"))));
+        *post.method_mut() = http::Method::POST;
+        match pool.send(post).await {
+            Err(SendError::Reset(_)) => {}
+            Err(e) => panic!("expected a reset, got {e}"),
+            Ok((r, _)) => panic!("expected a reset, got {}", r.status()),
+        }
+        close_tx.send(()).unwrap();
+        assert_eq!(server.join().unwrap(), 2, "two connections, no third");
     }
 }
