@@ -35,6 +35,8 @@ counters!(
         no_cluster,
         /// The cluster had no available endpoint.
         no_healthy_upstream,
+        /// Streams ended by the stream idle timeout.
+        downstream_rq_idle_timeout,
         /// Upstream did not answer in time.
         upstream_rq_timeout,
         /// Retries sent.

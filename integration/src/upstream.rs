@@ -2,6 +2,7 @@
 //! port, gRPC (trailers, streaming echo) and WebSocket (101, then echo).
 //!
 //! Paths (after any prefix): `/status/N` answers N; `/slow/MS` answers after MS ms;
+//! `/bytes/N` answers N bytes;
 //! `/reset` closes the connection without answering; `/flaky/KEY/N`
 //! answers 503 the first N times for KEY, then 200; `/healthz` answers
 //! 200 unless the server was told to fail health checks. Every answer
@@ -154,7 +155,12 @@ async fn handle(
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let at = parts
         .iter()
-        .position(|p| matches!(*p, "healthz" | "status" | "slow" | "reset" | "flaky"))
+        .position(|p| {
+            matches!(
+                *p,
+                "healthz" | "status" | "slow" | "reset" | "flaky" | "bytes"
+            )
+        })
         .unwrap_or(0);
     match &parts[at..] {
         ["healthz"] => {
@@ -171,6 +177,7 @@ async fn handle(
             Ok(reply(200, full(echo)))
         }
         ["reset"] => Err(std::io::Error::other("reset on purpose")),
+        ["bytes", n] => Ok(reply(200, full(vec![b'x'; n.parse().unwrap_or(0)]))),
         ["flaky", key, n] => {
             let mut f = ctx.flaky.lock().expect("lock");
             let seen = f.entry(key.to_string()).or_insert(0);

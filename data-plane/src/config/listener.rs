@@ -78,6 +78,9 @@ pub struct ListenerConfig {
     pub max_request_headers: usize,
     /// Idle connection timeout.
     pub idle_timeout: Option<Duration>,
+    /// How long a stream may go without activity (the HCM's
+    /// `stream_idle_timeout`; `None` when turned off with 0).
+    pub stream_idle_timeout: Option<Duration>,
     /// How long a removed listener lets open requests finish.
     pub drain_timeout: Duration,
     /// Append the client address to x-forwarded-for.
@@ -224,6 +227,14 @@ impl ListenerConfig {
                     .and_then(|c| c.idle_timeout.as_ref())
                     .map(duration)
                     .unwrap_or(Duration::from_secs(3600)),
+            )
+            .filter(|d| !d.is_zero()),
+            // Envoy's default: 5 minutes.
+            stream_idle_timeout: Some(
+                hcm.stream_idle_timeout
+                    .as_ref()
+                    .map(duration)
+                    .unwrap_or(Duration::from_secs(300)),
             )
             .filter(|d| !d.is_zero()),
             drain_timeout: hcm

@@ -47,6 +47,7 @@ use tokio::time::{Instant, Sleep};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use super::http1::{linger_close, push_date, ClientGone};
+use super::stream_idle;
 use crate::h2::frame::{self, flag, kind, setting, Head, Reason};
 use crate::h2::hpack::{self, Decoder, Name};
 use crate::http1::{parse_length, poll_fill, BodyError};
@@ -82,14 +83,23 @@ pub(super) async fn serve(
     conn: Arc<Conn>,
     mut drain: watch::Receiver<bool>,
 ) {
-    let (max_headers, idle_timeout) = {
+    let (max_headers, idle_timeout, stream_idle_timeout) = {
         let lr = conn.listener.load();
-        (lr.config.max_request_headers, lr.config.idle_timeout)
+        let c = &lr.config;
+        (c.max_request_headers, c.idle_timeout, c.stream_idle_timeout)
     };
     let drain = Box::pin(async move {
         let _ = drain.changed().await;
     });
-    let mut c = Connection::new(io, buf, conn, max_headers, idle_timeout, drain);
+    let mut c = Connection::new(
+        io,
+        buf,
+        conn,
+        max_headers,
+        idle_timeout,
+        stream_idle_timeout,
+        drain,
+    );
     poll_fn(|cx| c.poll(cx)).await;
     if let Some(why) = &c.closed_by {
         tracing::debug!(peer = %c.conn.peer, "HTTP/2 connection ended: {why}");
@@ -112,6 +122,7 @@ fn err(reason: Reason, why: impl Into<String>) -> ConnError {
 /// only when they fire, not on every pass.
 const DRAIN_ID: u32 = u32::MAX;
 const IDLE_ID: u32 = u32::MAX - 1;
+const TICK_ID: u32 = u32::MAX - 2;
 
 /// Stream ids as their own hash (they are distinct small odd numbers).
 #[derive(Default)]
@@ -262,8 +273,9 @@ struct Stream {
     got_len: u64,
     /// Listed in `Out::blocked`.
     blocked: bool,
-    /// Since when its answer has waited for the client's window.
-    stalled_since: Option<Instant>,
+    /// The stream idle tick of its last activity (a frame from the
+    /// client, or an answer's head or data sent).
+    active: u32,
     /// When the stream opened (for telling rapid resets from
     /// cancellations).
     opened_at: Instant,
@@ -294,6 +306,8 @@ struct Out {
     error_resets: u64,
     /// The client's decoder was told the table size (0).
     table_sized: bool,
+    /// Stream idle ticks so far.
+    ticks: u32,
 }
 
 impl Out {
@@ -362,9 +376,6 @@ impl Out {
             if room <= 0 {
                 s.pending = data;
                 s.pending_end = end;
-                if s.stalled_since.is_none() {
-                    s.stalled_since = Some(Instant::now());
-                }
                 if self.conn_send <= 0 && !s.blocked {
                     s.blocked = true;
                     self.blocked.push(id);
@@ -378,7 +389,7 @@ impl Out {
             self.wbuf.extend_from_slice(&data[..n]);
             s.send_window -= n as i64;
             self.conn_send -= n as i64;
-            s.stalled_since = None;
+            s.active = self.ticks;
             if last {
                 // The end (if any) went with this frame.
                 return true;
@@ -484,6 +495,14 @@ impl Fields {
                 if is_connection_specific(&n) && !(n == header::TE && &value[..] == b"trailers") {
                     return self.malformed = Some("connection-specific header");
                 }
+                // RFC 9113 section 8.2.1: no whitespace around a value.
+                if value
+                    .first()
+                    .zip(value.last())
+                    .is_some_and(|(a, z)| matches!(a, b' ' | b'\t') || matches!(z, b' ' | b'\t'))
+                {
+                    return self.malformed = Some("header value with whitespace around it");
+                }
                 let Ok(v) = HeaderValue::from_maybe_shared(value) else {
                     return self.malformed = Some("invalid header value");
                 };
@@ -551,10 +570,15 @@ impl Fields {
                 Some(PathAndQuery::from_maybe_shared(path).map_err(|_| "invalid :path")?);
         }
         let uri = Uri::from_parts(parts).map_err(|_| "invalid request target")?;
-        let len = match self.headers.get(header::CONTENT_LENGTH) {
-            Some(v) => Some(parse_length(v.as_bytes()).ok_or("invalid content-length")?),
-            None => None,
-        };
+        // Several content-length fields must agree (RFC 9110 section 8.6).
+        let mut len = None;
+        for v in self.headers.get_all(header::CONTENT_LENGTH) {
+            let n = parse_length(v.as_bytes()).ok_or("invalid content-length")?;
+            if len.is_some_and(|m| m != n) {
+                return Err("content-length fields disagree");
+            }
+            len = Some(n);
+        }
         let mut req = Request::new(());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -611,6 +635,9 @@ struct Connection {
     drain_wake: Arc<StreamWake>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     idle_wake: Arc<StreamWake>,
+    /// The stream idle timeout and its tick (see [`super::stream_idle`]).
+    tick: Option<(Duration, Pin<Box<Sleep>>)>,
+    tick_wake: Arc<StreamWake>,
     /// When the last stream ended.
     idle_since: Instant,
     /// Since when unsent output has waited for the socket.
@@ -626,6 +653,7 @@ impl Connection {
         conn: Arc<Conn>,
         max_header_list: usize,
         idle_timeout: Option<Duration>,
+        stream_idle_timeout: Option<Duration>,
         drain: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Connection {
         let mut wbuf = Vec::with_capacity(16 * 1024);
@@ -648,7 +676,7 @@ impl Connection {
                 ready: ready.clone(),
             })
         };
-        let (drain_wake, idle_wake) = (timer(DRAIN_ID), timer(IDLE_ID));
+        let (drain_wake, idle_wake, tick_wake) = (timer(DRAIN_ID), timer(IDLE_ID), timer(TICK_ID));
         Connection {
             io,
             conn,
@@ -663,12 +691,13 @@ impl Connection {
                 deferred: Vec::new(),
                 error_resets: 0,
                 table_sized: false,
+                ticks: 0,
             },
             dec: Decoder::new(TABLE_SIZE),
             streams: Streams::default(),
             ready,
-            // Both timers are polled once to register their wakers.
-            woken: vec![DRAIN_ID, IDLE_ID],
+            // The timers are polled once to register their wakers.
+            woken: vec![DRAIN_ID, IDLE_ID, TICK_ID],
             released: Vec::new(),
             unparsed,
             preface_seen: false,
@@ -689,6 +718,11 @@ impl Connection {
             drain_wake,
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep_until(now + d)))),
             idle_wake,
+            tick: stream_idle_timeout.map(|d| {
+                let at = now + stream_idle::period(d);
+                (d, Box::pin(tokio::time::sleep_until(at)))
+            }),
+            tick_wake,
             idle_since: now,
             write_stalled_since: None,
             dead: false,
@@ -825,36 +859,75 @@ impl Connection {
                 self.go_away(Reason::NO_ERROR, "idle timeout");
                 return;
             }
-            // A client that stops reading holds upstream connections and
-            // their slots: an answer that waited a whole idle timeout for
-            // the client's window is reset, and a connection whose writes
-            // made no progress for as long is closed.
-            if self
-                .write_stalled_since
-                .is_some_and(|t| now.duration_since(t) >= limit)
-            {
-                self.closed_by = Some("the client stopped reading".into());
-                self.dead = true;
-                return;
-            }
-            let stalled: Vec<u32> = self
-                .streams
-                .iter()
-                .filter(|(_, s)| {
-                    s.stalled_since
-                        .is_some_and(|t| now.duration_since(t) >= limit)
-                })
-                .map(|(&id, _)| id)
-                .collect();
-            for id in stalled {
-                self.out.rst(id, Reason::CANCEL);
-                self.remove(id);
-            }
             if let Some((_, sleep)) = &mut self.idle {
                 sleep
                     .as_mut()
                     .reset(due.max(now + Duration::from_millis(1)));
             }
+        }
+    }
+
+    /// The stream idle tick fired (or is polled for the first time). A
+    /// stream without activity for the timeout ends: with a 408 when its
+    /// answer has not started, else with RST_STREAM(CANCEL) (an upstream
+    /// that stalled, or a client that stopped opening its window). A
+    /// connection whose writes made no progress for as long is closed.
+    fn poll_tick(&mut self) {
+        self.tick_wake.queued.store(false, Ordering::Release);
+        let waker = Waker::from(self.tick_wake.clone());
+        let mut cx = Context::from_waker(&waker);
+        let Some((timeout, sleep)) = &mut self.tick else {
+            return;
+        };
+        if sleep.as_mut().poll(&mut cx).is_pending() {
+            return;
+        }
+        let timeout = *timeout;
+        sleep
+            .as_mut()
+            .reset(Instant::now() + stream_idle::period(timeout));
+        // Polled once more so that the new deadline wakes this waker.
+        let _ = sleep.as_mut().poll(&mut cx);
+        self.out.ticks = self.out.ticks.wrapping_add(1);
+        if self
+            .write_stalled_since
+            .is_some_and(|t| t.elapsed() >= timeout)
+        {
+            self.closed_by = Some("the client stopped reading".into());
+            self.dead = true;
+            return;
+        }
+        let ticks = self.out.ticks;
+        let idle: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| ticks.wrapping_sub(s.active) > stream_idle::QUIET_TICKS)
+            .map(|(&id, _)| id)
+            .collect();
+        let conn = self.conn.clone();
+        let stats = &conn.shared.stats;
+        for id in idle {
+            stats
+                .downstream_rq_idle_timeout
+                .fetch_add(1, Ordering::Relaxed);
+            let Some(s) = self.streams.get(&id) else {
+                continue;
+            };
+            if matches!(s.task, Task::Handler(_)) {
+                stats.count_status(408);
+                let (parts, ()) = Response::builder()
+                    .status(StatusCode::REQUEST_TIMEOUT)
+                    .body(())
+                    .unwrap_or_default()
+                    .into_parts();
+                self.out.response_head(id, &parts, true);
+                if !s.remote_closed {
+                    self.out.rst(id, Reason::NO_ERROR);
+                }
+            } else {
+                self.out.rst(id, Reason::CANCEL);
+            }
+            self.remove(id);
         }
     }
 
@@ -961,6 +1034,10 @@ impl Connection {
             }
             if id == IDLE_ID {
                 self.poll_idle();
+                continue;
+            }
+            if id == TICK_ID {
+                self.poll_tick();
                 continue;
             }
             let Some(s) = self.streams.get_mut(&id) else {
@@ -1288,6 +1365,7 @@ impl Connection {
             self.conn_unacked += total as u32;
             return self.reset(id, Reason::STREAM_CLOSED);
         }
+        s.active = self.out.ticks;
         s.recv_window -= total as i64;
         if s.recv_window < 0 {
             self.conn_unacked += total as u32;
@@ -1393,6 +1471,7 @@ impl Connection {
                 return self.reset(id, Reason::PROTOCOL_ERROR);
             }
             s.remote_closed = true;
+            s.active = self.out.ticks;
             if let Some(recv) = s.recv.take() {
                 let mut st = recv.lock();
                 if !st.dropped {
@@ -1473,7 +1552,7 @@ impl Connection {
                 expect_len,
                 got_len: 0,
                 blocked: false,
-                stalled_since: None,
+                active: self.out.ticks,
                 opened_at: Instant::now(),
             },
         );
@@ -1572,6 +1651,7 @@ fn step(s: &mut Stream, id: u32, out: &mut Out) -> Step {
                     || status.is_informational();
                 let end = bodiless || body.is_end_stream();
                 out.response_head(id, &parts, end);
+                s.active = out.ticks;
                 s.task = if end { Task::Done } else { Task::Body(body) };
             }
             Task::Body(_) => {

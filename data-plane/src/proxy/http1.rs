@@ -41,6 +41,7 @@ use tokio::sync::{oneshot, watch};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use super::quiet::Quiet;
+use super::stream_idle::{Progress, Watch};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, read_some, write_chunk_size,
     write_length, BodyError, Chunk, Framed, Piece,
@@ -112,14 +113,18 @@ pub(super) async fn serve(
     let mut idle: Option<Quiet<Pin<Box<tokio::time::Sleep>>>> = None;
     let mut served: u64 = 0;
     let mut served_at_arm: u64 = 0;
+    // The stream idle timeout: armed at the first request, kept after.
+    let progress = Progress::default();
+    let mut watch: Option<Watch> = None;
     loop {
-        let (header_timeout, idle_timeout, max_head) = {
+        let (header_timeout, idle_timeout, max_head, stream_idle) = {
             let lr = conn.listener.load();
             let c = &lr.config;
             (
                 c.request_headers_timeout,
                 c.idle_timeout,
                 c.max_request_headers.max(8192),
+                c.stream_idle_timeout,
             )
         };
         // Empty lines between requests are allowed (RFC 9112 section 2.2);
@@ -216,12 +221,14 @@ pub(super) async fn serve(
                 std::mem::take(&mut buf),
                 Framed::Length(n),
                 answered.clone(),
+                &progress,
             ),
             BodyFraming::Chunked => Body::reading(
                 io.clone(),
                 std::mem::take(&mut buf),
                 Framed::Chunked(Chunk::Size),
                 answered.clone(),
+                &progress,
             ),
         };
         let mut req = Request::new(RequestBody::Http1(body));
@@ -241,7 +248,29 @@ pub(super) async fn serve(
             req.extensions_mut().insert(FramingConflict);
             keep_alive = false;
         }
-        let resp = match handle(conn.clone(), req).await {
+        match (stream_idle, &watch) {
+            (None, _) => watch = None,
+            (Some(t), Some(w)) if w.is_for(t) => {}
+            (Some(t), _) => watch = Some(Watch::new(t)),
+        }
+        let resp = match watch.as_mut() {
+            None => handle(conn.clone(), req).await,
+            Some(w) => {
+                w.start(&progress);
+                match w.run(&progress, handle(conn.clone(), req)).await {
+                    Some(r) => r,
+                    None => {
+                        // No answer, and nothing moved for the timeout.
+                        let stats = &conn.shared.stats;
+                        stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
+                        stats.count_status(408);
+                        refuse(io, &Refusal::STREAM_TIMEOUT).await;
+                        return;
+                    }
+                }
+            }
+        };
+        let resp = match resp {
             Ok(r) => r,
             Err(never) => match never {},
         };
@@ -270,7 +299,23 @@ pub(super) async fn serve(
             trailers,
             switching,
         };
-        match write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive).await {
+        let written = write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive, &progress);
+        let written = match watch.as_mut() {
+            None => written.await,
+            Some(w) => match w.run(&progress, written).await {
+                Some(r) => r,
+                None => {
+                    // The upstream or the client stalled part way: the
+                    // close tells the client the answer is cut.
+                    conn.shared
+                        .stats
+                        .downstream_rq_idle_timeout
+                        .fetch_add(1, Relaxed);
+                    return;
+                }
+            },
+        };
+        match written {
             Ok(true) => {}
             Ok(false) | Err(_) => return,
         }
@@ -334,11 +379,14 @@ pub(super) async fn fill(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize
     }
 }
 
-/// Writes all of `data`.
-async fn write_all(io: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// Writes all of `data`, counting each write as the stream's activity.
+async fn write_all(io: &TcpStream, mut data: &[u8], progress: &Progress) -> io::Result<()> {
     while !data.is_empty() {
         match io.try_write(data) {
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                progress.bump();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
             Err(e) => return Err(e),
         }
@@ -380,6 +428,11 @@ impl Refusal {
         status: StatusCode::REQUEST_TIMEOUT,
         why: "request headers not received in time\n",
     };
+    /// Envoy's answer when the stream idle timeout ends a request.
+    const STREAM_TIMEOUT: Refusal = Refusal {
+        status: StatusCode::REQUEST_TIMEOUT,
+        why: "stream timeout\n",
+    };
     const TOO_LARGE: Refusal = Refusal {
         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         why: "request headers too large\n",
@@ -402,7 +455,10 @@ async fn refuse(io: Arc<TcpStream>, r: &Refusal) {
         httpdate::fmt_http_date(std::time::SystemTime::now()),
         r.why
     );
-    if write_all(&io, text.as_bytes()).await.is_ok() {
+    if write_all(&io, text.as_bytes(), &Progress::default())
+        .await
+        .is_ok()
+    {
         linger_close(io).await;
     }
 }
@@ -583,6 +639,7 @@ async fn write_response(
     resp: Response<ResponseBody>,
     r: &Reply,
     keep_alive: &mut bool,
+    progress: &Progress,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -653,7 +710,7 @@ async fn write_response(
     wbuf.extend_from_slice(b"\r\n");
     if out == Out::None {
         drop(body);
-        write_all(io, wbuf).await?;
+        write_all(io, wbuf, progress).await?;
         return Ok(true);
     }
 
@@ -674,7 +731,7 @@ async fn write_response(
             match polled {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
-                    write_all(io, wbuf).await?;
+                    write_all(io, wbuf, progress).await?;
                     wbuf.clear();
                     continue;
                 }
@@ -682,10 +739,10 @@ async fn write_response(
         };
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
+                Ok(data) if data.is_empty() => progress.bump(),
                 Ok(mut data) => {
                     if left == 0 {
-                        write_all(io, wbuf).await?;
+                        write_all(io, wbuf, progress).await?;
                         return Ok(false);
                     }
                     if (data.len() as u64) > left {
@@ -699,29 +756,29 @@ async fn write_response(
                     if data.len() <= COALESCE {
                         wbuf.extend_from_slice(&data);
                     } else {
-                        write_all(io, wbuf).await?;
+                        write_all(io, wbuf, progress).await?;
                         wbuf.clear();
-                        write_all(io, &data).await?;
+                        write_all(io, &data, progress).await?;
                     }
                     if out == Out::Chunked {
                         wbuf.extend_from_slice(b"\r\n");
                     }
                     if wbuf.len() >= COALESCE {
-                        write_all(io, wbuf).await?;
+                        write_all(io, wbuf, progress).await?;
                         wbuf.clear();
                     }
                 }
                 Err(frame) => {
                     if let (Out::Chunked, Ok(t)) = (out, frame.into_trailers()) {
-                        return end_chunked(io, wbuf, r.trailers.then_some(&t)).await;
+                        return end_chunked(io, wbuf, r.trailers.then_some(&t), progress).await;
                     }
                 }
             },
             None => {
                 return match out {
-                    Out::Chunked => end_chunked(io, wbuf, None).await,
+                    Out::Chunked => end_chunked(io, wbuf, None, progress).await,
                     _ => {
-                        write_all(io, wbuf).await?;
+                        write_all(io, wbuf, progress).await?;
                         // Short of its length, or longer: cut; a body
                         // delimited by the close ends with it (and
                         // `keep_alive` is already off).
@@ -735,7 +792,7 @@ async fn write_response(
             Some(Err(_)) => {
                 // The upstream failed mid-body: what was sent stands, and
                 // the close (no last chunk) tells the client it is cut.
-                write_all(io, wbuf).await?;
+                write_all(io, wbuf, progress).await?;
                 return Ok(false);
             }
         }
@@ -746,6 +803,7 @@ async fn end_chunked(
     io: &TcpStream,
     wbuf: &mut Vec<u8>,
     trailers: Option<&HeaderMap>,
+    progress: &Progress,
 ) -> io::Result<bool> {
     wbuf.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
@@ -758,7 +816,7 @@ async fn end_chunked(
         wbuf.extend_from_slice(b"\r\n");
     }
     wbuf.extend_from_slice(b"\r\n");
-    write_all(io, wbuf).await?;
+    write_all(io, wbuf, progress).await?;
     Ok(true)
 }
 
@@ -794,6 +852,8 @@ struct Reading {
     answered: Option<Arc<AtomicBool>>,
     /// Where the buffer goes at the body's clean end.
     back: Option<oneshot::Sender<BytesMut>>,
+    /// The stream's activity, bumped by each read.
+    progress: Progress,
 }
 
 /// The body of an HTTP/1.1 request.
@@ -813,6 +873,7 @@ impl Body {
         buf: BytesMut,
         framed: Framed,
         answered: Option<Arc<AtomicBool>>,
+        progress: &Progress,
     ) -> (Self, Option<oneshot::Receiver<BytesMut>>) {
         let (tx, rx) = oneshot::channel();
         let body = Body {
@@ -827,6 +888,7 @@ impl Body {
                 },
                 answered,
                 back: Some(tx),
+                progress: progress.clone(),
             })),
         };
         (body, Some(rx))
@@ -933,7 +995,7 @@ impl http_body::Body for Body {
                     this.reading = None;
                     return Poll::Ready(Some(Err(gone("closed"))));
                 }
-                Ok(_) => {}
+                Ok(_) => r.progress.bump(),
                 Err(e) => {
                     this.reading = None;
                     return Poll::Ready(Some(Err(gone(e))));

@@ -12,6 +12,7 @@ pub mod handler;
 pub mod http1;
 mod quiet;
 mod server;
+mod stream_idle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -50,6 +50,11 @@ impl<F> Quiet<F> {
         }
     }
 
+    /// The inner future, to look at.
+    pub(crate) fn get_ref(&self) -> &F {
+        &self.inner
+    }
+
     /// The inner future, to change it (a timer's deadline): it is polled
     /// again at the next poll.
     pub(crate) fn get_mut(&mut self) -> &mut F {

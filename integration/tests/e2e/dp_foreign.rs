@@ -5,7 +5,7 @@
 //! connect failure and on reset — and a NACK sent to that server.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 
 use portico_integration::dataplane::{free_port, DataPlane};
@@ -81,13 +81,17 @@ fn listener(port: u16) -> Listener {
             ))),
             ..Default::default()
         }],
-        // Short, so that the test sees connections idle out.
+        // Short, so that the test sees connections and streams idle out.
         common_http_protocol_options: Some(HttpProtocolOptions {
             idle_timeout: Some(portico_proto::google::protobuf::Duration {
                 seconds: 1,
                 nanos: 0,
             }),
             ..Default::default()
+        }),
+        stream_idle_timeout: Some(portico_proto::google::protobuf::Duration {
+            seconds: 1,
+            nanos: 0,
         }),
         ..Default::default()
     };
@@ -402,9 +406,16 @@ fn foreign_control_plane_envoy_features() {
         idle >= std::time::Duration::from_millis(900) && idle < std::time::Duration::from_secs(5),
         "idle for about a second: {idle:?}"
     );
-    // An answer the client never opens its window for is reset after the
-    // idle timeout, and the connection then idles out.
+    // The stream idle timeout (1 s here): an answer the client never opens
+    // its window for is reset, and the connection then idles out.
     use super::dp_h2_downstream::{HEADERS, RST_STREAM};
+    let about_a_second = |waited: std::time::Duration| {
+        assert!(
+            waited >= std::time::Duration::from_millis(950)
+                && waited < std::time::Duration::from_secs(5),
+            "after about the stream idle timeout: {waited:?}"
+        );
+    };
     let started = std::time::Instant::now();
     let mut c = Raw::connect(port, &[(4, 0)]);
     c.request(1, &fields(&h2get("/host")), None);
@@ -415,12 +426,49 @@ fn foreign_control_plane_envoy_features() {
         (RST_STREAM, 1, &[0, 0, 0, 8][..]),
         "CANCEL"
     );
-    let waited = started.elapsed();
+    about_a_second(started.elapsed());
+    // An upstream that does not answer for 3 s: 408 after the stream
+    // idle timeout, on HTTP/2 and on HTTP/1.1.
+    let started = std::time::Instant::now();
+    let mut h2 = Raw::connect(port, &[]);
+    h2.request(1, &fields(&h2get("/host/slow/3000")), None);
+    let h = h2.until("the 408", |f| f.kind == HEADERS);
     assert!(
-        waited >= std::time::Duration::from_millis(900)
-            && waited < std::time::Duration::from_secs(5),
-        "after about the idle timeout: {waited:?}"
+        h.payload.windows(3).any(|w| w == b"408") && h.flags & END_STREAM != 0,
+        "408 ending the stream: {h:?}"
     );
+    about_a_second(started.elapsed());
+    let started = std::time::Instant::now();
+    let r = get("/host/slow/3000", &[]);
+    assert_eq!((r.status, r.body.as_str()), (408, "stream timeout\n"));
+    about_a_second(started.elapsed());
+    // An HTTP/1.1 client that stops reading a long answer: the connection
+    // closes after the stream idle timeout.
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("connect");
+    let mut s = std::net::TcpStream::from(s);
+    s.write_all(b"GET /host/bytes/8000000 HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .expect("write");
+    let started = std::time::Instant::now();
+    // Not read for 1.5 s: by then the gateway gave up on the client.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the stalled answer's connection closes: {e}"),
+        }
+    }
+    assert!(got < 8_000_000, "the answer was cut: {got} bytes");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
     c.until("GOAWAY", |f| f.kind == GOAWAY);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))

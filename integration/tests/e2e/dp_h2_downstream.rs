@@ -342,7 +342,19 @@ fn h2_downstream_flow_control_refusals_and_floods() {
     bad_len.push(("content-length", "5".into()));
     let mut hop = get("/a/x");
     hop.push(("connection", "keep-alive".into()));
-    for (id, f) in [(3, &upper), (5, &no_path), (7, &bad_len), (9, &hop)] {
+    let mut spaced = get("/a/x");
+    spaced.push(("x-spaced", " 1".into()));
+    let mut two_lens = get("/a/x");
+    two_lens.push(("content-length", "0".into()));
+    two_lens.push(("content-length", "1".into()));
+    for (id, f) in [
+        (3, &upper),
+        (5, &no_path),
+        (7, &bad_len),
+        (9, &hop),
+        (11, &spaced),
+        (13, &two_lens),
+    ] {
         c.request(id, &fields(f), None);
         let r = c.until("RST_STREAM", |f| f.kind == RST_STREAM || f.kind == HEADERS);
         assert_eq!(
@@ -351,25 +363,25 @@ fn h2_downstream_flow_control_refusals_and_floods() {
             "malformed request on stream {id}"
         );
     }
-    c.request(11, &fields(&get("/a/fine")), None);
+    c.request(15, &fields(&get("/a/fine")), None);
     let h = c.until("response", |f| f.kind == HEADERS);
-    assert_eq!((h.stream, first_field(&h)), (11, 0x88));
+    assert_eq!((h.stream, first_field(&h)), (15, 0x88));
     // Headers over the listener's limit (60 KiB), split over CONTINUATION
     // frames: 431 for that stream.
     let mut big = block(&fields(&get("/a/big")));
     big.extend_from_slice(&block(&[("x-big", &"a".repeat(70 * 1024))]));
     let mut parts = big.chunks(16_384).peekable();
     let first = parts.next().expect("a first part");
-    c.send(HEADERS, END_STREAM, 13, first);
+    c.send(HEADERS, END_STREAM, 17, first);
     while let Some(p) = parts.next() {
         let f = if parts.peek().is_none() {
             END_HEADERS
         } else {
             0
         };
-        c.send(CONTINUATION, f, 13, p);
+        c.send(CONTINUATION, f, 17, p);
     }
-    let h = c.until("431", |f| f.kind == HEADERS && f.stream == 13);
+    let h = c.until("431", |f| f.kind == HEADERS && f.stream == 17);
     assert!(
         h.payload.windows(3).any(|w| w == b"431"),
         "431 for headers too large: {h:?}"

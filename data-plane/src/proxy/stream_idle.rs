@@ -1,0 +1,152 @@
+//! Envoy's stream idle timeout (the HCM's `stream_idle_timeout`, 5 minutes
+//! unless set, 0 to turn it off): a request whose stream sees no activity
+//! for that long ends. With no response head sent yet, the client gets a
+//! 408; after that the stream is reset (HTTP/2) or the connection closed
+//! (HTTP/1.1). It bounds upstreams that stall, clients that stop sending
+//! their body and clients that stop reading the answer.
+//!
+//! Activity is counted, not timed: reads and writes bump a counter (a
+//! plain store, no clock read), and a coarse tick, a fifth of the timeout
+//! and armed once per connection, looks for a change. A stream ends at the
+//! [`QUIET_TICKS`]th tick in a row without one: between the timeout and a
+//! fifth more after its last activity (its start counts as activity).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+use super::quiet::Quiet;
+
+/// Ticks per timeout.
+pub(super) const QUIET_TICKS: u32 = 5;
+
+/// The tick's period for a timeout.
+pub(super) fn period(timeout: Duration) -> Duration {
+    (timeout / QUIET_TICKS).max(Duration::from_millis(1))
+}
+
+/// A stream's activity counter, shared with whoever reads its body.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Progress(Arc<AtomicU32>);
+
+impl Progress {
+    /// Records activity. Only the count's change matters, so a plain load
+    /// and store does (no locked instruction on the hot path).
+    pub(crate) fn bump(&self) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+
+    fn get(&self) -> u32 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// The stream idle timeout of one HTTP/1.1 connection (one stream at a
+/// time).
+pub(super) struct Watch {
+    period: Duration,
+    tick: Quiet<Pin<Box<Sleep>>>,
+    /// The count at the last tick, and ticks since it changed.
+    seen: u32,
+    quiet: u32,
+}
+
+impl Watch {
+    /// A watch for `timeout`.
+    pub(super) fn new(timeout: Duration) -> Watch {
+        let period = period(timeout);
+        Watch {
+            period,
+            tick: Quiet::new(Box::pin(tokio::time::sleep(period))),
+            seen: 0,
+            quiet: 0,
+        }
+    }
+
+    /// Whether the timeout still matches `timeout` (the listener's config
+    /// may change under a live connection).
+    pub(super) fn is_for(&self, timeout: Duration) -> bool {
+        self.period == period(timeout)
+    }
+
+    /// Starts watching a stream.
+    pub(super) fn start(&mut self, progress: &Progress) {
+        // Unlike any count: the first tick sees a change (the start).
+        self.seen = progress.get().wrapping_sub(1);
+        self.quiet = 0;
+        if self.tick.get_ref().is_elapsed() {
+            // It fired while the connection was idle: count from now.
+            let at = Instant::now() + self.period;
+            self.tick.get_mut().as_mut().reset(at);
+        }
+    }
+
+    /// Runs `fut` to its end, or `None` once the stream was idle for the
+    /// timeout.
+    pub(super) async fn run<F: Future>(
+        &mut self,
+        progress: &Progress,
+        fut: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return Some(out),
+                _ = &mut self.tick => {
+                    let at = Instant::now() + self.period;
+                    self.tick.get_mut().as_mut().reset(at);
+                    let now = progress.get();
+                    if now != self.seen {
+                        self.seen = now;
+                        self.quiet = 0;
+                    } else {
+                        self.quiet += 1;
+                        if self.quiet >= QUIET_TICKS {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that keeps making progress is never cut; one that stops
+    /// is cut no sooner than the timeout after its last activity (real
+    /// time: the upper bound is loose for a busy machine).
+    #[tokio::test]
+    async fn only_streams_without_activity_end() {
+        let timeout = Duration::from_millis(200);
+        let mut w = Watch::new(timeout);
+        let p = Progress::default();
+        w.start(&p);
+        let busy = {
+            let p = p.clone();
+            async move {
+                for _ in 0..30 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    p.bump();
+                }
+            }
+        };
+        assert!(w.run(&p, busy).await.is_some(), "600 ms of activity");
+        let start = Instant::now();
+        w.start(&p);
+        let stalled = w.run(&p, std::future::pending::<()>()).await;
+        assert!(stalled.is_none());
+        let waited = start.elapsed();
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+    }
+}
