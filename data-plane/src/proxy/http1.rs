@@ -41,7 +41,7 @@ use tokio::sync::{oneshot, watch};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use super::quiet::Quiet;
-use super::stream_idle::{Progress, Watch};
+use super::stream_idle::{Activity, Progress, Watch};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, read_some, write_chunk_size,
     write_length, BodyError, Chunk, Framed, Piece,
@@ -253,22 +253,18 @@ pub(super) async fn serve(
             (Some(t), Some(w)) if w.is_for(t) => {}
             (Some(t), _) => watch = Some(Watch::new(t)),
         }
-        let resp = match watch.as_mut() {
-            None => handle(conn.clone(), req).await,
-            Some(w) => {
-                w.start(&progress);
-                match w.run(&progress, handle(conn.clone(), req)).await {
-                    Some(r) => r,
-                    None => {
-                        // No answer, and nothing moved for the timeout.
-                        let stats = &conn.shared.stats;
-                        stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
-                        stats.count_status(408);
-                        refuse(io, &Refusal::STREAM_TIMEOUT).await;
-                        return;
-                    }
-                }
-            }
+        let resp = tokio::select! {
+            biased;
+            r = handle(conn.clone(), req) => Some(r),
+            () = Watch::expiry(watch.as_mut(), &progress) => None,
+        };
+        let Some(resp) = resp else {
+            // No answer, and nothing moved for the timeout.
+            let stats = &conn.shared.stats;
+            stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
+            stats.count_status(408);
+            refuse(io, &Refusal::STREAM_TIMEOUT).await;
+            return;
         };
         let resp = match resp {
             Ok(r) => r,
@@ -299,22 +295,20 @@ pub(super) async fn serve(
             trailers,
             switching,
         };
-        let written = write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive, &progress);
-        let written = match watch.as_mut() {
-            None => written.await,
-            Some(w) => match w.run(&progress, written).await {
-                Some(r) => r,
-                None => {
-                    // The upstream or the client stalled part way: the
-                    // close tells the client the answer is cut.
-                    conn.shared
-                        .stats
-                        .downstream_rq_idle_timeout
-                        .fetch_add(1, Relaxed);
-                    return;
-                }
-            },
-        };
+        let mut activity = Activity::new(watch.as_mut(), &progress);
+        let written =
+            write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive, &mut activity).await;
+        if written
+            .as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
+        {
+            // The upstream or the client stalled part way: the close
+            // tells the client the answer is cut.
+            conn.shared
+                .stats
+                .downstream_rq_idle_timeout
+                .fetch_add(1, Relaxed);
+        }
         match written {
             Ok(true) => {}
             Ok(false) | Err(_) => return,
@@ -380,14 +374,14 @@ pub(super) async fn fill(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize
 }
 
 /// Writes all of `data`, counting each write as the stream's activity.
-async fn write_all(io: &TcpStream, mut data: &[u8], progress: &Progress) -> io::Result<()> {
+async fn write_all(io: &TcpStream, mut data: &[u8], act: &mut Activity<'_>) -> io::Result<()> {
     while !data.is_empty() {
         match io.try_write(data) {
             Ok(n) => {
                 data = &data[n..];
-                progress.bump();
+                act.progress.bump();
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => act.wait(io.writable()).await??,
             Err(e) => return Err(e),
         }
     }
@@ -455,7 +449,8 @@ async fn refuse(io: Arc<TcpStream>, r: &Refusal) {
         httpdate::fmt_http_date(std::time::SystemTime::now()),
         r.why
     );
-    if write_all(&io, text.as_bytes(), &Progress::default())
+    let progress = Progress::default();
+    if write_all(&io, text.as_bytes(), &mut Activity::new(None, &progress))
         .await
         .is_ok()
     {
@@ -639,7 +634,7 @@ async fn write_response(
     resp: Response<ResponseBody>,
     r: &Reply,
     keep_alive: &mut bool,
-    progress: &Progress,
+    act: &mut Activity<'_>,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -710,7 +705,7 @@ async fn write_response(
     wbuf.extend_from_slice(b"\r\n");
     if out == Out::None {
         drop(body);
-        write_all(io, wbuf, progress).await?;
+        write_all(io, wbuf, act).await?;
         return Ok(true);
     }
 
@@ -724,14 +719,14 @@ async fn write_response(
     let mut overflow = false;
     loop {
         let frame = if wbuf.is_empty() {
-            body.frame().await
+            act.wait(body.frame()).await?
         } else {
             let polled =
                 std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
             match polled {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
-                    write_all(io, wbuf, progress).await?;
+                    write_all(io, wbuf, act).await?;
                     wbuf.clear();
                     continue;
                 }
@@ -739,10 +734,10 @@ async fn write_response(
         };
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if data.is_empty() => progress.bump(),
+                Ok(data) if data.is_empty() => act.progress.bump(),
                 Ok(mut data) => {
                     if left == 0 {
-                        write_all(io, wbuf, progress).await?;
+                        write_all(io, wbuf, act).await?;
                         return Ok(false);
                     }
                     if (data.len() as u64) > left {
@@ -756,29 +751,29 @@ async fn write_response(
                     if data.len() <= COALESCE {
                         wbuf.extend_from_slice(&data);
                     } else {
-                        write_all(io, wbuf, progress).await?;
+                        write_all(io, wbuf, act).await?;
                         wbuf.clear();
-                        write_all(io, &data, progress).await?;
+                        write_all(io, &data, act).await?;
                     }
                     if out == Out::Chunked {
                         wbuf.extend_from_slice(b"\r\n");
                     }
                     if wbuf.len() >= COALESCE {
-                        write_all(io, wbuf, progress).await?;
+                        write_all(io, wbuf, act).await?;
                         wbuf.clear();
                     }
                 }
                 Err(frame) => {
                     if let (Out::Chunked, Ok(t)) = (out, frame.into_trailers()) {
-                        return end_chunked(io, wbuf, r.trailers.then_some(&t), progress).await;
+                        return end_chunked(io, wbuf, r.trailers.then_some(&t), act).await;
                     }
                 }
             },
             None => {
                 return match out {
-                    Out::Chunked => end_chunked(io, wbuf, None, progress).await,
+                    Out::Chunked => end_chunked(io, wbuf, None, act).await,
                     _ => {
-                        write_all(io, wbuf, progress).await?;
+                        write_all(io, wbuf, act).await?;
                         // Short of its length, or longer: cut; a body
                         // delimited by the close ends with it (and
                         // `keep_alive` is already off).
@@ -792,7 +787,7 @@ async fn write_response(
             Some(Err(_)) => {
                 // The upstream failed mid-body: what was sent stands, and
                 // the close (no last chunk) tells the client it is cut.
-                write_all(io, wbuf, progress).await?;
+                write_all(io, wbuf, act).await?;
                 return Ok(false);
             }
         }
@@ -803,7 +798,7 @@ async fn end_chunked(
     io: &TcpStream,
     wbuf: &mut Vec<u8>,
     trailers: Option<&HeaderMap>,
-    progress: &Progress,
+    act: &mut Activity<'_>,
 ) -> io::Result<bool> {
     wbuf.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
@@ -816,7 +811,7 @@ async fn end_chunked(
         wbuf.extend_from_slice(b"\r\n");
     }
     wbuf.extend_from_slice(b"\r\n");
-    write_all(io, wbuf, progress).await?;
+    write_all(io, wbuf, act).await?;
     Ok(true)
 }
 

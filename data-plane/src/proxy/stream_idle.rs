@@ -12,6 +12,7 @@
 //! fifth more after its last activity (its start counts as activity).
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
@@ -73,8 +74,7 @@ impl Watch {
         self.period == period(timeout)
     }
 
-    /// Starts watching a stream.
-    pub(super) fn start(&mut self, progress: &Progress) {
+    fn begin(&mut self, progress: &Progress) {
         // Unlike any count: the first tick sees a change (the start).
         self.seen = progress.get().wrapping_sub(1);
         self.quiet = 0;
@@ -85,33 +85,75 @@ impl Watch {
         }
     }
 
-    /// Runs `fut` to its end, or `None` once the stream was idle for the
-    /// timeout.
-    pub(super) async fn run<F: Future>(
-        &mut self,
-        progress: &Progress,
-        fut: F,
-    ) -> Option<F::Output> {
-        tokio::pin!(fut);
+    /// Completes once the stream has been idle for the timeout; never
+    /// without a watch. Raced against the handler's future with
+    /// `select!`, which holds that (large) future in place: wrapping it in
+    /// a combinator would copy it on every request.
+    pub(super) async fn expiry(watch: Option<&mut Watch>, progress: &Progress) {
+        let Some(w) = watch else {
+            return std::future::pending().await;
+        };
+        w.begin(progress);
+        w.idle_out(progress).await;
+    }
+
+    async fn idle_out(&mut self, progress: &Progress) {
         loop {
-            tokio::select! {
-                biased;
-                out = &mut fut => return Some(out),
-                _ = &mut self.tick => {
-                    let at = Instant::now() + self.period;
-                    self.tick.get_mut().as_mut().reset(at);
-                    let now = progress.get();
-                    if now != self.seen {
-                        self.seen = now;
-                        self.quiet = 0;
-                    } else {
-                        self.quiet += 1;
-                        if self.quiet >= QUIET_TICKS {
-                            return None;
-                        }
-                    }
-                }
+            (&mut self.tick).await;
+            if self.expired(progress) {
+                return;
             }
+        }
+    }
+
+    /// The tick fired: whether the stream has now been idle too long.
+    fn expired(&mut self, progress: &Progress) -> bool {
+        let at = Instant::now() + self.period;
+        self.tick.get_mut().as_mut().reset(at);
+        let now = progress.get();
+        if now != self.seen {
+            self.seen = now;
+            self.quiet = 0;
+            false
+        } else {
+            self.quiet += 1;
+            self.quiet >= QUIET_TICKS
+        }
+    }
+}
+
+/// The answer's side of a stream: its activity, and the watch consulted
+/// only where writing it has to wait (for the upstream's next data or for
+/// the client's socket), so that an answer that goes out at once pays
+/// nothing for it.
+pub(super) struct Activity<'a> {
+    /// The stream's activity counter.
+    pub(super) progress: &'a Progress,
+    watch: Option<&'a mut Watch>,
+}
+
+impl<'a> Activity<'a> {
+    /// Starts watching the answer (its start counts as activity).
+    pub(super) fn new(mut watch: Option<&'a mut Watch>, progress: &'a Progress) -> Self {
+        if let Some(w) = watch.as_deref_mut() {
+            w.begin(progress);
+        }
+        Activity { progress, watch }
+    }
+
+    /// Waits for `f`; a `TimedOut` error once the stream was idle for
+    /// the timeout.
+    pub(super) async fn wait<F: Future>(&mut self, f: F) -> io::Result<F::Output> {
+        let Some(w) = self.watch.as_deref_mut() else {
+            return Ok(f.await);
+        };
+        tokio::select! {
+            biased;
+            out = f => Ok(out),
+            () = w.idle_out(self.progress) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "stream idle timeout",
+            )),
         }
     }
 }
@@ -128,7 +170,6 @@ mod tests {
         let timeout = Duration::from_millis(200);
         let mut w = Watch::new(timeout);
         let p = Progress::default();
-        w.start(&p);
         let busy = {
             let p = p.clone();
             async move {
@@ -138,11 +179,13 @@ mod tests {
                 }
             }
         };
-        assert!(w.run(&p, busy).await.is_some(), "600 ms of activity");
+        tokio::select! {
+            biased;
+            () = busy => {}
+            () = Watch::expiry(Some(&mut w), &p) => panic!("cut while active"),
+        }
         let start = Instant::now();
-        w.start(&p);
-        let stalled = w.run(&p, std::future::pending::<()>()).await;
-        assert!(stalled.is_none());
+        Watch::expiry(Some(&mut w), &p).await;
         let waited = start.elapsed();
         assert!(
             waited >= timeout && waited < Duration::from_secs(2),

@@ -240,6 +240,7 @@ async fn send_and_read(
 /// Turns a response head into the response, with a body that reads from
 /// the connection (or the bytes that came with the head, in which case the
 /// connection goes back to the pool at once).
+#[inline(always)]
 fn finish(
     conn: Connection,
     resp: Head,
