@@ -100,7 +100,10 @@ pub struct Pool {
     /// from another worker every readiness event would cross threads (an
     /// eventfd write and a wake-up per request).
     idle: Box<[IdleList]>,
-    h2: Mutex<Vec<H2>>,
+    /// HTTP/2 connections, one list per worker too: a connection's task
+    /// runs on the worker that opened it, and a request from another
+    /// worker would cross threads at every step.
+    h2: Box<[Mutex<Vec<H2>>]>,
     /// Open connections.
     pub open: Arc<AtomicU32>,
     stats: Arc<ClusterStats>,
@@ -129,7 +132,9 @@ impl Pool {
             idle: (0..=WORKERS.load(Relaxed))
                 .map(|_| IdleList::default())
                 .collect(),
-            h2: Mutex::new(Vec::new()),
+            h2: (0..=WORKERS.load(Relaxed))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             open: Arc::new(AtomicU32::new(0)),
             stats,
         }
@@ -248,8 +253,9 @@ impl Pool {
         &self,
         req: Request<ReqBody>,
     ) -> Result<(Response<Incoming>, StreamSlot), SendError> {
+        let list = &self.h2[slot(self.h2.len())];
         let found = {
-            let mut conns = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
             conns.retain(|c| !c.tx.is_closed());
             conns
                 .iter()
@@ -273,7 +279,7 @@ impl Pool {
                     let _ = conn.await;
                 });
                 let streams = Arc::new(AtomicU32::new(1));
-                self.h2.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
+                list.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
                     tx: tx.clone(),
                     streams: streams.clone(),
                 });
