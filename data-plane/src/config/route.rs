@@ -163,6 +163,9 @@ pub struct Forward {
     /// Hash policies for ring hash.
     pub hash: Vec<HashPolicy>,
     /// Whether WebSocket upgrades are allowed on this route.
+    /// The route's own stream idle timeout (`RouteAction.idle_timeout`):
+    /// `None` when unset, `Some(None)` when turned off with 0.
+    pub idle_timeout: Option<Option<Duration>>,
     pub websocket: bool,
 }
 
@@ -897,6 +900,10 @@ fn convert_route(
                 },
                 retry,
                 hash,
+                idle_timeout: a
+                    .idle_timeout
+                    .as_ref()
+                    .map(|d| Some(duration(d)).filter(|d| !d.is_zero())),
                 websocket: a.upgrade_configs.iter().any(|u| {
                     u.upgrade_type.eq_ignore_ascii_case("websocket")
                         && u.enabled.is_none_or(|e| e.value)

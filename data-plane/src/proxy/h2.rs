@@ -47,7 +47,7 @@ use tokio::time::{Instant, Sleep};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use super::http1::{linger_close, push_date, ClientGone};
-use super::stream_idle;
+use super::stream_idle::{self, HasRouteIdle, RouteIdle};
 use crate::h2::frame::{self, flag, kind, setting, Head, Reason};
 use crate::h2::hpack::{self, Decoder, Name};
 use crate::http1::{parse_length, poll_fill, BodyError};
@@ -219,6 +219,14 @@ struct StreamWake {
     id: u32,
     queued: AtomicBool,
     ready: Arc<Ready>,
+    /// The route's stream idle timeout, set by the handler.
+    route_idle: RouteIdle,
+}
+
+impl HasRouteIdle for StreamWake {
+    fn route_idle(&self) -> &RouteIdle {
+        &self.route_idle
+    }
 }
 
 impl Wake for StreamWake {
@@ -674,6 +682,7 @@ impl Connection {
                 id,
                 queued: AtomicBool::new(true),
                 ready: ready.clone(),
+                route_idle: RouteIdle::default(),
             })
         };
         let (drain_wake, idle_wake, tick_wake) = (timer(DRAIN_ID), timer(IDLE_ID), timer(TICK_ID));
@@ -898,10 +907,14 @@ impl Connection {
             return;
         }
         let ticks = self.out.ticks;
+        let period = stream_idle::period(timeout);
         let idle: Vec<u32> = self
             .streams
             .iter()
-            .filter(|(_, s)| ticks.wrapping_sub(s.active) > stream_idle::QUIET_TICKS)
+            .filter(|(_, s)| {
+                stream_idle::ticks_for(s.wake.route_idle.limit(), period)
+                    .is_some_and(|n| ticks.wrapping_sub(s.active) > n)
+            })
             .map(|(&id, _)| id)
             .collect();
         let conn = self.conn.clone();
@@ -1515,6 +1528,7 @@ impl Connection {
             id,
             queued: AtomicBool::new(true),
             ready: self.ready.clone(),
+            route_idle: RouteIdle::default(),
         });
         let task = if too_large {
             // Answered here; the stream still exists until both sides end.
@@ -1533,7 +1547,15 @@ impl Connection {
             });
             // Boxed straight from the call: a wrapping future would be
             // one more copy of a large state.
-            Task::Handler(Box::pin(handle(self.conn.clone(), req.map(|()| body))))
+            let idle = self
+                .tick
+                .is_some()
+                .then(|| wake.clone() as Arc<dyn HasRouteIdle>);
+            Task::Handler(Box::pin(handle(
+                self.conn.clone(),
+                req.map(|()| body),
+                idle,
+            )))
         };
         self.streams.insert(
             id,

@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::body::{Guard, RequestBody, ResponseBody, Upstream};
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
+use super::stream_idle::HasRouteIdle;
 use super::ListenerRuntime;
 use crate::access_log::Record;
 use crate::config::listener::Routes;
@@ -66,6 +67,7 @@ fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Local {
 pub async fn handle(
     conn: Arc<Conn>,
     req: Request<RequestBody>,
+    idle: Option<Arc<dyn HasRouteIdle>>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let shared = &conn.shared;
     shared.stats.downstream_rq_total.fetch_add(1, Relaxed);
@@ -79,7 +81,7 @@ pub async fn handle(
         )));
     }
     let snap = shared.snapshot.load_full();
-    let resp = match route_request(&conn, &lr, &snap, req, &mut guard).await {
+    let resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
         Ok(resp) => resp,
         Err(l) => {
             if let Some(b) = guard.log.as_mut() {
@@ -162,6 +164,7 @@ async fn route_request(
     snap: &Snapshot,
     req: Request<RequestBody>,
     guard: &mut Guard,
+    idle: Option<&dyn HasRouteIdle>,
 ) -> Result<Out, Local> {
     let stats = &conn.shared.stats;
     if req.extensions().get::<FramingConflict>().is_some() {
@@ -220,6 +223,9 @@ async fn route_request(
         }
         RouteAction::Redirect(rd) => redirect(rd, route, &req, host),
         RouteAction::Forward(fwd) => {
+            if let (Some(slot), Some(t)) = (idle, fwd.idle_timeout) {
+                slot.route_idle().set(t);
+            }
             forward(conn, lr, snap, table, vh, route, fwd, req, guard).await?
         }
     };

@@ -255,7 +255,7 @@ pub(super) async fn serve(
         }
         let resp = tokio::select! {
             biased;
-            r = handle(conn.clone(), req) => Some(r),
+            r = handle(conn.clone(), req, watch.is_some().then(|| progress.for_stream())) => Some(r),
             () = Watch::expiry(watch.as_mut(), &progress) => None,
         };
         let Some(resp) = resp else {

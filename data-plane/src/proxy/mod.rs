@@ -12,7 +12,7 @@ pub mod handler;
 pub mod http1;
 mod quiet;
 mod server;
-mod stream_idle;
+pub mod stream_idle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -10,11 +10,18 @@
 //! and armed once per connection, looks for a change. A stream ends at the
 //! [`QUIET_TICKS`]th tick in a row without one: between the timeout and a
 //! fifth more after its last activity (its start counts as activity).
+//!
+//! A route may set its own (Envoy's `RouteAction.idle_timeout`; 0 turns it
+//! off for the route): the handler records it in the stream's
+//! [`RouteIdle`] once the route is chosen, and from then on the stream
+//! needs as many quiet ticks as that timeout spans, rounded up. So a
+//! route's timeout is honoured to within one tick (a fifth of the
+//! listener's); it applies only while the listener's is on.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,19 +37,107 @@ pub(super) fn period(timeout: Duration) -> Duration {
     (timeout / QUIET_TICKS).max(Duration::from_millis(1))
 }
 
-/// A stream's activity counter, shared with whoever reads its body.
+/// The idle timeout a stream's route set, if any.
+#[derive(Debug)]
+pub struct RouteIdle(AtomicU64);
+
+/// What [`RouteIdle`] holds when the route set nothing.
+const UNSET: u64 = u64::MAX;
+
+/// A stream's idle limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Limit {
+    /// The listener's.
+    Listener,
+    /// None: the route turned it off.
+    Off,
+    /// The route's.
+    After(Duration),
+}
+
+impl Default for RouteIdle {
+    fn default() -> Self {
+        RouteIdle(AtomicU64::new(UNSET))
+    }
+}
+
+impl RouteIdle {
+    /// Records the route's idle timeout: `None` turns it off.
+    pub fn set(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |d| (d.as_millis() as u64).clamp(1, UNSET - 1));
+        self.0.store(ms, Relaxed);
+    }
+
+    /// Forgets the route's (a new stream on the same connection).
+    pub(super) fn clear(&self) {
+        if self.0.load(Relaxed) != UNSET {
+            self.0.store(UNSET, Relaxed);
+        }
+    }
+
+    pub(super) fn limit(&self) -> Limit {
+        match self.0.load(Relaxed) {
+            UNSET => Limit::Listener,
+            0 => Limit::Off,
+            ms => Limit::After(Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// Something that carries a stream's [`RouteIdle`] (the connection's
+/// activity counter for HTTP/1.1, the stream's waker for HTTP/2): handed
+/// to the handler without an allocation of its own.
+pub trait HasRouteIdle: Send + Sync {
+    /// The stream's slot.
+    fn route_idle(&self) -> &RouteIdle;
+}
+
+/// Quiet ticks in a row after which a stream with this limit ends
+/// (`None`: never).
+pub(super) fn ticks_for(limit: Limit, period: Duration) -> Option<u32> {
+    match limit {
+        Limit::Listener => Some(QUIET_TICKS),
+        Limit::Off => None,
+        Limit::After(d) => {
+            let n = d.as_nanos().div_ceil(period.as_nanos().max(1));
+            Some(n.clamp(1, u128::from(u32::MAX / 2)) as u32)
+        }
+    }
+}
+
+/// A stream's activity counter, shared with whoever reads its body, and
+/// its route's idle timeout.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Progress(Arc<AtomicU32>);
+pub(crate) struct Progress(Arc<ProgressInner>);
+
+#[derive(Debug, Default)]
+pub(crate) struct ProgressInner {
+    count: AtomicU32,
+    route: RouteIdle,
+}
+
+impl HasRouteIdle for ProgressInner {
+    fn route_idle(&self) -> &RouteIdle {
+        &self.route
+    }
+}
 
 impl Progress {
     /// Records activity. Only the count's change matters, so a plain load
     /// and store does (no locked instruction on the hot path).
     pub(crate) fn bump(&self) {
-        self.0.store(self.0.load(Relaxed).wrapping_add(1), Relaxed);
+        let c = &self.0.count;
+        c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
     }
 
     fn get(&self) -> u32 {
-        self.0.load(Relaxed)
+        self.0.count.load(Relaxed)
+    }
+
+    /// The slot for the handler, cleared for a new stream.
+    pub(super) fn for_stream(&self) -> Arc<dyn HasRouteIdle> {
+        self.0.route.clear();
+        self.0.clone()
     }
 }
 
@@ -117,7 +212,7 @@ impl Watch {
             false
         } else {
             self.quiet += 1;
-            self.quiet >= QUIET_TICKS
+            ticks_for(progress.0.route.limit(), self.period).is_some_and(|n| self.quiet >= n)
         }
     }
 }
@@ -161,6 +256,25 @@ impl<'a> Activity<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A route's timeout is counted in whole ticks, rounded up; 0 turns
+    /// it off; unset, the listener's five ticks apply.
+    #[test]
+    fn route_timeouts_in_ticks() {
+        let p = period(Duration::from_secs(300));
+        let slot = RouteIdle::default();
+        assert_eq!(ticks_for(slot.limit(), p), Some(QUIET_TICKS));
+        slot.set(Some(Duration::from_secs(3600)));
+        assert_eq!(ticks_for(slot.limit(), p), Some(60));
+        slot.set(Some(Duration::from_secs(61)));
+        assert_eq!(ticks_for(slot.limit(), p), Some(2));
+        slot.set(Some(Duration::from_millis(1)));
+        assert_eq!(ticks_for(slot.limit(), p), Some(1));
+        slot.set(None);
+        assert_eq!(ticks_for(slot.limit(), p), None);
+        slot.clear();
+        assert_eq!(slot.limit(), Limit::Listener);
+    }
 
     /// A stream that keeps making progress is never cut; one that stops
     /// is cut no sooner than the timeout after its last activity (real

@@ -214,6 +214,16 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/on-reset", "resetting", |a| {
             a.retry_policy = retry("reset")
         }),
+        // Their own stream idle timeouts: 3 s, and none at all.
+        prefix_route("/patient", "plain", |a| {
+            a.idle_timeout = Some(portico_proto::google::protobuf::Duration {
+                seconds: 3,
+                nanos: 0,
+            })
+        }),
+        prefix_route("/forever", "plain", |a| {
+            a.idle_timeout = Some(portico_proto::google::protobuf::Duration::default())
+        }),
     ]);
     RouteConfiguration {
         name: "routes".into(),
@@ -408,7 +418,7 @@ fn foreign_control_plane_envoy_features() {
     );
     // The stream idle timeout (1 s here): an answer the client never opens
     // its window for is reset, and the connection then idles out.
-    use super::dp_h2_downstream::{HEADERS, RST_STREAM};
+    use super::dp_h2_downstream::{first_field, HEADERS, RST_STREAM};
     let about_a_second = |waited: std::time::Duration| {
         assert!(
             waited >= std::time::Duration::from_millis(950)
@@ -441,6 +451,51 @@ fn foreign_control_plane_envoy_features() {
     let started = std::time::Instant::now();
     let r = get("/host/slow/3000", &[]);
     assert_eq!((r.status, r.body.as_str()), (408, "stream timeout\n"));
+    about_a_second(started.elapsed());
+    // A route's own idle timeout replaces the listener's for its streams
+    // (3 s, or 0 for none): their slow answers arrive, on both protocols.
+    // On a kept-alive HTTP/1.1 connection the next stream has the
+    // listener's again.
+    assert_eq!(get("/patient/slow/2000", &[]).status, 200);
+    assert_eq!(get("/forever/slow/2500", &[]).status, 200);
+    let mut h2 = Raw::connect(port, &[]);
+    h2.request(1, &fields(&h2get("/patient/slow/2000")), None);
+    h2.request(3, &fields(&h2get("/forever/slow/2500")), None);
+    for id in [1, 3] {
+        let h = h2.until("an answer", |f| f.kind == HEADERS && f.stream == id);
+        assert_eq!(first_field(&h), 0x88, "200 on stream {id}");
+    }
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = |path: &str| {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n");
+        s.write_all(req.as_bytes()).expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse().expect("length"))
+                    })
+                    .expect("content-length");
+                if got.len() >= end + 4 + len {
+                    return text[9..12].to_string();
+                }
+            }
+        }
+    };
+    assert_eq!(answer("/forever/slow/1500"), "200");
+    let started = std::time::Instant::now();
+    assert_eq!(answer("/host/slow/3000"), "408");
     about_a_second(started.elapsed());
     // An HTTP/1.1 client that stops reading a long answer: the connection
     // closes after the stream idle timeout.
