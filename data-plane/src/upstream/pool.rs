@@ -336,6 +336,17 @@ mod tests {
     };
     use portico_proto::google::protobuf::UInt32Value;
 
+    /// A pool for `addr` with the default cluster settings.
+    fn plain_pool(addr: SocketAddr) -> Pool {
+        let cluster = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&cluster).unwrap();
+        Pool::new(addr, &cfg, Arc::new(ClusterStats::default()))
+    }
+
     /// Connects racing each other count against `max_connections` while
     /// they are under way: of ten concurrent first requests to an
     /// endpoint limited to two connections, eight overflow and the origin
@@ -410,13 +421,7 @@ mod tests {
             let _ = close_rx.await;
             drop(s);
         });
-        let cluster = Cluster {
-            name: "c".into(),
-            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-            ..Default::default()
-        };
-        let cfg = ClusterConfig::convert(&cluster).unwrap();
-        let pool = Pool::new(addr, &cfg, Arc::new(ClusterStats::default()));
+        let pool = plain_pool(addr);
         let (resp, _) = pool
             .send(Request::new(Either::Right(Full::new(Bytes::new()))))
             .await
@@ -478,13 +483,7 @@ mod tests {
             }
             accepted
         });
-        let cluster = Cluster {
-            name: "c".into(),
-            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-            ..Default::default()
-        };
-        let cfg = ClusterConfig::convert(&cluster).unwrap();
-        let pool = Pool::new(addr, &cfg, Arc::new(ClusterStats::default()));
+        let pool = plain_pool(addr);
         let get = || Request::new(Either::Right(Full::new(Bytes::new())));
         let text = |resp: Response<RespBody>| async move {
             let b = resp.into_body().collect().await.unwrap().to_bytes();
