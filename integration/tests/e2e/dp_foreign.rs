@@ -418,7 +418,7 @@ fn foreign_control_plane_envoy_features() {
     );
     // The stream idle timeout (1 s here): an answer the client never opens
     // its window for is reset, and the connection then idles out.
-    use super::dp_h2_downstream::{first_field, HEADERS, RST_STREAM};
+    use super::dp_h2_downstream::{first_field, HEADERS, RST_STREAM, WINDOW_UPDATE};
     let about_a_second = |waited: std::time::Duration| {
         assert!(
             waited >= std::time::Duration::from_millis(950)
@@ -534,4 +534,30 @@ fn foreign_control_plane_envoy_features() {
         buf.is_empty(),
         "an idle HTTP/1.1 connection closes silently"
     );
+    drop((c, h2, s));
+
+    // An HTTP/2 client that stops reading its socket, with its windows
+    // wide open: the answer's writes stall on the socket, and the server
+    // gives the connection up after the stream idle timeout, with the
+    // client still not reading.
+    let open = |want: u64| {
+        wait_for(std::time::Duration::from_secs(8), || {
+            (dp.stat("http.downstream_cx_active") == want).then_some(())
+        })
+        .is_some()
+    };
+    assert!(open(0), "the test's other connections are gone");
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("connect");
+    let mut stalled = Raw::over(std::net::TcpStream::from(sock), &[(4, 0x7fff_ffff)]);
+    stalled.send(WINDOW_UPDATE, 0, 0, &0x7fff_0000u32.to_be_bytes());
+    stalled.request(1, &fields(&h2get("/host/bytes/8000000")), None);
+    let started = std::time::Instant::now();
+    assert!(open(1), "the stalled connection is open");
+    assert!(open(0), "the stalled connection is given up");
+    about_a_second(started.elapsed());
+    drop(stalled);
 }

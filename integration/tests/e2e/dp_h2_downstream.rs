@@ -40,7 +40,7 @@ pub(super) struct Frame {
 
 /// A client speaking raw HTTP/2 frames.
 pub(super) struct Raw {
-    s: TcpStream,
+    pub(super) s: TcpStream,
     buf: Vec<u8>,
 }
 
@@ -48,6 +48,11 @@ impl Raw {
     /// Connects, sends the preface and SETTINGS with `settings`.
     pub(super) fn connect(port: u16, settings: &[(u16, u32)]) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        Raw::over(s, settings)
+    }
+
+    /// Starts HTTP/2 on a connected socket: preface and SETTINGS.
+    pub(super) fn over(s: TcpStream, settings: &[(u16, u32)]) -> Raw {
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
         let mut c = Raw { s, buf: Vec::new() };
@@ -65,7 +70,7 @@ impl Raw {
         self.s.write_all(b).expect("write");
     }
 
-    fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    pub(super) fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
         let n = payload.len();
         let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
         f.extend_from_slice(&stream.to_be_bytes());
