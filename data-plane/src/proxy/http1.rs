@@ -41,7 +41,7 @@ use tokio::sync::{oneshot, watch};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use super::quiet::Quiet;
-use super::stream_idle::{Activity, Progress, Watch};
+use super::stream_idle::{self, Activity, Progress, Watch};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, read_some, write_chunk_size,
     write_length, BodyError, Chunk, Framed, Piece,
@@ -298,10 +298,7 @@ pub(super) async fn serve(
         let mut activity = Activity::new(watch.as_mut(), &progress);
         let written =
             write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive, &mut activity).await;
-        if written
-            .as_ref()
-            .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
-        {
+        if written.as_ref().is_err_and(stream_idle::is_idle_out) {
             // The upstream or the client stalled part way: the close
             // tells the client the answer is cut.
             conn.shared

@@ -217,6 +217,17 @@ impl Watch {
     }
 }
 
+/// The error an answer's write ends with when the stream idled out (told
+/// apart from the socket's own timeouts by [`is_idle_out`]).
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle timeout")]
+pub(super) struct IdleOut;
+
+/// Whether `e` is the stream idle timeout's.
+pub(super) fn is_idle_out(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<IdleOut>())
+}
+
 /// The answer's side of a stream: its activity, and the watch consulted
 /// only where writing it has to wait (for the upstream's next data or for
 /// the client's socket), so that an answer that goes out at once pays
@@ -236,7 +247,7 @@ impl<'a> Activity<'a> {
         Activity { progress, watch }
     }
 
-    /// Waits for `f`; a `TimedOut` error once the stream was idle for
+    /// Waits for `f`; an [`IdleOut`] error once the stream was idle for
     /// the timeout.
     pub(super) async fn wait<F: Future>(&mut self, f: F) -> io::Result<F::Output> {
         let Some(w) = self.watch.as_deref_mut() else {
@@ -245,10 +256,7 @@ impl<'a> Activity<'a> {
         tokio::select! {
             biased;
             out = f => Ok(out),
-            () = w.idle_out(self.progress) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "stream idle timeout",
-            )),
+            () = w.idle_out(self.progress) => Err(io::Error::new(io::ErrorKind::TimedOut, IdleOut)),
         }
     }
 }

@@ -498,7 +498,8 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(answer("/host/slow/3000"), "408");
     about_a_second(started.elapsed());
     // An HTTP/1.1 client that stops reading a long answer: the connection
-    // closes after the stream idle timeout.
+    // closes after the stream idle timeout (and is counted as such).
+    let idled_out = dp.stat("http.downstream_rq_idle_timeout");
     let s =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     s.set_recv_buffer_size(4096).expect("SO_RCVBUF");
@@ -524,6 +525,7 @@ fn foreign_control_plane_envoy_features() {
     }
     assert!(got < 8_000_000, "the answer was cut: {got} bytes");
     assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    assert_eq!(dp.stat("http.downstream_rq_idle_timeout"), idled_out + 1);
     c.until("GOAWAY", |f| f.kind == GOAWAY);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
