@@ -242,13 +242,12 @@ async fn send_and_read(
 /// connection goes back to the pool at once).
 #[inline(always)]
 fn finish(
-    conn: Connection,
+    mut conn: Connection,
     resp: Head,
     head_only: bool,
     mut reusable: bool,
     ret: &Return,
 ) -> Result<Response<Body>, SendError> {
-    let mut conn = conn;
     let Head {
         status,
         version,
