@@ -223,6 +223,14 @@ struct StreamWake {
     route_idle: RouteIdle,
 }
 
+impl StreamWake {
+    /// A timer's waker for its next poll (it may queue its id again).
+    fn rearm(self: &Arc<Self>) -> Waker {
+        self.queued.store(false, Ordering::Release);
+        Waker::from(self.clone())
+    }
+}
+
 impl HasRouteIdle for StreamWake {
     fn route_idle(&self) -> &RouteIdle {
         &self.route_idle
@@ -831,8 +839,7 @@ impl Connection {
         let Some(d) = &mut self.drain else {
             return;
         };
-        self.drain_wake.queued.store(false, Ordering::Release);
-        let waker = Waker::from(self.drain_wake.clone());
+        let waker = self.drain_wake.rearm();
         if d.as_mut().poll(&mut Context::from_waker(&waker)).is_ready() {
             self.drain = None;
             self.go_away(Reason::NO_ERROR, "draining");
@@ -844,8 +851,7 @@ impl Connection {
     /// timer is re-armed for when it might have. It is not moved as
     /// streams come and go, only when it fires early.
     fn poll_idle(&mut self) {
-        self.idle_wake.queued.store(false, Ordering::Release);
-        let waker = Waker::from(self.idle_wake.clone());
+        let waker = self.idle_wake.rearm();
         let mut cx = Context::from_waker(&waker);
         loop {
             let limit = match &mut self.idle {
@@ -882,8 +888,7 @@ impl Connection {
     /// that stalled, or a client that stopped opening its window). A
     /// connection whose writes made no progress for as long is closed.
     fn poll_tick(&mut self) {
-        self.tick_wake.queued.store(false, Ordering::Release);
-        let waker = Waker::from(self.tick_wake.clone());
+        let waker = self.tick_wake.rearm();
         let mut cx = Context::from_waker(&waker);
         let Some((timeout, sleep)) = &mut self.tick else {
             return;
@@ -892,9 +897,8 @@ impl Connection {
             return;
         }
         let timeout = *timeout;
-        sleep
-            .as_mut()
-            .reset(Instant::now() + stream_idle::period(timeout));
+        let period = stream_idle::period(timeout);
+        sleep.as_mut().reset(Instant::now() + period);
         // Polled once more so that the new deadline wakes this waker.
         let _ = sleep.as_mut().poll(&mut cx);
         self.out.ticks = self.out.ticks.wrapping_add(1);
@@ -907,7 +911,6 @@ impl Connection {
             return;
         }
         let ticks = self.out.ticks;
-        let period = stream_idle::period(timeout);
         let idle: Vec<u32> = self
             .streams
             .iter()

@@ -120,18 +120,20 @@ pub(super) async fn serve(
             balance.open[me].fetch_sub(1, Relaxed);
         });
     };
+    // A connection handed over (or back), already counted in `open` for
+    // this worker: registered with this worker's poller and served.
+    let adopt = |s: std::net::TcpStream, peer: SocketAddr| match TcpStream::from_std(s) {
+        Ok(s) => start(s, peer),
+        Err(e) => {
+            balance.open[me].fetch_sub(1, Relaxed);
+            tracing::warn!(error = %e, "cannot take over a connection");
+        }
+    };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             Some((s, peer)) = inbox.recv() => {
-                // Counted in `open` by the worker that handed it over.
-                match TcpStream::from_std(s) {
-                    Ok(s) => start(s, peer),
-                    Err(e) => {
-                        balance.open[me].fetch_sub(1, Relaxed);
-                        tracing::warn!(error = %e, "cannot take over a connection");
-                    }
-                }
+                adopt(s, peer);
                 continue;
             }
             _ = drain.changed() => break,
@@ -164,11 +166,7 @@ pub(super) async fn serve(
                     // That worker is gone (draining): serve it here.
                     balance.open[to].fetch_sub(1, Relaxed);
                     balance.open[me].fetch_add(1, Relaxed);
-                    if let Ok(s) = TcpStream::from_std(s) {
-                        start(s, peer);
-                    } else {
-                        balance.open[me].fetch_sub(1, Relaxed);
-                    }
+                    adopt(s, peer);
                 }
             }
             Err(e) => {
@@ -180,12 +178,7 @@ pub(super) async fn serve(
     // Connections handed over just before the drain are served too.
     inbox.close();
     while let Ok((s, peer)) = inbox.try_recv() {
-        match TcpStream::from_std(s) {
-            Ok(s) => start(s, peer),
-            Err(_) => {
-                balance.open[me].fetch_sub(1, Relaxed);
-            }
-        }
+        adopt(s, peer);
     }
     // Draining: no new connections; open ones finish their requests
     // (HTTP/1.1 answers with `Connection: close`, HTTP/2 gets a GOAWAY),
