@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::body::{Guard, RequestBody, ResponseBody, Upstream};
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
-use super::stream_idle::HasRouteIdle;
+use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::Record;
 use crate::config::listener::Routes;
@@ -620,7 +620,11 @@ async fn forward(
 
         if let Some(down) = down_upgrade {
             // Boxed: a rare, large state every request would carry.
-            return Box::pin(websocket(cluster, upstream, up_req, down, guard)).await;
+            // The route's idle timeout, else the listener's stream idle
+            // timeout, bounds the tunnel's silence.
+            let idle = fwd.idle_timeout.unwrap_or(lr.config.stream_idle_timeout);
+            let tunnel = Tunnel { down, idle };
+            return Box::pin(websocket(cluster, upstream, up_req, tunnel, guard)).await;
         }
 
         let per_try = retry
@@ -764,13 +768,23 @@ fn rewrite_path<'a>(fwd: &Forward, route: &Route, pq: &'a str) -> Cow<'a, str> {
     Cow::Borrowed(pq)
 }
 
+/// The client's side of a WebSocket upgrade.
+struct Tunnel {
+    /// Yields the client's connection once the 101 is written.
+    down: tokio::sync::oneshot::Receiver<Upgraded>,
+    /// How long the tunnel may carry nothing either way (`None`: forever).
+    idle: Option<Duration>,
+}
+
 /// A WebSocket upgrade: its own upstream connection; after both sides
-/// switch protocols, bytes are copied both ways until either closes.
+/// switch protocols, bytes are copied both ways until either closes, or
+/// until none passed for the idle timeout (Envoy applies the stream idle
+/// timeout to upgraded streams too).
 async fn websocket(
     cluster: &Arc<Cluster>,
     upstream: Upstream,
     up_req: Request<ReqBody>,
-    down: tokio::sync::oneshot::Receiver<Upgraded>,
+    Tunnel { down, idle }: Tunnel,
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let fail = || {
@@ -804,11 +818,19 @@ async fn websocket(
         let _hold = upstream; // counts as active until the tunnel closes
         if let (Ok(d), Ok(u)) = tokio::join!(down, up) {
             stats.upstream_upgrades.fetch_add(1, Relaxed);
-            let Upgraded { mut io, read_ahead } = d;
+            let Upgraded { io, read_ahead } = d;
             let mut u = TokioIo::new(u);
+            let progress = Progress::default();
+            let mut io = Tracked::new(io, progress.clone());
+            let mut watch = idle.map(Watch::new);
             // What the client sent right behind its request goes first.
             if u.write_all(&read_ahead).await.is_ok() {
-                let _ = tokio::io::copy_bidirectional(&mut io, &mut u).await;
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut io, &mut u) => {}
+                    () = Watch::expiry(watch.as_mut(), &progress) => {
+                        stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
+                    }
+                }
             }
         }
     });

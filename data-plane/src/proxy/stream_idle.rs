@@ -23,8 +23,10 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::quiet::Quiet;
@@ -258,6 +260,58 @@ impl<'a> Activity<'a> {
             out = f => Ok(out),
             () = w.idle_out(self.progress) => Err(io::Error::new(io::ErrorKind::TimedOut, IdleOut)),
         }
+    }
+}
+
+/// An upgraded connection's socket (a WebSocket tunnel) whose reads and
+/// writes count as activity: every byte through the tunnel passes through
+/// the client's side, so wrapping that side alone watches both ways.
+pub(crate) struct Tracked<T> {
+    io: T,
+    progress: Progress,
+}
+
+impl<T> Tracked<T> {
+    /// `io`, counted in `progress`.
+    pub(crate) fn new(io: T, progress: Progress) -> Self {
+        Tracked { io, progress }
+    }
+
+    fn note<R>(&self, p: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if matches!(p, Poll::Ready(Ok(_))) {
+            self.progress.bump();
+        }
+        p
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let p = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.note(p)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let p = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(p)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

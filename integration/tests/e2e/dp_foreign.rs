@@ -28,7 +28,9 @@ use portico_proto::envoy::config::endpoint::v3::{
 use portico_proto::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use portico_proto::envoy::config::route::v3::{
     route::Action,
-    route_action::{hash_policy, ClusterSpecifier, HashPolicy, HostRewriteSpecifier},
+    route_action::{
+        hash_policy, ClusterSpecifier, HashPolicy, HostRewriteSpecifier, UpgradeConfig,
+    },
     route_match::PathSpecifier,
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
 };
@@ -224,6 +226,13 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/forever", "plain", |a| {
             a.idle_timeout = Some(portico_proto::google::protobuf::Duration::default())
         }),
+        // WebSocket tunnels: under the listener's stream idle timeout, and
+        // under none.
+        prefix_route("/ws-idle", "plain", |a| a.upgrade_configs = websocket()),
+        prefix_route("/ws-forever", "plain", |a| {
+            a.upgrade_configs = websocket();
+            a.idle_timeout = Some(portico_proto::google::protobuf::Duration::default())
+        }),
     ]);
     RouteConfiguration {
         name: "routes".into(),
@@ -235,6 +244,43 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         }],
         ..Default::default()
     }
+}
+
+/// A route's upgrade configs that allow WebSocket.
+fn websocket() -> Vec<UpgradeConfig> {
+    vec![UpgradeConfig {
+        upgrade_type: "websocket".into(),
+        ..Default::default()
+    }]
+}
+
+/// A WebSocket upgrade through the gateway: the socket, after the 101.
+fn upgrade(port: u16, path: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+/// Sends `msg` through a tunnel to the echoing upstream and reads it back.
+fn echo(s: &mut std::net::TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write into the tunnel");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("echo through the tunnel");
+    assert_eq!(back, msg);
 }
 
 /// A server that reads a request and closes without answering.
@@ -562,4 +608,26 @@ fn foreign_control_plane_envoy_features() {
     assert!(open(0), "the stalled connection is given up");
     about_a_second(started.elapsed());
     drop(stalled);
+
+    // A WebSocket tunnel lives while bytes pass (2.4 s of them here, past
+    // the 1 s stream idle timeout), and is closed once none passed for
+    // the timeout, and counted. A route's 0 keeps a silent one open.
+    let idled_out = dp.stat("http.downstream_rq_idle_timeout");
+    let mut busy = upgrade(port, "/ws-idle/chat");
+    for _ in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        echo(&mut busy, b"still here");
+    }
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    match busy.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a silent tunnel is closed: {other:?}"),
+    }
+    about_a_second(started.elapsed());
+    assert_eq!(dp.stat("http.downstream_rq_idle_timeout"), idled_out + 1);
+    let mut calm = upgrade(port, "/ws-forever/chat");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    echo(&mut calm, b"after a long silence");
 }
