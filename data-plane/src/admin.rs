@@ -71,7 +71,14 @@ fn text(status: StatusCode, body: String, ctype: &'static str) -> Response<Full<
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/ready" => {
-            if shared.ready.load(Relaxed) {
+            if shared.shutdown.is_draining() {
+                // Envoy's state name: load balancers stop sending here.
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "DRAINING\n".into(),
+                    "text/plain",
+                )
+            } else if shared.ready.load(Relaxed) {
                 text(StatusCode::OK, "LIVE\n".into(), "text/plain")
             } else {
                 text(

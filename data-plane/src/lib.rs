@@ -8,7 +8,8 @@
 //! - [`proxy`] runs listeners and the request path;
 //! - [`upstream`] holds clusters, endpoints, pools and load balancing;
 //! - [`http1`] has the HTTP/1.1 wire pieces both sides share;
-//! - [`admin`], [`stats`] and [`access_log`] are for the operator.
+//! - [`admin`], [`stats`] and [`access_log`] are for the operator;
+//! - [`shutdown`] drains every listener before the process exits.
 
 pub mod access_log;
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod config;
 pub(crate) mod h2;
 pub mod http1;
 pub mod proxy;
+pub mod shutdown;
 pub mod snapshot;
 pub mod stats;
 pub mod upstream;

@@ -157,13 +157,21 @@ fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %id, group = %group, server = %cfg.server, delta, workers, "starting");
     rt.block_on(async move {
-        tokio::spawn(Client::new(cfg, shared, portico_dp::proxy::Workers(handles)).run());
+        tokio::spawn(Client::new(cfg, shared.clone(), portico_dp::proxy::Workers(handles)).run());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down");
+        // Drain every listener first (bounded by their drain timeouts); a
+        // second signal cuts that short.
+        tracing::info!("draining listeners before exit (a second signal exits at once)");
+        shared.shutdown.begin();
+        tokio::select! {
+            () = shared.shutdown.finished() => tracing::info!("drained; exiting"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("exiting before the drain ended"),
+            _ = term.recv() => tracing::info!("exiting before the drain ended"),
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use crate::access_log::AccessLogs;
 use crate::config::listener::ListenerConfig;
 use crate::config::route::RouteTable;
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::upstream::Cluster;
 use crate::xds::dump::ConfigDump;
@@ -41,4 +42,6 @@ pub struct Shared {
     pub xds_connected: AtomicBool,
     /// Access log writers.
     pub access_logs: AccessLogs,
+    /// The process-wide drain before exit.
+    pub shutdown: Shutdown,
 }

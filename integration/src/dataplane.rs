@@ -104,6 +104,21 @@ impl DataPlane {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
+
+    /// Sends it SIGTERM (what an orchestrator sends before a restart).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {}: {status}", self.pid());
+    }
+
+    /// Its exit status, once it exited within `timeout`.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        wait_for(timeout, || child.try_wait().ok().flatten())
+    }
 }
 
 impl Drop for DataPlane {

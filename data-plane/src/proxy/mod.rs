@@ -154,7 +154,10 @@ impl ListenerManager {
                     socket,
                     runtime.clone(),
                     self.shared.clone(),
-                    drained.clone(),
+                    server::Drains {
+                        listener: drained.clone(),
+                        process: self.shared.shutdown.watch(),
+                    },
                     balance.clone(),
                     me,
                     inbox,

@@ -69,7 +69,7 @@ pub(super) async fn serve(
     sock: std::net::TcpListener,
     runtime: Arc<ArcSwap<ListenerRuntime>>,
     shared: Arc<Shared>,
-    mut drain: watch::Receiver<bool>,
+    drains: Drains,
     balance: Arc<Balance>,
     me: usize,
     mut inbox: mpsc::UnboundedReceiver<Handed>,
@@ -84,13 +84,19 @@ pub(super) async fn serve(
             return;
         }
     };
+    let Drains {
+        listener: mut drain,
+        process: mut shutdown,
+    } = drains;
+    // What the connections watch: set when this loop stops accepting,
+    // whichever drain stopped it.
+    let (drain_conns, conn_drain) = watch::channel(false);
     // Every connection holds a receiver of `alive`: when all are gone,
     // `closed` resolves and the drain is over.
     let (alive, alive_rx) = watch::channel(());
     // Fires when the drain timeout ends, closing what is still open.
     let (kill, killed) = watch::channel(false);
     let mut backoff = Duration::from_millis(5);
-    let conn_drain = drain.clone();
     let start = |stream: TcpStream, peer: SocketAddr| {
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(Conn {
@@ -137,6 +143,7 @@ pub(super) async fn serve(
                 continue;
             }
             _ = drain.changed() => break,
+            _ = shutdown.wait_for(|on| *on) => break,
         };
         let (stream, peer) = match accepted {
             Ok(x) => {
@@ -175,6 +182,7 @@ pub(super) async fn serve(
             }
         }
     }
+    drain_conns.send_replace(true);
     // Connections handed over just before the drain are served too.
     inbox.close();
     while let Ok((s, peer)) = inbox.try_recv() {
@@ -190,6 +198,17 @@ pub(super) async fn serve(
         tracing::info!("drain timeout reached; closing remaining connections");
     }
     let _ = kill.send(true);
+    // Only now: the process exits once every accept loop let go of this.
+    drop(shutdown);
+}
+
+/// What makes an accept loop stop and drain: its listener's removal, or
+/// the process's shutdown.
+pub(super) struct Drains {
+    /// Set (or dropped) when the listener is removed or moves.
+    pub(super) listener: watch::Receiver<bool>,
+    /// The process's [`crate::shutdown::Shutdown`].
+    pub(super) process: watch::Receiver<bool>,
 }
 
 /// Serves one connection in the protocol its listener or its first bytes

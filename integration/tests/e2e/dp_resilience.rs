@@ -1,6 +1,7 @@
 //! `portico-dp` keeps serving through change and failure: config applied
 //! under load, the control plane killed and back, a NACKed update, a
-//! removed listener draining, and booting from the cached config.
+//! removed listener draining, a drain on SIGTERM before exit, and booting
+//! from the cached config.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -238,6 +239,113 @@ fn a_removed_listener_drains_open_requests() {
         slow_h2.join().expect("thread"),
         (1, 0, 0x88, 1),
         "GOAWAY(NO_ERROR, last stream 1), then 200 and the body's end on stream 1"
+    );
+}
+
+/// SIGTERM, as an orchestrator sends before a restart: `/ready` turns 503
+/// at once, the listener stops accepting, an idle kept-alive connection
+/// closes, open requests on both protocols get their answers (HTTP/1.1
+/// with `Connection: close`, HTTP/2 after a GOAWAY), and the process exits
+/// cleanly as soon as they are done, well before the drain timeout (5 s).
+#[test]
+fn sigterm_drains_open_requests_then_exits() {
+    use std::io::{Read, Write};
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ]
+    });
+    let mut dp = env.dp("dp1", &[]);
+    let port = env.port;
+    // A kept-alive connection, idle after its first answer.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    idle.write_all(b"GET /a/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = idle.read(&mut buf).expect("read");
+        assert!(n > 0, "closed before its answer");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let len: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: ")?.trim().parse().ok())
+            .expect("content-length");
+        if got.len() >= end + 4 + len {
+            assert!(text.starts_with("http/1.1 200"), "{text}");
+            break;
+        }
+    }
+    let slow = std::thread::spawn(move || http1(port, "GET", "/a/slow/1500", "gw", &[], ""));
+    let slow_h2 = std::thread::spawn(move || {
+        use super::dp_h2_downstream::{fields, first_field, get, Raw, DATA, END_STREAM, GOAWAY};
+        let mut c = Raw::connect(port, &[]);
+        c.request(1, &fields(&get("/a/slow/1500")), None);
+        let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
+        let last = u32::from_be_bytes([g.payload[0], g.payload[1], g.payload[2], g.payload[3]]);
+        let code = u32::from_be_bytes([g.payload[4], g.payload[5], g.payload[6], g.payload[7]]);
+        let h = c.until("the answer", |f| f.kind == super::dp_h2_downstream::HEADERS);
+        let end = c.until("its end", |f| f.kind == DATA && f.flags & END_STREAM != 0);
+        (last, code, first_field(&h), end.stream)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    dp.terminate();
+    let draining = wait_for(Duration::from_secs(2), || {
+        let (status, body) = dp.admin_get("/ready");
+        (status == 503).then_some(body)
+    });
+    assert_eq!(
+        draining.as_deref(),
+        Some("DRAINING\n"),
+        "/ready while draining"
+    );
+    let refused = wait_for(Duration::from_secs(2), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    });
+    assert!(refused.is_some(), "the listener stops accepting");
+    assert_eq!(
+        idle.read(&mut buf).expect("read"),
+        0,
+        "the idle connection closes"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_millis(1000),
+        "closed at once, not after the open requests: {:?}",
+        signalled.elapsed()
+    );
+    let r = slow
+        .join()
+        .expect("thread")
+        .expect("the open request finishes");
+    assert_eq!(
+        (r.status, r.header("connection")),
+        (200, Some("close")),
+        "{r:?}"
+    );
+    assert_eq!(
+        slow_h2.join().expect("thread"),
+        (1, 0, 0x88, 1),
+        "GOAWAY(NO_ERROR, last stream 1), then 200 and the body's end on stream 1"
+    );
+    let status = dp
+        .exited_within(Duration::from_secs(10))
+        .expect("portico-dp exits after the drain");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_millis(4500),
+        "exits when the open requests are done, not at the drain timeout: {:?}",
+        signalled.elapsed()
     );
 }
 
