@@ -81,6 +81,14 @@ impl DataPlane {
         }
     }
 
+    /// POST on the admin listener: status and body.
+    pub fn admin_post(&self, path: &str) -> (u16, String) {
+        match crate::http::request(&self.admin, "POST", path, None, None) {
+            Ok(r) => (r.status, r.body),
+            Err(_) => (0, String::new()),
+        }
+    }
+
     /// One counter from `/stats`.
     pub fn stat(&self, name: &str) -> u64 {
         let (_, body) = self.admin_get("/stats");

@@ -340,7 +340,7 @@ impl QueryMatch {
 }
 
 /// Decodes `%XX` escapes and `+` (form encoding) for query values.
-fn percent_decode(v: &str) -> String {
+pub(crate) fn percent_decode(v: &str) -> String {
     if !v.contains(['%', '+']) {
         return v.to_string();
     }

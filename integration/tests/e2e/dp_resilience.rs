@@ -349,6 +349,56 @@ fn sigterm_drains_open_requests_then_exits() {
     );
 }
 
+/// Envoy's `POST /drain_listeners`: every listener stops accepting and
+/// `/ready` turns 503, while the process (and its admin) keeps running; a
+/// GET is refused. A SIGTERM afterwards exits at once, nothing being open.
+#[test]
+fn drain_listeners_stops_accepting_and_keeps_running() {
+    let up = Upstream::start("u");
+    let env = Env::new(|_| {
+        vec![
+            service("s", &[&up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ]
+    });
+    let mut dp = env.dp("dp1", &[]);
+    let port = env.port;
+    assert_eq!(dp.admin_get("/drain_listeners").0, 405, "GET is refused");
+    assert_eq!(
+        http1(port, "GET", "/a/x", "gw", &[], "")
+            .expect("serves")
+            .status,
+        200
+    );
+    assert_eq!(dp.admin_post("/drain_listeners"), (200, "OK\n".to_string()));
+    let refused = wait_for(Duration::from_secs(2), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    });
+    assert!(refused.is_some(), "the listener stops accepting");
+    assert_eq!(dp.admin_get("/ready"), (503, "DRAINING\n".to_string()));
+    assert!(
+        dp.exited_within(Duration::from_millis(500)).is_none(),
+        "the process keeps running"
+    );
+    assert!(
+        dp.stat("http.downstream_rq_total") >= 1,
+        "the admin still answers"
+    );
+    let signalled = Instant::now();
+    dp.terminate();
+    let status = dp
+        .exited_within(Duration::from_secs(5))
+        .expect("exits on SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
 #[test]
 fn boots_from_the_cached_config_when_the_control_plane_is_unreachable() {
     let up = Upstream::start("u");

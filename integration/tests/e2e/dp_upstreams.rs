@@ -235,9 +235,29 @@ fn admin_endpoints_and_bootstrap_file() {
     assert!(stats.contains("cluster.s.upstream_rq_total: 1"), "{stats}");
     let (_, prom) = dp.admin_get("/stats/prometheus");
     assert!(
-        prom.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"s\"} 1"),
+        prom.contains("# TYPE envoy_cluster_upstream_rq_total counter\nenvoy_cluster_upstream_rq_total{envoy_cluster_name=\"s\"} 1\n"),
         "{prom}"
     );
+    assert!(
+        prom.contains("# TYPE envoy_http_downstream_cx_active gauge\n"),
+        "{prom}"
+    );
+    // Envoy's query options: a regex filter, non-zero only, JSON; a bad
+    // regex is named in a 400.
+    let (_, some) = dp.admin_get("/stats?filter=%5Ecluster%5C.s%5C.upstream_rq_&usedonly");
+    assert_eq!(
+        some,
+        "cluster.s.upstream_rq_total: 1\ncluster.s.upstream_rq_2xx: 1\n"
+    );
+    let (_, json) = dp.admin_get("/stats?format=json&filter=upstream_rq_total");
+    let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({"stats": [{"name": "cluster.s.upstream_rq_total", "value": 1}]})
+    );
+    let (status, why) = dp.admin_get("/stats?filter=(");
+    assert_eq!(status, 400);
+    assert!(why.starts_with("filter: not a valid regex"), "{why}");
     let (_, dump) = dp.admin_get("/config_dump");
     let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
     assert!(

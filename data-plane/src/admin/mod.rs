@@ -1,5 +1,7 @@
 //! The local admin listener (Envoy's admin endpoints), on a thread of its
-//! own so that reading stats never takes time from the workers.
+//! own so that reading stats never takes time from the workers: `/ready`,
+//! `/stats` (`stats.rs`), `/config_dump`, `/clusters`, `/listeners`
+//! and `POST /drain_listeners`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -7,13 +9,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use crate::snapshot::Shared;
+
+mod stats;
+
+use stats::{Format, Query};
 
 /// Binds the admin address and serves it on a new thread; returns the
 /// bound address (the port may have been 0).
@@ -88,12 +94,33 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        "/stats" => text(StatusCode::OK, stats(shared, false), "text/plain"),
-        "/stats/prometheus" => text(
-            StatusCode::OK,
-            stats(shared, true),
-            "text/plain; version=0.0.4",
-        ),
+        p @ ("/stats" | "/stats/prometheus") => {
+            let default = if p == "/stats" {
+                Format::Text
+            } else {
+                Format::Prometheus
+            };
+            match Query::parse(req.uri().query(), default) {
+                Ok(q) => {
+                    let (body, ctype) = stats::render(shared, &q);
+                    text(StatusCode::OK, body, ctype)
+                }
+                Err(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n"), "text/plain"),
+            }
+        }
+        "/drain_listeners" => {
+            if req.method() != Method::POST {
+                return text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("Method {} not allowed, POST required.\n", req.method()),
+                    "text/plain",
+                );
+            }
+            // Envoy's: every listener stops accepting and drains; the
+            // process keeps running (a SIGTERM then exits once they are done).
+            shared.shutdown.begin();
+            text(StatusCode::OK, "OK\n".into(), "text/plain")
+        }
         "/config_dump" => {
             let snap = shared.snapshot.load();
             let body = serde_json::to_string_pretty(&snap.dump.to_json()).unwrap_or_default();
@@ -111,88 +138,12 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/" => text(
             StatusCode::OK,
-            "/ready /stats /stats/prometheus /config_dump /clusters /listeners\n".into(),
+            "/ready /stats /stats/prometheus /config_dump /clusters /listeners; POST /drain_listeners\n"
+                .into(),
             "text/plain",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }
-}
-
-fn stats(shared: &Shared, prometheus: bool) -> String {
-    let mut out = String::new();
-    let snap = shared.snapshot.load();
-    let mut line = |name: &str, labels: Option<(&str, &str)>, v: u64| {
-        if prometheus {
-            let metric = format!("envoy_{}", name.replace(['.', '-'], "_"));
-            match labels {
-                Some((k, val)) => {
-                    let _ = writeln!(
-                        out,
-                        "{metric}{{{k}=\"{}\"}} {v}",
-                        val.replace('\\', "\\\\").replace('"', "\\\"")
-                    );
-                }
-                None => {
-                    let _ = writeln!(out, "{metric} {v}");
-                }
-            }
-        } else {
-            match labels {
-                Some((_, val)) => {
-                    let (prefix, rest) = name.split_once('.').unwrap_or(("", name));
-                    let _ = writeln!(out, "{prefix}.{val}.{rest}: {v}");
-                }
-                None => {
-                    let _ = writeln!(out, "{name}: {v}");
-                }
-            }
-        }
-    };
-    line("server.live", None, shared.ready.load(Relaxed) as u64);
-    line(
-        "control_plane.connected_state",
-        None,
-        shared.xds_connected.load(Relaxed) as u64,
-    );
-    line(
-        "listener_manager.total_listeners_active",
-        None,
-        snap.listeners.len() as u64,
-    );
-    line(
-        "cluster_manager.active_clusters",
-        None,
-        snap.clusters.len() as u64,
-    );
-    for (k, v) in shared.stats.each() {
-        line(&format!("http.{k}"), None, v);
-    }
-    let mut names: Vec<_> = snap.clusters.keys().collect();
-    names.sort();
-    for n in names {
-        let c = &snap.clusters[n];
-        for (k, v) in c.stats.each() {
-            line(&format!("cluster.{k}"), Some(("envoy_cluster_name", n)), v);
-        }
-        line(
-            "cluster.upstream_rq_active",
-            Some(("envoy_cluster_name", n)),
-            c.active.load(Relaxed) as u64,
-        );
-        let cx: u64 = c
-            .endpoints
-            .load()
-            .endpoints
-            .iter()
-            .map(|e| e.pool.open.load(Relaxed) as u64)
-            .sum();
-        line(
-            "cluster.upstream_cx_active",
-            Some(("envoy_cluster_name", n)),
-            cx,
-        );
-    }
-    out
 }
 
 fn clusters(shared: &Shared) -> String {
