@@ -8,6 +8,7 @@ mod crash;
 mod demo;
 mod dp_common;
 mod dp_foreign;
+mod dp_fuzz;
 mod dp_h1_downstream;
 mod dp_h1_upstream;
 mod dp_h2_downstream;
