@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -81,13 +82,18 @@ pub async fn handle(
         )));
     }
     let snap = shared.snapshot.load_full();
+    let grpc = is_grpc(req.headers());
     let resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
         Ok(resp) => resp,
         Err(l) => {
             if let Some(b) = guard.log.as_mut() {
                 b.1.response_flags = l.flags.into();
             }
-            local_reply(l.status, l.body)
+            if grpc {
+                grpc_local_reply(l.status, l.body)
+            } else {
+                local_reply(l.status, l.body)
+            }
         }
     };
     let status = resp.status().as_u16();
@@ -112,6 +118,63 @@ fn local_reply(status: StatusCode, body: &'static str) -> Out {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     r
+}
+
+/// Whether a request is gRPC (`application/grpc`, `application/grpc+proto`
+/// and the like; not gRPC-Web), as Envoy decides it.
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
+}
+
+/// A local reply to a gRPC request, as Envoy sends it: a trailers-only
+/// response (`200`, `grpc-status` by the HTTP status's gRPC mapping,
+/// `grpc-message` the reason), which gRPC clients read as the call's
+/// status rather than as a broken HTTP exchange.
+fn grpc_local_reply(status: StatusCode, body: &'static str) -> Out {
+    let mut r = Response::new(Either::Right(Bytes::new()));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(grpc_status(status)));
+    let message = grpc_message(body.trim_end());
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
+/// The gRPC status for an HTTP status (gRPC's HTTP-to-gRPC mapping, as
+/// Envoy applies it).
+fn grpc_status(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// `grpc-message`'s encoding: bytes outside printable ASCII, and `%`,
+/// percent-encoded.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 fn record(req: &Request<RequestBody>, peer: SocketAddr) -> Record {
@@ -841,6 +904,25 @@ async fn websocket(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_requests_and_their_local_replies() {
+        let with = |ct: &str| is_grpc(&map(&[("content-type", ct)]));
+        assert!(with("application/grpc"));
+        assert!(with("Application/GRPC+proto"));
+        assert!(with("application/grpc;charset=utf-8"));
+        assert!(!with("application/grpc-web"));
+        assert!(!with("application/json"));
+        assert_eq!(grpc_status(StatusCode::SERVICE_UNAVAILABLE), 14);
+        assert_eq!(grpc_status(StatusCode::NOT_FOUND), 12);
+        assert_eq!(grpc_status(StatusCode::REQUEST_TIMEOUT), 2);
+        assert_eq!(grpc_message("50% off: caf\u{e9}"), "50%25 off: caf%C3%A9");
+        let r = grpc_local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["grpc-message"], "upstream request timeout");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs

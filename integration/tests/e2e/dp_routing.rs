@@ -185,6 +185,18 @@ fn grpc_streams_with_trailers_and_websocket_upgrades() {
                 &[],
                 json!([{"name": "ws", "match": {"path": "/"}, "action": {"service": "ws"}}]),
             ),
+            // A gRPC service whose only endpoint refuses connections.
+            service(
+                "down",
+                &[],
+                json!({"protocol": "grpc", "endpoints": [{"address": "127.0.0.1", "port": portico_integration::dataplane::free_port()}]}),
+            ),
+            api(
+                "down",
+                "/down.Down",
+                &[],
+                json!([{"name": "all", "match": {"path": "/"}, "action": {"service": "down"}}]),
+            ),
         ]
     });
     let _dp = env.dp("dp1", &[]);
@@ -243,6 +255,38 @@ fn grpc_streams_with_trailers_and_websocket_upgrades() {
         }
         let t = trailers.expect("trailers arrive");
         assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    });
+
+    // The gateway's own errors reach a gRPC client (tonic) as call
+    // statuses, as Envoy sends them: trailers-only, `grpc-status` by
+    // gRPC's HTTP mapping, the reason in `grpc-message`.
+    rt().block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", env.port))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+        let mut grpc = tonic::client::Grpc::new(channel);
+        let mut call = async |path: &'static str| {
+            grpc.ready().await.expect("ready");
+            let codec = tonic_prost::ProstCodec::<
+                portico_proto::google::protobuf::Duration,
+                portico_proto::google::protobuf::Duration,
+            >::default();
+            grpc.unary(
+                tonic::Request::new(portico_proto::google::protobuf::Duration::default()),
+                http::uri::PathAndQuery::from_static(path),
+                codec,
+            )
+            .await
+            .expect_err("the gateway answers with an error status")
+        };
+        let e = call("/down.Down/Call").await;
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().starts_with("upstream connect error"), "{e:?}");
+        let e = call("/nowhere.Nothing/Call").await;
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
     });
 
     // WebSocket: 101 through the gateway, then bytes both ways.
