@@ -37,6 +37,9 @@ counters!(
         no_healthy_upstream,
         /// Streams ended by the stream idle timeout.
         downstream_rq_idle_timeout,
+        /// Streams ended by their duration limit (`max_stream_duration`,
+        /// or a gRPC call's deadline).
+        downstream_rq_max_duration_reached,
         /// Upstream did not answer in time.
         upstream_rq_timeout,
         /// Retries sent.

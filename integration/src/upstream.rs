@@ -1,7 +1,8 @@
 //! Real upstream servers for data-plane tests: HTTP/1.1 and h2c on one
 //! port, gRPC (trailers, streaming echo) and WebSocket (101, then echo).
 //!
-//! Paths (after any prefix): `/status/N` answers N; `/slow/MS` answers after MS ms;
+//! Paths (after any prefix): `/status/N` answers N; `/slow/MS` answers after MS ms
+//! (a gRPC echo too);
 //! `/bytes/N` answers N bytes;
 //! `/reset` closes the connection without answering; `/flaky/KEY/N`
 //! answers 503 the first N times for KEY, then 200; `/healthz` answers
@@ -106,7 +107,12 @@ async fn handle(
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
     {
         // gRPC echo: every message frame goes back as it arrives, then
-        // trailers with grpc-status 0.
+        // trailers with grpc-status 0; `/slow/MS` in the path holds the
+        // answer's head back that long.
+        let mut words = path.split('/').skip_while(|w| *w != "slow").skip(1);
+        if let Some(ms) = words.next().and_then(|w| w.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
         let mut body = req.into_body();
         tokio::spawn(async move {

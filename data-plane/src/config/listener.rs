@@ -81,6 +81,10 @@ pub struct ListenerConfig {
     /// How long a stream may go without activity (the HCM's
     /// `stream_idle_timeout`; `None` when turned off with 0).
     pub stream_idle_timeout: Option<Duration>,
+    /// How long any stream may last (the HCM's
+    /// `common_http_protocol_options.max_stream_duration`; `None` unset or
+    /// 0); a route's `max_stream_duration` replaces it.
+    pub max_stream_duration: Option<Duration>,
     /// How long a removed listener lets open requests finish.
     pub drain_timeout: Duration,
     /// Append the client address to x-forwarded-for.
@@ -237,6 +241,10 @@ impl ListenerConfig {
                     .unwrap_or(Duration::from_secs(300)),
             )
             .filter(|d| !d.is_zero()),
+            max_stream_duration: common
+                .and_then(|c| c.max_stream_duration.as_ref())
+                .map(duration)
+                .filter(|d| !d.is_zero()),
             drain_timeout: hcm
                 .drain_timeout
                 .as_ref()

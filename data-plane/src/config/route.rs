@@ -162,11 +162,40 @@ pub struct Forward {
     pub retry: Option<Arc<RetryPolicy>>,
     /// Hash policies for ring hash.
     pub hash: Vec<HashPolicy>,
-    /// Whether WebSocket upgrades are allowed on this route.
     /// The route's own stream idle timeout (`RouteAction.idle_timeout`):
     /// `None` when unset, `Some(None)` when turned off with 0.
     pub idle_timeout: Option<Option<Duration>>,
+    /// The route's stream duration limit and gRPC deadline handling
+    /// (`RouteAction.max_stream_duration`).
+    pub max_stream: Option<MaxStreamDuration>,
+    /// The deprecated `max_grpc_timeout`: a gRPC request's route timeout
+    /// from its `grpc-timeout` header.
+    pub grpc_timeout: Option<GrpcRouteTimeout>,
+    /// Whether WebSocket upgrades are allowed on this route.
     pub websocket: bool,
+}
+
+/// Envoy's deprecated `RouteAction.max_grpc_timeout` and
+/// `grpc_timeout_offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcRouteTimeout {
+    /// The cap on the header's timeout (0: uncapped).
+    pub max: Duration,
+    /// Taken off the header's timeout when that leaves some.
+    pub offset: Option<Duration>,
+}
+
+/// Envoy's `RouteAction.MaxStreamDuration`, each field `None` when unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxStreamDuration {
+    /// How long a stream may last (0: no limit, not even the listener's).
+    pub max: Option<Duration>,
+    /// When set, a gRPC `grpc-timeout` header sets the limit instead,
+    /// capped at this (0: uncapped).
+    pub grpc_header_max: Option<Duration>,
+    /// Taken off the header's timeout (leaving time for the answer to
+    /// travel back).
+    pub grpc_header_offset: Option<Duration>,
 }
 
 /// A route's redirect.
@@ -904,6 +933,16 @@ fn convert_route(
                     .idle_timeout
                     .as_ref()
                     .map(|d| Some(duration(d)).filter(|d| !d.is_zero())),
+                max_stream: a.max_stream_duration.as_ref().map(|m| MaxStreamDuration {
+                    max: m.max_stream_duration.as_ref().map(duration),
+                    grpc_header_max: m.grpc_timeout_header_max.as_ref().map(duration),
+                    grpc_header_offset: m.grpc_timeout_header_offset.as_ref().map(duration),
+                }),
+                #[allow(deprecated)]
+                grpc_timeout: a.max_grpc_timeout.as_ref().map(|m| GrpcRouteTimeout {
+                    max: duration(m),
+                    offset: a.grpc_timeout_offset.as_ref().map(duration),
+                }),
                 websocket: a.upgrade_configs.iter().any(|u| {
                     u.upgrade_type.eq_ignore_ascii_case("websocket")
                         && u.enabled.is_none_or(|e| e.value)

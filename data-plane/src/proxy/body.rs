@@ -72,6 +72,9 @@ pub struct Guard {
     pub(crate) log: Option<Box<(Vec<Sink>, Record, Instant)>>,
     pub(crate) bytes: u64,
     pub(crate) ended: bool,
+    /// The stream's duration limit, when one applies: the answer is cut
+    /// when it passes.
+    pub(crate) deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The endpoint and connection serving a request.
@@ -91,6 +94,7 @@ impl Guard {
             log: None,
             bytes: 0,
             ended: false,
+            deadline: None,
         }
     }
 }
@@ -151,6 +155,19 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if let Some(d) = this.guard.deadline.as_mut() {
+            if std::future::Future::poll(d.as_mut(), cx).is_ready() {
+                this.guard.deadline = None;
+                this.guard
+                    .stats
+                    .downstream_rq_max_duration_reached
+                    .fetch_add(1, Relaxed);
+                if let Some(b) = this.guard.log.as_mut() {
+                    b.1.response_flags = "DT".into();
+                }
+                return Poll::Ready(Some(Err("max stream duration reached".into())));
+            }
+        }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {

@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::body::{Guard, RequestBody, ResponseBody, Upstream};
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
+use super::max_duration;
 use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::Record;
@@ -90,7 +91,7 @@ pub async fn handle(
                 b.1.response_flags = l.flags.into();
             }
             if grpc {
-                grpc_local_reply(l.status, l.body)
+                grpc_local_reply(&l)
             } else {
                 local_reply(l.status, l.body)
             }
@@ -135,15 +136,21 @@ fn is_grpc(h: &HeaderMap) -> bool {
 /// response (`200`, `grpc-status` by the HTTP status's gRPC mapping,
 /// `grpc-message` the reason), which gRPC clients read as the call's
 /// status rather than as a broken HTTP exchange.
-fn grpc_local_reply(status: StatusCode, body: &'static str) -> Out {
+fn grpc_local_reply(l: &Local) -> Out {
     let mut r = Response::new(Either::Right(Bytes::new()));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", HeaderValue::from(grpc_status(status)));
-    let message = grpc_message(body.trim_end());
+    // The call's own deadline passed: Envoy's one explicit status.
+    let status = if l.flags == "DT" {
+        4 // DEADLINE_EXCEEDED
+    } else {
+        grpc_status(l.status)
+    };
+    h.insert("grpc-status", HeaderValue::from(status));
+    let message = grpc_message(l.body.trim_end());
     if let Ok(v) = HeaderValue::from_str(&message) {
         h.insert("grpc-message", v);
     }
@@ -521,6 +528,27 @@ async fn forward(
             None => req.headers().get(header::HOST).cloned(),
         },
     };
+    // Envoy's stream duration limit (the call's `grpc-timeout` where the
+    // route allows it); nothing to compute unless one is configured.
+    let stream_deadline = if fwd.max_stream.is_some() || lr.config.max_stream_duration.is_some() {
+        max_duration::stream_limit(
+            fwd.max_stream.as_ref(),
+            lr.config.max_stream_duration,
+            req.headers(),
+        )
+        .map(|t| tokio::time::Instant::now() + t)
+    } else {
+        None
+    };
+    // The deprecated `max_grpc_timeout` sets a gRPC call's route timeout
+    // from its deadline (unless the route has a stream duration limit).
+    let grpc_route_timeout = match &fwd.grpc_timeout {
+        Some(g) if fwd.max_stream.is_none_or(|m| m.max.is_none()) && is_grpc(req.headers()) => {
+            Some(max_duration::grpc_route_timeout(g, req.headers()))
+        }
+        _ => None,
+    };
+    let route_timeout = grpc_route_timeout.unwrap_or(fwd.timeout);
     let (parts, body) = req.into_parts();
     let original_uri = &parts.uri;
     let original_pq = original_uri.path_and_query().map_or("/", |p| p.as_str());
@@ -543,6 +571,12 @@ async fn forward(
     }
     if !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(&X_REQUEST_ID, request_id());
+    }
+    if let Some(Some(t)) = grpc_route_timeout {
+        // As Envoy does: the upstream learns the deadline it has.
+        if let Ok(v) = HeaderValue::from_str(&format!("{}m", t.as_millis())) {
+            headers.insert("grpc-timeout", v);
+        }
     }
     route.edits.apply_request(&mut headers);
     vh.edits.apply_request(&mut headers);
@@ -580,7 +614,13 @@ async fn forward(
         }
     }
 
-    let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+    let deadline = match (
+        route_timeout.map(|t| tokio::time::Instant::now() + t),
+        stream_deadline,
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let max_tries = 1 + if body.is_none() {
         retry.map_or(0, |r| r.num_retries)
     } else {
@@ -723,6 +763,7 @@ async fn forward(
                 let mut upstream = upstream;
                 upstream.slot = slot;
                 guard.upstream = Some(upstream);
+                guard.deadline = stream_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
             Ok(Err(e)) => {
@@ -763,6 +804,19 @@ async fn forward(
                 if !retryable {
                     break;
                 }
+            }
+            Err(_elapsed) if stream_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                // The stream's own limit, not the upstream's slowness: no
+                // retry, no outlier mark.
+                stats
+                    .downstream_rq_max_duration_reached
+                    .fetch_add(1, Relaxed);
+                failure = local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "downstream duration timeout\n",
+                    "DT",
+                );
+                break;
             }
             Err(_elapsed) => {
                 stats.upstream_rq_timeout.fetch_add(1, Relaxed);
@@ -917,11 +971,21 @@ mod tests {
         assert_eq!(grpc_status(StatusCode::NOT_FOUND), 12);
         assert_eq!(grpc_status(StatusCode::REQUEST_TIMEOUT), 2);
         assert_eq!(grpc_message("50% off: caf\u{e9}"), "50%25 off: caf%C3%A9");
-        let r = grpc_local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+        let r = grpc_local_reply(&local(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout\n",
+            "UT",
+        ));
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()["grpc-message"], "upstream request timeout");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
+        let r = grpc_local_reply(&local(
+            StatusCode::GATEWAY_TIMEOUT,
+            "downstream duration timeout\n",
+            "DT",
+        ));
+        assert_eq!(r.headers()["grpc-status"], "4");
     }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {

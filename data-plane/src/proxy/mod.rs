@@ -10,6 +10,7 @@ pub mod body;
 pub mod h2;
 pub mod handler;
 pub mod http1;
+mod max_duration;
 mod quiet;
 mod server;
 pub mod stream_idle;

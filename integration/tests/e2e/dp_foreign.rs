@@ -29,7 +29,8 @@ use portico_proto::envoy::config::listener::v3::{filter, Filter, FilterChain, Li
 use portico_proto::envoy::config::route::v3::{
     route::Action,
     route_action::{
-        hash_policy, ClusterSpecifier, HashPolicy, HostRewriteSpecifier, UpgradeConfig,
+        hash_policy, ClusterSpecifier, HashPolicy, HostRewriteSpecifier, MaxStreamDuration,
+        UpgradeConfig,
     },
     route_match::PathSpecifier,
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
@@ -226,6 +227,27 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/forever", "plain", |a| {
             a.idle_timeout = Some(portico_proto::google::protobuf::Duration::default())
         }),
+        // Stream duration limits: a gRPC call's own deadline (uncapped),
+        // a fixed 800 ms, and the deprecated max_grpc_timeout.
+        prefix_route("/deadline", "plain", |a| {
+            a.max_stream_duration = Some(MaxStreamDuration {
+                grpc_timeout_header_max: Some(Default::default()),
+                ..Default::default()
+            })
+        }),
+        prefix_route("/capped", "h2", |a| {
+            a.max_stream_duration = Some(MaxStreamDuration {
+                max_stream_duration: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 800_000_000,
+                }),
+                ..Default::default()
+            })
+        }),
+        #[allow(deprecated)]
+        prefix_route("/old-deadline", "plain", |a| {
+            a.max_grpc_timeout = Some(Default::default())
+        }),
         // WebSocket tunnels: under the listener's stream idle timeout, and
         // under none.
         prefix_route("/ws-idle", "plain", |a| a.upgrade_configs = websocket()),
@@ -314,6 +336,14 @@ fn foreign_control_plane_envoy_features() {
                 "plain",
                 &cluster("plain", LbPolicy::RoundRobin, Some(&[p[1]])),
             ),
+            resource("h2", &{
+                let mut c = cluster("h2", LbPolicy::RoundRobin, Some(&[p[1]]));
+                #[allow(deprecated)]
+                {
+                    c.http2_protocol_options = Some(Default::default());
+                }
+                c
+            }),
             resource("hash", &cluster("hash", LbPolicy::RingHash, None)),
             resource("random", &cluster("random", LbPolicy::Random, None)),
             resource("health", &cluster("health", LbPolicy::RoundRobin, None)),
@@ -630,4 +660,93 @@ fn foreign_control_plane_envoy_features() {
     let mut calm = upgrade(port, "/ws-forever/chat");
     std::thread::sleep(std::time::Duration::from_millis(2500));
     echo(&mut calm, b"after a long silence");
+
+    // Stream duration limits (the HCM's stream idle timeout, 1 s, would
+    // answer 408 instead; these end sooner and say so differently).
+    use http_body_util::BodyExt;
+    let reached = dp.stat("http.downstream_rq_max_duration_reached");
+    super::dp_common::rt().block_on(async {
+        let mut tx = super::dp_common::h2_sender::<http_body_util::Full<bytes::Bytes>>(port).await;
+        let mut call = async |path: &str, deadline: Option<&str>| {
+            let mut req = hyper::Request::post(format!("http://gw{path}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            if let Some(d) = deadline {
+                req = req.header("grpc-timeout", d);
+            }
+            let req = req.body(Default::default()).expect("request");
+            let started = std::time::Instant::now();
+            let resp = tx.send_request(req).await.expect("response");
+            let status = resp.headers().get("grpc-status").cloned();
+            (resp, status, started.elapsed())
+        };
+        // The call's deadline (400 ms) passes before the upstream's answer
+        // (3 s): trailers-only DEADLINE_EXCEEDED, no sooner than that.
+        let (resp, status, took) = call("/deadline/slow/3000", Some("400m")).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            status.as_ref().map(|v| v.as_bytes()),
+            Some(&b"4"[..]),
+            "{resp:?}"
+        );
+        assert!(took >= std::time::Duration::from_millis(380), "{took:?}");
+        // Without a deadline of its own the call takes what it takes.
+        let (resp, status, _) = call("/deadline/slow/300", None).await;
+        assert_eq!(
+            (resp.status().as_u16(), status),
+            (200, None),
+            "the echo's head"
+        );
+        // The deprecated max_grpc_timeout: the deadline is the route
+        // timeout, so the answer is the upstream timeout's (UNAVAILABLE).
+        let (_, status, took) = call("/old-deadline/slow/3000", Some("300m")).await;
+        assert_eq!(status.as_ref().map(|v| v.as_bytes()), Some(&b"14"[..]));
+        assert!(took >= std::time::Duration::from_millis(280), "{took:?}");
+        // An answer under way when the limit (800 ms) passes is cut: the
+        // echo's head arrives, then the stream is reset.
+        let (btx, brx) = tokio::sync::mpsc::channel::<
+            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >(4);
+        let mut tx2 = super::dp_common::h2_sender(port).await;
+        let req = hyper::Request::post("http://gw/capped/echo.Echo/Chat")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(brx),
+            ))
+            .expect("request");
+        let started = std::time::Instant::now();
+        btx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"\0\0\0\0\x02hi",
+        ))))
+        .await
+        .expect("send");
+        let resp = tx2.send_request(req).await.expect("the echo's head");
+        let mut body = resp.into_body();
+        let first = body.frame().await.expect("a frame").expect("the echo");
+        assert!(first.is_data());
+        let end = loop {
+            match body.frame().await {
+                Some(Ok(f)) if f.is_data() => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(end, Some(Err(_))),
+            "the stream is reset, not ended: {end:?}"
+        );
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(750), "{took:?}");
+        drop(btx);
+    });
+    // Over HTTP/1.1, the same 800 ms limit before the answer: a 504.
+    let r = get("/capped/slow/3000", &[]);
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (504, "downstream duration timeout\n")
+    );
+    assert_eq!(
+        dp.stat("http.downstream_rq_max_duration_reached"),
+        reached + 3
+    );
 }
