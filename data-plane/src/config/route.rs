@@ -92,6 +92,9 @@ struct RouteMatcher {
     headers: Vec<HeaderMatch>,
     query: Vec<QueryMatch>,
     grpc: bool,
+    /// `runtime_fraction`: the share of requests the route takes, as
+    /// (numerator, denominator); the rest go on to the next route.
+    fraction: Option<(u64, u64)>,
 }
 
 /// The action of a route.
@@ -173,6 +176,9 @@ pub struct Forward {
     pub grpc_timeout: Option<GrpcRouteTimeout>,
     /// Whether WebSocket upgrades are allowed on this route.
     pub websocket: bool,
+    /// The status when the cluster does not exist
+    /// (`cluster_not_found_response_code`: 503, 404 or 500).
+    pub cluster_not_found: http::StatusCode,
 }
 
 /// Envoy's deprecated `RouteAction.max_grpc_timeout` and
@@ -831,6 +837,11 @@ fn convert_route(
             .map(|(i, q)| QueryMatch::compile(q, &format!("{at}.match.query_parameters[{i}]")))
             .collect::<Result<_, _>>()?,
         grpc: m.grpc.is_some(),
+        fraction: m
+            .runtime_fraction
+            .as_ref()
+            .map(|f| fraction(f, at))
+            .transpose()?,
     };
     let action = match &r.action {
         Some(Action::Route(a)) => {
@@ -943,6 +954,11 @@ fn convert_route(
                     max: duration(m),
                     offset: a.grpc_timeout_offset.as_ref().map(duration),
                 }),
+                cluster_not_found: match a.cluster_not_found_response_code {
+                    1 => http::StatusCode::NOT_FOUND,
+                    2 => http::StatusCode::INTERNAL_SERVER_ERROR,
+                    _ => http::StatusCode::SERVICE_UNAVAILABLE,
+                },
                 websocket: a.upgrade_configs.iter().any(|u| {
                     u.upgrade_type.eq_ignore_ascii_case("websocket")
                         && u.enabled.is_none_or(|e| e.value)
@@ -1081,7 +1097,38 @@ impl RouteMatcher {
                     .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")))
             && self.headers.iter().all(|h| h.matches(req))
             && self.query.iter().all(|q| q.matches(query))
+            // Drawn last, and only for a route that matches otherwise.
+            && self.fraction.is_none_or(|(n, d)| fastrand::u64(..d) < n)
     }
+}
+
+/// A `runtime_fraction`'s default value as (numerator, denominator). There
+/// is no runtime to look `runtime_key` up in, so the default is the value.
+fn fraction(
+    f: &portico_proto::envoy::config::core::v3::RuntimeFractionalPercent,
+    at: &str,
+) -> Result<(u64, u64), ConfigError> {
+    use portico_proto::envoy::r#type::v3::fractional_percent::DenominatorType;
+    let v = f
+        .default_value
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(at, "match.runtime_fraction has no default_value"))?;
+    let d = match DenominatorType::try_from(v.denominator) {
+        Ok(DenominatorType::Hundred) => 100,
+        Ok(DenominatorType::TenThousand) => 10_000,
+        Ok(DenominatorType::Million) => 1_000_000,
+        Err(_) => {
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "match.runtime_fraction denominator {} is unknown",
+                    v.denominator
+                ),
+            ))
+        }
+    };
+    // Over the denominator is all of them, as in Envoy.
+    Ok((u64::from(v.numerator).min(d), d))
 }
 
 impl Route {
@@ -1131,6 +1178,86 @@ mod tests {
             ..Default::default()
         })
         .expect("converts")
+    }
+
+    #[test]
+    fn cluster_not_found_response_code_is_kept() {
+        let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+        if let Some(Action::Route(a)) = r.action.as_mut() {
+            a.cluster_not_found_response_code = 1;
+        }
+        let t = table(vec![(
+            vec!["*"],
+            vec![r, route(PathSpecifier::Prefix("/".into()), "d")],
+        )]);
+        let vh = t.virtual_host("x", true).expect("vhost");
+        let codes: Vec<_> = vh
+            .routes
+            .iter()
+            .map(|r| match &r.action {
+                RouteAction::Forward(f) => f.cluster_not_found.as_u16(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(codes, [404, 503]);
+    }
+
+    /// A route with a runtime fraction takes about that share of the
+    /// requests it matches; the rest fall through to the next route.
+    #[test]
+    fn runtime_fraction_takes_its_share() {
+        use portico_proto::envoy::config::core::v3::RuntimeFractionalPercent;
+        use portico_proto::envoy::r#type::v3::{fractional_percent, FractionalPercent};
+        let mut canary = route(PathSpecifier::Prefix("/".into()), "canary");
+        if let Some(m) = canary.r#match.as_mut() {
+            m.runtime_fraction = Some(RuntimeFractionalPercent {
+                default_value: Some(FractionalPercent {
+                    numerator: 2_500,
+                    denominator: fractional_percent::DenominatorType::TenThousand as i32,
+                }),
+                runtime_key: "canary".into(),
+            });
+        }
+        let t = table(vec![(
+            vec!["*"],
+            vec![canary, route(PathSpecifier::Prefix("/".into()), "stable")],
+        )]);
+        let vh = t.virtual_host("x", true).expect("vhost");
+        let h = HeaderMap::new();
+        let head = RequestHead {
+            method: "GET",
+            path: "/x",
+            authority: "x",
+            scheme: "http",
+            headers: &h,
+        };
+        let canaries = (0..10_000)
+            .filter(|_| {
+                matches!(
+                    &vh.find(&head).expect("route").action,
+                    RouteAction::Forward(f) if matches!(&f.clusters, ClusterChoice::One(c) if &**c == "canary")
+                )
+            })
+            .count();
+        // 2,500 expected; 10 standard deviations (about 43 each) apart.
+        assert!((2_070..=2_930).contains(&canaries), "{canaries}");
+        // A route whose fraction has no default value is refused, named.
+        let mut bad = route(PathSpecifier::Prefix("/".into()), "c");
+        if let Some(m) = bad.r#match.as_mut() {
+            m.runtime_fraction = Some(RuntimeFractionalPercent::default());
+        }
+        let e = RouteTable::convert(&RouteConfiguration {
+            name: "t".into(),
+            virtual_hosts: vec![PbVirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![bad],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .expect_err("refused");
+        assert!(e.to_string().contains("runtime_fraction"), "{e}");
     }
 
     #[test]

@@ -491,11 +491,7 @@ async fn forward(
     let stats = &conn.shared.stats;
     let Some(cluster) = pick_cluster(snap, fwd, req.headers()) else {
         stats.no_cluster.fetch_add(1, Relaxed);
-        return Err(local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "cluster not found\n",
-            "NC",
-        ));
+        return Err(local(fwd.cluster_not_found, "cluster not found\n", "NC"));
     };
     if let Some(b) = guard.log.as_mut() {
         b.1.upstream_cluster = cluster.config.name.to_string();
