@@ -31,6 +31,9 @@ pub struct Upstream {
     pub unhealthy: Arc<AtomicBool>,
     /// Make every request answer 500.
     pub failing: Arc<AtomicBool>,
+    /// Every request seen: `METHOD PATH HOST CONTENT-LENGTH` (`-` for
+    /// what is missing).
+    pub seen: Arc<Mutex<Vec<String>>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -41,6 +44,7 @@ struct Ctx {
     unhealthy: Arc<AtomicBool>,
     failing: Arc<AtomicBool>,
     flaky: Mutex<HashMap<String, u32>>,
+    seen: Arc<Mutex<Vec<String>>>,
 }
 
 impl Upstream {
@@ -52,8 +56,10 @@ impl Upstream {
             unhealthy: Arc::new(AtomicBool::new(false)),
             failing: Arc::new(AtomicBool::new(false)),
             flaky: Mutex::new(HashMap::new()),
+            seen: Arc::new(Mutex::new(Vec::new())),
         });
-        let (unhealthy, failing) = (ctx.unhealthy.clone(), ctx.failing.clone());
+        let (unhealthy, failing, seen) =
+            (ctx.unhealthy.clone(), ctx.failing.clone(), ctx.seen.clone());
         rt.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -72,6 +78,7 @@ impl Upstream {
             addr,
             unhealthy,
             failing,
+            seen,
             _rt: rt,
         }
     }
@@ -86,6 +93,24 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, std::io::Error> {
     let path = req.uri().path().to_string();
+    {
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let host = h("host")
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or("-".into());
+        let line = format!(
+            "{} {} {host} {}",
+            req.method(),
+            req.uri().path_and_query().map_or("/", |p| p.as_str()),
+            h("content-length").unwrap_or("-".into())
+        );
+        ctx.seen.lock().expect("lock").push(line);
+    }
     let mut echo = format!(
         "{} {}\n",
         req.method(),

@@ -176,9 +176,23 @@ pub struct Forward {
     pub grpc_timeout: Option<GrpcRouteTimeout>,
     /// Whether WebSocket upgrades are allowed on this route.
     pub websocket: bool,
+    /// Clusters that get a copy of each request (`request_mirror_policies`).
+    pub mirrors: Vec<Mirror>,
     /// The status when the cluster does not exist
     /// (`cluster_not_found_response_code`: 503, 404 or 500).
     pub cluster_not_found: http::StatusCode,
+}
+
+/// A `request_mirror_policy`: a share of the route's requests is also
+/// sent to another cluster, and its answers are dropped.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    /// The cluster.
+    pub cluster: Arc<str>,
+    /// The share of requests, as (numerator, denominator); `None`: all.
+    pub fraction: Option<(u64, u64)>,
+    /// Whether the copy's host keeps its name (else `-shadow` is added).
+    pub keep_host: bool,
 }
 
 /// Envoy's deprecated `RouteAction.max_grpc_timeout` and
@@ -840,7 +854,7 @@ fn convert_route(
         fraction: m
             .runtime_fraction
             .as_ref()
-            .map(|f| fraction(f, at))
+            .map(|f| fraction(f, &format!("{at}.match")))
             .transpose()?,
     };
     let action = match &r.action {
@@ -954,6 +968,31 @@ fn convert_route(
                     max: duration(m),
                     offset: a.grpc_timeout_offset.as_ref().map(duration),
                 }),
+                mirrors: a
+                    .request_mirror_policies
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let at = format!("{at}.request_mirror_policies[{i}]");
+                        if m.cluster.is_empty() {
+                            return Err(ConfigError::new(
+                                &at,
+                                "needs a cluster (cluster_header is not supported)",
+                            ));
+                        }
+                        let cluster: Arc<str> = m.cluster.as_str().into();
+                        clusters.push(cluster.clone());
+                        Ok(Mirror {
+                            cluster,
+                            fraction: m
+                                .runtime_fraction
+                                .as_ref()
+                                .map(|f| fraction(f, &at))
+                                .transpose()?,
+                            keep_host: m.disable_shadow_host_suffix_append,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
                 cluster_not_found: match a.cluster_not_found_response_code {
                     1 => http::StatusCode::NOT_FOUND,
                     2 => http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -1112,7 +1151,7 @@ fn fraction(
     let v = f
         .default_value
         .as_ref()
-        .ok_or_else(|| ConfigError::new(at, "match.runtime_fraction has no default_value"))?;
+        .ok_or_else(|| ConfigError::new(at, "runtime_fraction has no default_value"))?;
     let d = match DenominatorType::try_from(v.denominator) {
         Ok(DenominatorType::Hundred) => 100,
         Ok(DenominatorType::TenThousand) => 10_000,
@@ -1120,10 +1159,7 @@ fn fraction(
         Err(_) => {
             return Err(ConfigError::new(
                 at,
-                format!(
-                    "match.runtime_fraction denominator {} is unknown",
-                    v.denominator
-                ),
+                format!("runtime_fraction denominator {} is unknown", v.denominator),
             ))
         }
     };

@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use super::body::{Guard, RequestBody, ResponseBody, Upstream};
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
 use super::max_duration;
+use super::mirror;
 use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::Record;
@@ -583,7 +584,8 @@ async fn forward(
         headers.remove(header::HOST);
     }
 
-    // Retries need the body again; buffer it when it is small.
+    // Retries need the body again, and mirrors a copy: buffer it when it
+    // is small.
     let retry = fwd.retry.as_deref();
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -594,7 +596,9 @@ async fn forward(
     if empty {
         buffered = Some(Bytes::new());
         body = None;
-    } else if retry.is_some() && declared.is_some_and(|n| n <= RETRY_BUFFER_LIMIT) {
+    } else if (retry.is_some() || !fwd.mirrors.is_empty())
+        && declared.is_some_and(|n| n <= RETRY_BUFFER_LIMIT)
+    {
         let b = body.take().expect("body present");
         // Boxed, as the other rare states below: every request's future
         // would otherwise carry their size (and be copied with it).
@@ -610,6 +614,17 @@ async fn forward(
         }
     }
 
+    if let (false, Some(b)) = (fwd.mirrors.is_empty(), &buffered) {
+        let copy = mirror::Copy {
+            method: &parts.method,
+            path_and_query: &new_pq,
+            headers: &headers,
+            host: host_value.as_ref(),
+            body: b,
+            timeout: route_timeout,
+        };
+        mirror::send(snap, &fwd.mirrors, &copy);
+    }
     let deadline = match (
         route_timeout.map(|t| tokio::time::Instant::now() + t),
         stream_deadline,

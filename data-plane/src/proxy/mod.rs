@@ -11,6 +11,7 @@ pub mod h2;
 pub mod handler;
 pub mod http1;
 mod max_duration;
+mod mirror;
 mod quiet;
 mod server;
 pub mod stream_idle;

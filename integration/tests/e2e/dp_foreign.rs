@@ -20,7 +20,7 @@ use portico_proto::envoy::config::cluster::v3::Cluster;
 use portico_proto::envoy::config::core::v3::{
     address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
     AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, HttpProtocolOptions,
-    SocketAddress,
+    RuntimeFractionalPercent, SocketAddress,
 };
 use portico_proto::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -30,7 +30,7 @@ use portico_proto::envoy::config::route::v3::{
     route::Action,
     route_action::{
         hash_policy, ClusterSpecifier, HashPolicy, HostRewriteSpecifier, MaxStreamDuration,
-        UpgradeConfig,
+        RequestMirrorPolicy, UpgradeConfig,
     },
     route_match::PathSpecifier,
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
@@ -40,6 +40,7 @@ use portico_proto::envoy::extensions::filters::network::http_connection_manager:
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use portico_proto::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
+use portico_proto::envoy::r#type::v3::FractionalPercent;
 use portico_proto::google::protobuf::{Any, UInt32Value};
 use prost::{Message, Name};
 
@@ -248,6 +249,29 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/old-deadline", "plain", |a| {
             a.max_grpc_timeout = Some(Default::default())
         }),
+        // Traffic shadowing: every request copied to "first" (u1), with
+        // -shadow on its host; half of them to "h2" (u2 over HTTP/2),
+        // keeping the host.
+        prefix_route("/mirrored", "plain", |a| {
+            a.request_mirror_policies = vec![
+                RequestMirrorPolicy {
+                    cluster: "first".into(),
+                    ..Default::default()
+                },
+                RequestMirrorPolicy {
+                    cluster: "h2".into(),
+                    disable_shadow_host_suffix_append: true,
+                    runtime_fraction: Some(RuntimeFractionalPercent {
+                        default_value: Some(FractionalPercent {
+                            numerator: 50,
+                            denominator: 0,
+                        }),
+                        runtime_key: String::new(),
+                    }),
+                    ..Default::default()
+                },
+            ]
+        }),
         // WebSocket tunnels: under the listener's stream idle timeout, and
         // under none.
         prefix_route("/ws-idle", "plain", |a| a.upgrade_configs = websocket()),
@@ -344,6 +368,10 @@ fn foreign_control_plane_envoy_features() {
                 }
                 c
             }),
+            resource(
+                "first",
+                &cluster("first", LbPolicy::RoundRobin, Some(&[p[0]])),
+            ),
             resource("hash", &cluster("hash", LbPolicy::RingHash, None)),
             resource("random", &cluster("random", LbPolicy::Random, None)),
             resource("health", &cluster("health", LbPolicy::RoundRobin, None)),
@@ -660,6 +688,54 @@ fn foreign_control_plane_envoy_features() {
     let mut calm = upgrade(port, "/ws-forever/chat");
     std::thread::sleep(std::time::Duration::from_millis(2500));
     echo(&mut calm, b"after a long silence");
+
+    // Traffic shadowing: the client gets the primary's answer; the copies
+    // arrive at the mirrors (the POST's body with them), and the share
+    // drawn for the second mirror is about half.
+    let before = |u: &Upstream| u.seen.lock().expect("lock").len();
+    let (u1_before, u2_before) = (before(&ups[0]), before(&ups[1]));
+    for i in 0..200 {
+        let r = get(&format!("/mirrored/n{i}"), &[]);
+        assert_eq!(
+            (r.status, r.header("x-upstream")),
+            (200, Some("u2")),
+            "the primary answers"
+        );
+    }
+    let r = http1(port, "POST", "/mirrored/post", "gw", &[], "hello");
+    assert_eq!(r.expect("answer").status, 200);
+    let copies = |u: &Upstream, from: usize, host: &str| {
+        u.seen.lock().expect("lock")[from..]
+            .iter()
+            .filter(|l| l.starts_with("GET /mirrored/n") && l.contains(&format!(" {host} ")))
+            .count()
+    };
+    let all = wait_for(std::time::Duration::from_secs(10), || {
+        (copies(&ups[0], u1_before, "gw-shadow") == 200).then_some(())
+    });
+    assert!(
+        all.is_some(),
+        "every request copied to the first mirror: {}",
+        copies(&ups[0], u1_before, "gw-shadow")
+    );
+    assert!(
+        ups[0].seen.lock().expect("lock")[u1_before..]
+            .iter()
+            .any(|l| l == "POST /mirrored/post gw-shadow 5"),
+        "the POST is copied with its body"
+    );
+    // u2 sees its 200 primaries (host gw) plus about 100 copies (host gw
+    // too: the suffix is turned off), over HTTP/2.
+    let half = wait_for(std::time::Duration::from_secs(10), || {
+        let n = copies(&ups[1], u2_before, "gw");
+        (n >= 200 + 60).then_some(n)
+    })
+    .unwrap_or_else(|| copies(&ups[1], u2_before, "gw"));
+    assert!(
+        (260..=340).contains(&half),
+        "about 100 copies to the second mirror: {}",
+        half - 200
+    );
 
     // Stream duration limits (the HCM's stream idle timeout, 1 s, would
     // answer 408 instead; these end sooner and say so differently).
