@@ -651,8 +651,11 @@ struct Connection {
     drain_wake: Arc<StreamWake>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     idle_wake: Arc<StreamWake>,
-    /// The stream idle timeout and its tick (see [`super::stream_idle`]).
-    tick: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// The listener's stream idle timeout (see [`super::stream_idle`]).
+    stream_idle: Option<Duration>,
+    /// Its tick; with the listener's off, armed by the first stream whose
+    /// route sets its own.
+    tick: Option<Tick>,
     tick_wake: Arc<StreamWake>,
     /// When the last stream ended.
     idle_since: Instant,
@@ -735,10 +738,8 @@ impl Connection {
             drain_wake,
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep_until(now + d)))),
             idle_wake,
-            tick: stream_idle_timeout.map(|d| {
-                let at = now + stream_idle::period(d);
-                (d, Box::pin(tokio::time::sleep_until(at)))
-            }),
+            stream_idle: stream_idle_timeout,
+            tick: stream_idle_timeout.map(|d| Tick::new(stream_idle::period(d))),
             tick_wake,
             idle_since: now,
             write_stalled_since: None,
@@ -890,33 +891,36 @@ impl Connection {
     fn poll_tick(&mut self) {
         let waker = self.tick_wake.rearm();
         let mut cx = Context::from_waker(&waker);
-        let Some((timeout, sleep)) = &mut self.tick else {
+        let Some(Tick { period, sleep }) = &mut self.tick else {
             return;
         };
         if sleep.as_mut().poll(&mut cx).is_pending() {
             return;
         }
-        let timeout = *timeout;
-        let period = stream_idle::period(timeout);
+        let period = *period;
         sleep.as_mut().reset(Instant::now() + period);
         // Polled once more so that the new deadline wakes this waker.
         let _ = sleep.as_mut().poll(&mut cx);
         self.out.ticks = self.out.ticks.wrapping_add(1);
-        if self
-            .write_stalled_since
-            .is_some_and(|t| t.elapsed() >= timeout)
-        {
+        if self.stream_idle.is_some_and(|timeout| {
+            self.write_stalled_since
+                .is_some_and(|t| t.elapsed() >= timeout)
+        }) {
             self.closed_by = Some("the client stopped reading".into());
             self.dead = true;
             return;
         }
         let ticks = self.out.ticks;
+        let listener_on = self.stream_idle.is_some();
         let idle: Vec<u32> = self
             .streams
             .iter()
             .filter(|(_, s)| {
-                stream_idle::ticks_for(s.wake.route_idle.limit(), period)
-                    .is_some_and(|n| ticks.wrapping_sub(s.active) > n)
+                let limit = s.wake.route_idle.limit();
+                // With the listener's timeout off, only routes' apply.
+                (listener_on || limit != stream_idle::Limit::Listener)
+                    && stream_idle::ticks_for(limit, period)
+                        .is_some_and(|n| ticks.wrapping_sub(s.active) > n)
             })
             .map(|(&id, _)| id)
             .collect();
@@ -1060,11 +1064,30 @@ impl Connection {
                 continue;
             };
             s.wake.queued.store(false, Ordering::Release);
-            if let Step::Remove = step(s, id, &mut self.out) {
+            let step = step(s, id, &mut self.out);
+            if self.stream_idle.is_none() {
+                if let stream_idle::Limit::After(d) = s.wake.route_idle.limit() {
+                    self.tick_for_route(d);
+                }
+            }
+            if let Step::Remove = step {
                 self.remove(id);
             }
         }
         self.woken.clear();
+    }
+
+    /// With the listener's stream idle timeout off, a route's own needs a
+    /// tick: armed at a fifth of the shortest such timeout seen (a longer
+    /// tick never cuts a stream early, only late).
+    fn tick_for_route(&mut self, timeout: Duration) {
+        let period = stream_idle::period(timeout);
+        if self.tick.as_ref().is_some_and(|t| t.period <= period) {
+            return;
+        }
+        self.tick = Some(Tick::new(period));
+        // Polled once, so that it wakes the connection when due.
+        self.poll_tick();
     }
 
     fn remove(&mut self, id: u32) {
@@ -1550,14 +1573,10 @@ impl Connection {
             });
             // Boxed straight from the call: a wrapping future would be
             // one more copy of a large state.
-            let idle = self
-                .tick
-                .is_some()
-                .then(|| wake.clone() as Arc<dyn HasRouteIdle>);
             Task::Handler(Box::pin(handle(
                 self.conn.clone(),
                 req.map(|()| body),
-                idle,
+                Some(wake.clone() as Arc<dyn HasRouteIdle>),
             )))
         };
         self.streams.insert(
@@ -1645,6 +1664,21 @@ fn upstream_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
         };
     }
     None
+}
+
+/// The stream idle timeout's tick.
+struct Tick {
+    period: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Tick {
+    fn new(period: Duration) -> Tick {
+        Tick {
+            period,
+            sleep: Box::pin(tokio::time::sleep(period)),
+        }
+    }
 }
 
 fn panicked(out: &mut Out, id: u32) -> Step {

@@ -255,7 +255,7 @@ pub(super) async fn serve(
         }
         let resp = tokio::select! {
             biased;
-            r = handle(conn.clone(), req, watch.is_some().then(|| progress.for_stream())) => Some(r),
+            r = handle(conn.clone(), req, Some(progress.for_stream())) => Some(r),
             () = Watch::expiry(watch.as_mut(), &progress) => None,
         };
         let Some(resp) = resp else {
@@ -295,7 +295,15 @@ pub(super) async fn serve(
             trailers,
             switching,
         };
-        let mut activity = Activity::new(watch.as_mut(), &progress);
+        // With the listener's stream idle timeout off, the route's own
+        // (if it set one) watches the answer.
+        let mut route_watch = None;
+        let answer_watch = match (watch.as_mut(), progress.route_limit()) {
+            (Some(w), _) => Some(w),
+            (None, stream_idle::Limit::After(d)) => Some(&mut *route_watch.insert(Watch::new(d))),
+            (None, _) => None,
+        };
+        let mut activity = Activity::new(answer_watch, &progress);
         let written =
             write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive, &mut activity).await;
         if written.as_ref().is_err_and(stream_idle::is_idle_out) {

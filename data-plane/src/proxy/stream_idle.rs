@@ -16,7 +16,8 @@
 //! [`RouteIdle`] once the route is chosen, and from then on the stream
 //! needs as many quiet ticks as that timeout spans, rounded up. So a
 //! route's timeout is honoured to within one tick (a fifth of the
-//! listener's); it applies only while the listener's is on.
+//! listener's). With the listener's off, a route's still applies (as in
+//! Envoy), on a tick of its own: a fifth of the route's timeout.
 
 use std::future::Future;
 use std::io;
@@ -136,6 +137,11 @@ impl Progress {
         self.0.count.load(Relaxed)
     }
 
+    /// What the stream's route set (see [`RouteIdle`]).
+    pub(super) fn route_limit(&self) -> Limit {
+        self.0.route.limit()
+    }
+
     /// The slot for the handler, cleared for a new stream.
     pub(super) fn for_stream(&self) -> Arc<dyn HasRouteIdle> {
         self.0.route.clear();
@@ -188,7 +194,18 @@ impl Watch {
     /// a combinator would copy it on every request.
     pub(super) async fn expiry(watch: Option<&mut Watch>, progress: &Progress) {
         let Some(w) = watch else {
-            return std::future::pending().await;
+            // The listener's is off, but the route may set its own. The
+            // handler records it before it first waits, and this future
+            // is polled right after the handler's in the same `select!`,
+            // so no wake-up is needed to see it.
+            let timeout = std::future::poll_fn(|_| match progress.route_limit() {
+                Limit::After(d) => std::task::Poll::Ready(d),
+                _ => std::task::Poll::Pending,
+            })
+            .await;
+            let mut w = Watch::new(timeout);
+            w.begin(progress);
+            return w.idle_out(progress).await;
         };
         w.begin(progress);
         w.idle_out(progress).await;

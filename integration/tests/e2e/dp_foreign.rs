@@ -71,7 +71,9 @@ fn addr(port: u16) -> Address {
     }
 }
 
-fn listener(port: u16) -> Listener {
+/// The test's listener: `stream_idle` seconds of stream idle timeout (0
+/// turns it off).
+fn listener(name: &str, port: u16, stream_idle: i64) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: "foreign".into(),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
@@ -94,13 +96,13 @@ fn listener(port: u16) -> Listener {
             ..Default::default()
         }),
         stream_idle_timeout: Some(portico_proto::google::protobuf::Duration {
-            seconds: 1,
+            seconds: stream_idle,
             nanos: 0,
         }),
         ..Default::default()
     };
     Listener {
-        name: "foreign".into(),
+        name: name.into(),
         address: Some(addr(port)),
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
@@ -227,6 +229,12 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         }),
         prefix_route("/forever", "plain", |a| {
             a.idle_timeout = Some(portico_proto::google::protobuf::Duration::default())
+        }),
+        prefix_route("/brief", "plain", |a| {
+            a.idle_timeout = Some(portico_proto::google::protobuf::Duration {
+                seconds: 1,
+                nanos: 0,
+            })
         }),
         // Stream duration limits: a gRPC call's own deadline (uncapped),
         // a fixed 800 ms, and the deprecated max_grpc_timeout.
@@ -404,7 +412,16 @@ fn foreign_control_plane_envoy_features() {
             ),
         ],
     );
-    xds.set(LISTENER, vec![resource("foreign", &listener(port))]);
+    // A second listener, on the same routes, without a stream idle
+    // timeout of its own.
+    let calm_port = free_port();
+    xds.set(
+        LISTENER,
+        vec![
+            resource("foreign", &listener("foreign", port, 1)),
+            resource("calm", &listener("calm", calm_port, 0)),
+        ],
+    );
     xds.set(ROUTE, vec![resource("routes", &routes(Vec::new()))]);
     let dir = tempfile::tempdir().expect("tempdir");
     let dp = DataPlane::start(
@@ -688,6 +705,28 @@ fn foreign_control_plane_envoy_features() {
     let mut calm = upgrade(port, "/ws-forever/chat");
     std::thread::sleep(std::time::Duration::from_millis(2500));
     echo(&mut calm, b"after a long silence");
+
+    // With the listener's stream idle timeout off, a slow answer is
+    // waited for, except on a route that sets its own (1 s), on both
+    // protocols, which then counts as an idle timeout.
+    let idled_out = dp.stat("http.downstream_rq_idle_timeout");
+    let calm = |path: &str| http1(calm_port, "GET", path, "gw", &[], "").expect("request");
+    assert_eq!(calm("/host/slow/1500").status, 200);
+    let started = std::time::Instant::now();
+    let r = calm("/brief/slow/3000");
+    assert_eq!((r.status, r.body.as_str()), (408, "stream timeout\n"));
+    about_a_second(started.elapsed());
+    let started = std::time::Instant::now();
+    let mut h2 = Raw::connect(calm_port, &[]);
+    h2.request(1, &fields(&h2get("/host/slow/1500")), None);
+    h2.request(3, &fields(&h2get("/brief/slow/3000")), None);
+    let h = h2.until("the 408", |f| f.kind == HEADERS && f.stream == 3);
+    assert!(h.payload.windows(3).any(|w| w == b"408"), "{h:?}");
+    about_a_second(started.elapsed());
+    let h = h2.until("the slow answer", |f| f.kind == HEADERS && f.stream == 1);
+    assert_eq!(first_field(&h), 0x88, "200 on stream 1");
+    assert_eq!(dp.stat("http.downstream_rq_idle_timeout"), idled_out + 2);
+    drop(h2);
 
     // Traffic shadowing: the client gets the primary's answer; the copies
     // arrive at the mirrors (the POST's body with them), and the share
