@@ -11,7 +11,9 @@
 //!
 //! Framing follows RFC 9112: a request body is sent with its exact length
 //! when known, chunked otherwise, while the response head is read (an
-//! upstream may answer before it has read the whole body); a response
+//! upstream may answer before it has read the whole body: an error stops
+//! the upload, a success goes on to the client at once while the rest of
+//! the body follows, and its end waits for the body's); a response
 //! body is delimited by `Transfer-Encoding: chunked`, else
 //! `Content-Length`, else the end of the connection, and there is none for
 //! HEAD, 1xx, 204 and 304.
@@ -26,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::{BodyExt, Either};
+use http_body_util::Either;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -175,7 +177,6 @@ pub async fn exchange(
     head.clear();
     encode_head(&parts, &outgoing, &mut head);
 
-    let mut reusable = true;
     let rest = match outgoing {
         Outgoing::None => None,
         Outgoing::Whole(b) if b.len() <= COALESCE_BODY => {
@@ -186,9 +187,13 @@ pub async fn exchange(
         Outgoing::Stream(body, exact) => {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
-            let (head, sent) = Box::pin(stream_exchange(&mut conn, &head, body, exact)).await?;
-            reusable &= sent;
-            return finish(conn, head, head_only, reusable, ret);
+            let (head, rest) = Box::pin(stream_exchange(&mut conn, &head, body, exact)).await?;
+            let (reusable, upload) = match rest {
+                Rest::Sent => (true, None),
+                Rest::Dropped => (false, None),
+                Rest::Later(upload) => (true, Some(upload)),
+            };
+            return finish(conn, head, head_only, reusable, ret, upload);
         }
     };
     let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
@@ -211,7 +216,7 @@ pub async fn exchange(
         Err(e) => return Err(e),
     };
     conn.keep_wbuf(head);
-    finish(conn, resp, head_only, reusable, ret)
+    finish(conn, resp, head_only, true, ret, None)
 }
 
 /// Whether a request may be sent again after its connection failed with
@@ -239,7 +244,8 @@ async fn send_and_read(
 
 /// Turns a response head into the response, with a body that reads from
 /// the connection (or the bytes that came with the head, in which case the
-/// connection goes back to the pool at once).
+/// connection goes back to the pool at once). `upload` is the rest of a
+/// request body still to be written, by the response body as it is read.
 #[inline(always)]
 fn finish(
     mut conn: Connection,
@@ -247,6 +253,7 @@ fn finish(
     head_only: bool,
     mut reusable: bool,
     ret: &Return,
+    upload: Option<Box<Upload>>,
 ) -> Result<Response<Body>, SendError> {
     let Head {
         status,
@@ -274,12 +281,25 @@ fn finish(
         return Err(bad("101 Switching Protocols without an upgrade request"));
     }
     let body = match framing {
-        Framing::Length(n) if n as usize <= conn.buf.len() => {
+        Framing::Length(n) if n as usize <= conn.buf.len() && upload.is_none() => {
             let data = conn.buf.split_to(n as usize).freeze();
             if reusable {
                 ret.put(conn);
             }
             Body::whole(data)
+        }
+        Framing::Length(n) if n as usize <= conn.buf.len() => {
+            // Answered whole before the request was all sent: the answer
+            // goes on, and ends once the rest of the request has followed.
+            let data = conn.buf.split_to(n as usize).freeze();
+            Body {
+                framed: Framed::Length(0),
+                first: (!data.is_empty()).then_some(data),
+                conn: Some(conn),
+                ret: reusable.then(|| ret.clone()),
+                upload,
+                held_end: None,
+            }
         }
         framing => Body {
             framed: match framing {
@@ -290,6 +310,8 @@ fn finish(
             first: None,
             conn: Some(conn),
             ret: reusable.then(|| ret.clone()),
+            upload,
+            held_end: None,
         },
     };
     let mut response = Response::new(body);
@@ -299,48 +321,59 @@ fn finish(
     Ok(response)
 }
 
+/// What became of a streamed request body by the time the response head
+/// arrived.
+enum Rest {
+    /// All of it was written.
+    Sent,
+    /// Not all of it, and it will not be (the upstream refused it or
+    /// stopped reading): the connection cannot be reused.
+    Dropped,
+    /// Not yet: the upstream answered a success first, which goes on to
+    /// the client now while the rest of the body follows, written as the
+    /// response body is read (full duplex, as Envoy does).
+    Later(Box<Upload>),
+}
+
 /// Writes the head and a streamed body while reading the response head.
 /// The upstream may answer before it has read the whole body: an error or
 /// a closing answer (a 413, say) ends the upload and is passed on at once
 /// (also when writing failed because the upstream stopped reading); a
-/// success is passed on once the body is sent, as RFC 9110 lets a client
-/// stop only when the server closes. Returns the head and whether the
-/// whole body was sent (the connection is reusable only then).
+/// success is passed on at once too, and the rest of the body follows it.
 async fn stream_exchange(
     conn: &mut Connection,
     head: &[u8],
     body: RequestBody,
     exact: Option<u64>,
-) -> Result<(Head, bool), SendError> {
+) -> Result<(Head, Rest), SendError> {
     let Connection { io, buf, .. } = conn;
-    let (mut rd, mut wr) = io.split();
-    let send = send_body(&mut wr, head, body, exact.is_none());
-    let recv = read_head(&mut rd, buf);
-    tokio::pin!(send, recv);
+    let mut upload = Upload::new(head, body, exact.is_none());
     let mut sent = false;
     let mut send_error = None;
-    let head = loop {
-        tokio::select! {
-            r = &mut send, if !sent && send_error.is_none() => match r {
-                Ok(()) => sent = true,
+    let head = std::future::poll_fn(|cx| {
+        if !sent && send_error.is_none() {
+            match upload.poll(io, cx) {
+                Poll::Ready(Ok(())) => sent = true,
                 // The client's body failed: no answer can come for a
                 // request the upstream will never see whole.
-                Err(e @ SendError::Downstream { .. }) => return Err(e),
+                Poll::Ready(Err(e @ SendError::Downstream { .. })) => return Poll::Ready(Err(e)),
                 // Perhaps the upstream answered and stopped reading: see
                 // whether an answer comes before giving up.
-                Err(e) => send_error = Some(e),
-            },
-            h = &mut recv => match h {
-                Ok(h) => break h,
-                Err(e) => return Err(send_error.take().unwrap_or(e)),
-            },
+                Poll::Ready(Err(e)) => send_error = Some(e),
+                Poll::Pending => {}
+            }
         }
+        poll_read_head(io, buf, cx).map_err(|e| send_error.take().unwrap_or(e))
+    })
+    .await?;
+    let rest = if sent {
+        Rest::Sent
+    } else if send_error.is_none() && head.status.as_u16() < 400 && !head.close {
+        Rest::Later(Box::new(upload))
+    } else {
+        Rest::Dropped
     };
-    if !sent && send_error.is_none() && head.status.as_u16() < 400 && !head.close {
-        (&mut send).await?;
-        sent = true;
-    }
-    Ok((head, sent))
+    Ok((head, rest))
 }
 
 async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), SendError> {
@@ -349,48 +382,105 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Res
         .map_err(|e| SendError::Reset(format!("writing the request: {e}")))
 }
 
-/// Writes the head, then the body: as is when its length is known (it
-/// was declared), chunked otherwise; trailers only when chunked.
-async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    head: &[u8],
-    mut body: RequestBody,
+/// A streamed request body on its way to the upstream: the head, then the
+/// body as is when its length is known (it was declared), chunked
+/// otherwise, with trailers only when chunked. Written as far as the
+/// socket takes it whenever polled.
+struct Upload {
+    body: RequestBody,
     chunked: bool,
-) -> Result<(), SendError> {
-    write_all(w, head).await?;
-    let mut trailers = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| SendError::Downstream {
-            gone: e.is::<ClientGone>(),
-            why: e.to_string(),
-        })?;
-        match frame.into_data() {
-            Ok(data) if data.is_empty() => {}
-            Ok(data) if chunked => {
-                let mut size = Vec::with_capacity(18);
-                write_chunk_size(&mut size, data.len());
-                write_all(w, &size).await?;
-                write_all(w, &data).await?;
-                write_all(w, b"\r\n").await?;
+    /// Encoded and not yet written, in order.
+    out: std::collections::VecDeque<Bytes>,
+    /// The body ended (its end is in `out`).
+    ended: bool,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("chunked", &self.chunked)
+            .field("unwritten", &self.out.len())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl Upload {
+    fn new(head: &[u8], body: RequestBody, chunked: bool) -> Upload {
+        Upload {
+            body,
+            chunked,
+            out: std::collections::VecDeque::from([Bytes::copy_from_slice(head)]),
+            ended: false,
+        }
+    }
+
+    /// Writes what it can; ready once all of it is written.
+    fn poll(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        let failed = |e: io::Error| SendError::Reset(format!("writing the request: {e}"));
+        loop {
+            while let Some(front) = self.out.front_mut() {
+                ready!(io.poll_write_ready(cx)).map_err(failed)?;
+                match io.try_write(front) {
+                    Ok(n) if n == front.len() => {
+                        self.out.pop_front();
+                    }
+                    Ok(n) => {
+                        let _ = front.split_to(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(failed(e))),
+                }
             }
-            Ok(data) => write_all(w, &data).await?,
-            Err(frame) => trailers = frame.into_trailers().ok(),
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Err(e)) => {
+                    return Poll::Ready(Err(SendError::Downstream {
+                        gone: e.is::<ClientGone>(),
+                        why: e.to_string(),
+                    }))
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if self.chunked => {
+                        let mut size = Vec::with_capacity(18);
+                        write_chunk_size(&mut size, data.len());
+                        self.out.push_back(size.into());
+                        self.out.push_back(data);
+                        self.out.push_back(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(data) => self.out.push_back(data),
+                    Err(frame) => {
+                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                            self.ended = true;
+                            self.out.push_back(last_chunk(Some(&trailers)));
+                        }
+                    }
+                },
+                None => {
+                    if self.chunked && !self.ended {
+                        self.out.push_back(last_chunk(None));
+                    }
+                    self.ended = true;
+                }
+            }
         }
     }
-    if chunked {
-        let mut end = b"0\r\n".to_vec();
-        for (name, value) in trailers.iter().flatten() {
-            end.extend_from_slice(name.as_str().as_bytes());
-            end.extend_from_slice(b": ");
-            end.extend_from_slice(value.as_bytes());
-            end.extend_from_slice(b"\r\n");
-        }
+}
+
+/// The last chunk of a chunked body, with its trailers.
+fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
+    let mut end = b"0\r\n".to_vec();
+    for (name, value) in trailers.into_iter().flatten() {
+        end.extend_from_slice(name.as_str().as_bytes());
+        end.extend_from_slice(b": ");
+        end.extend_from_slice(value.as_bytes());
         end.extend_from_slice(b"\r\n");
-        write_all(w, &end).await?;
     }
-    w.flush()
-        .await
-        .map_err(|e| SendError::Reset(format!("writing the request: {e}")))
+    end.extend_from_slice(b"\r\n");
+    end.into()
 }
 
 /// Methods whose requests carry a body by definition (an empty one gets
@@ -460,17 +550,8 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<Head, SendError> {
     loop {
-        if !buf.is_empty() {
-            if let Some(head) = parse_head(buf)? {
-                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
-                {
-                    continue; // 100 Continue and friends: the answer follows
-                }
-                return Ok(head);
-            }
-            if buf.len() >= MAX_HEAD {
-                return Err(bad("response head too large"));
-            }
+        if let Some(head) = take_head(buf)? {
+            return Ok(head);
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
@@ -483,6 +564,47 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
             }
             Ok(_) => {}
             Err(e) => return Err(SendError::Reset(format!("reading the response: {e}"))),
+        }
+    }
+}
+
+/// The final response head at the start of `buf`, if all there (1xx
+/// heads before it are skipped).
+fn take_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
+    while !buf.is_empty() {
+        match parse_head(buf)? {
+            // 100 Continue and friends: the answer follows.
+            Some(head)
+                if head.status.is_informational()
+                    && head.status != StatusCode::SWITCHING_PROTOCOLS => {}
+            Some(head) => return Ok(Some(head)),
+            None if buf.len() >= MAX_HEAD => return Err(bad("response head too large")),
+            None => break,
+        }
+    }
+    Ok(None)
+}
+
+/// [`read_head`] for a poll function (the socket shared with a writer).
+fn poll_read_head(
+    io: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, SendError>> {
+    loop {
+        if let Some(head) = take_head(buf)? {
+            return Poll::Ready(Ok(head));
+        }
+        match ready!(poll_fill(io, buf, cx)) {
+            Ok(0) => {
+                return Poll::Ready(Err(SendError::Reset(
+                    "upstream closed the connection before a response".into(),
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Poll::Ready(Err(SendError::Reset(format!("reading the response: {e}"))))
+            }
         }
     }
 }
@@ -599,6 +721,12 @@ pub struct Body {
     /// Where the connection goes when the body ends cleanly (`None`: it
     /// may not be reused).
     ret: Option<Return>,
+    /// The rest of a request body the upstream answered before it had it
+    /// all, written as this body is read.
+    upload: Option<Box<Upload>>,
+    /// The answer's end (with its trailers), held back until `upload` is
+    /// all written: the origin may still be reading it.
+    held_end: Option<Option<HeaderMap>>,
 }
 
 impl std::fmt::Debug for Return {
@@ -616,10 +744,16 @@ impl Body {
             first: (!data.is_empty()).then_some(data),
             conn: None,
             ret: None,
+            upload: None,
+            held_end: None,
         }
     }
 
     fn finish(&mut self) {
+        if self.upload.take().is_some() {
+            // Never pooled out of step with its request.
+            self.conn = None;
+        }
         if let (Some(conn), Some(ret)) = (self.conn.take(), self.ret.take()) {
             ret.put(conn);
         }
@@ -639,8 +773,34 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_ref()) {
+            match up.poll(&conn.io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Err(SendError::Downstream { why, .. })) => {
+                    // The client's body failed: so does the exchange.
+                    this.upload = None;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(why.into())));
+                }
+                Poll::Ready(Err(_)) => {
+                    // The upstream stopped reading; its answer may still
+                    // end well, but the connection is not reused.
+                    this.upload = None;
+                    this.ret = None;
+                }
+                Poll::Pending => {}
+            }
+        }
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if let Some(end) = this.held_end.take() {
+            if this.upload.is_some() {
+                this.held_end = Some(end);
+                return Poll::Pending; // woken by the upload's progress
+            }
+            this.finish();
+            return Poll::Ready(end.map(|t| Ok(Frame::trailers(t))));
         }
         loop {
             let Some(conn) = this.conn.as_mut() else {
@@ -652,10 +812,14 @@ impl http_body::Body for Body {
                     return Poll::Ready(Some(Err(e)));
                 }
                 Ok(Piece::Data(data)) => {
-                    if this.framed.is_complete() {
+                    if this.framed.is_complete() && this.upload.is_none() {
                         this.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Piece::End(trailers)) if this.upload.is_some() => {
+                    this.held_end = Some(trailers);
+                    return Poll::Pending; // woken by the upload's progress
                 }
                 Ok(Piece::End(trailers)) => {
                     this.finish();

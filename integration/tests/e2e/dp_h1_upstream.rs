@@ -137,6 +137,27 @@ fn serve(s: TcpStream) {
             EARLY_OK_READ.store(body.len(), SeqCst);
             continue;
         }
+        if path == "/duplex" {
+            // Full duplex: the head at once, then each chunk of the
+            // request body echoed as it arrives, then the end.
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+            loop {
+                let mut size = String::new();
+                if r.read_line(&mut size).unwrap_or(0) == 0 {
+                    return;
+                }
+                let n = usize::from_str_radix(size.trim(), 16).expect("hex size");
+                let mut chunk = vec![0; n + 2];
+                r.read_exact(&mut chunk).expect("chunk");
+                if n == 0 {
+                    break; // no trailers in this test
+                }
+                let _ = w.write_all(format!("{n:x}\r\n").as_bytes());
+                let _ = w.write_all(&chunk);
+            }
+            let _ = w.write_all(b"0\r\n\r\n");
+            continue;
+        }
         if path == "/continue" {
             let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
@@ -321,6 +342,54 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
         "the origin read {} body bytes",
         EARLY_OK_READ.load(SeqCst)
     );
+    // Full duplex: the origin echoes each piece of the body as it
+    // arrives, and the client sends the next only once it has the echo of
+    // the last. The answer's head and first echo come through while the
+    // request is still open; then the rest, and the answer's end after
+    // the request's. The connection is reused afterwards.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(
+        b"POST /a/duplex HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    )
+    .expect("head and first piece");
+    let mut got = Vec::new();
+    let until = |s: &mut TcpStream, got: &mut Vec<u8>, want: &[u8]| {
+        let mut buf = [0u8; 4096];
+        while !got.windows(want.len()).any(|w| w == want) {
+            let n = s.read(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "waiting for {:?}: {e}; got {:?}",
+                    String::from_utf8_lossy(want),
+                    String::from_utf8_lossy(got)
+                )
+            });
+            assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    until(&mut s, &mut got, b"first");
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    s.write_all(b"6\r\nsecond\r\n").expect("second piece");
+    until(&mut s, &mut got, b"second");
+    s.write_all(b"0\r\n\r\n").expect("end");
+    until(&mut s, &mut got, b"\r\n0\r\n\r\n");
+    let before = conns.load(SeqCst);
+    s.write_all(b"GET /a/next-duplex HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .expect("next request");
+    until(&mut s, &mut got, b"GET /next-duplex body=0");
+    assert_eq!(
+        conns.load(SeqCst),
+        before,
+        "the upstream connection was reused"
+    );
+    drop(s);
+
     // An answer before the body is read: the proxy stops sending and
     // passes it on (8 MiB would fill every socket buffer on the way).
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
