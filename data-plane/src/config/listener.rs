@@ -89,6 +89,10 @@ pub struct ListenerConfig {
     pub drain_timeout: Duration,
     /// Append the client address to x-forwarded-for.
     pub use_remote_address: bool,
+    /// Normalize request paths (RFC 3986) before routing.
+    pub normalize_path: bool,
+    /// Merge runs of slashes in request paths before routing.
+    pub merge_slashes: bool,
 }
 
 impl ListenerConfig {
@@ -251,6 +255,8 @@ impl ListenerConfig {
                 .map(duration)
                 .unwrap_or(Duration::from_secs(5)),
             use_remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
+            normalize_path: hcm.normalize_path.is_some_and(|b| b.value),
+            merge_slashes: hcm.merge_slashes,
         })
     }
 }

@@ -21,6 +21,7 @@ use super::body::{Guard, RequestBody, ResponseBody, Upstream};
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
 use super::max_duration;
 use super::mirror;
+use super::path;
 use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::Record;
@@ -229,11 +230,29 @@ fn authority(req: &Request<RequestBody>) -> Option<&str> {
     })
 }
 
+/// Rewrites the request's path as the listener asks ([`path`]), keeping
+/// an absolute-form URI's scheme and authority.
+fn normalize_path(
+    req: &mut Request<RequestBody>,
+    normalize: bool,
+    merge_slashes: bool,
+) -> Result<(), Local> {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let bad = || local(StatusCode::BAD_REQUEST, "invalid request path\n", "DPE");
+    let Some(new) = path::normalize(pq, normalize, merge_slashes).map_err(|_| bad())? else {
+        return Ok(());
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(new.parse().map_err(|_| bad())?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| bad())?;
+    Ok(())
+}
+
 async fn route_request(
     conn: &Conn,
     lr: &ListenerRuntime,
     snap: &Snapshot,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     guard: &mut Guard,
     idle: Option<&dyn HasRouteIdle>,
 ) -> Result<Out, Local> {
@@ -246,6 +265,9 @@ async fn route_request(
             "both Content-Length and Transfer-Encoding\n",
             "DPE",
         ));
+    }
+    if lr.config.normalize_path || lr.config.merge_slashes {
+        normalize_path(&mut req, lr.config.normalize_path, lr.config.merge_slashes)?;
     }
     let Some(host) = authority(&req) else {
         return Err(local(

@@ -12,6 +12,7 @@ pub mod handler;
 pub mod http1;
 mod max_duration;
 mod mirror;
+mod path;
 mod quiet;
 mod server;
 pub mod stream_idle;

@@ -72,8 +72,8 @@ fn addr(port: u16) -> Address {
 }
 
 /// The test's listener: `stream_idle` seconds of stream idle timeout (0
-/// turns it off).
-fn listener(name: &str, port: u16, stream_idle: i64) -> Listener {
+/// turns it off); `clean` turns on path normalization and slash merging.
+fn listener(name: &str, port: u16, stream_idle: i64, clean: bool) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: "foreign".into(),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
@@ -99,6 +99,8 @@ fn listener(name: &str, port: u16, stream_idle: i64) -> Listener {
             seconds: stream_idle,
             nanos: 0,
         }),
+        normalize_path: clean.then_some(portico_proto::google::protobuf::BoolValue { value: true }),
+        merge_slashes: clean,
         ..Default::default()
     };
     Listener {
@@ -413,13 +415,13 @@ fn foreign_control_plane_envoy_features() {
         ],
     );
     // A second listener, on the same routes, without a stream idle
-    // timeout of its own.
+    // timeout of its own and with path normalization.
     let calm_port = free_port();
     xds.set(
         LISTENER,
         vec![
-            resource("foreign", &listener("foreign", port, 1)),
-            resource("calm", &listener("calm", calm_port, 0)),
+            resource("foreign", &listener("foreign", port, 1, false)),
+            resource("calm", &listener("calm", calm_port, 0, true)),
         ],
     );
     xds.set(ROUTE, vec![resource("routes", &routes(Vec::new()))]);
@@ -727,6 +729,20 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(first_field(&h), 0x88, "200 on stream 1");
     assert_eq!(dp.stat("http.downstream_rq_idle_timeout"), idled_out + 2);
     drop(h2);
+
+    // Path normalization on the second listener: dot segments (also
+    // escaped ones) and doubled slashes are gone before routing, and the
+    // upstream gets the clean path; a malformed escape is a 400. The first
+    // listener routes the raw path.
+    let r = calm("/public/../rx/pets/42");
+    assert!(r.body.starts_with("GET /items/42/pets\n"), "{r:?}");
+    let r = calm("/x/%2e%2E//rx//pets/7?q=a//b");
+    assert!(r.body.starts_with("GET /items/7/pets?q=a//b\n"), "{r:?}");
+    let r = calm("//host/%7Ea");
+    assert!(r.body.starts_with("GET /host/~a\n"), "{r:?}");
+    assert_eq!(calm("/host/bad%zz").status, 400);
+    let r = get("/public/../rx/pets/42", &[]);
+    assert!(!r.body.starts_with("GET /items/"), "the raw path: {r:?}");
 
     // Traffic shadowing: the client gets the primary's answer; the copies
     // arrive at the mirrors (the POST's body with them), and the share
