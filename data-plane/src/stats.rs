@@ -23,6 +23,10 @@ counters!(
         downstream_cx_total,
         /// Downstream connections open.
         downstream_cx_active,
+        /// Connections drained for reaching their request limit.
+        downstream_cx_max_requests_reached,
+        /// Connections drained for reaching their age limit.
+        downstream_cx_max_duration_reached,
         /// Requests received.
         downstream_rq_total,
         /// Requests in flight.

@@ -85,6 +85,12 @@ pub struct ListenerConfig {
     /// `common_http_protocol_options.max_stream_duration`; `None` unset or
     /// 0); a route's `max_stream_duration` replaces it.
     pub max_stream_duration: Option<Duration>,
+    /// Requests a downstream connection may carry before it is drained
+    /// (`common_http_protocol_options.max_requests_per_connection`).
+    pub max_requests_per_connection: Option<u64>,
+    /// How long a downstream connection may live before it is drained
+    /// (`common_http_protocol_options.max_connection_duration`).
+    pub max_connection_duration: Option<Duration>,
     /// How long a removed listener lets open requests finish.
     pub drain_timeout: Duration,
     /// Append the client address to x-forwarded-for.
@@ -247,6 +253,14 @@ impl ListenerConfig {
             .filter(|d| !d.is_zero()),
             max_stream_duration: common
                 .and_then(|c| c.max_stream_duration.as_ref())
+                .map(duration)
+                .filter(|d| !d.is_zero()),
+            max_requests_per_connection: common
+                .and_then(|c| c.max_requests_per_connection.as_ref())
+                .map(|v| u64::from(v.value))
+                .filter(|n| *n > 0),
+            max_connection_duration: common
+                .and_then(|c| c.max_connection_duration.as_ref())
                 .map(duration)
                 .filter(|d| !d.is_zero()),
             drain_timeout: hcm

@@ -88,8 +88,28 @@ pub(super) async fn serve(
         let c = &lr.config;
         (c.max_request_headers, c.idle_timeout, c.stream_idle_timeout)
     };
+    // The listener's drain, or the HCM's age limit for connections.
+    let aged_at = conn
+        .listener
+        .load()
+        .config
+        .max_connection_duration
+        .map(|d| tokio::time::Instant::now() + d);
+    let aged_stats = conn.shared.stats.clone();
     let drain = Box::pin(async move {
-        let _ = drain.changed().await;
+        match aged_at {
+            None => {
+                let _ = drain.changed().await;
+            }
+            Some(at) => tokio::select! {
+                _ = drain.changed() => {}
+                () = tokio::time::sleep_until(at) => {
+                    aged_stats
+                        .downstream_cx_max_duration_reached
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        }
     });
     let mut c = Connection::new(
         io,
@@ -653,6 +673,9 @@ struct Connection {
     idle_wake: Arc<StreamWake>,
     /// The listener's stream idle timeout (see [`super::stream_idle`]).
     stream_idle: Option<Duration>,
+    /// Streams after which the connection is drained (the HCM's
+    /// `max_requests_per_connection`).
+    max_requests: Option<u64>,
     /// Its tick; with the listener's off, armed by the first stream whose
     /// route sets its own.
     tick: Option<Tick>,
@@ -675,6 +698,7 @@ impl Connection {
         stream_idle_timeout: Option<Duration>,
         drain: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Connection {
+        let max_requests = conn.listener.load().config.max_requests_per_connection;
         let mut wbuf = Vec::with_capacity(16 * 1024);
         frame::write_settings(
             &mut wbuf,
@@ -739,6 +763,7 @@ impl Connection {
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep_until(now + d)))),
             idle_wake,
             stream_idle: stream_idle_timeout,
+            max_requests,
             tick: stream_idle_timeout.map(|d| Tick::new(stream_idle::period(d))),
             tick_wake,
             idle_since: now,
@@ -1536,6 +1561,15 @@ impl Connection {
             return Ok(());
         }
         self.opened += 1;
+        if self.max_requests.is_some_and(|m| self.opened >= m) {
+            // This stream is served; the client opens the next elsewhere.
+            self.conn
+                .shared
+                .stats
+                .downstream_cx_max_requests_reached
+                .fetch_add(1, Ordering::Relaxed);
+            self.go_away(Reason::NO_ERROR, "max requests per connection");
+        }
         let too_large = f.too_large;
         let (req, expect_len) = match f.request() {
             Ok(r) => r,

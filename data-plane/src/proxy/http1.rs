@@ -103,10 +103,36 @@ pub(super) async fn serve(
     let io = Arc::new(io);
     let mut wbuf: Vec<u8> = Vec::with_capacity(1024);
     let mut drain_wait = drain.clone();
+    // The HCM's connection limits: after so many requests, or at an age,
+    // the connection ends after its current answer (or at once if idle).
+    let (max_requests, aged_at) = {
+        let lr = conn.listener.load();
+        let c = &lr.config;
+        (
+            c.max_requests_per_connection,
+            c.max_connection_duration
+                .map(|d| tokio::time::Instant::now() + d),
+        )
+    };
+    let aged = || aged_at.is_some_and(|at| tokio::time::Instant::now() >= at);
+    let count_aged = || {
+        conn.shared
+            .stats
+            .downstream_cx_max_duration_reached
+            .fetch_add(1, Relaxed)
+    };
     // Both polled only when they fire (`Quiet`), not each time the
     // connection waits for a request.
     let mut drained = Quiet::new(Box::pin(async move {
-        let _ = drain_wait.changed().await;
+        match aged_at {
+            None => {
+                let _ = drain_wait.changed().await;
+            }
+            Some(at) => tokio::select! {
+                _ = drain_wait.changed() => {}
+                () = tokio::time::sleep_until(at) => {}
+            },
+        }
     }));
     // The idle timer is armed once per idle period, not per request: when
     // it fires after requests were served, it is pushed back.
@@ -151,7 +177,12 @@ pub(super) async fn serve(
                 tokio::select! {
                     biased;
                     r = fill(&io, &mut buf) => break r,
-                    _ = &mut drained => return,
+                    _ = &mut drained => {
+                        if aged() && !draining(&drain) {
+                            count_aged();
+                        }
+                        return;
+                    }
                     _ = timer => {
                         if served == served_at_arm {
                             return; // idle for a whole period
@@ -272,6 +303,17 @@ pub(super) async fn serve(
         };
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
         keep_alive &= !draining(&drain);
+        if max_requests.is_some_and(|m| served >= m) && keep_alive {
+            keep_alive = false;
+            conn.shared
+                .stats
+                .downstream_cx_max_requests_reached
+                .fetch_add(1, Relaxed);
+        }
+        if keep_alive && aged() {
+            keep_alive = false;
+            count_aged();
+        }
         if let Some(a) = &answered {
             a.store(true, Relaxed);
         }
@@ -341,7 +383,12 @@ pub(super) async fn serve(
             let limit = idle_timeout.unwrap_or(Duration::from_secs(3600));
             let returned = tokio::select! {
                 r = back => r.ok(),
-                _ = &mut drained => None,
+                _ = &mut drained => {
+                    if keep_alive && aged() && !draining(&drain) {
+                        count_aged();
+                    }
+                    None
+                }
                 _ = tokio::time::sleep(limit) => None,
             };
             match returned {

@@ -72,7 +72,8 @@ fn addr(port: u16) -> Address {
 }
 
 /// The test's listener: `stream_idle` seconds of stream idle timeout (0
-/// turns it off); `clean` turns on path normalization and slash merging.
+/// turns it off); `clean` turns on path normalization and slash merging,
+/// and connection limits.
 fn listener(name: &str, port: u16, stream_idle: i64, clean: bool) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: "foreign".into(),
@@ -87,10 +88,16 @@ fn listener(name: &str, port: u16, stream_idle: i64, clean: bool) -> Listener {
             ))),
             ..Default::default()
         }],
-        // Short, so that the test sees connections and streams idle out.
+        // Short, so that the test sees connections and streams idle out;
+        // with `clean`, connections also end after 3 requests or 2 s.
         common_http_protocol_options: Some(HttpProtocolOptions {
             idle_timeout: Some(portico_proto::google::protobuf::Duration {
                 seconds: 1,
+                nanos: 0,
+            }),
+            max_requests_per_connection: clean.then_some(UInt32Value { value: 3 }),
+            max_connection_duration: clean.then_some(portico_proto::google::protobuf::Duration {
+                seconds: 2,
                 nanos: 0,
             }),
             ..Default::default()
@@ -743,6 +750,83 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(calm("/host/bad%zz").status, 400);
     let r = get("/public/../rx/pets/42", &[]);
     assert!(!r.body.starts_with("GET /items/"), "the raw path: {r:?}");
+
+    // Connection limits on the second listener: the third request on a
+    // connection is its last (HTTP/1.1: `connection: close`; HTTP/2: a
+    // GOAWAY naming that stream), and a connection is drained at 2 s of
+    // age.
+    let (by_count, by_age) = (
+        dp.stat("http.downstream_cx_max_requests_reached"),
+        dp.stat("http.downstream_cx_max_duration_reached"),
+    );
+    let read_answer = |s: &mut std::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: ")?.trim().parse().ok())
+                    .expect("content-length");
+                if got.len() >= end + 4 + len {
+                    return text[..end].to_string();
+                }
+            }
+            let n = s.read(&mut b).expect("read");
+            assert!(n > 0, "closed early: {text}");
+            got.extend_from_slice(&b[..n]);
+        }
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", calm_port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    for i in 1..=3 {
+        s.write_all(format!("GET /host/n{i} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes())
+            .expect("write");
+        let head = read_answer(&mut s);
+        assert_eq!(
+            head.contains("connection: close"),
+            i == 3,
+            "request {i}: {head}"
+        );
+    }
+    assert_eq!(
+        s.read(&mut [0u8; 16]).expect("read"),
+        0,
+        "closed after the third"
+    );
+    let mut c = Raw::connect(calm_port, &[]);
+    for id in [1, 3, 5] {
+        c.request(id, &fields(&h2get("/host/x")), None);
+    }
+    let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
+    let last = u32::from_be_bytes([g.payload[0], g.payload[1], g.payload[2], g.payload[3]]);
+    assert_eq!(last, 5, "the third stream is the last");
+    drop(c);
+    // At 2 s of age, with a stream still open (so not idle), an HTTP/2
+    // connection gets its GOAWAY, and the stream still its answer.
+    let started = std::time::Instant::now();
+    let mut c = Raw::connect(calm_port, &[]);
+    c.request(1, &fields(&h2get("/host/slow/2600")), None);
+    let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
+    let age = started.elapsed();
+    assert!(
+        age >= std::time::Duration::from_millis(1900)
+            && age < std::time::Duration::from_millis(2600),
+        "GOAWAY at {age:?}: {g:?}"
+    );
+    let h = c.until("the answer", |f| f.kind == HEADERS && f.stream == 1);
+    assert_eq!(first_field(&h), 0x88, "200 on stream 1");
+    drop(c);
+    assert_eq!(
+        dp.stat("http.downstream_cx_max_requests_reached"),
+        by_count + 2
+    );
+    assert_eq!(
+        dp.stat("http.downstream_cx_max_duration_reached"),
+        by_age + 1
+    );
 
     // Traffic shadowing: the client gets the primary's answer; the copies
     // arrive at the mirrors (the POST's body with them), and the share
