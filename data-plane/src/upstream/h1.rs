@@ -726,7 +726,8 @@ pub struct Body {
     upload: Option<Box<Upload>>,
     /// The answer's end (with its trailers), held back until `upload` is
     /// all written: the origin may still be reading it.
-    held_end: Option<Option<HeaderMap>>,
+    /// Boxed: rare, and every response's body is moved several times.
+    held_end: Option<Box<Option<HeaderMap>>>,
 }
 
 impl std::fmt::Debug for Return {
@@ -800,7 +801,7 @@ impl http_body::Body for Body {
                 return Poll::Pending; // woken by the upload's progress
             }
             this.finish();
-            return Poll::Ready(end.map(|t| Ok(Frame::trailers(t))));
+            return Poll::Ready((*end).map(|t| Ok(Frame::trailers(t))));
         }
         loop {
             let Some(conn) = this.conn.as_mut() else {
@@ -818,7 +819,7 @@ impl http_body::Body for Body {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Ok(Piece::End(trailers)) if this.upload.is_some() => {
-                    this.held_end = Some(trailers);
+                    this.held_end = Some(Box::new(trailers));
                     return Poll::Pending; // woken by the upload's progress
                 }
                 Ok(Piece::End(trailers)) => {
