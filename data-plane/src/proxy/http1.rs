@@ -338,14 +338,14 @@ pub(super) async fn serve(
             switching,
         };
         // With the listener's stream idle timeout off, the route's own
-        // (if it set one) watches the answer.
-        let mut route_watch = None;
-        let answer_watch = match (watch.as_mut(), progress.route_limit()) {
-            (Some(w), _) => Some(w),
-            (None, stream_idle::Limit::After(d)) => Some(&mut *route_watch.insert(Watch::new(d))),
-            (None, _) => None,
-        };
-        let mut activity = Activity::new(answer_watch, &progress);
+        // (if it set one) watches the answer; the next request starts
+        // without it again (see above).
+        if watch.is_none() {
+            if let stream_idle::Limit::After(d) = progress.route_limit() {
+                watch = Some(Watch::new(d));
+            }
+        }
+        let mut activity = Activity::new(watch.as_mut(), &progress);
         let written =
             write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive, &mut activity).await;
         if written.as_ref().is_err_and(stream_idle::is_idle_out) {

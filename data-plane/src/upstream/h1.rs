@@ -297,8 +297,7 @@ fn finish(
                 first: (!data.is_empty()).then_some(data),
                 conn: Some(conn),
                 ret: reusable.then(|| ret.clone()),
-                upload,
-                held_end: None,
+                duplex: Duplex::of(upload),
             }
         }
         framing => Body {
@@ -310,8 +309,7 @@ fn finish(
             first: None,
             conn: Some(conn),
             ret: reusable.then(|| ret.clone()),
-            upload,
-            held_end: None,
+            duplex: Duplex::of(upload),
         },
     };
     let mut response = Response::new(body);
@@ -380,6 +378,17 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Res
     w.write_all(b)
         .await
         .map_err(|e| SendError::Reset(format!("writing the request: {e}")))
+}
+
+impl Duplex {
+    fn of(upload: Option<Box<Upload>>) -> Option<Box<Duplex>> {
+        upload.map(|u| {
+            Box::new(Duplex {
+                upload: Some(*u),
+                held_end: None,
+            })
+        })
+    }
 }
 
 /// A streamed request body on its way to the upstream: the head, then the
@@ -721,13 +730,20 @@ pub struct Body {
     /// Where the connection goes when the body ends cleanly (`None`: it
     /// may not be reused).
     ret: Option<Return>,
-    /// The rest of a request body the upstream answered before it had it
-    /// all, written as this body is read.
-    upload: Option<Box<Upload>>,
-    /// The answer's end (with its trailers), held back until `upload` is
-    /// all written: the origin may still be reading it.
-    /// Boxed: rare, and every response's body is moved several times.
-    held_end: Option<Box<Option<HeaderMap>>>,
+    /// Full duplex, when the upstream answered before it had the whole
+    /// request body. Boxed: rare, and every response body is moved
+    /// several times on its way.
+    duplex: Option<Box<Duplex>>,
+}
+
+/// The rest of a request body the upstream answered before it had it all,
+/// written as the answer is read, and the answer's end (with its
+/// trailers), held back until the body is all written: the origin may
+/// still be reading it.
+#[derive(Debug)]
+struct Duplex {
+    upload: Option<Upload>,
+    held_end: Option<Option<HeaderMap>>,
 }
 
 impl std::fmt::Debug for Return {
@@ -745,16 +761,21 @@ impl Body {
             first: (!data.is_empty()).then_some(data),
             conn: None,
             ret: None,
-            upload: None,
-            held_end: None,
+            duplex: None,
         }
     }
 
+    /// Whether part of the request body is still to be written.
+    fn uploading(&self) -> bool {
+        self.duplex.as_ref().is_some_and(|d| d.upload.is_some())
+    }
+
     fn finish(&mut self) {
-        if self.upload.take().is_some() {
+        if self.uploading() {
             // Never pooled out of step with its request.
             self.conn = None;
         }
+        self.duplex = None;
         if let (Some(conn), Some(ret)) = (self.conn.take(), self.ret.take()) {
             ret.put(conn);
         }
@@ -774,34 +795,38 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_ref()) {
-            match up.poll(&conn.io, cx) {
-                Poll::Ready(Ok(())) => this.upload = None,
-                Poll::Ready(Err(SendError::Downstream { why, .. })) => {
-                    // The client's body failed: so does the exchange.
-                    this.upload = None;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(why.into())));
+        if let Some(d) = this.duplex.as_mut() {
+            if let (Some(up), Some(conn)) = (d.upload.as_mut(), this.conn.as_ref()) {
+                match up.poll(&conn.io, cx) {
+                    Poll::Ready(Ok(())) => d.upload = None,
+                    Poll::Ready(Err(SendError::Downstream { why, .. })) => {
+                        // The client's body failed: so does the exchange.
+                        this.duplex = None;
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(why.into())));
+                    }
+                    Poll::Ready(Err(_)) => {
+                        // The upstream stopped reading; its answer may
+                        // still end well, but the connection is not reused.
+                        d.upload = None;
+                        this.ret = None;
+                    }
+                    Poll::Pending => {}
                 }
-                Poll::Ready(Err(_)) => {
-                    // The upstream stopped reading; its answer may still
-                    // end well, but the connection is not reused.
-                    this.upload = None;
-                    this.ret = None;
-                }
-                Poll::Pending => {}
             }
         }
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(Frame::data(first))));
         }
-        if let Some(end) = this.held_end.take() {
-            if this.upload.is_some() {
-                this.held_end = Some(end);
-                return Poll::Pending; // woken by the upload's progress
+        if let Some(d) = this.duplex.as_mut() {
+            if let Some(end) = d.held_end.take() {
+                if d.upload.is_some() {
+                    d.held_end = Some(end);
+                    return Poll::Pending; // woken by the upload's progress
+                }
+                this.finish();
+                return Poll::Ready(end.map(|t| Ok(Frame::trailers(t))));
             }
-            this.finish();
-            return Poll::Ready((*end).map(|t| Ok(Frame::trailers(t))));
         }
         loop {
             let Some(conn) = this.conn.as_mut() else {
@@ -813,13 +838,19 @@ impl http_body::Body for Body {
                     return Poll::Ready(Some(Err(e)));
                 }
                 Ok(Piece::Data(data)) => {
-                    if this.framed.is_complete() && this.upload.is_none() {
+                    if this.framed.is_complete()
+                        && !this.duplex.as_ref().is_some_and(|d| d.upload.is_some())
+                    {
                         this.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Ok(Piece::End(trailers)) if this.upload.is_some() => {
-                    this.held_end = Some(Box::new(trailers));
+                Ok(Piece::End(trailers))
+                    if this.duplex.as_ref().is_some_and(|d| d.upload.is_some()) =>
+                {
+                    if let Some(d) = this.duplex.as_mut() {
+                        d.held_end = Some(trailers);
+                    }
                     return Poll::Pending; // woken by the upload's progress
                 }
                 Ok(Piece::End(trailers)) => {
