@@ -839,7 +839,7 @@ impl http_body::Body for Body {
                 }
                 Ok(Piece::Data(data)) => {
                     if this.framed.is_complete()
-                        && !this.duplex.as_ref().is_some_and(|d| d.upload.is_some())
+                        && this.duplex.as_ref().is_none_or(|d| d.upload.is_none())
                     {
                         this.finish();
                     }
