@@ -8,6 +8,7 @@
 pub mod dataplane;
 pub mod http;
 pub mod python;
+pub mod rng;
 pub mod static_xds;
 pub mod upstream;
 pub mod workload;

@@ -247,3 +247,33 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// A WebSocket upgrade through the gateway: the socket, after the 101.
+pub fn upgrade(port: u16, path: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s
+}
+
+/// Sends `msg` through a tunnel to the echoing upstream and reads it back.
+pub fn echo(s: &mut std::net::TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write into the tunnel");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("echo through the tunnel");
+    assert_eq!(back, msg);
+}

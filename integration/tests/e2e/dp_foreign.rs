@@ -44,7 +44,7 @@ use portico_proto::envoy::r#type::v3::FractionalPercent;
 use portico_proto::google::protobuf::{Any, UInt32Value};
 use prost::{Message, Name};
 
-use super::dp_common::http1;
+use super::dp_common::{echo, http1, upgrade};
 
 fn ads() -> ConfigSource {
     ConfigSource {
@@ -315,35 +315,6 @@ fn websocket() -> Vec<UpgradeConfig> {
         upgrade_type: "websocket".into(),
         ..Default::default()
     }]
-}
-
-/// A WebSocket upgrade through the gateway: the socket, after the 101.
-fn upgrade(port: u16, path: &str) -> std::net::TcpStream {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-    .expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("read head");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
-}
-
-/// Sends `msg` through a tunnel to the echoing upstream and reads it back.
-fn echo(s: &mut std::net::TcpStream, msg: &[u8]) {
-    s.write_all(msg).expect("write into the tunnel");
-    let mut back = vec![0u8; msg.len()];
-    s.read_exact(&mut back).expect("echo through the tunnel");
-    assert_eq!(back, msg);
 }
 
 /// A server that reads a request and closes without answering.

@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use portico_integration::rng::Rng;
 use portico_integration::upstream::Upstream;
 use portico_integration::wait_for;
 use serde_json::json;
@@ -18,44 +19,27 @@ use serde_json::json;
 use super::dp_common::{http1, Env};
 use super::dp_h2_downstream::{block, fields, first_field, get, Raw, HEADERS};
 
-/// xorshift64*: small, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-
+/// Damage for valid inputs.
+trait Mutate {
     /// `b` with a few bytes flipped, dropped, inserted or repeated.
+    fn mutate(&mut self, b: &mut Vec<u8>);
+}
+
+impl Mutate for Rng {
     fn mutate(&mut self, b: &mut Vec<u8>) {
         for _ in 0..=self.below(4) {
             if b.is_empty() {
-                b.push(self.next() as u8);
+                b.push(self.bits() as u8);
                 continue;
             }
             let at = self.below(b.len() as u64) as usize;
             match self.below(5) {
                 0 => b[at] ^= 1 << self.below(8),
-                1 => b[at] = self.next() as u8,
+                1 => b[at] = self.bits() as u8,
                 2 => {
                     b.remove(at);
                 }
-                3 => b.insert(at, self.next() as u8),
+                3 => b.insert(at, self.bits() as u8),
                 _ => {
                     let end = (at + 1 + self.below(16) as usize).min(b.len());
                     let piece = b[at..end].to_vec();
@@ -80,10 +64,10 @@ fn h2_frames(r: &mut Rng) -> Vec<u8> {
     let n = if r.chance(25) { 1 + r.below(3) } else { 0 };
     for _ in 0..n {
         settings.extend_from_slice(&(r.below(8) as u16).to_be_bytes());
-        settings.extend_from_slice(&(r.next() as u32 >> r.below(32)).to_be_bytes());
+        settings.extend_from_slice(&(r.bits() as u32 >> r.below(32)).to_be_bytes());
     }
     frame(&mut out, 4, 0, 0, &settings);
-    let streams = [0u32, 1, 2, 3, 5, 7, 0x7fff_ffff, r.next() as u32];
+    let streams = [0u32, 1, 2, 3, 5, 7, 0x7fff_ffff, r.bits() as u32];
     for _ in 0..1 + r.below(12) {
         let stream = streams[r.below(streams.len() as u64) as usize];
         match r.below(10) {
@@ -118,14 +102,14 @@ fn h2_frames(r: &mut Rng) -> Vec<u8> {
             // A well-formed control frame, so that a connection lives on
             // to see more.
             4..=6 => {
-                let word = |r: &mut Rng| (r.next() as u32 >> r.below(32)).to_be_bytes();
+                let word = |r: &mut Rng| (r.bits() as u32 >> r.below(32)).to_be_bytes();
                 match r.below(5) {
                     0 => frame(&mut out, 8, 0, stream, &word(r)),
                     1 => frame(&mut out, 3, 0, stream, &(r.below(14) as u32).to_be_bytes()),
                     2 => frame(&mut out, 6, r.below(2) as u8, 0, &r.bytes(8)),
                     3 => {
                         let mut p = word(r).to_vec();
-                        p.push(r.next() as u8);
+                        p.push(r.bits() as u8);
                         frame(&mut out, 2, 0, stream, &p)
                     }
                     _ => {
@@ -144,7 +128,7 @@ fn h2_frames(r: &mut Rng) -> Vec<u8> {
                     1 => r.below(64) as usize,
                     _ => r.below(20_000) as usize,
                 };
-                let flags = r.next() as u8;
+                let flags = r.bits() as u8;
                 let payload = r.bytes(len);
                 frame(&mut out, kind, flags, stream, &payload);
             }

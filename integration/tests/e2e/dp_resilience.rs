@@ -20,15 +20,46 @@ fn routes(n: usize) -> serde_json::Value {
     json!(r)
 }
 
+/// A request for a 1.5 s answer over HTTP/2, read through the GOAWAY a
+/// drain sends: (the GOAWAY's last stream, its code, the answer's first
+/// header field, the stream its end came on).
+fn slow_h2_through_goaway(port: u16) -> (u32, u32, u8, u32) {
+    use super::dp_h2_downstream::{fields, first_field, get, Raw, DATA, END_STREAM, GOAWAY};
+    let mut c = Raw::connect(port, &[]);
+    c.request(1, &fields(&get("/a/slow/1500")), None);
+    let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
+    let last = u32::from_be_bytes([g.payload[0], g.payload[1], g.payload[2], g.payload[3]]);
+    let code = u32::from_be_bytes([g.payload[4], g.payload[5], g.payload[6], g.payload[7]]);
+    let h = c.until("the answer", |f| f.kind == super::dp_h2_downstream::HEADERS);
+    let end = c.until("its end", |f| f.kind == DATA && f.flags & END_STREAM != 0);
+    (last, code, first_field(&h), end.stream)
+}
+
+/// Whether connecting to `port` fails within a few seconds (the listener
+/// stopped accepting).
+fn stops_accepting(port: u16) -> bool {
+    wait_for(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    })
+    .is_some()
+}
+
+/// A gateway with Service `s` on `up` behind Api `a` (`/a`).
+fn one_api(up: &Upstream) -> Env {
+    Env::new(|_| {
+        vec![
+            service("s", &[up], json!({})),
+            api("a", "/a", &[], routes(0)),
+        ]
+    })
+}
+
 #[test]
 fn config_applied_under_load_fails_no_request() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api("a", "/a", &[], routes(0)),
-        ]
-    });
+    let env = one_api(&up);
     let _dp = env.dp("dp1", &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -98,12 +129,7 @@ fn config_applied_under_load_fails_no_request() {
 #[test]
 fn traffic_flows_while_the_control_plane_is_down_and_the_node_reconnects() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api("a", "/a", &[], routes(0)),
-        ]
-    });
+    let env = one_api(&up);
     let dp = env.dp("dp1", &[]);
     let xds = env.cp.xds_addr.clone();
     let data_dir = env.cp.data_dir.clone();
@@ -150,12 +176,7 @@ fn traffic_flows_while_the_control_plane_is_down_and_the_node_reconnects() {
 #[test]
 fn a_nacked_update_keeps_the_old_config_and_shows_in_status() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api("a", "/a", &[], routes(0)),
-        ]
-    });
+    let env = one_api(&up);
     let dp = env.dp("dp1", &[]);
     // Upstream TLS is something this data plane does not run yet: the
     // control plane accepts it, the node must refuse it and say why.
@@ -187,28 +208,13 @@ fn a_nacked_update_keeps_the_old_config_and_shows_in_status() {
 #[test]
 fn a_removed_listener_drains_open_requests() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api("a", "/a", &[], routes(0)),
-        ]
-    });
+    let env = one_api(&up);
     let _dp = env.dp("dp1", &[]);
     let port = env.port;
     let slow = std::thread::spawn(move || http1(port, "GET", "/a/slow/1500", "gw", &[], ""));
     // The same over HTTP/2: the connection gets a GOAWAY, its open stream
     // still its answer.
-    let slow_h2 = std::thread::spawn(move || {
-        use super::dp_h2_downstream::{fields, first_field, get, Raw, DATA, END_STREAM, GOAWAY};
-        let mut c = Raw::connect(port, &[]);
-        c.request(1, &fields(&get("/a/slow/1500")), None);
-        let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
-        let last = u32::from_be_bytes([g.payload[0], g.payload[1], g.payload[2], g.payload[3]]);
-        let code = u32::from_be_bytes([g.payload[4], g.payload[5], g.payload[6], g.payload[7]]);
-        let h = c.until("the answer", |f| f.kind == super::dp_h2_downstream::HEADERS);
-        let end = c.until("its end", |f| f.kind == DATA && f.flags & END_STREAM != 0);
-        (last, code, first_field(&h), end.stream)
-    });
+    let slow_h2 = std::thread::spawn(move || slow_h2_through_goaway(port));
     std::thread::sleep(Duration::from_millis(300));
     // Move the gateway to another port: the old listener drains.
     let other = portico_integration::dataplane::free_port();
@@ -224,12 +230,7 @@ fn a_removed_listener_drains_open_requests() {
         (http1(other, "GET", "/a/x", "gw", &[], "").ok()?.status == 200).then_some(())
     })
     .expect("new listener serves");
-    let refused = wait_for(Duration::from_secs(5), || {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .is_err()
-            .then_some(())
-    });
-    assert!(refused.is_some(), "the old listener stops accepting");
+    assert!(stops_accepting(port), "the old listener stops accepting");
     let r = slow
         .join()
         .expect("thread")
@@ -251,12 +252,7 @@ fn a_removed_listener_drains_open_requests() {
 fn sigterm_drains_open_requests_then_exits() {
     use std::io::{Read, Write};
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api("a", "/a", &[], routes(0)),
-        ]
-    });
+    let env = one_api(&up);
     let mut dp = env.dp("dp1", &[]);
     let port = env.port;
     // A kept-alive connection, idle after its first answer.
@@ -285,17 +281,7 @@ fn sigterm_drains_open_requests_then_exits() {
         }
     }
     let slow = std::thread::spawn(move || http1(port, "GET", "/a/slow/1500", "gw", &[], ""));
-    let slow_h2 = std::thread::spawn(move || {
-        use super::dp_h2_downstream::{fields, first_field, get, Raw, DATA, END_STREAM, GOAWAY};
-        let mut c = Raw::connect(port, &[]);
-        c.request(1, &fields(&get("/a/slow/1500")), None);
-        let g = c.until("GOAWAY", |f| f.kind == GOAWAY);
-        let last = u32::from_be_bytes([g.payload[0], g.payload[1], g.payload[2], g.payload[3]]);
-        let code = u32::from_be_bytes([g.payload[4], g.payload[5], g.payload[6], g.payload[7]]);
-        let h = c.until("the answer", |f| f.kind == super::dp_h2_downstream::HEADERS);
-        let end = c.until("its end", |f| f.kind == DATA && f.flags & END_STREAM != 0);
-        (last, code, first_field(&h), end.stream)
-    });
+    let slow_h2 = std::thread::spawn(move || slow_h2_through_goaway(port));
     std::thread::sleep(Duration::from_millis(300));
     let signalled = Instant::now();
     dp.terminate();
@@ -308,12 +294,7 @@ fn sigterm_drains_open_requests_then_exits() {
         Some("DRAINING\n"),
         "/ready while draining"
     );
-    let refused = wait_for(Duration::from_secs(2), || {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .is_err()
-            .then_some(())
-    });
-    assert!(refused.is_some(), "the listener stops accepting");
+    assert!(stops_accepting(port), "the listener stops accepting");
     assert_eq!(
         idle.read(&mut buf).expect("read"),
         0,
@@ -355,12 +336,7 @@ fn sigterm_drains_open_requests_then_exits() {
 #[test]
 fn drain_listeners_stops_accepting_and_keeps_running() {
     let up = Upstream::start("u");
-    let env = Env::new(|_| {
-        vec![
-            service("s", &[&up], json!({})),
-            api("a", "/a", &[], routes(0)),
-        ]
-    });
+    let env = one_api(&up);
     let mut dp = env.dp("dp1", &[]);
     let port = env.port;
     assert_eq!(dp.admin_get("/drain_listeners").0, 405, "GET is refused");
@@ -371,12 +347,7 @@ fn drain_listeners_stops_accepting_and_keeps_running() {
         200
     );
     assert_eq!(dp.admin_post("/drain_listeners"), (200, "OK\n".to_string()));
-    let refused = wait_for(Duration::from_secs(2), || {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .is_err()
-            .then_some(())
-    });
-    assert!(refused.is_some(), "the listener stops accepting");
+    assert!(stops_accepting(port), "the listener stops accepting");
     assert_eq!(dp.admin_get("/ready"), (503, "DRAINING\n".to_string()));
     assert!(
         dp.exited_within(Duration::from_millis(500)).is_none(),

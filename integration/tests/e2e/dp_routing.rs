@@ -3,7 +3,6 @@
 //! responses, load balancing; over HTTP/1.1 and h2c; gRPC with trailers
 //! and streaming; WebSocket upgrades.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -290,25 +289,6 @@ fn grpc_streams_with_trailers_and_websocket_upgrades() {
     });
 
     // WebSocket: 101 through the gateway, then bytes both ways.
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", env.port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET /ws/chat HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-    .expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("read head");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
-    s.write_all(b"ping over the tunnel").expect("write");
-    let mut buf = [0u8; 20];
-    s.read_exact(&mut buf).expect("echo");
-    assert_eq!(&buf, b"ping over the tunnel");
+    let mut s = super::dp_common::upgrade(env.port, "/ws/chat");
+    super::dp_common::echo(&mut s, b"ping over the tunnel");
 }

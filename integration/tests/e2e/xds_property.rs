@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use portico_integration::rng::Rng;
 use portico_integration::xds_client::{
     channel, names, node, Delta, Sotw, CLUSTER, ENDPOINT, LISTENER, ROUTE,
 };
@@ -12,21 +13,6 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use super::xds_sotw::{apply, delete};
-
-/// A small deterministic generator (xorshift64*), so a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 type State = BTreeMap<&'static str, BTreeMap<String, String>>;
 
