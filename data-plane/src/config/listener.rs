@@ -7,10 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portico_proto::envoy::config::accesslog::v3::access_log;
+use portico_proto::envoy::config::core::v3::{
+    data_source, substitution_format_string, SubstitutionFormatString,
+};
 use portico_proto::envoy::config::listener::v3::{filter, Listener};
-use portico_proto::envoy::extensions::access_loggers::file::v3::FileAccessLog;
+use portico_proto::envoy::extensions::access_loggers::file::v3::{
+    file_access_log::AccessLogFormat as FileFormat, FileAccessLog,
+};
 use portico_proto::envoy::extensions::access_loggers::stream::v3::{
-    StderrAccessLog, StdoutAccessLog,
+    stderr_access_log, stdout_access_log, StderrAccessLog, StdoutAccessLog,
 };
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -21,6 +26,7 @@ use prost::Name;
 
 use super::route::RouteTable;
 use super::{duration, socket_addr, unpack, ConfigError};
+use crate::access_log::LogFormat;
 
 /// Where a listener's routes come from.
 #[derive(Debug)]
@@ -53,6 +59,49 @@ pub enum LogTarget {
     File(PathBuf),
 }
 
+/// One access log of a listener: where, and in which format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    /// Where lines go.
+    pub target: LogTarget,
+    /// `None`: Envoy's default fields as JSON.
+    pub format: Option<Arc<LogFormat>>,
+}
+
+impl AccessLogConfig {
+    fn new(
+        target: LogTarget,
+        format: Option<Result<LogFormat, String>>,
+        at: &str,
+    ) -> Result<AccessLogConfig, ConfigError> {
+        let format = format
+            .transpose()
+            .map_err(|e| ConfigError::new(at, format!("log format: {e}")))?;
+        Ok(AccessLogConfig {
+            target,
+            format: format.map(Arc::new),
+        })
+    }
+}
+
+/// A `SubstitutionFormatString`'s format (`None`: the default). The
+/// deprecated `text_format` is still what most configurations use.
+#[allow(deprecated)]
+fn substitution(l: &SubstitutionFormatString) -> Option<Result<LogFormat, String>> {
+    match &l.format {
+        None => None,
+        Some(substitution_format_string::Format::TextFormat(t)) => Some(LogFormat::text(t)),
+        Some(substitution_format_string::Format::JsonFormat(j)) => Some(LogFormat::json(&j.fields)),
+        Some(substitution_format_string::Format::TextFormatSource(d)) => Some(match &d.specifier {
+            Some(data_source::Specifier::InlineString(t)) => LogFormat::text(t),
+            Some(data_source::Specifier::InlineBytes(b)) => {
+                LogFormat::text(&String::from_utf8_lossy(b))
+            }
+            _ => Err("text_format_source must be inline".into()),
+        }),
+    }
+}
+
 /// A converted listener.
 #[derive(Debug)]
 pub struct ListenerConfig {
@@ -71,7 +120,7 @@ pub struct ListenerConfig {
     /// WebSocket upgrades allowed on every route.
     pub websocket: bool,
     /// Access logs.
-    pub access_logs: Vec<LogTarget>,
+    pub access_logs: Vec<AccessLogConfig>,
     /// Time allowed for a request's headers to arrive.
     pub request_headers_timeout: Duration,
     /// Limit on request header size.
@@ -189,16 +238,35 @@ impl ListenerConfig {
                 };
                 if any.type_url == FileAccessLog::type_url() {
                     let f: FileAccessLog = unpack(any, &aat)?;
-                    Ok(match f.path.as_str() {
+                    let target = match f.path.as_str() {
                         "/dev/stdout" => LogTarget::Stdout,
                         "/dev/stderr" => LogTarget::Stderr,
                         "" => return Err(ConfigError::new(&aat, "path is empty")),
                         p => LogTarget::File(p.into()),
-                    })
+                    };
+                    #[allow(deprecated)]
+                    let format = match &f.access_log_format {
+                        None => None,
+                        Some(FileFormat::Format(t)) if t.is_empty() => None,
+                        Some(FileFormat::Format(t)) => Some(LogFormat::text(t)),
+                        Some(FileFormat::JsonFormat(j) | FileFormat::TypedJsonFormat(j)) => {
+                            Some(LogFormat::json(&j.fields))
+                        }
+                        Some(FileFormat::LogFormat(l)) => substitution(l),
+                    };
+                    AccessLogConfig::new(target, format, &aat)
                 } else if any.type_url == StdoutAccessLog::type_url() {
-                    Ok(LogTarget::Stdout)
+                    let f: StdoutAccessLog = unpack(any, &aat)?;
+                    let format = f.access_log_format.as_ref().and_then(|f| match f {
+                        stdout_access_log::AccessLogFormat::LogFormat(l) => substitution(l),
+                    });
+                    AccessLogConfig::new(LogTarget::Stdout, format, &aat)
                 } else if any.type_url == StderrAccessLog::type_url() {
-                    Ok(LogTarget::Stderr)
+                    let f: StderrAccessLog = unpack(any, &aat)?;
+                    let format = f.access_log_format.as_ref().and_then(|f| match f {
+                        stderr_access_log::AccessLogFormat::LogFormat(l) => substitution(l),
+                    });
+                    AccessLogConfig::new(LogTarget::Stderr, format, &aat)
                 } else {
                     Err(ConfigError::new(
                         &aat,

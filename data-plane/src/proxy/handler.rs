@@ -80,7 +80,7 @@ pub async fn handle(
     if !lr.sinks.is_empty() {
         guard.log = Some(Box::new((
             lr.sinks.clone(),
-            record(&req, conn.peer),
+            record(&req, conn.peer, &lr.log_headers),
             Instant::now(),
         )));
     }
@@ -186,7 +186,7 @@ fn grpc_message(text: &str) -> String {
     out
 }
 
-fn record(req: &Request<RequestBody>, peer: SocketAddr) -> Record {
+fn record(req: &Request<RequestBody>, peer: SocketAddr, logged: &[HeaderName]) -> Record {
     let h = req.headers();
     let s = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
     Record {
@@ -218,6 +218,7 @@ fn record(req: &Request<RequestBody>, peer: SocketAddr) -> Record {
             .map(str::to_owned),
         authority: authority(req).unwrap_or_default().to_owned(),
         downstream_remote_address: peer.to_string(),
+        headers: logged.iter().map(|n| (n.clone(), s(n))).collect(),
         ..Default::default()
     }
 }

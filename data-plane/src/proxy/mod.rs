@@ -34,6 +34,8 @@ pub struct ListenerRuntime {
     pub config: Arc<ListenerConfig>,
     /// Its access log sinks.
     pub sinks: Vec<Sink>,
+    /// The request headers its access log formats write.
+    pub log_headers: Vec<http::HeaderName>,
 }
 
 struct Running {
@@ -95,7 +97,12 @@ impl ListenerManager {
             bound.insert(name.clone(), sock);
         }
         for l in snap.listeners.values() {
-            for t in l.access_logs.iter().chain(&self.extra_logs) {
+            for t in l
+                .access_logs
+                .iter()
+                .map(|a| &a.target)
+                .chain(&self.extra_logs)
+            {
                 self.shared.access_logs.sink(t).map_err(|e| {
                     ConfigError::new(
                         &format!("Listener {:?} access_log", l.name),
@@ -123,15 +130,26 @@ impl ListenerManager {
             }
         }
         for (name, l) in &snap.listeners {
-            let sinks = l
-                .access_logs
+            let own = l.access_logs.iter().filter_map(|a| {
+                let sink = self.shared.access_logs.sink(&a.target).ok()?;
+                Some(sink.formatted(a.format.clone()))
+            });
+            let extra = self
+                .extra_logs
                 .iter()
-                .chain(&self.extra_logs)
-                .filter_map(|t| self.shared.access_logs.sink(t).ok())
-                .collect();
+                .filter_map(|t| self.shared.access_logs.sink(t).ok());
+            let mut log_headers = Vec::new();
+            for f in l.access_logs.iter().filter_map(|a| a.format.as_ref()) {
+                for h in f.request_headers() {
+                    if !log_headers.contains(&h) {
+                        log_headers.push(h);
+                    }
+                }
+            }
             let rt = Arc::new(ListenerRuntime {
                 config: l.clone(),
-                sinks,
+                sinks: own.chain(extra).collect(),
+                log_headers,
             });
             if let Some(r) = self.running.get(name) {
                 r.runtime.store(rt);

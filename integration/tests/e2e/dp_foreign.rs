@@ -13,14 +13,16 @@ use portico_integration::static_xds::{resource, StaticXds};
 use portico_integration::upstream::Upstream;
 use portico_integration::wait_for;
 use portico_integration::xds_client::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use portico_proto::envoy::config::accesslog::v3::{access_log, AccessLog};
 use portico_proto::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
 };
 use portico_proto::envoy::config::cluster::v3::Cluster;
 use portico_proto::envoy::config::core::v3::{
-    address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
-    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, HttpProtocolOptions,
-    RuntimeFractionalPercent, SocketAddress,
+    address, config_source::ConfigSourceSpecifier, data_source, socket_address::PortSpecifier,
+    substitution_format_string, Address, AggregatedConfigSource, ApiVersion, ConfigSource,
+    DataSource, HealthStatus, HttpProtocolOptions, RuntimeFractionalPercent, SocketAddress,
+    SubstitutionFormatString,
 };
 use portico_proto::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -35,6 +37,7 @@ use portico_proto::envoy::config::route::v3::{
     route_match::PathSpecifier,
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
 };
+use portico_proto::envoy::extensions::access_loggers::file::v3::{file_access_log, FileAccessLog};
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager, HttpFilter, Rds,
@@ -74,7 +77,13 @@ fn addr(port: u16) -> Address {
 /// The test's listener: `stream_idle` seconds of stream idle timeout (0
 /// turns it off); `clean` turns on path normalization and slash merging,
 /// and connection limits.
-fn listener(name: &str, port: u16, stream_idle: i64, clean: bool) -> Listener {
+fn listener(
+    name: &str,
+    port: u16,
+    stream_idle: i64,
+    clean: bool,
+    log: Option<FileAccessLog>,
+) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: "foreign".into(),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
@@ -106,6 +115,14 @@ fn listener(name: &str, port: u16, stream_idle: i64, clean: bool) -> Listener {
             seconds: stream_idle,
             nanos: 0,
         }),
+        access_log: log
+            .map(|f| AccessLog {
+                name: "envoy.access_loggers.file".into(),
+                config_type: Some(access_log::ConfigType::TypedConfig(pack(&f))),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
         normalize_path: clean.then_some(portico_proto::google::protobuf::BoolValue { value: true }),
         merge_slashes: clean,
         ..Default::default()
@@ -394,16 +411,66 @@ fn foreign_control_plane_envoy_features() {
     );
     // A second listener, on the same routes, without a stream idle
     // timeout of its own and with path normalization.
+    // Their access logs in formats of their own: text, and JSON.
     let calm_port = free_port();
-    xds.set(
-        LISTENER,
-        vec![
-            resource("foreign", &listener("foreign", port, 1, false)),
-            resource("calm", &listener("calm", calm_port, 0, true)),
-        ],
-    );
-    xds.set(ROUTE, vec![resource("routes", &routes(Vec::new()))]);
     let dir = tempfile::tempdir().expect("tempdir");
+    let (text_log, json_log) = (dir.path().join("calm.log"), dir.path().join("foreign.log"));
+    let text_format = |f: &str| FileAccessLog {
+        path: text_log.display().to_string(),
+        access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
+            SubstitutionFormatString {
+                format: Some(substitution_format_string::Format::TextFormatSource(
+                    DataSource {
+                        specifier: Some(data_source::Specifier::InlineString(f.into())),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            },
+        )),
+    };
+    let json_format = {
+        let s = |v: &str| portico_proto::google::protobuf::Value {
+            kind: Some(portico_proto::google::protobuf::value::Kind::StringValue(
+                v.into(),
+            )),
+        };
+        let mut fields = std::collections::HashMap::new();
+        fields.insert("code".to_string(), s("%RESPONSE_CODE%"));
+        fields.insert("path".to_string(), s("%REQ(:PATH)%"));
+        fields.insert("user".to_string(), s("%REQ(X-USER)%"));
+        FileAccessLog {
+            path: json_log.display().to_string(),
+            access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
+                SubstitutionFormatString {
+                    format: Some(substitution_format_string::Format::JsonFormat(
+                        portico_proto::google::protobuf::Struct { fields },
+                    )),
+                    ..Default::default()
+                },
+            )),
+        }
+    };
+    let good_listeners = vec![
+        resource(
+            "foreign",
+            &listener("foreign", port, 1, false, Some(json_format.clone())),
+        ),
+        resource(
+            "calm",
+            &listener(
+                "calm",
+                calm_port,
+                0,
+                true,
+                Some(text_format(
+                    "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %REQ(X-USER?USER-AGENT)% %UPSTREAM_CLUSTER% %RESPONSE_FLAGS%",
+                )),
+            ),
+        ),
+    ];
+    xds.set(LISTENER, good_listeners.clone());
+    xds.set(ROUTE, vec![resource("routes", &routes(Vec::new()))]);
     let dp = DataPlane::start(
         dir.path(),
         "dp-foreign",
@@ -496,6 +563,60 @@ fn foreign_control_plane_envoy_features() {
     );
     assert_eq!(get("/host", &[]).status, 200);
     assert_eq!(get("/ghost", &[]).status, 404);
+    // An access log format with an operator this proxy does not have:
+    // NACKed, naming the listener and the operator; the old keeps running.
+    let nacks = xds.nacks.lock().expect("nacks").len();
+    xds.set(
+        LISTENER,
+        vec![resource(
+            "calm",
+            &listener("calm", calm_port, 0, true, Some(text_format("%NOPE%"))),
+        )],
+    );
+    let nack = wait_for(std::time::Duration::from_secs(10), || {
+        let n = xds.nacks.lock().expect("nacks");
+        n[nacks..].iter().find(|m| m.contains("%NOPE%")).cloned()
+    })
+    .expect("the listener's NACK reaches the server");
+    assert!(
+        nack.contains("Listener \"calm\"") && nack.contains("%NOPE%"),
+        "{nack}"
+    );
+    xds.set(LISTENER, good_listeners);
+    assert_eq!(
+        http1(
+            calm_port,
+            "GET",
+            "/host/logged",
+            "gw",
+            &[("x-user", "ann")],
+            ""
+        )
+        .expect("request")
+        .status,
+        200
+    );
+    assert_eq!(get("/host/json", &[("x-user", "bob")]).status, 200);
+    let logged = |p: &std::path::Path, want: &str| {
+        wait_for(std::time::Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(p).ok()?;
+            text.lines().any(|l| l == want).then_some(())
+        })
+        .is_some()
+    };
+    assert!(
+        logged(&text_log, "GET /host/logged 200 ann plain -"),
+        "{:?}",
+        std::fs::read_to_string(&text_log)
+    );
+    assert!(
+        logged(
+            &json_log,
+            r#"{"code":200,"path":"/host/json","user":"bob"}"#
+        ),
+        "{:?}",
+        std::fs::read_to_string(&json_log)
+    );
 
     // The HCM's idle timeout (1 s here) ends idle connections: HTTP/2 with
     // a GOAWAY after its last stream, HTTP/1.1 by closing.

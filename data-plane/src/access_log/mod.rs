@@ -1,5 +1,6 @@
-//! JSON-lines access log with the fields of Envoy's default format plus the
-//! route and cluster names. Lines are formatted on the worker and written
+//! Access logs: JSON lines with the fields of Envoy's default format plus
+//! the route and cluster names, or the listener's own format (Envoy's
+//! `log_format`: see [`format`]). Lines are formatted on the worker and written
 //! by one thread per target, so a slow disk never blocks a request; when
 //! the writer falls behind, lines are dropped and counted.
 
@@ -12,6 +13,10 @@ use serde::Serialize;
 
 use crate::config::listener::LogTarget;
 use crate::stats::Stats;
+
+pub mod format;
+
+pub use format::LogFormat;
 
 /// One request's log record (Envoy's default format fields).
 #[derive(Debug, Default, Serialize)]
@@ -52,6 +57,9 @@ pub struct Record {
     pub upstream_cluster: String,
     /// Client address.
     pub downstream_remote_address: String,
+    /// The request headers the listener's formats log.
+    #[serde(skip)]
+    pub headers: Vec<(http::HeaderName, Option<String>)>,
 }
 
 /// Writers by target, shared by every listener logging there.
@@ -60,16 +68,23 @@ pub struct AccessLogs {
     writers: Mutex<HashMap<LogTarget, SyncSender<Vec<u8>>>>,
 }
 
-/// A handle to one target's writer.
+/// A handle to one target's writer, with the format lines get there.
 #[derive(Clone)]
-pub struct Sink(SyncSender<Vec<u8>>);
+pub struct Sink {
+    tx: SyncSender<Vec<u8>>,
+    /// `None`: the default JSON fields.
+    format: Option<Arc<LogFormat>>,
+}
 
 impl AccessLogs {
     /// The sink for a target, starting its writer on first use.
     pub fn sink(&self, target: &LogTarget) -> std::io::Result<Sink> {
         let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = w.get(target) {
-            return Ok(Sink(tx.clone()));
+            return Ok(Sink {
+                tx: tx.clone(),
+                format: None,
+            });
         }
         let mut out: Box<dyn Write + Send> = match target {
             LogTarget::Stdout => Box::new(std::io::stdout()),
@@ -101,19 +116,31 @@ impl AccessLogs {
                 }
             })?;
         w.insert(target.clone(), tx.clone());
-        Ok(Sink(tx))
+        Ok(Sink { tx, format: None })
     }
 }
 
 impl Sink {
+    /// This sink with lines in `format` (`None`: the default JSON).
+    pub fn formatted(mut self, format: Option<Arc<LogFormat>>) -> Sink {
+        self.format = format;
+        self
+    }
+
     /// Formats and queues one record.
     pub fn write(&self, r: &Record, stats: &Arc<Stats>) {
-        let mut line = Vec::with_capacity(384);
-        if serde_json::to_writer(&mut line, r).is_err() {
-            return;
-        }
-        line.push(b'\n');
-        if let Err(TrySendError::Full(_)) = self.0.try_send(line) {
+        let line = match &self.format {
+            Some(f) => f.render(r),
+            None => {
+                let mut line = Vec::with_capacity(384);
+                if serde_json::to_writer(&mut line, r).is_err() {
+                    return;
+                }
+                line.push(b'\n');
+                line
+            }
+        };
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
             stats
                 .access_log_dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

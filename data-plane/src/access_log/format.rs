@@ -1,0 +1,507 @@
+//! Envoy's access log formats (`log_format`: `text_format`,
+//! `text_format_source`, `json_format`, and the deprecated `format` and
+//! `json_format` of the file logger), parsed once when the listener is
+//! converted and rendered per request from its [`Record`].
+//!
+//! Command operators supported: `%START_TIME%`, `%REQ(H?ALT):LEN%` (any
+//! request header, and `:method`, `:path`, `:authority`, `:scheme`),
+//! `%REQ_WITHOUT_QUERY(:PATH)%`, `%PROTOCOL%`, `%RESPONSE_CODE%`,
+//! `%RESPONSE_FLAGS%`, `%BYTES_RECEIVED%`, `%BYTES_SENT%`, `%DURATION%`,
+//! `%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%`, `%UPSTREAM_HOST%`,
+//! `%UPSTREAM_CLUSTER%`, `%ROUTE_NAME%`, `%DOWNSTREAM_REMOTE_ADDRESS%`,
+//! `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`, and `%%`. Any other is
+//! refused by name, so a configuration is never half understood. A value
+//! that is missing is `-` in text and `null` in JSON; in JSON an operator
+//! alone in a value keeps its type (numbers stay numbers).
+
+use std::fmt::Write as _;
+
+use http::HeaderName;
+use serde_json::{Map, Number, Value};
+
+use super::Record;
+
+/// A parsed format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogFormat {
+    /// A line of text (a newline is added when missing).
+    Text(Vec<Piece>),
+    /// One JSON object per line.
+    Json(Vec<(String, Field)>),
+}
+
+/// Part of a text format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// Written as is.
+    Literal(String),
+    /// Replaced by a value of the record.
+    Op(Op),
+}
+
+/// A value of a JSON format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field {
+    /// One operator: its value with its type.
+    Typed(Op),
+    /// Text with operators in it: a string.
+    Text(Vec<Piece>),
+    /// A nested object.
+    Object(Vec<(String, Field)>),
+    /// A constant (number, boolean, null).
+    Constant(Value),
+}
+
+/// A command operator and its truncation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Op {
+    what: What,
+    max_len: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum What {
+    StartTime,
+    /// A request header, or its alternative.
+    Req(Header, Option<Header>),
+    PathWithoutQuery,
+    Protocol,
+    ResponseCode,
+    ResponseFlags,
+    BytesReceived,
+    BytesSent,
+    Duration,
+    UpstreamServiceTime,
+    UpstreamHost,
+    UpstreamCluster,
+    RouteName,
+    RemoteAddress,
+    RemoteAddressWithoutPort,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Header {
+    Method,
+    Path,
+    Authority,
+    Scheme,
+    Other(HeaderName),
+}
+
+impl LogFormat {
+    /// Parses a text format.
+    pub fn text(s: &str) -> Result<LogFormat, String> {
+        Ok(LogFormat::Text(pieces(s)?))
+    }
+
+    /// Parses a JSON format from its fields.
+    pub fn json(
+        fields: &std::collections::HashMap<String, portico_proto::google::protobuf::Value>,
+    ) -> Result<LogFormat, String> {
+        Ok(LogFormat::Json(object(fields)?))
+    }
+
+    /// The request headers (other than pseudo-headers) it logs, to be
+    /// kept in the record.
+    pub fn request_headers(&self) -> Vec<HeaderName> {
+        let mut out = Vec::new();
+        let mut add = |op: &Op| {
+            if let What::Req(a, b) = &op.what {
+                for h in std::iter::once(a).chain(b) {
+                    if let Header::Other(n) = h {
+                        if !out.contains(n) {
+                            out.push(n.clone());
+                        }
+                    }
+                }
+            }
+        };
+        fn walk_pieces(p: &[Piece], add: &mut impl FnMut(&Op)) {
+            for piece in p {
+                if let Piece::Op(op) = piece {
+                    add(op);
+                }
+            }
+        }
+        fn walk_fields(f: &[(String, Field)], add: &mut impl FnMut(&Op)) {
+            for (_, v) in f {
+                match v {
+                    Field::Typed(op) => add(op),
+                    Field::Text(p) => walk_pieces(p, add),
+                    Field::Object(o) => walk_fields(o, add),
+                    Field::Constant(_) => {}
+                }
+            }
+        }
+        match self {
+            LogFormat::Text(p) => walk_pieces(p, &mut add),
+            LogFormat::Json(f) => walk_fields(f, &mut add),
+        }
+        out
+    }
+
+    /// One line for `r`, with its newline.
+    pub fn render(&self, r: &Record) -> Vec<u8> {
+        match self {
+            LogFormat::Text(p) => {
+                let mut line = text(p, r);
+                if !line.ends_with('\n') {
+                    line.push('\n');
+                }
+                line.into_bytes()
+            }
+            LogFormat::Json(f) => {
+                let mut line = serde_json::to_vec(&Value::Object(json(f, r))).unwrap_or_default();
+                line.push(b'\n');
+                line
+            }
+        }
+    }
+}
+
+fn object(
+    fields: &std::collections::HashMap<String, portico_proto::google::protobuf::Value>,
+) -> Result<Vec<(String, Field)>, String> {
+    use portico_proto::google::protobuf::value::Kind;
+    let mut out = Vec::with_capacity(fields.len());
+    for (k, v) in fields {
+        let f = match &v.kind {
+            Some(Kind::StringValue(s)) => match pieces(s)?.as_slice() {
+                [Piece::Op(op)] => Field::Typed(op.clone()),
+                p => Field::Text(p.to_vec()),
+            },
+            Some(Kind::StructValue(s)) => Field::Object(object(&s.fields)?),
+            Some(Kind::NumberValue(n)) => {
+                Field::Constant(Number::from_f64(*n).map_or(Value::Null, Value::Number))
+            }
+            Some(Kind::BoolValue(b)) => Field::Constant(Value::Bool(*b)),
+            Some(Kind::NullValue(_)) | None => Field::Constant(Value::Null),
+            Some(Kind::ListValue(_)) => {
+                return Err(format!("json_format {k:?}: lists are not supported"))
+            }
+        };
+        out.push((k.clone(), f));
+    }
+    // The message's map has no order; a stable one makes lines comparable.
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn pieces(s: &str) -> Result<Vec<Piece>, String> {
+    let mut out = Vec::new();
+    let mut lit = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        lit.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if let Some(r) = rest.strip_prefix('%') {
+            lit.push('%');
+            rest = r;
+            continue;
+        }
+        let end = op_end(rest).ok_or_else(|| format!("unterminated operator in {s:?}"))?;
+        let op = parse_op(&rest[..end])?;
+        rest = &rest[end + 1..];
+        if !lit.is_empty() {
+            out.push(Piece::Literal(std::mem::take(&mut lit)));
+        }
+        out.push(Piece::Op(op));
+    }
+    lit.push_str(rest);
+    if !lit.is_empty() {
+        out.push(Piece::Literal(lit));
+    }
+    Ok(out)
+}
+
+/// Where an operator's closing `%` is (a `%` inside its parentheses, as in
+/// a time format, does not close it).
+fn op_end(s: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            '%' if depth == 0 => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn parse_op(token: &str) -> Result<Op, String> {
+    let (body, max_len) = match token.rfind(':') {
+        Some(i) if token[i + 1..].chars().all(|c| c.is_ascii_digit()) && i + 1 < token.len() => {
+            let n = token[i + 1..]
+                .parse()
+                .map_err(|_| format!("%{token}%: bad length"))?;
+            (&token[..i], Some(n))
+        }
+        _ => (token, None),
+    };
+    let (name, arg) = match body.find('(') {
+        Some(i) if body.ends_with(')') => (&body[..i], Some(&body[i + 1..body.len() - 1])),
+        Some(_) => return Err(format!("%{token}%: unbalanced parentheses")),
+        None => (body, None),
+    };
+    let what = match (name, arg) {
+        ("START_TIME", None) => What::StartTime,
+        ("START_TIME", Some(_)) => {
+            return Err(format!(
+                "%{token}%: START_TIME with a time format is not supported (use %START_TIME%)"
+            ))
+        }
+        ("REQ", Some(a)) => {
+            let (main, alt) = match a.split_once('?') {
+                Some((m, alt)) => (m, Some(alt)),
+                None => (a, None),
+            };
+            What::Req(
+                header(main, token)?,
+                alt.map(|h| header(h, token)).transpose()?,
+            )
+        }
+        ("REQ_WITHOUT_QUERY", Some(a)) if a.eq_ignore_ascii_case(":path") => What::PathWithoutQuery,
+        ("RESP", Some(a)) if a.eq_ignore_ascii_case("x-envoy-upstream-service-time") => {
+            What::UpstreamServiceTime
+        }
+        ("PROTOCOL", None) => What::Protocol,
+        ("RESPONSE_CODE", None) => What::ResponseCode,
+        ("RESPONSE_FLAGS", None) => What::ResponseFlags,
+        ("BYTES_RECEIVED", None) => What::BytesReceived,
+        ("BYTES_SENT", None) => What::BytesSent,
+        ("DURATION", None) => What::Duration,
+        ("UPSTREAM_HOST", None) => What::UpstreamHost,
+        ("UPSTREAM_CLUSTER", None) => What::UpstreamCluster,
+        ("ROUTE_NAME", None) => What::RouteName,
+        ("DOWNSTREAM_REMOTE_ADDRESS", None) => What::RemoteAddress,
+        ("DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", None) => What::RemoteAddressWithoutPort,
+        _ => return Err(format!("command operator %{token}% is not supported")),
+    };
+    Ok(Op { what, max_len })
+}
+
+fn header(name: &str, token: &str) -> Result<Header, String> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        ":method" => Header::Method,
+        ":path" => Header::Path,
+        ":authority" | "host" => Header::Authority,
+        ":scheme" => Header::Scheme,
+        other => Header::Other(
+            HeaderName::from_bytes(other.as_bytes())
+                .map_err(|_| format!("%{token}%: {name:?} is not a header name"))?,
+        ),
+    })
+}
+
+/// An operator's value: a string, a number, or nothing.
+enum Got<'a> {
+    Str(std::borrow::Cow<'a, str>),
+    Num(u64),
+    None,
+}
+
+fn value<'a>(what: &What, r: &'a Record) -> Got<'a> {
+    use std::borrow::Cow::{Borrowed, Owned};
+    let opt = |s: &'a Option<String>| s.as_deref().map_or(Got::None, |s| Got::Str(Borrowed(s)));
+    let non_empty = |s: &'a str| {
+        if s.is_empty() {
+            Got::None
+        } else {
+            Got::Str(Borrowed(s))
+        }
+    };
+    match what {
+        What::StartTime => non_empty(&r.start_time),
+        What::Req(a, b) => match req(a, r) {
+            Got::None => b.as_ref().map_or(Got::None, |b| req(b, r)),
+            got => got,
+        },
+        What::PathWithoutQuery => non_empty(r.path.split('?').next().unwrap_or_default()),
+        What::Protocol => Got::Str(Borrowed(r.protocol)),
+        What::ResponseCode => Got::Num(u64::from(r.response_code)),
+        What::ResponseFlags => Got::Str(if r.response_flags.is_empty() {
+            Borrowed("-")
+        } else {
+            Borrowed(r.response_flags.as_str())
+        }),
+        What::BytesReceived => Got::Num(r.bytes_received),
+        What::BytesSent => Got::Num(r.bytes_sent),
+        What::Duration => Got::Num(r.duration),
+        What::UpstreamServiceTime => r.upstream_service_time.map_or(Got::None, Got::Num),
+        What::UpstreamHost => opt(&r.upstream_host),
+        What::UpstreamCluster => non_empty(&r.upstream_cluster),
+        What::RouteName => non_empty(&r.route_name),
+        What::RemoteAddress => non_empty(&r.downstream_remote_address),
+        What::RemoteAddressWithoutPort => {
+            let a = r.downstream_remote_address.as_str();
+            match a.parse::<std::net::SocketAddr>() {
+                Ok(s) => Got::Str(Owned(s.ip().to_string())),
+                Err(_) => non_empty(a),
+            }
+        }
+    }
+}
+
+fn req<'a>(h: &Header, r: &'a Record) -> Got<'a> {
+    use std::borrow::Cow::Borrowed;
+    match h {
+        Header::Method => Got::Str(Borrowed(&r.method)),
+        Header::Path => Got::Str(Borrowed(&r.path)),
+        Header::Authority if r.authority.is_empty() => Got::None,
+        Header::Authority => Got::Str(Borrowed(&r.authority)),
+        Header::Scheme => Got::Str(Borrowed("http")),
+        Header::Other(n) => r
+            .headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .and_then(|(_, v)| v.as_deref())
+            .map_or(Got::None, |v| Got::Str(Borrowed(v))),
+    }
+}
+
+fn truncated(s: &str, max: Option<usize>) -> &str {
+    match max {
+        Some(n) if s.len() > n => {
+            let mut end = n;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            &s[..end]
+        }
+        _ => s,
+    }
+}
+
+fn text(p: &[Piece], r: &Record) -> String {
+    let mut out = String::new();
+    for piece in p {
+        match piece {
+            Piece::Literal(l) => out.push_str(l),
+            Piece::Op(op) => match value(&op.what, r) {
+                Got::Str(s) => out.push_str(truncated(&s, op.max_len)),
+                Got::Num(n) => {
+                    let _ = write!(out, "{n}");
+                }
+                Got::None => out.push('-'),
+            },
+        }
+    }
+    out
+}
+
+fn json(fields: &[(String, Field)], r: &Record) -> Map<String, Value> {
+    let mut m = Map::new();
+    for (k, f) in fields {
+        let v = match f {
+            Field::Typed(op) => match value(&op.what, r) {
+                Got::Str(s) => Value::String(truncated(&s, op.max_len).to_owned()),
+                Got::Num(n) => Value::Number(n.into()),
+                Got::None => Value::Null,
+            },
+            Field::Text(p) => Value::String(text(p, r)),
+            Field::Object(o) => Value::Object(json(o, r)),
+            Field::Constant(c) => c.clone(),
+        };
+        m.insert(k.clone(), v);
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            start_time: "2026-11-28T12:00:00.000Z".into(),
+            method: "GET".into(),
+            path: "/pets/1?x=2".into(),
+            protocol: "HTTP/1.1",
+            response_code: 200,
+            bytes_sent: 12,
+            duration: 3,
+            authority: "api.example".into(),
+            upstream_cluster: "pets".into(),
+            route_name: "r1".into(),
+            downstream_remote_address: "10.0.0.1:5555".into(),
+            headers: vec![
+                (HeaderName::from_static("x-user"), Some("ann".into())),
+                (HeaderName::from_static("x-missing"), None),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn text_formats() {
+        let f = LogFormat::text(
+            "[%START_TIME%] \"%REQ(:METHOD)% %REQ_WITHOUT_QUERY(:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(X-MISSING?X-USER)% %REQ(X-MISSING)% %UPSTREAM_HOST% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %REQ(:AUTHORITY):3% 100%%",
+        )
+        .expect("parses");
+        assert_eq!(
+            String::from_utf8(f.render(&record())).expect("utf-8"),
+            "[2026-11-28T12:00:00.000Z] \"GET /pets/1 HTTP/1.1\" 200 - ann - - 10.0.0.1 api 100%\n"
+        );
+        assert_eq!(
+            f.request_headers(),
+            [
+                HeaderName::from_static("x-missing"),
+                HeaderName::from_static("x-user")
+            ]
+        );
+    }
+
+    #[test]
+    fn json_formats_keep_types() {
+        use portico_proto::google::protobuf::{value::Kind, Struct, Value as Pb};
+        let s = |v: &str| Pb {
+            kind: Some(Kind::StringValue(v.into())),
+        };
+        let mut inner = Struct::default();
+        inner
+            .fields
+            .insert("cluster".into(), s("%UPSTREAM_CLUSTER%"));
+        let fields = [
+            ("code", s("%RESPONSE_CODE%")),
+            ("line", s("%REQ(:METHOD)% %REQ(:PATH)%")),
+            ("user", s("%REQ(X-USER)%")),
+            ("host", s("%UPSTREAM_HOST%")),
+            (
+                "up",
+                Pb {
+                    kind: Some(Kind::StructValue(inner)),
+                },
+            ),
+            (
+                "v",
+                Pb {
+                    kind: Some(Kind::NumberValue(2.0)),
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let f = LogFormat::json(&fields).expect("parses");
+        let line: Value = serde_json::from_slice(&f.render(&record())).expect("json");
+        assert_eq!(
+            line,
+            serde_json::json!({"code": 200, "line": "GET /pets/1?x=2", "user": "ann",
+                "host": null, "up": {"cluster": "pets"}, "v": 2.0})
+        );
+    }
+
+    #[test]
+    fn unknown_operators_are_named() {
+        for (f, want) in [
+            ("%FILTER_STATE(x)%", "%FILTER_STATE(x)%"),
+            ("%RESP(X-FOO)%", "%RESP(X-FOO)%"),
+            ("%START_TIME(%s)%", "START_TIME with a time format"),
+            ("%REQ(:PATH)", "unterminated"),
+        ] {
+            let e = LogFormat::text(f).expect_err(f);
+            assert!(e.contains(want), "{f}: {e}");
+        }
+    }
+}
