@@ -47,6 +47,7 @@ use tokio::time::{Instant, Sleep};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use super::http1::{linger_close, push_date, ClientGone};
+use super::server;
 use super::stream_idle::{self, HasRouteIdle, RouteIdle};
 use crate::h2::frame::{self, flag, kind, setting, Head, Reason};
 use crate::h2::hpack::{self, Decoder, Name};
@@ -81,7 +82,7 @@ pub(super) async fn serve(
     io: TcpStream,
     buf: BytesMut,
     conn: Arc<Conn>,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
     let (max_headers, idle_timeout, stream_idle_timeout) = {
         let lr = conn.listener.load();
@@ -89,26 +90,13 @@ pub(super) async fn serve(
         (c.max_request_headers, c.idle_timeout, c.stream_idle_timeout)
     };
     // The listener's drain, or the HCM's age limit for connections.
-    let aged_at = conn
-        .listener
-        .load()
-        .config
-        .max_connection_duration
-        .map(|d| tokio::time::Instant::now() + d);
+    let aged = server::drain_or_age(drain, server::aged_at(&conn));
     let aged_stats = conn.shared.stats.clone();
     let drain = Box::pin(async move {
-        match aged_at {
-            None => {
-                let _ = drain.changed().await;
-            }
-            Some(at) => tokio::select! {
-                _ = drain.changed() => {}
-                () = tokio::time::sleep_until(at) => {
-                    aged_stats
-                        .downstream_cx_max_duration_reached
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            },
+        if aged.await {
+            aged_stats
+                .downstream_cx_max_duration_reached
+                .fetch_add(1, Ordering::Relaxed);
         }
     });
     let mut c = Connection::new(

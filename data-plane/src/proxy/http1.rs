@@ -41,6 +41,7 @@ use tokio::sync::{oneshot, watch};
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
 use super::quiet::Quiet;
+use super::server;
 use super::stream_idle::{self, Activity, Progress, Watch};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, read_some, write_chunk_size,
@@ -102,18 +103,10 @@ pub(super) async fn serve(
 ) {
     let io = Arc::new(io);
     let mut wbuf: Vec<u8> = Vec::with_capacity(1024);
-    let mut drain_wait = drain.clone();
     // The HCM's connection limits: after so many requests, or at an age,
     // the connection ends after its current answer (or at once if idle).
-    let (max_requests, aged_at) = {
-        let lr = conn.listener.load();
-        let c = &lr.config;
-        (
-            c.max_requests_per_connection,
-            c.max_connection_duration
-                .map(|d| tokio::time::Instant::now() + d),
-        )
-    };
+    let max_requests = conn.listener.load().config.max_requests_per_connection;
+    let aged_at = server::aged_at(&conn);
     let aged = || aged_at.is_some_and(|at| tokio::time::Instant::now() >= at);
     let count_aged = || {
         conn.shared
@@ -123,17 +116,7 @@ pub(super) async fn serve(
     };
     // Both polled only when they fire (`Quiet`), not each time the
     // connection waits for a request.
-    let mut drained = Quiet::new(Box::pin(async move {
-        match aged_at {
-            None => {
-                let _ = drain_wait.changed().await;
-            }
-            Some(at) => tokio::select! {
-                _ = drain_wait.changed() => {}
-                () = tokio::time::sleep_until(at) => {}
-            },
-        }
-    }));
+    let mut drained = Quiet::new(Box::pin(server::drain_or_age(drain.clone(), aged_at)));
     // The idle timer is armed once per idle period, not per request: when
     // it fires after requests were served, it is pushed back.
     let mut idle: Option<Quiet<Pin<Box<tokio::time::Sleep>>>> = None;
@@ -177,8 +160,8 @@ pub(super) async fn serve(
                 tokio::select! {
                     biased;
                     r = fill(&io, &mut buf) => break r,
-                    _ = &mut drained => {
-                        if aged() && !draining(&drain) {
+                    by_age = &mut drained => {
+                        if by_age {
                             count_aged();
                         }
                         return;
@@ -383,8 +366,9 @@ pub(super) async fn serve(
             let limit = idle_timeout.unwrap_or(Duration::from_secs(3600));
             let returned = tokio::select! {
                 r = back => r.ok(),
-                _ = &mut drained => {
-                    if keep_alive && aged() && !draining(&drain) {
+                by_age = &mut drained => {
+                    // Unless the answer already said it was the last.
+                    if by_age && keep_alive {
                         count_aged();
                     }
                     None

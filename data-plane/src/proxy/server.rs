@@ -202,6 +202,34 @@ pub(super) async fn serve(
     drop(shutdown);
 }
 
+/// When a connection drains: its listener's drain, or the HCM's
+/// `max_connection_duration` passing (`aged_at`). Resolves to whether it
+/// was the age.
+pub(super) async fn drain_or_age(
+    mut drain: watch::Receiver<bool>,
+    aged_at: Option<tokio::time::Instant>,
+) -> bool {
+    match aged_at {
+        None => {
+            let _ = drain.changed().await;
+            false
+        }
+        Some(at) => tokio::select! {
+            _ = drain.changed() => false,
+            () = tokio::time::sleep_until(at) => true,
+        },
+    }
+}
+
+/// When a connection opened now reaches the listener's age limit.
+pub(super) fn aged_at(conn: &Conn) -> Option<tokio::time::Instant> {
+    conn.listener
+        .load()
+        .config
+        .max_connection_duration
+        .map(|d| tokio::time::Instant::now() + d)
+}
+
 /// What makes an accept loop stop and drain: its listener's removal, or
 /// the process's shutdown.
 pub(super) struct Drains {

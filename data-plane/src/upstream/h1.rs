@@ -188,12 +188,12 @@ pub async fn exchange(
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
             let (head, rest) = Box::pin(stream_exchange(&mut conn, &head, body, exact)).await?;
-            let (reusable, upload) = match rest {
+            let (reusable, duplex) = match rest {
                 Rest::Sent => (true, None),
                 Rest::Dropped => (false, None),
-                Rest::Later(upload) => (true, Some(upload)),
+                Rest::Later(duplex) => (true, Some(duplex)),
             };
-            return finish(conn, head, head_only, reusable, ret, upload);
+            return finish(conn, head, head_only, reusable, ret, duplex);
         }
     };
     let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
@@ -244,7 +244,7 @@ async fn send_and_read(
 
 /// Turns a response head into the response, with a body that reads from
 /// the connection (or the bytes that came with the head, in which case the
-/// connection goes back to the pool at once). `upload` is the rest of a
+/// connection goes back to the pool at once). `duplex` holds the rest of a
 /// request body still to be written, by the response body as it is read.
 #[inline(always)]
 fn finish(
@@ -253,7 +253,7 @@ fn finish(
     head_only: bool,
     mut reusable: bool,
     ret: &Return,
-    upload: Option<Box<Upload>>,
+    duplex: Option<Box<Duplex>>,
 ) -> Result<Response<Body>, SendError> {
     let Head {
         status,
@@ -281,7 +281,7 @@ fn finish(
         return Err(bad("101 Switching Protocols without an upgrade request"));
     }
     let body = match framing {
-        Framing::Length(n) if n as usize <= conn.buf.len() && upload.is_none() => {
+        Framing::Length(n) if n as usize <= conn.buf.len() && duplex.is_none() => {
             let data = conn.buf.split_to(n as usize).freeze();
             if reusable {
                 ret.put(conn);
@@ -297,7 +297,7 @@ fn finish(
                 first: (!data.is_empty()).then_some(data),
                 conn: Some(conn),
                 ret: reusable.then(|| ret.clone()),
-                duplex: Duplex::of(upload),
+                duplex,
             }
         }
         framing => Body {
@@ -309,7 +309,7 @@ fn finish(
             first: None,
             conn: Some(conn),
             ret: reusable.then(|| ret.clone()),
-            duplex: Duplex::of(upload),
+            duplex,
         },
     };
     let mut response = Response::new(body);
@@ -330,7 +330,7 @@ enum Rest {
     /// Not yet: the upstream answered a success first, which goes on to
     /// the client now while the rest of the body follows, written as the
     /// response body is read (full duplex, as Envoy does).
-    Later(Box<Upload>),
+    Later(Box<Duplex>),
 }
 
 /// Writes the head and a streamed body while reading the response head.
@@ -367,7 +367,10 @@ async fn stream_exchange(
     let rest = if sent {
         Rest::Sent
     } else if send_error.is_none() && head.status.as_u16() < 400 && !head.close {
-        Rest::Later(Box::new(upload))
+        Rest::Later(Box::new(Duplex {
+            upload: Some(upload),
+            held_end: None,
+        }))
     } else {
         Rest::Dropped
     };
@@ -378,17 +381,6 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Res
     w.write_all(b)
         .await
         .map_err(|e| SendError::Reset(format!("writing the request: {e}")))
-}
-
-impl Duplex {
-    fn of(upload: Option<Box<Upload>>) -> Option<Box<Duplex>> {
-        upload.map(|u| {
-            Box::new(Duplex {
-                upload: Some(*u),
-                held_end: None,
-            })
-        })
-    }
 }
 
 /// A streamed request body on its way to the upstream: the head, then the
