@@ -711,11 +711,7 @@ async fn forward(
         // The URI is built once; a retry clones it (reference-counted).
         if up_uri.is_none() {
             let built = if cluster.config.http2 {
-                let auth = host_value
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("localhost");
-                format!("http://{auth}{new_pq}").parse::<http::Uri>()
+                h2_uri(host_value.as_ref(), &new_pq)
             } else if new_pq == original_pq {
                 Ok(http::Uri::from(
                     original_uri
@@ -878,6 +874,16 @@ async fn forward(
         failure.status = StatusCode::BAD_GATEWAY;
     }
     Err(failure)
+}
+
+/// The absolute URI an HTTP/2 upstream request carries (the host as its
+/// `:authority`).
+pub(super) fn h2_uri(
+    host: Option<&HeaderValue>,
+    path_and_query: &str,
+) -> Result<http::Uri, http::uri::InvalidUri> {
+    let auth = host.and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+    format!("http://{auth}{path_and_query}").parse()
 }
 
 /// A random 128-bit request id in hex (Envoy generates one per request).

@@ -60,11 +60,7 @@ pub(super) fn send(snap: &Snapshot, mirrors: &[Mirror], copy: &Copy<'_>) {
             }
         });
         let uri = if cluster.config.http2 {
-            let auth = host
-                .as_ref()
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            format!("http://{auth}{}", copy.path_and_query).parse::<http::Uri>()
+            super::handler::h2_uri(host.as_ref(), copy.path_and_query)
         } else {
             copy.path_and_query.parse::<http::Uri>()
         };
