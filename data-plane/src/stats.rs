@@ -44,6 +44,15 @@ counters!(
         /// Streams ended by their duration limit (`max_stream_duration`,
         /// or a gRPC call's deadline).
         downstream_rq_max_duration_reached,
+        /// Requests refused for their path: a malformed escape, or an
+        /// escaped slash where the listener refuses them.
+        downstream_rq_failed_path_normalization,
+        /// Requests redirected to their path without escaped slashes.
+        downstream_rq_redirected_with_normalized_path,
+        /// Requests refused for a header name with an underscore.
+        requests_rejected_with_underscores_in_headers,
+        /// Request headers dropped for an underscore in their name.
+        dropped_headers_with_underscores,
         /// Upstream did not answer in time.
         upstream_rq_timeout,
         /// Retries sent.

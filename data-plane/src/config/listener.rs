@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use portico_proto::envoy::config::accesslog::v3::access_log;
 use portico_proto::envoy::config::core::v3::{
-    data_source, substitution_format_string, SubstitutionFormatString,
+    data_source, http_protocol_options::HeadersWithUnderscoresAction, substitution_format_string,
+    SubstitutionFormatString,
 };
 use portico_proto::envoy::config::listener::v3::{filter, Listener};
 use portico_proto::envoy::extensions::access_loggers::file::v3::{
@@ -19,7 +20,9 @@ use portico_proto::envoy::extensions::access_loggers::stream::v3::{
 };
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
+    http_connection_manager::{
+        CodecType, PathWithEscapedSlashesAction, RouteSpecifier, StripPortMode,
+    },
     http_filter, HttpConnectionManager,
 };
 use prost::Name;
@@ -57,6 +60,60 @@ pub enum LogTarget {
     Stderr,
     /// A file, appended to.
     File(PathBuf),
+}
+
+/// What a listener does with a request header whose name has an
+/// underscore (`common_http_protocol_options.headers_with_underscores_action`).
+/// Such names are legal HTTP, but some upstreams read `x_user` and
+/// `x-user` as one header (CGI turns both into `HTTP_X_USER`), which lets a
+/// client smuggle past a header the gateway sets or checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underscores {
+    /// Pass them on (Envoy's default).
+    Allow,
+    /// HTTP/1.1: a 400 and the connection closes; HTTP/2: the stream is
+    /// reset.
+    Reject,
+    /// Remove them before any filter or route sees the request.
+    Drop,
+}
+
+/// Rules on a request head's fields, applied by both codecs as they
+/// parse, as Envoy's codecs apply them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderRules {
+    /// Most header fields a request may have
+    /// (`common_http_protocol_options.max_headers_count`, 100 by default;
+    /// pseudo-headers and the request line are not counted). Over it: 431.
+    pub max_count: usize,
+    /// Names with an underscore.
+    pub underscores: Underscores,
+}
+
+impl Default for HeaderRules {
+    fn default() -> Self {
+        HeaderRules {
+            max_count: 100,
+            underscores: Underscores::Allow,
+        }
+    }
+}
+
+/// What a listener does with `%2F` and `%5C` (escaped `/` and `\`) in a
+/// request path (the HCM's `path_with_escaped_slashes_action`): a route
+/// for `/public/` must not let `/public%2F..%2Fadmin` through to an
+/// upstream that decodes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// Leave them (Envoy's default).
+    Keep,
+    /// Answer 400.
+    Reject,
+    /// Unescape them, and answer 307 with the new path (gRPC: 400, as a
+    /// gRPC client does not follow redirects).
+    Redirect,
+    /// Unescape them and go on with the new path.
+    Forward,
 }
 
 /// One access log of a listener: where, and in which format.
@@ -148,6 +205,10 @@ pub struct ListenerConfig {
     pub normalize_path: bool,
     /// Merge runs of slashes in request paths before routing.
     pub merge_slashes: bool,
+    /// Escaped slashes in request paths.
+    pub escaped_slashes: EscapedSlashes,
+    /// Rules on request header fields.
+    pub header_rules: HeaderRules,
 }
 
 impl ListenerConfig {
@@ -276,6 +337,51 @@ impl ListenerConfig {
             })
             .collect::<Result<_, _>>()?;
         let common = hcm.common_http_protocol_options.as_ref();
+        let header_rules = HeaderRules {
+            max_count: match common.and_then(|c| c.max_headers_count.as_ref()) {
+                None => 100,
+                Some(n) if n.value == 0 => {
+                    return Err(ConfigError::new(
+                        at,
+                        "common_http_protocol_options.max_headers_count must be at least 1",
+                    ))
+                }
+                Some(n) => n.value as usize,
+            },
+            underscores: match common.map(|c| c.headers_with_underscores_action) {
+                None => Underscores::Allow,
+                Some(a) => match HeadersWithUnderscoresAction::try_from(a) {
+                    Ok(HeadersWithUnderscoresAction::Allow) => Underscores::Allow,
+                    Ok(HeadersWithUnderscoresAction::RejectRequest) => Underscores::Reject,
+                    Ok(HeadersWithUnderscoresAction::DropHeader) => Underscores::Drop,
+                    Err(_) => {
+                        return Err(ConfigError::new(
+                            at,
+                            format!("unknown headers_with_underscores_action {a}"),
+                        ))
+                    }
+                },
+            },
+        };
+        let escaped_slashes =
+            match PathWithEscapedSlashesAction::try_from(hcm.path_with_escaped_slashes_action) {
+                Ok(
+                    PathWithEscapedSlashesAction::ImplementationSpecificDefault
+                    | PathWithEscapedSlashesAction::KeepUnchanged,
+                ) => EscapedSlashes::Keep,
+                Ok(PathWithEscapedSlashesAction::RejectRequest) => EscapedSlashes::Reject,
+                Ok(PathWithEscapedSlashesAction::UnescapeAndRedirect) => EscapedSlashes::Redirect,
+                Ok(PathWithEscapedSlashesAction::UnescapeAndForward) => EscapedSlashes::Forward,
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        at,
+                        format!(
+                            "unknown path_with_escaped_slashes_action {}",
+                            hcm.path_with_escaped_slashes_action
+                        ),
+                    ))
+                }
+            };
         Ok(ListenerConfig {
             name: l.name.as_str().into(),
             address,
@@ -339,6 +445,8 @@ impl ListenerConfig {
             use_remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
             normalize_path: hcm.normalize_path.is_some_and(|b| b.value),
             merge_slashes: hcm.merge_slashes,
+            escaped_slashes,
+            header_rules,
         })
     }
 }
@@ -383,4 +491,114 @@ fn check_http_filters(hcm: &HttpConnectionManager, at: &str) -> Result<(), Confi
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::envoy::config::core::v3::{
+        address, socket_address, Address, HttpProtocolOptions, SocketAddress,
+    };
+    use portico_proto::envoy::config::listener::v3::{Filter, FilterChain};
+    use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpFilter, Rds,
+    };
+    use portico_proto::google::protobuf::{Any, UInt32Value};
+    use prost::Message;
+
+    fn any<M: Message + Name>(m: &M) -> Any {
+        Any {
+            type_url: M::type_url(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn listener(edit: impl FnOnce(&mut HttpConnectionManager)) -> Listener {
+        let mut hcm = HttpConnectionManager {
+            route_specifier: Some(RouteSpecifier::Rds(Rds {
+                route_config_name: "routes".into(),
+                ..Default::default()
+            })),
+            http_filters: vec![HttpFilter {
+                name: "router".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(
+                    any(&Router::default()),
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        edit(&mut hcm);
+        Listener {
+            name: "l".into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(8080)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "hcm".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn header_rules_and_escaped_slashes() {
+        let c = ListenerConfig::convert(&listener(|_| {})).expect("valid");
+        assert_eq!(c.header_rules, HeaderRules::default());
+        assert_eq!(c.escaped_slashes, EscapedSlashes::Keep);
+
+        let c = ListenerConfig::convert(&listener(|h| {
+            h.common_http_protocol_options = Some(HttpProtocolOptions {
+                max_headers_count: Some(UInt32Value { value: 250 }),
+                headers_with_underscores_action: HeadersWithUnderscoresAction::DropHeader as i32,
+                ..Default::default()
+            });
+            h.path_with_escaped_slashes_action =
+                PathWithEscapedSlashesAction::UnescapeAndForward as i32;
+        }))
+        .expect("valid");
+        assert_eq!(
+            c.header_rules,
+            HeaderRules {
+                max_count: 250,
+                underscores: Underscores::Drop
+            }
+        );
+        assert_eq!(c.escaped_slashes, EscapedSlashes::Forward);
+
+        let e = ListenerConfig::convert(&listener(|h| {
+            h.common_http_protocol_options = Some(HttpProtocolOptions {
+                max_headers_count: Some(UInt32Value { value: 0 }),
+                ..Default::default()
+            });
+        }))
+        .expect_err("0 fields");
+        assert!(e.reason.contains("max_headers_count"), "{e:?}");
+        assert!(e.at.contains("Listener \"l\""), "{e:?}");
+        let e = ListenerConfig::convert(&listener(|h| {
+            h.common_http_protocol_options = Some(HttpProtocolOptions {
+                headers_with_underscores_action: 7,
+                ..Default::default()
+            });
+        }))
+        .expect_err("unknown action");
+        assert!(
+            e.reason.contains("headers_with_underscores_action 7"),
+            "{e:?}"
+        );
+        let e = ListenerConfig::convert(&listener(|h| h.path_with_escaped_slashes_action = 9))
+            .expect_err("unknown action");
+        assert!(
+            e.reason.contains("path_with_escaped_slashes_action 9"),
+            "{e:?}"
+        );
+    }
 }

@@ -49,6 +49,7 @@ use super::handler::{handle, Conn};
 use super::http1::{linger_close, push_date, ClientGone};
 use super::server;
 use super::stream_idle::{self, HasRouteIdle, RouteIdle};
+use crate::config::listener::{HeaderRules, Underscores};
 use crate::h2::frame::{self, flag, kind, setting, Head, Reason};
 use crate::h2::hpack::{self, Decoder, Name};
 use crate::http1::{parse_length, poll_fill, BodyError};
@@ -491,12 +492,18 @@ struct Fields {
     pseudo_seen: bool,
     /// Sum of the fields' sizes (RFC 7541 4.1).
     size: usize,
+    /// Regular fields kept.
+    count: usize,
     too_large: bool,
     malformed: Option<&'static str>,
+    /// Fields dropped for an underscore in their name.
+    dropped: u64,
+    /// Refused for an underscore in a name.
+    underscore: bool,
 }
 
 impl Fields {
-    fn add(&mut self, name: Name, value: Bytes, size: usize, limit: usize) {
+    fn add(&mut self, name: Name, value: Bytes, size: usize, limit: usize, rules: HeaderRules) {
         self.size += size;
         if self.size > limit {
             // Stop collecting: a block of repeated references to a large
@@ -516,6 +523,19 @@ impl Fields {
             Name::Invalid => return self.malformed = Some("invalid header name"),
             Name::Header(n) => {
                 self.regular_seen = true;
+                if rules.underscores != Underscores::Allow && n.as_str().contains('_') {
+                    if rules.underscores == Underscores::Drop {
+                        self.dropped += 1;
+                        return;
+                    }
+                    self.underscore = true;
+                    return self.malformed = Some("header name with an underscore");
+                }
+                self.count += 1;
+                if self.count > rules.max_count {
+                    self.too_large = true;
+                    return;
+                }
                 if is_connection_specific(&n) && !(n == header::TE && &value[..] == b"trailers") {
                     return self.malformed = Some("connection-specific header");
                 }
@@ -650,6 +670,8 @@ struct Connection {
     conn_unacked: u32,
     partial: Option<Partial>,
     max_header_list: usize,
+    /// The listener's rules on request header fields.
+    header_rules: HeaderRules,
     /// The largest header block accepted.
     max_block: usize,
     opened: u64,
@@ -686,7 +708,10 @@ impl Connection {
         stream_idle_timeout: Option<Duration>,
         drain: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Connection {
-        let max_requests = conn.listener.load().config.max_requests_per_connection;
+        let (max_requests, header_rules) = {
+            let c = &conn.listener.load().config;
+            (c.max_requests_per_connection, c.header_rules)
+        };
         let mut wbuf = Vec::with_capacity(16 * 1024);
         frame::write_settings(
             &mut wbuf,
@@ -743,6 +768,7 @@ impl Connection {
             conn_unacked: 0,
             partial: None,
             max_header_list,
+            header_rules,
             max_block: max_header_list.saturating_mul(2).max(64 * 1024),
             opened: 0,
             early_resets: 0,
@@ -1502,12 +1528,23 @@ impl Connection {
         // Decoded whatever happens to the stream: the table must stay in
         // step with the client's.
         let mut f = Fields::default();
-        let limit = self.max_header_list;
+        let (limit, rules) = (self.max_header_list, self.header_rules);
         self.dec
             .decode(&block, self.max_block, |n, v, size| {
-                f.add(n, v, size, limit)
+                f.add(n, v, size, limit, rules)
             })
             .map_err(|e| err(Reason::COMPRESSION_ERROR, e.to_string()))?;
+        let stats = &self.conn.shared.stats;
+        if f.dropped > 0 {
+            stats
+                .dropped_headers_with_underscores
+                .fetch_add(f.dropped, Ordering::Relaxed);
+        }
+        if f.underscore {
+            stats
+                .requests_rejected_with_underscores_in_headers
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if id.is_multiple_of(2) {
             return Err(err(Reason::PROTOCOL_ERROR, "even stream id from a client"));
         }

@@ -25,13 +25,14 @@ use super::path;
 use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::Record;
-use crate::config::listener::Routes;
+use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes};
 use crate::config::matcher::RequestHead;
 use crate::config::route::{
     ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, Route, RouteAction, RouteTable,
     VirtualHost,
 };
 use crate::snapshot::{Shared, Snapshot};
+use crate::stats::Stats;
 use crate::upstream::lb::hash64;
 use crate::upstream::pool::{ReqBody, RespBody, SendError};
 use crate::upstream::{is_hashing, Cluster};
@@ -232,21 +233,53 @@ fn authority(req: &Request<RequestBody>) -> Option<&str> {
 }
 
 /// Rewrites the request's path as the listener asks ([`path`]), keeping
-/// an absolute-form URI's scheme and authority.
+/// an absolute-form URI's scheme and authority. `Ok(Some(_))` is the
+/// answer instead: a redirect to the path without escaped slashes.
 fn normalize_path(
     req: &mut Request<RequestBody>,
-    normalize: bool,
-    merge_slashes: bool,
-) -> Result<(), Local> {
+    config: &ListenerConfig,
+    stats: &Stats,
+) -> Result<Option<Out>, Local> {
+    let failed = || {
+        stats
+            .downstream_rq_failed_path_normalization
+            .fetch_add(1, Relaxed);
+        local(StatusCode::BAD_REQUEST, "invalid request path\n", "DPE")
+    };
+    let slashes = config.escaped_slashes;
+    let how = path::Rewrites {
+        normalize: config.normalize_path,
+        merge_slashes: config.merge_slashes,
+        unescape_slashes: matches!(slashes, EscapedSlashes::Redirect | EscapedSlashes::Forward),
+    };
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let bad = || local(StatusCode::BAD_REQUEST, "invalid request path\n", "DPE");
-    let Some(new) = path::normalize(pq, normalize, merge_slashes).map_err(|_| bad())? else {
-        return Ok(());
+    let done = path::normalize(pq, how).map_err(|_| failed())?;
+    if done.escaped_slashes {
+        match slashes {
+            EscapedSlashes::Reject => return Err(failed()),
+            // A gRPC client does not follow redirects (Envoy's rule).
+            EscapedSlashes::Redirect if is_grpc(req.headers()) => return Err(failed()),
+            EscapedSlashes::Redirect => {
+                stats
+                    .downstream_rq_redirected_with_normalized_path
+                    .fetch_add(1, Relaxed);
+                let to = done.path_and_query.as_deref().unwrap_or(pq);
+                let location = HeaderValue::from_str(to).map_err(|_| failed())?;
+                let mut r = Response::new(Either::Right(Bytes::new()));
+                *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                r.headers_mut().insert(header::LOCATION, location);
+                return Ok(Some(r));
+            }
+            EscapedSlashes::Keep | EscapedSlashes::Forward => {}
+        }
+    }
+    let Some(new) = done.path_and_query else {
+        return Ok(None);
     };
     let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = Some(new.parse().map_err(|_| bad())?);
-    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| bad())?;
-    Ok(())
+    parts.path_and_query = Some(new.parse().map_err(|_| failed())?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| failed())?;
+    Ok(None)
 }
 
 async fn route_request(
@@ -267,8 +300,11 @@ async fn route_request(
             "DPE",
         ));
     }
-    if lr.config.normalize_path || lr.config.merge_slashes {
-        normalize_path(&mut req, lr.config.normalize_path, lr.config.merge_slashes)?;
+    let c = &lr.config;
+    if c.normalize_path || c.merge_slashes || c.escaped_slashes != EscapedSlashes::Keep {
+        if let Some(redirect) = normalize_path(&mut req, c, stats)? {
+            return Ok(redirect);
+        }
     }
     let Some(host) = authority(&req) else {
         return Err(local(

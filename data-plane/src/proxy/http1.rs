@@ -43,12 +43,15 @@ use super::handler::{handle, Conn};
 use super::quiet::Quiet;
 use super::server;
 use super::stream_idle::{self, Activity, Progress, Watch};
+use crate::config::listener::{HeaderRules, Underscores};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, read_some, write_chunk_size,
     write_length, BodyError, Chunk, Framed, Piece,
 };
+use crate::stats::Stats;
 
-/// Request header fields beyond this many get a 431.
+/// Request header fields parsed in room on the stack; a listener that
+/// allows more (`max_headers_count`) gets heap room for a head with more.
 const MAX_HEADERS: usize = 100;
 /// Response data up to this much is gathered before a write.
 const COALESCE: usize = 16 * 1024;
@@ -126,16 +129,18 @@ pub(super) async fn serve(
     let progress = Progress::default();
     let mut watch: Option<Watch> = None;
     loop {
-        let (header_timeout, idle_timeout, max_head, stream_idle) = {
+        let (header_timeout, idle_timeout, max_head, rules, stream_idle) = {
             let lr = conn.listener.load();
             let c = &lr.config;
             (
                 c.request_headers_timeout,
                 c.idle_timeout,
                 c.max_request_headers.max(8192),
+                c.header_rules,
                 c.stream_idle_timeout,
             )
         };
+        let stats = &conn.shared.stats;
         // Empty lines between requests are allowed (RFC 9112 section 2.2);
         // they do not start a head, so its timeout does not run for them.
         while buf.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
@@ -182,7 +187,7 @@ pub(super) async fn serve(
                 Ok(_) => {}
             }
         }
-        let head = match parse_head(&mut buf, max_head) {
+        let head = match parse_head(&mut buf, max_head, rules, stats) {
             Ok(Some(h)) => Ok(h),
             Ok(None) => {
                 // The rest of the head is due within the header timeout.
@@ -193,7 +198,7 @@ pub(super) async fn serve(
                         Ok(Ok(0) | Err(_)) => return,
                         Ok(Ok(_)) => {}
                     }
-                    match parse_head(&mut buf, max_head) {
+                    match parse_head(&mut buf, max_head, rules, stats) {
                         Ok(Some(h)) => break Ok(h),
                         Ok(None) => {}
                         Err(r) => break Err(r),
@@ -447,7 +452,7 @@ pub(super) async fn linger_close(io: Arc<TcpStream>) {
 }
 
 /// A request refused before it reached the handler.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 struct Refusal {
     status: StatusCode,
     why: &'static str,
@@ -466,6 +471,10 @@ impl Refusal {
     const TOO_LARGE: Refusal = Refusal {
         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         why: "request headers too large\n",
+    };
+    const TOO_MANY: Refusal = Refusal {
+        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        why: "too many request headers\n",
     };
 
     fn bad(why: &'static str) -> Refusal {
@@ -521,24 +530,42 @@ struct Parsed {
     conflict: bool,
 }
 
-/// Parses a request head at the start of `buf`: `None` while incomplete;
-/// when complete, consumes it. Header values share the head's bytes.
-fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal> {
-    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+/// Where a complete head's parts are, by [`scan`].
+struct Scanned {
+    len: usize,
+    method: Method,
+    version: Version,
+    /// The request target's span.
+    target: (usize, usize),
+    /// Fields: each one's name and value spans are in `at[..n]`.
+    n: usize,
+}
+
+/// Parses a head with room for as many fields as `fields` holds, and
+/// notes where each sits in `at` (under `max_head`, far below 4 GiB), so
+/// that they can share the head's bytes once frozen.
+fn scan<'b>(
+    buf: &'b [u8],
+    max_head: usize,
+    rules: HeaderRules,
+    fields: &mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+    at: &mut [[u32; 4]],
+) -> Result<Option<Scanned>, Refusal> {
     let mut req = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
-        &mut req,
-        buf,
-        &mut fields,
-    ) {
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, fields)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(Refusal::TOO_LARGE),
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TOO_LARGE),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TOO_MANY),
         Err(_) => return Err(Refusal::bad("malformed request\n")),
     };
     if len > max_head {
         return Err(Refusal::TOO_LARGE);
+    }
+    if req.headers.len() > rules.max_count {
+        return Err(Refusal::TOO_MANY);
     }
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refusal::bad("bad method\n"))?;
@@ -546,14 +573,9 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Ref
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Where the target and each field sit in the head (under `max_head`,
-    // far below 4 GiB), so that they can share its bytes once frozen.
     let base = buf.as_ptr() as usize;
     let path = req.path.unwrap_or_default();
     let p0 = path.as_ptr() as usize - base;
-    let target = (p0, p0 + path.len());
-    let mut at = [[0u32; 4]; MAX_HEADERS];
-    let n = req.headers.len();
     for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
         let name = (h.name.as_ptr() as usize - base) as u32;
         let value = (h.value.as_ptr() as usize - base) as u32;
@@ -564,6 +586,51 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Ref
             value + h.value.len() as u32,
         ];
     }
+    Ok(Some(Scanned {
+        len,
+        method,
+        version,
+        target: (p0, p0 + path.len()),
+        n: req.headers.len(),
+    }))
+}
+
+/// Parses a request head at the start of `buf`: `None` while incomplete;
+/// when complete, consumes it. Header values share the head's bytes.
+/// The listener's [`HeaderRules`] apply here, as they do in Envoy's codec.
+fn parse_head(
+    buf: &mut BytesMut,
+    max_head: usize,
+    rules: HeaderRules,
+    stats: &Stats,
+) -> Result<Option<Parsed>, Refusal> {
+    let mut at = [[0u32; 4]; MAX_HEADERS];
+    let mut more_at = Vec::new();
+    let scanned = {
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        scan(buf, max_head, rules, &mut fields, &mut at)
+    };
+    let (scanned, at) = match scanned {
+        Err(r) if r == Refusal::TOO_MANY && rules.max_count > MAX_HEADERS => {
+            let mut fields = vec![std::mem::MaybeUninit::uninit(); rules.max_count];
+            more_at.resize(rules.max_count, [0u32; 4]);
+            (
+                scan(buf, max_head, rules, &mut fields, &mut more_at),
+                &more_at[..],
+            )
+        }
+        r => (r, &at[..]),
+    };
+    let Some(Scanned {
+        len,
+        method,
+        version,
+        target,
+        n,
+    }) = scanned?
+    else {
+        return Ok(None);
+    };
     let head = buf.split_to(len).freeze();
     let target = head.slice(target.0..target.1);
     let uri = if target.first() == Some(&b'/') {
@@ -586,8 +653,18 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Ref
     let mut upgrade = false;
     let mut trailers = false;
     for &[n0, n1, v0, v1] in &at[..n] {
-        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
-            .map_err(|_| Refusal::bad("bad header name\n"))?;
+        let raw = &head[n0 as usize..n1 as usize];
+        if rules.underscores != Underscores::Allow && raw.contains(&b'_') {
+            if rules.underscores == Underscores::Reject {
+                stats
+                    .requests_rejected_with_underscores_in_headers
+                    .fetch_add(1, Relaxed);
+                return Err(Refusal::bad("header name with an underscore\n"));
+            }
+            stats.dropped_headers_with_underscores.fetch_add(1, Relaxed);
+            continue;
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| Refusal::bad("bad header name\n"))?;
         // SAFETY: a field value httparse accepted, default configuration.
         let value = unsafe { parsed_value(head.slice(v0 as usize..v1 as usize)) };
         if name == header::CONTENT_LENGTH {
@@ -1053,8 +1130,16 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Option<Parsed>, Refusal> {
+        parse_with(text, HeaderRules::default(), &Stats::default())
+    }
+
+    fn parse_with(
+        text: &str,
+        rules: HeaderRules,
+        stats: &Stats,
+    ) -> Result<Option<Parsed>, Refusal> {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_head(&mut buf, 64 * 1024)
+        parse_head(&mut buf, 64 * 1024, rules, stats)
     }
 
     fn status(text: &str) -> u16 {
@@ -1130,8 +1215,56 @@ mod tests {
         assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
         let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(9000)).as_str());
         assert_eq!(
-            parse_head(&mut buf, 8192).expect_err("too large").status,
+            parse_head(&mut buf, 8192, HeaderRules::default(), &Stats::default())
+                .expect_err("too large")
+                .status,
             431
+        );
+    }
+
+    #[test]
+    fn header_rules() {
+        let fields = |n: usize| -> String {
+            let f: String = (0..n).map(|i| format!("x-{i}: v\r\n")).collect();
+            format!("GET / HTTP/1.1\r\n{f}\r\n")
+        };
+        let stats = Stats::default();
+        let rules = |max_count, underscores| HeaderRules {
+            max_count,
+            underscores,
+        };
+        // A lower limit than the stack's room, and a higher one (heap room).
+        let few = rules(3, Underscores::Allow);
+        assert!(parse_with(&fields(3), few, &stats).is_ok());
+        let r = parse_with(&fields(4), few, &stats).expect_err("over");
+        assert_eq!(r, Refusal::TOO_MANY);
+        let lots = rules(250, Underscores::Allow);
+        let head = parse_with(&fields(250), lots, &stats)
+            .expect("parsed")
+            .expect("complete");
+        assert_eq!(head.headers.len(), 250);
+        assert_eq!(head.headers["x-249"], "v");
+        let r = parse_with(&fields(251), lots, &stats).expect_err("over");
+        assert_eq!(r, Refusal::TOO_MANY);
+
+        let text = "GET / HTTP/1.1\r\nx_user: a\r\nx-user: b\r\nmy_id: c\r\n\r\n";
+        let head = parse_with(text, HeaderRules::default(), &stats)
+            .expect("parsed")
+            .expect("complete");
+        assert_eq!(head.headers.len(), 3, "allowed by default");
+        let head = parse_with(text, rules(100, Underscores::Drop), &stats)
+            .expect("parsed")
+            .expect("complete");
+        assert_eq!(head.headers.len(), 1);
+        assert_eq!(head.headers["x-user"], "b");
+        assert_eq!(stats.dropped_headers_with_underscores.load(Relaxed), 2);
+        let r = parse_with(text, rules(100, Underscores::Reject), &stats).expect_err("refused");
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            stats
+                .requests_rejected_with_underscores_in_headers
+                .load(Relaxed),
+            1
         );
     }
 }

@@ -8,6 +8,9 @@
 //!   malformed escape is refused with a 400, as Envoy refuses a path it
 //!   cannot canonicalize.
 //! - `merge_slashes`: runs of `/` become one.
+//! - `path_with_escaped_slashes_action`: `%2F` and `%5C` (either case)
+//!   are found, and unescaped when asked, before the two above, as Envoy
+//!   orders them; what to do when there were some is the caller's call.
 //!
 //! The query is left as it is. The rewritten path is what the upstream
 //! gets, as in Envoy.
@@ -17,21 +20,46 @@
 #[error("the path has a malformed percent-encoding")]
 pub(super) struct BadPath;
 
-/// The normalized `path?query`, or `None` when it is unchanged.
-pub(super) fn normalize(
-    path_and_query: &str,
-    normalize: bool,
-    merge_slashes: bool,
-) -> Result<Option<String>, BadPath> {
+/// Which rewrites to apply.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Rewrites {
+    /// RFC 3986 normalization.
+    pub normalize: bool,
+    /// Runs of `/` become one.
+    pub merge_slashes: bool,
+    /// `%2F` becomes `/`, and `%5C` a backslash.
+    pub unescape_slashes: bool,
+}
+
+/// A rewritten request path.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Rewritten {
+    /// The new `path?query`, or `None` when it is unchanged.
+    pub path_and_query: Option<String>,
+    /// The path had `%2F` or `%5C` in it.
+    pub escaped_slashes: bool,
+}
+
+/// Rewrites `path?query` as `how` asks.
+pub(super) fn normalize(path_and_query: &str, how: Rewrites) -> Result<Rewritten, BadPath> {
     let (path, query) = match path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
     };
-    let mut out = if normalize {
-        remove_dot_segments(&decode_unreserved(path)?)
+    let escaped_slashes = has_escaped_slash(path);
+    let unescaped;
+    let start = if escaped_slashes && how.unescape_slashes {
+        unescaped = unescape_slashes(path);
+        unescaped.as_str()
     } else {
-        path.to_string()
+        path
     };
+    let mut out = if how.normalize {
+        remove_dot_segments(&decode_unreserved(start)?)
+    } else {
+        start.to_string()
+    };
+    let merge_slashes = how.merge_slashes;
     if merge_slashes && out.contains("//") {
         let mut merged = String::with_capacity(out.len());
         for c in out.chars() {
@@ -42,13 +70,59 @@ pub(super) fn normalize(
         out = merged;
     }
     if out == path {
-        return Ok(None);
+        return Ok(Rewritten {
+            path_and_query: None,
+            escaped_slashes,
+        });
     }
     if let Some(q) = query {
         out.push('?');
         out.push_str(q);
     }
-    Ok(Some(out))
+    Ok(Rewritten {
+        path_and_query: Some(out),
+        escaped_slashes,
+    })
+}
+
+/// `%2F` or `%5C`, in either case.
+fn has_escaped_slash(path: &str) -> bool {
+    path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && ((w[1] == b'2' && w[2] | 0x20 == b'f') || (w[1] == b'5' && w[2] | 0x20 == b'c'))
+    })
+}
+
+fn unescape_slashes(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let pair = b.get(i + 1..i + 3).map(|p| (p[0], p[1] | 0x20));
+        match (b[i], pair) {
+            (b'%', Some((b'2', b'f'))) => out.push('/'),
+            (b'%', Some((b'5', b'c'))) => out.push('\\'),
+            (c, _) => {
+                // Not a slash escape: copied as it is (a whole UTF-8
+                // character at a time, so the result stays valid).
+                let len = utf8_len(c);
+                out.push_str(&path[i..i + len]);
+                i += len;
+                continue;
+            }
+        }
+        i += 3;
+    }
+    out
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
 }
 
 /// Decodes escapes of unreserved characters; upper-cases the hex of the
@@ -122,9 +196,21 @@ fn remove_dot_segments(path: &str) -> String {
 mod tests {
     use super::*;
 
+    const NORMALIZE: Rewrites = Rewrites {
+        normalize: true,
+        merge_slashes: false,
+        unescape_slashes: false,
+    };
+    const MERGE: Rewrites = Rewrites {
+        normalize: false,
+        merge_slashes: true,
+        unescape_slashes: false,
+    };
+
     fn n(p: &str) -> String {
-        normalize(p, true, false)
+        normalize(p, NORMALIZE)
             .expect("valid")
+            .path_and_query
             .unwrap_or_else(|| p.to_string())
     }
 
@@ -141,19 +227,58 @@ mod tests {
         assert_eq!(n("/x?q=/../y"), "/x?q=/../y");
         assert_eq!(n("/a/..?q"), "/?q");
         assert_eq!(n("/"), "/");
-        assert_eq!(normalize("/plain/path?x=1", true, false), Ok(None));
-        assert_eq!(normalize("/bad%zz", true, false), Err(BadPath));
-        assert_eq!(normalize("/bad%4", true, false), Err(BadPath));
+        assert_eq!(
+            normalize("/plain/path?x=1", NORMALIZE).map(|r| r.path_and_query),
+            Ok(None)
+        );
+        assert_eq!(normalize("/bad%zz", NORMALIZE), Err(BadPath));
+        assert_eq!(normalize("/bad%4", NORMALIZE), Err(BadPath));
     }
 
     #[test]
     fn merged_slashes() {
-        let m = |p: &str| normalize(p, false, true).expect("valid");
+        let m = |p: &str| normalize(p, MERGE).expect("valid").path_and_query;
         assert_eq!(m("//admin///x?a=//b").as_deref(), Some("/admin/x?a=//b"));
         assert_eq!(m("/a/b"), None);
+        let both = Rewrites {
+            normalize: true,
+            ..MERGE
+        };
         assert_eq!(
-            normalize("//a/../b", true, true).expect("valid").as_deref(),
+            normalize("//a/../b", both)
+                .expect("valid")
+                .path_and_query
+                .as_deref(),
             Some("/b")
         );
+    }
+
+    #[test]
+    fn escaped_slashes() {
+        let found = |p: &str| normalize(p, Rewrites::default()).expect("valid");
+        assert!(found("/a%2fb").escaped_slashes);
+        assert!(found("/a%5Cb").escaped_slashes);
+        assert!(
+            !found("/a%2eb?x=%2F").escaped_slashes,
+            "the query is not the path"
+        );
+        assert_eq!(found("/a%2Fb").path_and_query, None, "found, not rewritten");
+        let unescape = Rewrites {
+            unescape_slashes: true,
+            ..Rewrites::default()
+        };
+        let u = |p: &str| normalize(p, unescape).expect("valid").path_and_query;
+        assert_eq!(u("/a%2fb%5c%2Fé?q=%2F").as_deref(), Some("/a/b\\/é?q=%2F"));
+        assert_eq!(u("/a%2"), None);
+        // Unescaped first, then normalized and merged, as in Envoy: the
+        // dot segments that appear are removed.
+        let all = Rewrites {
+            normalize: true,
+            merge_slashes: true,
+            unescape_slashes: true,
+        };
+        let r = normalize("/public%2F..%2F%2Fadmin", all).expect("valid");
+        assert_eq!(r.path_and_query.as_deref(), Some("/admin"));
+        assert!(r.escaped_slashes);
     }
 }

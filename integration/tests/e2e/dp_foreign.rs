@@ -19,7 +19,8 @@ use portico_proto::envoy::config::cluster::v3::cluster::{
 };
 use portico_proto::envoy::config::cluster::v3::Cluster;
 use portico_proto::envoy::config::core::v3::{
-    address, config_source::ConfigSourceSpecifier, data_source, socket_address::PortSpecifier,
+    address, config_source::ConfigSourceSpecifier, data_source,
+    http_protocol_options::HeadersWithUnderscoresAction, socket_address::PortSpecifier,
     substitution_format_string, Address, AggregatedConfigSource, ApiVersion, ConfigSource,
     DataSource, HealthStatus, HttpProtocolOptions, RuntimeFractionalPercent, SocketAddress,
     SubstitutionFormatString,
@@ -40,7 +41,8 @@ use portico_proto::envoy::config::route::v3::{
 use portico_proto::envoy::extensions::access_loggers::file::v3::{file_access_log, FileAccessLog};
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager, HttpFilter, Rds,
+    http_connection_manager::{PathWithEscapedSlashesAction, RouteSpecifier},
+    http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use portico_proto::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
 use portico_proto::envoy::r#type::v3::FractionalPercent;
@@ -99,7 +101,15 @@ fn listener(
         }],
         // Short, so that the test sees connections and streams idle out;
         // with `clean`, connections also end after 3 requests or 2 s.
+        // Header names with underscores are dropped (`clean`) or refused;
+        // `clean` allows 12 header fields.
         common_http_protocol_options: Some(HttpProtocolOptions {
+            headers_with_underscores_action: if clean {
+                HeadersWithUnderscoresAction::DropHeader
+            } else {
+                HeadersWithUnderscoresAction::RejectRequest
+            } as i32,
+            max_headers_count: clean.then_some(UInt32Value { value: 12 }),
             idle_timeout: Some(portico_proto::google::protobuf::Duration {
                 seconds: 1,
                 nanos: 0,
@@ -125,6 +135,12 @@ fn listener(
             .collect(),
         normalize_path: clean.then_some(portico_proto::google::protobuf::BoolValue { value: true }),
         merge_slashes: clean,
+        // Escaped slashes: unescaped and redirected (`clean`) or refused.
+        path_with_escaped_slashes_action: if clean {
+            PathWithEscapedSlashesAction::UnescapeAndRedirect
+        } else {
+            PathWithEscapedSlashesAction::RejectRequest
+        } as i32,
         ..Default::default()
     };
     Listener {
@@ -811,7 +827,10 @@ fn foreign_control_plane_envoy_features() {
     // waited for, except on a route that sets its own (1 s), on both
     // protocols, which then counts as an idle timeout.
     let idled_out = dp.stat("http.downstream_rq_idle_timeout");
-    let calm = |path: &str| http1(calm_port, "GET", path, "gw", &[], "").expect("request");
+    let calm_with = |path: &str, headers: &[(&str, &str)]| {
+        http1(calm_port, "GET", path, "gw", headers, "").expect("request")
+    };
+    let calm = |path: &str| calm_with(path, &[]);
     assert_eq!(calm("/host/slow/1500").status, 200);
     let started = std::time::Instant::now();
     let r = calm("/brief/slow/3000");
@@ -842,6 +861,102 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(calm("/host/bad%zz").status, 400);
     let r = get("/public/../rx/pets/42", &[]);
     assert!(!r.body.starts_with("GET /items/"), "the raw path: {r:?}");
+
+    // Escaped slashes: the second listener redirects to the path without
+    // them (unescaped, then normalized and merged; the query kept), and a
+    // gRPC client, which would not follow, gets a refusal; the first
+    // listener refuses them. Either case of hex counts.
+    let redirected = dp.stat("http.downstream_rq_redirected_with_normalized_path");
+    let failed = dp.stat("http.downstream_rq_failed_path_normalization");
+    let r = calm("/public%2F..%2fhost%2F%2Fx?y=%2F");
+    assert_eq!(r.status, 307, "{r:?}");
+    assert_eq!(r.header("location"), Some("/host/x?y=%2F"), "{r:?}");
+    let r = http1(
+        calm_port,
+        "POST",
+        "/host%2Fx",
+        "gw",
+        &[("content-type", "application/grpc")],
+        "",
+    )
+    .expect("request");
+    assert_eq!(r.header("grpc-status"), Some("13"), "{r:?}");
+    assert_eq!(get("/host%5cx", &[]).status, 400);
+    assert_eq!(get("/host%2Fx", &[]).status, 400);
+    assert_eq!(
+        get("/host?x=%2F", &[]).status,
+        200,
+        "the query is not the path"
+    );
+    assert_eq!(
+        dp.stat("http.downstream_rq_redirected_with_normalized_path"),
+        redirected + 1
+    );
+    assert_eq!(
+        dp.stat("http.downstream_rq_failed_path_normalization"),
+        failed + 3
+    );
+
+    // Header names with underscores: dropped on the second listener (the
+    // upstream sees only `x-user`), refused on the first: 400 over
+    // HTTP/1.1, a reset stream over HTTP/2, on a connection that goes on.
+    let r = calm_with("/host", &[("x_user", "mallory"), ("x-user", "ann")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("\nx-user: ann\n"), "{r:?}");
+    assert!(!r.body.contains("mallory"), "dropped: {r:?}");
+    assert_eq!(get("/host", &[("x_user", "mallory")]).status, 400);
+    {
+        use super::dp_h2_downstream::{first_field, HEADERS, RST_STREAM};
+        let mut c = Raw::connect(port, &[]);
+        let mut bad = h2get("/host");
+        bad.push(("x_user", "mallory".into()));
+        c.request(1, &fields(&bad), None);
+        let f = c.until("RST_STREAM", |f| {
+            f.stream == 1 && (f.kind == RST_STREAM || f.kind == HEADERS)
+        });
+        assert_eq!(f.kind, RST_STREAM, "{f:?}");
+        c.request(3, &fields(&h2get("/host")), None);
+        let h = c.until("the next answer", |f| f.kind == HEADERS && f.stream == 3);
+        assert_eq!(first_field(&h), 0x88, "200 on stream 3");
+    }
+    assert_eq!(
+        dp.stat("http.requests_rejected_with_underscores_in_headers"),
+        2
+    );
+    assert_eq!(dp.stat("http.dropped_headers_with_underscores"), 1);
+
+    // At most 12 header fields on the second listener, on both protocols
+    // (the HTTP/1.1 client sends Host and Connection itself).
+    let ten: Vec<(String, String)> = (0..10)
+        .map(|i| (format!("x-{i}"), "v".to_string()))
+        .collect();
+    let ten: Vec<(&str, &str)> = ten.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(calm_with("/host", &ten).status, 200);
+    let eleven = [&ten[..], &[("x-10", "v")]].concat();
+    assert_eq!(calm_with("/host", &eleven).status, 431);
+    {
+        use super::dp_h2_downstream::{first_field, HEADERS};
+        let mut c = Raw::connect(calm_port, &[]);
+        let many = |n: usize| {
+            let mut f = h2get("/host");
+            f.extend((0..n).map(|i| {
+                (
+                    [
+                        "x-a", "x-b", "x-c", "x-d", "x-e", "x-f", "x-g", "x-h", "x-i", "x-j",
+                        "x-k", "x-l", "x-m",
+                    ][i],
+                    "v".to_string(),
+                )
+            }));
+            f
+        };
+        c.request(1, &fields(&many(12)), None);
+        let h = c.until("an answer", |f| f.kind == HEADERS && f.stream == 1);
+        assert_eq!(first_field(&h), 0x88, "12 fields: 200");
+        c.request(3, &fields(&many(13)), None);
+        let h = c.until("a 431", |f| f.kind == HEADERS && f.stream == 3);
+        assert!(h.payload.windows(3).any(|w| w == b"431"), "{h:?}");
+    }
 
     // Connection limits on the second listener: the third request on a
     // connection is its last (HTTP/1.1: `connection: close`; HTTP/2: a
