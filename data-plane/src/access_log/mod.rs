@@ -60,6 +60,23 @@ pub struct Record {
     /// The request headers the listener's formats log.
     #[serde(skip)]
     pub headers: Vec<(http::HeaderName, Option<String>)>,
+    /// The response headers the listener's formats log.
+    #[serde(skip)]
+    pub response_headers: Vec<(http::HeaderName, Option<String>)>,
+    /// Request start, for formats with a time format of their own.
+    #[serde(skip)]
+    pub started: Option<std::time::SystemTime>,
+    /// The address the client connected to (known when a format of the
+    /// listener may want it).
+    #[serde(skip)]
+    pub downstream_local_address: Option<std::net::SocketAddr>,
+    /// Why the response is what it is, in Envoy's words (`via_upstream`,
+    /// `route_not_found`, ...).
+    #[serde(skip)]
+    pub response_code_details: &'static str,
+    /// Why the last connection attempt to an upstream failed.
+    #[serde(skip)]
+    pub upstream_transport_failure_reason: Option<String>,
 }
 
 /// Writers by target, shared by every listener logging there.

@@ -49,6 +49,8 @@ pub struct Conn {
     pub listener: Arc<ArcSwap<ListenerRuntime>>,
     /// The client.
     pub peer: SocketAddr,
+    /// The address the client connected to, when the listener logs.
+    pub local: Option<SocketAddr>,
     /// The client's address as a header value (for `x-forwarded-for`).
     pub peer_ip: HeaderValue,
 }
@@ -81,7 +83,7 @@ pub async fn handle(
     if !lr.sinks.is_empty() {
         guard.log = Some(Box::new((
             lr.sinks.clone(),
-            record(&req, conn.peer, &lr.log_headers),
+            record(&req, &conn, &lr.log_headers),
             Instant::now(),
         )));
     }
@@ -92,6 +94,7 @@ pub async fn handle(
         Err(l) => {
             if let Some(b) = guard.log.as_mut() {
                 b.1.response_flags = l.flags.into();
+                b.1.response_code_details = code_details(l.flags, l.status);
             }
             if grpc {
                 grpc_local_reply(&l)
@@ -104,6 +107,21 @@ pub async fn handle(
     shared.stats.count_status(status);
     if let Some(b) = guard.log.as_mut() {
         b.1.response_code = status;
+        if b.1.response_code_details.is_empty() {
+            b.1.response_code_details = match resp.body() {
+                Either::Left(_) => "via_upstream",
+                Either::Right(_) => "direct_response",
+            };
+        }
+        let h = resp.headers();
+        b.1.response_headers = lr
+            .log_response_headers
+            .iter()
+            .map(|n| {
+                let v = h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                (n.clone(), v)
+            })
+            .collect();
     }
     let (parts, body) = resp.into_parts();
     let body = match body {
@@ -114,6 +132,23 @@ pub async fn handle(
 }
 
 type Out = Response<Either<RespBody, Bytes>>;
+
+/// Envoy's response code details for a local reply, by its flags.
+fn code_details(flags: &str, status: StatusCode) -> &'static str {
+    match flags {
+        "NR" => "route_not_found",
+        "NC" => "cluster_not_found",
+        "UH" => "no_healthy_upstream",
+        "UT" => "upstream_response_timeout",
+        "UF" => "upstream_reset_before_response_started{connection_failure}",
+        "UC" => "upstream_reset_before_response_started{connection_termination}",
+        "UO" => "upstream_reset_before_response_started{overflow}",
+        "DT" => "max_duration_timeout",
+        "DC" => "downstream_remote_disconnect",
+        _ if status == StatusCode::BAD_REQUEST => "protocol_error",
+        _ => "local_reply",
+    }
+}
 
 fn local_reply(status: StatusCode, body: &'static str) -> Out {
     let mut r = Response::new(Either::Right(Bytes::from_static(body.as_bytes())));
@@ -187,11 +222,14 @@ fn grpc_message(text: &str) -> String {
     out
 }
 
-fn record(req: &Request<RequestBody>, peer: SocketAddr, logged: &[HeaderName]) -> Record {
+fn record(req: &Request<RequestBody>, conn: &Conn, logged: &[HeaderName]) -> Record {
     let h = req.headers();
     let s = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let now = std::time::SystemTime::now();
     Record {
-        start_time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        start_time: humantime::format_rfc3339_millis(now).to_string(),
+        started: Some(now),
+        downstream_local_address: conn.local,
         method: req.method().to_string(),
         path: req
             .uri()
@@ -218,7 +256,7 @@ fn record(req: &Request<RequestBody>, peer: SocketAddr, logged: &[HeaderName]) -
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         authority: authority(req).unwrap_or_default().to_owned(),
-        downstream_remote_address: peer.to_string(),
+        downstream_remote_address: conn.peer.to_string(),
         headers: logged.iter().map(|n| (n.clone(), s(n))).collect(),
         ..Default::default()
     }
@@ -851,7 +889,10 @@ async fn forward(
                         };
                         false
                     }
-                    SendError::Connect(_) => {
+                    SendError::Connect(why) => {
+                        if let Some(b) = guard.log.as_mut() {
+                            b.1.upstream_transport_failure_reason = Some(why.clone());
+                        }
                         failure = local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n", "UF");
                         retry.is_some_and(|r| r.retry_connect())
                     }

@@ -36,6 +36,8 @@ pub struct ListenerRuntime {
     pub sinks: Vec<Sink>,
     /// The request headers its access log formats write.
     pub log_headers: Vec<http::HeaderName>,
+    /// The response headers its access log formats write.
+    pub log_response_headers: Vec<http::HeaderName>,
 }
 
 struct Running {
@@ -138,11 +140,16 @@ impl ListenerManager {
                 .extra_logs
                 .iter()
                 .filter_map(|t| self.shared.access_logs.sink(t).ok());
-            let mut log_headers = Vec::new();
+            let (mut log_headers, mut log_response_headers) = (Vec::new(), Vec::new());
             for f in l.access_logs.iter().filter_map(|a| a.format.as_ref()) {
                 for h in f.request_headers() {
                     if !log_headers.contains(&h) {
                         log_headers.push(h);
+                    }
+                }
+                for h in f.response_headers() {
+                    if !log_response_headers.contains(&h) {
+                        log_response_headers.push(h);
                     }
                 }
             }
@@ -150,6 +157,7 @@ impl ListenerManager {
                 config: l.clone(),
                 sinks: own.chain(extra).collect(),
                 log_headers,
+                log_response_headers,
             });
             if let Some(r) = self.running.get(name) {
                 r.runtime.store(rt);

@@ -99,10 +99,17 @@ pub(super) async fn serve(
     let mut backoff = Duration::from_millis(5);
     let start = |stream: TcpStream, peer: SocketAddr| {
         let _ = stream.set_nodelay(true);
+        // The local address costs a system call: only for access logs.
+        let local = if runtime.load().sinks.is_empty() {
+            None
+        } else {
+            stream.local_addr().ok()
+        };
         let conn = Arc::new(Conn {
             shared: shared.clone(),
             listener: runtime.clone(),
             peer,
+            local,
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or(http::HeaderValue::from_static("unknown")),
         });

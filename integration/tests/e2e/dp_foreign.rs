@@ -480,7 +480,7 @@ fn foreign_control_plane_envoy_features() {
                 0,
                 true,
                 Some(text_format(
-                    "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %REQ(X-USER?USER-AGENT)% %UPSTREAM_CLUSTER% %RESPONSE_FLAGS%",
+                    "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %REQ(X-USER?USER-AGENT)% %UPSTREAM_CLUSTER% %RESPONSE_FLAGS% %RESP(X-UPSTREAM)% %RESPONSE_CODE_DETAILS% %DOWNSTREAM_LOCAL_ADDRESS% %START_TIME(%z)%",
                 )),
             ),
         ),
@@ -621,7 +621,12 @@ fn foreign_control_plane_envoy_features() {
         .is_some()
     };
     assert!(
-        logged(&text_log, "GET /host/logged 200 ann plain -"),
+        logged(
+            &text_log,
+            &format!(
+                "GET /host/logged 200 ann plain - u2 via_upstream 127.0.0.1:{calm_port} +0000"
+            )
+        ),
         "{:?}",
         std::fs::read_to_string(&text_log)
     );
