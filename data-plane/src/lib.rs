@@ -7,7 +7,8 @@
 //! - [`snapshot`] holds the running configuration, swapped whole;
 //! - [`proxy`] runs listeners and the request path;
 //! - [`upstream`] holds clusters, endpoints, pools and load balancing;
-//! - [`http1`] has the HTTP/1.1 wire pieces both sides share;
+//! - [`http1`] has the HTTP/1.1 wire pieces both sides share, and
+//!   [`spare`] the header maps they reuse;
 //! - [`admin`], [`stats`] and [`access_log`] are for the operator;
 //! - [`shutdown`] drains every listener before the process exits.
 
@@ -20,6 +21,7 @@ pub mod http1;
 pub mod proxy;
 pub mod shutdown;
 pub mod snapshot;
+pub mod spare;
 pub mod stats;
 pub mod upstream;
 pub mod xds;

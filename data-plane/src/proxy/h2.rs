@@ -1527,7 +1527,10 @@ impl Connection {
     fn header_block(&mut self, id: u32, end_stream: bool, block: Bytes) -> Result<(), ConnError> {
         // Decoded whatever happens to the stream: the table must stay in
         // step with the client's.
-        let mut f = Fields::default();
+        let mut f = Fields {
+            headers: crate::spare::header_map(8),
+            ..Fields::default()
+        };
         let (limit, rules) = (self.max_header_list, self.header_rules);
         self.dec
             .decode(&block, self.max_block, |n, v, size| {
@@ -1769,6 +1772,7 @@ fn step(s: &mut Stream, id: u32, out: &mut Out) -> Step {
                     || status.is_informational();
                 let end = bodiless || body.is_end_stream();
                 out.response_head(id, &parts, end);
+                crate::spare::recycle(parts.headers);
                 s.active = out.ticks;
                 s.task = if end { Task::Done } else { Task::Body(body) };
             }

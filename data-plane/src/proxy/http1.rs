@@ -642,7 +642,7 @@ fn parse_head(
 
     // Room for what the proxy adds (x-forwarded-*, x-request-id, host,
     // route edits): a map that grows rehashes every entry.
-    let mut headers = HeaderMap::with_capacity(n + 8);
+    let mut headers = crate::spare::header_map(n + 8);
     let mut keep_alive = version == Version::HTTP_11;
     // `close` anywhere wins over `keep-alive` anywhere.
     let mut close = false;
@@ -789,6 +789,7 @@ async fn write_response(
         wbuf.extend_from_slice(value.as_bytes());
         wbuf.extend_from_slice(b"\r\n");
     }
+    crate::spare::recycle(parts.headers);
     let out = if r.switching || no_body {
         Out::None
     } else if let Some(n) = declared {

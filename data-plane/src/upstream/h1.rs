@@ -216,6 +216,7 @@ pub async fn exchange(
         Err(e) => return Err(e),
     };
     conn.keep_wbuf(head);
+    crate::spare::recycle(parts.headers);
     finish(conn, resp, head_only, true, ret, None)
 }
 
@@ -649,7 +650,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
         return Err(bad("response head too large"));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(n);
+    let mut headers = crate::spare::header_map(n);
     let mut close = version == Version::HTTP_10;
     let mut length: Option<u64> = None;
     let mut chunked = false;
