@@ -830,7 +830,11 @@ async fn forward(
             // The route's idle timeout, else the listener's stream idle
             // timeout, bounds the tunnel's silence.
             let idle = fwd.idle_timeout.unwrap_or(lr.config.stream_idle_timeout);
-            let tunnel = Tunnel { down, idle };
+            let tunnel = Tunnel {
+                down,
+                idle,
+                deadline: stream_deadline,
+            };
             return Box::pin(websocket(cluster, upstream, up_req, tunnel, guard)).await;
         }
 
@@ -1008,17 +1012,23 @@ struct Tunnel {
     down: tokio::sync::oneshot::Receiver<Upgraded>,
     /// How long the tunnel may carry nothing either way (`None`: forever).
     idle: Option<Duration>,
+    /// When the stream's duration limit ends it, busy or not.
+    deadline: Option<tokio::time::Instant>,
 }
 
 /// A WebSocket upgrade: its own upstream connection; after both sides
 /// switch protocols, bytes are copied both ways until either closes, or
-/// until none passed for the idle timeout (Envoy applies the stream idle
-/// timeout to upgraded streams too).
+/// until none passed for the idle timeout, or until the stream's duration
+/// limit (Envoy applies both to upgraded streams too).
 async fn websocket(
     cluster: &Arc<Cluster>,
     upstream: Upstream,
     up_req: Request<ReqBody>,
-    Tunnel { down, idle }: Tunnel,
+    Tunnel {
+        down,
+        idle,
+        deadline,
+    }: Tunnel,
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let fail = || {
@@ -1063,6 +1073,14 @@ async fn websocket(
                     _ = tokio::io::copy_bidirectional(&mut io, &mut u) => {}
                     () = Watch::expiry(watch.as_mut(), &progress) => {
                         stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
+                    }
+                    () = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        stats.downstream_rq_max_duration_reached.fetch_add(1, Relaxed);
                     }
                 }
             }

@@ -329,6 +329,17 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             a.upgrade_configs = websocket();
             a.idle_timeout = Some(portico_proto::google::protobuf::Duration::default())
         }),
+        // ... and under a stream duration limit of 1.5 s.
+        prefix_route("/ws-capped", "plain", |a| {
+            a.upgrade_configs = websocket();
+            a.max_stream_duration = Some(MaxStreamDuration {
+                max_stream_duration: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 1,
+                    nanos: 500_000_000,
+                }),
+                ..Default::default()
+            })
+        }),
     ]);
     RouteConfiguration {
         name: "routes".into(),
@@ -827,6 +838,31 @@ fn foreign_control_plane_envoy_features() {
     let mut calm = upgrade(port, "/ws-forever/chat");
     std::thread::sleep(std::time::Duration::from_millis(2500));
     echo(&mut calm, b"after a long silence");
+    // A stream duration limit ends even a busy tunnel, and is counted.
+    let limited = dp.stat("http.downstream_rq_max_duration_reached");
+    let started = std::time::Instant::now();
+    let mut capped = upgrade(port, "/ws-capped/chat");
+    let ended = loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let _ = capped.write_all(b"busy");
+        let mut b = [0u8; 4];
+        match capped.read_exact(&mut b) {
+            Ok(()) => assert!(
+                started.elapsed() < std::time::Duration::from_millis(2500),
+                "still open"
+            ),
+            Err(_) => break started.elapsed(),
+        }
+    };
+    assert!(
+        ended >= std::time::Duration::from_millis(1400)
+            && ended < std::time::Duration::from_millis(2500),
+        "ended after {ended:?}"
+    );
+    assert_eq!(
+        dp.stat("http.downstream_rq_max_duration_reached"),
+        limited + 1
+    );
 
     // With the listener's stream idle timeout off, a slow answer is
     // waited for, except on a route that sets its own (1 s), on both
