@@ -1067,13 +1067,29 @@ fn foreign_control_plane_envoy_features() {
     let h = c.until("the answer", |f| f.kind == HEADERS && f.stream == 1);
     assert_eq!(first_field(&h), 0x88, "200 on stream 1");
     drop(c);
+    // HTTP/1.1 too: a request still in flight at 2 s of age gets its
+    // answer, with `connection: close`, and the connection closes.
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", calm_port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /host/slow/2600 HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .expect("write");
+    let head = read_answer(&mut s);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("connection: close"),
+        "the first request, aged: {head}"
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(2500));
+    assert_eq!(s.read(&mut [0u8; 16]).expect("read"), 0, "closed after it");
     assert_eq!(
         dp.stat("http.downstream_cx_max_requests_reached"),
         by_count + 2
     );
     assert_eq!(
         dp.stat("http.downstream_cx_max_duration_reached"),
-        by_age + 1
+        by_age + 2
     );
 
     // Traffic shadowing: the client gets the primary's answer; the copies
