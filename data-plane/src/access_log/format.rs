@@ -16,10 +16,10 @@
 //! `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%` (each also `_WITHOUT_PORT`),
 //! `%REQUESTED_SERVER_NAME%` (always `-`: listeners have no TLS yet, so
 //! no SNI), `%CONNECTION_TERMINATION_DETAILS%` (always `-`: no network
-//! filter ends connections), and `%%`. With these, Istio's default
-//! format runs except for `%UPSTREAM_LOCAL_ADDRESS%`, which is not
-//! recorded. Any other operator is refused by name, so a configuration
-//! is never half understood. A value
+//! filter ends connections), `%UPSTREAM_LOCAL_ADDRESS%` (looked up only
+//! for a listener whose format asks), and `%%` — enough for Istio's
+//! default format. Any other operator is refused by name, so a
+//! configuration is never half understood. A value
 //! that is missing is `-` in text and `null` in JSON; in JSON an operator
 //! alone in a value keeps its type (numbers stay numbers).
 
@@ -80,6 +80,7 @@ enum What {
     UpstreamTransportFailureReason,
     LocalAddress,
     LocalAddressWithoutPort,
+    UpstreamLocalAddress,
     /// Always missing (see the module's notes).
     Missing,
     PathWithoutQuery,
@@ -150,6 +151,14 @@ impl LogFormat {
             }
         });
         out
+    }
+
+    /// Whether it logs the upstream connection's local address, which
+    /// costs a system call per request to learn.
+    pub fn wants_upstream_local_address(&self) -> bool {
+        let mut wants = false;
+        self.each_op(&mut |op: &Op| wants |= op.what == What::UpstreamLocalAddress);
+        wants
     }
 
     fn each_op(&self, add: &mut impl FnMut(&Op)) {
@@ -312,6 +321,7 @@ fn parse_op(token: &str) -> Result<Op, String> {
         ("UPSTREAM_TRANSPORT_FAILURE_REASON", None) => What::UpstreamTransportFailureReason,
         ("UPSTREAM_CLUSTER_RAW", None) => What::UpstreamCluster,
         ("DOWNSTREAM_LOCAL_ADDRESS", None) => What::LocalAddress,
+        ("UPSTREAM_LOCAL_ADDRESS", None) => What::UpstreamLocalAddress,
         ("DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", None) => What::LocalAddressWithoutPort,
         // No proxy protocol: the direct peer is the remote address.
         ("DOWNSTREAM_DIRECT_REMOTE_ADDRESS", None) => What::RemoteAddress,
@@ -387,6 +397,9 @@ fn value<'a>(what: &What, r: &'a Record) -> Got<'a> {
         What::LocalAddressWithoutPort => r
             .downstream_local_address
             .map_or(Got::None, |a| Got::Str(Owned(a.ip().to_string()))),
+        What::UpstreamLocalAddress => r
+            .upstream_local_address
+            .map_or(Got::None, |a| Got::Str(Owned(a.to_string()))),
         What::Missing => Got::None,
         What::Req(a, b) => match req(a, r) {
             Got::None => b.as_ref().map_or(Got::None, |b| req(b, r)),
@@ -681,7 +694,6 @@ mod tests {
     fn unknown_operators_are_named() {
         for (f, want) in [
             ("%FILTER_STATE(x)%", "%FILTER_STATE(x)%"),
-            ("%UPSTREAM_LOCAL_ADDRESS%", "%UPSTREAM_LOCAL_ADDRESS%"),
             ("%START_TIME(%Q)%", "specifier %Q"),
             ("%RESP(bad name)%", "not a header name"),
             ("%REQ(:PATH)", "unterminated"),
@@ -730,8 +742,8 @@ mod tests {
 
     #[test]
     fn istio_default_format_parses() {
-        // Istio's default text format, less %UPSTREAM_LOCAL_ADDRESS%.
-        let istio = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
+        // Istio's default text format.
+        let istio = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
         let f = LogFormat::text(istio).expect("parses");
         let line = String::from_utf8(f.render(&record())).expect("utf-8");
         assert!(

@@ -74,6 +74,10 @@ pub struct Record {
     /// `route_not_found`, ...).
     #[serde(skip)]
     pub response_code_details: &'static str,
+    /// This side's address on the upstream connection (only when a
+    /// format asks).
+    #[serde(skip)]
+    pub upstream_local_address: Option<std::net::SocketAddr>,
     /// Why the last connection attempt to an upstream failed.
     #[serde(skip)]
     pub upstream_transport_failure_reason: Option<String>,

@@ -845,9 +845,13 @@ async fn forward(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let noting = match guard.log.as_mut() {
+            Some(b) if lr.log_upstream_local => Some(&mut b.1.upstream_local_address),
+            _ => None,
+        };
         let sent = match try_deadline {
-            Some(d) => tokio::time::timeout_at(d, ep.pool.send(up_req)).await,
-            None => Ok(ep.pool.send(up_req).await),
+            Some(d) => tokio::time::timeout_at(d, ep.pool.send_noting(up_req, noting)).await,
+            None => Ok(ep.pool.send_noting(up_req, noting).await),
         };
         let more = attempt + 1 < max_tries;
         match sent {

@@ -38,6 +38,8 @@ pub struct ListenerRuntime {
     pub log_headers: Vec<http::HeaderName>,
     /// The response headers its access log formats write.
     pub log_response_headers: Vec<http::HeaderName>,
+    /// Whether a format writes the upstream connection's local address.
+    pub log_upstream_local: bool,
 }
 
 struct Running {
@@ -158,6 +160,11 @@ impl ListenerManager {
                 sinks: own.chain(extra).collect(),
                 log_headers,
                 log_response_headers,
+                log_upstream_local: l
+                    .access_logs
+                    .iter()
+                    .filter_map(|a| a.format.as_ref())
+                    .any(|f| f.wants_upstream_local_address()),
             });
             if let Some(r) = self.running.get(name) {
                 r.runtime.store(rt);

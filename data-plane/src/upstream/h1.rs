@@ -19,6 +19,7 @@
 //! HEAD, 1xx, 204 and 304.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
@@ -147,7 +148,12 @@ pub async fn exchange(
     req: Request<ReqBody>,
     ret: &Return,
     pool: &Pool,
+    mut local: Option<&mut Option<SocketAddr>>,
 ) -> Result<Response<Body>, SendError> {
+    // A system call, made only for an access log that asks for it.
+    if let Some(l) = local.as_deref_mut() {
+        *l = conn.io.local_addr().ok();
+    }
     let reused = conn.uses > 0;
     conn.uses += 1;
     let (parts, body) = req.into_parts();
@@ -204,6 +210,9 @@ pub async fn exchange(
             // Boxed: rare, and connecting's state is large.
             let (fresh, resp) = Box::pin(async {
                 let (io, slot) = pool.tcp().await?;
+                if let Some(l) = local {
+                    *l = io.local_addr().ok();
+                }
                 let mut fresh = Connection::new(io, slot);
                 fresh.uses = 1;
                 let resp = send_and_read(&mut fresh, &head, rest.as_ref()).await?;

@@ -84,6 +84,8 @@ fn slot(lists: usize) -> usize {
 struct H2 {
     tx: http2::SendRequest<ReqBody>,
     streams: Arc<AtomicU32>,
+    /// This side's address on the connection.
+    local: Option<SocketAddr>,
 }
 
 /// A connection pool for one endpoint.
@@ -147,10 +149,20 @@ impl Pool {
         &self,
         req: Request<ReqBody>,
     ) -> Result<(Response<RespBody>, Option<StreamSlot>), SendError> {
+        self.send_noting(req, None).await
+    }
+
+    /// [`Pool::send`], noting in `local` this side's address on the
+    /// connection used (for access logs that ask for it).
+    pub async fn send_noting(
+        &self,
+        req: Request<ReqBody>,
+        local: Option<&mut Option<SocketAddr>>,
+    ) -> Result<(Response<RespBody>, Option<StreamSlot>), SendError> {
         if self.http2 {
             // Boxed: hyper's HTTP/2 client state is large, and every
             // HTTP/1.1 request's future would otherwise be as large as it.
-            let (resp, slot) = Box::pin(self.send_h2(req)).await?;
+            let (resp, slot) = Box::pin(self.send_h2(req, local)).await?;
             return Ok((resp.map(Either::Right), Some(slot)));
         }
         let idle = &self.idle[slot(self.idle.len())];
@@ -166,7 +178,7 @@ impl Pool {
             idle: idle.clone(),
             max_uses: self.max_uses,
         };
-        let resp = h1::exchange(conn, req, &ret, self).await?;
+        let resp = h1::exchange(conn, req, &ret, self, local).await?;
         Ok((resp.map(Either::Left), None))
     }
 
@@ -252,6 +264,7 @@ impl Pool {
     async fn send_h2(
         &self,
         req: Request<ReqBody>,
+        local: Option<&mut Option<SocketAddr>>,
     ) -> Result<(Response<Incoming>, StreamSlot), SendError> {
         let list = &self.h2[slot(self.h2.len())];
         let found = {
@@ -262,13 +275,14 @@ impl Pool {
                 .find(|c| c.streams.load(Relaxed) < self.max_streams)
                 .map(|c| {
                     c.streams.fetch_add(1, Relaxed);
-                    (c.tx.clone(), StreamSlot(c.streams.clone()))
+                    (c.tx.clone(), StreamSlot(c.streams.clone()), c.local)
                 })
         };
-        let (mut tx, slot) = match found {
+        let (mut tx, slot, from) = match found {
             Some(f) => f,
             None => {
                 let (io, slot) = self.tcp().await?;
+                let from = io.local_addr().ok();
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(TokioIo::new(io))
@@ -282,10 +296,14 @@ impl Pool {
                 list.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
                     tx: tx.clone(),
                     streams: streams.clone(),
+                    local: from,
                 });
-                (tx, StreamSlot(streams))
+                (tx, StreamSlot(streams), from)
             }
         };
+        if let Some(l) = local {
+            *l = from;
+        }
         if tx.ready().await.is_err() {
             return Err(SendError::Reset("HTTP/2 connection closed".into()));
         }

@@ -466,6 +466,7 @@ fn foreign_control_plane_envoy_features() {
         fields.insert("code".to_string(), s("%RESPONSE_CODE%"));
         fields.insert("path".to_string(), s("%REQ(:PATH)%"));
         fields.insert("user".to_string(), s("%REQ(X-USER)%"));
+        fields.insert("from".to_string(), s("%UPSTREAM_LOCAL_ADDRESS%"));
         FileAccessLog {
             path: json_log.display().to_string(),
             access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
@@ -641,13 +642,23 @@ fn foreign_control_plane_envoy_features() {
         "{:?}",
         std::fs::read_to_string(&text_log)
     );
+    // The upstream connection's local address is the proxy's side of a
+    // loopback connection to u2.
+    let json_logged = wait_for(std::time::Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&json_log).ok()?;
+        text.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let from = v["from"].as_str()?.to_string();
+            let rest = serde_json::json!({"code": v["code"], "path": v["path"], "user": v["user"]});
+            (rest == serde_json::json!({"code": 200, "path": "/host/json", "user": "bob"}))
+                .then_some(from)
+        })
+    });
+    let from = json_logged.unwrap_or_else(|| panic!("{:?}", std::fs::read_to_string(&json_log)));
+    let from: std::net::SocketAddr = from.parse().expect("an address");
     assert!(
-        logged(
-            &json_log,
-            r#"{"code":200,"path":"/host/json","user":"bob"}"#
-        ),
-        "{:?}",
-        std::fs::read_to_string(&json_log)
+        from.ip().is_loopback() && from.port() != ups[1].addr.port(),
+        "{from}"
     );
 
     // The HCM's idle timeout (1 s here) ends idle connections: HTTP/2 with
