@@ -59,6 +59,40 @@ impl Body for RequestBody {
     }
 }
 
+impl RequestBody {
+    /// Tells later, after the body itself has gone upstream, whether the
+    /// client had sent all of it: Envoy answers a stream duration timeout
+    /// with 408 while it has not, 504 after.
+    pub fn received(&mut self) -> Received {
+        match self {
+            RequestBody::Http1(b) => b.received().map_or(Received::Whole, Received::Http1),
+            RequestBody::Http2(b) => b.received().map_or(Received::Whole, Received::Http2),
+        }
+    }
+}
+
+/// Whether a request body has been received whole (see
+/// [`RequestBody::received`]).
+pub enum Received {
+    /// It had been already.
+    Whole,
+    /// Set at an HTTP/1.1 body's clean end.
+    Http1(Arc<std::sync::atomic::AtomicBool>),
+    /// An HTTP/2 stream's END_STREAM.
+    Http2(super::h2::Received),
+}
+
+impl Received {
+    /// The client has sent all of the body.
+    pub fn whole(&self) -> bool {
+        match self {
+            Received::Whole => true,
+            Received::Http1(f) => f.load(std::sync::atomic::Ordering::Relaxed),
+            Received::Http2(r) => r.whole(),
+        }
+    }
+}
+
 /// A response body with its request's bookkeeping.
 pub struct ResponseBody {
     inner: Either<RespBody, Full<Bytes>>,

@@ -1894,6 +1894,25 @@ pub struct Body {
     len: Option<u64>,
 }
 
+impl Body {
+    /// Tells later whether the client has sent the whole body (its
+    /// END_STREAM arrived); `None` when it already has.
+    pub(super) fn received(&self) -> Option<Received> {
+        let r = self.recv.as_ref()?;
+        Some(Received(r.clone()))
+    }
+}
+
+/// Whether a request body's END_STREAM has arrived (see [`Body::received`]).
+pub struct Received(Arc<Recv>);
+
+impl Received {
+    /// The client has sent all of it.
+    pub fn whole(&self) -> bool {
+        self.0.lock().end
+    }
+}
+
 impl std::fmt::Debug for Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("h2::Body")

@@ -729,6 +729,11 @@ async fn forward(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
+    // Only asked when a stream duration limit can fire.
+    let received = match (stream_deadline, body.as_mut()) {
+        (Some(_), Some(b)) => Some(b.received()),
+        _ => None,
+    };
     let max_tries = 1 + if body.is_none() {
         retry.map_or(0, |r| r.num_retries)
     } else {
@@ -926,8 +931,14 @@ async fn forward(
                 stats
                     .downstream_rq_max_duration_reached
                     .fetch_add(1, Relaxed);
+                // Envoy's choice: 408 while the request is still coming.
+                let whole = received.as_ref().is_none_or(|r| r.whole());
                 failure = local(
-                    StatusCode::GATEWAY_TIMEOUT,
+                    if whole {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::REQUEST_TIMEOUT
+                    },
                     "downstream duration timeout\n",
                     "DT",
                 );

@@ -963,6 +963,9 @@ struct Reading {
     back: Option<oneshot::Sender<BytesMut>>,
     /// The stream's activity, bumped by each read.
     progress: Progress,
+    /// Set at the body's clean end, for whoever asked (see
+    /// [`Body::received`]).
+    ended: Option<Arc<AtomicBool>>,
 }
 
 /// The body of an HTTP/1.1 request.
@@ -998,6 +1001,7 @@ impl Body {
                 answered,
                 back: Some(tx),
                 progress: progress.clone(),
+                ended: None,
             })),
         };
         (body, Some(rx))
@@ -1005,10 +1009,26 @@ impl Body {
 
     /// The body ended cleanly: the buffer goes back to the connection
     /// (after the socket handle, so that the connection holds the only one).
+    /// A flag set when the body has been received whole; `None` when it
+    /// already has.
+    pub(super) fn received(&mut self) -> Option<Arc<AtomicBool>> {
+        let r = self.reading.as_mut()?;
+        Some(r.ended.get_or_insert_with(Default::default).clone())
+    }
+
     fn finish(&mut self) {
         if let Some(r) = self.reading.take() {
-            let Reading { io, buf, back, .. } = *r;
+            let Reading {
+                io,
+                buf,
+                back,
+                ended,
+                ..
+            } = *r;
             drop(io);
+            if let Some(e) = ended {
+                e.store(true, Relaxed);
+            }
             if let Some(tx) = back {
                 let _ = tx.send(buf);
             }

@@ -1235,8 +1235,29 @@ fn foreign_control_plane_envoy_features() {
         (r.status, r.body.as_str()),
         (504, "downstream duration timeout\n")
     );
+    // With the request's body still coming, Envoy's 408 instead.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(
+        b"POST /capped/slow/3000 HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\nten bytes.",
+    )
+    .expect("write");
+    let head = read_answer(&mut s);
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    // And over HTTP/2: a stream whose END_STREAM has not come.
+    {
+        use super::dp_h2_downstream::{block, END_HEADERS};
+        let mut c = Raw::connect(port, &[]);
+        let mut post = h2get("/capped/slow/3000");
+        post[0].1 = "POST".into();
+        c.send(HEADERS, END_HEADERS, 1, &block(&fields(&post)));
+        c.send(DATA, 0, 1, b"more to come");
+        let h = c.until("the 408", |f| f.kind == HEADERS && f.stream == 1);
+        assert!(h.payload.windows(3).any(|w| w == b"408"), "{h:?}");
+    }
     assert_eq!(
         dp.stat("http.downstream_rq_max_duration_reached"),
-        reached + 3
+        reached + 5
     );
 }
