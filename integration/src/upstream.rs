@@ -217,15 +217,18 @@ async fn handle(
             Ok(reply(if fail { 503 } else { 200 }, full(echo)))
         }
         _ => {
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let collected = req.into_body().collect().await.ok();
+            let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
+            let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
             echo.push('\n');
             let mut out = echo.into_bytes();
             out.extend_from_slice(&body);
+            // Request trailers, when there were any, after the body.
+            for (k, v) in trailers.iter().flatten() {
+                out.extend_from_slice(
+                    format!("\ntrailer {k}: {}", v.to_str().unwrap_or("?")).as_bytes(),
+                );
+            }
             Ok(reply(200, full(out)))
         }
     }

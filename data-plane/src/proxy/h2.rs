@@ -531,11 +531,6 @@ impl Fields {
                     self.underscore = true;
                     return self.malformed = Some("header name with an underscore");
                 }
-                self.count += 1;
-                if self.count > rules.max_count {
-                    self.too_large = true;
-                    return;
-                }
                 if is_connection_specific(&n) && !(n == header::TE && &value[..] == b"trailers") {
                     return self.malformed = Some("connection-specific header");
                 }
@@ -564,7 +559,10 @@ impl Fields {
                         return;
                     }
                 }
-                if self.headers.try_append(n, v).is_err() {
+                // Counted as entries, so that cookie crumbs joined above
+                // count once (as in Envoy).
+                self.count += 1;
+                if self.count > rules.max_count || self.headers.try_append(n, v).is_err() {
                     self.too_large = true;
                 }
                 return;

@@ -1101,6 +1101,10 @@ async fn websocket(
             }
         }
     });
+    // The upstream's 101, though its body is empty here.
+    if let Some(b) = guard.log.as_mut() {
+        b.1.response_code_details = "via_upstream";
+    }
     let (parts, _) = resp.into_parts();
     Ok(Response::from_parts(parts, Either::Right(Bytes::new())))
 }

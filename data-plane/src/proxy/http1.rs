@@ -242,13 +242,23 @@ pub(super) async fn serve(
                 answered.clone(),
                 &progress,
             ),
-            BodyFraming::Chunked => Body::reading(
-                io.clone(),
-                std::mem::take(&mut buf),
-                Framed::Chunked(Chunk::Size),
-                answered.clone(),
-                &progress,
-            ),
+            BodyFraming::Chunked => {
+                let (mut body, back) = Body::reading(
+                    io.clone(),
+                    std::mem::take(&mut buf),
+                    Framed::Chunked(Chunk::Size),
+                    answered.clone(),
+                    &progress,
+                );
+                // Trailers are header fields too (Envoy's codec applies
+                // the rules to them).
+                if rules != HeaderRules::default() {
+                    if let Some(r) = body.reading.as_mut() {
+                        r.trailer_rules = Some((rules, conn.shared.stats.clone()));
+                    }
+                }
+                (body, back)
+            }
         };
         let mut req = Request::new(RequestBody::Http1(body));
         *req.method_mut() = method;
@@ -530,6 +540,11 @@ struct Parsed {
     conflict: bool,
 }
 
+/// Lines in a head so far: a bound on its fields.
+fn line_count(buf: &[u8]) -> usize {
+    buf.iter().filter(|b| **b == b'\n').count()
+}
+
 /// Where a complete head's parts are, by [`scan`].
 struct Scanned {
     len: usize,
@@ -547,7 +562,6 @@ struct Scanned {
 fn scan<'b>(
     buf: &'b [u8],
     max_head: usize,
-    rules: HeaderRules,
     fields: &mut [std::mem::MaybeUninit<httparse::Header<'b>>],
     at: &mut [[u32; 4]],
 ) -> Result<Option<Scanned>, Refusal> {
@@ -563,9 +577,6 @@ fn scan<'b>(
     };
     if len > max_head {
         return Err(Refusal::TOO_LARGE);
-    }
-    if req.headers.len() > rules.max_count {
-        return Err(Refusal::TOO_MANY);
     }
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refusal::bad("bad method\n"))?;
@@ -608,16 +619,19 @@ fn parse_head(
     let mut more_at = Vec::new();
     let scanned = {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-        scan(buf, max_head, rules, &mut fields, &mut at)
+        scan(buf, max_head, &mut fields, &mut at)
     };
     let (scanned, at) = match scanned {
-        Err(r) if r == Refusal::TOO_MANY && rules.max_count > MAX_HEADERS => {
-            let mut fields = vec![std::mem::MaybeUninit::uninit(); rules.max_count];
-            more_at.resize(rules.max_count, [0u32; 4]);
-            (
-                scan(buf, max_head, rules, &mut fields, &mut more_at),
-                &more_at[..],
-            )
+        Err(r)
+            if r == Refusal::TOO_MANY
+                && (rules.max_count > MAX_HEADERS || rules.underscores == Underscores::Drop) =>
+        {
+            // Room for every line the buffer holds (not for the
+            // configured limit, which may be anything up to 2^32).
+            let room = line_count(buf) + 1;
+            let mut fields = vec![std::mem::MaybeUninit::uninit(); room];
+            more_at.resize(room, [0u32; 4]);
+            (scan(buf, max_head, &mut fields, &mut more_at), &more_at[..])
         }
         r => (r, &at[..]),
     };
@@ -693,6 +707,10 @@ fn parse_head(
             trailers |= has_token(value.as_bytes(), "trailers");
         }
         headers.append(name, value);
+    }
+    // Counted as Envoy counts: after dropping.
+    if headers.len() > rules.max_count {
+        return Err(Refusal::TOO_MANY);
     }
     let conflict = te && length.is_some();
     let framing = if conflict {
@@ -966,6 +984,9 @@ struct Reading {
     /// Set at the body's clean end, for whoever asked (see
     /// [`Body::received`]).
     ended: Option<Arc<AtomicBool>>,
+    /// The listener's header rules, for a chunked body's trailers (when
+    /// they are not the defaults).
+    trailer_rules: Option<(HeaderRules, Arc<Stats>)>,
 }
 
 /// The body of an HTTP/1.1 request.
@@ -1002,6 +1023,7 @@ impl Body {
                 back: Some(tx),
                 progress: progress.clone(),
                 ended: None,
+                trailer_rules: None,
             })),
         };
         (body, Some(rx))
@@ -1063,6 +1085,37 @@ impl Drop for Body {
 #[error("client went away in the middle of the request body: {0}")]
 pub struct ClientGone(pub String);
 
+/// The listener's header rules on a request's trailers: names with an
+/// underscore dropped or refused, and the field count.
+fn check_trailers(t: &mut HeaderMap, rules: HeaderRules, stats: &Stats) -> Result<(), BodyError> {
+    if rules.underscores != Underscores::Allow {
+        let named: Vec<HeaderName> = t
+            .keys()
+            .filter(|n| n.as_str().contains('_'))
+            .cloned()
+            .collect();
+        if !named.is_empty() {
+            if rules.underscores == Underscores::Reject {
+                stats
+                    .requests_rejected_with_underscores_in_headers
+                    .fetch_add(1, Relaxed);
+                return Err("trailer name with an underscore".into());
+            }
+            for n in named {
+                let dropped = t.get_all(&n).iter().count() as u64;
+                stats
+                    .dropped_headers_with_underscores
+                    .fetch_add(dropped, Relaxed);
+                t.remove(&n);
+            }
+        }
+    }
+    if t.len() > rules.max_count {
+        return Err("too many trailer fields".into());
+    }
+    Ok(())
+}
+
 fn gone(why: impl std::fmt::Display) -> BodyError {
     Box::new(ClientGone(why.to_string()))
 }
@@ -1113,7 +1166,13 @@ impl http_body::Body for Body {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Ok(Piece::End(trailers)) => {
+                Ok(Piece::End(mut trailers)) => {
+                    if let (Some(t), Some((rules, stats))) = (trailers.as_mut(), &r.trailer_rules) {
+                        if let Err(e) = check_trailers(t, *rules, stats) {
+                            this.reading = None;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
                     this.finish();
                     return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                 }
@@ -1267,6 +1326,32 @@ mod tests {
         assert_eq!(head.headers["x-249"], "v");
         let r = parse_with(&fields(251), lots, &stats).expect_err("over");
         assert_eq!(r, Refusal::TOO_MANY);
+
+        // The configured limit does not size the room: a huge one costs
+        // no more than the head's own lines.
+        let huge = rules(u32::MAX as usize, Underscores::Allow);
+        let head = parse_with(&fields(300), huge, &stats)
+            .expect("parsed")
+            .expect("complete");
+        assert_eq!(head.headers.len(), 300);
+        // Counted after dropping, as Envoy counts: two fields and two
+        // dropped ones fit a limit of 2, also past the stack's room.
+        let text = "GET / HTTP/1.1\r\nx-a: 1\r\nb_1: 2\r\nx-c: 3\r\nd_2: 4\r\n\r\n";
+        let two = rules(2, Underscores::Drop);
+        let head = parse_with(text, two, &stats)
+            .expect("parsed")
+            .expect("complete");
+        assert_eq!(head.headers.len(), 2);
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..150 {
+            many.push_str(&format!("x_{i}: v\r\n"));
+        }
+        many.push_str("x-kept: v\r\n\r\n");
+        let head = parse_with(&many, rules(100, Underscores::Drop), &stats)
+            .expect("parsed")
+            .expect("complete");
+        assert_eq!(head.headers.len(), 1);
+        let stats = Stats::default();
 
         let text = "GET / HTTP/1.1\r\nx_user: a\r\nx-user: b\r\nmy_id: c\r\n\r\n";
         let head = parse_with(text, HeaderRules::default(), &stats)

@@ -55,7 +55,14 @@ pub(super) fn normalize(path_and_query: &str, how: Rewrites) -> Result<Rewritten
         path
     };
     let mut out = if how.normalize {
-        remove_dot_segments(&decode_unreserved(start)?)
+        // A backslash is a slash to the canonicalizer (Envoy's, and
+        // browsers'), so that `\..\` is a dot segment too.
+        let decoded = decode_unreserved(start)?;
+        if decoded.contains('\\') {
+            remove_dot_segments(&decoded.replace('\\', "/"))
+        } else {
+            remove_dot_segments(&decoded)
+        }
     } else {
         start.to_string()
     };
@@ -280,5 +287,14 @@ mod tests {
         let r = normalize("/public%2F..%2F%2Fadmin", all).expect("valid");
         assert_eq!(r.path_and_query.as_deref(), Some("/admin"));
         assert!(r.escaped_slashes);
+        // A backslash is a slash to the normalizer, escaped or not.
+        let forward = Rewrites {
+            merge_slashes: false,
+            ..all
+        };
+        let r = normalize("/public%5C..%5Cadmin", forward).expect("valid");
+        assert_eq!(r.path_and_query.as_deref(), Some("/admin"));
+        let r = normalize("/public\\..\\admin", NORMALIZE).expect("valid");
+        assert_eq!(r.path_and_query.as_deref(), Some("/admin"));
     }
 }

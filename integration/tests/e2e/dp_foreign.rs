@@ -976,6 +976,30 @@ fn foreign_control_plane_envoy_features() {
         2
     );
     assert_eq!(dp.stat("http.dropped_headers_with_underscores"), 1);
+    // Trailers too: dropped on the second listener, refused on the first.
+    let chunked_with_trailers = |port: u16| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(
+            b"POST /host/t HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx_user: admin\r\nx-ok: yes\r\n\r\n",
+        )
+        .expect("write");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let answer = chunked_with_trailers(calm_port);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("hello\ntrailer x-ok: yes"), "{answer}");
+    assert!(!answer.contains("admin"), "dropped: {answer}");
+    let answer = chunked_with_trailers(port);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(
+        dp.stat("http.requests_rejected_with_underscores_in_headers"),
+        3
+    );
+    assert_eq!(dp.stat("http.dropped_headers_with_underscores"), 2);
 
     // At most 12 header fields on the second listener, on both protocols
     // (the HTTP/1.1 client sends Host and Connection itself).
@@ -1008,6 +1032,12 @@ fn foreign_control_plane_envoy_features() {
         c.request(3, &fields(&many(13)), None);
         let h = c.until("a 431", |f| f.kind == HEADERS && f.stream == 3);
         assert!(h.payload.windows(3).any(|w| w == b"431"), "{h:?}");
+        // Cookie crumbs are joined into one field, and count as one.
+        let mut crumbs = many(10);
+        crumbs.extend((0..4).map(|i| ("cookie", format!("c{i}=v"))));
+        c.request(5, &fields(&crumbs), None);
+        let h = c.until("an answer", |f| f.kind == HEADERS && f.stream == 5);
+        assert_eq!(first_field(&h), 0x88, "10 fields and one cookie: 200");
     }
 
     // Connection limits on the second listener: the third request on a
