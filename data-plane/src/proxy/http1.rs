@@ -1302,6 +1302,56 @@ mod tests {
         );
     }
 
+    /// Random heads under random rules: no panic; a parsed head keeps
+    /// within the limit, and holds no underscore name where they are
+    /// dropped; a refusal is a 400 or a 431.
+    #[test]
+    fn random_heads_under_random_rules() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let stats = Stats::default();
+        for _ in 0..3_000 {
+            let fields = next() % 260;
+            let mut text = String::from("GET /p HTTP/1.1\r\n");
+            for i in 0..fields {
+                let name = match next() % 4 {
+                    0 => format!("x_{i}"),
+                    1 => "cookie".to_string(),
+                    _ => format!("x-{i}"),
+                };
+                text.push_str(&format!("{name}: v{i}\r\n"));
+            }
+            text.push_str("\r\n");
+            let rules = HeaderRules {
+                max_count: [1, 3, 50, 100, 101, 200, 1 << 20][(next() % 7) as usize],
+                underscores: [Underscores::Allow, Underscores::Reject, Underscores::Drop]
+                    [(next() % 3) as usize],
+            };
+            match parse_with(&text, rules, &stats) {
+                Ok(Some(head)) => {
+                    assert!(head.headers.len() <= rules.max_count, "{rules:?}");
+                    if rules.underscores != Underscores::Allow {
+                        assert!(
+                            head.headers.keys().all(|n| !n.as_str().contains('_')),
+                            "{rules:?}"
+                        );
+                    }
+                }
+                Ok(None) => panic!("a complete head is complete"),
+                Err(r) => assert!(
+                    r.status == StatusCode::BAD_REQUEST
+                        || r.status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "{r:?}"
+                ),
+            }
+        }
+    }
+
     #[test]
     fn header_rules() {
         let fields = |n: usize| -> String {
