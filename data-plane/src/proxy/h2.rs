@@ -46,13 +46,15 @@ use tokio::time::{Instant, Sleep};
 
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
+use super::header_rules::{admit, Admit};
 use super::http1::{linger_close, push_date, ClientGone};
 use super::server;
 use super::stream_idle::{self, HasRouteIdle, RouteIdle};
-use crate::config::listener::{HeaderRules, Underscores};
+use crate::config::listener::HeaderRules;
 use crate::h2::frame::{self, flag, kind, setting, Head, Reason};
 use crate::h2::hpack::{self, Decoder, Name};
 use crate::http1::{parse_length, poll_fill, BodyError};
+use crate::stats::Stats;
 
 /// Streams a client may have open at once (nginx: 128, hyper: 200).
 const MAX_STREAMS: usize = 256;
@@ -496,14 +498,18 @@ struct Fields {
     count: usize,
     too_large: bool,
     malformed: Option<&'static str>,
-    /// Fields dropped for an underscore in their name.
-    dropped: u64,
-    /// Refused for an underscore in a name.
-    underscore: bool,
 }
 
 impl Fields {
-    fn add(&mut self, name: Name, value: Bytes, size: usize, limit: usize, rules: HeaderRules) {
+    fn add(
+        &mut self,
+        name: Name,
+        value: Bytes,
+        size: usize,
+        limit: usize,
+        rules: HeaderRules,
+        stats: &Stats,
+    ) {
         self.size += size;
         if self.size > limit {
             // Stop collecting: a block of repeated references to a large
@@ -523,13 +529,12 @@ impl Fields {
             Name::Invalid => return self.malformed = Some("invalid header name"),
             Name::Header(n) => {
                 self.regular_seen = true;
-                if rules.underscores != Underscores::Allow && n.as_str().contains('_') {
-                    if rules.underscores == Underscores::Drop {
-                        self.dropped += 1;
-                        return;
+                match admit(&rules, n.as_str().as_bytes(), stats) {
+                    Admit::Keep => {}
+                    Admit::Drop => return,
+                    Admit::Refuse => {
+                        return self.malformed = Some("header name with an underscore")
                     }
-                    self.underscore = true;
-                    return self.malformed = Some("header name with an underscore");
                 }
                 if is_connection_specific(&n) && !(n == header::TE && &value[..] == b"trailers") {
                     return self.malformed = Some("connection-specific header");
@@ -1530,22 +1535,12 @@ impl Connection {
             ..Fields::default()
         };
         let (limit, rules) = (self.max_header_list, self.header_rules);
+        let stats = &self.conn.shared.stats;
         self.dec
             .decode(&block, self.max_block, |n, v, size| {
-                f.add(n, v, size, limit, rules)
+                f.add(n, v, size, limit, rules, stats)
             })
             .map_err(|e| err(Reason::COMPRESSION_ERROR, e.to_string()))?;
-        let stats = &self.conn.shared.stats;
-        if f.dropped > 0 {
-            stats
-                .dropped_headers_with_underscores
-                .fetch_add(f.dropped, Ordering::Relaxed);
-        }
-        if f.underscore {
-            stats
-                .requests_rejected_with_underscores_in_headers
-                .fetch_add(1, Ordering::Relaxed);
-        }
         if id.is_multiple_of(2) {
             return Err(err(Reason::PROTOCOL_ERROR, "even stream id from a client"));
         }

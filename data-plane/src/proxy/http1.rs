@@ -40,6 +40,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::body::{RequestBody, ResponseBody};
 use super::handler::{handle, Conn};
+use super::header_rules::{admit, Admit};
 use super::quiet::Quiet;
 use super::server;
 use super::stream_idle::{self, Activity, Progress, Watch};
@@ -668,15 +669,10 @@ fn parse_head(
     let mut trailers = false;
     for &[n0, n1, v0, v1] in &at[..n] {
         let raw = &head[n0 as usize..n1 as usize];
-        if rules.underscores != Underscores::Allow && raw.contains(&b'_') {
-            if rules.underscores == Underscores::Reject {
-                stats
-                    .requests_rejected_with_underscores_in_headers
-                    .fetch_add(1, Relaxed);
-                return Err(Refusal::bad("header name with an underscore\n"));
-            }
-            stats.dropped_headers_with_underscores.fetch_add(1, Relaxed);
-            continue;
+        match admit(&rules, raw, stats) {
+            Admit::Keep => {}
+            Admit::Drop => continue,
+            Admit::Refuse => return Err(Refusal::bad("header name with an underscore\n")),
         }
         let name = HeaderName::from_bytes(raw).map_err(|_| Refusal::bad("bad header name\n"))?;
         // SAFETY: a field value httparse accepted, default configuration.
@@ -1088,27 +1084,18 @@ pub struct ClientGone(pub String);
 /// The listener's header rules on a request's trailers: names with an
 /// underscore dropped or refused, and the field count.
 fn check_trailers(t: &mut HeaderMap, rules: HeaderRules, stats: &Stats) -> Result<(), BodyError> {
-    if rules.underscores != Underscores::Allow {
-        let named: Vec<HeaderName> = t
-            .keys()
-            .filter(|n| n.as_str().contains('_'))
-            .cloned()
-            .collect();
-        if !named.is_empty() {
-            if rules.underscores == Underscores::Reject {
-                stats
-                    .requests_rejected_with_underscores_in_headers
-                    .fetch_add(1, Relaxed);
-                return Err("trailer name with an underscore".into());
-            }
-            for n in named {
-                let dropped = t.get_all(&n).iter().count() as u64;
-                stats
-                    .dropped_headers_with_underscores
-                    .fetch_add(dropped, Relaxed);
-                t.remove(&n);
+    let mut dropped: Vec<HeaderName> = Vec::new();
+    for n in t.keys() {
+        for _ in t.get_all(n) {
+            match admit(&rules, n.as_str().as_bytes(), stats) {
+                Admit::Keep => {}
+                Admit::Drop => dropped.push(n.clone()),
+                Admit::Refuse => return Err("trailer name with an underscore".into()),
             }
         }
+    }
+    for n in dropped {
+        t.remove(&n);
     }
     if t.len() > rules.max_count {
         return Err("too many trailer fields".into());

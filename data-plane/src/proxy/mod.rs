@@ -9,6 +9,7 @@
 pub mod body;
 pub mod h2;
 pub mod handler;
+mod header_rules;
 pub mod http1;
 mod max_duration;
 mod mirror;

@@ -248,11 +248,17 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// A WebSocket upgrade through the gateway: the socket, after the 101.
-pub fn upgrade(port: u16, path: &str) -> std::net::TcpStream {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+/// A raw connection to `port` on loopback whose reads give up after 10 s.
+pub fn connect(port: u16) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .expect("timeout");
+    s
+}
+
+/// A WebSocket upgrade through the gateway: the socket, after the 101.
+pub fn upgrade(port: u16, path: &str) -> std::net::TcpStream {
+    let mut s = connect(port);
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"

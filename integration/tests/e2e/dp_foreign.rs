@@ -49,7 +49,7 @@ use portico_proto::envoy::r#type::v3::FractionalPercent;
 use portico_proto::google::protobuf::{Any, UInt32Value};
 use prost::{Message, Name};
 
-use super::dp_common::{echo, http1, upgrade};
+use super::dp_common::{connect, echo, http1, upgrade};
 
 fn ads() -> ConfigSource {
     ConfigSource {
@@ -730,9 +730,7 @@ fn foreign_control_plane_envoy_features() {
         let h = h2.until("an answer", |f| f.kind == HEADERS && f.stream == id);
         assert_eq!(first_field(&h), 0x88, "200 on stream {id}");
     }
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
+    let mut s = connect(port);
     let mut answer = |path: &str| {
         let req = format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n");
         s.write_all(req.as_bytes()).expect("write");
@@ -792,9 +790,7 @@ fn foreign_control_plane_envoy_features() {
     assert!(started.elapsed() < std::time::Duration::from_secs(8));
     assert_eq!(dp.stat("http.downstream_rq_idle_timeout"), idled_out + 1);
     c.until("GOAWAY", |f| f.kind == GOAWAY);
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
+    let mut s = connect(port);
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     assert!(
@@ -978,9 +974,7 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(dp.stat("http.dropped_headers_with_underscores"), 1);
     // Trailers too: dropped on the second listener, refused on the first.
     let chunked_with_trailers = |port: u16| {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .expect("timeout");
+        let mut s = connect(port);
         s.write_all(
             b"POST /host/t HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx_user: admin\r\nx-ok: yes\r\n\r\n",
         )
@@ -1067,9 +1061,7 @@ fn foreign_control_plane_envoy_features() {
             got.extend_from_slice(&b[..n]);
         }
     };
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", calm_port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
+    let mut s = connect(calm_port);
     for i in 1..=3 {
         s.write_all(format!("GET /host/n{i} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes())
             .expect("write");
@@ -1111,9 +1103,7 @@ fn foreign_control_plane_envoy_features() {
     // HTTP/1.1 too: a request still in flight at 2 s of age gets its
     // answer, with `connection: close`, and the connection closes.
     let started = std::time::Instant::now();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", calm_port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
+    let mut s = connect(calm_port);
     s.write_all(b"GET /host/slow/2600 HTTP/1.1\r\nhost: gw\r\n\r\n")
         .expect("write");
     let head = read_answer(&mut s);
@@ -1266,9 +1256,7 @@ fn foreign_control_plane_envoy_features() {
         (504, "downstream duration timeout\n")
     );
     // With the request's body still coming, Envoy's 408 instead.
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
+    let mut s = connect(port);
     s.write_all(
         b"POST /capped/slow/3000 HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\nten bytes.",
     )
