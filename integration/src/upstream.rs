@@ -7,7 +7,8 @@
 //! `/reset` closes the connection without answering; `/flaky/KEY/N`
 //! answers 503 the first N times for KEY, then 200; `/healthz` answers
 //! 200 unless the server was told to fail health checks. Every answer
-//! carries `x-upstream: NAME` and echoes the request line and headers as
+//! carries `x-upstream: NAME` (and `server: V` when the request has
+//! `x-answer-server: V`) and echoes the request line and headers as
 //! `METHOD PATH` on the first body line, then `name: value` lines.
 
 use std::collections::HashMap;
@@ -119,12 +120,18 @@ async fn handle(
     for (k, v) in req.headers() {
         echo.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
     }
+    // `x-answer-server: V` asks for a `server: V` on the answer.
+    let server = req.headers().get("x-answer-server").cloned();
     let reply = |status: u16, body: Body| {
-        Response::builder()
+        let mut r = Response::builder()
             .status(status)
             .header("x-upstream", ctx.name.as_str())
             .body(body)
-            .expect("response")
+            .expect("response");
+        if let Some(v) = &server {
+            r.headers_mut().insert("server", v.clone());
+        }
+        r
     };
     if req
         .headers()

@@ -21,7 +21,8 @@ use portico_proto::envoy::extensions::access_loggers::stream::v3::{
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::{
-        CodecType, PathWithEscapedSlashesAction, RouteSpecifier, StripPortMode,
+        CodecType, PathWithEscapedSlashesAction, RouteSpecifier, ServerHeaderTransformation,
+        StripPortMode,
     },
     http_filter, HttpConnectionManager,
 };
@@ -209,6 +210,27 @@ pub struct ListenerConfig {
     pub escaped_slashes: EscapedSlashes,
     /// Rules on request header fields.
     pub header_rules: HeaderRules,
+    /// Whether the router adds its `x-envoy-*` headers
+    /// (`x-envoy-upstream-service-time`, `x-envoy-expected-rq-timeout-ms`,
+    /// `x-envoy-original-path`): the router's `!suppress_envoy_headers`.
+    pub envoy_headers: bool,
+    /// The `server` response header (the HCM's `server_name` and
+    /// `server_header_transformation`).
+    pub server_header: ServerHeader,
+    /// Give a request without an `x-request-id` one (the HCM's
+    /// `generate_request_id`, on unless set false).
+    pub generate_request_id: bool,
+}
+
+/// What the listener does with the `server` header of its responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerHeader {
+    /// Set it, replacing the upstream's (Envoy's default, with `envoy`).
+    Overwrite(http::HeaderValue),
+    /// Set it only when the response has none.
+    AppendIfAbsent(http::HeaderValue),
+    /// Leave the response's as it is, or absent.
+    PassThrough,
 }
 
 impl ListenerConfig {
@@ -276,7 +298,8 @@ impl ListenerConfig {
                 ))
             }
         };
-        check_http_filters(&hcm, at)?;
+        let router = check_http_filters(&hcm, at)?;
+        let server_header = server_header(&hcm, at)?;
         let codec = match CodecType::try_from(hcm.codec_type) {
             Ok(CodecType::Auto) => Codec::Auto,
             Ok(CodecType::Http1) => Codec::Http1,
@@ -447,13 +470,51 @@ impl ListenerConfig {
             merge_slashes: hcm.merge_slashes,
             escaped_slashes,
             header_rules,
+            envoy_headers: !router.suppress_envoy_headers,
+            server_header,
+            generate_request_id: hcm.generate_request_id.is_none_or(|b| b.value),
         })
     }
 }
 
+/// The HCM's `server_name` (`envoy` when empty, as in Envoy) and what to
+/// do with it.
+fn server_header(hcm: &HttpConnectionManager, at: &str) -> Result<ServerHeader, ConfigError> {
+    let value = if hcm.server_name.is_empty() {
+        http::HeaderValue::from_static("envoy")
+    } else {
+        http::HeaderValue::from_str(&hcm.server_name).map_err(|_| {
+            ConfigError::new(
+                at,
+                format!(
+                    "server_name {:?} is not a valid header value",
+                    hcm.server_name
+                ),
+            )
+        })?
+    };
+    Ok(
+        match ServerHeaderTransformation::try_from(hcm.server_header_transformation) {
+            Ok(ServerHeaderTransformation::Overwrite) => ServerHeader::Overwrite(value),
+            Ok(ServerHeaderTransformation::AppendIfAbsent) => ServerHeader::AppendIfAbsent(value),
+            Ok(ServerHeaderTransformation::PassThrough) => ServerHeader::PassThrough,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "server_header_transformation {} is not a known value",
+                        hcm.server_header_transformation
+                    ),
+                ))
+            }
+        },
+    )
+}
+
 /// The filter chain must end with the router; a filter this proxy does not
-/// know is an error unless it is marked optional (Envoy's rule).
-fn check_http_filters(hcm: &HttpConnectionManager, at: &str) -> Result<(), ConfigError> {
+/// know is an error unless it is marked optional (Envoy's rule). Returns
+/// the router's config.
+fn check_http_filters(hcm: &HttpConnectionManager, at: &str) -> Result<Router, ConfigError> {
     let Some(last) = hcm.http_filters.last() else {
         return Err(ConfigError::new(
             at,
@@ -490,7 +551,22 @@ fn check_http_filters(hcm: &HttpConnectionManager, at: &str) -> Result<(), Confi
             ));
         }
     }
-    Ok(())
+    let at = format!(
+        "{at} http_filters[{}] {:?}",
+        hcm.http_filters.len() - 1,
+        last.name
+    );
+    let Some(http_filter::ConfigType::TypedConfig(any)) = &last.config_type else {
+        return Err(ConfigError::new(&at, "needs a typed_config"));
+    };
+    let router: Router = unpack(any, &at)?;
+    if !router.upstream_http_filters.is_empty() {
+        return Err(ConfigError::new(
+            &at,
+            "upstream_http_filters are not supported",
+        ));
+    }
+    Ok(router)
 }
 
 #[cfg(test)]
@@ -599,6 +675,58 @@ mod tests {
         assert!(
             e.reason.contains("path_with_escaped_slashes_action 9"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn router_and_server_header_options() {
+        let cfg = |edit: fn(&mut HttpConnectionManager)| ListenerConfig::convert(&listener(edit));
+        let c = cfg(|_| {}).expect("defaults");
+        assert!(c.envoy_headers);
+        assert_eq!(
+            c.server_header,
+            ServerHeader::Overwrite(http::HeaderValue::from_static("envoy"))
+        );
+        let c = cfg(|h| {
+            h.server_name = "gw".into();
+            h.server_header_transformation = ServerHeaderTransformation::AppendIfAbsent as i32;
+            h.http_filters[0].config_type =
+                Some(http_filter::ConfigType::TypedConfig(any(&Router {
+                    suppress_envoy_headers: true,
+                    ..Default::default()
+                })));
+        })
+        .expect("converts");
+        assert!(!c.envoy_headers);
+        assert_eq!(
+            c.server_header,
+            ServerHeader::AppendIfAbsent(http::HeaderValue::from_static("gw"))
+        );
+        let c = cfg(|h| {
+            h.server_header_transformation = ServerHeaderTransformation::PassThrough as i32
+        })
+        .expect("converts");
+        assert_eq!(c.server_header, ServerHeader::PassThrough);
+        // Each bad value is refused, naming the field.
+        let e = cfg(|h| h.server_name = "a\nb".into()).expect_err("newline");
+        assert!(e.to_string().contains("server_name"), "{e}");
+        let e = cfg(|h| h.server_header_transformation = 7).expect_err("unknown value");
+        assert!(
+            e.to_string().contains("server_header_transformation 7"),
+            "{e}"
+        );
+        let e = cfg(|h| {
+            h.http_filters[0].config_type =
+                Some(http_filter::ConfigType::TypedConfig(any(&Router {
+                    upstream_http_filters: vec![HttpFilter::default()],
+                    ..Default::default()
+                })))
+        })
+        .expect_err("upstream filters");
+        assert!(
+            e.to_string().contains("http_filters[0]")
+                && e.to_string().contains("upstream_http_filters"),
+            "{e}"
         );
     }
 }

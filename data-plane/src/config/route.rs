@@ -181,6 +181,41 @@ pub struct Forward {
     /// The status when the cluster does not exist
     /// (`cluster_not_found_response_code`: 503, 404 or 500).
     pub cluster_not_found: http::StatusCode,
+    /// `x-envoy-expected-rq-timeout-ms` for a first try that starts at
+    /// once, made once here: its value, and the header value.
+    pub expected_timeout: Option<(u64, HeaderValue)>,
+}
+
+/// The time in milliseconds an upstream try is expected to take, as
+/// Envoy's router computes it: the per-try timeout when one is set and
+/// shorter than the route's, else the route's; capped by what is left of
+/// the route's (at least 1 ms, since 0 means none). `None`: no limit.
+pub fn expected_timeout_ms(
+    route: Option<Duration>,
+    per_try: Option<Duration>,
+    elapsed: Duration,
+) -> Option<u64> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let global = route.map_or(0, ms);
+    let per_try = per_try.map_or(0, ms);
+    let per_try = if global != 0 && per_try >= global {
+        0
+    } else {
+        per_try
+    };
+    let expected = if per_try == 0 { global } else { per_try };
+    if expected == 0 {
+        return None;
+    }
+    if global == 0 {
+        return Some(expected);
+    }
+    let elapsed = ms(elapsed);
+    Some(if elapsed >= global {
+        1
+    } else {
+        expected.min(global - elapsed)
+    })
 }
 
 /// A `request_mirror_policy`: a share of the route's requests is also
@@ -938,6 +973,17 @@ fn convert_route(
                 Some(p) => Some(Arc::new(RetryPolicy::convert(p, at)?)),
                 None => vh_retry.cloned(),
             };
+            // Envoy's default route timeout is 15 s; 0 disables it.
+            let timeout = match &a.timeout {
+                None => Some(Duration::from_secs(15)),
+                Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+            };
+            let expected_timeout = expected_timeout_ms(
+                timeout,
+                retry.as_ref().and_then(|r| r.per_try_timeout),
+                Duration::ZERO,
+            )
+            .map(|ms| (ms, HeaderValue::from(ms)));
             RouteAction::Forward(Box::new(Forward {
                 clusters: cluster_choice,
                 prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
@@ -947,11 +993,7 @@ fn convert_route(
                     .map(|s| Substitution::compile(s, at))
                     .transpose()?,
                 host_rewrite,
-                // Envoy's default route timeout is 15 s; 0 disables it.
-                timeout: match &a.timeout {
-                    None => Some(Duration::from_secs(15)),
-                    Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
-                },
+                timeout,
                 retry,
                 hash,
                 idle_timeout: a
@@ -1002,6 +1044,7 @@ fn convert_route(
                     u.upgrade_type.eq_ignore_ascii_case("websocket")
                         && u.enabled.is_none_or(|e| e.value)
                 }),
+                expected_timeout,
             }))
         }
         Some(Action::Redirect(rd)) => {
@@ -1442,5 +1485,35 @@ mod tests {
             msg.contains("\"rc\"") && msg.contains("\"broken\"") && msg.contains("bad regex"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn expected_timeout_follows_envoy() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let zero = Duration::ZERO;
+        // The route's, or the try's when shorter; none when both are off.
+        assert_eq!(expected_timeout_ms(Some(s(15)), None, zero), Some(15_000));
+        assert_eq!(
+            expected_timeout_ms(Some(s(5)), Some(s(2)), zero),
+            Some(2_000)
+        );
+        assert_eq!(
+            expected_timeout_ms(Some(s(5)), Some(s(5)), zero),
+            Some(5_000)
+        );
+        assert_eq!(
+            expected_timeout_ms(Some(s(5)), Some(s(9)), zero),
+            Some(5_000)
+        );
+        assert_eq!(expected_timeout_ms(None, Some(s(2)), s(60)), Some(2_000));
+        assert_eq!(expected_timeout_ms(None, None, zero), None);
+        // What is left of the route's caps the try's; spent, it is 1 ms.
+        assert_eq!(
+            expected_timeout_ms(Some(s(5)), Some(s(2)), ms(3_500)),
+            Some(1_500)
+        );
+        assert_eq!(expected_timeout_ms(Some(s(5)), None, ms(4_999)), Some(1));
+        assert_eq!(expected_timeout_ms(Some(s(5)), None, s(7)), Some(1));
     }
 }

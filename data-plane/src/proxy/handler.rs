@@ -25,11 +25,11 @@ use super::path;
 use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::Record;
-use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes};
+use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader};
 use crate::config::matcher::RequestHead;
 use crate::config::route::{
-    ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, Route, RouteAction, RouteTable,
-    VirtualHost,
+    expected_timeout_ms, ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, Route,
+    RouteAction, RouteTable, VirtualHost,
 };
 use crate::snapshot::{Shared, Snapshot};
 use crate::stats::Stats;
@@ -89,7 +89,7 @@ pub async fn handle(
     }
     let snap = shared.snapshot.load_full();
     let grpc = is_grpc(req.headers());
-    let resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
+    let mut resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
         Ok(resp) => resp,
         Err(l) => {
             if let Some(b) = guard.log.as_mut() {
@@ -103,6 +103,17 @@ pub async fn handle(
             }
         }
     };
+    match &lr.config.server_header {
+        ServerHeader::Overwrite(v) => {
+            resp.headers_mut().insert(header::SERVER, v.clone());
+        }
+        ServerHeader::AppendIfAbsent(v) => {
+            if let header::Entry::Vacant(e) = resp.headers_mut().entry(header::SERVER) {
+                e.insert(v.clone());
+            }
+        }
+        ServerHeader::PassThrough => {}
+    }
     let status = resp.status().as_u16();
     shared.stats.count_status(status);
     if let Some(b) = guard.log.as_mut() {
@@ -445,6 +456,12 @@ fn redirect(rd: &Redirect, route: &Route, req: &Request<RequestBody>, host: &str
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -663,13 +680,13 @@ async fn forward(
         }
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if !headers.contains_key(&X_REQUEST_ID) {
+    if lr.config.generate_request_id && !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(&X_REQUEST_ID, request_id());
     }
-    if let Some(Some(t)) = grpc_route_timeout {
-        // As Envoy does: the upstream learns the deadline it has.
-        if let Ok(v) = HeaderValue::from_str(&format!("{}m", t.as_millis())) {
-            headers.insert("grpc-timeout", v);
+    let envoy_headers = lr.config.envoy_headers;
+    if envoy_headers && (fwd.prefix_rewrite.is_some() || fwd.regex_rewrite.is_some()) {
+        if let Ok(v) = HeaderValue::from_str(original_pq) {
+            headers.insert(&X_ENVOY_ORIGINAL_PATH, v);
         }
     }
     route.edits.apply_request(&mut headers);
@@ -828,6 +845,28 @@ async fn forward(
                 up_req.headers_mut().insert(header::HOST, h.clone());
             }
         }
+        // What is left of the route's time, or the try's (Envoy's
+        // setTimeoutHeaders): told to the upstream, and a gRPC call's
+        // deadline says the same when the route takes it from the call.
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        if envoy_headers || grpc_route_timeout.is_some() {
+            if let Some(ms) = expected_timeout_ms(route_timeout, per_try, started.elapsed()) {
+                if envoy_headers {
+                    let v = match &fwd.expected_timeout {
+                        Some((m, v)) if *m == ms => v.clone(),
+                        _ => HeaderValue::from(ms),
+                    };
+                    up_req
+                        .headers_mut()
+                        .insert(&X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, v);
+                }
+                if grpc_route_timeout.is_some() {
+                    if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
+                        up_req.headers_mut().insert(&GRPC_TIMEOUT, v);
+                    }
+                }
+            }
+        }
         cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
 
         if let Some(down) = down_upgrade {
@@ -843,9 +882,7 @@ async fn forward(
             return Box::pin(websocket(cluster, upstream, up_req, tunnel, guard)).await;
         }
 
-        let per_try = retry
-            .and_then(|r| r.per_try_timeout)
-            .map(|t| tokio::time::Instant::now() + t);
+        let per_try = per_try.map(|t| tokio::time::Instant::now() + t);
         let try_deadline = match (deadline, per_try) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -864,17 +901,28 @@ async fn forward(
                 let status = resp.status().as_u16();
                 cluster.stats.count_status(status);
                 cluster.observe(&ep, Some(status));
-                if more && retry.is_some_and(|r| r.retry_status(status, resp.headers())) {
+                // A retry the budget would refuse is not tried: this answer
+                // goes back as it is (Envoy decides before discarding it).
+                if more
+                    && retry.is_some_and(|r| r.retry_status(status, resp.headers()))
+                    && cluster.retries.load(Relaxed) < cluster.config.limits.max_retries
+                {
                     last_ep = Some(ep);
                     failure = local(StatusCode::BAD_GATEWAY, "", "URX");
                     drop((resp, slot, upstream));
                     continue;
                 }
+                let service_ms = started.elapsed().as_millis() as u64;
                 if let Some(b) = guard.log.as_mut() {
-                    b.1.upstream_service_time = Some(started.elapsed().as_millis() as u64);
+                    b.1.upstream_service_time = Some(service_ms);
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers, false);
+                if envoy_headers {
+                    rparts
+                        .headers
+                        .insert(&X_ENVOY_UPSTREAM_SERVICE_TIME, small_number(service_ms));
+                }
                 // The downstream connection's version, not the upstream's.
                 rparts.version = parts.version;
                 let mut upstream = upstream;
@@ -983,13 +1031,34 @@ pub(super) fn h2_uri(
 }
 
 /// A random 128-bit request id in hex (Envoy generates one per request).
+/// A number as a header value; under 100 without an allocation.
+fn small_number(n: u64) -> HeaderValue {
+    const DIGITS: &str = "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+    match n {
+        0..=9 => HeaderValue::from_static(&DIGITS[2 * n as usize + 1..2 * n as usize + 2]),
+        10..=99 => HeaderValue::from_static(&DIGITS[2 * n as usize..2 * n as usize + 2]),
+        _ => HeaderValue::from(n),
+    }
+}
+
+/// A random (version 4) UUID, the form Envoy gives `x-request-id`.
 fn request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
-    let mut out = [0u8; 32];
-    for b in out.iter_mut().rev() {
-        *b = HEX[(n & 15) as usize];
-        n >>= 4;
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&fastrand::u64(..).to_ne_bytes());
+    bytes[8..].copy_from_slice(&fastrand::u64(..).to_ne_bytes());
+    // Version 4, variant 10 (RFC 9562 section 5.4).
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 15)];
+        at += 2;
     }
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
@@ -1181,5 +1250,35 @@ mod tests {
         let mut h = map(&[("a", "b"), ("c", "d")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn small_numbers() {
+        for n in [0, 1, 9, 10, 42, 99, 100, 12345] {
+            assert_eq!(small_number(n).to_str().ok(), Some(n.to_string().as_str()));
+        }
+    }
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1_000 {
+            let id = request_id();
+            let b = id.as_bytes();
+            assert_eq!(b.len(), 36, "{id:?}");
+            for (i, c) in b.iter().enumerate() {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    assert_eq!(*c, b'-', "{id:?}");
+                } else {
+                    assert!(c.is_ascii_digit() || (b'a'..=b'f').contains(c), "{id:?}");
+                }
+            }
+            assert_eq!(b[14], b'4', "version: {id:?}");
+            assert!(
+                matches!(b[19], b'8' | b'9' | b'a' | b'b'),
+                "variant: {id:?}"
+            );
+            assert!(seen.insert(id));
+        }
     }
 }

@@ -41,7 +41,9 @@ use portico_proto::envoy::config::route::v3::{
 use portico_proto::envoy::extensions::access_loggers::file::v3::{file_access_log, FileAccessLog};
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{PathWithEscapedSlashesAction, RouteSpecifier},
+    http_connection_manager::{
+        PathWithEscapedSlashesAction, RouteSpecifier, ServerHeaderTransformation,
+    },
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use portico_proto::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
@@ -92,13 +94,30 @@ fn listener(
             config_source: Some(ads()),
             route_config_name: "routes".into(),
         })),
+        // `clean` suppresses the router's x-envoy-* headers and names
+        // itself `calm-gw` in answers that have no server header; the
+        // other keeps Envoy's defaults (`server: envoy` on every answer).
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack(
-                &Router::default(),
-            ))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Router {
+                suppress_envoy_headers: clean,
+                ..Default::default()
+            }))),
             ..Default::default()
         }],
+        server_name: if clean {
+            "calm-gw".into()
+        } else {
+            String::new()
+        },
+        // `clean` makes no request ids.
+        generate_request_id: clean
+            .then_some(portico_proto::google::protobuf::BoolValue { value: false }),
+        server_header_transformation: if clean {
+            ServerHeaderTransformation::AppendIfAbsent
+        } else {
+            ServerHeaderTransformation::Overwrite
+        } as i32,
         // Short, so that the test sees connections and streams idle out;
         // with `clean`, connections also end after 3 requests or 2 s.
         // Header names with underscores are dropped (`clean`) or refused;
@@ -239,6 +258,20 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 substitution: "/items/\\2/\\1".into(),
             });
         }),
+        prefix_route("/tries", "plain", |a| {
+            a.timeout = Some(portico_proto::google::protobuf::Duration {
+                seconds: 5,
+                nanos: 0,
+            });
+            a.retry_policy = Some(RetryPolicy {
+                retry_on: "5xx".into(),
+                per_try_timeout: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            });
+        }),
         prefix_route("/host", "plain", |a| {
             a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(
                 "rewritten.example".into(),
@@ -259,6 +292,9 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             a.retry_policy = retry("connect-failure")
         }),
         prefix_route("/noretry", "resetting", |_| {}),
+        prefix_route("/budgetless", "budgetless", |a| {
+            a.retry_policy = retry("5xx")
+        }),
         prefix_route("/on-reset", "resetting", |a| {
             a.retry_policy = retry("reset")
         }),
@@ -404,6 +440,22 @@ fn foreign_control_plane_envoy_features() {
                 "first",
                 &cluster("first", LbPolicy::RoundRobin, Some(&[p[0]])),
             ),
+            // No retry budget at all.
+            resource("budgetless", &{
+                let mut c = cluster("budgetless", LbPolicy::RoundRobin, Some(&[p[1]]));
+                c.circuit_breakers = Some(
+                    portico_proto::envoy::config::cluster::v3::CircuitBreakers {
+                        thresholds: vec![
+                            portico_proto::envoy::config::cluster::v3::circuit_breakers::Thresholds {
+                                max_retries: Some(UInt32Value { value: 0 }),
+                                ..Default::default()
+                            },
+                        ],
+                        ..Default::default()
+                    },
+                );
+                c
+            }),
             resource("hash", &cluster("hash", LbPolicy::RingHash, None)),
             resource("random", &cluster("random", LbPolicy::Random, None)),
             resource("health", &cluster("health", LbPolicy::RoundRobin, None)),
@@ -516,6 +568,80 @@ fn foreign_control_plane_envoy_features() {
     assert!(r.body.starts_with("GET /items/42/pets\n"), "{}", r.body);
     let r = get("/host", &[]);
     assert!(r.body.contains("\nhost: rewritten.example\n"), "{}", r.body);
+
+    // The router's x-envoy-* headers, and the server header, as Envoy
+    // sets them by default: the original path of a rewritten request and
+    // the time the upstream has (the route's 15 s by default, else the
+    // per-try timeout) go upstream; the time the upstream took comes back.
+    let r = get("/rx/pets/42", &[("x-answer-server", "origin")]);
+    assert!(
+        r.body.contains("\nx-envoy-original-path: /rx/pets/42\n")
+            && r.body.contains("\nx-envoy-expected-rq-timeout-ms: 15000\n"),
+        "{}",
+        r.body
+    );
+    let took = r.header("x-envoy-upstream-service-time").unwrap_or("none");
+    assert!(took.parse::<u64>().is_ok_and(|ms| ms < 5_000), "{r:?}");
+    assert_eq!(r.header("server"), Some("envoy"), "{r:?}");
+    let r = get("/tries/x", &[]);
+    assert!(
+        r.body.contains("\nx-envoy-expected-rq-timeout-ms: 2000\n")
+            && !r.body.contains("x-envoy-original-path"),
+        "{}",
+        r.body
+    );
+    // A request id is a version 4 UUID, as Envoy makes them.
+    let id = r
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("an x-request-id");
+    let b = id.as_bytes();
+    assert!(
+        b.len() == 36
+            && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-')
+            && b[14] == b'4'
+            && matches!(b[19], b'8' | b'9' | b'a' | b'b')
+            && b.iter()
+                .all(|c| *c == b'-' || c.is_ascii_digit() || (b'a'..=b'f').contains(c)),
+        "{id}"
+    );
+    let r = get("/no/such/route", &[]);
+    assert_eq!(
+        (r.status, r.header("server")),
+        (404, Some("envoy")),
+        "{r:?}"
+    );
+    // A retry the cluster's budget refuses is not tried, and the answer
+    // that would have been retried goes back as it came.
+    let r = get("/budgetless/status/503", &[]);
+    assert_eq!(
+        (r.status, r.header("x-upstream")),
+        (503, Some("u2")),
+        "{r:?}"
+    );
+    let calm = |path: &str, headers: &[(&str, &str)]| {
+        http1(calm_port, "GET", path, "gw", headers, "").expect("request")
+    };
+    // Suppressed, no request id made, and the server header only where
+    // the answer has none.
+    let r = calm("/rx/pets/42", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        !r.body.contains("x-envoy-") && !r.body.contains("x-request-id"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("x-envoy-upstream-service-time"), None, "{r:?}");
+    assert_eq!(r.header("server"), Some("calm-gw"), "{r:?}");
+    let r = calm("/rx/pets/42", &[("x-answer-server", "origin")]);
+    assert_eq!(r.header("server"), Some("origin"), "{r:?}");
+    let r = calm("/no/such/route", &[]);
+    assert_eq!(
+        (r.status, r.header("server")),
+        (404, Some("calm-gw")),
+        "{r:?}"
+    );
 
     // Ring hash on a header: one user always lands on one endpoint, and
     // users spread over more than one.
