@@ -2,7 +2,7 @@
 //! (latest value wins). A request loads it once and keeps it to the end,
 //! so a config change never affects a request already in flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -21,10 +21,12 @@ use crate::xds::dump::ConfigDump;
 pub struct Snapshot {
     /// Listeners by name.
     pub listeners: BTreeMap<Arc<str>, Arc<ListenerConfig>>,
-    /// Route tables by name (RDS).
-    pub routes: HashMap<Arc<str>, Arc<RouteTable>>,
+    /// Route tables by name (RDS). These maps, looked up by every
+    /// request, hash with foldhash: their keys come from the config, so
+    /// SipHash's defence against chosen collisions buys nothing here.
+    pub routes: foldhash::HashMap<Arc<str>, Arc<RouteTable>>,
     /// Clusters by name.
-    pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    pub clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>>,
     /// The Envoy resources this came from, for `/config_dump`.
     pub dump: Arc<ConfigDump>,
 }

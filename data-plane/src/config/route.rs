@@ -37,7 +37,7 @@ pub struct RouteTable {
     /// Where each virtual host's encoding was in the bytes the table was
     /// decoded from (empty when converted from a message).
     spans: Vec<Range<usize>>,
-    exact: HashMap<String, usize>,
+    exact: foldhash::HashMap<String, usize>,
     /// `*SUFFIX` domains, longest suffix first.
     suffix: Vec<(String, usize)>,
     /// `PREFIX*` domains, longest prefix first.
@@ -625,7 +625,7 @@ impl RouteTable {
             name: rc.name.as_str().into(),
             vhosts: Vec::new(),
             spans,
-            exact: HashMap::new(),
+            exact: foldhash::HashMap::default(),
             suffix: Vec::new(),
             prefix: Vec::new(),
             any: None,

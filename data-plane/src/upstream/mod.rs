@@ -205,7 +205,7 @@ impl Cluster {
 /// Every cluster, by name; changed only by the xDS client.
 #[derive(Default)]
 pub struct ClusterManager {
-    clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>>,
     stats: HashMap<Arc<str>, Arc<ClusterStats>>,
 }
 
@@ -216,8 +216,9 @@ impl ClusterManager {
         &mut self,
         configs: &HashMap<Arc<str>, Arc<ClusterConfig>>,
         endpoints: &HashMap<Arc<str>, Arc<Vec<EndpointSpec>>>,
-    ) -> HashMap<Arc<str>, Arc<Cluster>> {
-        let mut next = HashMap::with_capacity(configs.len());
+    ) -> foldhash::HashMap<Arc<str>, Arc<Cluster>> {
+        let mut next =
+            foldhash::HashMap::with_capacity_and_hasher(configs.len(), Default::default());
         for (name, cfg) in configs {
             let cluster = match self.clusters.get(name) {
                 Some(c) if c.config == *cfg || *c.config == **cfg => c.clone(),
