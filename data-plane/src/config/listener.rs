@@ -220,6 +220,12 @@ pub struct ListenerConfig {
     /// Give a request without an `x-request-id` one (the HCM's
     /// `generate_request_id`, on unless set false).
     pub generate_request_id: bool,
+    /// Copy the request's `x-request-id` into the response
+    /// (`always_set_request_id_in_response`).
+    pub request_id_in_response: bool,
+    /// Appended to the `via` header of requests and responses (the HCM's
+    /// `via`; `None` when empty).
+    pub via: Option<http::HeaderValue>,
 }
 
 /// What the listener does with the `server` header of its responses.
@@ -473,6 +479,13 @@ impl ListenerConfig {
             envoy_headers: !router.suppress_envoy_headers,
             server_header,
             generate_request_id: hcm.generate_request_id.is_none_or(|b| b.value),
+            request_id_in_response: hcm.always_set_request_id_in_response,
+            via: match hcm.via.as_str() {
+                "" => None,
+                v => Some(http::HeaderValue::from_str(v).map_err(|_| {
+                    ConfigError::new(at, format!("via {v:?} is not a valid header value"))
+                })?),
+            },
         })
     }
 }
@@ -710,6 +723,8 @@ mod tests {
         // Each bad value is refused, naming the field.
         let e = cfg(|h| h.server_name = "a\nb".into()).expect_err("newline");
         assert!(e.to_string().contains("server_name"), "{e}");
+        let e = cfg(|h| h.via = "a\rb".into()).expect_err("carriage return");
+        assert!(e.to_string().contains("via \"a\\rb\""), "{e}");
         let e = cfg(|h| h.server_header_transformation = 7).expect_err("unknown value");
         assert!(
             e.to_string().contains("server_header_transformation 7"),

@@ -63,6 +63,12 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Header edits of the virtual host.
     pub edits: Edits,
+    /// Tell the upstream which try this is (`x-envoy-attempt-count`;
+    /// `include_request_attempt_count`).
+    pub attempt_count_to_upstream: bool,
+    /// Tell the client how many tries it took
+    /// (`include_attempt_count_in_response`).
+    pub attempt_count_in_response: bool,
 }
 
 /// One route: what it matches and what it does.
@@ -811,6 +817,8 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
             &vh.response_headers_to_remove,
             at,
         )?,
+        attempt_count_to_upstream: vh.include_request_attempt_count,
+        attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }
 

@@ -79,6 +79,17 @@ pub async fn handle(
     let shared = &conn.shared;
     shared.stats.downstream_rq_total.fetch_add(1, Relaxed);
     let lr = conn.listener.load_full();
+    // The request id is made before anything else, as Envoy's HCM does:
+    // the access log and every answer (a 404 too) can carry it.
+    let mut req = req;
+    if lr.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
+        req.headers_mut().insert(&X_REQUEST_ID, request_id());
+    }
+    let request_id = if lr.config.request_id_in_response {
+        req.headers().get(&X_REQUEST_ID).cloned()
+    } else {
+        None
+    };
     let mut guard = Guard::new(shared.stats.clone());
     if !lr.sinks.is_empty() {
         guard.log = Some(Box::new((
@@ -113,6 +124,12 @@ pub async fn handle(
             }
         }
         ServerHeader::PassThrough => {}
+    }
+    if let Some(id) = request_id {
+        resp.headers_mut().insert(&X_REQUEST_ID, id);
+    }
+    if let Some(via) = &lr.config.via {
+        append_via(resp.headers_mut(), via);
     }
     let status = resp.status().as_u16();
     shared.stats.count_status(status);
@@ -462,6 +479,7 @@ static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
 static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -680,8 +698,8 @@ async fn forward(
         }
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if lr.config.generate_request_id && !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(&X_REQUEST_ID, request_id());
+    if let Some(via) = &lr.config.via {
+        append_via(&mut headers, via);
     }
     let envoy_headers = lr.config.envoy_headers;
     if envoy_headers && (fwd.prefix_rewrite.is_some() || fwd.regex_rewrite.is_some()) {
@@ -867,6 +885,11 @@ async fn forward(
                 }
             }
         }
+        if vh.attempt_count_to_upstream {
+            up_req
+                .headers_mut()
+                .insert(&X_ENVOY_ATTEMPT_COUNT, small_number(u64::from(attempt) + 1));
+        }
         cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
 
         if let Some(down) = down_upgrade {
@@ -922,6 +945,11 @@ async fn forward(
                     rparts
                         .headers
                         .insert(&X_ENVOY_UPSTREAM_SERVICE_TIME, small_number(service_ms));
+                }
+                if vh.attempt_count_in_response {
+                    rparts
+                        .headers
+                        .insert(&X_ENVOY_ATTEMPT_COUNT, small_number(u64::from(attempt) + 1));
                 }
                 // The downstream connection's version, not the upstream's.
                 rparts.version = parts.version;
@@ -1031,6 +1059,21 @@ pub(super) fn h2_uri(
 }
 
 /// A random 128-bit request id in hex (Envoy generates one per request).
+/// Appends this proxy's `via` entry to the header's list (one field).
+fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    let joined = match headers.get(header::VIA) {
+        None => via.clone(),
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + via.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(via.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| via.clone())
+        }
+    };
+    headers.insert(header::VIA, joined);
+}
+
 /// A number as a header value; under 100 without an allocation.
 fn small_number(n: u64) -> HeaderValue {
     const DIGITS: &str = "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";

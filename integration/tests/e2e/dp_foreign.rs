@@ -110,9 +110,16 @@ fn listener(
         } else {
             String::new()
         },
-        // `clean` makes no request ids.
+        // `clean` makes no request ids; the other returns them, and
+        // appends itself to `via` both ways.
         generate_request_id: clean
             .then_some(portico_proto::google::protobuf::BoolValue { value: false }),
+        always_set_request_id_in_response: !clean,
+        via: if clean {
+            String::new()
+        } else {
+            "edge-gw".into()
+        },
         server_header_transformation: if clean {
             ServerHeaderTransformation::AppendIfAbsent
         } else {
@@ -295,6 +302,7 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/budgetless", "budgetless", |a| {
             a.retry_policy = retry("5xx")
         }),
+        prefix_route("/again", "plain", |a| a.retry_policy = retry("5xx")),
         prefix_route("/on-reset", "resetting", |a| {
             a.retry_policy = retry("reset")
         }),
@@ -383,6 +391,8 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             name: "all".into(),
             domains: vec!["*".into()],
             routes: rs,
+            include_request_attempt_count: true,
+            include_attempt_count_in_response: true,
             ..Default::default()
         }],
         ..Default::default()
@@ -612,6 +622,28 @@ fn foreign_control_plane_envoy_features() {
         (404, Some("envoy")),
         "{r:?}"
     );
+    assert_eq!(r.header("via"), Some("edge-gw"), "{r:?}");
+    assert_eq!(r.header("x-request-id").map(str::len), Some(36), "{r:?}");
+    // The id the upstream saw comes back; `via` grows by one entry each
+    // way; the tries (two 503s, then a 200) are counted both ways.
+    let r = get("/again/flaky/ac/2", &[("via", "1.0 first")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = r
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "));
+    assert_eq!(seen, r.header("x-request-id"), "{r:?}");
+    assert!(
+        r.body.contains("\nvia: 1.0 first, edge-gw\n")
+            && r.body.contains("\nx-envoy-attempt-count: 3\n"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        (r.header("via"), r.header("x-envoy-attempt-count")),
+        (Some("edge-gw"), Some("3")),
+        "{r:?}"
+    );
     // A retry the cluster's budget refuses is not tried, and the answer
     // that would have been retried goes back as it came.
     let r = get("/budgetless/status/503", &[]);
@@ -628,7 +660,9 @@ fn foreign_control_plane_envoy_features() {
     let r = calm("/rx/pets/42", &[]);
     assert_eq!(r.status, 200, "{r:?}");
     assert!(
-        !r.body.contains("x-envoy-") && !r.body.contains("x-request-id"),
+        !r.body.contains("x-envoy-original-path")
+            && !r.body.contains("x-envoy-expected-rq-timeout-ms")
+            && !r.body.contains("x-request-id"),
         "{}",
         r.body
     );
@@ -636,6 +670,11 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(r.header("server"), Some("calm-gw"), "{r:?}");
     let r = calm("/rx/pets/42", &[("x-answer-server", "origin")]);
     assert_eq!(r.header("server"), Some("origin"), "{r:?}");
+    assert_eq!(
+        (r.header("via"), r.header("x-request-id")),
+        (None, None),
+        "{r:?}"
+    );
     let r = calm("/no/such/route", &[]);
     assert_eq!(
         (r.status, r.header("server")),
