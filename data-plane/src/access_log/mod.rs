@@ -14,8 +14,10 @@ use serde::Serialize;
 use crate::config::listener::LogTarget;
 use crate::stats::Stats;
 
+pub mod filter;
 pub mod format;
 
+pub use filter::LogFilter;
 pub use format::LogFormat;
 
 /// One request's log record (Envoy's default format fields).
@@ -81,6 +83,10 @@ pub struct Record {
     /// Why the last connection attempt to an upstream failed.
     #[serde(skip)]
     pub upstream_transport_failure_reason: Option<String>,
+    /// The request's headers, kept only for a log filter that matches on
+    /// them.
+    #[serde(skip)]
+    pub filter_headers: Option<Box<http::HeaderMap>>,
 }
 
 /// Writers by target, shared by every listener logging there.
@@ -95,6 +101,8 @@ pub struct Sink {
     tx: SyncSender<Vec<u8>>,
     /// `None`: the default JSON fields.
     format: Option<Arc<LogFormat>>,
+    /// Which requests get a line (`None`: all).
+    filter: Option<Arc<LogFilter>>,
 }
 
 impl AccessLogs {
@@ -105,6 +113,7 @@ impl AccessLogs {
             return Ok(Sink {
                 tx: tx.clone(),
                 format: None,
+                filter: None,
             });
         }
         let mut out: Box<dyn Write + Send> = match target {
@@ -137,7 +146,11 @@ impl AccessLogs {
                 }
             })?;
         w.insert(target.clone(), tx.clone());
-        Ok(Sink { tx, format: None })
+        Ok(Sink {
+            tx,
+            format: None,
+            filter: None,
+        })
     }
 }
 
@@ -148,8 +161,17 @@ impl Sink {
         self
     }
 
-    /// Formats and queues one record.
+    /// This sink writing only the lines `filter` admits.
+    pub fn filtered(mut self, filter: Option<Arc<LogFilter>>) -> Sink {
+        self.filter = filter;
+        self
+    }
+
+    /// Formats and queues one record, if the sink's filter admits it.
     pub fn write(&self, r: &Record, stats: &Arc<Stats>) {
+        if self.filter.as_ref().is_some_and(|f| !f.admits(r)) {
+            return;
+        }
         let line = match &self.format {
             Some(f) => f.render(r),
             None => {

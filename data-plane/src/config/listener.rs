@@ -30,7 +30,7 @@ use prost::Name;
 
 use super::route::RouteTable;
 use super::{duration, socket_addr, unpack, ConfigError};
-use crate::access_log::LogFormat;
+use crate::access_log::{LogFilter, LogFormat};
 
 /// Where a listener's routes come from.
 #[derive(Debug)]
@@ -124,6 +124,8 @@ pub struct AccessLogConfig {
     pub target: LogTarget,
     /// `None`: Envoy's default fields as JSON.
     pub format: Option<Arc<LogFormat>>,
+    /// Which requests get a line (`None`: all).
+    pub filter: Option<Arc<LogFilter>>,
 }
 
 impl AccessLogConfig {
@@ -138,6 +140,7 @@ impl AccessLogConfig {
         Ok(AccessLogConfig {
             target,
             format: format.map(Arc::new),
+            filter: None,
         })
     }
 }
@@ -317,16 +320,15 @@ impl ListenerConfig {
             .iter()
             .map(|a| {
                 let aat = format!("{at} access_log {:?}", a.name);
-                if a.filter.is_some() {
-                    return Err(ConfigError::new(
-                        &aat,
-                        "access log filters are not supported",
-                    ));
-                }
+                let filter = a
+                    .filter
+                    .as_ref()
+                    .map(|f| LogFilter::convert(f, &format!("{aat} filter")).map(Arc::new))
+                    .transpose()?;
                 let Some(access_log::ConfigType::TypedConfig(any)) = &a.config_type else {
                     return Err(ConfigError::new(&aat, "needs a typed_config"));
                 };
-                if any.type_url == FileAccessLog::type_url() {
+                let made = if any.type_url == FileAccessLog::type_url() {
                     let f: FileAccessLog = unpack(any, &aat)?;
                     let target = match f.path.as_str() {
                         "/dev/stdout" => LogTarget::Stdout,
@@ -362,7 +364,8 @@ impl ListenerConfig {
                         &aat,
                         format!("access logger {} is not supported", any.type_url),
                     ))
-                }
+                };
+                made.map(|c| AccessLogConfig { filter, ..c })
             })
             .collect::<Result<_, _>>()?;
         let common = hcm.common_http_protocol_options.as_ref();

@@ -1198,11 +1198,21 @@ fn fraction(
     f: &portico_proto::envoy::config::core::v3::RuntimeFractionalPercent,
     at: &str,
 ) -> Result<(u64, u64), ConfigError> {
-    use portico_proto::envoy::r#type::v3::fractional_percent::DenominatorType;
     let v = f
         .default_value
         .as_ref()
         .ok_or_else(|| ConfigError::new(at, "runtime_fraction has no default_value"))?;
+    fractional_percent(v, "runtime_fraction", at)
+}
+
+/// A `FractionalPercent` as (numerator, denominator); `what` names it in
+/// errors.
+pub(crate) fn fractional_percent(
+    v: &portico_proto::envoy::r#type::v3::FractionalPercent,
+    what: &str,
+    at: &str,
+) -> Result<(u64, u64), ConfigError> {
+    use portico_proto::envoy::r#type::v3::fractional_percent::DenominatorType;
     let d = match DenominatorType::try_from(v.denominator) {
         Ok(DenominatorType::Hundred) => 100,
         Ok(DenominatorType::TenThousand) => 10_000,
@@ -1210,7 +1220,7 @@ fn fraction(
         Err(_) => {
             return Err(ConfigError::new(
                 at,
-                format!("runtime_fraction denominator {} is unknown", v.denominator),
+                format!("{what} denominator {} is unknown", v.denominator),
             ))
         }
     };

@@ -92,11 +92,11 @@ pub async fn handle(
     };
     let mut guard = Guard::new(shared.stats.clone());
     if !lr.sinks.is_empty() {
-        guard.log = Some(Box::new((
-            lr.sinks.clone(),
-            record(&req, &conn, &lr.log_headers),
-            Instant::now(),
-        )));
+        let mut rec = record(&req, &conn, &lr.log_headers);
+        if lr.log_filter_headers {
+            rec.filter_headers = Some(Box::new(req.headers().clone()));
+        }
+        guard.log = Some(Box::new((lr.sinks.clone(), rec, Instant::now())));
     }
     let snap = shared.snapshot.load_full();
     let grpc = is_grpc(req.headers());

@@ -41,6 +41,8 @@ pub struct ListenerRuntime {
     pub log_response_headers: Vec<http::HeaderName>,
     /// Whether a format writes the upstream connection's local address.
     pub log_upstream_local: bool,
+    /// Whether a log filter matches request headers (kept for it).
+    pub log_filter_headers: bool,
 }
 
 struct Running {
@@ -137,7 +139,7 @@ impl ListenerManager {
         for (name, l) in &snap.listeners {
             let own = l.access_logs.iter().filter_map(|a| {
                 let sink = self.shared.access_logs.sink(&a.target).ok()?;
-                Some(sink.formatted(a.format.clone()))
+                Some(sink.formatted(a.format.clone()).filtered(a.filter.clone()))
             });
             let extra = self
                 .extra_logs
@@ -161,6 +163,11 @@ impl ListenerManager {
                 sinks: own.chain(extra).collect(),
                 log_headers,
                 log_response_headers,
+                log_filter_headers: l
+                    .access_logs
+                    .iter()
+                    .filter_map(|a| a.filter.as_ref())
+                    .any(|f| f.needs_headers()),
                 log_upstream_local: l
                     .access_logs
                     .iter()

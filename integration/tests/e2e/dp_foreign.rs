@@ -13,7 +13,7 @@ use portico_integration::static_xds::{resource, StaticXds};
 use portico_integration::upstream::Upstream;
 use portico_integration::wait_for;
 use portico_integration::xds_client::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
-use portico_proto::envoy::config::accesslog::v3::{access_log, AccessLog};
+use portico_proto::envoy::config::accesslog::v3::{access_log, AccessLog, AccessLogFilter};
 use portico_proto::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
 };
@@ -151,13 +151,30 @@ fn listener(
             seconds: stream_idle,
             nanos: 0,
         }),
+        // Without `clean`, a second log (the first's path + `.picked`, in
+        // Envoy's default fields) gets only answers of 500 and over, or
+        // requests with an `x-log-me` header.
         access_log: log
-            .map(|f| AccessLog {
-                name: "envoy.access_loggers.file".into(),
-                config_type: Some(access_log::ConfigType::TypedConfig(pack(&f))),
-                ..Default::default()
-            })
             .into_iter()
+            .flat_map(|f| {
+                let picked = (!clean).then(|| AccessLog {
+                    name: "picked".into(),
+                    config_type: Some(access_log::ConfigType::TypedConfig(pack(&FileAccessLog {
+                        path: format!("{}.picked", f.path),
+                        access_log_format: None,
+                    }))),
+                    filter: Some(picked_filter()),
+                });
+                [
+                    Some(AccessLog {
+                        name: "envoy.access_loggers.file".into(),
+                        config_type: Some(access_log::ConfigType::TypedConfig(pack(&f))),
+                        ..Default::default()
+                    }),
+                    picked,
+                ]
+            })
+            .flatten()
             .collect(),
         normalize_path: clean.then_some(portico_proto::google::protobuf::BoolValue { value: true }),
         merge_slashes: clean,
@@ -180,6 +197,43 @@ fn listener(
             ..Default::default()
         }],
         ..Default::default()
+    }
+}
+
+/// Status 500 and over, or an `x-log-me` header.
+fn picked_filter() -> AccessLogFilter {
+    use portico_proto::envoy::config::accesslog::v3::{
+        access_log_filter::FilterSpecifier, comparison_filter::Op, ComparisonFilter, HeaderFilter,
+        OrFilter, StatusCodeFilter,
+    };
+    use portico_proto::envoy::config::core::v3::RuntimeUInt32;
+    use portico_proto::envoy::config::route::v3::{header_matcher, HeaderMatcher};
+    let status = AccessLogFilter {
+        filter_specifier: Some(FilterSpecifier::StatusCodeFilter(StatusCodeFilter {
+            comparison: Some(ComparisonFilter {
+                op: Op::Ge as i32,
+                value: Some(RuntimeUInt32 {
+                    default_value: 500,
+                    runtime_key: "log.min_status".into(),
+                }),
+            }),
+        })),
+    };
+    let header = AccessLogFilter {
+        filter_specifier: Some(FilterSpecifier::HeaderFilter(HeaderFilter {
+            header: Some(HeaderMatcher {
+                name: "x-log-me".into(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::PresentMatch(
+                    true,
+                )),
+                ..Default::default()
+            }),
+        })),
+    };
+    AccessLogFilter {
+        filter_specifier: Some(FilterSpecifier::OrFilter(OrFilter {
+            filters: vec![status, header],
+        })),
     }
 }
 
@@ -820,6 +874,32 @@ fn foreign_control_plane_envoy_features() {
         })
     });
     let from = json_logged.unwrap_or_else(|| panic!("{:?}", std::fs::read_to_string(&json_log)));
+    // The filtered log: the budgetless 503 and the marked request, and no
+    // other line (of the dozens of 200s and 404s by now).
+    let picked_log = dir.path().join("foreign.log.picked");
+    let marked = get("/host/marked", &[("x-log-me", "1")]);
+    assert_eq!(marked.status, 200);
+    let picked = wait_for(std::time::Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&picked_log).ok()?;
+        let lines: Vec<(u64, String)> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("JSON lines");
+                let code = v["response_code"].as_u64().expect("a code");
+                (code, v["path"].as_str().expect("a path").to_string())
+            })
+            .collect();
+        lines
+            .iter()
+            .any(|(_, p)| p == "/host/marked")
+            .then_some(lines)
+    })
+    .unwrap_or_else(|| panic!("{:?}", std::fs::read_to_string(&picked_log)));
+    assert!(
+        picked.contains(&(503, "/budgetless/status/503".to_string()))
+            && picked.iter().all(|(c, p)| *c >= 500 || p == "/host/marked"),
+        "{picked:?}"
+    );
     let from: std::net::SocketAddr = from.parse().expect("an address");
     assert!(
         from.ip().is_loopback() && from.port() != ups[1].addr.port(),
