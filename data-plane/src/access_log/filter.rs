@@ -60,6 +60,14 @@ enum Rule {
     Header(Box<HeaderMatch>),
     /// The response has one of these flags (any flag when empty).
     ResponseFlags(Vec<String>),
+    /// The answer's gRPC status (else the one its HTTP status implies) is
+    /// among `statuses`, or not when `exclude`.
+    GrpcStatus {
+        /// Listed statuses.
+        statuses: Vec<u32>,
+        /// Admit the statuses not listed instead.
+        exclude: bool,
+    },
     /// The line's type (always the end of a downstream request here) is
     /// among `types`, or not when `exclude`.
     LogType {
@@ -197,8 +205,17 @@ impl Rule {
                     exclude: t.exclude,
                 }
             }
-            FilterSpecifier::GrpcStatusFilter(_) => {
-                return Err(ConfigError::new(at, "grpc_status_filter is not supported"))
+            FilterSpecifier::GrpcStatusFilter(g) => {
+                if let Some(bad) = g.statuses.iter().find(|s| !(0..=16).contains(*s)) {
+                    return Err(ConfigError::new(
+                        &format!("{at} grpc_status_filter"),
+                        format!("status {bad} is not a gRPC status"),
+                    ));
+                }
+                Rule::GrpcStatus {
+                    statuses: g.statuses.iter().map(|s| *s as u32).collect(),
+                    exclude: g.exclude,
+                }
             }
             FilterSpecifier::ExtensionFilter(e) => {
                 return Err(ConfigError::new(
@@ -267,6 +284,9 @@ impl Rule {
                 } else {
                     have.any(|f| want.iter().any(|w| w == f))
                 }
+            }
+            Rule::GrpcStatus { statuses, exclude } => {
+                statuses.contains(&r.grpc_status_or_inferred()) != *exclude
             }
             Rule::LogType { types, exclude } => {
                 types.contains(&(AccessLogType::DownstreamEnd as i32)) != *exclude
@@ -366,6 +386,23 @@ mod tests {
             &end(vec![AccessLogType::UpstreamEnd as i32], false),
             &rec(200, 0, "", None)
         ));
+        // The answer's grpc-status, else the HTTP status's (503:
+        // UNAVAILABLE, 200: UNKNOWN).
+        let grpc = |statuses: Vec<i32>, exclude| {
+            filter(FilterSpecifier::GrpcStatusFilter(GrpcStatusFilter {
+                statuses,
+                exclude,
+            }))
+        };
+        let with = |s| Record {
+            grpc_status: Some(s),
+            ..rec(200, 0, "", None)
+        };
+        assert!(admits(&grpc(vec![4, 14], false), &with(4)));
+        assert!(!admits(&grpc(vec![4, 14], false), &with(0)));
+        assert!(admits(&grpc(vec![0], true), &with(5)));
+        assert!(admits(&grpc(vec![14], false), &rec(503, 0, "", None)));
+        assert!(admits(&grpc(vec![2], false), &rec(200, 0, "", None)));
     }
 
     #[test]
@@ -419,9 +456,15 @@ mod tests {
         })));
         assert!(e.contains("and_filter needs at least two"), "{e}");
         let e = err(filter(FilterSpecifier::GrpcStatusFilter(
-            GrpcStatusFilter::default(),
+            GrpcStatusFilter {
+                statuses: vec![14, 17],
+                exclude: false,
+            },
         )));
-        assert!(e.contains("grpc_status_filter is not supported"), "{e}");
+        assert!(
+            e.contains("grpc_status_filter") && e.contains("status 17"),
+            "{e}"
+        );
         let e = err(filter(FilterSpecifier::StatusCodeFilter(
             StatusCodeFilter {
                 comparison: Some(ComparisonFilter { op: 9, value: None }),

@@ -14,6 +14,8 @@
 //! `%UPSTREAM_TRANSPORT_FAILURE_REASON%`, `%ROUTE_NAME%`,
 //! `%DOWNSTREAM_REMOTE_ADDRESS%`, `%DOWNSTREAM_LOCAL_ADDRESS%`,
 //! `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%` (each also `_WITHOUT_PORT`),
+//! `%GRPC_STATUS%` (and `(CAMEL_STRING)`, `(SNAKE_STRING)`, `(NUMBER)`,
+//! `%GRPC_STATUS_NUMBER%`; `-` unless the request is a gRPC call),
 //! `%REQUESTED_SERVER_NAME%` (always `-`: listeners have no TLS yet, so
 //! no SNI), `%CONNECTION_TERMINATION_DETAILS%` (always `-`: no network
 //! filter ends connections), `%UPSTREAM_LOCAL_ADDRESS%` (looked up only
@@ -96,7 +98,41 @@ enum What {
     RouteName,
     RemoteAddress,
     RemoteAddressWithoutPort,
+    /// A gRPC call's status (`-` for other requests).
+    GrpcStatus(GrpcStyle),
 }
+
+/// How `%GRPC_STATUS%` writes a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrpcStyle {
+    /// `DeadlineExceeded` (the default).
+    Camel,
+    /// `DEADLINE_EXCEEDED`.
+    Snake,
+    /// `4`.
+    Number,
+}
+
+/// gRPC's status names, by code, as Envoy writes them.
+const GRPC_NAMES: [(&str, &str); 17] = [
+    ("OK", "OK"),
+    ("Canceled", "CANCELLED"),
+    ("Unknown", "UNKNOWN"),
+    ("InvalidArgument", "INVALID_ARGUMENT"),
+    ("DeadlineExceeded", "DEADLINE_EXCEEDED"),
+    ("NotFound", "NOT_FOUND"),
+    ("AlreadyExists", "ALREADY_EXISTS"),
+    ("PermissionDenied", "PERMISSION_DENIED"),
+    ("ResourceExhausted", "RESOURCE_EXHAUSTED"),
+    ("FailedPrecondition", "FAILED_PRECONDITION"),
+    ("Aborted", "ABORTED"),
+    ("OutOfRange", "OUT_OF_RANGE"),
+    ("Unimplemented", "UNIMPLEMENTED"),
+    ("Internal", "INTERNAL"),
+    ("Unavailable", "UNAVAILABLE"),
+    ("DataLoss", "DATA_LOSS"),
+    ("Unauthenticated", "UNAUTHENTICATED"),
+];
 
 #[derive(Debug, Clone, PartialEq)]
 enum Header {
@@ -318,6 +354,11 @@ fn parse_op(token: &str) -> Result<Op, String> {
             What::Resp(name(main)?, alt.map(name).transpose()?)
         }
         ("RESPONSE_CODE_DETAILS", None) => What::ResponseCodeDetails,
+        ("GRPC_STATUS", None | Some("CAMEL_STRING")) => What::GrpcStatus(GrpcStyle::Camel),
+        ("GRPC_STATUS", Some("SNAKE_STRING")) => What::GrpcStatus(GrpcStyle::Snake),
+        ("GRPC_STATUS", Some("NUMBER")) | ("GRPC_STATUS_NUMBER", None) => {
+            What::GrpcStatus(GrpcStyle::Number)
+        }
         ("UPSTREAM_TRANSPORT_FAILURE_REASON", None) => What::UpstreamTransportFailureReason,
         ("UPSTREAM_CLUSTER_RAW", None) => What::UpstreamCluster,
         ("DOWNSTREAM_LOCAL_ADDRESS", None) => What::LocalAddress,
@@ -417,6 +458,15 @@ fn value<'a>(what: &What, r: &'a Record) -> Got<'a> {
         What::BytesSent => Got::Num(r.bytes_sent),
         What::Duration => Got::Num(r.duration),
         What::UpstreamServiceTime => r.upstream_service_time.map_or(Got::None, Got::Num),
+        What::GrpcStatus(_) if !r.grpc_request => Got::None,
+        What::GrpcStatus(style) => {
+            let code = r.grpc_status_or_inferred();
+            match (style, GRPC_NAMES.get(code as usize)) {
+                (GrpcStyle::Number, _) | (_, None) => Got::Num(u64::from(code)),
+                (GrpcStyle::Camel, Some((camel, _))) => Got::Str(Borrowed(camel)),
+                (GrpcStyle::Snake, Some((_, snake))) => Got::Str(Borrowed(snake)),
+            }
+        }
         What::UpstreamHost => opt(&r.upstream_host),
         What::UpstreamCluster => non_empty(&r.upstream_cluster),
         What::RouteName => non_empty(&r.route_name),
@@ -738,6 +788,26 @@ mod tests {
         );
         let f = LogFormat::text("%START_TIME(%a %e %j)%").expect("parses");
         assert_eq!(f.render(&r), b"Mon  5 005\n", "2026-01-05");
+    }
+
+    #[test]
+    fn grpc_status_in_three_styles() {
+        let f = LogFormat::text(
+            "%GRPC_STATUS% %GRPC_STATUS(SNAKE_STRING)% %GRPC_STATUS(NUMBER)% %GRPC_STATUS_NUMBER%",
+        )
+        .expect("parses");
+        let mut r = record();
+        assert_eq!(f.render(&r), b"- - - -\n", "not a gRPC call");
+        r.grpc_request = true;
+        r.grpc_status = Some(4);
+        assert_eq!(f.render(&r), b"DeadlineExceeded DEADLINE_EXCEEDED 4 4\n");
+        r.grpc_status = None;
+        r.response_code = 503;
+        assert_eq!(f.render(&r), b"Unavailable UNAVAILABLE 14 14\n", "inferred");
+        r.grpc_status = Some(99);
+        assert_eq!(f.render(&r), b"99 99 99 99\n");
+        let e = LogFormat::text("%GRPC_STATUS(LOUD)%").expect_err("unknown style");
+        assert!(e.contains("GRPC_STATUS(LOUD)"), "{e}");
     }
 
     #[test]

@@ -87,6 +87,36 @@ pub struct Record {
     /// them.
     #[serde(skip)]
     pub filter_headers: Option<Box<http::HeaderMap>>,
+    /// Whether the request was a gRPC call (`content-type: application/grpc`).
+    #[serde(skip)]
+    pub grpc_request: bool,
+    /// The answer's `grpc-status`, from its trailers or (trailers-only) its
+    /// head.
+    #[serde(skip)]
+    pub grpc_status: Option<u32>,
+}
+
+impl Record {
+    /// The call's gRPC status as Envoy finds it: the answer's
+    /// `grpc-status`, else inferred from the HTTP status.
+    pub fn grpc_status_or_inferred(&self) -> u32 {
+        self.grpc_status.unwrap_or(match self.response_code {
+            400 => 13,                   // INTERNAL
+            401 => 16,                   // UNAUTHENTICATED
+            403 => 7,                    // PERMISSION_DENIED
+            404 => 12,                   // UNIMPLEMENTED
+            429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+            _ => 2,                      // UNKNOWN
+        })
+    }
+}
+
+/// A `grpc-status` field's value.
+pub fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    std::str::from_utf8(h.get("grpc-status")?.as_bytes())
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Writers by target, shared by every listener logging there.

@@ -84,8 +84,10 @@ pub enum Underscores {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeaderRules {
     /// Most header fields a request may have
-    /// (`common_http_protocol_options.max_headers_count`, 100 by default;
-    /// pseudo-headers and the request line are not counted). Over it: 431.
+    /// (`common_http_protocol_options.max_headers_count`, 100 by default),
+    /// counted as Envoy's codecs count: HTTP/1.1 its header fields (not the
+    /// request line), HTTP/2 its pseudo-headers too. Over it: a 431 over
+    /// HTTP/1.1, a stream reset over HTTP/2.
     pub max_count: usize,
     /// Names with an underscore.
     pub underscores: Underscores,

@@ -207,6 +207,10 @@ impl Body for ResponseBody {
             Some(Ok(f)) => {
                 if let (Some(d), Either::Left(_)) = (f.data_ref(), &this.inner) {
                     this.guard.bytes += d.len() as u64;
+                } else if let (Some(t), Some(b)) = (f.trailers_ref(), this.guard.log.as_mut()) {
+                    if let Some(s) = crate::access_log::grpc_status(t) {
+                        b.1.grpc_status = Some(s);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.guard.ended = true;

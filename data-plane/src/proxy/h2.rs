@@ -15,8 +15,10 @@
 //! flight than the windows this server advertised.
 //!
 //! Refusals follow RFC 9113: malformed requests get RST_STREAM
-//! PROTOCOL_ERROR, header lists over the listener's limit a 431, streams
-//! over the concurrency limit REFUSED_STREAM; protocol violations end the
+//! PROTOCOL_ERROR, header lists over the listener's size limit a 431,
+//! over its `max_headers_count` RST_STREAM INTERNAL_ERROR (Envoy's
+//! answer), streams over the concurrency limit REFUSED_STREAM; protocol
+//! violations end the
 //! connection with a GOAWAY naming the error. Floods are bounded: header
 //! blocks by size, control-frame answers by the write buffer (reading
 //! stops while it is full), streams reset by the client before their
@@ -494,9 +496,12 @@ struct Fields {
     pseudo_seen: bool,
     /// Sum of the fields' sizes (RFC 7541 4.1).
     size: usize,
-    /// Regular fields kept.
+    /// Fields kept, pseudo-headers included (Envoy counts its map).
     count: usize,
     too_large: bool,
+    /// Over the listener's `max_headers_count`: the stream is reset, as
+    /// Envoy's HTTP/2 codec does (HTTP/1.1 gets a 431).
+    too_many: bool,
     malformed: Option<&'static str>,
 }
 
@@ -516,7 +521,7 @@ impl Fields {
             // table entry would otherwise build a huge map.
             self.too_large = true;
         }
-        if self.too_large || self.malformed.is_some() {
+        if self.too_large || self.too_many || self.malformed.is_some() {
             return;
         }
         let slot = match name {
@@ -567,12 +572,18 @@ impl Fields {
                 // Counted as entries, so that cookie crumbs joined above
                 // count once (as in Envoy).
                 self.count += 1;
-                if self.count > rules.max_count || self.headers.try_append(n, v).is_err() {
+                if self.count > rules.max_count {
+                    self.too_many = true;
+                } else if self.headers.try_append(n, v).is_err() {
                     self.too_large = true;
                 }
                 return;
             }
         };
+        self.count += 1;
+        if self.count > rules.max_count {
+            return self.too_many = true;
+        }
         self.pseudo_seen = true;
         if self.regular_seen {
             self.malformed = Some("pseudo-header after a regular header");
@@ -1549,7 +1560,7 @@ impl Connection {
             if s.remote_closed {
                 return self.reset(id, Reason::STREAM_CLOSED);
             }
-            if !end_stream || f.pseudo_seen || f.malformed.is_some() || f.too_large {
+            if !end_stream || f.pseudo_seen || f.malformed.is_some() || f.too_large || f.too_many {
                 return self.reset(id, Reason::PROTOCOL_ERROR);
             }
             if s.expect_len.is_some_and(|n| n != s.got_len) {
@@ -1590,6 +1601,10 @@ impl Connection {
                 .downstream_cx_max_requests_reached
                 .fetch_add(1, Ordering::Relaxed);
             self.go_away(Reason::NO_ERROR, "max requests per connection");
+        }
+        if f.too_many {
+            tracing::debug!(peer = %self.conn.peer, stream = id, "over max_headers_count");
+            return self.reset(id, Reason::INTERNAL_ERROR);
         }
         let too_large = f.too_large;
         let (req, expect_len) = match f.request() {

@@ -135,6 +135,8 @@ pub async fn handle(
     shared.stats.count_status(status);
     if let Some(b) = guard.log.as_mut() {
         b.1.response_code = status;
+        b.1.grpc_request = grpc;
+        b.1.grpc_status = crate::access_log::grpc_status(resp.headers());
         if b.1.response_code_details.is_empty() {
             b.1.response_code_details = match resp.body() {
                 Either::Left(_) => "via_upstream",

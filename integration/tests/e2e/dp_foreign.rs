@@ -583,6 +583,7 @@ fn foreign_control_plane_envoy_features() {
         fields.insert("path".to_string(), s("%REQ(:PATH)%"));
         fields.insert("user".to_string(), s("%REQ(X-USER)%"));
         fields.insert("from".to_string(), s("%UPSTREAM_LOCAL_ADDRESS%"));
+        fields.insert("grpc".to_string(), s("%GRPC_STATUS%"));
         FileAccessLog {
             path: json_log.display().to_string(),
             access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
@@ -1250,7 +1251,7 @@ fn foreign_control_plane_envoy_features() {
     let eleven = [&ten[..], &[("x-10", "v")]].concat();
     assert_eq!(calm_with("/host", &eleven).status, 431);
     {
-        use super::dp_h2_downstream::{first_field, HEADERS};
+        use super::dp_h2_downstream::{first_field, HEADERS, RST_STREAM};
         let mut c = Raw::connect(calm_port, &[]);
         let many = |n: usize| {
             let mut f = h2get("/host");
@@ -1265,18 +1266,20 @@ fn foreign_control_plane_envoy_features() {
             }));
             f
         };
-        c.request(1, &fields(&many(12)), None);
+        // HTTP/2 counts the four pseudo-headers too, and resets a stream
+        // over the limit with INTERNAL_ERROR, as Envoy does.
+        c.request(1, &fields(&many(8)), None);
         let h = c.until("an answer", |f| f.kind == HEADERS && f.stream == 1);
-        assert_eq!(first_field(&h), 0x88, "12 fields: 200");
-        c.request(3, &fields(&many(13)), None);
-        let h = c.until("a 431", |f| f.kind == HEADERS && f.stream == 3);
-        assert!(h.payload.windows(3).any(|w| w == b"431"), "{h:?}");
+        assert_eq!(first_field(&h), 0x88, "4 + 8 fields: 200");
+        c.request(3, &fields(&many(9)), None);
+        let r = c.until("a reset", |f| f.kind == RST_STREAM && f.stream == 3);
+        assert_eq!(r.payload, [0, 0, 0, 2], "INTERNAL_ERROR: {r:?}");
         // Cookie crumbs are joined into one field, and count as one.
-        let mut crumbs = many(10);
+        let mut crumbs = many(7);
         crumbs.extend((0..4).map(|i| ("cookie", format!("c{i}=v"))));
         c.request(5, &fields(&crumbs), None);
         let h = c.until("an answer", |f| f.kind == HEADERS && f.stream == 5);
-        assert_eq!(first_field(&h), 0x88, "10 fields and one cookie: 200");
+        assert_eq!(first_field(&h), 0x88, "4 + 7 fields and one cookie: 200");
     }
 
     // Connection limits on the second listener: the third request on a
@@ -1493,7 +1496,36 @@ fn foreign_control_plane_envoy_features() {
         let took = started.elapsed();
         assert!(took >= std::time::Duration::from_millis(750), "{took:?}");
         drop(btx);
+        // A whole unary call (to the HTTP/2 upstream): its status comes
+        // in the echo's trailers.
+        let req = hyper::Request::post("http://gw/capped/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\x02hi",
+            )))
+            .expect("request");
+        let resp = tx.send_request(req).await.expect("response");
+        let whole = resp.into_body().collect().await.expect("the answer");
+        assert_eq!(
+            whole.trailers().and_then(|t| t.get("grpc-status")),
+            Some(&http::HeaderValue::from_static("0"))
+        );
     });
+    // The JSON log writes gRPC statuses: from the trailers, and from a
+    // trailers-only answer's head.
+    let grpc_logged = |path: &str, want: &str| {
+        wait_for(std::time::Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&json_log).ok()?;
+            text.lines().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["path"] == path && v["grpc"] == want).then_some(())
+            })
+        })
+        .unwrap_or_else(|| panic!("{path} {want}: {:?}", std::fs::read_to_string(&json_log)))
+    };
+    grpc_logged("/capped/echo.Echo/Say", "OK");
+    grpc_logged("/deadline/slow/3000", "DeadlineExceeded");
     // Over HTTP/1.1, the same 800 ms limit before the answer: a 504.
     let r = get("/capped/slow/3000", &[]);
     assert_eq!(

@@ -69,6 +69,11 @@ fn routes_rewrites_and_edits_over_http1_and_h2c() {
         r.body
     );
     assert_eq!(r.header("x-resp"), Some("r"));
+    // Portico's gateway names itself and keeps Envoy's x-envoy-* headers
+    // to itself, both ways.
+    assert_eq!(r.header("server"), Some("portico"), "{r:?}");
+    assert_eq!(r.header("x-envoy-upstream-service-time"), None, "{r:?}");
+    assert!(!r.body.contains("x-envoy-"), "{}", r.body);
 
     assert_eq!(
         get("/shop/exact/more", &[]).header("x-upstream"),

@@ -19,12 +19,17 @@ use crate::model::gateway::{Listener as GwListener, ListenerProtocol};
 use crate::xds::resources::XdsResource;
 
 /// The HTTP filter chain, router last. Policy filters slot in before it.
+///
+/// The router adds none of Envoy's `x-envoy-*` headers: a gateway at the
+/// edge does not tell clients its upstreams' timings nor hand upstreams
+/// headers only Envoys read (Envoy Gateway's default too).
 pub(crate) fn http_filters() -> Vec<HttpFilter> {
     vec![HttpFilter {
         name: "envoy.filters.http.router".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack(
-            &Router::default(),
-        ))),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Router {
+            suppress_envoy_headers: true,
+            ..Default::default()
+        }))),
         ..Default::default()
     }]
 }
@@ -39,6 +44,9 @@ pub(crate) fn hcm(stat_prefix: &str, route_config_name: &str) -> HttpConnectionM
             route_config_name: route_config_name.to_string(),
         })),
         http_filters: http_filters(),
+        // Answers name the gateway, not Envoy, and not the upstream's
+        // server software.
+        server_name: "portico".into(),
         // Match virtual hosts on the host name whatever port the client put
         // in its Host header.
         strip_port_mode: Some(StripPortMode::StripAnyHostPort(true)),
