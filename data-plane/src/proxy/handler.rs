@@ -1088,23 +1088,32 @@ fn small_number(n: u64) -> HeaderValue {
 
 /// A random (version 4) UUID, the form Envoy gives `x-request-id`.
 fn request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&fastrand::u64(..).to_ne_bytes());
-    bytes[8..].copy_from_slice(&fastrand::u64(..).to_ne_bytes());
+    // Two hex digits per byte, looked up.
+    const HEX2: [[u8; 2]; 256] = {
+        let digits = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [digits[i >> 4], digits[i & 15]];
+            i += 1;
+        }
+        t
+    };
+    let mut bytes = fastrand::u128(..).to_le_bytes();
     // Version 4, variant 10 (RFC 9562 section 5.4).
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let mut out = [b'-'; 36];
-    let mut at = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            at += 1;
+    let hex = |out: &mut [u8], from: &[u8]| {
+        for (pair, b) in out.chunks_exact_mut(2).zip(from) {
+            pair.copy_from_slice(&HEX2[usize::from(*b)]);
         }
-        out[at] = HEX[usize::from(b >> 4)];
-        out[at + 1] = HEX[usize::from(b & 15)];
-        at += 2;
-    }
+    };
+    hex(&mut out[0..8], &bytes[0..4]);
+    hex(&mut out[9..13], &bytes[4..6]);
+    hex(&mut out[14..18], &bytes[6..8]);
+    hex(&mut out[19..23], &bytes[8..10]);
+    hex(&mut out[24..36], &bytes[10..16]);
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
