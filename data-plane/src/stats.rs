@@ -41,6 +41,8 @@ counters!(
         no_healthy_upstream,
         /// Streams ended by the stream idle timeout.
         downstream_rq_idle_timeout,
+        /// Requests not received whole within the HCM's `request_timeout`.
+        downstream_rq_timeout,
         /// Streams ended by their duration limit (`max_stream_duration`,
         /// or a gRPC call's deadline).
         downstream_rq_max_duration_reached,

@@ -186,6 +186,9 @@ pub struct ListenerConfig {
     pub access_logs: Vec<AccessLogConfig>,
     /// Time allowed for a request's headers to arrive.
     pub request_headers_timeout: Duration,
+    /// Time allowed for a whole request to arrive, unless its answer has
+    /// started (the HCM's `request_timeout`; `None` unset or 0).
+    pub request_timeout: Option<Duration>,
     /// Limit on request header size.
     pub max_request_headers: usize,
     /// Idle connection timeout.
@@ -439,6 +442,11 @@ impl ListenerConfig {
                 .map(duration)
                 .filter(|d| !d.is_zero())
                 .unwrap_or(Duration::from_secs(10)),
+            request_timeout: hcm
+                .request_timeout
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero()),
             max_request_headers: hcm
                 .max_request_headers_kb
                 .as_ref()

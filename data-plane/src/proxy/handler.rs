@@ -174,6 +174,7 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         "UC" => "upstream_reset_before_response_started{connection_termination}",
         "UO" => "upstream_reset_before_response_started{overflow}",
         "DT" => "max_duration_timeout",
+        "" if status == StatusCode::REQUEST_TIMEOUT => "request_overall_timeout",
         "DC" => "downstream_remote_disconnect",
         _ if status == StatusCode::BAD_REQUEST => "protocol_error",
         _ => "local_reply",
@@ -661,6 +662,12 @@ async fn forward(
     };
     // Envoy's stream duration limit (the call's `grpc-timeout` where the
     // route allows it); nothing to compute unless one is configured.
+    // The HCM's request timeout: the whole request must arrive in time
+    // (unless the answer starts first).
+    let request_deadline = lr
+        .config
+        .request_timeout
+        .map(|t| tokio::time::Instant::now() + t);
     let stream_deadline = if fwd.max_stream.is_some() || lr.config.max_stream_duration.is_some() {
         max_duration::stream_limit(
             fwd.max_stream.as_ref(),
@@ -736,7 +743,18 @@ async fn forward(
         let b = body.take().expect("body present");
         // Boxed, as the other rare states below: every request's future
         // would otherwise carry their size (and be copied with it).
-        match Box::pin(Limited::new(b, RETRY_BUFFER_LIMIT as usize).collect()).await {
+        let collect = Box::pin(Limited::new(b, RETRY_BUFFER_LIMIT as usize).collect());
+        let collected = match request_deadline {
+            None => collect.await,
+            Some(d) => match tokio::time::timeout_at(d, collect).await {
+                Ok(c) => c,
+                Err(_) => {
+                    stats.downstream_rq_timeout.fetch_add(1, Relaxed);
+                    return Err(local(StatusCode::REQUEST_TIMEOUT, "request timeout\n", ""));
+                }
+            },
+        };
+        match collected {
             Ok(c) => buffered = Some(c.to_bytes()),
             Err(_) => {
                 return Err(local(
@@ -766,9 +784,13 @@ async fn forward(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    // Only asked when a stream duration limit can fire.
-    let received = match (stream_deadline, body.as_mut()) {
-        (Some(_), Some(b)) => Some(b.received()),
+    // Only asked when a stream duration limit or a request timeout can
+    // fire.
+    let received = match (
+        stream_deadline.is_some() || request_deadline.is_some(),
+        body.as_mut(),
+    ) {
+        (true, Some(b)) => Some(b.received()),
         _ => None,
     };
     let max_tries = 1 + if body.is_none() {
@@ -916,13 +938,36 @@ async fn forward(
             Some(b) if lr.log_upstream_local => Some(&mut b.1.upstream_local_address),
             _ => None,
         };
-        let sent = match try_deadline {
-            Some(d) => tokio::time::timeout_at(d, ep.pool.send_noting(up_req, noting)).await,
-            None => Ok(ep.pool.send_noting(up_req, noting).await),
+        let send = ep.pool.send_noting(up_req, noting);
+        // A request timeout still armed (the body is still coming) races
+        // the try; boxed, as a rare state.
+        let armed = request_deadline.filter(|_| received.as_ref().is_some_and(|r| !r.whole()));
+        let sent = match (armed, try_deadline) {
+            (Some(rd), _) => {
+                Box::pin(race_request_timeout(
+                    send,
+                    rd,
+                    try_deadline,
+                    received.as_ref(),
+                ))
+                .await
+            }
+            (None, Some(d)) => match tokio::time::timeout_at(d, send).await {
+                Ok(r) => Sent::Answer(r),
+                Err(_) => Sent::TimedOut,
+            },
+            (None, None) => Sent::Answer(send.await),
         };
         let more = attempt + 1 < max_tries;
         match sent {
-            Ok(Ok((resp, slot))) => {
+            Sent::RequestTimedOut => {
+                // Envoy's request_timeout: the client took too long to send
+                // the request; not the upstream's fault.
+                stats.downstream_rq_timeout.fetch_add(1, Relaxed);
+                failure = local(StatusCode::REQUEST_TIMEOUT, "request timeout\n", "");
+                break;
+            }
+            Sent::Answer(Ok((resp, slot))) => {
                 let status = resp.status().as_u16();
                 cluster.stats.count_status(status);
                 cluster.observe(&ep, Some(status));
@@ -961,7 +1006,7 @@ async fn forward(
                 guard.deadline = stream_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
-            Ok(Err(e)) => {
+            Sent::Answer(Err(e)) => {
                 if !matches!(e, SendError::Downstream { .. }) {
                     cluster.observe(&ep, None);
                 }
@@ -1003,7 +1048,7 @@ async fn forward(
                     break;
                 }
             }
-            Err(_elapsed) if stream_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+            Sent::TimedOut if stream_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
                 // The stream's own limit, not the upstream's slowness: no
                 // retry, no outlier mark.
                 stats
@@ -1022,7 +1067,7 @@ async fn forward(
                 );
                 break;
             }
-            Err(_elapsed) => {
+            Sent::TimedOut => {
                 stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 cluster.observe(&ep, Some(504));
@@ -1048,6 +1093,48 @@ async fn forward(
         failure.status = StatusCode::BAD_GATEWAY;
     }
     Err(failure)
+}
+
+/// How an upstream try ended.
+enum Sent<T> {
+    /// With an answer or an error.
+    Answer(T),
+    /// At the route's, the try's or the stream's deadline.
+    TimedOut,
+    /// At the HCM's request timeout, the request not yet received whole.
+    RequestTimedOut,
+}
+
+/// Runs a try against the request timeout: at `request_deadline` the try
+/// is given up if the client has still not sent the whole body; if it
+/// has, the timer is disarmed (Envoy's) and only `try_deadline` is left.
+async fn race_request_timeout<T>(
+    send: impl std::future::Future<Output = T>,
+    request_deadline: tokio::time::Instant,
+    try_deadline: Option<tokio::time::Instant>,
+    received: Option<&super::body::Received>,
+) -> Sent<T> {
+    let mut send = std::pin::pin!(send);
+    let request_timer = tokio::time::sleep_until(request_deadline);
+    let mut request_timer = std::pin::pin!(request_timer);
+    let mut armed = true;
+    // An unreachable deadline stands for none.
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let try_timer = tokio::time::sleep_until(try_deadline.unwrap_or(far));
+    let mut try_timer = std::pin::pin!(try_timer);
+    loop {
+        tokio::select! {
+            r = &mut send => return Sent::Answer(r),
+            () = &mut request_timer, if armed => {
+                if received.is_none_or(|r| r.whole()) {
+                    armed = false;
+                } else {
+                    return Sent::RequestTimedOut;
+                }
+            }
+            () = &mut try_timer, if try_deadline.is_some() => return Sent::TimedOut,
+        }
+    }
 }
 
 /// The absolute URI an HTTP/2 upstream request carries (the host as its

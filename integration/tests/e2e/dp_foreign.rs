@@ -151,6 +151,11 @@ fn listener(
             seconds: stream_idle,
             nanos: 0,
         }),
+        // `clean`: a whole request must arrive within 1 s.
+        request_timeout: clean.then_some(portico_proto::google::protobuf::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
         // Without `clean`, a second log (the first's path + `.picked`, in
         // Envoy's default fields) gets only answers of 500 and over, or
         // requests with an `x-log-me` header.
@@ -1555,4 +1560,37 @@ fn foreign_control_plane_envoy_features() {
         dp.stat("http.downstream_rq_max_duration_reached"),
         reached + 5
     );
+
+    // The second listener's request timeout (1 s): a body still coming
+    // then gets a 408, over HTTP/1.1 and HTTP/2; a body that arrived in
+    // time disarms it, however long the answer takes.
+    let timed_out = dp.stat("http.downstream_rq_timeout");
+    let started = std::time::Instant::now();
+    let mut s = connect(calm_port);
+    s.write_all(b"POST /host/x HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\nten bytes.")
+        .expect("write");
+    let head = read_answer(&mut s);
+    let took = started.elapsed();
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(
+        took >= std::time::Duration::from_millis(900)
+            && took < std::time::Duration::from_millis(1900),
+        "{took:?}"
+    );
+    let mut s = connect(calm_port);
+    s.write_all(b"POST /host/slow/1500 HTTP/1.1\r\nhost: gw\r\ncontent-length: 5\r\n\r\nhello")
+        .expect("write");
+    let head = read_answer(&mut s);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    {
+        use super::dp_h2_downstream::{block, END_HEADERS};
+        let mut c = Raw::connect(calm_port, &[]);
+        let mut post = h2get("/host/y");
+        post[0].1 = "POST".into();
+        c.send(HEADERS, END_HEADERS, 1, &block(&fields(&post)));
+        c.send(DATA, 0, 1, b"more to come");
+        let h = c.until("the 408", |f| f.kind == HEADERS && f.stream == 1);
+        assert!(h.payload.windows(3).any(|w| w == b"408"), "{h:?}");
+    }
+    assert_eq!(dp.stat("http.downstream_rq_timeout"), timed_out + 2);
 }
