@@ -19,8 +19,8 @@ use portico_proto::envoy::config::route::v3::{
     route::Action,
     route_action::{hash_policy::PolicySpecifier, ClusterSpecifier, HostRewriteSpecifier},
     route_match::PathSpecifier,
-    RetryPolicy as PbRetryPolicy, Route as PbRoute, RouteConfiguration,
-    VirtualHost as PbVirtualHost,
+    HeaderMatcher as PbHeaderMatcher, RetryPolicy as PbRetryPolicy, Route as PbRoute,
+    RouteConfiguration, VirtualHost as PbVirtualHost,
 };
 use prost::Message;
 use regex::Regex;
@@ -299,6 +299,15 @@ pub struct RetryPolicy {
     pub statuses: Vec<u16>,
     /// gRPC statuses to retry on (from `grpc-status`).
     pub grpc: Vec<u32>,
+    /// Retry when the answer carries `x-envoy-ratelimited`
+    /// (`envoy-ratelimited`).
+    pub ratelimited: bool,
+    /// Retry when an answer header matches one of these
+    /// (`retriable-headers` with `retriable_headers`).
+    pub answer_headers: Vec<HeaderMatch>,
+    /// Retry only requests with a header matching one of these
+    /// (`retriable_request_headers`; empty: any request).
+    pub request_headers: Vec<HeaderMatch>,
     /// Retries after the first try.
     pub num_retries: u32,
     /// Timeout of each try.
@@ -322,6 +331,7 @@ impl RetryPolicy {
             ..Default::default()
         };
         let mut codes_on = false;
+        let mut headers_on = false;
         for token in p
             .retry_on
             .split(',')
@@ -341,9 +351,11 @@ impl RetryPolicy {
                 "resource-exhausted" => r.grpc.push(8),
                 "internal" => r.grpc.push(13),
                 "unavailable" => r.grpc.push(14),
-                // Conditions this proxy never produces; accepted so Envoy
-                // configuration runs unchanged.
-                "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure" => {}
+                "envoy-ratelimited" => r.ratelimited = true,
+                "retriable-headers" => headers_on = true,
+                // A condition this proxy never meets (it speaks no HTTP/3);
+                // accepted so Envoy configuration runs unchanged.
+                "http3-post-connect-failure" => {}
                 other => {
                     return Err(ConfigError::new(
                         at,
@@ -355,6 +367,16 @@ impl RetryPolicy {
         if codes_on {
             r.statuses = p.retriable_status_codes.iter().map(|c| *c as u16).collect();
         }
+        let matchers = |ms: &[PbHeaderMatcher], what: &str| {
+            ms.iter()
+                .enumerate()
+                .map(|(i, m)| HeaderMatch::compile(m, &format!("{at} retry_policy.{what}[{i}]")))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        if headers_on {
+            r.answer_headers = matchers(&p.retriable_headers, "retriable_headers")?;
+        }
+        r.request_headers = matchers(&p.retriable_request_headers, "retriable_request_headers")?;
         if let Some(b) = &p.retry_back_off {
             if let Some(base) = b.base_interval.as_ref().map(duration) {
                 if base.is_zero() {
@@ -384,11 +406,28 @@ impl RetryPolicy {
             || (self.gateway_error && matches!(status, 502..=504))
             || (self.retriable_4xx && status == 409)
             || self.statuses.contains(&status)
+            || (self.ratelimited && headers.contains_key("x-envoy-ratelimited"))
+            || (!self.answer_headers.is_empty() && {
+                let head = RequestHead {
+                    method: "",
+                    path: "",
+                    authority: "",
+                    scheme: "",
+                    headers,
+                };
+                self.answer_headers.iter().any(|m| m.matches(&head))
+            })
             || (!self.grpc.is_empty()
                 && headers
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
                     .is_some_and(|c| self.grpc.contains(&c)))
+    }
+
+    /// Whether the request may be retried at all (its headers match
+    /// `retriable_request_headers`, when there are any).
+    pub fn request_retriable(&self, head: &RequestHead<'_>) -> bool {
+        self.request_headers.is_empty() || self.request_headers.iter().any(|m| m.matches(head))
     }
 
     /// Whether a failed connect asks for another try.
@@ -1503,6 +1542,36 @@ mod tests {
             msg.contains("\"rc\"") && msg.contains("\"broken\"") && msg.contains("bad regex"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn retry_conditions_on_answer_headers() {
+        let policy = |on: &str| {
+            RetryPolicy::convert(
+                &PbRetryPolicy {
+                    retry_on: on.into(),
+                    ..Default::default()
+                },
+                "r",
+            )
+            .expect("converts")
+        };
+        let mut limited = HeaderMap::new();
+        limited.insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
+        let p = policy("envoy-ratelimited");
+        assert!(p.retry_status(429, &limited));
+        assert!(!p.retry_status(429, &HeaderMap::new()));
+        // retriable-headers without any header listed retries nothing.
+        assert!(!policy("retriable-headers").retry_status(503, &limited));
+        let e = RetryPolicy::convert(
+            &PbRetryPolicy {
+                retry_on: "5xx,sometimes".into(),
+                ..Default::default()
+            },
+            "r",
+        )
+        .expect_err("unknown condition");
+        assert!(e.to_string().contains("\"sometimes\""), "{e}");
     }
 
     #[test]

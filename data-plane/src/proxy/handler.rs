@@ -793,10 +793,24 @@ async fn forward(
         (true, Some(b)) => Some(b.received()),
         _ => None,
     };
-    let max_tries = 1 + if body.is_none() {
-        retry.map_or(0, |r| r.num_retries)
-    } else {
-        0
+    let max_tries = 1 + match retry {
+        Some(r)
+            if body.is_none()
+                && (r.request_headers.is_empty()
+                    || r.request_retriable(&RequestHead {
+                        method: parts.method.as_str(),
+                        path: original_pq,
+                        authority: host_value
+                            .as_ref()
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or(""),
+                        scheme: "http",
+                        headers: &headers,
+                    })) =>
+        {
+            r.num_retries
+        }
+        _ => 0,
     };
     let mut last_ep: Option<Arc<crate::upstream::Endpoint>> = None;
     let mut failure = local(

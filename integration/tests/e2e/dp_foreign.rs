@@ -362,6 +362,31 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             a.retry_policy = retry("5xx")
         }),
         prefix_route("/again", "plain", |a| a.retry_policy = retry("5xx")),
+        // Retried when the answer names `origin` as its server, and only
+        // requests that carry `x-retry-me`.
+        prefix_route("/picky", "plain", |a| {
+            use portico_proto::envoy::config::route::v3::{header_matcher, HeaderMatcher};
+            use portico_proto::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+            let mut p = retry("retriable-headers").expect("a policy");
+            p.retriable_headers = vec![HeaderMatcher {
+                name: "server".into(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact("origin".into())),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }];
+            p.retriable_request_headers = vec![HeaderMatcher {
+                name: "x-retry-me".into(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::PresentMatch(
+                    true,
+                )),
+                ..Default::default()
+            }];
+            a.retry_policy = Some(p);
+        }),
         prefix_route("/on-reset", "resetting", |a| {
             a.retry_policy = retry("reset")
         }),
@@ -703,6 +728,25 @@ fn foreign_control_plane_envoy_features() {
         (r.header("via"), r.header("x-envoy-attempt-count")),
         (Some("edge-gw"), Some("3")),
         "{r:?}"
+    );
+    // Retries on an answer header, for requests with the right header
+    // only: four tries (the last answer passes as it is), else one.
+    let tries = |headers: &[(&str, &str)]| {
+        let r = get("/picky/x", headers);
+        assert_eq!(r.status, 200, "{r:?}");
+        r.header("x-envoy-attempt-count").map(str::to_owned)
+    };
+    assert_eq!(
+        tries(&[("x-answer-server", "origin"), ("x-retry-me", "1")]).as_deref(),
+        Some("4")
+    );
+    assert_eq!(
+        tries(&[("x-answer-server", "origin")]).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        tries(&[("x-answer-server", "other"), ("x-retry-me", "1")]).as_deref(),
+        Some("1")
     );
     // A retry the cluster's budget refuses is not tried, and the answer
     // that would have been retried goes back as it came.
