@@ -165,6 +165,9 @@ pub struct Forward {
     pub regex_rewrite: Option<Substitution>,
     /// Host header rewrite.
     pub host_rewrite: HostRewrite,
+    /// A rewritten host's original goes to `x-forwarded-host`
+    /// (`append_x_forwarded_host`).
+    pub append_x_forwarded_host: bool,
     /// Whole-request timeout (None: disabled).
     pub timeout: Option<Duration>,
     /// Retries (the route's, else the virtual host's).
@@ -1040,6 +1043,7 @@ fn convert_route(
                     .map(|s| Substitution::compile(s, at))
                     .transpose()?,
                 host_rewrite,
+                append_x_forwarded_host: a.append_x_forwarded_host,
                 timeout,
                 retry,
                 hash,

@@ -475,6 +475,7 @@ fn redirect(rd: &Redirect, route: &Route, req: &Request<RequestBody>, host: &str
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
@@ -709,6 +710,20 @@ async fn forward(
     }
     if let Some(via) = &lr.config.via {
         append_via(&mut headers, via);
+    }
+    if fwd.append_x_forwarded_host && !matches!(fwd.host_rewrite, HostRewrite::Keep) {
+        let original = original_uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            });
+        if let Some(host) = original {
+            append_forwarded_host(&mut headers, &host);
+        }
     }
     let envoy_headers = lr.config.envoy_headers;
     if envoy_headers && (fwd.prefix_rewrite.is_some() || fwd.regex_rewrite.is_some()) {
@@ -1162,6 +1177,19 @@ pub(super) fn h2_uri(
 }
 
 /// A random 128-bit request id in hex (Envoy generates one per request).
+/// Appends the original host to `x-forwarded-host` unless it is already
+/// the last entry (Envoy's `append_x_forwarded_host`).
+fn append_forwarded_host(headers: &mut HeaderMap, host: &str) {
+    let joined = match headers.get(&X_FORWARDED_HOST).and_then(|v| v.to_str().ok()) {
+        Some(prev) if prev.rsplit(',').next().map(str::trim) == Some(host) => return,
+        Some(prev) if !prev.is_empty() => format!("{prev},{host}"),
+        _ => host.to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(&X_FORWARDED_HOST, v);
+    }
+}
+
 /// Appends this proxy's `via` entry to the header's list (one field).
 fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
     let joined = match headers.get(header::VIA) {

@@ -338,6 +338,12 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 ..Default::default()
             });
         }),
+        prefix_route("/xfh", "plain", |a| {
+            a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(
+                "inner.example".into(),
+            ));
+            a.append_x_forwarded_host = true;
+        }),
         prefix_route("/host", "plain", |a| {
             a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(
                 "rewritten.example".into(),
@@ -663,6 +669,24 @@ fn foreign_control_plane_envoy_features() {
     assert!(r.body.starts_with("GET /items/42/pets\n"), "{}", r.body);
     let r = get("/host", &[]);
     assert!(r.body.contains("\nhost: rewritten.example\n"), "{}", r.body);
+
+    // The rewritten host's original is appended to x-forwarded-host,
+    // unless it is already the last entry.
+    let r = get("/xfh", &[("x-forwarded-host", "a.example")]);
+    assert!(
+        r.body.contains("\nhost: inner.example\n")
+            && r.body.contains("\nx-forwarded-host: a.example,gw\n"),
+        "{}",
+        r.body
+    );
+    let r = get("/xfh", &[("x-forwarded-host", "a.example,gw")]);
+    assert!(
+        r.body.contains("\nx-forwarded-host: a.example,gw\n"),
+        "{}",
+        r.body
+    );
+    let r = get("/host", &[]);
+    assert!(!r.body.contains("x-forwarded-host"), "{}", r.body);
 
     // The router's x-envoy-* headers, and the server header, as Envoy
     // sets them by default: the original path of a rewritten request and
