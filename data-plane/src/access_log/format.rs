@@ -14,7 +14,7 @@
 //! `%UPSTREAM_TRANSPORT_FAILURE_REASON%`, `%ROUTE_NAME%`,
 //! `%DOWNSTREAM_REMOTE_ADDRESS%`, `%DOWNSTREAM_LOCAL_ADDRESS%`,
 //! `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%` (each also `_WITHOUT_PORT`),
-//! `%GRPC_STATUS%` (and `(CAMEL_STRING)`, `(SNAKE_STRING)`, `(NUMBER)`,
+//! `%LOCAL_REPLY_BODY%`, `%GRPC_STATUS%` (and `(CAMEL_STRING)`, `(SNAKE_STRING)`, `(NUMBER)`,
 //! `%GRPC_STATUS_NUMBER%`; `-` unless the request is a gRPC call),
 //! `%REQUESTED_SERVER_NAME%` (always `-`: listeners have no TLS yet, so
 //! no SNI), `%CONNECTION_TERMINATION_DETAILS%` (always `-`: no network
@@ -100,6 +100,8 @@ enum What {
     RemoteAddressWithoutPort,
     /// A gRPC call's status (`-` for other requests).
     GrpcStatus(GrpcStyle),
+    /// The text of the proxy's own answer.
+    LocalReplyBody,
 }
 
 /// How `%GRPC_STATUS%` writes a status.
@@ -218,6 +220,15 @@ impl LogFormat {
         match self {
             LogFormat::Text(p) => walk_pieces(p, add),
             LogFormat::Json(f) => walk_fields(f, add),
+        }
+    }
+
+    /// Renders a local reply's body: as a log line, but text gets no
+    /// newline of its own.
+    pub fn render_body(&self, r: &Record) -> Vec<u8> {
+        match self {
+            LogFormat::Text(p) => text(p, r).into_bytes(),
+            LogFormat::Json(_) => self.render(r),
         }
     }
 
@@ -354,6 +365,7 @@ fn parse_op(token: &str) -> Result<Op, String> {
             What::Resp(name(main)?, alt.map(name).transpose()?)
         }
         ("RESPONSE_CODE_DETAILS", None) => What::ResponseCodeDetails,
+        ("LOCAL_REPLY_BODY", None) => What::LocalReplyBody,
         ("GRPC_STATUS", None | Some("CAMEL_STRING")) => What::GrpcStatus(GrpcStyle::Camel),
         ("GRPC_STATUS", Some("SNAKE_STRING")) => What::GrpcStatus(GrpcStyle::Snake),
         ("GRPC_STATUS", Some("NUMBER")) | ("GRPC_STATUS_NUMBER", None) => {
@@ -458,6 +470,7 @@ fn value<'a>(what: &What, r: &'a Record) -> Got<'a> {
         What::BytesSent => Got::Num(r.bytes_sent),
         What::Duration => Got::Num(r.duration),
         What::UpstreamServiceTime => r.upstream_service_time.map_or(Got::None, Got::Num),
+        What::LocalReplyBody => opt(&r.local_reply_body),
         What::GrpcStatus(_) if !r.grpc_request => Got::None,
         What::GrpcStatus(style) => {
             let code = r.grpc_status_or_inferred();

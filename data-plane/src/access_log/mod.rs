@@ -94,6 +94,9 @@ pub struct Record {
     /// head.
     #[serde(skip)]
     pub grpc_status: Option<u32>,
+    /// The text of the proxy's own answer, when it made one.
+    #[serde(skip)]
+    pub local_reply_body: Option<String>,
 }
 
 impl Record {

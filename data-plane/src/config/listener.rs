@@ -28,6 +28,7 @@ use portico_proto::envoy::extensions::filters::network::http_connection_manager:
 };
 use prost::Name;
 
+use super::local_reply::LocalReplies;
 use super::route::RouteTable;
 use super::{duration, socket_addr, unpack, ConfigError};
 use crate::access_log::{LogFilter, LogFormat};
@@ -150,7 +151,7 @@ impl AccessLogConfig {
 /// A `SubstitutionFormatString`'s format (`None`: the default). The
 /// deprecated `text_format` is still what most configurations use.
 #[allow(deprecated)]
-fn substitution(l: &SubstitutionFormatString) -> Option<Result<LogFormat, String>> {
+pub(crate) fn substitution(l: &SubstitutionFormatString) -> Option<Result<LogFormat, String>> {
     match &l.format {
         None => None,
         Some(substitution_format_string::Format::TextFormat(t)) => Some(LogFormat::text(t)),
@@ -234,6 +235,8 @@ pub struct ListenerConfig {
     /// Appended to the `via` header of requests and responses (the HCM's
     /// `via`; `None` when empty).
     pub via: Option<http::HeaderValue>,
+    /// How the proxy's own answers look (`local_reply_config`).
+    pub local_replies: Option<LocalReplies>,
 }
 
 /// What the listener does with the `server` header of its responses.
@@ -493,6 +496,11 @@ impl ListenerConfig {
             server_header,
             generate_request_id: hcm.generate_request_id.is_none_or(|b| b.value),
             request_id_in_response: hcm.always_set_request_id_in_response,
+            local_replies: hcm
+                .local_reply_config
+                .as_ref()
+                .map(|c| LocalReplies::convert(c, at))
+                .transpose()?,
             via: match hcm.via.as_str() {
                 "" => None,
                 v => Some(http::HeaderValue::from_str(v).map_err(|_| {

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod listener;
+pub mod local_reply;
 pub mod matcher;
 pub mod route;
 

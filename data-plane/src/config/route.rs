@@ -474,7 +474,7 @@ pub struct HeaderAdd {
 }
 
 impl Edits {
-    fn convert(
+    pub(crate) fn convert(
         req_add: &[HeaderValueOption],
         req_rm: &[String],
         resp_add: &[HeaderValueOption],

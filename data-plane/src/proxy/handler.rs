@@ -100,6 +100,12 @@ pub async fn handle(
     }
     let snap = shared.snapshot.load_full();
     let grpc = is_grpc(req.headers());
+    // The request as local_reply_config's filters see it, when no access
+    // log keeps a record of it anyway.
+    let mut reply_rec = match (&lr.config.local_replies, &guard.log) {
+        (Some(_), None) => Some(record(&req, &conn, &[])),
+        _ => None,
+    };
     let mut resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
         Ok(resp) => resp,
         Err(l) => {
@@ -107,10 +113,18 @@ pub async fn handle(
                 b.1.response_flags = l.flags.into();
                 b.1.response_code_details = code_details(l.flags, l.status);
             }
-            if grpc {
-                grpc_local_reply(&l)
-            } else {
-                local_reply(l.status, l.body)
+            match &lr.config.local_replies {
+                _ if grpc => grpc_local_reply(&l),
+                Some(replies) => {
+                    let rec = match guard.log.as_mut() {
+                        Some(b) => &mut b.1,
+                        None => reply_rec.get_or_insert_with(Default::default),
+                    };
+                    rec.response_flags = l.flags.into();
+                    rec.response_code = l.status.as_u16();
+                    configured_reply(replies.reply(rec, l.status, l.body))
+                }
+                None => local_reply(l.status, l.body),
             }
         }
     };
@@ -179,6 +193,20 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         _ if status == StatusCode::BAD_REQUEST => "protocol_error",
         _ => "local_reply",
     }
+}
+
+/// A local reply as `local_reply_config` made it.
+fn configured_reply(r: crate::config::local_reply::Reply<'_>) -> Out {
+    let len = r.body.len();
+    let mut resp = Response::new(Either::Right(r.body));
+    *resp.status_mut() = r.status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, r.content_type);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(e) = r.edits {
+        e.apply_response(h);
+    }
+    resp
 }
 
 fn local_reply(status: StatusCode, body: &'static str) -> Out {

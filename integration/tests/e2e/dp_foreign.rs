@@ -151,6 +151,8 @@ fn listener(
             seconds: stream_idle,
             nanos: 0,
         }),
+        // Without `clean`, 404s of its own say so in JSON.
+        local_reply_config: (!clean).then(not_found_in_json),
         // `clean`: a whole request must arrive within 1 s.
         request_timeout: clean.then_some(portico_proto::google::protobuf::Duration {
             seconds: 1,
@@ -202,6 +204,65 @@ fn listener(
             ..Default::default()
         }],
         ..Default::default()
+    }
+}
+
+/// A local reply mapper: the proxy's own 404s get a body of their own, in
+/// JSON, and an `x-mapped` header.
+fn not_found_in_json(
+) -> portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::LocalReplyConfig
+{
+    use portico_proto::envoy::config::accesslog::v3::{
+        access_log_filter::FilterSpecifier, comparison_filter::Op, ComparisonFilter,
+        StatusCodeFilter,
+    };
+    use portico_proto::envoy::config::core::v3::{HeaderValue, HeaderValueOption, RuntimeUInt32};
+    use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+        LocalReplyConfig, ResponseMapper,
+    };
+    let s = |v: &str| portico_proto::google::protobuf::Value {
+        kind: Some(portico_proto::google::protobuf::value::Kind::StringValue(
+            v.into(),
+        )),
+    };
+    let fields = [("error", "%LOCAL_REPLY_BODY%"), ("code", "%RESPONSE_CODE%")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), s(v)))
+        .collect();
+    LocalReplyConfig {
+        mappers: vec![ResponseMapper {
+            filter: Some(AccessLogFilter {
+                filter_specifier: Some(FilterSpecifier::StatusCodeFilter(StatusCodeFilter {
+                    comparison: Some(ComparisonFilter {
+                        op: Op::Eq as i32,
+                        value: Some(RuntimeUInt32 {
+                            default_value: 404,
+                            runtime_key: "k".into(),
+                        }),
+                    }),
+                })),
+            }),
+            body: Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString("nothing here".into())),
+                ..Default::default()
+            }),
+            body_format_override: Some(SubstitutionFormatString {
+                format: Some(substitution_format_string::Format::JsonFormat(
+                    portico_proto::google::protobuf::Struct { fields },
+                )),
+                ..Default::default()
+            }),
+            headers_to_add: vec![HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: "x-mapped".into(),
+                    value: "yes".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        body_format: None,
     }
 }
 
@@ -731,6 +792,17 @@ fn foreign_control_plane_envoy_features() {
         (404, Some("envoy")),
         "{r:?}"
     );
+    // The listener's local_reply_config maps its own 404s (not the other
+    // local replies, nor an upstream's 404).
+    assert_eq!(
+        (r.header("content-type"), r.header("x-mapped")),
+        (Some("application/json"), Some("yes")),
+        "{r:?}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(v, serde_json::json!({"error": "nothing here", "code": 404}));
+    let r = get("/host/status/404", &[]);
+    assert_eq!((r.status, r.header("x-mapped")), (404, None), "{r:?}");
     assert_eq!(r.header("via"), Some("edge-gw"), "{r:?}");
     assert_eq!(r.header("x-request-id").map(str::len), Some(36), "{r:?}");
     // The id the upstream saw comes back; `via` grows by one entry each
