@@ -1164,6 +1164,12 @@ fn convert_route(
                     ))
                 }
             };
+            if d.body_format.is_some() {
+                return Err(ConfigError::new(
+                    at,
+                    "direct_response body_format is not supported",
+                ));
+            }
             RouteAction::Direct { status, body }
         }
         Some(other) => {

@@ -107,7 +107,21 @@ pub async fn handle(
         _ => None,
     };
     let mut resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
-        Ok(resp) => resp,
+        // Direct responses and redirects are the proxy's own answers too.
+        Ok(resp) => match (&lr.config.local_replies, resp.body()) {
+            (Some(replies), Either::Right(body)) if !grpc => {
+                let rec = match guard.log.as_mut() {
+                    Some(b) => &mut b.1,
+                    None => reply_rec.get_or_insert_with(Default::default),
+                };
+                rec.response_code = resp.status().as_u16();
+                let text = String::from_utf8_lossy(body).into_owned();
+                let reply = replies.reply(rec, resp.status(), &text);
+                let (parts, _) = resp.into_parts();
+                configured_reply(reply, parts)
+            }
+            _ => resp,
+        },
         Err(l) => {
             if let Some(b) = guard.log.as_mut() {
                 b.1.response_flags = l.flags.into();
@@ -122,7 +136,8 @@ pub async fn handle(
                     };
                     rec.response_flags = l.flags.into();
                     rec.response_code = l.status.as_u16();
-                    configured_reply(replies.reply(rec, l.status, l.body))
+                    let parts = Response::new(()).into_parts().0;
+                    configured_reply(replies.reply(rec, l.status, l.body), parts)
                 }
                 None => local_reply(l.status, l.body),
             }
@@ -195,18 +210,19 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
     }
 }
 
-/// A local reply as `local_reply_config` made it.
-fn configured_reply(r: crate::config::local_reply::Reply<'_>) -> Out {
-    let len = r.body.len();
-    let mut resp = Response::new(Either::Right(r.body));
-    *resp.status_mut() = r.status;
-    let h = resp.headers_mut();
+/// A local reply as `local_reply_config` made it, on the head it had.
+fn configured_reply(
+    r: crate::config::local_reply::Reply<'_>,
+    mut parts: http::response::Parts,
+) -> Out {
+    parts.status = r.status;
+    let h = &mut parts.headers;
     h.insert(header::CONTENT_TYPE, r.content_type);
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.body.len()));
     if let Some(e) = r.edits {
         e.apply_response(h);
     }
-    resp
+    Response::from_parts(parts, Either::Right(r.body))
 }
 
 fn local_reply(status: StatusCode, body: &'static str) -> Out {

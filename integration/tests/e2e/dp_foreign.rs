@@ -399,6 +399,25 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 ..Default::default()
             });
         }),
+        // A direct 404: the listener's local_reply_config shapes it too.
+        Route {
+            name: "gone".into(),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/gone".into())),
+                ..Default::default()
+            }),
+            action: Some(Action::DirectResponse(
+                portico_proto::envoy::config::route::v3::DirectResponseAction {
+                    status: 404,
+                    body: Some(DataSource {
+                        specifier: Some(data_source::Specifier::InlineString("gone".into())),
+                        ..Default::default()
+                    }),
+                    body_format: None,
+                },
+            )),
+            ..Default::default()
+        },
         prefix_route("/xfh", "plain", |a| {
             a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(
                 "inner.example".into(),
@@ -803,6 +822,13 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(v, serde_json::json!({"error": "nothing here", "code": 404}));
     let r = get("/host/status/404", &[]);
     assert_eq!((r.status, r.header("x-mapped")), (404, None), "{r:?}");
+    let r = get("/gone", &[]);
+    assert_eq!(
+        (r.status, r.header("x-mapped")),
+        (404, Some("yes")),
+        "{r:?}"
+    );
+    assert!(r.body.contains("\"nothing here\""), "{r:?}");
     assert_eq!(r.header("via"), Some("edge-gw"), "{r:?}");
     assert_eq!(r.header("x-request-id").map(str::len), Some(36), "{r:?}");
     // The id the upstream saw comes back; `via` grows by one entry each
