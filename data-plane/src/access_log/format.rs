@@ -14,7 +14,8 @@
 //! `%UPSTREAM_TRANSPORT_FAILURE_REASON%`, `%ROUTE_NAME%`,
 //! `%DOWNSTREAM_REMOTE_ADDRESS%`, `%DOWNSTREAM_LOCAL_ADDRESS%`,
 //! `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%` (each also `_WITHOUT_PORT`),
-//! `%LOCAL_REPLY_BODY%`, `%GRPC_STATUS%` (and `(CAMEL_STRING)`, `(SNAKE_STRING)`, `(NUMBER)`,
+//! `%TRAILER(H?ALT)%` (any response trailer), `%LOCAL_REPLY_BODY%`,
+//! `%GRPC_STATUS%` (and `(CAMEL_STRING)`, `(SNAKE_STRING)`, `(NUMBER)`,
 //! `%GRPC_STATUS_NUMBER%`; `-` unless the request is a gRPC call),
 //! `%REQUESTED_SERVER_NAME%` (always `-`: listeners have no TLS yet, so
 //! no SNI), `%CONNECTION_TERMINATION_DETAILS%` (always `-`: no network
@@ -68,6 +69,8 @@ pub enum Field {
 pub struct Op {
     what: What,
     max_len: Option<usize>,
+    /// `omit_empty_values`: a missing value is empty text, or no key.
+    omit: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +105,8 @@ enum What {
     GrpcStatus(GrpcStyle),
     /// The text of the proxy's own answer.
     LocalReplyBody,
+    /// A response trailer, or its alternative.
+    Trailer(HeaderName, Option<HeaderName>),
 }
 
 /// How `%GRPC_STATUS%` writes a status.
@@ -197,6 +202,41 @@ impl LogFormat {
         let mut wants = false;
         self.each_op(&mut |op: &Op| wants |= op.what == What::UpstreamLocalAddress);
         wants
+    }
+
+    /// Whether it logs response trailers (kept for it when they come).
+    pub fn wants_trailers(&self) -> bool {
+        let mut wants = false;
+        self.each_op(&mut |op: &Op| wants |= matches!(op.what, What::Trailer(..)));
+        wants
+    }
+
+    /// The format with Envoy's `omit_empty_values`: a missing value is
+    /// empty text instead of `-`, and a JSON key whose value is missing is
+    /// left out.
+    pub fn omitting_empty(mut self) -> LogFormat {
+        fn pieces(p: &mut [Piece]) {
+            for piece in p {
+                if let Piece::Op(op) = piece {
+                    op.omit = true;
+                }
+            }
+        }
+        fn fields(f: &mut [(String, Field)]) {
+            for (_, v) in f {
+                match v {
+                    Field::Typed(op) => op.omit = true,
+                    Field::Text(p) => pieces(p),
+                    Field::Object(o) => fields(o),
+                    Field::Constant(_) => {}
+                }
+            }
+        }
+        match &mut self {
+            LogFormat::Text(p) => pieces(p),
+            LogFormat::Json(f) => fields(f),
+        }
+        self
     }
 
     fn each_op(&self, add: &mut impl FnMut(&Op)) {
@@ -353,7 +393,8 @@ fn parse_op(token: &str) -> Result<Op, String> {
         ("RESP", Some(a)) if a.eq_ignore_ascii_case("x-envoy-upstream-service-time") => {
             What::UpstreamServiceTime
         }
-        ("RESP", Some(a)) => {
+        ("RESP" | "TRAILER", Some(a)) => {
+            let is_trailer = name == "TRAILER";
             let name = |h: &str| {
                 HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
                     .map_err(|_| format!("%{token}%: {h:?} is not a header name"))
@@ -362,7 +403,12 @@ fn parse_op(token: &str) -> Result<Op, String> {
                 Some((m, alt)) => (m, Some(alt)),
                 None => (a, None),
             };
-            What::Resp(name(main)?, alt.map(name).transpose()?)
+            let (main, alt) = (name(main)?, alt.map(name).transpose()?);
+            if is_trailer {
+                What::Trailer(main, alt)
+            } else {
+                What::Resp(main, alt)
+            }
         }
         ("RESPONSE_CODE_DETAILS", None) => What::ResponseCodeDetails,
         ("LOCAL_REPLY_BODY", None) => What::LocalReplyBody,
@@ -393,7 +439,11 @@ fn parse_op(token: &str) -> Result<Op, String> {
         ("DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", None) => What::RemoteAddressWithoutPort,
         _ => return Err(format!("command operator %{token}% is not supported")),
     };
-    Ok(Op { what, max_len })
+    Ok(Op {
+        what,
+        max_len,
+        omit: false,
+    })
 }
 
 fn header(name: &str, token: &str) -> Result<Header, String> {
@@ -471,6 +521,13 @@ fn value<'a>(what: &What, r: &'a Record) -> Got<'a> {
         What::Duration => Got::Num(r.duration),
         What::UpstreamServiceTime => r.upstream_service_time.map_or(Got::None, Got::Num),
         What::LocalReplyBody => opt(&r.local_reply_body),
+        What::Trailer(a, b) => {
+            let t = r.trailers.as_deref();
+            let find = |n: &HeaderName| t?.get(n)?.to_str().ok();
+            find(a)
+                .or_else(|| b.as_ref().and_then(find))
+                .map_or(Got::None, |v| Got::Str(Borrowed(v)))
+        }
         What::GrpcStatus(_) if !r.grpc_request => Got::None,
         What::GrpcStatus(style) => {
             let code = r.grpc_status_or_inferred();
@@ -644,6 +701,7 @@ fn text(p: &[Piece], r: &Record) -> String {
                 Got::Num(n) => {
                     let _ = write!(out, "{n}");
                 }
+                Got::None if op.omit => {}
                 Got::None => out.push('-'),
             },
         }
@@ -658,6 +716,7 @@ fn json(fields: &[(String, Field)], r: &Record) -> Map<String, Value> {
             Field::Typed(op) => match value(&op.what, r) {
                 Got::Str(s) => Value::String(truncated(&s, op.max_len).to_owned()),
                 Got::Num(n) => Value::Number(n.into()),
+                Got::None if op.omit => continue,
                 Got::None => Value::Null,
             },
             Field::Text(p) => Value::String(text(p, r)),
@@ -801,6 +860,34 @@ mod tests {
         );
         let f = LogFormat::text("%START_TIME(%a %e %j)%").expect("parses");
         assert_eq!(f.render(&r), b"Mon  5 005\n", "2026-01-05");
+    }
+
+    #[test]
+    fn omitted_empty_values_and_trailers() {
+        let mut r = record();
+        let f = LogFormat::text("[%UPSTREAM_HOST%] %TRAILER(GRPC-STATUS?X-NONE)%").expect("parses");
+        assert_eq!(f.render(&r), b"[-] -\n");
+        assert!(f.wants_trailers());
+        assert_eq!(f.clone().omitting_empty().render(&r), b"[] \n");
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        r.trailers = Some(Box::new(t));
+        assert_eq!(f.render(&r), b"[-] 0\n");
+        let s = |v: &str| portico_proto::google::protobuf::Value {
+            kind: Some(portico_proto::google::protobuf::value::Kind::StringValue(
+                v.into(),
+            )),
+        };
+        let fields = [("host", "%UPSTREAM_HOST%"), ("code", "%RESPONSE_CODE%")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), s(v)))
+            .collect();
+        let j = LogFormat::json(&fields).expect("parses");
+        assert!(!j.wants_trailers());
+        let line = String::from_utf8(j.clone().omitting_empty().render(&r)).expect("utf-8");
+        assert_eq!(line, "{\"code\":200}\n");
+        let line = String::from_utf8(j.render(&r)).expect("utf-8");
+        assert_eq!(line, "{\"code\":200,\"host\":null}\n");
     }
 
     #[test]

@@ -97,6 +97,12 @@ pub struct Record {
     /// The text of the proxy's own answer, when it made one.
     #[serde(skip)]
     pub local_reply_body: Option<String>,
+    /// Keep the response's trailers (a format logs them).
+    #[serde(skip)]
+    pub keep_trailers: bool,
+    /// The response's trailers, when kept.
+    #[serde(skip)]
+    pub trailers: Option<Box<http::HeaderMap>>,
 }
 
 impl Record {

@@ -152,7 +152,7 @@ impl AccessLogConfig {
 /// deprecated `text_format` is still what most configurations use.
 #[allow(deprecated)]
 pub(crate) fn substitution(l: &SubstitutionFormatString) -> Option<Result<LogFormat, String>> {
-    match &l.format {
+    let format = match &l.format {
         None => None,
         Some(substitution_format_string::Format::TextFormat(t)) => Some(LogFormat::text(t)),
         Some(substitution_format_string::Format::JsonFormat(j)) => Some(LogFormat::json(&j.fields)),
@@ -163,6 +163,11 @@ pub(crate) fn substitution(l: &SubstitutionFormatString) -> Option<Result<LogFor
             }
             _ => Err("text_format_source must be inline".into()),
         }),
+    };
+    if l.omit_empty_values {
+        format.map(|f| f.map(LogFormat::omitting_empty))
+    } else {
+        format
     }
 }
 

@@ -211,6 +211,9 @@ impl Body for ResponseBody {
                     if let Some(s) = crate::access_log::grpc_status(t) {
                         b.1.grpc_status = Some(s);
                     }
+                    if b.1.keep_trailers {
+                        b.1.trailers = Some(Box::new(t.clone()));
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.guard.ended = true;

@@ -96,6 +96,7 @@ pub async fn handle(
         if lr.log_filter_headers {
             rec.filter_headers = Some(Box::new(req.headers().clone()));
         }
+        rec.keep_trailers = lr.log_trailers;
         guard.log = Some(Box::new((lr.sinks.clone(), rec, Instant::now())));
     }
     let snap = shared.snapshot.load_full();

@@ -43,6 +43,8 @@ pub struct ListenerRuntime {
     pub log_upstream_local: bool,
     /// Whether a log filter matches request headers (kept for it).
     pub log_filter_headers: bool,
+    /// Whether a format logs response trailers (kept for it).
+    pub log_trailers: bool,
 }
 
 struct Running {
@@ -163,6 +165,11 @@ impl ListenerManager {
                 sinks: own.chain(extra).collect(),
                 log_headers,
                 log_response_headers,
+                log_trailers: l
+                    .access_logs
+                    .iter()
+                    .filter_map(|a| a.format.as_ref())
+                    .any(|f| f.wants_trailers()),
                 log_filter_headers: l
                     .access_logs
                     .iter()

@@ -700,6 +700,7 @@ fn foreign_control_plane_envoy_features() {
         fields.insert("user".to_string(), s("%REQ(X-USER)%"));
         fields.insert("from".to_string(), s("%UPSTREAM_LOCAL_ADDRESS%"));
         fields.insert("grpc".to_string(), s("%GRPC_STATUS%"));
+        fields.insert("trailer".to_string(), s("%TRAILER(GRPC-MESSAGE)%"));
         FileAccessLog {
             path: json_log.display().to_string(),
             access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
@@ -1696,6 +1697,15 @@ fn foreign_control_plane_envoy_features() {
         .unwrap_or_else(|| panic!("{path} {want}: {:?}", std::fs::read_to_string(&json_log)))
     };
     grpc_logged("/capped/echo.Echo/Say", "OK");
+    // And a trailer itself (the echo's `grpc-message: ok`).
+    let text = std::fs::read_to_string(&json_log).expect("the log");
+    assert!(
+        text.lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+            v["path"] == "/capped/echo.Echo/Say" && v["trailer"] == "ok"
+        }),
+        "{text}"
+    );
     grpc_logged("/deadline/slow/3000", "DeadlineExceeded");
     // Over HTTP/1.1, the same 800 ms limit before the answer: a 504.
     let r = get("/capped/slow/3000", &[]);
