@@ -182,8 +182,11 @@ pub struct ListenerConfig {
     pub stat_prefix: Arc<str>,
     /// Routes.
     pub routes: Routes,
-    /// Ignore any port in Host when matching virtual hosts.
-    pub strip_port: bool,
+    /// The port taken off the request's host.
+    pub strip_port: StripPort,
+    /// Remove a trailing dot from the host name before routing
+    /// (`strip_trailing_host_dot`).
+    pub strip_trailing_host_dot: bool,
     /// HTTP versions.
     pub codec: Codec,
     /// WebSocket upgrades allowed on every route.
@@ -242,6 +245,19 @@ pub struct ListenerConfig {
     pub via: Option<http::HeaderValue>,
     /// How the proxy's own answers look (`local_reply_config`).
     pub local_replies: Option<LocalReplies>,
+}
+
+/// Which port the listener takes off the request's host before routing
+/// (Envoy's `strip_any_host_port` and `strip_matching_host_port`); the
+/// request goes upstream without it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripPort {
+    /// None.
+    Keep,
+    /// Any.
+    Any,
+    /// The listener's own.
+    Matching(u16),
 }
 
 /// What the listener does with the `server` header of its responses.
@@ -432,10 +448,17 @@ impl ListenerConfig {
             address,
             stat_prefix: hcm.stat_prefix.as_str().into(),
             routes,
-            strip_port: matches!(
+            strip_port: if matches!(
                 hcm.strip_port_mode,
                 Some(StripPortMode::StripAnyHostPort(true))
-            ),
+            ) {
+                StripPort::Any
+            } else if hcm.strip_matching_host_port {
+                StripPort::Matching(address.port())
+            } else {
+                StripPort::Keep
+            },
+            strip_trailing_host_dot: hcm.strip_trailing_host_dot,
             codec,
             websocket: hcm.upgrade_configs.iter().any(|u| {
                 u.upgrade_type.eq_ignore_ascii_case("websocket")

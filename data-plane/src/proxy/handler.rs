@@ -25,7 +25,7 @@ use super::path;
 use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::Record;
-use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader};
+use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader, StripPort};
 use crate::config::matcher::RequestHead;
 use crate::config::route::{
     expected_timeout_ms, ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, Route,
@@ -346,6 +346,61 @@ fn authority(req: &Request<RequestBody>) -> Option<&str> {
     })
 }
 
+/// Takes the port (any, or the listener's) and a trailing dot off the
+/// request's host, in the request itself, as Envoy's HCM does before
+/// routing: the upstream gets the host without them.
+fn normalize_host(req: &mut Request<RequestBody>, c: &ListenerConfig) {
+    let Some(host) = authority(req) else {
+        return;
+    };
+    let (name, port) = split_host_port(host);
+    let strip_port = match (c.strip_port, port) {
+        (StripPort::Any, Some(_)) => true,
+        (StripPort::Matching(p), Some(q)) => q.parse() == Ok(p),
+        _ => false,
+    };
+    let name = if c.strip_trailing_host_dot {
+        name.strip_suffix('.').unwrap_or(name)
+    } else {
+        name
+    };
+    let new = match (strip_port, port) {
+        (false, Some(p)) => format!("{name}:{p}"),
+        _ => name.to_owned(),
+    };
+    if new == host {
+        return;
+    }
+    if req.uri().authority().is_some() {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.authority = new.parse().ok();
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+    if req.headers().contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&new) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+}
+
+/// `host:port` → (`host`, `Some(port)`), leaving IPv6 literals whole.
+fn split_host_port(h: &str) -> (&str, Option<&str>) {
+    let at = if h.starts_with('[') {
+        h.find(']').map(|e| e + 1)
+    } else {
+        h.rfind(':')
+    };
+    match at.map(|i| h.split_at(i)) {
+        Some((name, rest)) if rest.len() > 1 && rest.as_bytes()[0] == b':' => {
+            (name, Some(&rest[1..]))
+        }
+        Some((name, "")) => (name, None),
+        _ => (h, None),
+    }
+}
+
 /// Rewrites the request's path as the listener asks ([`path`]), keeping
 /// an absolute-form URI's scheme and authority. `Ok(Some(_))` is the
 /// answer instead: a redirect to the path without escaped slashes.
@@ -420,6 +475,9 @@ async fn route_request(
             return Ok(redirect);
         }
     }
+    if c.strip_port != StripPort::Keep || c.strip_trailing_host_dot {
+        normalize_host(&mut req, c);
+    }
     let Some(host) = authority(&req) else {
         return Err(local(
             StatusCode::BAD_REQUEST,
@@ -437,7 +495,7 @@ async fn route_request(
             }
         },
     };
-    let Some(vh) = table.virtual_host(host, lr.config.strip_port) else {
+    let Some(vh) = table.virtual_host(host, false) else {
         stats.no_route.fetch_add(1, Relaxed);
         return Err(local(StatusCode::NOT_FOUND, "", "NR"));
     };
@@ -1478,6 +1536,16 @@ mod tests {
         let mut h = map(&[("a", "b"), ("c", "d")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(split_host_port("gw:8080"), ("gw", Some("8080")));
+        assert_eq!(split_host_port("gw"), ("gw", None));
+        assert_eq!(split_host_port("gw:"), ("gw:", None));
+        assert_eq!(split_host_port("[::1]:80"), ("[::1]", Some("80")));
+        assert_eq!(split_host_port("[::1]"), ("[::1]", None));
+        assert_eq!(split_host_port("gw.:443"), ("gw.", Some("443")));
     }
 
     #[test]

@@ -151,6 +151,10 @@ fn listener(
             seconds: stream_idle,
             nanos: 0,
         }),
+        // Without `clean`: hosts lose a trailing dot and the listener's own
+        // port before routing (and upstream).
+        strip_trailing_host_dot: !clean,
+        strip_matching_host_port: !clean,
         // Without `clean`, 404s of its own say so in JSON.
         local_reply_config: (!clean).then(not_found_in_json),
         // `clean`: a whole request must arrive within 1 s.
@@ -750,6 +754,19 @@ fn foreign_control_plane_envoy_features() {
     assert!(r.body.starts_with("GET /items/42/pets\n"), "{}", r.body);
     let r = get("/host", &[]);
     assert!(r.body.contains("\nhost: rewritten.example\n"), "{}", r.body);
+
+    // Host normalization: the listener's port and a trailing dot go,
+    // another port stays.
+    let host_seen = |host: &str| {
+        let r = http1(port, "GET", "/rx/pets/42", host, &[], "").expect("request");
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .map(str::to_owned)
+    };
+    assert_eq!(host_seen(&format!("gw.:{port}")).as_deref(), Some("gw"));
+    assert_eq!(host_seen("gw:1234").as_deref(), Some("gw:1234"));
+    assert_eq!(host_seen("gw.").as_deref(), Some("gw"));
 
     // The rewritten host's original is appended to x-forwarded-host,
     // unless it is already the last entry.

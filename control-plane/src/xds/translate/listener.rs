@@ -5,7 +5,7 @@ use portico_proto::envoy::config::listener::v3::{filter, Filter, FilterChain, Li
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::UpgradeConfig,
-    http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
+    http_connection_manager::{CodecType, RouteSpecifier},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use portico_proto::envoy::extensions::transport_sockets::tls::v3::{
@@ -47,9 +47,6 @@ pub(crate) fn hcm(stat_prefix: &str, route_config_name: &str) -> HttpConnectionM
         // Answers name the gateway, not Envoy, and not the upstream's
         // server software.
         server_name: "portico".into(),
-        // Match virtual hosts on the host name whatever port the client put
-        // in its Host header.
-        strip_port_mode: Some(StripPortMode::StripAnyHostPort(true)),
         ..Default::default()
     }
 }

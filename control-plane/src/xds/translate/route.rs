@@ -165,6 +165,9 @@ pub(crate) fn build<'a>(
     }
     let mut encoded = RouteConfiguration {
         name: name.to_string(),
+        // Virtual hosts match the host name whatever port the client put
+        // in its Host header; the header itself goes upstream as it came.
+        ignore_port_in_host_matching: true,
         ..Default::default()
     }
     .encode_to_vec();
