@@ -103,8 +103,9 @@ pub async fn handle(
     let grpc = is_grpc(req.headers());
     // The request as local_reply_config's filters see it, when no access
     // log keeps a record of it anyway.
-    let mut reply_rec = match (&lr.config.local_replies, &guard.log) {
-        (Some(_), None) => Some(record(&req, &conn, &[])),
+    // Boxed: a record is large, and this future is moved whole.
+    let mut reply_rec: Option<Box<Record>> = match (&lr.config.local_replies, &guard.log) {
+        (Some(_), None) => Some(Box::new(record(&req, &conn, &[]))),
         _ => None,
     };
     let mut resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
@@ -113,7 +114,7 @@ pub async fn handle(
             (Some(replies), Either::Right(body)) if !grpc => {
                 let rec = match guard.log.as_mut() {
                     Some(b) => &mut b.1,
-                    None => reply_rec.get_or_insert_with(Default::default),
+                    None => &mut **reply_rec.get_or_insert_with(Default::default),
                 };
                 rec.response_code = resp.status().as_u16();
                 let text = String::from_utf8_lossy(body).into_owned();
@@ -133,7 +134,7 @@ pub async fn handle(
                 Some(replies) => {
                     let rec = match guard.log.as_mut() {
                         Some(b) => &mut b.1,
-                        None => reply_rec.get_or_insert_with(Default::default),
+                        None => &mut **reply_rec.get_or_insert_with(Default::default),
                     };
                     rec.response_flags = l.flags.into();
                     rec.response_code = l.status.as_u16();
@@ -1070,25 +1071,28 @@ async fn forward(
             Some(b) if lr.log_upstream_local => Some(&mut b.1.upstream_local_address),
             _ => None,
         };
-        let send = ep.pool.send_noting(up_req, noting);
         // A request timeout still armed (the body is still coming) races
-        // the try; boxed, as a rare state.
+        // the try; boxed, as a rare state. The send future is made in each
+        // arm: bound once before them, it would take a second place in
+        // this (large, often moved) future.
         let armed = request_deadline.filter(|_| received.as_ref().is_some_and(|r| !r.whole()));
         let sent = match (armed, try_deadline) {
             (Some(rd), _) => {
                 Box::pin(race_request_timeout(
-                    send,
+                    ep.pool.send_noting(up_req, noting),
                     rd,
                     try_deadline,
                     received.as_ref(),
                 ))
                 .await
             }
-            (None, Some(d)) => match tokio::time::timeout_at(d, send).await {
-                Ok(r) => Sent::Answer(r),
-                Err(_) => Sent::TimedOut,
-            },
-            (None, None) => Sent::Answer(send.await),
+            (None, Some(d)) => {
+                match tokio::time::timeout_at(d, ep.pool.send_noting(up_req, noting)).await {
+                    Ok(r) => Sent::Answer(r),
+                    Err(_) => Sent::TimedOut,
+                }
+            }
+            (None, None) => Sent::Answer(ep.pool.send_noting(up_req, noting).await),
         };
         let more = attempt + 1 < max_tries;
         match sent {
