@@ -109,14 +109,21 @@ impl Record {
     /// The call's gRPC status as Envoy finds it: the answer's
     /// `grpc-status`, else inferred from the HTTP status.
     pub fn grpc_status_or_inferred(&self) -> u32 {
-        self.grpc_status.unwrap_or(match self.response_code {
-            400 => 13,                   // INTERNAL
-            401 => 16,                   // UNAUTHENTICATED
-            403 => 7,                    // PERMISSION_DENIED
-            404 => 12,                   // UNIMPLEMENTED
-            429 | 502 | 503 | 504 => 14, // UNAVAILABLE
-            _ => 2,                      // UNKNOWN
-        })
+        self.grpc_status
+            .unwrap_or_else(|| grpc_status_for_http(self.response_code))
+    }
+}
+
+/// The gRPC status for an HTTP status (gRPC's HTTP-to-gRPC mapping, as
+/// Envoy applies it).
+pub fn grpc_status_for_http(status: u16) -> u32 {
+    match status {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
     }
 }
 

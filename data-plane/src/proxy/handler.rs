@@ -24,7 +24,7 @@ use super::mirror;
 use super::path;
 use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
-use crate::access_log::Record;
+use crate::access_log::{grpc_status_for_http, Record};
 use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader, StripPort};
 use crate::config::matcher::RequestHead;
 use crate::config::route::{
@@ -262,7 +262,7 @@ fn grpc_local_reply(l: &Local) -> Out {
     let status = if l.flags == "DT" {
         4 // DEADLINE_EXCEEDED
     } else {
-        grpc_status(l.status)
+        grpc_status_for_http(l.status.as_u16())
     };
     h.insert("grpc-status", HeaderValue::from(status));
     let message = grpc_message(l.body.trim_end());
@@ -270,19 +270,6 @@ fn grpc_local_reply(l: &Local) -> Out {
         h.insert("grpc-message", v);
     }
     r
-}
-
-/// The gRPC status for an HTTP status (gRPC's HTTP-to-gRPC mapping, as
-/// Envoy applies it).
-fn grpc_status(status: StatusCode) -> u32 {
-    match status.as_u16() {
-        400 => 13,                   // INTERNAL
-        401 => 16,                   // UNAUTHENTICATED
-        403 => 7,                    // PERMISSION_DENIED
-        404 => 12,                   // UNIMPLEMENTED
-        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
-        _ => 2,                      // UNKNOWN
-    }
 }
 
 /// `grpc-message`'s encoding: bytes outside printable ASCII, and `%`,
@@ -1480,9 +1467,15 @@ mod tests {
         assert!(with("application/grpc;charset=utf-8"));
         assert!(!with("application/grpc-web"));
         assert!(!with("application/json"));
-        assert_eq!(grpc_status(StatusCode::SERVICE_UNAVAILABLE), 14);
-        assert_eq!(grpc_status(StatusCode::NOT_FOUND), 12);
-        assert_eq!(grpc_status(StatusCode::REQUEST_TIMEOUT), 2);
+        assert_eq!(
+            grpc_status_for_http(StatusCode::SERVICE_UNAVAILABLE.as_u16()),
+            14
+        );
+        assert_eq!(grpc_status_for_http(StatusCode::NOT_FOUND.as_u16()), 12);
+        assert_eq!(
+            grpc_status_for_http(StatusCode::REQUEST_TIMEOUT.as_u16()),
+            2
+        );
         assert_eq!(grpc_message("50% off: caf\u{e9}"), "50%25 off: caf%C3%A9");
         let r = grpc_local_reply(&local(
             StatusCode::GATEWAY_TIMEOUT,
