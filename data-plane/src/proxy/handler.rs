@@ -360,10 +360,14 @@ fn normalize_host(req: &mut Request<RequestBody>, c: &ListenerConfig) {
         return;
     }
     if req.uri().authority().is_some() {
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.authority = new.parse().ok();
-        if let Ok(u) = http::Uri::from_parts(parts) {
-            *req.uri_mut() = u;
+        // Changed only when the new authority makes a valid URI: the
+        // request keeps its own otherwise.
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(a) = new.parse() {
+            parts.authority = Some(a);
+            if let Ok(u) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = u;
+            }
         }
     }
     if req.headers().contains_key(header::HOST) {

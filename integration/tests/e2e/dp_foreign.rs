@@ -767,6 +767,17 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(host_seen(&format!("gw.:{port}")).as_deref(), Some("gw"));
     assert_eq!(host_seen("gw:1234").as_deref(), Some("gw:1234"));
     assert_eq!(host_seen("gw.").as_deref(), Some("gw"));
+    {
+        // Over HTTP/2 the :authority is normalized the same way.
+        use super::dp_h2_downstream::{fields, get as h2get, Raw, DATA};
+        let mut c = Raw::connect(port, &[]);
+        let mut req = h2get("/rx/pets/42");
+        req[3].1 = format!("gw.:{port}");
+        c.request(1, &fields(&req), None);
+        let d = c.until("the echo", |f| f.kind == DATA && f.stream == 1);
+        let text = String::from_utf8_lossy(&d.payload).into_owned();
+        assert!(text.contains("\nhost: gw\n"), "{text}");
+    }
 
     // The rewritten host's original is appended to x-forwarded-host,
     // unless it is already the last entry.
