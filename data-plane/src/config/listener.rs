@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use portico_proto::envoy::config::accesslog::v3::access_log;
 use portico_proto::envoy::config::core::v3::{
-    data_source, http_protocol_options::HeadersWithUnderscoresAction, substitution_format_string,
+    http_protocol_options::HeadersWithUnderscoresAction, substitution_format_string,
     SubstitutionFormatString,
 };
 use portico_proto::envoy::config::listener::v3::{filter, Listener};
@@ -30,7 +30,7 @@ use prost::Name;
 
 use super::local_reply::LocalReplies;
 use super::route::RouteTable;
-use super::{duration, socket_addr, unpack, ConfigError};
+use super::{duration, inline_bytes, socket_addr, unpack, ConfigError};
 use crate::access_log::{LogFilter, LogFormat};
 
 /// Where a listener's routes come from.
@@ -156,13 +156,12 @@ pub(crate) fn substitution(l: &SubstitutionFormatString) -> Option<Result<LogFor
         None => None,
         Some(substitution_format_string::Format::TextFormat(t)) => Some(LogFormat::text(t)),
         Some(substitution_format_string::Format::JsonFormat(j)) => Some(LogFormat::json(&j.fields)),
-        Some(substitution_format_string::Format::TextFormatSource(d)) => Some(match &d.specifier {
-            Some(data_source::Specifier::InlineString(t)) => LogFormat::text(t),
-            Some(data_source::Specifier::InlineBytes(b)) => {
-                LogFormat::text(&String::from_utf8_lossy(b))
-            }
-            _ => Err("text_format_source must be inline".into()),
-        }),
+        Some(substitution_format_string::Format::TextFormatSource(d)) => {
+            Some(match inline_bytes(d) {
+                Some(t) => LogFormat::text(&String::from_utf8_lossy(t)),
+                None => Err("text_format_source must be inline".into()),
+            })
+        }
     };
     if l.omit_empty_values {
         format.map(|f| f.map(LogFormat::omitting_empty))

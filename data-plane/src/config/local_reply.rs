@@ -7,13 +7,13 @@
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use portico_proto::envoy::config::core::v3::{
-    data_source, substitution_format_string, DataSource, SubstitutionFormatString,
+    substitution_format_string, DataSource, SubstitutionFormatString,
 };
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::LocalReplyConfig;
 
 use super::listener::substitution;
 use super::route::Edits;
-use super::ConfigError;
+use super::{inline_bytes, ConfigError};
 use crate::access_log::{LogFilter, LogFormat, Record};
 
 /// A converted `local_reply_config`.
@@ -108,10 +108,11 @@ impl LocalReplies {
     }
 
     /// Makes the reply for `status` and `body` (the proxy's own text):
-    /// the first mapper whose filter admits `rec` rewrites it, then the
-    /// body format writes it. `rec` is the request's record, with the
-    /// status and flags of the reply.
+    /// the first mapper whose filter admits `rec` (given the reply's
+    /// status here) rewrites it, then the body format writes it. `rec` is
+    /// the request's record, with the reply's flags.
     pub fn reply(&self, rec: &mut Record, status: StatusCode, body: &str) -> Reply<'_> {
+        rec.response_code = status.as_u16();
         let mut status = status;
         let mut text = body.to_owned();
         let mut format = self.format.as_ref();
@@ -177,11 +178,9 @@ impl BodyFormat {
 
 /// A mapper's body: inline only (the proxy reads no files for config).
 fn inline(d: &DataSource, at: &str) -> Result<String, ConfigError> {
-    match &d.specifier {
-        Some(data_source::Specifier::InlineString(s)) => Ok(s.clone()),
-        Some(data_source::Specifier::InlineBytes(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
-        _ => Err(ConfigError::new(at, "only inline bodies are supported")),
-    }
+    inline_bytes(d)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .ok_or_else(|| ConfigError::new(at, "only inline bodies are supported"))
 }
 
 #[cfg(test)]
@@ -191,7 +190,7 @@ mod tests {
         access_log_filter::FilterSpecifier, comparison_filter::Op, AccessLogFilter,
         ComparisonFilter, StatusCodeFilter,
     };
-    use portico_proto::envoy::config::core::v3::RuntimeUInt32;
+    use portico_proto::envoy::config::core::v3::{data_source, RuntimeUInt32};
     use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::ResponseMapper;
     use portico_proto::google::protobuf::UInt32Value;
 

@@ -48,6 +48,18 @@ pub fn duration(d: &portico_proto::google::protobuf::Duration) -> std::time::Dur
     std::time::Duration::new(d.seconds as u64, d.nanos as u32)
 }
 
+/// A `DataSource` given inline (`inline_string` or `inline_bytes`);
+/// `None` for a file, an environment variable or nothing (the proxy reads
+/// no files for its configuration).
+pub fn inline_bytes(d: &portico_proto::envoy::config::core::v3::DataSource) -> Option<&[u8]> {
+    use portico_proto::envoy::config::core::v3::data_source::Specifier;
+    match d.specifier.as_ref()? {
+        Specifier::InlineString(s) => Some(s.as_bytes()),
+        Specifier::InlineBytes(b) => Some(b),
+        _ => None,
+    }
+}
+
 /// Decodes a typed `Any` as `M`, checking its type URL.
 pub fn unpack<M: prost::Message + prost::Name + Default>(
     any: &portico_proto::google::protobuf::Any,

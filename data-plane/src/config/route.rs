@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use portico_proto::envoy::config::core::v3::{
-    data_source, header_value_option::HeaderAppendAction, HeaderValueOption,
+    header_value_option::HeaderAppendAction, HeaderValueOption,
 };
 use portico_proto::envoy::config::route::v3::{
     redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier},
@@ -26,7 +26,7 @@ use prost::Message;
 use regex::Regex;
 
 use super::matcher::{full_regex, HeaderMatch, QueryMatch, RequestHead, Substitution};
-use super::{duration, ConfigError};
+use super::{duration, inline_bytes, ConfigError};
 
 /// A converted route configuration, ready for lookups.
 #[derive(Debug)]
@@ -1153,16 +1153,14 @@ fn convert_route(
                         ),
                     )
                 })?;
-            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+            let body = match d.body.as_ref().filter(|b| b.specifier.is_some()) {
                 None => Bytes::new(),
-                Some(data_source::Specifier::InlineString(s)) => Bytes::from(s.clone()),
-                Some(data_source::Specifier::InlineBytes(b)) => Bytes::from(b.clone()),
-                Some(_) => {
-                    return Err(ConfigError::new(
+                Some(b) => Bytes::copy_from_slice(inline_bytes(b).ok_or_else(|| {
+                    ConfigError::new(
                         at,
                         "direct_response body must be inline (inline_string or inline_bytes)",
-                    ))
-                }
+                    )
+                })?),
             };
             if d.body_format.is_some() {
                 return Err(ConfigError::new(

@@ -112,11 +112,7 @@ pub async fn handle(
         // Direct responses and redirects are the proxy's own answers too.
         Ok(resp) => match (&lr.config.local_replies, resp.body()) {
             (Some(replies), Either::Right(body)) if !grpc => {
-                let rec = match guard.log.as_mut() {
-                    Some(b) => &mut b.1,
-                    None => &mut **reply_rec.get_or_insert_with(Default::default),
-                };
-                rec.response_code = resp.status().as_u16();
+                let rec = reply_record(&mut guard, &mut reply_rec);
                 let text = String::from_utf8_lossy(body).into_owned();
                 let reply = replies.reply(rec, resp.status(), &text);
                 let (parts, _) = resp.into_parts();
@@ -132,12 +128,8 @@ pub async fn handle(
             match &lr.config.local_replies {
                 _ if grpc => grpc_local_reply(&l),
                 Some(replies) => {
-                    let rec = match guard.log.as_mut() {
-                        Some(b) => &mut b.1,
-                        None => &mut **reply_rec.get_or_insert_with(Default::default),
-                    };
+                    let rec = reply_record(&mut guard, &mut reply_rec);
                     rec.response_flags = l.flags.into();
-                    rec.response_code = l.status.as_u16();
                     let parts = Response::new(()).into_parts().0;
                     configured_reply(replies.reply(rec, l.status, l.body), parts)
                 }
@@ -209,6 +201,15 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         "DC" => "downstream_remote_disconnect",
         _ if status == StatusCode::BAD_REQUEST => "protocol_error",
         _ => "local_reply",
+    }
+}
+
+/// The record `local_reply_config`'s filters read: the access log's when
+/// the listener logs, else the one kept for them.
+fn reply_record<'a>(guard: &'a mut Guard, kept: &'a mut Option<Box<Record>>) -> &'a mut Record {
+    match guard.log.as_mut() {
+        Some(b) => &mut b.1,
+        None => kept.get_or_insert_with(Default::default),
     }
 }
 
