@@ -10,6 +10,10 @@
 # (-c10 -m10), each run preceded by a warm-up. Two layouts:
 #   pinned:   proxy on CPU 1 with 1 worker; load generator and origin on CPU 0
 #   unpinned: nothing pinned; proxies with 2 workers (threads)
+# and, when named in LAYOUTS, a third:
+#   affinity: as unpinned, but each proxy pins its own workers, one per CPU,
+#             with its own option (nginx `worker_cpu_affinity auto`, HAProxy
+#             `cpu-map auto:1/1-N 0-(N-1)`, `portico-dp --cpu-affinity`)
 # Per run: req/s, p50 and p99 latency, the proxy's RSS after the run (VmRSS
 # summed over its processes) and its CPU time per request (first field of
 # /proc/PID/task/*/schedstat over all its threads, after minus before the
@@ -36,7 +40,7 @@
 #   DURATION=10        seconds of each measured run
 #   WARMUP=2           seconds of the warm-up before each measured run
 #   PROXIES="direct nginx haproxy portico"   which rows to run
-#   LAYOUTS="pinned unpinned"
+#   LAYOUTS="pinned unpinned"   (add "affinity" for the third layout)
 #   PROTOCOLS="h1 h2"
 #   UNPINNED_WORKERS=2 workers/threads of each proxy in the unpinned layout
 #   REPEAT=1           runs of each cell, round-robin over the proxies; the
@@ -76,6 +80,8 @@ H2_CONNS=10
 H2_STREAMS=10
 READY_SECS=10
 BUSY_WARN=10 # % of a core used by other work that makes a run suspect
+# Set per layout: each proxy's own option pinning its workers (affinity).
+NGINX_AFFINITY="" HAPROXY_AFFINITY="" PORTICO_AFFINITY=()
 
 die() { echo "bench/dp.sh: error: $*" >&2; exit 1; }
 say() { echo "==> $*" >&2; }
@@ -87,7 +93,7 @@ for p in $PROXIES; do
   case "$p" in direct|nginx|haproxy|portico) ;; *) die "unknown proxy in PROXIES: $p" ;; esac
 done
 for l in $LAYOUTS; do
-  case "$l" in pinned|unpinned) ;; *) die "unknown layout in LAYOUTS: $l" ;; esac
+  case "$l" in pinned|unpinned|affinity) ;; *) die "unknown layout in LAYOUTS: $l" ;; esac
 done
 for p in $PROTOCOLS; do
   case "$p" in h1|h2) ;; *) die "unknown protocol in PROTOCOLS: $p" ;; esac
@@ -304,6 +310,7 @@ nginx_common() { # DIR WORKERS
 daemon off;
 master_process ${NGINX_MASTER:-on};
 worker_processes $2;
+${NGINX_AFFINITY:-}
 pid $1/nginx.pid;
 error_log $1/error.log warn;
 events { worker_connections 4096; }
@@ -396,6 +403,7 @@ start_haproxy() { # THREADS PIN...
 global
   nbthread $n
   maxconn 8000
+  ${HAPROXY_AFFINITY:-}
 
 defaults
   mode http
@@ -457,7 +465,8 @@ start_portico() { # WORKERS PIN...
   rm -f "$d/admin.addr"
   start_bg "$d/portico-dp.log" env PORTICO_LOG="${PORTICO_LOG:-warn}" "$@" "$BIN/portico-dp" \
     --xds "$XDS_ADDR" --node-id bench-1 --node-group bench \
-    --admin-listen 127.0.0.1:0 --admin-address-path "$d/admin.addr" --workers "$n"
+    --admin-listen 127.0.0.1:0 --admin-address-path "$d/admin.addr" --workers "$n" \
+    "${PORTICO_AFFINITY[@]}"
   PROXY_PID=$LAST_PID
   wait_ready "$PROXY_PID" "http://127.0.0.1:$PORTICO_PORT/" "portico-dp" "$d/portico-dp.log"
   wait_ready "$PROXY_PID" "http://127.0.0.1:$PORTICO_PORT/" "portico-dp (h2c)" "$d/portico-dp.log" --http2-prior-knowledge
@@ -721,12 +730,19 @@ if [ "$START_BUSY" -gt "$BUSY_WARN" ]; then
   say "warning: the machine is already busy (${START_BUSY}% of a core); other work will skew the numbers"
 fi
 for layout in $LAYOUTS; do
+  NGINX_AFFINITY="" HAPROXY_AFFINITY="" PORTICO_AFFINITY=()
   if [ "$layout" = pinned ]; then
     PIN_PROXY=(taskset -c 1); PIN_LOAD=(taskset -c 0); PIN_ORIGIN=(taskset -c 0); workers=1
   else
     PIN_PROXY=(); PIN_LOAD=(); PIN_ORIGIN=(); workers="$UNPINNED_WORKERS"
   fi
-  start_origin "${PIN_ORIGIN[@]}"
+  if [ "$layout" = affinity ]; then
+    NGINX_AFFINITY="worker_cpu_affinity auto;"
+    HAPROXY_AFFINITY="cpu-map auto:1/1-$workers 0-$((workers - 1))"
+    PORTICO_AFFINITY=(--cpu-affinity)
+  fi
+  # The origin keeps its one worker unpinned in every layout but pinned.
+  NGINX_AFFINITY="" start_origin "${PIN_ORIGIN[@]}"
   # Repeats go round all proxies in turn, so slow drifts of the machine
   # spread over every proxy alike.
   for ((r = 1; r <= REPEAT; r++)); do
@@ -801,11 +817,11 @@ REPORT="$TMP/report.md"
   for layout in $LAYOUTS; do
     for proto in $PROTOCOLS; do
       echo
-      if [ "$layout" = pinned ]; then
-        desc="pinned: proxy on CPU 1 with 1 worker; load generator and origin on CPU 0"
-      else
-        desc="unpinned: nothing pinned; proxies with $UNPINNED_WORKERS workers"
-      fi
+      case "$layout" in
+        pinned) desc="pinned: proxy on CPU 1 with 1 worker; load generator and origin on CPU 0" ;;
+        unpinned) desc="unpinned: nothing pinned; proxies with $UNPINNED_WORKERS workers" ;;
+        affinity) desc="affinity: as unpinned, each proxy pinning its $UNPINNED_WORKERS workers one per CPU itself" ;;
+      esac
       if [ "$proto" = h1 ]; then pdesc="HTTP/1.1 (wrk)"; else pdesc="HTTP/2 h2c (h2load)"; fi
       echo "### $pdesc — $desc"
       echo

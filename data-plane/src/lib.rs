@@ -14,6 +14,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod affinity;
 pub mod bootstrap;
 pub mod config;
 pub(crate) mod h2;

@@ -39,6 +39,10 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Pin each worker thread to a CPU of its own: the CPUs the process may
+    /// run on, in turn (as nginx's `worker_cpu_affinity auto`).
+    #[arg(long)]
+    cpu_affinity: bool,
     /// Write a JSON access log line per request here ("-" for stdout), on
     /// every listener (listeners may also name their own in the config).
     #[arg(long)]
@@ -93,13 +97,37 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let cpus = if args.cpu_affinity {
+        let allowed = portico_dp::affinity::allowed_cpus()
+            .context("--cpu-affinity: reading the CPUs this process may run on")?;
+        if workers > allowed.len() {
+            tracing::warn!(
+                workers,
+                cpus = allowed.len(),
+                "--cpu-affinity: more workers than CPUs; some workers share a CPU"
+            );
+        }
+        portico_dp::affinity::plan(&allowed, workers)
+    } else {
+        Vec::new()
+    };
     portico_dp::upstream::pool::set_workers(workers);
     let mut handles = Vec::with_capacity(workers);
     for i in 0..workers {
         let (tx, rx) = std::sync::mpsc::channel();
+        let cpu = cpus.get(i).copied();
         std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = portico_dp::affinity::pin_current_thread(cpu) {
+                        let _ = tx.send(Err(std::io::Error::new(
+                            e.kind(),
+                            format!("--cpu-affinity: pinning worker {i} to CPU {cpu}: {e}"),
+                        )));
+                        return;
+                    }
+                }
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -128,7 +156,7 @@ fn main() -> anyhow::Result<()> {
         handles.push(
             rx.recv()
                 .context("worker thread died")?
-                .context("worker runtime")?,
+                .context("starting a worker")?,
         );
     }
     let shared = Arc::new(Shared::default());
@@ -155,7 +183,7 @@ fn main() -> anyhow::Result<()> {
             })
             .collect(),
     };
-    tracing::info!(node = %id, group = %group, server = %cfg.server, delta, workers, "starting");
+    tracing::info!(node = %id, group = %group, server = %cfg.server, delta, workers, cpus = ?cpus, "starting");
     rt.block_on(async move {
         tokio::spawn(Client::new(cfg, shared.clone(), portico_dp::proxy::Workers(handles)).run());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -445,3 +445,56 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(get("/a/len").status, 200);
 }
+
+/// The CPUs in a `/proc/.../status` file's `Cpus_allowed_list` ("0-1,4").
+fn cpus_allowed(status: &str) -> Vec<usize> {
+    let text = std::fs::read_to_string(status).unwrap_or_else(|e| panic!("{status}: {e}"));
+    let list = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_else(|| panic!("{status} has no Cpus_allowed_list"));
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(a.parse::<usize>().expect("cpu")..=b.parse::<usize>().expect("cpu"));
+    }
+    cpus
+}
+
+/// `--cpu-affinity` pins each worker thread to a CPU of its own (the CPUs
+/// the process may use, in turn), leaves its other threads alone, and
+/// traffic flows through the pinned workers.
+#[test]
+fn cpu_affinity_pins_each_worker_to_a_cpu_of_its_own() {
+    let (env, _) = gateway_to_origin();
+    let dp = env.dp("pinned", &["--cpu-affinity"]);
+    for _ in 0..8 {
+        let r = http1(env.port, "GET", "/a/len", "gw", &[], "").expect("answer");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // portico-dp inherits this process's CPUs.
+    let allowed = cpus_allowed("/proc/self/status");
+    let mut workers = std::collections::BTreeMap::new();
+    let tasks = format!("/proc/{}/task", dp.pid());
+    for task in std::fs::read_dir(&tasks).expect("task dir") {
+        let task = task.expect("task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let status = task.join("status").to_string_lossy().into_owned();
+        if let Some(i) = comm.trim().strip_prefix("worker-") {
+            workers.insert(
+                i.parse::<usize>().expect("worker index"),
+                cpus_allowed(&status),
+            );
+        }
+    }
+    // The harness starts every node with two workers.
+    let expected: std::collections::BTreeMap<usize, Vec<usize>> = (0..2)
+        .map(|i| (i, vec![allowed[i % allowed.len()]]))
+        .collect();
+    assert_eq!(workers, expected, "allowed CPUs {allowed:?}");
+    assert_eq!(
+        cpus_allowed(&format!("/proc/{}/status", dp.pid())),
+        allowed,
+        "the main thread keeps every CPU"
+    );
+}
