@@ -208,6 +208,15 @@ impl ClusterConfig {
                 ))
             }
         };
+        // Subset load balancing picks endpoints by metadata (and by default
+        // fails requests no subset matches); balancing over all endpoints
+        // instead would send traffic where the config says not to.
+        if c.lb_subset_config.is_some() {
+            return Err(ConfigError::new(
+                &at,
+                "lb_subset_config (subset load balancing) is not supported",
+            ));
+        }
         if c.load_balancing_policy.is_some() {
             return Err(ConfigError::new(
                 &at,
@@ -438,4 +447,29 @@ pub fn endpoints(cla: &ClusterLoadAssignment, at: &str) -> Result<Vec<EndpointSp
         }
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Subset load balancing is refused by name, not run as plain load
+    /// balancing over every endpoint.
+    #[test]
+    fn subset_load_balancing_is_refused_by_name() {
+        let mut c = Cluster {
+            name: "canary".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        ClusterConfig::convert(&c).expect("a plain EDS cluster");
+        c.lb_subset_config = Some(Default::default());
+        let msg = ClusterConfig::convert(&c)
+            .expect_err("subset LB")
+            .to_string();
+        assert!(
+            msg.contains("canary") && msg.contains("lb_subset_config"),
+            "{msg}"
+        );
+    }
 }

@@ -821,6 +821,7 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
             "the matcher tree is not supported; use routes",
         ));
     }
+    refuse_hedging(vh.hedge_policy.as_ref(), at)?;
     let retry = vh
         .retry_policy
         .as_ref()
@@ -862,6 +863,23 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
         attempt_count_to_upstream: vh.include_request_attempt_count,
         attempt_count_in_response: vh.include_attempt_count_in_response,
     })
+}
+
+/// A hedge policy that hedges on per-try timeouts (keeps the first try
+/// running beside the retry) is refused: run as a plain retry, it would
+/// cancel the try Envoy keeps. Its other fields Envoy itself does not
+/// implement, so they change nothing.
+fn refuse_hedging(
+    h: Option<&portico_proto::envoy::config::route::v3::HedgePolicy>,
+    at: &str,
+) -> Result<(), ConfigError> {
+    if h.is_some_and(|h| h.hedge_on_per_try_timeout) {
+        return Err(ConfigError::new(
+            at,
+            "hedge_policy.hedge_on_per_try_timeout is not supported",
+        ));
+    }
+    Ok(())
 }
 
 fn convert_route(
@@ -1000,6 +1018,18 @@ fn convert_route(
             if a.path_rewrite_policy.is_some() {
                 return Err(ConfigError::new(at, "path_rewrite_policy is not supported"));
             }
+            // Envoy follows an upstream's redirects itself under either;
+            // passing them to the client instead would change answers.
+            #[allow(deprecated)]
+            let handle_redirects = a.internal_redirect_action
+                == portico_proto::envoy::config::route::v3::route_action::InternalRedirectAction::HandleInternalRedirect as i32;
+            if a.internal_redirect_policy.is_some() || handle_redirects {
+                return Err(ConfigError::new(
+                    at,
+                    "internal redirects (internal_redirect_policy) are not supported",
+                ));
+            }
+            refuse_hedging(a.hedge_policy.as_ref(), at)?;
             let hash = a
                 .hash_policy
                 .iter()
@@ -1550,6 +1580,74 @@ mod tests {
             msg.contains("\"rc\"") && msg.contains("\"broken\"") && msg.contains("bad regex"),
             "{msg}"
         );
+    }
+
+    /// Route features that would change answers if ignored are refused by
+    /// name: internal redirects (either field) and hedging on per-try
+    /// timeouts (route or virtual host).
+    #[test]
+    fn internal_redirects_and_hedging_are_refused_by_name() {
+        use portico_proto::envoy::config::route::v3::{
+            route_action::InternalRedirectAction, HedgePolicy, InternalRedirectPolicy,
+        };
+        let convert = |r: PbRoute, vh_hedge: Option<HedgePolicy>| {
+            RouteTable::convert(&RouteConfiguration {
+                name: "rc".into(),
+                virtual_hosts: vec![PbVirtualHost {
+                    name: "v".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![r],
+                    hedge_policy: vh_hedge,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let with = |f: &dyn Fn(&mut PbRouteAction)| {
+            let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+            if let Some(Action::Route(a)) = r.action.as_mut() {
+                f(a);
+            }
+            r
+        };
+        let refused = |r: PbRoute, vh_hedge: Option<HedgePolicy>, what: &str| {
+            let msg = convert(r, vh_hedge).expect_err(what).to_string();
+            assert!(msg.contains(what) && msg.contains("\"rc\""), "{msg}");
+        };
+        refused(
+            with(&|a| a.internal_redirect_policy = Some(InternalRedirectPolicy::default())),
+            None,
+            "internal_redirect_policy",
+        );
+        #[allow(deprecated)]
+        refused(
+            with(&|a| {
+                a.internal_redirect_action = InternalRedirectAction::HandleInternalRedirect as i32
+            }),
+            None,
+            "internal_redirect_policy",
+        );
+        let hedge = HedgePolicy {
+            hedge_on_per_try_timeout: true,
+            ..Default::default()
+        };
+        refused(
+            with(&|a| a.hedge_policy = Some(hedge)),
+            None,
+            "hedge_on_per_try_timeout",
+        );
+        refused(
+            route(PathSpecifier::Prefix("/".into()), "c"),
+            Some(hedge),
+            "hedge_on_per_try_timeout",
+        );
+        // Without hedging on timeouts, a hedge policy changes nothing in
+        // Envoy either, and passes.
+        convert(
+            with(&|a| a.hedge_policy = Some(HedgePolicy::default())),
+            Some(HedgePolicy::default()),
+        )
+        .expect("a hedge policy without hedge_on_per_try_timeout");
     }
 
     #[test]
