@@ -18,6 +18,7 @@ pub mod affinity;
 pub mod bootstrap;
 pub mod config;
 pub(crate) mod h2;
+pub mod header_names;
 pub mod http1;
 pub mod proxy;
 pub mod shutdown;

@@ -674,7 +674,8 @@ fn parse_head(
             Admit::Drop => continue,
             Admit::Refuse => return Err(Refusal::bad("header name with an underscore\n")),
         }
-        let name = HeaderName::from_bytes(raw).map_err(|_| Refusal::bad("bad header name\n"))?;
+        let name =
+            crate::header_names::parse(raw).map_err(|_| Refusal::bad("bad header name\n"))?;
         // SAFETY: a field value httparse accepted, default configuration.
         let value = unsafe { parsed_value(head.slice(v0 as usize..v1 as usize)) };
         if name == header::CONTENT_LENGTH {

@@ -26,7 +26,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::Either;
@@ -667,7 +667,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     let mut chunked_twice = false;
     let mut other_coding = false;
     for &[n0, n1, v0, v1] in &at[..n] {
-        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).map_err(bad)?;
+        let name = crate::header_names::parse(&head[n0 as usize..n1 as usize]).map_err(bad)?;
         // SAFETY: a field value httparse accepted, default configuration.
         let value = unsafe { parsed_value(head.slice(v0 as usize..v1 as usize)) };
         if name == header::CONTENT_LENGTH {
