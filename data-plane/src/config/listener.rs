@@ -216,8 +216,13 @@ pub struct ListenerConfig {
     pub max_connection_duration: Option<Duration>,
     /// How long a removed listener lets open requests finish.
     pub drain_timeout: Duration,
-    /// Append the client address to x-forwarded-for.
+    /// Append the client address to x-forwarded-for, and treat requests
+    /// from outside `internal` as external (header sanitizing).
     pub use_remote_address: bool,
+    /// The addresses whose requests are internal (the HCM's
+    /// `internal_address_config`; none unless configured, as in Envoy 1.33
+    /// and later).
+    pub internal: InternalAddresses,
     /// Normalize request paths (RFC 3986) before routing.
     pub normalize_path: bool,
     /// Merge runs of slashes in request paths before routing.
@@ -515,6 +520,21 @@ impl ListenerConfig {
                 .map(duration)
                 .unwrap_or(Duration::from_secs(5)),
             use_remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
+            internal: match &hcm.internal_address_config {
+                None => InternalAddresses::default(),
+                Some(c) => InternalAddresses::parse(
+                    &c.cidr_ranges
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.address_prefix.as_str(),
+                                r.prefix_len.as_ref().map(|p| p.value),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                    at,
+                )?,
+            },
             normalize_path: hcm.normalize_path.is_some_and(|b| b.value),
             merge_slashes: hcm.merge_slashes,
             escaped_slashes,
@@ -534,6 +554,58 @@ impl ListenerConfig {
                     ConfigError::new(at, format!("via {v:?} is not a valid header value"))
                 })?),
             },
+        })
+    }
+}
+
+/// Address ranges whose requests are internal (`internal_address_config`'s
+/// `cidr_ranges`; `unix_sockets` does not apply: listeners are TCP).
+#[derive(Debug, Clone, Default)]
+pub struct InternalAddresses {
+    ranges: Vec<(std::net::IpAddr, u8)>,
+}
+
+impl InternalAddresses {
+    /// Ranges from (prefix, length) pairs; a missing length is the whole
+    /// address, as in Envoy's `CidrRange`.
+    pub fn parse(ranges: &[(&str, Option<u32>)], at: &str) -> Result<Self, ConfigError> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for (i, (prefix, len)) in ranges.iter().enumerate() {
+            let place = || format!("internal_address_config.cidr_ranges[{i}]");
+            let ip: std::net::IpAddr = prefix.parse().map_err(|_| {
+                ConfigError::new(at, format!("{}: {prefix:?} is not an IP address", place()))
+            })?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = len.unwrap_or(max);
+            if len > max {
+                return Err(ConfigError::new(
+                    at,
+                    format!("{}: prefix_len {len} is over {max}", place()),
+                ));
+            }
+            out.push((ip, len as u8));
+        }
+        Ok(InternalAddresses { ranges: out })
+    }
+
+    /// Whether `ip` is in one of the ranges (an IPv4-mapped IPv6 address
+    /// counts as its IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        self.ranges.iter().any(|&(net, len)| match (net, ip) {
+            (V4(n), V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (V6(n), V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
         })
     }
 }
@@ -683,6 +755,45 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn internal_addresses_match_their_ranges_and_bad_ranges_are_named() {
+        let r = InternalAddresses::parse(
+            &[
+                ("10.0.0.0", Some(8)),
+                ("fd00::", Some(8)),
+                ("192.0.2.1", None),
+            ],
+            "l",
+        )
+        .expect("valid");
+        for (ip, inside) in [
+            ("10.1.2.3", true),
+            ("11.0.0.1", false),
+            ("192.0.2.1", true),
+            ("192.0.2.2", false),
+            ("fd12::1", true),
+            ("fe80::1", false),
+            ("::ffff:10.9.8.7", true),
+        ] {
+            assert_eq!(r.contains(ip.parse().unwrap()), inside, "{ip}");
+        }
+        assert!(!InternalAddresses::default().contains("127.0.0.1".parse().unwrap()));
+        let all = InternalAddresses::parse(&[("0.0.0.0", Some(0))], "l").unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for (bad, what) in [
+            (("10.0.0.0", Some(33)), "prefix_len 33"),
+            (("not-an-ip", Some(8)), "not an IP address"),
+        ] {
+            let msg = InternalAddresses::parse(&[bad], "l")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(what) && msg.contains("cidr_ranges[0]"),
+                "{msg}"
+            );
         }
     }
 

@@ -85,6 +85,14 @@ pub async fn handle(
     if lr.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
         req.headers_mut().insert(&X_REQUEST_ID, request_id());
     }
+    if lr.config.use_remote_address {
+        super::edge::sanitize(
+            req.headers_mut(),
+            conn.peer.ip(),
+            &conn.peer_ip,
+            &lr.config.internal,
+        );
+    }
     let request_id = if lr.config.request_id_in_response {
         req.headers().get(&X_REQUEST_ID).cloned()
     } else {

@@ -7,6 +7,7 @@
 //! request by [`handler::handle`].
 
 pub mod body;
+mod edge;
 pub mod h2;
 pub mod handler;
 mod header_rules;
