@@ -82,8 +82,12 @@ pub async fn handle(
     // The request id is made before anything else, as Envoy's HCM does:
     // the access log and every answer (a 404 too) can carry it.
     let mut req = req;
-    if lr.config.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
-        req.headers_mut().insert(&X_REQUEST_ID, request_id());
+    if lr.config.generate_request_id {
+        // One lookup, not a check and then an insert: hashing a
+        // non-standard name is a good part of a header map's cost.
+        if let http::header::Entry::Vacant(v) = req.headers_mut().entry(&X_REQUEST_ID) {
+            v.insert(request_id());
+        }
     }
     if lr.config.use_remote_address {
         super::edge::sanitize(
@@ -803,12 +807,19 @@ async fn forward(
         headers.remove(header::TE);
     }
     if lr.config.use_remote_address {
-        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
-            None => Some(conn.peer_ip.clone()),
-        };
-        if let Some(v) = xff {
-            headers.insert(&X_FORWARDED_FOR, v);
+        // One lookup for the check and the write.
+        match headers.entry(&X_FORWARDED_FOR) {
+            http::header::Entry::Vacant(v) => {
+                v.insert(conn.peer_ip.clone());
+            }
+            http::header::Entry::Occupied(mut o) => {
+                let appended = o.get().to_str().ok().and_then(|prev| {
+                    HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok()
+                });
+                if let Some(v) = appended {
+                    o.insert(v);
+                }
+            }
         }
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }

@@ -69,6 +69,13 @@ fn routes_rewrites_and_edits_over_http1_and_h2c() {
         r.body
     );
     assert_eq!(r.header("x-resp"), Some("r"));
+    // A client's x-forwarded-for gets the client's address appended.
+    let r = get("/shop/exact", &[("x-forwarded-for", "203.0.113.9")]);
+    assert!(
+        r.body.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "xff appended to: {}",
+        r.body
+    );
     // At the edge (use_remote_address, no internal addresses configured)
     // a client may not set the x-envoy-* headers that steer Envoys, and
     // its address goes upstream.
