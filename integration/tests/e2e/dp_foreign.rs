@@ -1750,16 +1750,7 @@ fn foreign_control_plane_envoy_features() {
     let head = read_answer(&mut s);
     assert!(head.starts_with("http/1.1 408"), "{head}");
     // And over HTTP/2: a stream whose END_STREAM has not come.
-    {
-        use super::dp_h2_downstream::{block, END_HEADERS};
-        let mut c = Raw::connect(port, &[]);
-        let mut post = h2get("/capped/slow/3000");
-        post[0].1 = "POST".into();
-        c.send(HEADERS, END_HEADERS, 1, &block(&fields(&post)));
-        c.send(DATA, 0, 1, b"more to come");
-        let h = c.until("the 408", |f| f.kind == HEADERS && f.stream == 1);
-        assert!(h.payload.windows(3).any(|w| w == b"408"), "{h:?}");
-    }
+    h2_unfinished_post_gets_408(port, "/capped/slow/3000");
     assert_eq!(
         dp.stat("http.downstream_rq_max_duration_reached"),
         reached + 5
@@ -1786,15 +1777,19 @@ fn foreign_control_plane_envoy_features() {
         .expect("write");
     let head = read_answer(&mut s);
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    {
-        use super::dp_h2_downstream::{block, END_HEADERS};
-        let mut c = Raw::connect(calm_port, &[]);
-        let mut post = h2get("/host/y");
-        post[0].1 = "POST".into();
-        c.send(HEADERS, END_HEADERS, 1, &block(&fields(&post)));
-        c.send(DATA, 0, 1, b"more to come");
-        let h = c.until("the 408", |f| f.kind == HEADERS && f.stream == 1);
-        assert!(h.payload.windows(3).any(|w| w == b"408"), "{h:?}");
-    }
+    h2_unfinished_post_gets_408(calm_port, "/host/y");
     assert_eq!(dp.stat("http.downstream_rq_timeout"), timed_out + 2);
+}
+
+/// An HTTP/2 POST to `path` on `port` whose body never ends (no
+/// END_STREAM): the proxy answers it with a 408.
+fn h2_unfinished_post_gets_408(port: u16, path: &str) {
+    use super::dp_h2_downstream::{block, fields, get as h2get, Raw, DATA, END_HEADERS, HEADERS};
+    let mut c = Raw::connect(port, &[]);
+    let mut post = h2get(path);
+    post[0].1 = "POST".into();
+    c.send(HEADERS, END_HEADERS, 1, &block(&fields(&post)));
+    c.send(DATA, 0, 1, b"more to come");
+    let h = c.until("the 408", |f| f.kind == HEADERS && f.stream == 1);
+    assert!(h.payload.windows(3).any(|w| w == b"408"), "{h:?}");
 }
