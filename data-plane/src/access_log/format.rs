@@ -99,8 +99,13 @@ enum What {
     UpstreamHost,
     UpstreamCluster,
     RouteName,
+    /// The trusted client address (from x-forwarded-for, when the
+    /// listener takes it from there).
     RemoteAddress,
     RemoteAddressWithoutPort,
+    /// The connection's peer.
+    DirectRemoteAddress,
+    DirectRemoteAddressWithoutPort,
     /// A gRPC call's status (`-` for other requests).
     GrpcStatus(GrpcStyle),
     /// The text of the proxy's own answer.
@@ -423,8 +428,10 @@ fn parse_op(token: &str) -> Result<Op, String> {
         ("UPSTREAM_LOCAL_ADDRESS", None) => What::UpstreamLocalAddress,
         ("DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", None) => What::LocalAddressWithoutPort,
         // No proxy protocol: the direct peer is the remote address.
-        ("DOWNSTREAM_DIRECT_REMOTE_ADDRESS", None) => What::RemoteAddress,
-        ("DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT", None) => What::RemoteAddressWithoutPort,
+        ("DOWNSTREAM_DIRECT_REMOTE_ADDRESS", None) => What::DirectRemoteAddress,
+        ("DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT", None) => {
+            What::DirectRemoteAddressWithoutPort
+        }
         ("REQUESTED_SERVER_NAME" | "CONNECTION_TERMINATION_DETAILS", None) => What::Missing,
         ("PROTOCOL", None) => What::Protocol,
         ("RESPONSE_CODE", None) => What::ResponseCode,
@@ -541,13 +548,28 @@ fn value<'a>(what: &What, r: &'a Record) -> Got<'a> {
         What::UpstreamCluster => non_empty(&r.upstream_cluster),
         What::RouteName => non_empty(&r.route_name),
         What::RemoteAddress => non_empty(&r.downstream_remote_address),
-        What::RemoteAddressWithoutPort => {
-            let a = r.downstream_remote_address.as_str();
-            match a.parse::<std::net::SocketAddr>() {
-                Ok(s) => Got::Str(Owned(s.ip().to_string())),
-                Err(_) => non_empty(a),
-            }
-        }
+        What::RemoteAddressWithoutPort => without_port(&r.downstream_remote_address),
+        What::DirectRemoteAddress => non_empty(direct(r)),
+        What::DirectRemoteAddressWithoutPort => without_port(direct(r)),
+    }
+}
+
+/// The connection's peer (records made before it was kept apart from the
+/// client address have only the one).
+fn direct(r: &Record) -> &str {
+    if r.downstream_direct_remote_address.is_empty() {
+        &r.downstream_remote_address
+    } else {
+        &r.downstream_direct_remote_address
+    }
+}
+
+fn without_port(a: &str) -> Got<'_> {
+    use std::borrow::Cow::{Borrowed, Owned};
+    match a.parse::<std::net::SocketAddr>() {
+        Ok(s) => Got::Str(Owned(s.ip().to_string())),
+        Err(_) if a.is_empty() => Got::None,
+        Err(_) => Got::Str(Borrowed(a)),
     }
 }
 

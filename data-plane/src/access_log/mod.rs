@@ -57,8 +57,12 @@ pub struct Record {
     pub route_name: String,
     /// Cluster name.
     pub upstream_cluster: String,
-    /// Client address.
+    /// The trusted client address: the connection's peer, or the address
+    /// x-forwarded-for names when the listener reads it from there.
     pub downstream_remote_address: String,
+    /// The connection's peer.
+    #[serde(skip)]
+    pub downstream_direct_remote_address: String,
     /// The request headers the listener's formats log.
     #[serde(skip)]
     pub headers: Vec<(http::HeaderName, Option<String>)>,

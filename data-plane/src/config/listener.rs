@@ -216,13 +216,12 @@ pub struct ListenerConfig {
     pub max_connection_duration: Option<Duration>,
     /// How long a removed listener lets open requests finish.
     pub drain_timeout: Duration,
-    /// Append the client address to x-forwarded-for, and treat requests
-    /// from outside `internal` as external (header sanitizing).
-    pub use_remote_address: bool,
-    /// The addresses whose requests are internal (the HCM's
-    /// `internal_address_config`; none unless configured, as in Envoy 1.33
-    /// and later).
-    pub internal: InternalAddresses,
+    /// How the client of a request is found (x-forwarded-for and
+    /// internal addresses).
+    pub client: ClientAddressing,
+    /// Keep an edge request's own `x-request-id` (the HCM's
+    /// `preserve_external_request_id`); otherwise it gets a new one.
+    pub preserve_external_request_id: bool,
     /// Normalize request paths (RFC 3986) before routing.
     pub normalize_path: bool,
     /// Merge runs of slashes in request paths before routing.
@@ -340,6 +339,18 @@ impl ListenerConfig {
                 ))
             }
         };
+        if let Some(e) = hcm.original_ip_detection_extensions.first() {
+            // They replace the x-forwarded-for rules below; ignoring one
+            // would take the client address from the wrong place.
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "original_ip_detection_extensions ({}) are not supported; \
+                     set xff_num_trusted_hops on the connection manager instead",
+                    e.name
+                ),
+            ));
+        }
         let router = check_http_filters(&hcm, at)?;
         let server_header = server_header(&hcm, at)?;
         let codec = match CodecType::try_from(hcm.codec_type) {
@@ -519,22 +530,27 @@ impl ListenerConfig {
                 .as_ref()
                 .map(duration)
                 .unwrap_or(Duration::from_secs(5)),
-            use_remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
-            internal: match &hcm.internal_address_config {
-                None => InternalAddresses::default(),
-                Some(c) => InternalAddresses::parse(
-                    &c.cidr_ranges
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.address_prefix.as_str(),
-                                r.prefix_len.as_ref().map(|p| p.value),
-                            )
-                        })
-                        .collect::<Vec<_>>(),
-                    at,
-                )?,
+            client: ClientAddressing {
+                use_remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
+                xff_num_trusted_hops: hcm.xff_num_trusted_hops,
+                skip_xff_append: hcm.skip_xff_append,
+                internal: match &hcm.internal_address_config {
+                    None => InternalAddresses::default(),
+                    Some(c) => InternalAddresses::parse(
+                        &c.cidr_ranges
+                            .iter()
+                            .map(|r| {
+                                (
+                                    r.address_prefix.as_str(),
+                                    r.prefix_len.as_ref().map(|p| p.value),
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                        at,
+                    )?,
+                },
             },
+            preserve_external_request_id: hcm.preserve_external_request_id,
             normalize_path: hcm.normalize_path.is_some_and(|b| b.value),
             merge_slashes: hcm.merge_slashes,
             escaped_slashes,
@@ -556,6 +572,26 @@ impl ListenerConfig {
             },
         })
     }
+}
+
+/// How the connection manager finds who a request is from (Envoy's
+/// x-forwarded-for rules).
+#[derive(Debug, Clone, Default)]
+pub struct ClientAddressing {
+    /// The connection's peer is the client (the HCM's
+    /// `use_remote_address`): its address is appended to x-forwarded-for,
+    /// and a request from outside `internal` is an edge request.
+    /// Otherwise the client is read from x-forwarded-for.
+    pub use_remote_address: bool,
+    /// Proxies in front of this one whose x-forwarded-for entries are
+    /// trusted (the HCM's `xff_num_trusted_hops`).
+    pub xff_num_trusted_hops: u32,
+    /// Leave x-forwarded-for as it came (the HCM's `skip_xff_append`).
+    pub skip_xff_append: bool,
+    /// The addresses whose requests are internal (the HCM's
+    /// `internal_address_config`; none unless configured, as in Envoy 1.33
+    /// and later).
+    pub internal: InternalAddresses,
 }
 
 /// Address ranges whose requests are internal (`internal_address_config`'s
@@ -706,13 +742,13 @@ fn check_http_filters(hcm: &HttpConnectionManager, at: &str) -> Result<Router, C
 mod tests {
     use super::*;
     use portico_proto::envoy::config::core::v3::{
-        address, socket_address, Address, HttpProtocolOptions, SocketAddress,
+        address, socket_address, Address, HttpProtocolOptions, SocketAddress, TypedExtensionConfig,
     };
     use portico_proto::envoy::config::listener::v3::{Filter, FilterChain};
     use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
         HttpFilter, Rds,
     };
-    use portico_proto::google::protobuf::{Any, UInt32Value};
+    use portico_proto::google::protobuf::{Any, BoolValue, UInt32Value};
     use prost::Message;
 
     fn any<M: Message + Name>(m: &M) -> Any {
@@ -756,6 +792,34 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn client_addressing_is_read_and_ip_detection_extensions_are_refused() {
+        let c = ListenerConfig::convert(&listener(|h| {
+            h.use_remote_address = Some(BoolValue { value: true });
+            h.xff_num_trusted_hops = 2;
+            h.skip_xff_append = true;
+            h.preserve_external_request_id = true;
+        }))
+        .expect("valid");
+        assert!(c.client.use_remote_address && c.client.skip_xff_append);
+        assert_eq!(c.client.xff_num_trusted_hops, 2);
+        assert!(c.preserve_external_request_id);
+        let msg = ListenerConfig::convert(&listener(|h| {
+            h.original_ip_detection_extensions = vec![TypedExtensionConfig {
+                name: "envoy.http.original_ip_detection.custom_header".into(),
+                typed_config: None,
+            }];
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("original_ip_detection_extensions")
+                && msg.contains("custom_header")
+                && msg.contains("xff_num_trusted_hops"),
+            "{msg}"
+        );
     }
 
     #[test]

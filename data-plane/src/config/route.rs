@@ -48,6 +48,9 @@ pub struct RouteTable {
     pub edits: Edits,
     /// Every cluster a route names (weighted ones included).
     pub clusters: Vec<Arc<str>>,
+    /// Headers a request from outside the trusted network may not carry
+    /// (`internal_only_headers`): removed before routing.
+    pub internal_only_headers: Vec<HeaderName>,
 }
 
 /// A virtual host.
@@ -686,6 +689,19 @@ impl RouteTable {
                 &at,
             )?,
             clusters: Vec::new(),
+            internal_only_headers: rc
+                .internal_only_headers
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                        ConfigError::new(
+                            &at,
+                            format!("internal_only_headers[{i}]: {n:?} is not a header name"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
         for (i, vh) in vhosts.iter().enumerate() {
             for d in &vh.domains {
@@ -1352,6 +1368,23 @@ mod tests {
             ..Default::default()
         })
         .expect("converts")
+    }
+
+    #[test]
+    fn internal_only_headers_are_lowercased_and_bad_names_are_named() {
+        let mut rc = RouteConfiguration {
+            name: "t".into(),
+            internal_only_headers: vec!["X-Secret".into(), "x-other".into()],
+            ..Default::default()
+        };
+        let t = RouteTable::convert(&rc).expect("valid");
+        assert_eq!(t.internal_only_headers, ["x-secret", "x-other"]);
+        rc.internal_only_headers.push("bad name".into());
+        let msg = RouteTable::convert(&rc).unwrap_err().to_string();
+        assert!(
+            msg.contains("internal_only_headers[2]") && msg.contains("\"bad name\""),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::body::{Guard, RequestBody, ResponseBody, Upstream};
+use super::edge::Origin;
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
 use super::max_duration;
 use super::mirror;
@@ -79,23 +80,24 @@ pub async fn handle(
     let shared = &conn.shared;
     shared.stats.downstream_rq_total.fetch_add(1, Relaxed);
     let lr = conn.listener.load_full();
-    // The request id is made before anything else, as Envoy's HCM does:
-    // the access log and every answer (a 404 too) can carry it.
     let mut req = req;
+    // Who the request is from decides what of its head is kept; then the
+    // request id, before anything else can answer (a 404 carries it too).
+    let origin = super::edge::mutate(
+        req.headers_mut(),
+        conn.peer,
+        &conn.peer_ip,
+        &lr.config.client,
+    );
     if lr.config.generate_request_id {
-        // One lookup, not a check and then an insert: hashing a
-        // non-standard name is a good part of a header map's cost.
-        if let http::header::Entry::Vacant(v) = req.headers_mut().entry(&X_REQUEST_ID) {
+        if origin.edge && !lr.config.preserve_external_request_id {
+            // A client's own id is not trusted (Envoy's rule).
+            req.headers_mut().insert(&X_REQUEST_ID, request_id());
+        } else if let http::header::Entry::Vacant(v) = req.headers_mut().entry(&X_REQUEST_ID) {
+            // One lookup, not a check and then an insert: hashing a
+            // non-standard name is a good part of a header map's cost.
             v.insert(request_id());
         }
-    }
-    if lr.config.use_remote_address {
-        super::edge::sanitize(
-            req.headers_mut(),
-            conn.peer.ip(),
-            &conn.peer_ip,
-            &lr.config.internal,
-        );
     }
     let request_id = if lr.config.request_id_in_response {
         req.headers().get(&X_REQUEST_ID).cloned()
@@ -104,7 +106,7 @@ pub async fn handle(
     };
     let mut guard = Guard::new(shared.stats.clone());
     if !lr.sinks.is_empty() {
-        let mut rec = record(&req, &conn, &lr.log_headers);
+        let mut rec = record(&req, &conn, origin, &lr.log_headers);
         if lr.log_filter_headers {
             rec.filter_headers = Some(Box::new(req.headers().clone()));
         }
@@ -117,10 +119,11 @@ pub async fn handle(
     // log keeps a record of it anyway.
     // Boxed: a record is large, and this future is moved whole.
     let mut reply_rec: Option<Box<Record>> = match (&lr.config.local_replies, &guard.log) {
-        (Some(_), None) => Some(Box::new(record(&req, &conn, &[]))),
+        (Some(_), None) => Some(Box::new(record(&req, &conn, origin, &[]))),
         _ => None,
     };
-    let mut resp = match route_request(&conn, &lr, &snap, req, &mut guard, idle.as_deref()).await {
+    let routed = route_request(&conn, origin, &lr, &snap, req, &mut guard, idle.as_deref());
+    let mut resp = match routed.await {
         // Direct responses and redirects are the proxy's own answers too.
         Ok(resp) => match (&lr.config.local_replies, resp.body()) {
             (Some(replies), Either::Right(body)) if !grpc => {
@@ -299,7 +302,12 @@ fn grpc_message(text: &str) -> String {
     out
 }
 
-fn record(req: &Request<RequestBody>, conn: &Conn, logged: &[HeaderName]) -> Record {
+fn record(
+    req: &Request<RequestBody>,
+    conn: &Conn,
+    origin: Origin,
+    logged: &[HeaderName],
+) -> Record {
     let h = req.headers();
     let s = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let now = std::time::SystemTime::now();
@@ -333,7 +341,8 @@ fn record(req: &Request<RequestBody>, conn: &Conn, logged: &[HeaderName]) -> Rec
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         authority: authority(req).unwrap_or_default().to_owned(),
-        downstream_remote_address: conn.peer.to_string(),
+        downstream_remote_address: origin.client.to_string(),
+        downstream_direct_remote_address: conn.peer.to_string(),
         headers: logged.iter().map(|n| (n.clone(), s(n))).collect(),
         ..Default::default()
     }
@@ -458,6 +467,7 @@ fn normalize_path(
 
 async fn route_request(
     conn: &Conn,
+    origin: Origin,
     lr: &ListenerRuntime,
     snap: &Snapshot,
     mut req: Request<RequestBody>,
@@ -483,13 +493,13 @@ async fn route_request(
     if c.strip_port != StripPort::Keep || c.strip_trailing_host_dot {
         normalize_host(&mut req, c);
     }
-    let Some(host) = authority(&req) else {
+    if authority(&req).is_none() {
         return Err(local(
             StatusCode::BAD_REQUEST,
             "missing host header\n",
             "DPE",
         ));
-    };
+    }
     let table: &RouteTable = match &lr.config.routes {
         Routes::Inline(t) => t,
         Routes::Rds(name) => match snap.routes.get(name) {
@@ -500,6 +510,13 @@ async fn route_request(
             }
         },
     };
+    if !origin.internal && !table.internal_only_headers.is_empty() {
+        // Before matching: a route may not be chosen by them either.
+        for n in &table.internal_only_headers {
+            req.headers_mut().remove(n);
+        }
+    }
+    let host = authority(&req).unwrap_or_default();
     let Some(vh) = table.virtual_host(host, false) else {
         stats.no_route.fetch_add(1, Relaxed);
         return Err(local(StatusCode::NOT_FOUND, "", "NR"));
@@ -533,7 +550,7 @@ async fn route_request(
             if let (Some(slot), Some(t)) = (idle, fwd.idle_timeout) {
                 slot.route_idle().set(t);
             }
-            forward(conn, lr, snap, table, vh, route, fwd, req, guard).await?
+            forward(conn, origin, lr, snap, table, vh, route, fwd, req, guard).await?
         }
     };
     route.edits.apply_response(resp.headers_mut());
@@ -582,7 +599,6 @@ fn redirect(rd: &Redirect, route: &Route, req: &Request<RequestBody>, host: &str
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
@@ -724,6 +740,7 @@ fn request_hash(fwd: &Forward, req: &Request<RequestBody>, peer: SocketAddr) -> 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     conn: &Conn,
+    origin: Origin,
     lr: &ListenerRuntime,
     snap: &Snapshot,
     table: &RouteTable,
@@ -742,7 +759,7 @@ async fn forward(
         b.1.upstream_cluster = cluster.config.name.to_string();
     }
     let hash = if is_hashing(cluster) {
-        request_hash(fwd, &req, conn.peer)
+        request_hash(fwd, &req, origin.client)
     } else {
         None
     };
@@ -805,23 +822,6 @@ async fn forward(
     strip_hop_by_hop(&mut headers, upgrade);
     if !cluster.config.http2 {
         headers.remove(header::TE);
-    }
-    if lr.config.use_remote_address {
-        // One lookup for the check and the write.
-        match headers.entry(&X_FORWARDED_FOR) {
-            http::header::Entry::Vacant(v) => {
-                v.insert(conn.peer_ip.clone());
-            }
-            http::header::Entry::Occupied(mut o) => {
-                let appended = o.get().to_str().ok().and_then(|prev| {
-                    HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok()
-                });
-                if let Some(v) = appended {
-                    o.insert(v);
-                }
-            }
-        }
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if let Some(via) = &lr.config.via {
         append_via(&mut headers, via);

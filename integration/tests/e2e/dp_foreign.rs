@@ -125,6 +125,13 @@ fn listener(
         } else {
             ServerHeaderTransformation::Overwrite
         } as i32,
+        // Without `clean`: an edge behind one trusted proxy, which keeps
+        // nothing a client says of its own request id; with it, a
+        // listener behind an edge, reading the client from
+        // x-forwarded-for.
+        use_remote_address: (!clean)
+            .then_some(portico_proto::google::protobuf::BoolValue { value: true }),
+        xff_num_trusted_hops: if clean { 0 } else { 1 },
         // Short, so that the test sees connections and streams idle out;
         // with `clean`, connections also end after 3 requests or 2 s.
         // Header names with underscores are dropped (`clean`) or refused;
@@ -569,6 +576,8 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             include_attempt_count_in_response: true,
             ..Default::default()
         }],
+        // Requests from outside the trusted network lose it before routing.
+        internal_only_headers: vec!["X-Secret".into()],
         ..Default::default()
     }
 }
@@ -703,6 +712,8 @@ fn foreign_control_plane_envoy_features() {
         fields.insert("path".to_string(), s("%REQ(:PATH)%"));
         fields.insert("user".to_string(), s("%REQ(X-USER)%"));
         fields.insert("from".to_string(), s("%UPSTREAM_LOCAL_ADDRESS%"));
+        fields.insert("client".to_string(), s("%DOWNSTREAM_REMOTE_ADDRESS%"));
+        fields.insert("peer".to_string(), s("%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%"));
         fields.insert("grpc".to_string(), s("%GRPC_STATUS%"));
         fields.insert("trailer".to_string(), s("%TRAILER(GRPC-MESSAGE)%"));
         FileAccessLog {
@@ -1075,6 +1086,66 @@ fn foreign_control_plane_envoy_features() {
         })
     });
     let from = json_logged.unwrap_or_else(|| panic!("{:?}", std::fs::read_to_string(&json_log)));
+    // Who a request is from (Envoy's x-forwarded-for rules): at the edge
+    // behind one trusted proxy, the last x-forwarded-for entry is the
+    // client; the connection's peer is appended; the client may not set
+    // x-envoy-* steering, the route configuration's internal-only
+    // headers, or its own request id.
+    let r = get(
+        "/host/whom",
+        &[
+            ("x-forwarded-for", "198.51.100.7, 10.0.0.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "mine"),
+            ("x-secret", "s"),
+            ("x-envoy-retry-on", "5xx"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    for want in [
+        "\nx-forwarded-for: 198.51.100.7, 10.0.0.2, 127.0.0.1\n",
+        "\nx-envoy-external-address: 10.0.0.2\n",
+        "\nx-forwarded-proto: https\n",
+    ] {
+        assert!(r.body.contains(want), "{want:?} in {}", r.body);
+    }
+    for gone in ["x-secret", "x-envoy-retry-on", "mine"] {
+        assert!(!r.body.contains(gone), "{gone} gone: {}", r.body);
+    }
+    let whom = wait_for(std::time::Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&json_log).ok()?;
+        text.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["path"] == "/host/whom").then(|| (v["client"].clone(), v["peer"].clone()))
+        })
+    })
+    .unwrap_or_else(|| panic!("{:?}", std::fs::read_to_string(&json_log)));
+    assert_eq!(whom.0, "10.0.0.2:0", "{whom:?}");
+    assert!(
+        whom.1.as_str().is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{whom:?}"
+    );
+    // Behind an edge (no use_remote_address): x-forwarded-for is the
+    // edge's to set and stays as it came; the internal-only headers go
+    // all the same (no address is internal here).
+    let r = http1(
+        calm_port,
+        "GET",
+        "/host/whom",
+        "gw",
+        &[("x-forwarded-for", "198.51.100.9"), ("x-secret", "s")],
+        "",
+    )
+    .expect("request");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.body.contains("\nx-forwarded-for: 198.51.100.9\n")
+            && r.body.contains("\nx-forwarded-proto: http\n")
+            && !r.body.contains("x-secret")
+            && !r.body.contains("x-envoy-external-address"),
+        "{}",
+        r.body
+    );
     // The filtered log: the budgetless 503 and the marked request, and no
     // other line (of the dozens of 200s and 404s by now).
     let picked_log = dir.path().join("foreign.log.picked");

@@ -56,6 +56,9 @@ pub(crate) fn build(name: &str, l: &GwListener) -> Shared {
         // A gateway is the edge: the client's address is the peer's, and
         // x-forwarded-for gets it appended.
         use_remote_address: Some(BoolValue { value: true }),
+        // An API's clients correlate their calls by their own request ids;
+        // Envoy would replace them at the edge.
+        preserve_external_request_id: true,
         upgrade_configs: vec![UpgradeConfig {
             upgrade_type: "websocket".into(),
             ..Default::default()
