@@ -253,6 +253,17 @@ impl HeaderMatch {
         })
     }
 
+    /// A matcher for a header's presence (as `x-envoy-retriable-header-names`
+    /// lists them); `None` if `name` is not a header name.
+    pub fn present(name: &str) -> Option<Self> {
+        Some(HeaderMatch {
+            name: HeaderSource::Regular(http::HeaderName::from_bytes(name.as_bytes()).ok()?),
+            test: HeaderTest::Present(true),
+            invert: false,
+            missing_as_empty: false,
+        })
+    }
+
     /// Whether the request headers match. Several values of one header are
     /// joined with `,` as Envoy does.
     pub fn matches(&self, req: &RequestHead<'_>) -> bool {

@@ -301,15 +301,18 @@ pub struct RetryPolicy {
     pub retriable_4xx: bool,
     /// Retry on HTTP/2 REFUSED_STREAM.
     pub refused_stream: bool,
-    /// Retry on these statuses (when `retriable-status-codes` is on).
+    /// Retry on `statuses` (`retriable-status-codes`).
+    pub on_statuses: bool,
+    /// The `retriable_status_codes`.
     pub statuses: Vec<u16>,
     /// gRPC statuses to retry on (from `grpc-status`).
     pub grpc: Vec<u32>,
     /// Retry when the answer carries `x-envoy-ratelimited`
     /// (`envoy-ratelimited`).
     pub ratelimited: bool,
-    /// Retry when an answer header matches one of these
-    /// (`retriable-headers` with `retriable_headers`).
+    /// Retry on `answer_headers` (`retriable-headers`).
+    pub on_answer_headers: bool,
+    /// Answer headers that ask for another try (`retriable_headers`).
     pub answer_headers: Vec<HeaderMatch>,
     /// Retry only requests with a header matching one of these
     /// (`retriable_request_headers`; empty: any request).
@@ -336,52 +339,27 @@ impl RetryPolicy {
             base: Duration::from_millis(25),
             ..Default::default()
         };
-        let mut codes_on = false;
-        let mut headers_on = false;
         for token in p
             .retry_on
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
         {
-            match token {
-                "5xx" => r.on_5xx = true,
-                "gateway-error" => r.gateway_error = true,
-                "reset" | "reset-before-request" => r.reset = true,
-                "connect-failure" => r.connect_failure = true,
-                "retriable-4xx" => r.retriable_4xx = true,
-                "refused-stream" => r.refused_stream = true,
-                "retriable-status-codes" => codes_on = true,
-                "cancelled" => r.grpc.push(1),
-                "deadline-exceeded" => r.grpc.push(4),
-                "resource-exhausted" => r.grpc.push(8),
-                "internal" => r.grpc.push(13),
-                "unavailable" => r.grpc.push(14),
-                "envoy-ratelimited" => r.ratelimited = true,
-                "retriable-headers" => headers_on = true,
-                // A condition this proxy never meets (it speaks no HTTP/3);
-                // accepted so Envoy configuration runs unchanged.
-                "http3-post-connect-failure" => {}
-                other => {
-                    return Err(ConfigError::new(
-                        at,
-                        format!("unknown retry_on condition {other:?}"),
-                    ));
-                }
+            if !(r.add_http_condition(token) || r.add_grpc_condition(token)) {
+                return Err(ConfigError::new(
+                    at,
+                    format!("unknown retry_on condition {token:?}"),
+                ));
             }
         }
-        if codes_on {
-            r.statuses = p.retriable_status_codes.iter().map(|c| *c as u16).collect();
-        }
+        r.statuses = p.retriable_status_codes.iter().map(|c| *c as u16).collect();
         let matchers = |ms: &[PbHeaderMatcher], what: &str| {
             ms.iter()
                 .enumerate()
                 .map(|(i, m)| HeaderMatch::compile(m, &format!("{at} retry_policy.{what}[{i}]")))
                 .collect::<Result<Vec<_>, _>>()
         };
-        if headers_on {
-            r.answer_headers = matchers(&p.retriable_headers, "retriable_headers")?;
-        }
+        r.answer_headers = matchers(&p.retriable_headers, "retriable_headers")?;
         r.request_headers = matchers(&p.retriable_request_headers, "retriable_request_headers")?;
         if let Some(b) = &p.retry_back_off {
             if let Some(base) = b.base_interval.as_ref().map(duration) {
@@ -406,14 +384,77 @@ impl RetryPolicy {
         Ok(r)
     }
 
+    /// The policy of a route without one whose request asks for retries
+    /// (Envoy's defaults: one retry, 25 ms backoff).
+    pub fn asked_for() -> Self {
+        RetryPolicy {
+            num_retries: 1,
+            base: Duration::from_millis(25),
+            max: Duration::from_millis(250),
+            ..Default::default()
+        }
+    }
+
+    /// Turns on one of `retry_on`'s HTTP conditions (as in the
+    /// `x-envoy-retry-on` header); `false` if there is no such condition.
+    pub fn add_http_condition(&mut self, token: &str) -> bool {
+        match token {
+            "5xx" => self.on_5xx = true,
+            "gateway-error" => self.gateway_error = true,
+            "reset" | "reset-before-request" => self.reset = true,
+            "connect-failure" => self.connect_failure = true,
+            "retriable-4xx" => self.retriable_4xx = true,
+            "refused-stream" => self.refused_stream = true,
+            "retriable-status-codes" => self.on_statuses = true,
+            "envoy-ratelimited" => self.ratelimited = true,
+            "retriable-headers" => self.on_answer_headers = true,
+            // A condition this proxy never meets (it speaks no HTTP/3);
+            // accepted so Envoy configuration runs unchanged.
+            "http3-post-connect-failure" => {}
+            _ => return false,
+        }
+        true
+    }
+
+    /// Turns on one of `retry_on`'s gRPC conditions (as in the
+    /// `x-envoy-retry-grpc-on` header); `false` if there is no such one.
+    pub fn add_grpc_condition(&mut self, token: &str) -> bool {
+        let code = match token {
+            "cancelled" => 1,
+            "deadline-exceeded" => 4,
+            "resource-exhausted" => 8,
+            "internal" => 13,
+            "unavailable" => 14,
+            _ => return false,
+        };
+        if !self.grpc.contains(&code) {
+            self.grpc.push(code);
+        }
+        true
+    }
+
+    /// Whether any condition is on: a policy without one never retries.
+    pub fn any_condition(&self) -> bool {
+        self.on_5xx
+            || self.gateway_error
+            || self.reset
+            || self.connect_failure
+            || self.retriable_4xx
+            || self.refused_stream
+            || self.on_statuses
+            || self.ratelimited
+            || self.on_answer_headers
+            || !self.grpc.is_empty()
+    }
+
     /// Whether a response status asks for another try.
     pub fn retry_status(&self, status: u16, headers: &HeaderMap) -> bool {
         (self.on_5xx && status >= 500)
             || (self.gateway_error && matches!(status, 502..=504))
             || (self.retriable_4xx && status == 409)
-            || self.statuses.contains(&status)
+            || (self.on_statuses && self.statuses.contains(&status))
             || (self.ratelimited && headers.contains_key("x-envoy-ratelimited"))
-            || (!self.answer_headers.is_empty() && {
+            || (self.on_answer_headers && !self.answer_headers.is_empty() && {
                 let head = RequestHead {
                     method: "",
                     path: "",

@@ -58,6 +58,8 @@ pub struct Origin {
     pub internal: bool,
     /// From outside it, to a listener with `use_remote_address`.
     pub edge: bool,
+    /// Internal, with `x-envoy-*` headers that may steer the router.
+    pub steered: bool,
 }
 
 /// Decides who a request from `peer` (whose address as a header value is
@@ -116,7 +118,8 @@ pub fn mutate(
     let edge = !internal && c.use_remote_address;
     // One pass over the names finds whether there is anything to remove
     // (almost never): a lookup per listed name would cost every request.
-    if headers.keys().any(|n| n.as_str().starts_with("x-envoy-")) {
+    let envoy_headers = headers.keys().any(|n| n.as_str().starts_with("x-envoy-"));
+    if envoy_headers {
         headers.remove(&X_ENVOY_INTERNAL);
         if !internal {
             for name in &INTERNAL_ONLY {
@@ -145,6 +148,7 @@ pub fn mutate(
         client,
         internal,
         edge,
+        steered: internal && envoy_headers,
     }
 }
 
@@ -235,7 +239,7 @@ mod tests {
         let mut h = request(Some(xff));
         let o = run(&mut h, &rules(true, 0, &[]));
         assert_eq!(o.client, PEER.parse().unwrap());
-        assert!(o.edge && !o.internal);
+        assert!(o.edge && !o.internal && !o.steered);
         assert_eq!(get(&h, "x-envoy-external-address"), Some("192.0.2.5"));
         assert_eq!(
             get(&h, "x-forwarded-for"),
@@ -312,7 +316,7 @@ mod tests {
         let mut h = request(Some("10.20.30.40"));
         let o = run(&mut h, &rules(false, 0, &[("10.0.0.0", Some(8))]));
         assert_eq!(o.client, "10.20.30.40:0".parse().unwrap());
-        assert!(o.internal && !o.edge);
+        assert!(o.internal && !o.edge && o.steered);
         assert_eq!(get(&h, "x-envoy-internal"), Some("true"));
         assert_eq!(get(&h, "x-envoy-retry-on"), Some("5xx"), "kept");
     }

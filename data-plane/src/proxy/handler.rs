@@ -747,7 +747,7 @@ async fn forward(
     vh: &VirtualHost,
     route: &Route,
     fwd: &Forward,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     guard: &mut Guard,
 ) -> Result<Out, Local> {
     let stats = &conn.shared.stats;
@@ -763,6 +763,14 @@ async fn forward(
     } else {
         None
     };
+    // An internal request's own timeouts and retry conditions (boxed: the
+    // rare case should not grow every request's future).
+    let steer = origin.steered.then(|| {
+        Box::new(super::steering::take(
+            req.headers_mut(),
+            fwd.retry.as_deref(),
+        ))
+    });
     let down_upgrade = (req.version() == Version::HTTP_11
         && (fwd.websocket || lr.config.websocket)
         && req
@@ -812,7 +820,10 @@ async fn forward(
         }
         _ => None,
     };
-    let route_timeout = grpc_route_timeout.unwrap_or(fwd.timeout);
+    let route_timeout = match steer.as_ref().and_then(|s| s.timeout) {
+        Some(t) => t,
+        None => grpc_route_timeout.unwrap_or(fwd.timeout),
+    };
     let (parts, body) = req.into_parts();
     let original_uri = &parts.uri;
     let original_pq = original_uri.path_and_query().map_or("/", |p| p.as_str());
@@ -857,7 +868,10 @@ async fn forward(
 
     // Retries need the body again, and mirrors a copy: buffer it when it
     // is small.
-    let retry = fwd.retry.as_deref();
+    let retry = steer
+        .as_ref()
+        .and_then(|s| s.retry.as_ref())
+        .or(fwd.retry.as_deref());
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -1034,7 +1048,10 @@ async fn forward(
         // What is left of the route's time, or the try's (Envoy's
         // setTimeoutHeaders): told to the upstream, and a gRPC call's
         // deadline says the same when the route takes it from the call.
-        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let per_try = steer
+            .as_ref()
+            .and_then(|s| s.per_try)
+            .or(retry.and_then(|r| r.per_try_timeout));
         if envoy_headers || grpc_route_timeout.is_some() {
             if let Some(ms) = expected_timeout_ms(route_timeout, per_try, started.elapsed()) {
                 if envoy_headers {
@@ -1218,11 +1235,15 @@ async fn forward(
                 stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 cluster.observe(&ep, Some(504));
-                failure = local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout\n",
-                    "UT",
-                );
+                failure = if steer.as_ref().is_some_and(|s| s.timeout_no_content) {
+                    local(StatusCode::NO_CONTENT, "", "UT")
+                } else {
+                    local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout\n",
+                        "UT",
+                    )
+                };
                 last_ep = Some(ep);
                 let route_timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                 if route_timed_out

@@ -17,6 +17,7 @@ mod mirror;
 mod path;
 mod quiet;
 mod server;
+mod steering;
 pub mod stream_idle;
 
 use std::collections::HashMap;

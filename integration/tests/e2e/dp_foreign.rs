@@ -132,6 +132,17 @@ fn listener(
         use_remote_address: (!clean)
             .then_some(portico_proto::google::protobuf::BoolValue { value: true }),
         xff_num_trusted_hops: if clean { 0 } else { 1 },
+        // With `clean`, a request forwarded for 10/8 alone is internal, and
+        // may steer the router with Envoy's x-envoy-* request headers.
+        internal_address_config: clean.then(|| {
+            portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::InternalAddressConfig {
+                cidr_ranges: vec![portico_proto::envoy::config::core::v3::CidrRange {
+                    address_prefix: "10.0.0.0".into(),
+                    prefix_len: Some(UInt32Value { value: 8 }),
+                }],
+                ..Default::default()
+            }
+        }),
         // Short, so that the test sees connections and streams idle out;
         // with `clean`, connections also end after 3 requests or 2 s.
         // Header names with underscores are dropped (`clean`) or refused;
@@ -1146,6 +1157,43 @@ fn foreign_control_plane_envoy_features() {
         "{}",
         r.body
     );
+    // An internal request steers the router with Envoy's headers (which
+    // go no further); the same headers from outside do nothing.
+    let steered = |path: &str, internal: bool, headers: &[(&str, &str)]| {
+        let mut all = headers.to_vec();
+        if internal {
+            all.push(("x-forwarded-for", "10.1.2.3"));
+        }
+        http1(calm_port, "GET", path, "gw", &all, "").expect("request")
+    };
+    let retry = [("x-envoy-retry-on", "5xx"), ("x-envoy-max-retries", "3")];
+    let r = steered("/host/flaky/steer-in/2", true, &retry);
+    assert_eq!(r.status, 200, "two 503s retried: {r:?}");
+    assert!(
+        r.body.contains("\nx-envoy-internal: true\n") && !r.body.contains("x-envoy-retry-on"),
+        "{}",
+        r.body
+    );
+    let r = steered("/host/flaky/steer-out/2", false, &retry);
+    assert_eq!(r.status, 503, "not retried from outside: {r:?}");
+    let timeout = [("x-envoy-upstream-rq-timeout-ms", "200")];
+    let t = std::time::Instant::now();
+    let r = steered("/host/slow/3000", true, &timeout);
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
+    let r = steered(
+        "/host/slow/3000",
+        true,
+        &[
+            timeout[0],
+            ("x-envoy-upstream-rq-timeout-alt-response", "1"),
+        ],
+    );
+    assert_eq!(r.status, 204, "{r:?}");
     // The filtered log: the budgetless 503 and the marked request, and no
     // other line (of the dozens of 200s and 404s by now).
     let picked_log = dir.path().join("foreign.log.picked");
