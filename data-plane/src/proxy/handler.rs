@@ -122,7 +122,7 @@ pub async fn handle(
         (Some(_), None) => Some(Box::new(record(&req, &conn, origin, &[]))),
         _ => None,
     };
-    let routed = route_request(&conn, origin, &lr, &snap, req, &mut guard, idle.as_deref());
+    let routed = route_request(&conn, &origin, &lr, &snap, req, &mut guard, idle.as_deref());
     let mut resp = match routed.await {
         // Direct responses and redirects are the proxy's own answers too.
         Ok(resp) => match (&lr.config.local_replies, resp.body()) {
@@ -467,7 +467,7 @@ fn normalize_path(
 
 async fn route_request(
     conn: &Conn,
-    origin: Origin,
+    origin: &Origin,
     lr: &ListenerRuntime,
     snap: &Snapshot,
     mut req: Request<RequestBody>,
@@ -493,13 +493,13 @@ async fn route_request(
     if c.strip_port != StripPort::Keep || c.strip_trailing_host_dot {
         normalize_host(&mut req, c);
     }
-    if authority(&req).is_none() {
+    let Some(host) = authority(&req) else {
         return Err(local(
             StatusCode::BAD_REQUEST,
             "missing host header\n",
             "DPE",
         ));
-    }
+    };
     let table: &RouteTable = match &lr.config.routes {
         Routes::Inline(t) => t,
         Routes::Rds(name) => match snap.routes.get(name) {
@@ -510,13 +510,15 @@ async fn route_request(
             }
         },
     };
-    if !origin.internal && !table.internal_only_headers.is_empty() {
+    let host = if !origin.internal && !table.internal_only_headers.is_empty() {
         // Before matching: a route may not be chosen by them either.
         for n in &table.internal_only_headers {
             req.headers_mut().remove(n);
         }
-    }
-    let host = authority(&req).unwrap_or_default();
+        authority(&req).unwrap_or_default()
+    } else {
+        host
+    };
     let Some(vh) = table.virtual_host(host, false) else {
         stats.no_route.fetch_add(1, Relaxed);
         return Err(local(StatusCode::NOT_FOUND, "", "NR"));
@@ -740,7 +742,7 @@ fn request_hash(fwd: &Forward, req: &Request<RequestBody>, peer: SocketAddr) -> 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     conn: &Conn,
-    origin: Origin,
+    origin: &Origin,
     lr: &ListenerRuntime,
     snap: &Snapshot,
     table: &RouteTable,
