@@ -526,7 +526,10 @@ fn value<'a>(what: &What, r: &'a Record) -> Got<'a> {
         What::BytesReceived => Got::Num(r.bytes_received),
         What::BytesSent => Got::Num(r.bytes_sent),
         What::Duration => Got::Num(r.duration),
-        What::UpstreamServiceTime => r.upstream_service_time.map_or(Got::None, Got::Num),
+        What::UpstreamServiceTime => match r.upstream_service_time {
+            Some(ms) if r.upstream_service_time_sent => Got::Num(ms),
+            _ => Got::None,
+        },
         What::LocalReplyBody => opt(&r.local_reply_body),
         What::Trailer(a, b) => {
             let t = r.trailers.as_deref();
@@ -773,6 +776,25 @@ mod tests {
             ],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn addresses_and_the_service_time_header_as_sent() {
+        let f = LogFormat::text(
+            "%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        )
+        .expect("parses");
+        let mut r = Record {
+            downstream_direct_remote_address: "127.0.0.1:4000".into(),
+            upstream_service_time: Some(7),
+            ..record()
+        };
+        let text = |r: &Record| String::from_utf8(f.render(r)).expect("utf-8");
+        assert_eq!(text(&r), "10.0.0.1:5555 127.0.0.1 -\n", "suppressed");
+        r.upstream_service_time_sent = true;
+        assert_eq!(text(&r), "10.0.0.1:5555 127.0.0.1 7\n");
+        r.downstream_direct_remote_address.clear();
+        assert_eq!(text(&r), "10.0.0.1:5555 10.0.0.1 7\n", "one address kept");
     }
 
     #[test]

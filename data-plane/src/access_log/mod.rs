@@ -43,7 +43,13 @@ pub struct Record {
     pub duration: u64,
     /// Time to upstream response headers, ms.
     pub upstream_service_time: Option<u64>,
-    /// `x-forwarded-for` as received.
+    /// Whether the answer carried it as `x-envoy-upstream-service-time`
+    /// (what `%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%` reads; not when the
+    /// router suppresses its headers).
+    #[serde(skip)]
+    pub upstream_service_time_sent: bool,
+    /// `x-forwarded-for` as the connection manager left it (with the
+    /// client appended, at the edge).
     pub x_forwarded_for: Option<String>,
     /// `user-agent`.
     pub user_agent: Option<String>,

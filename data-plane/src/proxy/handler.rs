@@ -124,14 +124,21 @@ pub async fn handle(
     };
     let routed = route_request(&conn, &origin, &lr, &snap, req, &mut guard, idle.as_deref());
     let mut resp = match routed.await {
-        // Direct responses and redirects are the proxy's own answers too.
-        Ok(resp) => match (&lr.config.local_replies, resp.body()) {
-            (Some(replies), Either::Right(body)) if !grpc => {
-                let rec = reply_record(&mut guard, &mut reply_rec);
+        // Direct responses and redirects are the proxy's own answers too:
+        // the listener's local_reply_config maps them, and a gRPC client
+        // gets them as a gRPC status (Envoy sends all three the same way).
+        Ok(resp) => match resp.body() {
+            Either::Right(body) if grpc || lr.config.local_replies.is_some() => {
                 let text = String::from_utf8_lossy(body).into_owned();
-                let reply = replies.reply(rec, resp.status(), &text);
+                let status = resp.status();
                 let (parts, _) = resp.into_parts();
-                configured_reply(reply, parts)
+                let own = Own {
+                    status,
+                    text: &text,
+                    flags: "",
+                    grpc,
+                };
+                own_answer(&lr.config, &mut guard, &mut reply_rec, own, parts)
             }
             _ => resp,
         },
@@ -140,15 +147,17 @@ pub async fn handle(
                 b.1.response_flags = l.flags.into();
                 b.1.response_code_details = code_details(l.flags, l.status);
             }
-            match &lr.config.local_replies {
-                _ if grpc => grpc_local_reply(&l),
-                Some(replies) => {
-                    let rec = reply_record(&mut guard, &mut reply_rec);
-                    rec.response_flags = l.flags.into();
-                    let parts = Response::new(()).into_parts().0;
-                    configured_reply(replies.reply(rec, l.status, l.body), parts)
-                }
-                None => local_reply(l.status, l.body),
+            if grpc || lr.config.local_replies.is_some() {
+                let own = Own {
+                    status: l.status,
+                    text: l.body,
+                    flags: l.flags,
+                    grpc,
+                };
+                let parts = Response::new(()).into_parts().0;
+                own_answer(&lr.config, &mut guard, &mut reply_rec, own, parts)
+            } else {
+                local_reply(l.status, l.body)
             }
         }
     };
@@ -228,6 +237,49 @@ fn reply_record<'a>(guard: &'a mut Guard, kept: &'a mut Option<Box<Record>>) -> 
     }
 }
 
+/// An answer of the proxy's own, before the listener shapes it.
+struct Own<'a> {
+    status: StatusCode,
+    text: &'a str,
+    /// Its response flags (`""` for direct responses and redirects).
+    flags: &'static str,
+    /// The request is gRPC.
+    grpc: bool,
+}
+
+/// The proxy's own answer as the listener gives it: mapped by
+/// `local_reply_config`, and as a gRPC status to a gRPC request, on the
+/// head it had (a redirect's `location`, a direct response's edits).
+fn own_answer(
+    c: &ListenerConfig,
+    guard: &mut Guard,
+    kept: &mut Option<Box<Record>>,
+    own: Own<'_>,
+    mut parts: http::response::Parts,
+) -> Out {
+    let Some(replies) = &c.local_replies else {
+        debug_assert!(own.grpc, "only gRPC answers need shaping without replies");
+        return grpc_reply(own.status, own.text, own.flags, parts);
+    };
+    let rec = reply_record(guard, kept);
+    if !own.flags.is_empty() {
+        rec.response_flags = own.flags.into();
+    }
+    let reply = replies.reply(rec, own.status, own.text);
+    if !own.grpc {
+        return configured_reply(reply, parts);
+    }
+    if let Some(e) = reply.edits {
+        e.apply_response(&mut parts.headers);
+    }
+    grpc_reply(
+        reply.status,
+        &String::from_utf8_lossy(&reply.body),
+        own.flags,
+        parts,
+    )
+}
+
 /// A local reply as `local_reply_config` made it, on the head it had.
 fn configured_reply(
     r: crate::config::local_reply::Reply<'_>,
@@ -264,28 +316,38 @@ fn is_grpc(h: &HeaderMap) -> bool {
 }
 
 /// A local reply to a gRPC request, as Envoy sends it: a trailers-only
-/// response (`200`, `grpc-status` by the HTTP status's gRPC mapping,
-/// `grpc-message` the reason), which gRPC clients read as the call's
-/// status rather than as a broken HTTP exchange.
-fn grpc_local_reply(l: &Local) -> Out {
-    let mut r = Response::new(Either::Right(Bytes::new()));
-    let h = r.headers_mut();
+/// response (`200`, `grpc-status` by the HTTP status's gRPC mapping unless
+/// the head has one, `grpc-message` the text), which gRPC clients read as
+/// the call's status rather than as a broken HTTP exchange.
+fn grpc_reply(
+    status: StatusCode,
+    text: &str,
+    flags: &str,
+    mut parts: http::response::Parts,
+) -> Out {
+    parts.status = StatusCode::OK;
+    let h = &mut parts.headers;
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    // The call's own deadline passed: Envoy's one explicit status.
-    let status = if l.flags == "DT" {
-        4 // DEADLINE_EXCEEDED
-    } else {
-        grpc_status_for_http(l.status.as_u16())
-    };
-    h.insert("grpc-status", HeaderValue::from(status));
-    let message = grpc_message(l.body.trim_end());
-    if let Ok(v) = HeaderValue::from_str(&message) {
-        h.insert("grpc-message", v);
+    h.remove(header::CONTENT_LENGTH);
+    if let header::Entry::Vacant(v) = h.entry("grpc-status") {
+        // The call's own deadline passed: Envoy's one explicit status.
+        let code = if flags == "DT" {
+            4 // DEADLINE_EXCEEDED
+        } else {
+            grpc_status_for_http(status.as_u16())
+        };
+        v.insert(HeaderValue::from(code));
     }
-    r
+    let message = grpc_message(text.trim_end());
+    if !message.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            h.insert("grpc-message", v);
+        }
+    }
+    Response::from_parts(parts, Either::Right(Bytes::new()))
 }
 
 /// `grpc-message`'s encoding: bytes outside printable ASCII, and `%`,
@@ -1151,6 +1213,7 @@ async fn forward(
                 let service_ms = started.elapsed().as_millis() as u64;
                 if let Some(b) = guard.log.as_mut() {
                     b.1.upstream_service_time = Some(service_ms);
+                    b.1.upstream_service_time_sent = envoy_headers;
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers, false);
@@ -1524,21 +1587,50 @@ mod tests {
             2
         );
         assert_eq!(grpc_message("50% off: caf\u{e9}"), "50%25 off: caf%C3%A9");
-        let r = grpc_local_reply(&local(
+        let head = || Response::new(()).into_parts().0;
+        let r = grpc_reply(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream request timeout\n",
             "UT",
-        ));
+            head(),
+        );
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()["grpc-message"], "upstream request timeout");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
-        let r = grpc_local_reply(&local(
+        let r = grpc_reply(
             StatusCode::GATEWAY_TIMEOUT,
             "downstream duration timeout\n",
             "DT",
-        ));
+            head(),
+        );
         assert_eq!(r.headers()["grpc-status"], "4");
+        // A redirect keeps its location; a status already on the head
+        // stays; no text, no message.
+        let mut parts = head();
+        parts
+            .headers
+            .insert(header::LOCATION, HeaderValue::from_static("/new"));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(5));
+        parts.headers.insert("grpc-status", HeaderValue::from(7));
+        let r = grpc_reply(StatusCode::MOVED_PERMANENTLY, "", "", parts);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            (
+                &r.headers()[header::LOCATION],
+                &r.headers()["grpc-status"],
+                r.headers().get("grpc-message"),
+                r.headers().get(header::CONTENT_LENGTH),
+            ),
+            (
+                &HeaderValue::from_static("/new"),
+                &HeaderValue::from(7),
+                None,
+                None
+            )
+        );
     }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {

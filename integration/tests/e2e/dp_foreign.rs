@@ -1779,6 +1779,36 @@ fn foreign_control_plane_envoy_features() {
         let (_, status, took) = call("/old-deadline/slow/3000", Some("300m")).await;
         assert_eq!(status.as_ref().map(|v| v.as_bytes()), Some(&b"14"[..]));
         assert!(took >= std::time::Duration::from_millis(280), "{took:?}");
+        // The proxy's own answers to a gRPC call (no route, a direct
+        // response) are gRPC statuses, after the listener's
+        // local_reply_config has mapped them: 404 is UNIMPLEMENTED, the
+        // mapped body the message, the mapper's header kept.
+        for path in ["/no/such/route", "/gone"] {
+            let (resp, status, _) = call(path, None).await;
+            let h = resp.headers();
+            assert_eq!(
+                (
+                    resp.status().as_u16(),
+                    status.as_ref().map(|v| v.as_bytes()),
+                    h.get("content-type").map(|v| v.as_bytes()),
+                    h.get("x-mapped").map(|v| v.as_bytes()),
+                ),
+                (
+                    200,
+                    Some(&b"12"[..]),
+                    Some(&b"application/grpc"[..]),
+                    Some(&b"yes"[..])
+                ),
+                "{path}: {resp:?}"
+            );
+            let message = h.get("grpc-message").map(|v| v.to_str().unwrap_or(""));
+            assert!(
+                message.is_some_and(|m| m.contains("nothing here")),
+                "{path}: {resp:?}"
+            );
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert!(body.is_empty(), "trailers-only: {body:?}");
+        }
         // An answer under way when the limit (800 ms) passes is cut: the
         // echo's head arrives, then the stream is reset.
         let (btx, brx) = tokio::sync::mpsc::channel::<
