@@ -329,6 +329,47 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     fn convert(p: &PbRetryPolicy, at: &str) -> Result<Self, ConfigError> {
+        // Fields that would change which host answers, or when a try is
+        // given up, if ignored. A retry never goes back to the endpoint
+        // that just failed, which is what previous_hosts asks.
+        for (i, pred) in p.retry_host_predicate.iter().enumerate() {
+            use portico_proto::envoy::config::route::v3::retry_policy::retry_host_predicate::ConfigType;
+            let type_url = match &pred.config_type {
+                Some(ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+                None => "",
+            };
+            let previous_hosts = type_url.ends_with(".PreviousHostsPredicate")
+                || (type_url.is_empty()
+                    && pred.name == "envoy.retry_host_predicates.previous_hosts");
+            if !previous_hosts {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "retry_host_predicate[{i}] ({}) is not supported; only previous_hosts is",
+                        if type_url.is_empty() {
+                            &pred.name
+                        } else {
+                            type_url
+                        }
+                    ),
+                ));
+            }
+        }
+        if p.per_try_idle_timeout
+            .as_ref()
+            .is_some_and(|d| d.seconds != 0 || d.nanos != 0)
+        {
+            return Err(ConfigError::new(
+                at,
+                "retry_policy.per_try_idle_timeout is not supported",
+            ));
+        }
+        if p.refresh_cluster_on_retry {
+            return Err(ConfigError::new(
+                at,
+                "retry_policy.refresh_cluster_on_retry is not supported",
+            ));
+        }
         let mut r = RetryPolicy {
             num_retries: p.num_retries.as_ref().map_or(1, |v| v.value),
             per_try_timeout: p
@@ -1409,6 +1450,61 @@ mod tests {
             ..Default::default()
         })
         .expect("converts")
+    }
+
+    #[test]
+    fn retry_fields_that_would_change_answers_are_refused_by_name() {
+        use portico_proto::envoy::config::route::v3::retry_policy::{
+            retry_host_predicate::ConfigType, RetryHostPredicate,
+        };
+        use portico_proto::google::protobuf::Any;
+        let predicate = |url: &str| RetryHostPredicate {
+            name: "p".into(),
+            config_type: Some(ConfigType::TypedConfig(Any {
+                type_url: url.into(),
+                value: Vec::new(),
+            })),
+        };
+        let ok = PbRetryPolicy {
+            retry_on: "5xx".into(),
+            retry_host_predicate: vec![predicate(
+                "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+            )],
+            host_selection_retry_max_attempts: 3,
+            ..Default::default()
+        };
+        RetryPolicy::convert(&ok, "r").expect("previous_hosts is what retries do");
+        for (p, what) in [
+            (
+                PbRetryPolicy {
+                    retry_host_predicate: vec![predicate(
+                        "type.googleapis.com/envoy.extensions.retry.host.omit_canary_hosts.v3.OmitCanaryHostsPredicate",
+                    )],
+                    ..ok.clone()
+                },
+                "retry_host_predicate[0] (type.googleapis.com/envoy.extensions.retry.host.omit_canary_hosts",
+            ),
+            (
+                PbRetryPolicy {
+                    per_try_idle_timeout: Some(portico_proto::google::protobuf::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    ..ok.clone()
+                },
+                "per_try_idle_timeout",
+            ),
+            (
+                PbRetryPolicy {
+                    refresh_cluster_on_retry: true,
+                    ..ok.clone()
+                },
+                "refresh_cluster_on_retry",
+            ),
+        ] {
+            let msg = RetryPolicy::convert(&p, "r").unwrap_err().to_string();
+            assert!(msg.contains(what), "{msg}");
+        }
     }
 
     #[test]
