@@ -21,8 +21,8 @@ use portico_proto::envoy::extensions::access_loggers::stream::v3::{
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::{
-        CodecType, PathWithEscapedSlashesAction, RouteSpecifier, ServerHeaderTransformation,
-        StripPortMode,
+        CodecType, ForwardClientCertDetails, PathWithEscapedSlashesAction, RouteSpecifier,
+        ServerHeaderTransformation, StripPortMode,
     },
     http_filter, HttpConnectionManager,
 };
@@ -534,6 +534,8 @@ impl ListenerConfig {
                 use_remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
                 xff_num_trusted_hops: hcm.xff_num_trusted_hops,
                 skip_xff_append: hcm.skip_xff_append,
+                keep_client_cert: hcm.forward_client_cert_details
+                    == ForwardClientCertDetails::AlwaysForwardOnly as i32,
                 internal: match &hcm.internal_address_config {
                     None => InternalAddresses::default(),
                     Some(c) => InternalAddresses::parse(
@@ -592,6 +594,11 @@ pub struct ClientAddressing {
     /// `internal_address_config`; none unless configured, as in Envoy 1.33
     /// and later).
     pub internal: InternalAddresses,
+    /// Pass a client's `x-forwarded-client-cert` on (the HCM's
+    /// `forward_client_cert_details: ALWAYS_FORWARD_ONLY`); every other
+    /// mode removes it from a connection without client certificates,
+    /// which is every connection until TLS comes.
+    pub keep_client_cert: bool,
 }
 
 /// Address ranges whose requests are internal (`internal_address_config`'s

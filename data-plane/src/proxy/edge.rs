@@ -18,6 +18,7 @@ static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal"
 static X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Removed from every request that is not internal (Envoy's
 /// `cleanInternalHeaders`, and the router's other retry and hedging
@@ -118,7 +119,16 @@ pub fn mutate(
     let edge = !internal && c.use_remote_address;
     // One pass over the names finds whether there is anything to remove
     // (almost never): a lookup per listed name would cost every request.
-    let envoy_headers = headers.keys().any(|n| n.as_str().starts_with("x-envoy-"));
+    let (mut envoy_headers, mut client_cert) = (false, false);
+    for n in headers.keys() {
+        let n = n.as_str();
+        envoy_headers |= n.starts_with("x-envoy-");
+        client_cert |= n == X_FORWARDED_CLIENT_CERT.as_str();
+    }
+    if client_cert && !c.keep_client_cert {
+        // A client's own claim of a certificate it did not present.
+        headers.remove(&X_FORWARDED_CLIENT_CERT);
+    }
     if envoy_headers {
         headers.remove(&X_ENVOY_INTERNAL);
         if !internal {
@@ -210,6 +220,7 @@ mod tests {
             xff_num_trusted_hops: hops,
             skip_xff_append: false,
             internal: InternalAddresses::parse(internal, "test").unwrap(),
+            keep_client_cert: false,
         }
     }
 
@@ -335,6 +346,23 @@ mod tests {
         let o = run(&mut h, &rules(true, 0, &[("192.0.2.0", Some(24))]));
         assert!(o.edge && !o.internal);
         assert_cleaned(&h);
+    }
+
+    #[test]
+    fn client_certificate_claims_are_removed_unless_always_forwarded() {
+        let xfcc = "By=spiffe://a;Hash=00;URI=spiffe://me";
+        for remote in [true, false] {
+            let mut h = request(None);
+            h.insert("x-forwarded-client-cert", HeaderValue::from_static(xfcc));
+            run(&mut h, &rules(remote, 0, &[]));
+            assert!(h.get("x-forwarded-client-cert").is_none(), "{h:?}");
+        }
+        let mut c = rules(true, 0, &[]);
+        c.keep_client_cert = true;
+        let mut h = request(None);
+        h.insert("x-forwarded-client-cert", HeaderValue::from_static(xfcc));
+        run(&mut h, &c);
+        assert_eq!(get(&h, "x-forwarded-client-cert"), Some(xfcc));
     }
 
     #[test]

@@ -86,6 +86,7 @@ fn routes_rewrites_and_edits_over_http1_and_h2c() {
             ("x-envoy-internal", "true"),
             ("x-envoy-upstream-rq-timeout-ms", "1"),
             ("x-envoy-external-address", "10.1.1.1"),
+            ("x-forwarded-client-cert", "By=spiffe://forged"),
         ],
     );
     assert_eq!(r.status, 200, "{r:?}");
@@ -93,6 +94,8 @@ fn routes_rewrites_and_edits_over_http1_and_h2c() {
         "x-envoy-retry-on",
         "x-envoy-internal",
         "x-envoy-upstream-rq-timeout-ms",
+        // No client certificate was presented (Envoy's default, SANITIZE).
+        "x-forwarded-client-cert",
     ] {
         assert!(!r.body.contains(gone), "{gone} removed: {}", r.body);
     }
