@@ -223,6 +223,18 @@ impl ClusterConfig {
                 "load_balancing_policy (extension LB) is not supported; use lb_policy",
             ));
         }
+        // Each would change how or to what the proxy speaks upstream.
+        let refused = [
+            (!c.filters.is_empty(), "upstream network filters (filters)"),
+            (c.upstream_config.is_some(), "upstream_config"),
+            (
+                c.protocol_selection != 0,
+                "protocol_selection USE_DOWNSTREAM_PROTOCOL",
+            ),
+        ];
+        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
+            return Err(ConfigError::new(&at, format!("{name} is not supported")));
+        }
         if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
             return Err(ConfigError::new(
                 &at,
@@ -471,5 +483,29 @@ mod tests {
             msg.contains("canary") && msg.contains("lb_subset_config"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn upstream_protocol_and_filter_fields_are_refused_by_name() {
+        let base = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        let downstream = Cluster {
+            protocol_selection: 1,
+            ..base.clone()
+        };
+        let filtered = Cluster {
+            filters: vec![Default::default()],
+            ..base.clone()
+        };
+        for (c, what) in [
+            (downstream, "protocol_selection"),
+            (filtered, "upstream network filters"),
+        ] {
+            let msg = ClusterConfig::convert(&c).unwrap_err().to_string();
+            assert!(msg.contains(what), "{msg}");
+        }
     }
 }

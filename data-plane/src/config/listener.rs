@@ -351,6 +351,26 @@ impl ListenerConfig {
                 ),
             ));
         }
+        // Each would change what goes upstream if ignored.
+        let refused = [
+            (
+                !hcm.early_header_mutation_extensions.is_empty(),
+                "early_header_mutation_extensions",
+            ),
+            (
+                hcm.scheme_header_transformation
+                    .as_ref()
+                    .is_some_and(|t| t.match_upstream || t.transformation.is_some()),
+                "scheme_header_transformation",
+            ),
+            (
+                hcm.add_user_agent.is_some_and(|b| b.value),
+                "add_user_agent",
+            ),
+        ];
+        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
+            return Err(ConfigError::new(at, format!("{name} is not supported")));
+        }
         let router = check_http_filters(&hcm, at)?;
         let server_header = server_header(&hcm, at)?;
         let codec = match CodecType::try_from(hcm.codec_type) {
@@ -827,6 +847,25 @@ mod tests {
                 && msg.contains("xff_num_trusted_hops"),
             "{msg}"
         );
+        for (edit, what) in [
+            (
+                Box::new(|h: &mut HttpConnectionManager| {
+                    h.add_user_agent = Some(BoolValue { value: true })
+                }) as Box<dyn Fn(&mut HttpConnectionManager)>,
+                "add_user_agent",
+            ),
+            (
+                Box::new(|h: &mut HttpConnectionManager| {
+                    h.early_header_mutation_extensions = vec![Default::default()]
+                }),
+                "early_header_mutation_extensions",
+            ),
+        ] {
+            let msg = ListenerConfig::convert(&listener(|h| edit(h)))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(what), "{msg}");
+        }
     }
 
     #[test]

@@ -1113,6 +1113,12 @@ fn convert_route(
                     ))
                 }
             };
+            if a.retry_policy_typed_config.is_some() {
+                return Err(ConfigError::new(
+                    at,
+                    "retry_policy_typed_config is not supported; use retry_policy",
+                ));
+            }
             if a.path_rewrite_policy.is_some() {
                 return Err(ConfigError::new(at, "path_rewrite_policy is not supported"));
             }
@@ -1505,6 +1511,27 @@ mod tests {
             let msg = RetryPolicy::convert(&p, "r").unwrap_err().to_string();
             assert!(msg.contains(what), "{msg}");
         }
+    }
+
+    #[test]
+    fn retry_policy_extensions_are_refused_by_name() {
+        let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+        if let Some(Action::Route(a)) = r.action.as_mut() {
+            a.retry_policy_typed_config = Some(Default::default());
+        }
+        let msg = RouteTable::convert(&RouteConfiguration {
+            name: "t".into(),
+            virtual_hosts: vec![PbVirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![r],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("retry_policy_typed_config"), "{msg}");
     }
 
     #[test]
