@@ -91,6 +91,9 @@ counters!(
         upstream_rq_timeout,
         /// Retries.
         upstream_rq_retry,
+        /// Requests balanced in panic mode (too few endpoints available:
+        /// every endpoint took traffic).
+        lb_healthy_panic,
         /// Endpoints ejected.
         outlier_ejections,
         /// Health-check state changes.

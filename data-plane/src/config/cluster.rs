@@ -121,6 +121,11 @@ pub struct ClusterConfig {
     pub outlier: Option<OutlierConfig>,
     /// Idle upstream connections are closed after this.
     pub idle_timeout: Duration,
+    /// Below this share of available endpoints (per cent), every endpoint
+    /// takes traffic, available or not (Envoy's panic mode,
+    /// `common_lb_config.healthy_panic_threshold`, 50 unless set; 0 turns
+    /// it off).
+    pub panic_threshold: f64,
 }
 
 /// One endpoint from a load assignment or a static cluster.
@@ -394,7 +399,25 @@ impl ClusterConfig {
                 max_ejection_percent: v(o.max_ejection_percent.as_ref(), 10).min(100),
             }
         });
+        let panic_threshold = match c
+            .common_lb_config
+            .as_ref()
+            .and_then(|l| l.healthy_panic_threshold.as_ref())
+        {
+            None => 50.0,
+            Some(p) if (0.0..=100.0).contains(&p.value) => p.value,
+            Some(p) => {
+                return Err(ConfigError::new(
+                    &at,
+                    format!(
+                        "common_lb_config.healthy_panic_threshold {} is not a percentage",
+                        p.value
+                    ),
+                ))
+            }
+        };
         Ok(ClusterConfig {
+            panic_threshold,
             name: c.name.as_str().into(),
             discovery,
             lb,
@@ -483,6 +506,27 @@ mod tests {
             msg.contains("canary") && msg.contains("lb_subset_config"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn panic_threshold_defaults_to_envoys_and_must_be_a_percentage() {
+        use portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig;
+        use portico_proto::envoy::r#type::v3::Percent;
+        let mut c = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        assert_eq!(ClusterConfig::convert(&c).unwrap().panic_threshold, 50.0);
+        let at = |v: f64| CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: v }),
+            ..Default::default()
+        };
+        c.common_lb_config = Some(at(0.0));
+        assert_eq!(ClusterConfig::convert(&c).unwrap().panic_threshold, 0.0);
+        c.common_lb_config = Some(at(150.0));
+        let msg = ClusterConfig::convert(&c).unwrap_err().to_string();
+        assert!(msg.contains("healthy_panic_threshold 150"), "{msg}");
     }
 
     #[test]

@@ -68,8 +68,12 @@ impl Cluster {
             return None;
         }
         let now = now_ms();
+        let panic = self.in_panic(eps, now);
+        if panic {
+            self.stats.lb_healthy_panic.fetch_add(1, Relaxed);
+        }
         let ok = |e: &Endpoint| {
-            e.available(now) && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))
+            (panic || e.available(now)) && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))
         };
         let start = match (self.config.lb, hash) {
             (LbKind::RingHash, Some(h)) if !set.lb.ring.is_empty() => {
@@ -111,6 +115,27 @@ impl Cluster {
             .map(|k| &eps[(start + k) % n])
             .find(|e| ok(e))
             .cloned()
+    }
+
+    /// Envoy's panic mode: with fewer than the threshold's share of the
+    /// endpoints available, they all take traffic, so that a health check
+    /// that fails everywhere does not take the whole service down with it.
+    fn in_panic(&self, eps: &[Arc<Endpoint>], now: u64) -> bool {
+        let threshold = self.config.panic_threshold;
+        if threshold <= 0.0 {
+            return false;
+        }
+        let cached = self.panic.load(Relaxed);
+        if cached >> 1 > now {
+            return cached & 1 == 1;
+        }
+        let available = eps.iter().filter(|e| e.available(now)).count();
+        let panic = (available as f64) * 100.0 < threshold * eps.len() as f64;
+        self.panic.store(
+            ((now + super::PANIC_RECHECK_MS) << 1) | u64::from(panic),
+            Relaxed,
+        );
+        panic
     }
 
     fn weighted(&self, t: &Tables, n: usize, ticket: u64) -> usize {

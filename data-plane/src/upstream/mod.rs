@@ -122,7 +122,15 @@ pub struct Cluster {
     pub active: AtomicU32,
     /// Retries in flight (circuit breaker).
     pub retries: AtomicU32,
+    /// Whether the cluster is in panic, and until when that answer holds
+    /// (`(until_ms << 1) | panic`): counting the available endpoints is a
+    /// pass over all of them, so it is done at most every
+    /// [`PANIC_RECHECK_MS`], not per request.
+    pub(crate) panic: AtomicU64,
 }
+
+/// How long a panic decision is reused.
+pub(crate) const PANIC_RECHECK_MS: u64 = 100;
 
 impl Cluster {
     fn new(config: Arc<ClusterConfig>, stats: Arc<ClusterStats>) -> Arc<Self> {
@@ -133,6 +141,7 @@ impl Cluster {
             rr: AtomicU64::new(0),
             active: AtomicU32::new(0),
             retries: AtomicU32::new(0),
+            panic: AtomicU64::new(0),
         })
     }
 

@@ -462,6 +462,7 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         }),
         prefix_route("/random", "random", |_| {}),
         prefix_route("/health", "health", |_| {}),
+        prefix_route("/panicky", "panicky", |_| {}),
         prefix_route("/connect", "connect", |a| {
             a.retry_policy = retry("connect-failure")
         }),
@@ -662,7 +663,21 @@ fn foreign_control_plane_envoy_features() {
             }),
             resource("hash", &cluster("hash", LbPolicy::RingHash, None)),
             resource("random", &cluster("random", LbPolicy::Random, None)),
-            resource("health", &cluster("health", LbPolicy::RoundRobin, None)),
+            // Without panic mode (threshold 0): only available endpoints.
+            resource("health", &{
+                let mut c = cluster("health", LbPolicy::RoundRobin, None);
+                c.common_lb_config = Some(
+                    portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig {
+                        healthy_panic_threshold: Some(portico_proto::envoy::r#type::v3::Percent {
+                            value: 0.0,
+                        }),
+                        ..Default::default()
+                    },
+                );
+                c
+            }),
+            // Envoy's default panic threshold, 50%.
+            resource("panicky", &cluster("panicky", LbPolicy::RoundRobin, None)),
             resource(
                 "connect",
                 &cluster("connect", LbPolicy::RoundRobin, Some(&[free_port(), p[0]])),
@@ -687,6 +702,17 @@ fn foreign_control_plane_envoy_features() {
                         (p[0], HealthStatus::Healthy),
                         (p[1], HealthStatus::Unhealthy),
                         (p[2], HealthStatus::Draining),
+                    ],
+                ),
+            ),
+            resource(
+                "panicky",
+                &endpoints(
+                    "panicky",
+                    &[
+                        (p[0], HealthStatus::Healthy),
+                        (p[1], HealthStatus::Unhealthy),
+                        (p[2], HealthStatus::Unhealthy),
                     ],
                 ),
             ),
@@ -985,11 +1011,20 @@ fn foreign_control_plane_envoy_features() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
 
-    // EDS health status: only the HEALTHY endpoint takes traffic.
+    // EDS health status: only the HEALTHY endpoint takes traffic...
     for _ in 0..12 {
         let r = get("/health", &[]);
         assert_eq!(r.header("x-upstream"), Some("u1"), "{r:?}");
     }
+    // ...unless fewer than half of the endpoints are available and the
+    // cluster keeps Envoy's panic threshold: then all of them do.
+    let panics = dp.stat("cluster.panicky.lb_healthy_panic");
+    let mut seen = BTreeSet::new();
+    for _ in 0..12 {
+        seen.insert(get("/panicky", &[]).header("x-upstream").map(String::from));
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(dp.stat("cluster.panicky.lb_healthy_panic"), panics + 12);
 
     // Connect failure and reset retried onto the endpoint that answers;
     // without a retry policy the reset shows.

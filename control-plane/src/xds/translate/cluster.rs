@@ -72,6 +72,18 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
             LoadBalancing::Random => LbPolicy::Random,
             LoadBalancing::RingHash => LbPolicy::RingHash,
         } as i32,
+        // No traffic to endpoints health checks or outlier detection took
+        // out, however few are left: a Service with none answers 503 with
+        // a reason. (Envoy's default, panic below 50%, would send it to
+        // them all.)
+        common_lb_config: Some(
+            portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig {
+                healthy_panic_threshold: Some(portico_proto::envoy::r#type::v3::Percent {
+                    value: 0.0,
+                }),
+                ..Default::default()
+            },
+        ),
         ..Default::default()
     };
     if eds {
