@@ -1440,6 +1440,20 @@ mod tests {
         }
     }
 
+    /// A configuration of one virtual host for every domain, with `r`.
+    fn one_route(r: PbRoute) -> Result<RouteTable, ConfigError> {
+        RouteTable::convert(&RouteConfiguration {
+            name: "t".into(),
+            virtual_hosts: vec![PbVirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![r],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
     fn table(vhosts: Vec<(Vec<&str>, Vec<PbRoute>)>) -> RouteTable {
         RouteTable::convert(&RouteConfiguration {
             name: "t".into(),
@@ -1519,18 +1533,7 @@ mod tests {
         if let Some(Action::Route(a)) = r.action.as_mut() {
             a.retry_policy_typed_config = Some(Default::default());
         }
-        let msg = RouteTable::convert(&RouteConfiguration {
-            name: "t".into(),
-            virtual_hosts: vec![PbVirtualHost {
-                name: "v".into(),
-                domains: vec!["*".into()],
-                routes: vec![r],
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .unwrap_err()
-        .to_string();
+        let msg = one_route(r).unwrap_err().to_string();
         assert!(msg.contains("retry_policy_typed_config"), "{msg}");
     }
 
@@ -1617,17 +1620,7 @@ mod tests {
         if let Some(m) = bad.r#match.as_mut() {
             m.runtime_fraction = Some(RuntimeFractionalPercent::default());
         }
-        let e = RouteTable::convert(&RouteConfiguration {
-            name: "t".into(),
-            virtual_hosts: vec![PbVirtualHost {
-                name: "v".into(),
-                domains: vec!["*".into()],
-                routes: vec![bad],
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .expect_err("refused");
+        let e = one_route(bad).expect_err("refused");
         assert!(e.to_string().contains("runtime_fraction"), "{e}");
     }
 
