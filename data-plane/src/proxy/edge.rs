@@ -90,8 +90,10 @@ pub fn mutate(
                     true
                 }
                 Entry::Occupied(mut o) => {
-                    let appended = o.get().to_str().ok().and_then(|prev| {
-                        HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok()
+                    // Every line of it, joined, then the peer.
+                    let lines: Option<Vec<&str>> = o.iter().map(|v| v.to_str().ok()).collect();
+                    let appended = lines.and_then(|l| {
+                        HeaderValue::from_str(&format!("{}, {}", l.join(", "), peer.ip())).ok()
                     });
                     if let Some(v) = appended {
                         o.insert(v);
@@ -363,6 +365,18 @@ mod tests {
         h.insert("x-forwarded-client-cert", HeaderValue::from_static(xfcc));
         run(&mut h, &c);
         assert_eq!(get(&h, "x-forwarded-client-cert"), Some(xfcc));
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept_when_appending() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        run(&mut h, &rules(true, 0, &[]));
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["1.1.1.1, 2.2.2.2, 192.0.2.5"]
+        );
     }
 
     #[test]
