@@ -556,6 +556,9 @@ impl ListenerConfig {
                 skip_xff_append: hcm.skip_xff_append,
                 keep_client_cert: hcm.forward_client_cert_details
                     == ForwardClientCertDetails::AlwaysForwardOnly as i32,
+                forwarded_port: hcm
+                    .append_x_forwarded_port
+                    .then(|| http::HeaderValue::from(address.port())),
                 internal: match &hcm.internal_address_config {
                     None => InternalAddresses::default(),
                     Some(c) => InternalAddresses::parse(
@@ -619,6 +622,9 @@ pub struct ClientAddressing {
     /// mode removes it from a connection without client certificates,
     /// which is every connection until TLS comes.
     pub keep_client_cert: bool,
+    /// The listener's port, to tell the upstream as `x-forwarded-port`
+    /// (the HCM's `append_x_forwarded_port`).
+    pub forwarded_port: Option<http::HeaderValue>,
 }
 
 /// Address ranges whose requests are internal (`internal_address_config`'s

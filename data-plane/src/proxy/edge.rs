@@ -18,6 +18,7 @@ static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal"
 static X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Removed from every request that is not internal (Envoy's
@@ -106,10 +107,20 @@ pub fn mutate(
         if hops == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         }
+        if let Some(port) = &c.forwarded_port {
+            if hops == 0 || !headers.contains_key(&X_FORWARDED_PORT) {
+                headers.insert(&X_FORWARDED_PORT, port.clone());
+            }
+        }
         (from_xff.map(|ip| SocketAddr::new(ip, 0)), trusted)
     } else {
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        if let Some(port) = &c.forwarded_port {
+            if !headers.contains_key(&X_FORWARDED_PORT) {
+                headers.insert(&X_FORWARDED_PORT, port.clone());
+            }
         }
         let (ip, single) = from_xff(headers, hops);
         (ip.map(|ip| SocketAddr::new(ip, 0)), single)
@@ -223,6 +234,7 @@ mod tests {
             skip_xff_append: false,
             internal: InternalAddresses::parse(internal, "test").unwrap(),
             keep_client_cert: false,
+            forwarded_port: None,
         }
     }
 
@@ -365,6 +377,42 @@ mod tests {
         h.insert("x-forwarded-client-cert", HeaderValue::from_static(xfcc));
         run(&mut h, &c);
         assert_eq!(get(&h, "x-forwarded-client-cert"), Some(xfcc));
+    }
+
+    #[test]
+    fn forwarded_port_is_the_listeners_unless_a_trusted_hop_said() {
+        let port = || Some(HeaderValue::from(8443u16));
+        let mut c = rules(true, 0, &[]);
+        c.forwarded_port = port();
+        let mut h = request(None);
+        h.insert("x-forwarded-port", HeaderValue::from_static("1"));
+        run(&mut h, &c);
+        assert_eq!(
+            get(&h, "x-forwarded-port"),
+            Some("8443"),
+            "untrusted: replaced"
+        );
+        c.xff_num_trusted_hops = 1;
+        let mut h = request(None);
+        h.insert("x-forwarded-port", HeaderValue::from_static("1"));
+        run(&mut h, &c);
+        assert_eq!(
+            get(&h, "x-forwarded-port"),
+            Some("1"),
+            "a trusted hop's kept"
+        );
+        let mut c = rules(false, 0, &[]);
+        c.forwarded_port = port();
+        let mut h = request(None);
+        run(&mut h, &c);
+        assert_eq!(
+            get(&h, "x-forwarded-port"),
+            Some("8443"),
+            "added when absent"
+        );
+        let mut h = request(None);
+        run(&mut h, &rules(true, 0, &[]));
+        assert!(h.get("x-forwarded-port").is_none(), "not asked for");
     }
 
     #[test]

@@ -132,6 +132,7 @@ fn listener(
         use_remote_address: (!clean)
             .then_some(portico_proto::google::protobuf::BoolValue { value: true }),
         xff_num_trusted_hops: if clean { 0 } else { 1 },
+        append_x_forwarded_port: !clean,
         // With `clean`, a request forwarded for 10/8 alone is internal, and
         // may steer the router with Envoy's x-envoy-* request headers.
         internal_address_config: clean.then(|| {
@@ -1152,6 +1153,7 @@ fn foreign_control_plane_envoy_features() {
         "\nx-forwarded-for: 198.51.100.7, 10.0.0.2, 127.0.0.1\n",
         "\nx-envoy-external-address: 10.0.0.2\n",
         "\nx-forwarded-proto: https\n",
+        &format!("\nx-forwarded-port: {port}\n"),
     ] {
         assert!(r.body.contains(want), "{want:?} in {}", r.body);
     }
@@ -1754,12 +1756,14 @@ fn foreign_control_plane_envoy_features() {
         "every request copied to the first mirror: {}",
         copies(&ups[0], u1_before, "gw-shadow")
     );
-    assert!(
+    // The copy of the POST, sent last, may still be on its way.
+    let post_copied = wait_for(std::time::Duration::from_secs(10), || {
         ups[0].seen.lock().expect("lock")[u1_before..]
             .iter()
-            .any(|l| l == "POST /mirrored/post gw-shadow 5"),
-        "the POST is copied with its body"
-    );
+            .any(|l| l == "POST /mirrored/post gw-shadow 5")
+            .then_some(())
+    });
+    assert!(post_copied.is_some(), "the POST is copied with its body");
     // u2 sees its 200 primaries (host gw) plus about 100 copies (host gw
     // too: the suffix is turned off), over HTTP/2.
     let half = wait_for(std::time::Duration::from_secs(10), || {
