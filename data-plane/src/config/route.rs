@@ -1754,20 +1754,10 @@ mod tests {
             "c",
         );
         r.name = "broken".into();
-        let err = RouteTable::convert(&RouteConfiguration {
-            name: "rc".into(),
-            virtual_hosts: vec![PbVirtualHost {
-                name: "v".into(),
-                domains: vec!["*".into()],
-                routes: vec![r],
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .expect_err("bad regex");
+        let err = one_route(r).expect_err("bad regex");
         let msg = err.to_string();
         assert!(
-            msg.contains("\"rc\"") && msg.contains("\"broken\"") && msg.contains("bad regex"),
+            msg.contains("\"t\"") && msg.contains("\"broken\"") && msg.contains("bad regex"),
             "{msg}"
         );
     }
