@@ -745,6 +745,7 @@ impl RouteTable {
         vhosts: Vec<Arc<VirtualHost>>,
         spans: Vec<Range<usize>>,
     ) -> Result<Self, ConfigError> {
+        refuse_per_filter_config(&rc.typed_per_filter_config, &at)?;
         if rc.vhds.is_some() {
             return Err(ConfigError::new(&at, "VHDS is not supported"));
         }
@@ -911,7 +912,28 @@ fn strip_host_port(h: &str) -> &str {
     }
 }
 
+/// Per-route configuration of HTTP filters (`typed_per_filter_config`):
+/// it can turn on, for a route, a filter the listener disabled (how
+/// authentication and CORS are often enabled route by route). No HTTP
+/// filter but the router runs here, so ignoring it could skip a check the
+/// operator asked for: refused, naming the filter.
+fn refuse_per_filter_config<V>(
+    m: &std::collections::HashMap<String, V>,
+    at: &str,
+) -> Result<(), ConfigError> {
+    match m.keys().min() {
+        None => Ok(()),
+        Some(name) => Err(ConfigError::new(
+            at,
+            format!(
+                "typed_per_filter_config ({name}) is not supported: no HTTP filter but the router runs here"
+            ),
+        )),
+    }
+}
+
 fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigError> {
+    refuse_per_filter_config(&vh.typed_per_filter_config, at)?;
     let mut clusters = Vec::new();
     if vh.matcher.is_some() {
         return Err(ConfigError::new(
@@ -986,6 +1008,7 @@ fn convert_route(
     vh_retry: Option<&Arc<RetryPolicy>>,
     clusters: &mut Vec<Arc<str>>,
 ) -> Result<Route, ConfigError> {
+    refuse_per_filter_config(&r.typed_per_filter_config, at)?;
     let m = r
         .r#match
         .as_ref()
@@ -1073,6 +1096,10 @@ fn convert_route(
                     let mut v = Vec::new();
                     let mut total = 0u32;
                     for (i, c) in w.clusters.iter().enumerate() {
+                        refuse_per_filter_config(
+                            &c.typed_per_filter_config,
+                            &format!("{at} weighted_clusters.clusters[{i}]"),
+                        )?;
                         if c.name.is_empty() {
                             return Err(ConfigError::new(at, format!("weighted_clusters.clusters[{i}] has no name (cluster_header is not supported)")));
                         }
@@ -1525,6 +1552,20 @@ mod tests {
             let msg = RetryPolicy::convert(&p, "r").unwrap_err().to_string();
             assert!(msg.contains(what), "{msg}");
         }
+    }
+
+    #[test]
+    fn per_filter_config_is_refused_naming_the_filter() {
+        let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+        r.typed_per_filter_config.insert(
+            "envoy.filters.http.ext_authz".into(),
+            portico_proto::google::protobuf::Any::default(),
+        );
+        let msg = one_route(r).unwrap_err().to_string();
+        assert!(
+            msg.contains("typed_per_filter_config (envoy.filters.http.ext_authz)"),
+            "{msg}"
+        );
     }
 
     #[test]
