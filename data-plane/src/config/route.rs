@@ -72,6 +72,21 @@ pub struct VirtualHost {
     /// Tell the client how many tries it took
     /// (`include_attempt_count_in_response`).
     pub attempt_count_in_response: bool,
+    /// Requests that must come over TLS, else get a redirect to https
+    /// (`require_tls`). No listener terminates TLS yet, so every request
+    /// it covers is redirected.
+    pub require_tls: RequireTls,
+}
+
+/// Which requests a virtual host sends to https (`require_tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequireTls {
+    /// None.
+    No,
+    /// Requests that are not internal.
+    ExternalOnly,
+    /// All.
+    All,
 }
 
 /// One route: what it matches and what it does.
@@ -969,6 +984,17 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
     clusters.sort();
     clusters.dedup();
     Ok(VirtualHost {
+        require_tls: match vh.require_tls {
+            0 => RequireTls::No,
+            1 => RequireTls::ExternalOnly,
+            2 => RequireTls::All,
+            n => {
+                return Err(ConfigError::new(
+                    at,
+                    format!("require_tls {n} is not a TLS requirement"),
+                ))
+            }
+        },
         name: vh.name.as_str().into(),
         domains: vh.domains.clone(),
         clusters,

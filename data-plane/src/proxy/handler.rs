@@ -29,8 +29,8 @@ use crate::access_log::{grpc_status_for_http, Record};
 use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader, StripPort};
 use crate::config::matcher::RequestHead;
 use crate::config::route::{
-    expected_timeout_ms, ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, Route,
-    RouteAction, RouteTable, VirtualHost,
+    expected_timeout_ms, ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, RequireTls,
+    Route, RouteAction, RouteTable, VirtualHost,
 };
 use crate::snapshot::{Shared, Snapshot};
 use crate::stats::Stats;
@@ -585,6 +585,21 @@ async fn route_request(
         stats.no_route.fetch_add(1, Relaxed);
         return Err(local(StatusCode::NOT_FOUND, "", "NR"));
     };
+    let to_tls = match vh.require_tls {
+        RequireTls::No => false,
+        RequireTls::ExternalOnly => !origin.internal,
+        RequireTls::All => true,
+    };
+    if to_tls {
+        // Every connection is plain until TLS comes (Envoy's 301).
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut r = Response::new(Either::Right(Bytes::new()));
+        *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{pq}")) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return Ok(r);
+    }
     let head = RequestHead {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),

@@ -581,14 +581,24 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
     ]);
     RouteConfiguration {
         name: "routes".into(),
-        virtual_hosts: vec![VirtualHost {
-            name: "all".into(),
-            domains: vec!["*".into()],
-            routes: rs,
-            include_request_attempt_count: true,
-            include_attempt_count_in_response: true,
-            ..Default::default()
-        }],
+        virtual_hosts: vec![
+            VirtualHost {
+                name: "all".into(),
+                domains: vec!["*".into()],
+                routes: rs,
+                include_request_attempt_count: true,
+                include_attempt_count_in_response: true,
+                ..Default::default()
+            },
+            VirtualHost {
+                // Plain HTTP is sent to https.
+                name: "secure".into(),
+                domains: vec!["secure.test".into()],
+                routes: vec![prefix_route("/", "plain", |_| {})],
+                require_tls: 2, // ALL
+                ..Default::default()
+            },
+        ],
         // Requests from outside the trusted network lose it before routing.
         internal_only_headers: vec!["X-Secret".into()],
         ..Default::default()
@@ -1193,6 +1203,13 @@ fn foreign_control_plane_envoy_features() {
             && !r.body.contains("x-envoy-external-address"),
         "{}",
         r.body
+    );
+    // A virtual host that requires TLS redirects plain HTTP.
+    let r = http1(port, "GET", "/a?b=1", "secure.test", &[], "").expect("request");
+    assert_eq!(
+        (r.status, r.header("location")),
+        (301, Some("https://secure.test/a?b=1")),
+        "{r:?}"
     );
     // An internal request steers the router with Envoy's headers (which
     // go no further); the same headers from outside do nothing.
