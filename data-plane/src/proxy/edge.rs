@@ -16,7 +16,7 @@ use crate::config::listener::ClientAddressing;
 
 static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
 static X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(super) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -103,28 +103,24 @@ pub fn mutate(
                 }
             }
         };
-        // A proxy that is not trusted may not say how the client came.
-        if hops == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        }
-        if let Some(port) = &c.forwarded_port {
-            if hops == 0 || !headers.contains_key(&X_FORWARDED_PORT) {
-                headers.insert(&X_FORWARDED_PORT, port.clone());
-            }
-        }
         (from_xff.map(|ip| SocketAddr::new(ip, 0)), trusted)
     } else {
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        }
-        if let Some(port) = &c.forwarded_port {
-            if !headers.contains_key(&X_FORWARDED_PORT) {
-                headers.insert(&X_FORWARDED_PORT, port.clone());
-            }
-        }
         let (ip, single) = from_xff(headers, hops);
         (ip.map(|ip| SocketAddr::new(ip, 0)), single)
     };
+    // How the client came: a peer that is not a trusted proxy may not say
+    // (at the edge without trusted hops it is overwritten); otherwise it
+    // is filled in when missing.
+    let overwrite = c.use_remote_address && hops == 0;
+    set_forwarded(
+        headers,
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static("http"),
+        overwrite,
+    );
+    if let Some(port) = &c.forwarded_port {
+        set_forwarded(headers, &X_FORWARDED_PORT, port.clone(), overwrite);
+    }
     // Only a request whose x-forwarded-for holds one address (or none,
     // with `use_remote_address`) can be internal.
     let internal = trusted && c.internal.contains(client.map_or(peer.ip(), |a| a.ip()));
@@ -172,6 +168,13 @@ pub fn mutate(
         internal,
         edge,
         steered: internal && envoy_headers,
+    }
+}
+
+/// Sets `name` unless it is there and may stay.
+fn set_forwarded(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue, overwrite: bool) {
+    if overwrite || !headers.contains_key(name) {
+        headers.insert(name, value);
     }
 }
 

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::body::{Guard, RequestBody, ResponseBody, Upstream};
-use super::edge::Origin;
+use super::edge::{Origin, X_FORWARDED_FOR};
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
 use super::max_duration;
 use super::mirror;
@@ -677,7 +677,6 @@ fn redirect(rd: &Redirect, route: &Route, req: &Request<RequestBody>, host: &str
     r
 }
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
