@@ -23,6 +23,9 @@ counters!(
         downstream_cx_total,
         /// Downstream connections open.
         downstream_cx_active,
+        /// Connections closed at once: the listener's filter chain does
+        /// not take them (`filter_chain_match`).
+        no_filter_chain_match,
         /// Connections drained for reaching their request limit.
         downstream_cx_max_requests_reached,
         /// Connections drained for reaching their age limit.

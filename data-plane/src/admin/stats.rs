@@ -133,13 +133,15 @@ fn collect(shared: &Shared) -> Vec<Stat> {
             snap.clusters.len() as u64,
         ),
     ];
-    out.extend(
-        shared
-            .stats
-            .each()
-            .into_iter()
-            .map(|(name, value)| plain("http", name, value)),
-    );
+    out.extend(shared.stats.each().into_iter().map(|(name, value)| {
+        // Envoy counts it per listener, not per connection manager.
+        let scope = if name == "no_filter_chain_match" {
+            "listener"
+        } else {
+            "http"
+        };
+        plain(scope, name, value)
+    }));
     let mut names: Vec<_> = snap.clusters.keys().collect();
     names.sort();
     for n in names {

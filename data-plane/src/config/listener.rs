@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use portico_proto::envoy::config::accesslog::v3::access_log;
 use portico_proto::envoy::config::core::v3::{
-    http_protocol_options::HeadersWithUnderscoresAction, substitution_format_string,
+    http_protocol_options::HeadersWithUnderscoresAction, substitution_format_string, CidrRange,
     SubstitutionFormatString,
 };
-use portico_proto::envoy::config::listener::v3::{filter, Listener};
+use portico_proto::envoy::config::listener::v3::{
+    filter, filter_chain_match::ConnectionSourceType, FilterChainMatch, Listener,
+};
 use portico_proto::envoy::extensions::access_loggers::file::v3::{
     file_access_log::AccessLogFormat as FileFormat, FileAccessLog,
 };
@@ -177,6 +179,9 @@ pub struct ListenerConfig {
     pub name: Arc<str>,
     /// Where to listen.
     pub address: SocketAddr,
+    /// The connections the listener's filter chain takes (`None`: all);
+    /// others are closed at once.
+    pub chain_match: Option<ChainMatch>,
     /// The HCM's stat prefix.
     pub stat_prefix: Arc<str>,
     /// Routes.
@@ -199,6 +204,10 @@ pub struct ListenerConfig {
     pub request_timeout: Option<Duration>,
     /// Limit on request header size.
     pub max_request_headers: usize,
+    /// The most of a request body kept for retries and mirrors, unless
+    /// the route says otherwise (`per_connection_buffer_limit_bytes`,
+    /// 1 MiB by default as in Envoy).
+    pub body_buffer_limit: u64,
     /// Idle connection timeout.
     pub idle_timeout: Option<Duration>,
     /// How long a stream may go without activity (the HCM's
@@ -296,6 +305,12 @@ impl ListenerConfig {
                 ),
             ));
         };
+        let chain_match = chain
+            .filter_chain_match
+            .as_ref()
+            .map(|m| ChainMatch::convert(m, &format!("{at} filter_chain_match")))
+            .transpose()?
+            .flatten();
         if chain.transport_socket.is_some() {
             return Err(ConfigError::new(
                 &at,
@@ -310,7 +325,10 @@ impl ListenerConfig {
             return Err(ConfigError::new(&fat, "needs a typed_config"));
         };
         let hcm: HttpConnectionManager = unpack(any, &fat)?;
-        Self::from_hcm(l, address, hcm, &fat)
+        Ok(ListenerConfig {
+            chain_match,
+            ..Self::from_hcm(l, address, hcm, &fat)?
+        })
     }
 
     fn from_hcm(
@@ -479,6 +497,7 @@ impl ListenerConfig {
                 }
             };
         Ok(ListenerConfig {
+            chain_match: None,
             name: l.name.as_str().into(),
             address,
             stat_prefix: hcm.stat_prefix.as_str().into(),
@@ -513,6 +532,10 @@ impl ListenerConfig {
                 .as_ref()
                 .map(duration)
                 .filter(|d| !d.is_zero()),
+            body_buffer_limit: l
+                .per_connection_buffer_limit_bytes
+                .as_ref()
+                .map_or(1 << 20, |v| u64::from(v.value)),
             max_request_headers: hcm
                 .max_request_headers_kb
                 .as_ref()
@@ -560,17 +583,10 @@ impl ListenerConfig {
                     .append_x_forwarded_port
                     .then(|| http::HeaderValue::from(address.port())),
                 internal: match &hcm.internal_address_config {
-                    None => InternalAddresses::default(),
-                    Some(c) => InternalAddresses::parse(
-                        &c.cidr_ranges
-                            .iter()
-                            .map(|r| {
-                                (
-                                    r.address_prefix.as_str(),
-                                    r.prefix_len.as_ref().map(|p| p.value),
-                                )
-                            })
-                            .collect::<Vec<_>>(),
+                    None => AddressRanges::default(),
+                    Some(c) => AddressRanges::convert(
+                        &c.cidr_ranges,
+                        "internal_address_config.cidr_ranges",
                         at,
                     )?,
                 },
@@ -616,7 +632,7 @@ pub struct ClientAddressing {
     /// The addresses whose requests are internal (the HCM's
     /// `internal_address_config`; none unless configured, as in Envoy 1.33
     /// and later).
-    pub internal: InternalAddresses,
+    pub internal: AddressRanges,
     /// Pass a client's `x-forwarded-client-cert` on (the HCM's
     /// `forward_client_cert_details: ALWAYS_FORWARD_ONLY`); every other
     /// mode removes it from a connection without client certificates,
@@ -627,20 +643,190 @@ pub struct ClientAddressing {
     pub forwarded_port: Option<http::HeaderValue>,
 }
 
-/// Address ranges whose requests are internal (`internal_address_config`'s
-/// `cidr_ranges`; `unix_sockets` does not apply: listeners are TCP).
+/// A filter chain's `filter_chain_match`. A listener has one chain here,
+/// and no default chain, so a connection it does not match is closed, as
+/// Envoy closes a connection no chain matches.
 #[derive(Debug, Clone, Default)]
-pub struct InternalAddresses {
+pub struct ChainMatch {
+    destination_port: Option<u16>,
+    /// `prefix_ranges`: the address the client connected to.
+    destination: AddressRanges,
+    /// `direct_source_prefix_ranges` and `source_prefix_ranges`: the
+    /// same here (no PROXY protocol), both must hold.
+    sources: [AddressRanges; 2],
+    source_type: SourceType,
+    source_ports: Vec<u16>,
+    /// It asks for a server name, TLS or an application protocol, which a
+    /// plaintext connection, with no listener filter to find them, never
+    /// has.
+    never: bool,
+}
+
+/// `filter_chain_match.source_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum SourceType {
+    #[default]
+    Any,
+    /// `SAME_IP_OR_LOOPBACK`: from this host.
+    Local,
+    /// `EXTERNAL`: from elsewhere.
+    External,
+}
+
+impl ChainMatch {
+    /// `None` when the match takes every connection.
+    fn convert(m: &FilterChainMatch, at: &str) -> Result<Option<Self>, ConfigError> {
+        if !m.address_suffix.is_empty() || m.suffix_len.is_some() {
+            // Envoy does not implement them either.
+            return Err(ConfigError::new(
+                at,
+                "address_suffix and suffix_len are not supported",
+            ));
+        }
+        let destination_port = match m.destination_port.as_ref().map(|p| p.value) {
+            None => None,
+            Some(p) => Some(u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+                ConfigError::new(at, format!("destination_port {p} is not a port"))
+            })?),
+        };
+        let source_ports =
+            m.source_ports
+                .iter()
+                .map(|&p| {
+                    u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+                        ConfigError::new(at, format!("source_ports: {p} is not a port"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+        let source_type = match ConnectionSourceType::try_from(m.source_type) {
+            Ok(ConnectionSourceType::Any) => SourceType::Any,
+            Ok(ConnectionSourceType::SameIpOrLoopback) => SourceType::Local,
+            Ok(ConnectionSourceType::External) => SourceType::External,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    at,
+                    format!("source_type {} is not a source type", m.source_type),
+                ))
+            }
+        };
+        let never = !m.server_names.is_empty()
+            || !matches!(m.transport_protocol.as_str(), "" | "raw_buffer")
+            || !m.application_protocols.is_empty();
+        let out = ChainMatch {
+            destination_port,
+            destination: AddressRanges::convert(&m.prefix_ranges, "prefix_ranges", at)?,
+            sources: [
+                AddressRanges::convert(
+                    &m.direct_source_prefix_ranges,
+                    "direct_source_prefix_ranges",
+                    at,
+                )?,
+                AddressRanges::convert(&m.source_prefix_ranges, "source_prefix_ranges", at)?,
+            ],
+            source_type,
+            source_ports,
+            never,
+        };
+        let all = out.destination_port.is_none()
+            && out.destination.is_empty()
+            && out.sources.iter().all(AddressRanges::is_empty)
+            && out.source_type == SourceType::Any
+            && out.source_ports.is_empty()
+            && !out.never;
+        Ok((!all).then_some(out))
+    }
+
+    /// Whether [`ChainMatch::matches`] needs the connection's own address.
+    pub fn needs_local(&self) -> bool {
+        self.destination_port.is_some()
+            || !self.destination.is_empty()
+            || self.source_type != SourceType::Any
+    }
+
+    /// Whether a connection from `peer` to `local` takes the chain
+    /// (`local` as the socket reports it; `None` when unknown, which no
+    /// condition on it matches).
+    pub fn matches(&self, local: Option<SocketAddr>, peer: SocketAddr) -> bool {
+        if self.never {
+            return false;
+        }
+        if let Some(p) = self.destination_port {
+            if local.map(|l| l.port()) != Some(p) {
+                return false;
+            }
+        }
+        if !self.destination.is_empty() && !local.is_some_and(|l| self.destination.contains(l.ip()))
+        {
+            return false;
+        }
+        if self
+            .sources
+            .iter()
+            .any(|r| !r.is_empty() && !r.contains(peer.ip()))
+        {
+            return false;
+        }
+        let from_here = || {
+            let ip = canonical(peer.ip());
+            ip.is_loopback() || local.is_some_and(|l| canonical(l.ip()) == ip)
+        };
+        match self.source_type {
+            SourceType::Any => {}
+            SourceType::Local if !from_here() => return false,
+            SourceType::External if from_here() => return false,
+            SourceType::Local | SourceType::External => {}
+        }
+        self.source_ports.is_empty() || self.source_ports.contains(&peer.port())
+    }
+}
+
+/// An IPv4-mapped IPv6 address as its IPv4 address.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// IP address ranges (Envoy's `CidrRange` lists): the addresses whose
+/// requests are internal (`internal_address_config`'s `cidr_ranges`;
+/// `unix_sockets` does not apply: listeners are TCP), and the ranges of a
+/// filter chain's match.
+#[derive(Debug, Clone, Default)]
+pub struct AddressRanges {
     ranges: Vec<(std::net::IpAddr, u8)>,
 }
 
-impl InternalAddresses {
+impl AddressRanges {
+    /// From Envoy's `CidrRange`s; `field` names the list in errors.
+    pub fn convert(ranges: &[CidrRange], field: &str, at: &str) -> Result<Self, ConfigError> {
+        Self::parse(
+            &ranges
+                .iter()
+                .map(|r| {
+                    (
+                        r.address_prefix.as_str(),
+                        r.prefix_len.as_ref().map(|p| p.value),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            field,
+            at,
+        )
+    }
+
     /// Ranges from (prefix, length) pairs; a missing length is the whole
     /// address, as in Envoy's `CidrRange`.
-    pub fn parse(ranges: &[(&str, Option<u32>)], at: &str) -> Result<Self, ConfigError> {
+    pub fn parse(
+        ranges: &[(&str, Option<u32>)],
+        field: &str,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
         let mut out = Vec::with_capacity(ranges.len());
         for (i, (prefix, len)) in ranges.iter().enumerate() {
-            let place = || format!("internal_address_config.cidr_ranges[{i}]");
+            let place = || format!("{field}[{i}]");
             let ip: std::net::IpAddr = prefix.parse().map_err(|_| {
                 ConfigError::new(at, format!("{}: {prefix:?} is not an IP address", place()))
             })?;
@@ -654,7 +840,12 @@ impl InternalAddresses {
             }
             out.push((ip, len as u8));
         }
-        Ok(InternalAddresses { ranges: out })
+        Ok(AddressRanges { ranges: out })
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
     }
 
     /// Whether `ip` is in one of the ranges (an IPv4-mapped IPv6 address
@@ -876,12 +1067,13 @@ mod tests {
 
     #[test]
     fn internal_addresses_match_their_ranges_and_bad_ranges_are_named() {
-        let r = InternalAddresses::parse(
+        let r = AddressRanges::parse(
             &[
                 ("10.0.0.0", Some(8)),
                 ("fd00::", Some(8)),
                 ("192.0.2.1", None),
             ],
+            "cidr_ranges",
             "l",
         )
         .expect("valid");
@@ -896,14 +1088,14 @@ mod tests {
         ] {
             assert_eq!(r.contains(ip.parse().unwrap()), inside, "{ip}");
         }
-        assert!(!InternalAddresses::default().contains("127.0.0.1".parse().unwrap()));
-        let all = InternalAddresses::parse(&[("0.0.0.0", Some(0))], "l").unwrap();
+        assert!(!AddressRanges::default().contains("127.0.0.1".parse().unwrap()));
+        let all = AddressRanges::parse(&[("0.0.0.0", Some(0))], "cidr_ranges", "l").unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         for (bad, what) in [
             (("10.0.0.0", Some(33)), "prefix_len 33"),
             (("not-an-ip", Some(8)), "not an IP address"),
         ] {
-            let msg = InternalAddresses::parse(&[bad], "l")
+            let msg = AddressRanges::parse(&[bad], "cidr_ranges", "l")
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -1018,5 +1210,140 @@ mod tests {
                 && e.to_string().contains("upstream_http_filters"),
             "{e}"
         );
+    }
+
+    fn chain_match(m: FilterChainMatch) -> Result<Option<ChainMatch>, ConfigError> {
+        let mut l = listener(|_| {});
+        l.filter_chains[0].filter_chain_match = Some(m);
+        ListenerConfig::convert(&l).map(|c| c.chain_match)
+    }
+
+    fn cidr(prefix: &str, len: u32) -> CidrRange {
+        CidrRange {
+            address_prefix: prefix.into(),
+            prefix_len: Some(UInt32Value { value: len }),
+        }
+    }
+
+    #[test]
+    fn filter_chain_match_decides_which_connections_are_served() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Nothing asked: no check at all.
+        assert!(chain_match(FilterChainMatch::default()).unwrap().is_none());
+        let raw = FilterChainMatch {
+            transport_protocol: "raw_buffer".into(),
+            ..Default::default()
+        };
+        assert!(chain_match(raw).unwrap().is_none());
+
+        // An allow-list of clients, and the port connected to.
+        let m = chain_match(FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 8080 }),
+            source_prefix_ranges: vec![cidr("10.0.0.0", 8), cidr("127.0.0.1", 32)],
+            source_ports: vec![],
+            ..Default::default()
+        })
+        .unwrap()
+        .expect("a match");
+        assert!(m.needs_local());
+        let local = Some(a("127.0.0.1:8080"));
+        assert!(m.matches(local, a("127.0.0.1:5000")));
+        assert!(m.matches(local, a("10.1.2.3:5000")));
+        assert!(m.matches(local, a("[::ffff:10.1.2.3]:5000")));
+        assert!(!m.matches(local, a("127.0.0.2:5000")));
+        assert!(!m.matches(local, a("192.168.1.1:5000")));
+        assert!(!m.matches(Some(a("127.0.0.1:8081")), a("127.0.0.1:5000")));
+        assert!(!m.matches(None, a("127.0.0.1:5000")));
+
+        // Where the client connected to, from where, and from which port.
+        let m = chain_match(FilterChainMatch {
+            prefix_ranges: vec![cidr("127.0.0.2", 32)],
+            source_type: ConnectionSourceType::External as i32,
+            source_ports: vec![1234],
+            ..Default::default()
+        })
+        .unwrap()
+        .expect("a match");
+        let ext = a("192.0.2.7:1234");
+        assert!(m.matches(Some(a("127.0.0.2:80")), ext));
+        assert!(!m.matches(Some(a("127.0.0.3:80")), ext));
+        assert!(!m.matches(Some(a("127.0.0.2:80")), a("192.0.2.7:1235")));
+        assert!(!m.matches(Some(a("127.0.0.2:80")), a("127.0.0.1:1234")));
+        let same_ip = chain_match(FilterChainMatch {
+            source_type: ConnectionSourceType::SameIpOrLoopback as i32,
+            ..Default::default()
+        })
+        .unwrap()
+        .expect("a match");
+        assert!(same_ip.matches(Some(a("192.0.2.1:80")), a("192.0.2.1:9")));
+        assert!(same_ip.matches(Some(a("192.0.2.1:80")), a("127.0.0.5:9")));
+        assert!(!same_ip.matches(Some(a("192.0.2.1:80")), a("192.0.2.2:9")));
+
+        // TLS, server names and application protocols never match a
+        // plaintext connection.
+        for m in [
+            FilterChainMatch {
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            },
+            FilterChainMatch {
+                server_names: vec!["api.example".into()],
+                ..Default::default()
+            },
+            FilterChainMatch {
+                application_protocols: vec!["http/1.1".into()],
+                ..Default::default()
+            },
+        ] {
+            let m = chain_match(m).unwrap().expect("a match");
+            assert!(!m.matches(Some(a("127.0.0.1:8080")), a("127.0.0.1:5000")));
+        }
+
+        // Bad ones are refused with the place.
+        for (m, what) in [
+            (
+                FilterChainMatch {
+                    source_prefix_ranges: vec![cidr("10.0.0.300", 8)],
+                    ..Default::default()
+                },
+                "source_prefix_ranges[0]",
+            ),
+            (
+                FilterChainMatch {
+                    prefix_ranges: vec![cidr("10.0.0.0", 33)],
+                    ..Default::default()
+                },
+                "prefix_ranges[0]",
+            ),
+            (
+                FilterChainMatch {
+                    destination_port: Some(UInt32Value { value: 70000 }),
+                    ..Default::default()
+                },
+                "destination_port 70000",
+            ),
+            (
+                FilterChainMatch {
+                    address_suffix: "x".into(),
+                    ..Default::default()
+                },
+                "address_suffix",
+            ),
+        ] {
+            let msg = chain_match(m).expect_err(what).to_string();
+            assert!(
+                msg.contains("filter_chain_match") && msg.contains(what),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_buffer_limit_defaults_to_envoys_megabyte() {
+        let c = ListenerConfig::convert(&listener(|_| {})).unwrap();
+        assert_eq!(c.body_buffer_limit, 1 << 20);
+        let mut l = listener(|_| {});
+        l.per_connection_buffer_limit_bytes = Some(UInt32Value { value: 4096 });
+        assert_eq!(ListenerConfig::convert(&l).unwrap().body_buffer_limit, 4096);
     }
 }

@@ -14,13 +14,14 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use portico_proto::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValueOption,
 };
+use portico_proto::envoy::config::route::v3::route_action::RequestMirrorPolicy as PbMirrorPolicy;
 use portico_proto::envoy::config::route::v3::{
     redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier},
     route::Action,
     route_action::{hash_policy::PolicySpecifier, ClusterSpecifier, HostRewriteSpecifier},
     route_match::PathSpecifier,
     HeaderMatcher as PbHeaderMatcher, RetryPolicy as PbRetryPolicy, Route as PbRoute,
-    RouteConfiguration, VirtualHost as PbVirtualHost,
+    RouteConfiguration, VirtualHost as PbVirtualHost, WeightedCluster as WeightedClusterProto,
 };
 use prost::Message;
 use regex::Regex;
@@ -48,6 +49,9 @@ pub struct RouteTable {
     pub edits: Edits,
     /// Every cluster a route names (weighted ones included).
     pub clusters: Vec<Arc<str>>,
+    /// Mirrors of every route whose virtual host and action name none
+    /// (`request_mirror_policies`; the most specific non-empty list wins).
+    pub mirrors: Vec<Mirror>,
     /// Headers a request from outside the trusted network may not carry
     /// (`internal_only_headers`): removed before routing.
     pub internal_only_headers: Vec<HeaderName>,
@@ -66,6 +70,9 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Header edits of the virtual host.
     pub edits: Edits,
+    /// Mirrors of its routes that name none themselves
+    /// (`request_mirror_policies`).
+    pub mirrors: Vec<Mirror>,
     /// Tell the upstream which try this is (`x-envoy-attempt-count`;
     /// `include_request_attempt_count`).
     pub attempt_count_to_upstream: bool,
@@ -142,10 +149,51 @@ pub enum RouteAction {
 pub enum ClusterChoice {
     /// Always this one.
     One(Arc<str>),
-    /// One of these, by weight.
-    Weighted(Vec<(Arc<str>, u32)>, u32),
+    /// One of these, by weight (`weighted_clusters`).
+    Weighted(Box<Weighted>),
     /// The one named by a request header.
     Header(HeaderName),
+}
+
+/// A route's `weighted_clusters`.
+#[derive(Debug)]
+pub struct Weighted {
+    /// The clusters, in order (a draw below a cluster's weight picks it,
+    /// else the next is tried with the draw less that weight).
+    pub targets: Vec<WeightedTarget>,
+    /// The sum of the weights (above 0).
+    pub total: u32,
+    /// Where each request's draw comes from.
+    pub draw: WeightDraw,
+}
+
+/// One of a route's weighted clusters (`WeightedCluster.ClusterWeight`).
+#[derive(Debug)]
+pub struct WeightedTarget {
+    /// The cluster.
+    pub name: Arc<str>,
+    /// Its weight.
+    pub weight: u32,
+    /// Its own header edits, applied before the route's (so the route's,
+    /// the virtual host's and the configuration's win), as Envoy does.
+    pub edits: Option<Box<Edits>>,
+    /// Its `host_rewrite_literal`: the Host upstream unless the route
+    /// rewrites the host itself (the route's rewrite comes after).
+    pub host: Option<HeaderValue>,
+}
+
+/// Where a weighted choice's draw comes from (`random_value_specifier`).
+#[derive(Debug)]
+pub enum WeightDraw {
+    /// A random number per request.
+    Random,
+    /// The decimal number in this request header (a proxy in front made
+    /// the draw, so that both pick alike); random when absent, repeated or
+    /// not a number.
+    Header(HeaderName),
+    /// The route's hash policies (`use_hash_policy`): the same request
+    /// keys pick the same cluster; random when no policy yields a hash.
+    HashPolicy,
 }
 
 /// How the Host header is rewritten upstream.
@@ -205,6 +253,9 @@ pub struct Forward {
     pub websocket: bool,
     /// Clusters that get a copy of each request (`request_mirror_policies`).
     pub mirrors: Vec<Mirror>,
+    /// The route's (else its virtual host's) limit on the body kept for
+    /// retries and mirrors; `None`: the listener's.
+    pub body_buffer_limit: Option<BodyBufferLimit>,
     /// The status when the cluster does not exist
     /// (`cluster_not_found_response_code`: 503, 404 or 500).
     pub cluster_not_found: http::StatusCode,
@@ -243,6 +294,47 @@ pub fn expected_timeout_ms(
     } else {
         expected.min(global - elapsed)
     })
+}
+
+/// A route's or virtual host's limit on the request body kept for retries
+/// and mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyBufferLimit {
+    /// `request_body_buffer_limit`: this many bytes, whatever the
+    /// listener's.
+    Exact(u64),
+    /// The deprecated `per_request_buffer_limit_bytes`: this many, but
+    /// not more than the listener's.
+    AtMost(u64),
+}
+
+impl BodyBufferLimit {
+    /// From a route's or virtual host's two fields (at most one set).
+    #[allow(deprecated)]
+    fn convert(
+        per_request: Option<u32>,
+        body: Option<u64>,
+        at: &str,
+    ) -> Result<Option<Self>, ConfigError> {
+        match (per_request, body) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                at,
+                "only one of per_request_buffer_limit_bytes and request_body_buffer_limit may be set",
+            )),
+            (Some(n), None) => Ok(Some(Self::AtMost(u64::from(n)))),
+            (None, Some(n)) => Ok(Some(Self::Exact(n))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The limit in bytes, given the listener's.
+    pub fn bytes(limit: Option<Self>, listener: u64) -> u64 {
+        match limit {
+            None => listener,
+            Some(Self::Exact(n)) => n,
+            Some(Self::AtMost(n)) => n.min(listener),
+        }
+    }
 }
 
 /// A `request_mirror_policy`: a share of the route's requests is also
@@ -590,6 +682,13 @@ impl Edits {
                         .header
                         .as_ref()
                         .ok_or_else(|| ConfigError::new(&at, "no header"))?;
+                    if h.key.eq_ignore_ascii_case("host") {
+                        // Envoy's rule; the route's host rewrites do this.
+                        return Err(ConfigError::new(
+                            &at,
+                            "\"host\" cannot be set here (use a host rewrite)",
+                        ));
+                    }
                     let name = header_name(&h.key, &at)?;
                     let raw = if h.raw_value.is_empty() {
                         h.value.as_bytes()
@@ -632,6 +731,14 @@ impl Edits {
         })
     }
 
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.request_add.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_add.is_empty()
+            && self.response_remove.is_empty()
+    }
+
     /// Applies the request edits.
     pub fn apply_request(&self, h: &mut HeaderMap) {
         apply(h, &self.request_remove, &self.request_add);
@@ -666,6 +773,125 @@ fn apply(h: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderAdd]) {
                 }
             }
         }
+    }
+}
+
+/// Converts `request_mirror_policies` (of a route, a virtual host or a
+/// configuration), noting each cluster in `clusters`.
+fn mirrors(
+    list: &[PbMirrorPolicy],
+    at: &str,
+    clusters: &mut Vec<Arc<str>>,
+) -> Result<Vec<Mirror>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = format!("{at}.request_mirror_policies[{i}]");
+            if m.cluster.is_empty() {
+                return Err(ConfigError::new(
+                    &at,
+                    "needs a cluster (cluster_header is not supported)",
+                ));
+            }
+            let cluster: Arc<str> = m.cluster.as_str().into();
+            clusters.push(cluster.clone());
+            Ok(Mirror {
+                cluster,
+                fraction: m
+                    .runtime_fraction
+                    .as_ref()
+                    .map(|f| fraction(f, &at))
+                    .transpose()?,
+                keep_host: m.disable_shadow_host_suffix_append,
+            })
+        })
+        .collect()
+}
+
+/// Converts `weighted_clusters`, noting each cluster in `clusters`.
+fn weighted(
+    w: &WeightedClusterProto,
+    at: &str,
+    clusters: &mut Vec<Arc<str>>,
+) -> Result<Weighted, ConfigError> {
+    use portico_proto::envoy::config::route::v3::weighted_cluster::{
+        cluster_weight::HostRewriteSpecifier as TargetHost, RandomValueSpecifier,
+    };
+    let mut targets = Vec::with_capacity(w.clusters.len());
+    let mut total = 0u32;
+    for (i, c) in w.clusters.iter().enumerate() {
+        let cat = format!("{at} weighted_clusters.clusters[{i}]");
+        refuse_per_filter_config(&c.typed_per_filter_config, &cat)?;
+        if c.name.is_empty() {
+            return Err(ConfigError::new(
+                &cat,
+                "has no name (cluster_header is not supported)",
+            ));
+        }
+        let weight = c.weight.as_ref().map_or(0, |w| w.value);
+        total = total
+            .checked_add(weight)
+            .ok_or_else(|| ConfigError::new(at, "weighted_clusters: the weights overflow"))?;
+        let name: Arc<str> = c.name.as_str().into();
+        clusters.push(name.clone());
+        let edits = Edits::convert(
+            &c.request_headers_to_add,
+            &c.request_headers_to_remove,
+            &c.response_headers_to_add,
+            &c.response_headers_to_remove,
+            &cat,
+        )?;
+        let host = match &c.host_rewrite_specifier {
+            None => None,
+            Some(TargetHost::HostRewriteLiteral(h)) if h.is_empty() => None,
+            Some(TargetHost::HostRewriteLiteral(h)) => {
+                Some(HeaderValue::from_str(h).map_err(|_| {
+                    ConfigError::new(&cat, format!("bad host_rewrite_literal {h:?}"))
+                })?)
+            }
+        };
+        targets.push(WeightedTarget {
+            name,
+            weight,
+            edits: (!edits.is_empty()).then(|| Box::new(edits)),
+            host,
+        });
+    }
+    if total == 0 {
+        return Err(ConfigError::new(
+            at,
+            "weighted_clusters: the weights sum to 0",
+        ));
+    }
+    let draw = match &w.random_value_specifier {
+        None => WeightDraw::Random,
+        Some(RandomValueSpecifier::HeaderName(h)) if h.is_empty() => WeightDraw::Random,
+        Some(RandomValueSpecifier::HeaderName(h)) => WeightDraw::Header(header_name(
+            h,
+            &format!("{at} weighted_clusters.header_name"),
+        )?),
+        Some(RandomValueSpecifier::UseHashPolicy(b)) if b.value => WeightDraw::HashPolicy,
+        Some(RandomValueSpecifier::UseHashPolicy(_)) => WeightDraw::Random,
+    };
+    Ok(Weighted {
+        targets,
+        total,
+        draw,
+    })
+}
+
+impl Weighted {
+    /// The cluster a draw picks (any number: it is taken modulo the total).
+    pub fn pick(&self, draw: u64) -> &WeightedTarget {
+        let mut x = draw % u64::from(self.total);
+        for t in &self.targets {
+            if x < u64::from(t.weight) {
+                return t;
+            }
+            x -= u64::from(t.weight);
+        }
+        // Unreachable: the weights sum to the total.
+        &self.targets[self.targets.len() - 1]
     }
 }
 
@@ -787,6 +1013,7 @@ impl RouteTable {
                 &at,
             )?,
             clusters: Vec::new(),
+            mirrors: Vec::new(),
             internal_only_headers: rc
                 .internal_only_headers
                 .iter()
@@ -827,6 +1054,7 @@ impl RouteTable {
             table.clusters.extend(vh.clusters.iter().cloned());
         }
         table.vhosts = vhosts;
+        table.mirrors = mirrors(&rc.request_mirror_policies, &at, &mut table.clusters)?;
         table
             .suffix
             .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
@@ -957,12 +1185,20 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
         ));
     }
     refuse_hedging(vh.hedge_policy.as_ref(), at)?;
-    let retry = vh
-        .retry_policy
-        .as_ref()
-        .map(|p| RetryPolicy::convert(p, at))
-        .transpose()?
-        .map(Arc::new);
+    #[allow(deprecated)]
+    let inherit = Inherited {
+        retry: vh
+            .retry_policy
+            .as_ref()
+            .map(|p| RetryPolicy::convert(p, at))
+            .transpose()?
+            .map(Arc::new),
+        body_buffer_limit: BodyBufferLimit::convert(
+            vh.per_request_buffer_limit_bytes.map(|v| v.value),
+            vh.request_body_buffer_limit.map(|v| v.value),
+            at,
+        )?,
+    };
     let routes = vh
         .routes
         .iter()
@@ -971,19 +1207,21 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
             // Naming the place costs a string per route; a table has
             // thousands. Convert unnamed, and only when that fails convert
             // again (it fails the same way) to say where.
-            convert_route(r, "", retry.as_ref(), &mut clusters).or_else(|_| {
+            convert_route(r, "", &inherit, &mut clusters).or_else(|_| {
                 convert_route(
                     r,
                     &format!("{at} routes[{i}] ({:?})", r.name),
-                    retry.as_ref(),
+                    &inherit,
                     &mut clusters,
                 )
             })
         })
         .collect::<Result<_, _>>()?;
+    let mirrors = mirrors(&vh.request_mirror_policies, at, &mut clusters)?;
     clusters.sort();
     clusters.dedup();
     Ok(VirtualHost {
+        mirrors,
         require_tls: match vh.require_tls {
             0 => RequireTls::No,
             1 => RequireTls::ExternalOnly,
@@ -1028,10 +1266,16 @@ fn refuse_hedging(
     Ok(())
 }
 
+/// What a virtual host gives the routes that do not set it themselves.
+struct Inherited {
+    retry: Option<Arc<RetryPolicy>>,
+    body_buffer_limit: Option<BodyBufferLimit>,
+}
+
 fn convert_route(
     r: &PbRoute,
     at: &str,
-    vh_retry: Option<&Arc<RetryPolicy>>,
+    vh: &Inherited,
     clusters: &mut Vec<Arc<str>>,
 ) -> Result<Route, ConfigError> {
     refuse_per_filter_config(&r.typed_per_filter_config, at)?;
@@ -1119,31 +1363,7 @@ fn convert_route(
                     ClusterChoice::Header(header_name(h, at)?)
                 }
                 Some(ClusterSpecifier::WeightedClusters(w)) => {
-                    let mut v = Vec::new();
-                    let mut total = 0u32;
-                    for (i, c) in w.clusters.iter().enumerate() {
-                        refuse_per_filter_config(
-                            &c.typed_per_filter_config,
-                            &format!("{at} weighted_clusters.clusters[{i}]"),
-                        )?;
-                        if c.name.is_empty() {
-                            return Err(ConfigError::new(at, format!("weighted_clusters.clusters[{i}] has no name (cluster_header is not supported)")));
-                        }
-                        let weight = c.weight.as_ref().map_or(0, |w| w.value);
-                        total = total
-                            .checked_add(weight)
-                            .ok_or_else(|| ConfigError::new(at, "weights overflow"))?;
-                        let name: Arc<str> = c.name.as_str().into();
-                        clusters.push(name.clone());
-                        v.push((name, weight));
-                    }
-                    if total == 0 {
-                        return Err(ConfigError::new(
-                            at,
-                            "weighted_clusters: the weights sum to 0",
-                        ));
-                    }
-                    ClusterChoice::Weighted(v, total)
+                    ClusterChoice::Weighted(Box::new(weighted(w, at, clusters)?))
                 }
                 Some(_) | None => return Err(ConfigError::new(
                     at,
@@ -1208,7 +1428,7 @@ fn convert_route(
                 .collect::<Result<_, _>>()?;
             let retry = match &a.retry_policy {
                 Some(p) => Some(Arc::new(RetryPolicy::convert(p, at)?)),
-                None => vh_retry.cloned(),
+                None => vh.retry.clone(),
             };
             // Envoy's default route timeout is 15 s; 0 disables it.
             let timeout = match &a.timeout {
@@ -1248,31 +1468,14 @@ fn convert_route(
                     max: duration(m),
                     offset: a.grpc_timeout_offset.as_ref().map(duration),
                 }),
-                mirrors: a
-                    .request_mirror_policies
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| {
-                        let at = format!("{at}.request_mirror_policies[{i}]");
-                        if m.cluster.is_empty() {
-                            return Err(ConfigError::new(
-                                &at,
-                                "needs a cluster (cluster_header is not supported)",
-                            ));
-                        }
-                        let cluster: Arc<str> = m.cluster.as_str().into();
-                        clusters.push(cluster.clone());
-                        Ok(Mirror {
-                            cluster,
-                            fraction: m
-                                .runtime_fraction
-                                .as_ref()
-                                .map(|f| fraction(f, &at))
-                                .transpose()?,
-                            keep_host: m.disable_shadow_host_suffix_append,
-                        })
-                    })
-                    .collect::<Result<_, _>>()?,
+                mirrors: mirrors(&a.request_mirror_policies, at, clusters)?,
+                #[allow(deprecated)]
+                body_buffer_limit: BodyBufferLimit::convert(
+                    r.per_request_buffer_limit_bytes.map(|v| v.value),
+                    r.request_body_buffer_limit.map(|v| v.value),
+                    at,
+                )?
+                .or(vh.body_buffer_limit),
                 cluster_not_found: match a.cluster_not_found_response_code {
                     1 => http::StatusCode::NOT_FOUND,
                     2 => http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -1955,5 +2158,152 @@ mod tests {
         );
         assert_eq!(expected_timeout_ms(Some(s(5)), None, ms(4_999)), Some(1));
         assert_eq!(expected_timeout_ms(Some(s(5)), None, s(7)), Some(1));
+    }
+
+    fn forward(t: &RouteTable) -> &Forward {
+        match &t.vhosts[0].routes[0].action {
+            RouteAction::Forward(f) => f,
+            other => panic!("not forwarded: {other:?}"),
+        }
+    }
+
+    fn header(k: &str, v: &str) -> HeaderValueOption {
+        HeaderValueOption {
+            header: Some(portico_proto::envoy::config::core::v3::HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn weighted_clusters_keep_their_own_edits_host_and_draw() {
+        use portico_proto::envoy::config::route::v3::weighted_cluster::{
+            cluster_weight::HostRewriteSpecifier as TargetHost, ClusterWeight, RandomValueSpecifier,
+        };
+        use portico_proto::google::protobuf::UInt32Value;
+        let weight = |name: &str, w: u32| ClusterWeight {
+            name: name.into(),
+            weight: Some(UInt32Value { value: w }),
+            ..Default::default()
+        };
+        let mut r = route(PathSpecifier::Prefix("/".into()), "x");
+        let Some(Action::Route(a)) = &mut r.action else {
+            unreachable!()
+        };
+        a.cluster_specifier = Some(ClusterSpecifier::WeightedClusters(WeightedClusterProto {
+            clusters: vec![
+                ClusterWeight {
+                    request_headers_to_add: vec![header("x-canary", "yes")],
+                    response_headers_to_remove: vec!["x-debug".into()],
+                    host_rewrite_specifier: Some(TargetHost::HostRewriteLiteral(
+                        "canary.internal".into(),
+                    )),
+                    ..weight("canary", 10)
+                },
+                weight("stable", 90),
+            ],
+            random_value_specifier: Some(RandomValueSpecifier::HeaderName("X-Draw".into())),
+            ..Default::default()
+        }));
+        let t = one_route(r.clone()).expect("converts");
+        let ClusterChoice::Weighted(w) = &forward(&t).clusters else {
+            panic!("weighted")
+        };
+        assert_eq!(w.total, 100);
+        assert!(matches!(&w.draw, WeightDraw::Header(h) if h == "x-draw"));
+        // Draws are taken modulo the total: 0..10 is the canary's.
+        for (draw, name) in [(0, "canary"), (9, "canary"), (10, "stable"), (99, "stable")] {
+            assert_eq!(&*w.pick(draw).name, name, "{draw}");
+            assert_eq!(&*w.pick(draw + 100 * 7).name, name, "{draw} + 700");
+        }
+        let canary = w.pick(0);
+        assert_eq!(canary.host.as_ref().unwrap(), "canary.internal");
+        let edits = canary.edits.as_deref().expect("edits");
+        let mut h = HeaderMap::new();
+        edits.apply_request(&mut h);
+        assert_eq!(h["x-canary"], "yes");
+        let mut resp = HeaderMap::new();
+        resp.insert("x-debug", HeaderValue::from_static("1"));
+        edits.apply_response(&mut resp);
+        assert!(resp.is_empty());
+        assert!(w.pick(50).edits.is_none() && w.pick(50).host.is_none());
+        assert_eq!(t.clusters.len(), 2);
+
+        // A cluster weight may not set the Host header by an edit.
+        let Some(Action::Route(a)) = &mut r.action else {
+            unreachable!()
+        };
+        let Some(ClusterSpecifier::WeightedClusters(wc)) = &mut a.cluster_specifier else {
+            unreachable!()
+        };
+        wc.clusters[1].request_headers_to_add = vec![header("Host", "elsewhere")];
+        let msg = one_route(r).expect_err("host edit").to_string();
+        assert!(
+            msg.contains("weighted_clusters.clusters[1].request_headers_to_add[0]")
+                && msg.contains("host"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn mirrors_and_buffer_limits_come_from_the_most_specific_level() {
+        use portico_proto::google::protobuf::{UInt32Value, UInt64Value};
+        let mirror = |c: &str| PbMirrorPolicy {
+            cluster: c.into(),
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        let rc = |route_mirrors: Vec<PbMirrorPolicy>, route_limit: Option<u64>| {
+            let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+            r.request_body_buffer_limit = route_limit.map(|value| UInt64Value { value });
+            if let Some(Action::Route(a)) = &mut r.action {
+                a.request_mirror_policies = route_mirrors;
+            }
+            RouteConfiguration {
+                name: "t".into(),
+                request_mirror_policies: vec![mirror("all")],
+                virtual_hosts: vec![PbVirtualHost {
+                    name: "v".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![r],
+                    request_mirror_policies: vec![mirror("vh")],
+                    per_request_buffer_limit_bytes: Some(UInt32Value { value: 2048 }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        };
+        let t = RouteTable::convert(&rc(vec![], None)).expect("converts");
+        // The route names none: its virtual host's (the handler picks the
+        // most specific non-empty list), and every mirror is a cluster the
+        // configuration needs.
+        assert!(forward(&t).mirrors.is_empty());
+        assert_eq!(&*t.vhosts[0].mirrors[0].cluster, "vh");
+        assert_eq!(&*t.mirrors[0].cluster, "all");
+        for c in ["all", "c", "vh"] {
+            assert!(t.clusters.iter().any(|x| &**x == c), "{c}");
+        }
+        let limit = forward(&t).body_buffer_limit;
+        assert_eq!(limit, Some(BodyBufferLimit::AtMost(2048)));
+        assert_eq!(BodyBufferLimit::bytes(limit, 1 << 20), 2048);
+        assert_eq!(BodyBufferLimit::bytes(limit, 1024), 1024);
+
+        let t = RouteTable::convert(&rc(vec![mirror("own")], Some(5 << 20))).expect("converts");
+        assert_eq!(&*forward(&t).mirrors[0].cluster, "own");
+        let limit = forward(&t).body_buffer_limit;
+        assert_eq!(BodyBufferLimit::bytes(limit, 1 << 20), 5 << 20);
+        assert_eq!(BodyBufferLimit::bytes(None, 1 << 20), 1 << 20);
+
+        // Both limits at one level: refused.
+        let mut both = rc(vec![], None);
+        both.virtual_hosts[0].request_body_buffer_limit = Some(UInt64Value { value: 1 });
+        let msg = RouteTable::convert(&both).expect_err("both").to_string();
+        assert!(
+            msg.contains("only one of per_request_buffer_limit_bytes"),
+            "{msg}"
+        );
     }
 }

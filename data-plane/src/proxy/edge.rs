@@ -202,7 +202,7 @@ fn from_xff(headers: &HeaderMap, skip: u32) -> (Option<IpAddr>, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::listener::InternalAddresses;
+    use crate::config::listener::AddressRanges;
 
     const PEER: &str = "192.0.2.5:4444";
 
@@ -235,7 +235,7 @@ mod tests {
             use_remote_address: remote,
             xff_num_trusted_hops: hops,
             skip_xff_append: false,
-            internal: InternalAddresses::parse(internal, "test").unwrap(),
+            internal: AddressRanges::parse(internal, "cidr_ranges", "test").unwrap(),
             keep_client_cert: false,
             forwarded_port: None,
         }

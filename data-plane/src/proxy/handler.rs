@@ -29,18 +29,14 @@ use crate::access_log::{grpc_status_for_http, Record};
 use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader, StripPort};
 use crate::config::matcher::RequestHead;
 use crate::config::route::{
-    expected_timeout_ms, ClusterChoice, Forward, HashPolicy, HostRewrite, Redirect, RequireTls,
-    Route, RouteAction, RouteTable, VirtualHost,
+    expected_timeout_ms, BodyBufferLimit, ClusterChoice, Edits, Forward, HashPolicy, HostRewrite,
+    Redirect, RequireTls, Route, RouteAction, RouteTable, VirtualHost, WeightDraw, WeightedTarget,
 };
 use crate::snapshot::{Shared, Snapshot};
 use crate::stats::Stats;
 use crate::upstream::lb::hash64;
 use crate::upstream::pool::{ReqBody, RespBody, SendError};
 use crate::upstream::{is_hashing, Cluster};
-
-/// Request bodies up to this size are buffered when a retry policy may
-/// need to send them again (Envoy's per-request buffer limit).
-const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 
 /// What a connection's requests share.
 pub struct Conn {
@@ -57,17 +53,44 @@ pub struct Conn {
 }
 
 /// A request's outcome before it becomes a response.
-struct Local {
+struct Local<'a> {
     status: StatusCode,
     body: &'static str,
     flags: &'static str,
+    /// The route's response header edits, when the router made this
+    /// answer (boxed: errors are rare, and every request's future carries
+    /// a `Local`).
+    edits: Option<Box<RouteEdits<'a>>>,
 }
 
-fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Local {
+fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Local<'static> {
     Local {
         status,
         body,
         flags,
+        edits: None,
+    }
+}
+
+/// The response header edits of a route, most specific first: Envoy's
+/// router applies them to its own answers (no healthy upstream, timeouts,
+/// resets) as well as to the upstream's.
+struct RouteEdits<'a> {
+    /// The weighted cluster's own.
+    target: Option<&'a Edits>,
+    route: &'a Edits,
+    vh: &'a Edits,
+    table: &'a Edits,
+}
+
+impl RouteEdits<'_> {
+    fn apply_response(&self, h: &mut HeaderMap) {
+        if let Some(t) = self.target {
+            t.apply_response(h);
+        }
+        self.route.apply_response(h);
+        self.vh.apply_response(h);
+        self.table.apply_response(h);
     }
 }
 
@@ -147,6 +170,12 @@ pub async fn handle(
                 b.1.response_flags = l.flags.into();
                 b.1.response_code_details = code_details(l.flags, l.status);
             }
+            // The route's edits first; then the mapper and the gRPC form
+            // (Envoy's order), and the body's own headers last.
+            let mut parts = Response::new(()).into_parts().0;
+            if let Some(e) = &l.edits {
+                e.apply_response(&mut parts.headers);
+            }
             if grpc || lr.config.local_replies.is_some() {
                 let own = Own {
                     status: l.status,
@@ -154,10 +183,9 @@ pub async fn handle(
                     flags: l.flags,
                     grpc,
                 };
-                let parts = Response::new(()).into_parts().0;
                 own_answer(&lr.config, &mut guard, &mut reply_rec, own, parts)
             } else {
-                local_reply(l.status, l.body)
+                local_reply(l.status, l.body, parts)
             }
         }
     };
@@ -295,13 +323,12 @@ fn configured_reply(
     Response::from_parts(parts, Either::Right(r.body))
 }
 
-fn local_reply(status: StatusCode, body: &'static str) -> Out {
-    let mut r = Response::new(Either::Right(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
+fn local_reply(status: StatusCode, body: &'static str, mut parts: http::response::Parts) -> Out {
+    parts.status = status;
+    let h = &mut parts.headers;
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    r
+    Response::from_parts(parts, Either::Right(Bytes::from_static(body.as_bytes())))
 }
 
 /// Whether a request is gRPC (`application/grpc`, `application/grpc+proto`
@@ -484,7 +511,7 @@ fn normalize_path(
     req: &mut Request<RequestBody>,
     config: &ListenerConfig,
     stats: &Stats,
-) -> Result<Option<Out>, Local> {
+) -> Result<Option<Out>, Local<'static>> {
     let failed = || {
         stats
             .downstream_rq_failed_path_normalization
@@ -527,15 +554,15 @@ fn normalize_path(
     Ok(None)
 }
 
-async fn route_request(
+async fn route_request<'a>(
     conn: &Conn,
     origin: &Origin,
-    lr: &ListenerRuntime,
-    snap: &Snapshot,
+    lr: &'a ListenerRuntime,
+    snap: &'a Snapshot,
     mut req: Request<RequestBody>,
     guard: &mut Guard,
     idle: Option<&dyn HasRouteIdle>,
-) -> Result<Out, Local> {
+) -> Result<Out, Local<'a>> {
     let stats = &conn.shared.stats;
     if req.extensions().get::<FramingConflict>().is_some() {
         // The smuggling vector (RFC 9112 section 6.1); the connection
@@ -629,7 +656,39 @@ async fn route_request(
             if let (Some(slot), Some(t)) = (idle, fwd.idle_timeout) {
                 slot.route_idle().set(t);
             }
-            forward(conn, origin, lr, snap, table, vh, route, fwd, req, guard).await?
+            let picked = pick_cluster(snap, fwd, &req, origin.client);
+            let target = picked.as_ref().and_then(|p| p.1);
+            let edits = |l: Local<'static>| Local {
+                edits: Some(Box::new(RouteEdits {
+                    target: target.and_then(|t| t.edits.as_deref()),
+                    route: &route.edits,
+                    vh: &vh.edits,
+                    table: &table.edits,
+                })),
+                ..l
+            };
+            let Some((cluster, _)) = picked else {
+                stats.no_cluster.fetch_add(1, Relaxed);
+                return Err(edits(local(
+                    fwd.cluster_not_found,
+                    "cluster not found\n",
+                    "NC",
+                )));
+            };
+            let to = Target {
+                cluster,
+                host: target.and_then(|t| t.host.as_ref()),
+                edits: target.and_then(|t| t.edits.as_deref()),
+            };
+            let mut r = forward(
+                conn, origin, lr, snap, table, vh, route, fwd, to, req, guard,
+            )
+            .await
+            .map_err(edits)?;
+            if let Some(e) = to.edits {
+                e.apply_response(r.headers_mut());
+            }
+            r
         }
     };
     route.edits.apply_response(resp.headers_mut());
@@ -762,28 +821,45 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn pick_cluster<'a>(
+/// The cluster a request goes to, and the weighted cluster entry that
+/// named it (`None` for a route's one cluster or a cluster header).
+fn pick_cluster<'a, 'f>(
     snap: &'a Snapshot,
-    fwd: &Forward,
-    headers: &HeaderMap,
-) -> Option<&'a Arc<Cluster>> {
-    let name: &str = match &fwd.clusters {
-        ClusterChoice::One(c) => c,
-        ClusterChoice::Weighted(list, total) => {
-            let mut x = fastrand::u32(..*total);
-            let mut chosen = &list[0].0;
-            for (c, w) in list {
-                if x < *w {
-                    chosen = c;
-                    break;
+    fwd: &'f Forward,
+    req: &Request<RequestBody>,
+    client: SocketAddr,
+) -> Option<(&'a Arc<Cluster>, Option<&'f WeightedTarget>)> {
+    let (name, target): (&str, _) = match &fwd.clusters {
+        ClusterChoice::One(c) => (c, None),
+        ClusterChoice::Weighted(w) => {
+            let draw = match &w.draw {
+                WeightDraw::Random => None,
+                WeightDraw::Header(h) => {
+                    let mut all = req.headers().get_all(h).iter();
+                    match (all.next(), all.next()) {
+                        (Some(v), None) => v.to_str().ok().and_then(|v| v.parse::<u64>().ok()),
+                        _ => None,
+                    }
                 }
-                x -= w;
-            }
-            chosen
+                WeightDraw::HashPolicy => request_hash(fwd, req, client),
+            };
+            let t = w.pick(draw.unwrap_or_else(|| fastrand::u64(..)));
+            (&t.name, Some(t))
         }
-        ClusterChoice::Header(h) => headers.get(h)?.to_str().ok()?,
+        ClusterChoice::Header(h) => (req.headers().get(h)?.to_str().ok()?, None),
     };
-    snap.clusters.get(name)
+    Some((snap.clusters.get(name)?, target))
+}
+
+/// Where [`forward`] sends a request: the cluster, and what the weighted
+/// cluster entry that picked it adds.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    cluster: &'a Arc<Cluster>,
+    /// The entry's `host_rewrite_literal`.
+    host: Option<&'a HeaderValue>,
+    /// The entry's header edits.
+    edits: Option<&'a Edits>,
 }
 
 fn request_hash(fwd: &Forward, req: &Request<RequestBody>, peer: SocketAddr) -> Option<u64> {
@@ -825,14 +901,12 @@ async fn forward(
     vh: &VirtualHost,
     route: &Route,
     fwd: &Forward,
+    to: Target<'_>,
     mut req: Request<RequestBody>,
     guard: &mut Guard,
-) -> Result<Out, Local> {
+) -> Result<Out, Local<'static>> {
     let stats = &conn.shared.stats;
-    let Some(cluster) = pick_cluster(snap, fwd, req.headers()) else {
-        stats.no_cluster.fetch_add(1, Relaxed);
-        return Err(local(fwd.cluster_not_found, "cluster not found\n", "NC"));
-    };
+    let cluster = to.cluster;
     if let Some(b) = guard.log.as_mut() {
         b.1.upstream_cluster = cluster.config.name.to_string();
     }
@@ -867,9 +941,10 @@ async fn forward(
     // (shared, not copied) unless the route rewrites it.
     let mut host_value = match &fwd.host_rewrite {
         HostRewrite::Literal(v) => Some(v.clone()),
-        HostRewrite::Keep | HostRewrite::Auto => match req.uri().authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => req.headers().get(header::HOST).cloned(),
+        HostRewrite::Keep | HostRewrite::Auto => match (to.host, req.uri().authority()) {
+            (Some(h), _) => Some(h.clone()),
+            (None, Some(a)) => HeaderValue::from_str(a.as_str()).ok(),
+            (None, None) => req.headers().get(header::HOST).cloned(),
         },
     };
     // Envoy's stream duration limit (the call's `grpc-timeout` where the
@@ -935,6 +1010,9 @@ async fn forward(
             headers.insert(&X_ENVOY_ORIGINAL_PATH, v);
         }
     }
+    if let Some(e) = to.edits {
+        e.apply_request(&mut headers);
+    }
     route.edits.apply_request(&mut headers);
     vh.edits.apply_request(&mut headers);
     table.edits.apply_request(&mut headers);
@@ -944,12 +1022,18 @@ async fn forward(
         headers.remove(header::HOST);
     }
 
+    // The most specific non-empty list of mirrors (Envoy does not merge).
+    let mirrors = [&fwd.mirrors, &vh.mirrors, &table.mirrors]
+        .into_iter()
+        .find(|m| !m.is_empty())
+        .map_or(&[][..], |m| m.as_slice());
     // Retries need the body again, and mirrors a copy: buffer it when it
     // is small.
     let retry = steer
         .as_ref()
         .and_then(|s| s.retry.as_ref())
         .or(fwd.retry.as_deref());
+    let limit = BodyBufferLimit::bytes(fwd.body_buffer_limit, lr.config.body_buffer_limit);
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -959,13 +1043,12 @@ async fn forward(
     if empty {
         buffered = Some(Bytes::new());
         body = None;
-    } else if (retry.is_some() || !fwd.mirrors.is_empty())
-        && declared.is_some_and(|n| n <= RETRY_BUFFER_LIMIT)
-    {
+    } else if (retry.is_some() || !mirrors.is_empty()) && declared.is_some_and(|n| n <= limit) {
         let b = body.take().expect("body present");
         // Boxed, as the other rare states below: every request's future
         // would otherwise carry their size (and be copied with it).
-        let collect = Box::pin(Limited::new(b, RETRY_BUFFER_LIMIT as usize).collect());
+        let collect =
+            Box::pin(Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX)).collect());
         let collected = match request_deadline {
             None => collect.await,
             Some(d) => match tokio::time::timeout_at(d, collect).await {
@@ -988,7 +1071,7 @@ async fn forward(
         }
     }
 
-    if let (false, Some(b)) = (fwd.mirrors.is_empty(), &buffered) {
+    if let (false, Some(b)) = (mirrors.is_empty(), &buffered) {
         let copy = mirror::Copy {
             method: &parts.method,
             path_and_query: &new_pq,
@@ -997,7 +1080,7 @@ async fn forward(
             body: b,
             timeout: route_timeout,
         };
-        mirror::send(snap, &fwd.mirrors, &copy);
+        mirror::send(snap, mirrors, &copy);
     }
     let deadline = match (
         route_timeout.map(|t| tokio::time::Instant::now() + t),
@@ -1515,7 +1598,7 @@ async fn websocket(
         deadline,
     }: Tunnel,
     guard: &mut Guard,
-) -> Result<Out, Local> {
+) -> Result<Out, Local<'static>> {
     let fail = || {
         local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n", "UF")
     };

@@ -167,6 +167,19 @@ pub(super) async fn serve(
             }
         };
         shared.stats.downstream_cx_total.fetch_add(1, Relaxed);
+        if let Some(m) = &runtime.load().config.chain_match {
+            let local = if m.needs_local() {
+                stream.local_addr().ok()
+            } else {
+                None
+            };
+            if !m.matches(local, peer) {
+                // Envoy's answer when no filter chain matches: close.
+                shared.stats.no_filter_chain_match.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, "no filter chain matches the connection");
+                continue;
+            }
+        }
         let to = balance.pick(me);
         balance.open[to].fetch_add(1, Relaxed);
         if to == me {

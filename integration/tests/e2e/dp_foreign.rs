@@ -28,7 +28,9 @@ use portico_proto::envoy::config::core::v3::{
 use portico_proto::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
-use portico_proto::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use portico_proto::envoy::config::listener::v3::{
+    filter, Filter, FilterChain, FilterChainMatch, Listener,
+};
 use portico_proto::envoy::config::route::v3::{
     route::Action,
     route_action::{
@@ -560,6 +562,53 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 },
             ]
         }),
+        // Half to u1 (its own header edits and host), half to u2, by the
+        // draw in x-draw; the route's edits come after the cluster's.
+        Route {
+            response_headers_to_add: vec![header_option("x-layer", "route", true)],
+            ..prefix_route("/canary", "plain", |a| {
+                use portico_proto::envoy::config::route::v3::weighted_cluster::{
+                    cluster_weight::HostRewriteSpecifier as TargetHost, ClusterWeight,
+                    RandomValueSpecifier,
+                };
+                use portico_proto::envoy::config::route::v3::WeightedCluster;
+                a.cluster_specifier = Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
+                    clusters: vec![
+                        ClusterWeight {
+                            name: "first".into(),
+                            weight: Some(UInt32Value { value: 50 }),
+                            request_headers_to_add: vec![header_option("x-canary", "yes", false)],
+                            response_headers_to_add: vec![header_option(
+                                "x-layer", "cluster", false,
+                            )],
+                            host_rewrite_specifier: Some(TargetHost::HostRewriteLiteral(
+                                "canary.internal".into(),
+                            )),
+                            ..Default::default()
+                        },
+                        ClusterWeight {
+                            name: "plain".into(),
+                            weight: Some(UInt32Value { value: 50 }),
+                            ..Default::default()
+                        },
+                    ],
+                    random_value_specifier: Some(RandomValueSpecifier::HeaderName("x-draw".into())),
+                    ..Default::default()
+                }));
+            })
+        },
+        // No endpoint: the router's own 503 gets the route's edits too.
+        Route {
+            response_headers_to_add: vec![header_option("x-route-edit", "yes", false)],
+            ..prefix_route("/nowhere", "empty", |_| {})
+        },
+        // Retries keep at most 1 KiB of a body here (the listener's 1 MiB
+        // elsewhere).
+        #[allow(deprecated)]
+        Route {
+            per_request_buffer_limit_bytes: Some(UInt32Value { value: 1024 }),
+            ..prefix_route("/small-buffer", "plain", |a| a.retry_policy = retry("5xx"))
+        },
         // WebSocket tunnels: under the listener's stream idle timeout, and
         // under none.
         prefix_route("/ws-idle", "plain", |a| a.upgrade_configs = websocket()),
@@ -591,6 +640,17 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 ..Default::default()
             },
             VirtualHost {
+                // Every request copied to "first", though no route says so.
+                name: "shadowed".into(),
+                domains: vec!["shadowed.test".into()],
+                routes: vec![prefix_route("/", "plain", |_| {})],
+                request_mirror_policies: vec![RequestMirrorPolicy {
+                    cluster: "first".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            VirtualHost {
                 // Plain HTTP is sent to https.
                 name: "secure".into(),
                 domains: vec!["secure.test".into()],
@@ -601,6 +661,30 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         ],
         // Requests from outside the trusted network lose it before routing.
         internal_only_headers: vec!["X-Secret".into()],
+        ..Default::default()
+    }
+}
+
+/// A header to add: appended, or overwriting what is there.
+fn header_option(
+    k: &str,
+    v: &str,
+    overwrite: bool,
+) -> portico_proto::envoy::config::core::v3::HeaderValueOption {
+    use portico_proto::envoy::config::core::v3::{
+        header_value_option::HeaderAppendAction, HeaderValueOption,
+    };
+    HeaderValueOption {
+        header: Some(portico_proto::envoy::config::core::v3::HeaderValue {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        }),
+        append_action: if overwrite {
+            HeaderAppendAction::OverwriteIfExistsOrAdd
+        } else {
+            HeaderAppendAction::AppendIfExistsOrAdd
+        } as i32,
         ..Default::default()
     }
 }
@@ -656,6 +740,7 @@ fn foreign_control_plane_envoy_features() {
                 "first",
                 &cluster("first", LbPolicy::RoundRobin, Some(&[p[0]])),
             ),
+            resource("empty", &cluster("empty", LbPolicy::RoundRobin, Some(&[]))),
             // No retry budget at all.
             resource("budgetless", &{
                 let mut c = cluster("budgetless", LbPolicy::RoundRobin, Some(&[p[1]]));
@@ -794,6 +879,40 @@ fn foreign_control_plane_envoy_features() {
             ),
         ),
     ];
+    // Two more on the same routes, each taking only some connections
+    // (filter_chain_match): clients from 10/8 on the first (not this test,
+    // on loopback); on the second, clients from this host connecting to
+    // its port.
+    let (guarded_port, local_port) = (free_port(), free_port());
+    let mut good_listeners = good_listeners;
+    for (name, at, m) in [
+        (
+            "guarded",
+            guarded_port,
+            FilterChainMatch {
+                source_prefix_ranges: vec![portico_proto::envoy::config::core::v3::CidrRange {
+                    address_prefix: "10.0.0.0".into(),
+                    prefix_len: Some(UInt32Value { value: 8 }),
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "local",
+            local_port,
+            FilterChainMatch {
+                destination_port: Some(UInt32Value {
+                    value: local_port.into(),
+                }),
+                source_type: portico_proto::envoy::config::listener::v3::filter_chain_match::ConnectionSourceType::SameIpOrLoopback as i32,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut l = listener(name, at, 1, false, None);
+        l.filter_chains[0].filter_chain_match = Some(m);
+        good_listeners.push(resource(name, &l));
+    }
     xds.set(LISTENER, good_listeners.clone());
     xds.set(ROUTE, vec![resource("routes", &routes(Vec::new()))]);
     let dp = DataPlane::start(
@@ -1211,6 +1330,84 @@ fn foreign_control_plane_envoy_features() {
         (301, Some("https://secure.test/a?b=1")),
         "{r:?}"
     );
+    // Weighted clusters: the draw in x-draw picks (0..50 the first);
+    // the first's own request edit and host go upstream, its response
+    // edit comes back under the route's (which overwrites it).
+    let r = get("/canary/a", &[("x-draw", "7")]);
+    assert_eq!(r.header("x-upstream"), Some("u1"), "{r:?}");
+    assert!(
+        r.body.contains("\nx-canary: yes\n") && r.body.contains("\nhost: canary.internal\n"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("x-layer"), Some("route"), "{r:?}");
+    let r = get("/canary/a", &[("x-draw", "157")]);
+    assert_eq!(r.header("x-upstream"), Some("u2"), "{r:?}");
+    assert!(
+        !r.body.contains("x-canary") && r.body.contains("\nhost: gw\n"),
+        "{}",
+        r.body
+    );
+    // Without a draw, both are picked.
+    let picked: BTreeSet<String> = (0..40)
+        .filter_map(|_| {
+            get("/canary/b", &[])
+                .header("x-upstream")
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(picked.len(), 2, "{picked:?}");
+    // The router's own answers carry the route's response edits.
+    let r = get("/nowhere", &[]);
+    assert_eq!(
+        (r.status, r.header("x-route-edit")),
+        (503, Some("yes")),
+        "{r:?}"
+    );
+    // A virtual host's mirrors serve its routes that name none.
+    let shadowed = ups[0].seen.lock().expect("lock").len();
+    let r = http1(port, "GET", "/vh-mirror", "shadowed.test", &[], "").expect("request");
+    assert_eq!(r.header("x-upstream"), Some("u2"), "{r:?}");
+    let copied = wait_for(std::time::Duration::from_secs(10), || {
+        ups[0].seen.lock().expect("lock")[shadowed..]
+            .iter()
+            .any(|l| l.starts_with("GET /vh-mirror shadowed.test-shadow "))
+            .then_some(())
+    });
+    assert!(copied.is_some(), "the virtual host's mirror got a copy");
+    // A 100 kB body is kept for a retry (Envoy's 1 MiB per connection);
+    // a route that keeps 1 KiB does not retry a 2 kB one.
+    let big = "x".repeat(100_000);
+    let r = http1(port, "POST", "/again/flaky/big/1", "gw", &[], &big).expect("request");
+    assert_eq!(r.status, 200, "the 503 retried with the body: {r:?}");
+    let sent = ups[1]
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|l| *l == "POST /again/flaky/big/1 gw 100000")
+        .count();
+    assert_eq!(sent, 2, "both tries carried the body");
+    let r = http1(
+        port,
+        "POST",
+        "/small-buffer/flaky/small/1",
+        "gw",
+        &[],
+        &big[..2000],
+    )
+    .expect("request");
+    assert_eq!(r.status, 503, "not kept, not retried: {r:?}");
+    // Connections the filter chain does not take are closed unanswered
+    // and counted; the other guarded listener serves this host.
+    let refused = dp.stat("listener.no_filter_chain_match");
+    let closed = http1(guarded_port, "GET", "/host", "gw", &[], "");
+    assert!(closed.is_err(), "closed without an answer: {closed:?}");
+    assert_eq!(dp.stat("listener.no_filter_chain_match"), refused + 1);
+    let r = http1(local_port, "GET", "/host", "gw", &[], "").expect("request");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(dp.stat("listener.no_filter_chain_match"), refused + 1);
+
     // An internal request steers the router with Envoy's headers (which
     // go no further); the same headers from outside do nothing.
     let steered = |path: &str, internal: bool, headers: &[(&str, &str)]| {
