@@ -9,7 +9,7 @@ use std::time::Duration;
 use portico_proto::envoy::config::accesslog::v3::access_log;
 use portico_proto::envoy::config::core::v3::{
     http_protocol_options::HeadersWithUnderscoresAction, substitution_format_string, CidrRange,
-    SubstitutionFormatString,
+    Http1ProtocolOptions, SubstitutionFormatString,
 };
 use portico_proto::envoy::config::listener::v3::{
     filter, filter_chain_match::ConnectionSourceType, FilterChainMatch, Listener,
@@ -204,6 +204,8 @@ pub struct ListenerConfig {
     pub request_timeout: Option<Duration>,
     /// Limit on request header size.
     pub max_request_headers: usize,
+    /// What HTTP/1.0 requests get (`http_protocol_options`).
+    pub http10: Http10,
     /// The most of a request body kept for retries and mirrors, unless
     /// the route says otherwise (`per_connection_buffer_limit_bytes`,
     /// 1 MiB by default as in Envoy).
@@ -532,6 +534,7 @@ impl ListenerConfig {
                 .as_ref()
                 .map(duration)
                 .filter(|d| !d.is_zero()),
+            http10: Http10::convert(hcm.http_protocol_options.as_ref(), at)?,
             body_buffer_limit: l
                 .per_connection_buffer_limit_bytes
                 .as_ref()
@@ -641,6 +644,57 @@ pub struct ClientAddressing {
     /// The listener's port, to tell the upstream as `x-forwarded-port`
     /// (the HCM's `append_x_forwarded_port`).
     pub forwarded_port: Option<http::HeaderValue>,
+}
+
+/// The connection manager's rules for HTTP/1.0 requests (Envoy's
+/// `Http1ProtocolOptions`).
+#[derive(Debug, Clone, Default)]
+pub struct Http10 {
+    /// Served (`accept_http_10`); otherwise answered 426 Upgrade Required,
+    /// Envoy's default.
+    pub accept: bool,
+    /// The Host of one that has none (`default_host_for_http_10`).
+    pub default_host: Option<http::HeaderValue>,
+}
+
+impl Http10 {
+    /// From the HCM's `http_protocol_options`, refusing by name the
+    /// options that would change answers if ignored.
+    fn convert(o: Option<&Http1ProtocolOptions>, at: &str) -> Result<Self, ConfigError> {
+        let Some(o) = o else {
+            return Ok(Http10::default());
+        };
+        let at = format!("{at} http_protocol_options");
+        let refused = [
+            (
+                o.allow_absolute_url.is_some_and(|b| !b.value),
+                "allow_absolute_url: false",
+            ),
+            (o.header_key_format.is_some(), "header_key_format"),
+            // Both framings on one request are refused (no smuggling).
+            (o.allow_chunked_length, "allow_chunked_length"),
+            (
+                !o.ignore_http_11_upgrade.is_empty(),
+                "ignore_http_11_upgrade",
+            ),
+        ];
+        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
+            return Err(ConfigError::new(&at, format!("{name} is not supported")));
+        }
+        let default_host = match o.default_host_for_http_10.as_str() {
+            "" => None,
+            h => Some(http::HeaderValue::from_str(h).map_err(|_| {
+                ConfigError::new(
+                    &at,
+                    format!("default_host_for_http_10 {h:?} is not a valid host"),
+                )
+            })?),
+        };
+        Ok(Http10 {
+            accept: o.accept_http_10,
+            default_host,
+        })
+    }
 }
 
 /// A filter chain's `filter_chain_match`. A listener has one chain here,
@@ -1345,5 +1399,59 @@ mod tests {
         let mut l = listener(|_| {});
         l.per_connection_buffer_limit_bytes = Some(UInt32Value { value: 4096 });
         assert_eq!(ListenerConfig::convert(&l).unwrap().body_buffer_limit, 4096);
+    }
+
+    #[test]
+    fn http10_is_refused_unless_accepted_and_options_that_matter_are_named() {
+        let c = ListenerConfig::convert(&listener(|_| {})).unwrap();
+        assert!(!c.http10.accept && c.http10.default_host.is_none());
+        let c = ListenerConfig::convert(&listener(|h| {
+            h.http_protocol_options = Some(Http1ProtocolOptions {
+                accept_http_10: true,
+                default_host_for_http_10: "old.example".into(),
+                ..Default::default()
+            })
+        }))
+        .unwrap();
+        assert!(c.http10.accept);
+        assert_eq!(c.http10.default_host.unwrap(), "old.example");
+        for (edit, name) in [
+            (
+                Http1ProtocolOptions {
+                    allow_chunked_length: true,
+                    ..Default::default()
+                },
+                "allow_chunked_length",
+            ),
+            (
+                Http1ProtocolOptions {
+                    allow_absolute_url: Some(BoolValue { value: false }),
+                    ..Default::default()
+                },
+                "allow_absolute_url",
+            ),
+            (
+                Http1ProtocolOptions {
+                    header_key_format: Some(Default::default()),
+                    ..Default::default()
+                },
+                "header_key_format",
+            ),
+            (
+                Http1ProtocolOptions {
+                    default_host_for_http_10: "bad host\n".into(),
+                    ..Default::default()
+                },
+                "default_host_for_http_10",
+            ),
+        ] {
+            let msg = ListenerConfig::convert(&listener(|h| h.http_protocol_options = Some(edit)))
+                .expect_err(name)
+                .to_string();
+            assert!(
+                msg.contains("http_protocol_options") && msg.contains(name),
+                "{msg}"
+            );
+        }
     }
 }

@@ -250,6 +250,7 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         "UO" => "upstream_reset_before_response_started{overflow}",
         "DT" => "max_duration_timeout",
         "" if status == StatusCode::REQUEST_TIMEOUT => "request_overall_timeout",
+        _ if status == StatusCode::UPGRADE_REQUIRED => "low_version",
         "DC" => "downstream_remote_disconnect",
         _ if status == StatusCode::BAD_REQUEST => "protocol_error",
         _ => "local_reply",
@@ -574,6 +575,15 @@ async fn route_request<'a>(
         ));
     }
     let c = &lr.config;
+    if req.version() == Version::HTTP_10 {
+        if !c.http10.accept {
+            // Envoy's default: HTTP/1.0 is served only when asked for.
+            return Err(local(StatusCode::UPGRADE_REQUIRED, "", "DPE"));
+        }
+        if let (Some(h), None) = (&c.http10.default_host, authority(&req)) {
+            req.headers_mut().insert(header::HOST, h.clone());
+        }
+    }
     if c.normalize_path || c.merge_slashes || c.escaped_slashes != EscapedSlashes::Keep {
         if let Some(redirect) = normalize_path(&mut req, c, stats)? {
             return Ok(redirect);

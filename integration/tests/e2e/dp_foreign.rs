@@ -53,7 +53,7 @@ use portico_proto::envoy::r#type::v3::FractionalPercent;
 use portico_proto::google::protobuf::{Any, UInt32Value};
 use prost::{Message, Name};
 
-use super::dp_common::{connect, echo, http1, upgrade};
+use super::dp_common::{connect, echo, http1, raw, upgrade};
 
 fn ads() -> ConfigSource {
     ConfigSource {
@@ -171,6 +171,15 @@ fn listener(
         stream_idle_timeout: Some(portico_proto::google::protobuf::Duration {
             seconds: stream_idle,
             nanos: 0,
+        }),
+        // HTTP/1.0 is answered 426 (Envoy's default) without `clean`, and
+        // served with `clean`, with a Host of its own when it has none.
+        http_protocol_options: clean.then(|| {
+            portico_proto::envoy::config::core::v3::Http1ProtocolOptions {
+                accept_http_10: true,
+                default_host_for_http_10: "legacy.example".into(),
+                ..Default::default()
+            }
         }),
         // Without `clean`: hosts lose a trailing dot and the listener's own
         // port before routing (and upstream).
@@ -1330,6 +1339,13 @@ fn foreign_control_plane_envoy_features() {
         (301, Some("https://secure.test/a?b=1")),
         "{r:?}"
     );
+    // HTTP/1.0: refused by default, served where the listener allows it.
+    let r = raw(port, b"GET /host HTTP/1.0\r\nHost: gw\r\n\r\n").expect("answer");
+    assert_eq!(r.status, 426, "{r:?}");
+    let r = raw(calm_port, b"GET /rx/pets/42 HTTP/1.0\r\n\r\n").expect("answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("\nhost: legacy.example\n"), "{}", r.body);
+
     // Weighted clusters: the draw in x-draw picks (0..50 the first);
     // the first's own request edit and host go upstream, its response
     // edit comes back under the route's (which overwrites it).

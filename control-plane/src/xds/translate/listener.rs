@@ -1,6 +1,8 @@
 //! Gateway listener → `Listener` with an HTTP connection manager using RDS.
 
-use portico_proto::envoy::config::core::v3::{transport_socket, TransportSocket};
+use portico_proto::envoy::config::core::v3::{
+    transport_socket, Http1ProtocolOptions, TransportSocket,
+};
 use portico_proto::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use portico_proto::envoy::extensions::filters::http::router::v3::Router;
 use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -59,6 +61,12 @@ pub(crate) fn build(name: &str, l: &GwListener) -> Shared {
         // An API's clients correlate their calls by their own request ids;
         // Envoy would replace them at the edge.
         preserve_external_request_id: true,
+        // Old clients and probes still speak HTTP/1.0; Envoy would answer
+        // them 426.
+        http_protocol_options: Some(Http1ProtocolOptions {
+            accept_http_10: true,
+            ..Default::default()
+        }),
         upgrade_configs: vec![UpgradeConfig {
             upgrade_type: "websocket".into(),
             ..Default::default()
