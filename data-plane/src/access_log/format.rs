@@ -168,6 +168,21 @@ impl LogFormat {
         Ok(LogFormat::Json(object(fields)?))
     }
 
+    /// Its text when it has no operator (only literals, `%%` among
+    /// them): nothing to make per request.
+    pub fn literal(&self) -> Option<String> {
+        match self {
+            LogFormat::Text(p) => p
+                .iter()
+                .map(|piece| match piece {
+                    Piece::Literal(s) => Some(s.as_str()),
+                    Piece::Op(_) => None,
+                })
+                .collect(),
+            LogFormat::Json(_) => None,
+        }
+    }
+
     /// The request headers (other than pseudo-headers) it logs, to be
     /// kept in the record.
     pub fn request_headers(&self) -> Vec<HeaderName> {

@@ -51,6 +51,21 @@ pub struct Reply<'a> {
 }
 
 impl LocalReplies {
+    /// The request headers its formats and its mappers' header values
+    /// read, to be kept in the request's record.
+    pub fn request_headers(&self) -> Vec<http::HeaderName> {
+        let formats = self
+            .mappers
+            .iter()
+            .filter_map(|m| m.format.as_ref())
+            .chain(&self.format);
+        let mut out: Vec<_> = formats.flat_map(|f| f.format.request_headers()).collect();
+        for m in &self.mappers {
+            out.extend(m.headers.format_headers().0);
+        }
+        out
+    }
+
     /// Converts the config; errors name the mapper and the field.
     pub fn convert(c: &LocalReplyConfig, at: &str) -> Result<LocalReplies, ConfigError> {
         let at = format!("{at} local_reply_config");

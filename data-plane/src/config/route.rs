@@ -655,15 +655,32 @@ pub struct Edits {
     pub response_add: Vec<HeaderAdd>,
     /// Response headers to remove.
     pub response_remove: Vec<HeaderName>,
+    /// Whether a request (response) value is made per request.
+    formatted: [bool; 2],
 }
 
 /// One header to add, with Envoy's append semantics.
 #[derive(Debug)]
 pub struct HeaderAdd {
     name: HeaderName,
-    value: HeaderValue,
+    value: AddValue,
     action: HeaderAppendAction,
+    /// Added even when its value comes out empty (`keep_empty_value`).
+    keep_empty: bool,
 }
+
+/// A header's value to add: fixed, or made per request from Envoy's
+/// command operators (`%DOWNSTREAM_REMOTE_ADDRESS%`, `%REQ(x)%`, ...),
+/// which Envoy's header values take as its access logs do.
+#[derive(Debug)]
+enum AddValue {
+    Fixed(HeaderValue),
+    Format(Box<crate::access_log::LogFormat>),
+}
+
+/// What the values made per request read: the request's (or response's)
+/// fields of an access log record.
+pub type FormatRecord = crate::access_log::Record;
 
 impl Edits {
     pub(crate) fn convert(
@@ -695,21 +712,40 @@ impl Edits {
                     } else {
                         &h.raw_value
                     };
-                    let value = HeaderValue::from_bytes(raw).map_err(|_| {
-                        ConfigError::new(&at, format!("bad value for header {:?}", h.key))
-                    })?;
+                    let bad = || ConfigError::new(&at, format!("bad value for header {:?}", h.key));
+                    let value = match std::str::from_utf8(raw) {
+                        Ok(text) if text.contains('%') => {
+                            let f = crate::access_log::LogFormat::text(text)
+                                .map_err(|e| ConfigError::new(&at, e))?
+                                .omitting_empty();
+                            match f.literal() {
+                                // `%%` and nothing else: fixed after all.
+                                Some(t) => {
+                                    AddValue::Fixed(HeaderValue::from_str(&t).map_err(|_| bad())?)
+                                }
+                                None => AddValue::Format(Box::new(f)),
+                            }
+                        }
+                        _ => AddValue::Fixed(HeaderValue::from_bytes(raw).map_err(|_| bad())?),
+                    };
+                    if matches!(&value, AddValue::Fixed(v) if v.is_empty()) && !o.keep_empty_value {
+                        // Envoy adds an empty value only when asked to.
+                        return Ok(None);
+                    }
                     let action = match o.append {
                         Some(b) if b.value => HeaderAppendAction::AppendIfExistsOrAdd,
                         Some(_) => HeaderAppendAction::OverwriteIfExistsOrAdd,
                         None => HeaderAppendAction::try_from(o.append_action)
                             .unwrap_or(HeaderAppendAction::AppendIfExistsOrAdd),
                     };
-                    Ok(HeaderAdd {
+                    Ok(Some(HeaderAdd {
                         name,
                         value,
                         action,
-                    })
+                        keep_empty: o.keep_empty_value,
+                    }))
                 })
+                .filter_map(Result::transpose)
                 .collect()
         };
         let removes = |v: &[String], what: &str| -> Result<Vec<HeaderName>, ConfigError> {
@@ -723,12 +759,35 @@ impl Edits {
                 })
                 .collect()
         };
+        let request_add = adds(req_add, "request_headers_to_add")?;
+        let response_add = adds(resp_add, "response_headers_to_add")?;
+        let formatted = |v: &[HeaderAdd]| v.iter().any(|a| matches!(a.value, AddValue::Format(_)));
         Ok(Edits {
-            request_add: adds(req_add, "request_headers_to_add")?,
+            formatted: [formatted(&request_add), formatted(&response_add)],
+            request_add,
             request_remove: removes(req_rm, "request_headers_to_remove")?,
-            response_add: adds(resp_add, "response_headers_to_add")?,
+            response_add,
             response_remove: removes(resp_rm, "response_headers_to_remove")?,
         })
+    }
+
+    /// Whether a value to add is made per request from a record (request
+    /// edits, response edits).
+    pub fn formatted(&self) -> [bool; 2] {
+        self.formatted
+    }
+
+    /// The request and response headers the values made per request read,
+    /// to be kept in their record.
+    pub fn format_headers(&self) -> (Vec<HeaderName>, Vec<HeaderName>) {
+        let (mut req, mut resp) = (Vec::new(), Vec::new());
+        for a in self.request_add.iter().chain(&self.response_add) {
+            if let AddValue::Format(f) = &a.value {
+                req.extend(f.request_headers());
+                resp.extend(f.response_headers());
+            }
+        }
+        (req, resp)
     }
 
     /// Whether there is nothing to do.
@@ -739,37 +798,49 @@ impl Edits {
             && self.response_remove.is_empty()
     }
 
-    /// Applies the request edits.
-    pub fn apply_request(&self, h: &mut HeaderMap) {
-        apply(h, &self.request_remove, &self.request_add);
+    /// Applies the request edits; values made per request read `rec`
+    /// (without one they come out empty).
+    pub fn apply_request(&self, h: &mut HeaderMap, rec: Option<&FormatRecord>) {
+        apply(h, &self.request_remove, &self.request_add, rec);
     }
 
-    /// Applies the response edits.
-    pub fn apply_response(&self, h: &mut HeaderMap) {
-        apply(h, &self.response_remove, &self.response_add);
+    /// Applies the response edits, as [`Edits::apply_request`].
+    pub fn apply_response(&self, h: &mut HeaderMap, rec: Option<&FormatRecord>) {
+        apply(h, &self.response_remove, &self.response_add, rec);
     }
 }
 
-fn apply(h: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderAdd]) {
+fn apply(h: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderAdd], rec: Option<&FormatRecord>) {
     for n in remove {
         h.remove(n);
     }
     for a in add {
+        let value = match &a.value {
+            AddValue::Fixed(v) => v.clone(),
+            AddValue::Format(f) => {
+                let text = rec.map(|r| f.render_body(r)).unwrap_or_default();
+                match HeaderValue::from_bytes(&text) {
+                    Ok(v) if !v.is_empty() || a.keep_empty => v,
+                    // Empty (Envoy drops it unless told), or not a value.
+                    _ => continue,
+                }
+            }
+        };
         match a.action {
             HeaderAppendAction::AppendIfExistsOrAdd => {
-                h.append(a.name.clone(), a.value.clone());
+                h.append(a.name.clone(), value);
             }
             HeaderAppendAction::AddIfAbsent => {
                 if !h.contains_key(&a.name) {
-                    h.insert(a.name.clone(), a.value.clone());
+                    h.insert(a.name.clone(), value);
                 }
             }
             HeaderAppendAction::OverwriteIfExistsOrAdd => {
-                h.insert(a.name.clone(), a.value.clone());
+                h.insert(a.name.clone(), value);
             }
             HeaderAppendAction::OverwriteIfExists => {
                 if h.contains_key(&a.name) {
-                    h.insert(a.name.clone(), a.value.clone());
+                    h.insert(a.name.clone(), value);
                 }
             }
         }
@@ -2223,11 +2294,11 @@ mod tests {
         assert_eq!(canary.host.as_ref().unwrap(), "canary.internal");
         let edits = canary.edits.as_deref().expect("edits");
         let mut h = HeaderMap::new();
-        edits.apply_request(&mut h);
+        edits.apply_request(&mut h, None);
         assert_eq!(h["x-canary"], "yes");
         let mut resp = HeaderMap::new();
         resp.insert("x-debug", HeaderValue::from_static("1"));
-        edits.apply_response(&mut resp);
+        edits.apply_response(&mut resp, None);
         assert!(resp.is_empty());
         assert!(w.pick(50).edits.is_none() && w.pick(50).host.is_none());
         assert_eq!(t.clusters.len(), 2);
@@ -2305,5 +2376,70 @@ mod tests {
             msg.contains("only one of per_request_buffer_limit_bytes"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn header_values_take_envoys_command_operators() {
+        let opt = |k: &str, v: &str, keep_empty: bool| HeaderValueOption {
+            keep_empty_value: keep_empty,
+            ..header(k, v)
+        };
+        let e = Edits::convert(
+            &[
+                opt(
+                    "x-who",
+                    "%REQ(X-User)% from %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    false,
+                ),
+                opt("x-share", "100%%", false),
+                opt("x-none", "%REQ(x-absent)%", false),
+                opt("x-kept", "%REQ(x-absent)%", true),
+                opt("x-blank", "", false),
+            ],
+            &[],
+            &[opt("x-code", "%RESPONSE_CODE%/%RESP(x-up)%", false)],
+            &[],
+            "here",
+        )
+        .expect("converts");
+        assert_eq!(e.formatted(), [true, true]);
+        let (req, resp) = e.format_headers();
+        assert!(req.iter().any(|n| n == "x-user") && resp.iter().any(|n| n == "x-up"));
+        let rec = FormatRecord {
+            downstream_remote_address: "192.0.2.4:5555".into(),
+            headers: vec![
+                ("x-user".parse().unwrap(), Some("ann".into())),
+                ("x-absent".parse().unwrap(), None),
+            ],
+            response_code: 201,
+            response_headers: vec![("x-up".parse().unwrap(), Some("u1".into()))],
+            ..Default::default()
+        };
+        let mut h = HeaderMap::new();
+        e.apply_request(&mut h, Some(&rec));
+        assert_eq!(h["x-who"], "ann from 192.0.2.4");
+        assert_eq!(h["x-share"], "100%");
+        assert!(!h.contains_key("x-none") && !h.contains_key("x-blank"));
+        assert_eq!(h["x-kept"], "");
+        let mut r = HeaderMap::new();
+        e.apply_response(&mut r, Some(&rec));
+        assert_eq!(r["x-code"], "201/u1");
+        // No record: what is made per request is left out.
+        let mut h = HeaderMap::new();
+        e.apply_request(&mut h, None);
+        assert!(!h.contains_key("x-who") && h["x-share"] == "100%");
+
+        for (v, what) in [
+            ("%NO_SUCH_THING%", "%NO_SUCH_THING%"),
+            ("50% off", "unterminated"),
+        ] {
+            let msg = Edits::convert(&[header("x-bad", v)], &[], &[], &[], "here")
+                .expect_err(v)
+                .to_string();
+            assert!(
+                msg.contains("request_headers_to_add[0]") && msg.contains(what),
+                "{msg}"
+            );
+        }
     }
 }

@@ -81,16 +81,78 @@ struct RouteEdits<'a> {
     route: &'a Edits,
     vh: &'a Edits,
     table: &'a Edits,
+    /// What values made per request read, when one does.
+    fmt: Option<Box<Formatting>>,
 }
 
 impl RouteEdits<'_> {
-    fn apply_response(&self, h: &mut HeaderMap) {
-        if let Some(t) = self.target {
-            t.apply_response(h);
+    /// Applies them to an answer of status `status`.
+    fn apply_response(&mut self, h: &mut HeaderMap, status: StatusCode) {
+        if let Some(f) = self.fmt.as_deref_mut() {
+            f.answered(status, h);
         }
-        self.route.apply_response(h);
-        self.vh.apply_response(h);
-        self.table.apply_response(h);
+        let rec = self.fmt.as_deref().map(|f| &f.rec);
+        for e in [
+            self.target,
+            Some(self.route),
+            Some(self.vh),
+            Some(self.table),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            e.apply_response(h, rec);
+        }
+    }
+}
+
+/// A record of the request for the header values a route's edits make per
+/// request from Envoy's command operators (built only when one does).
+struct Formatting {
+    rec: Record,
+    /// The response headers the values read.
+    response_names: Vec<HeaderName>,
+}
+
+impl Formatting {
+    /// For the edits of `levels`, when one of them makes a value per
+    /// request.
+    fn new(
+        levels: &[Option<&Edits>],
+        req: &Request<RequestBody>,
+        conn: &Conn,
+        origin: &Origin,
+        route: &Route,
+    ) -> Option<Box<Formatting>> {
+        let levels = levels.iter().flatten();
+        if !levels.clone().any(|e| e.formatted().contains(&true)) {
+            return None;
+        }
+        let (mut req_names, mut response_names) = (Vec::new(), Vec::new());
+        for e in levels {
+            let (q, r) = e.format_headers();
+            req_names.extend(q);
+            response_names.extend(r);
+        }
+        let mut rec = record(req, conn, *origin, &req_names);
+        rec.route_name = route.name.to_string();
+        Some(Box::new(Formatting {
+            rec,
+            response_names,
+        }))
+    }
+
+    /// Notes the answer, for the response's values.
+    fn answered(&mut self, status: StatusCode, h: &HeaderMap) {
+        self.rec.response_code = status.as_u16();
+        self.rec.response_headers = self
+            .response_names
+            .iter()
+            .map(|n| {
+                let v = h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                (n.clone(), v)
+            })
+            .collect();
     }
 }
 
@@ -142,7 +204,7 @@ pub async fn handle(
     // log keeps a record of it anyway.
     // Boxed: a record is large, and this future is moved whole.
     let mut reply_rec: Option<Box<Record>> = match (&lr.config.local_replies, &guard.log) {
-        (Some(_), None) => Some(Box::new(record(&req, &conn, origin, &[]))),
+        (Some(_), None) => Some(Box::new(record(&req, &conn, origin, &lr.log_headers))),
         _ => None,
     };
     let routed = route_request(&conn, &origin, &lr, &snap, req, &mut guard, idle.as_deref());
@@ -165,7 +227,7 @@ pub async fn handle(
             }
             _ => resp,
         },
-        Err(l) => {
+        Err(mut l) => {
             if let Some(b) = guard.log.as_mut() {
                 b.1.response_flags = l.flags.into();
                 b.1.response_code_details = code_details(l.flags, l.status);
@@ -173,8 +235,8 @@ pub async fn handle(
             // The route's edits first; then the mapper and the gRPC form
             // (Envoy's order), and the body's own headers last.
             let mut parts = Response::new(()).into_parts().0;
-            if let Some(e) = &l.edits {
-                e.apply_response(&mut parts.headers);
+            if let Some(e) = l.edits.as_deref_mut() {
+                e.apply_response(&mut parts.headers, l.status);
             }
             if grpc || lr.config.local_replies.is_some() {
                 let own = Own {
@@ -296,10 +358,10 @@ fn own_answer(
     }
     let reply = replies.reply(rec, own.status, own.text);
     if !own.grpc {
-        return configured_reply(reply, parts);
+        return configured_reply(reply, parts, rec);
     }
     if let Some(e) = reply.edits {
-        e.apply_response(&mut parts.headers);
+        e.apply_response(&mut parts.headers, Some(rec));
     }
     grpc_reply(
         reply.status,
@@ -313,13 +375,14 @@ fn own_answer(
 fn configured_reply(
     r: crate::config::local_reply::Reply<'_>,
     mut parts: http::response::Parts,
+    rec: &Record,
 ) -> Out {
     parts.status = r.status;
     let h = &mut parts.headers;
     h.insert(header::CONTENT_TYPE, r.content_type);
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.body.len()));
     if let Some(e) = r.edits {
-        e.apply_response(h);
+        e.apply_response(h, Some(rec));
     }
     Response::from_parts(parts, Either::Right(r.body))
 }
@@ -651,6 +714,8 @@ async fn route_request<'a>(
     if let Some(b) = guard.log.as_mut() {
         b.1.route_name = route.name.to_string();
     }
+    let levels = [Some(&route.edits), Some(&vh.edits), Some(&table.edits)];
+    let mut fmt = Formatting::new(&levels, &req, conn, origin, route);
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
             let mut r = Response::new(Either::Right(body.clone()));
@@ -668,42 +733,62 @@ async fn route_request<'a>(
             }
             let picked = pick_cluster(snap, fwd, &req, origin.client);
             let target = picked.as_ref().and_then(|p| p.1);
-            let edits = |l: Local<'static>| Local {
+            let target_edits = target.and_then(|t| t.edits.as_deref());
+            if fmt.is_none() && target_edits.is_some() {
+                fmt = Formatting::new(&[target_edits], &req, conn, origin, route);
+            }
+            let edits = |l: Local<'static>, fmt: Option<Box<Formatting>>| Local {
                 edits: Some(Box::new(RouteEdits {
-                    target: target.and_then(|t| t.edits.as_deref()),
+                    target: target_edits,
                     route: &route.edits,
                     vh: &vh.edits,
                     table: &table.edits,
+                    fmt,
                 })),
                 ..l
             };
             let Some((cluster, _)) = picked else {
                 stats.no_cluster.fetch_add(1, Relaxed);
-                return Err(edits(local(
-                    fwd.cluster_not_found,
-                    "cluster not found\n",
-                    "NC",
-                )));
+                let l = local(fwd.cluster_not_found, "cluster not found\n", "NC");
+                return Err(edits(l, fmt));
             };
             let to = Target {
                 cluster,
                 host: target.and_then(|t| t.host.as_ref()),
-                edits: target.and_then(|t| t.edits.as_deref()),
+                edits: target_edits,
             };
-            let mut r = forward(
-                conn, origin, lr, snap, table, vh, route, fwd, to, req, guard,
+            let sent = forward(
+                conn,
+                origin,
+                lr,
+                snap,
+                (table, vh, route, fwd),
+                to,
+                req,
+                guard,
+                fmt.as_deref_mut().map(|f| &mut f.rec),
             )
-            .await
-            .map_err(edits)?;
+            .await;
+            let mut r = match sent {
+                Ok(r) => r,
+                Err(l) => return Err(edits(l, fmt)),
+            };
             if let Some(e) = to.edits {
-                e.apply_response(r.headers_mut());
+                if let Some(f) = fmt.as_deref_mut() {
+                    f.answered(r.status(), r.headers());
+                }
+                e.apply_response(r.headers_mut(), fmt.as_deref().map(|f| &f.rec));
             }
             r
         }
     };
-    route.edits.apply_response(resp.headers_mut());
-    vh.edits.apply_response(resp.headers_mut());
-    table.edits.apply_response(resp.headers_mut());
+    if let Some(f) = fmt.as_deref_mut() {
+        f.answered(resp.status(), resp.headers());
+    }
+    let rec = fmt.as_deref().map(|f| &f.rec);
+    for e in levels.into_iter().flatten() {
+        e.apply_response(resp.headers_mut(), rec);
+    }
     Ok(resp)
 }
 
@@ -907,16 +992,17 @@ async fn forward(
     origin: &Origin,
     lr: &ListenerRuntime,
     snap: &Snapshot,
-    table: &RouteTable,
-    vh: &VirtualHost,
-    route: &Route,
-    fwd: &Forward,
+    (table, vh, route, fwd): (&RouteTable, &VirtualHost, &Route, &Forward),
     to: Target<'_>,
     mut req: Request<RequestBody>,
     guard: &mut Guard,
+    mut fmt: Option<&mut Record>,
 ) -> Result<Out, Local<'static>> {
     let stats = &conn.shared.stats;
     let cluster = to.cluster;
+    if let Some(r) = fmt.as_deref_mut() {
+        r.upstream_cluster = cluster.config.name.to_string();
+    }
     if let Some(b) = guard.log.as_mut() {
         b.1.upstream_cluster = cluster.config.name.to_string();
     }
@@ -1020,12 +1106,17 @@ async fn forward(
             headers.insert(&X_ENVOY_ORIGINAL_PATH, v);
         }
     }
-    if let Some(e) = to.edits {
-        e.apply_request(&mut headers);
+    for e in [
+        to.edits,
+        Some(&route.edits),
+        Some(&vh.edits),
+        Some(&table.edits),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        e.apply_request(&mut headers, fmt.as_deref());
     }
-    route.edits.apply_request(&mut headers);
-    vh.edits.apply_request(&mut headers);
-    table.edits.apply_request(&mut headers);
     // HTTP/2 carries the authority in the URI; HTTP/1.1 gets `host_value`
     // inserted over whatever is there.
     if cluster.config.http2 || host_value.is_none() {

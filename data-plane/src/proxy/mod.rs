@@ -162,6 +162,12 @@ impl ListenerManager {
                     }
                 }
             }
+            // Local replies read their record too.
+            for h in l.local_replies.iter().flat_map(|r| r.request_headers()) {
+                if !log_headers.contains(&h) {
+                    log_headers.push(h);
+                }
+            }
             let rt = Arc::new(ListenerRuntime {
                 config: l.clone(),
                 sinks: own.chain(extra).collect(),

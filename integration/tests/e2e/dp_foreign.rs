@@ -286,14 +286,25 @@ fn not_found_in_json(
                 )),
                 ..Default::default()
             }),
-            headers_to_add: vec![HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: "x-mapped".into(),
-                    value: "yes".into(),
+            headers_to_add: vec![
+                HeaderValueOption {
+                    header: Some(HeaderValue {
+                        key: "x-mapped".into(),
+                        value: "yes".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            }],
+                },
+                // Made per request, from a header nothing else reads.
+                HeaderValueOption {
+                    header: Some(HeaderValue {
+                        key: "x-mapped-for".into(),
+                        value: "%REQ(x-tenant)%".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         }],
         body_format: None,
@@ -608,8 +619,30 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         },
         // No endpoint: the router's own 503 gets the route's edits too.
         Route {
-            response_headers_to_add: vec![header_option("x-route-edit", "yes", false)],
+            response_headers_to_add: vec![
+                header_option("x-route-edit", "yes", false),
+                header_option("x-code", "%RESPONSE_CODE%", false),
+            ],
             ..prefix_route("/nowhere", "empty", |_| {})
+        },
+        // Values made per request by Envoy's command operators.
+        Route {
+            request_headers_to_add: vec![
+                header_option(
+                    "x-client",
+                    "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    false,
+                ),
+                header_option("x-user-again", "%REQ(X-User)%", false),
+                header_option("x-absent", "%REQ(x-nothing)%", false),
+                header_option("x-percent", "100%%", false),
+            ],
+            response_headers_to_add: vec![header_option(
+                "x-served",
+                "%UPSTREAM_CLUSTER% %RESPONSE_CODE% %RESP(x-upstream)%",
+                false,
+            )],
+            ..prefix_route("/formatted", "plain", |_| {})
         },
         // Retries keep at most 1 KiB of a body here (the listener's 1 MiB
         // elsewhere).
@@ -1036,6 +1069,9 @@ fn foreign_control_plane_envoy_features() {
     );
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
     assert_eq!(v, serde_json::json!({"error": "nothing here", "code": 404}));
+    assert_eq!(r.header("x-mapped-for"), None, "{r:?}");
+    let r = get("/no/such/route", &[("x-tenant", "acme")]);
+    assert_eq!(r.header("x-mapped-for"), Some("acme"), "{r:?}");
     let r = get("/host/status/404", &[]);
     assert_eq!((r.status, r.header("x-mapped")), (404, None), "{r:?}");
     let r = get("/gone", &[]);
@@ -1380,6 +1416,18 @@ fn foreign_control_plane_envoy_features() {
         (503, Some("yes")),
         "{r:?}"
     );
+    assert_eq!(r.header("x-code"), Some("503"), "{r:?}");
+    // Header values with Envoy's command operators.
+    let r = get("/formatted/x", &[("x-user", "ann")]);
+    assert!(
+        r.body.contains("\nx-client: 127.0.0.1\n")
+            && r.body.contains("\nx-user-again: ann\n")
+            && r.body.contains("\nx-percent: 100%\n")
+            && !r.body.contains("x-absent"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("x-served"), Some("plain 200 u2"), "{r:?}");
     // A virtual host's mirrors serve its routes that name none.
     let shadowed = ups[0].seen.lock().expect("lock").len();
     let r = http1(port, "GET", "/vh-mirror", "shadowed.test", &[], "").expect("request");

@@ -479,11 +479,15 @@ fn route(
     out
 }
 
+/// A header to add with `value` as it is: Envoy reads `%` in a header
+/// value as the start of a command operator, so it is escaped, and an
+/// empty value is kept (Envoy drops it unless told).
 fn header(key: &str, value: String, action: HeaderAppendAction) -> HeaderValueOption {
     HeaderValueOption {
+        keep_empty_value: value.is_empty(),
         header: Some(HeaderValue {
             key: key.to_ascii_lowercase(),
-            value,
+            value: value.replace('%', "%%"),
             ..Default::default()
         }),
         append_action: action as i32,
