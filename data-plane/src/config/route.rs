@@ -207,17 +207,70 @@ pub enum HostRewrite {
     Auto,
 }
 
-/// A hash policy for ring-hash load balancing.
+/// A hash policy for ring-hash load balancing (`RouteAction.HashPolicy`).
+/// A route's policies are combined: each one that yields a hash is
+/// mixed into the hash so far.
 #[derive(Debug)]
-pub enum HashPolicy {
-    /// Hash a request header.
-    Header(HeaderName),
-    /// Hash the client's IP.
+pub struct HashPolicy {
+    /// What is hashed.
+    pub key: HashKey,
+    /// No later policy counts once there is a hash (`terminal`).
+    pub terminal: bool,
+}
+
+/// What a hash policy hashes.
+#[derive(Debug)]
+pub enum HashKey {
+    /// A request header's value (its first), rewritten first when a
+    /// `regex_rewrite` is set.
+    Header(HeaderName, Option<Substitution>),
+    /// The client's IP.
     SourceIp,
-    /// Hash a cookie's value.
-    Cookie(String),
-    /// Hash a query parameter.
+    /// A cookie's value.
+    Cookie(CookieHash),
+    /// A query parameter's value.
     Query(String),
+}
+
+/// A cookie hash policy.
+#[derive(Debug)]
+pub struct CookieHash {
+    /// The cookie.
+    pub name: String,
+    /// With a `ttl`: a request without the cookie gets one made (from the
+    /// client's connection), hashed, and set on the answer, so the
+    /// client's next requests stick to the same endpoint.
+    pub set: Option<SetCookie>,
+}
+
+/// How a made cookie is set on the answer.
+#[derive(Debug)]
+pub struct SetCookie {
+    /// `Max-Age` (none when 0: a session cookie).
+    pub ttl: Duration,
+    /// `Path`, when not empty.
+    pub path: String,
+    /// More attributes, as `name` or `name=value`.
+    pub attributes: Vec<String>,
+}
+
+impl SetCookie {
+    /// The `set-cookie` value for `name=value`, as Envoy writes it.
+    pub fn header(&self, name: &str, value: &str) -> Option<HeaderValue> {
+        let mut s = format!("{name}=\"{value}\"");
+        if !self.ttl.is_zero() {
+            s.push_str(&format!("; Max-Age={}", self.ttl.as_secs()));
+        }
+        if !self.path.is_empty() {
+            s.push_str(&format!("; Path={}", self.path));
+        }
+        for a in &self.attributes {
+            s.push_str("; ");
+            s.push_str(a);
+        }
+        s.push_str("; HttpOnly");
+        HeaderValue::from_str(&s).ok()
+    }
 }
 
 /// A route's forwarding settings.
@@ -845,6 +898,63 @@ fn apply(h: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderAdd], rec: Optio
             }
         }
     }
+}
+
+/// Converts a hash policy; `None` for one that never yields a hash
+/// (connection properties without `source_ip`).
+fn hash_policy(
+    h: &portico_proto::envoy::config::route::v3::route_action::HashPolicy,
+    at: &str,
+) -> Result<Option<HashPolicy>, ConfigError> {
+    let key = match &h.policy_specifier {
+        Some(PolicySpecifier::Header(h)) => HashKey::Header(
+            header_name(&h.header_name, at)?,
+            h.regex_rewrite
+                .as_ref()
+                .map(|s| Substitution::compile(s, at))
+                .transpose()?,
+        ),
+        Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => HashKey::SourceIp,
+        Some(PolicySpecifier::ConnectionProperties(_)) => return Ok(None),
+        Some(PolicySpecifier::Cookie(c)) => {
+            if c.name.is_empty() {
+                return Err(ConfigError::new(at, "cookie has no name"));
+            }
+            HashKey::Cookie(CookieHash {
+                name: c.name.clone(),
+                set: c.ttl.as_ref().map(|ttl| SetCookie {
+                    ttl: duration(ttl),
+                    path: c.path.clone(),
+                    attributes: c
+                        .attributes
+                        .iter()
+                        .map(|a| {
+                            if a.value.is_empty() {
+                                a.name.clone()
+                            } else {
+                                format!("{}={}", a.name, a.value)
+                            }
+                        })
+                        .collect(),
+                }),
+            })
+        }
+        Some(PolicySpecifier::QueryParameter(q)) => HashKey::Query(q.name.clone()),
+        Some(PolicySpecifier::FilterState(f)) => {
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "filter_state ({:?}) is not supported: no filter here sets it",
+                    f.key
+                ),
+            ))
+        }
+        None => return Err(ConfigError::new(at, "names nothing to hash")),
+    };
+    Ok(Some(HashPolicy {
+        key,
+        terminal: h.terminal,
+    }))
 }
 
 /// Converts `request_mirror_policies` (of a route, a virtual host or a
@@ -1481,21 +1591,9 @@ fn convert_route(
             let hash = a
                 .hash_policy
                 .iter()
-                .filter_map(|h| match &h.policy_specifier {
-                    Some(PolicySpecifier::Header(h)) => {
-                        Some(header_name(&h.header_name, at).map(HashPolicy::Header))
-                    }
-                    Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => {
-                        Some(Ok(HashPolicy::SourceIp))
-                    }
-                    Some(PolicySpecifier::Cookie(c)) => {
-                        Some(Ok(HashPolicy::Cookie(c.name.clone())))
-                    }
-                    Some(PolicySpecifier::QueryParameter(q)) => {
-                        Some(Ok(HashPolicy::Query(q.name.clone())))
-                    }
-                    _ => None,
-                })
+                .enumerate()
+                .map(|(i, h)| hash_policy(h, &format!("{at} hash_policy[{i}]")))
+                .filter_map(Result::transpose)
                 .collect::<Result<_, _>>()?;
             let retry = match &a.retry_policy {
                 Some(p) => Some(Arc::new(RetryPolicy::convert(p, at)?)),

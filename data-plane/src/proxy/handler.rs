@@ -29,7 +29,7 @@ use crate::access_log::{grpc_status_for_http, Record};
 use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader, StripPort};
 use crate::config::matcher::RequestHead;
 use crate::config::route::{
-    expected_timeout_ms, BodyBufferLimit, ClusterChoice, Edits, Forward, HashPolicy, HostRewrite,
+    expected_timeout_ms, BodyBufferLimit, ClusterChoice, Edits, Forward, HashKey, HostRewrite,
     Redirect, RequireTls, Route, RouteAction, RouteTable, VirtualHost, WeightDraw, WeightedTarget,
 };
 use crate::snapshot::{Shared, Snapshot};
@@ -936,7 +936,9 @@ fn pick_cluster<'a, 'f>(
                         _ => None,
                     }
                 }
-                WeightDraw::HashPolicy => request_hash(fwd, req, client),
+                WeightDraw::HashPolicy => {
+                    request_hash(fwd, (req.headers(), req.uri()), client, None).0
+                }
             };
             let t = w.pick(draw.unwrap_or_else(|| fastrand::u64(..)));
             (&t.name, Some(t))
@@ -957,21 +959,41 @@ struct Target<'a> {
     edits: Option<&'a Edits>,
 }
 
-fn request_hash(fwd: &Forward, req: &Request<RequestBody>, peer: SocketAddr) -> Option<u64> {
+/// A request's hash for ring-hash balancing: its policies' hashes
+/// combined as Envoy combines them (the hash so far rotated one bit, then
+/// xor the next), up to a terminal policy once there is a hash. With
+/// `cookie_from` (the client's connection), a cookie policy with a ttl
+/// makes the missing cookie, to be set on the answer (boxed: rare, and
+/// every request's future would carry it).
+fn request_hash(
+    fwd: &Forward,
+    (headers, uri): (&HeaderMap, &http::Uri),
+    client: SocketAddr,
+    cookie_from: Option<SocketAddr>,
+) -> (Option<u64>, Option<Box<HeaderValue>>) {
+    let mut hash: Option<u64> = None;
+    let mut set_cookie = None;
     for p in &fwd.hash {
-        let v = match p {
-            HashPolicy::Header(h) => req.headers().get(h).map(|v| hash64(v.as_bytes())),
-            HashPolicy::SourceIp => Some(hash64(peer.ip())),
-            HashPolicy::Cookie(name) => req
-                .headers()
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|kv| kv.trim().strip_prefix(name.as_str())?.strip_prefix('='))
-                .map(hash64),
-            HashPolicy::Query(q) => req
-                .uri()
+        let v = match &p.key {
+            HashKey::Header(h, rewrite) => headers.get(h).map(|v| match rewrite {
+                None => hash64(v.as_bytes()),
+                Some(re) => hash64(re.apply(&String::from_utf8_lossy(v.as_bytes())).as_bytes()),
+            }),
+            HashKey::SourceIp => Some(hash64(client.ip())),
+            HashKey::Cookie(c) => match cookie(headers, &c.name) {
+                Some(v) => Some(hash64(v)),
+                None => match (&c.set, cookie_from) {
+                    (Some(set), Some(peer)) => {
+                        // Envoy's: the same for every request of the
+                        // connection, so racing requests agree.
+                        let value = format!("{:016x}", hash64(peer.to_string()));
+                        set_cookie = set.header(&c.name, &value).map(Box::new);
+                        Some(hash64(value.as_str()))
+                    }
+                    _ => None,
+                },
+            },
+            HashKey::Query(q) => uri
                 .query()
                 .and_then(|qs| {
                     qs.split('&')
@@ -979,11 +1001,29 @@ fn request_hash(fwd: &Forward, req: &Request<RequestBody>, peer: SocketAddr) -> 
                 })
                 .map(hash64),
         };
-        if v.is_some() {
-            return v;
+        if let Some(v) = v {
+            hash = Some(hash.map_or(0, |h: u64| h.rotate_left(1)) ^ v);
+        }
+        if p.terminal && hash.is_some() {
+            break;
         }
     }
-    None
+    (hash, set_cookie)
+}
+
+/// A cookie's value, without the quotes it may be sent in.
+fn cookie<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    let v = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))?;
+    Some(
+        v.strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1006,10 +1046,15 @@ async fn forward(
     if let Some(b) = guard.log.as_mut() {
         b.1.upstream_cluster = cluster.config.name.to_string();
     }
-    let hash = if is_hashing(cluster) {
-        request_hash(fwd, &req, origin.client)
+    let (hash, set_cookie) = if is_hashing(cluster) {
+        request_hash(
+            fwd,
+            (req.headers(), req.uri()),
+            origin.client,
+            Some(conn.peer),
+        )
     } else {
-        None
+        (None, None)
     };
     // An internal request's own timeouts and retry conditions (boxed: the
     // rare case should not grow every request's future).
@@ -1419,6 +1464,9 @@ async fn forward(
                     rparts
                         .headers
                         .insert(&X_ENVOY_UPSTREAM_SERVICE_TIME, small_number(service_ms));
+                }
+                if let Some(c) = set_cookie {
+                    rparts.headers.append(header::SET_COOKIE, *c);
                 }
                 if vh.attempt_count_in_response {
                     rparts
@@ -1910,5 +1958,113 @@ mod tests {
             );
             assert!(seen.insert(id));
         }
+    }
+
+    #[test]
+    fn hash_policies_combine_as_envoys_and_cookies_are_made_to_stick() {
+        use crate::config::route::RouteTable;
+        use portico_proto::envoy::config::route::v3::route_action::{
+            hash_policy::{Cookie, Header, PolicySpecifier, QueryParameter},
+            ClusterSpecifier, HashPolicy as PbHash,
+        };
+        use portico_proto::envoy::config::route::v3::{
+            route::Action, route_match::PathSpecifier, Route as PbRoute, RouteAction as PbAction,
+            RouteConfiguration, RouteMatch, VirtualHost as PbVh,
+        };
+        let header = |n: &str, terminal| PbHash {
+            policy_specifier: Some(PolicySpecifier::Header(Header {
+                header_name: n.into(),
+                ..Default::default()
+            })),
+            terminal,
+        };
+        let table = |policies: Vec<PbHash>| {
+            RouteTable::convert(&RouteConfiguration {
+                virtual_hosts: vec![PbVh {
+                    domains: vec!["*".into()],
+                    routes: vec![PbRoute {
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                            ..Default::default()
+                        }),
+                        action: Some(Action::Route(PbAction {
+                            cluster_specifier: Some(ClusterSpecifier::Cluster("c".into())),
+                            hash_policy: policies,
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .expect("converts")
+        };
+        fn fwd(t: &RouteTable) -> &Forward {
+            match &t.virtual_host("any", false).expect("a host").routes[0].action {
+                RouteAction::Forward(f) => f,
+                _ => unreachable!(),
+            }
+        }
+        let uri: http::Uri = "/p?user=7".parse().unwrap();
+        let client: SocketAddr = "192.0.2.1:9".parse().unwrap();
+        let hash =
+            |t: &RouteTable, h: &HeaderMap| request_hash(fwd(t), (h, &uri), client, Some(client));
+        let h = map(&[("x-a", "1"), ("x-b", "2")]);
+        let (a, b) = (hash64(&b"1"[..]), hash64(&b"2"[..]));
+        // Both count: the first's hash rotated, then the second's.
+        let both = table(vec![header("x-a", false), header("x-b", false)]);
+        assert_eq!(hash(&both, &h).0, Some(a.rotate_left(1) ^ b));
+        // Missing ones are skipped; a terminal one that yields ends it.
+        let t = table(vec![
+            header("x-none", true),
+            header("x-b", true),
+            header("x-a", false),
+        ]);
+        assert_eq!(hash(&t, &h).0, Some(b));
+        assert_eq!(hash(&t, &HeaderMap::new()).0, None);
+        let q = table(vec![PbHash {
+            policy_specifier: Some(PolicySpecifier::QueryParameter(QueryParameter {
+                name: "user".into(),
+            })),
+            terminal: false,
+        }]);
+        assert_eq!(hash(&q, &h).0, Some(hash64("7")));
+
+        // A cookie with a ttl: made when missing, set on the answer, and
+        // the same cookie sent back hashes the same.
+        let sticky = table(vec![PbHash {
+            policy_specifier: Some(PolicySpecifier::Cookie(Cookie {
+                name: "route".into(),
+                ttl: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                path: "/".into(),
+                ..Default::default()
+            })),
+            terminal: false,
+        }]);
+        let (first, set) = hash(&sticky, &HeaderMap::new());
+        let set = set.expect("a cookie to set");
+        let set = set.to_str().unwrap();
+        assert!(
+            set.starts_with("route=\"") && set.ends_with("\"; Max-Age=60; Path=/; HttpOnly"),
+            "{set}"
+        );
+        let value = set.split('"').nth(1).unwrap();
+        let back = map(&[("cookie", &format!("a=b; route=\"{value}\""))]);
+        let (again, none) = hash(&sticky, &back);
+        assert_eq!((again, none.is_none()), (first, true));
+        // Without a ttl nothing is made.
+        let plain = table(vec![PbHash {
+            policy_specifier: Some(PolicySpecifier::Cookie(Cookie {
+                name: "route".into(),
+                ..Default::default()
+            })),
+            terminal: false,
+        }]);
+        assert_eq!(hash(&plain, &HeaderMap::new()).0, None);
+        assert_eq!(hash(&plain, &back).0, first);
     }
 }

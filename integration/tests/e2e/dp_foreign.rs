@@ -483,6 +483,21 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 ..Default::default()
             }];
         }),
+        // Sticky sessions: a cookie made on the first answer.
+        prefix_route("/sticky", "hash", |a| {
+            a.hash_policy = vec![HashPolicy {
+                policy_specifier: Some(hash_policy::PolicySpecifier::Cookie(hash_policy::Cookie {
+                    name: "gw-route".into(),
+                    ttl: Some(portico_proto::google::protobuf::Duration {
+                        seconds: 300,
+                        nanos: 0,
+                    }),
+                    path: "/sticky".into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }];
+        }),
         prefix_route("/random", "random", |_| {}),
         prefix_route("/health", "health", |_| {}),
         prefix_route("/panicky", "panicky", |_| {}),
@@ -1178,6 +1193,21 @@ fn foreign_control_plane_envoy_features() {
     );
     let used: BTreeSet<_> = by_user.values().flatten().collect();
     assert!(used.len() >= 2, "spread: {by_user:?}");
+    // A cookie policy with a ttl: the first answer sets the cookie, and
+    // the requests that send it back land where the first did.
+    let r = get("/sticky", &[]);
+    let set = r.header("set-cookie").expect("a cookie").to_string();
+    assert!(
+        set.starts_with("gw-route=\"") && set.ends_with("; Max-Age=300; Path=/sticky; HttpOnly"),
+        "{set}"
+    );
+    let first = r.header("x-upstream").map(String::from);
+    let cookie = set.split(';').next().expect("name=value").to_string();
+    for _ in 0..12 {
+        let r = get("/sticky", &[("cookie", &cookie)]);
+        assert!(r.header("set-cookie").is_none(), "{r:?}");
+        assert_eq!(r.header("x-upstream").map(String::from), first, "{r:?}");
+    }
 
     // Random reaches every endpoint.
     let mut seen = BTreeSet::new();
