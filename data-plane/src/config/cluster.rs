@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portico_proto::envoy::config::cluster::v3::{
-    cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy},
+    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, LbPolicy},
     Cluster,
 };
 use portico_proto::envoy::config::core::v3::{
@@ -33,7 +33,52 @@ pub enum Discovery {
     /// Listed in the cluster (IP addresses).
     Static(Vec<EndpointSpec>),
     /// Host names in the cluster, resolved by the proxy.
-    Dns(Vec<(String, u16, u32)>),
+    Dns(DnsTargets),
+}
+
+/// A DNS cluster's host names and how they are resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsTargets {
+    /// (host, port, weight) of each endpoint.
+    pub hosts: Vec<(String, u16, u32)>,
+    /// Which addresses of a name are used (`dns_lookup_family`).
+    pub family: DnsFamily,
+    /// `LOGICAL_DNS`: only the first address of its one name (a single
+    /// logical host, connections to whatever it resolves to).
+    pub logical: bool,
+    /// How often names are resolved again (`dns_refresh_rate`, 5 s).
+    pub refresh: Duration,
+}
+
+/// Envoy's `dns_lookup_family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsFamily {
+    /// IPv6 addresses if a name has any, else IPv4 (`AUTO`, the default).
+    Auto,
+    /// IPv4 only.
+    V4Only,
+    /// IPv6 only.
+    V6Only,
+    /// IPv4 addresses if a name has any, else IPv6.
+    V4Preferred,
+    /// Both.
+    All,
+}
+
+impl DnsFamily {
+    /// The addresses of one name this family keeps.
+    pub fn keep(self, addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let (v4, v6): (Vec<_>, Vec<_>) = addrs.into_iter().partition(SocketAddr::is_ipv4);
+        match self {
+            DnsFamily::All => v4.into_iter().chain(v6).collect(),
+            DnsFamily::V4Only => v4,
+            DnsFamily::V6Only => v6,
+            DnsFamily::Auto if v6.is_empty() => v4,
+            DnsFamily::Auto => v6,
+            DnsFamily::V4Preferred if v4.is_empty() => v6,
+            DnsFamily::V4Preferred => v4,
+        }
+    }
 }
 
 /// Load-balancing policy.
@@ -50,7 +95,7 @@ pub enum LbKind {
 }
 
 /// Circuit-breaker limits (default priority).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Open connections to the cluster.
     pub max_connections: u32,
@@ -60,6 +105,31 @@ pub struct Limits {
     pub max_requests: u32,
     /// Retries in flight.
     pub max_retries: u32,
+    /// Instead of `max_retries`: retries in flight as a share of the
+    /// requests in flight (`retry_budget`).
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Envoy's `retry_budget`: retries in flight may be up to `percent` of
+/// the requests in flight, and at least `min_concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// `budget_percent` (20 unless set).
+    pub percent: f64,
+    /// `min_retry_concurrency` (3 unless set).
+    pub min_concurrency: u32,
+}
+
+impl Limits {
+    /// Whether one more retry may start, with `retrying` retries and
+    /// `active` requests in flight.
+    pub fn may_retry(&self, retrying: u32, active: u32) -> bool {
+        let max = match self.retry_budget {
+            None => self.max_retries,
+            Some(b) => ((f64::from(active) * b.percent / 100.0) as u32).max(b.min_concurrency),
+        };
+        retrying < max
+    }
 }
 
 /// Active HTTP health checking.
@@ -174,8 +244,25 @@ impl ClusterConfig {
                 let cla = c.load_assignment.as_ref().ok_or_else(|| {
                     ConfigError::new(&at, "a DNS cluster needs a load_assignment")
                 })?;
+                // Other resolvers could answer differently from the
+                // system's, which is what is used here.
+                if !c.dns_resolvers.is_empty()
+                    || c.typed_dns_resolver_config.is_some()
+                    || c.dns_resolution_config.is_some()
+                {
+                    return Err(ConfigError::new(
+                        &at,
+                        "DNS resolvers of its own (dns_resolvers, typed_dns_resolver_config, dns_resolution_config) are not supported",
+                    ));
+                }
                 let mut v = Vec::new();
                 for (li, l) in cla.endpoints.iter().enumerate() {
+                    if l.priority != 0 {
+                        return Err(ConfigError::new(
+                            &format!("{at} load_assignment.endpoints[{li}]"),
+                            "priorities other than 0 are not supported",
+                        ));
+                    }
                     for (ei, e) in l.lb_endpoints.iter().enumerate() {
                         let eat =
                             format!("{at} load_assignment.endpoints[{li}].lb_endpoints[{ei}]");
@@ -192,7 +279,42 @@ impl ClusterConfig {
                         ));
                     }
                 }
-                Discovery::Dns(v)
+                let logical = kind == DiscoveryType::LogicalDns;
+                if logical && v.len() != 1 {
+                    return Err(ConfigError::new(
+                        &at,
+                        format!(
+                            "a LOGICAL_DNS cluster needs exactly one endpoint, got {}",
+                            v.len()
+                        ),
+                    ));
+                }
+                #[allow(deprecated)]
+                let family = match DnsLookupFamily::try_from(c.dns_lookup_family) {
+                    Ok(DnsLookupFamily::Auto) => DnsFamily::Auto,
+                    Ok(DnsLookupFamily::V4Only) => DnsFamily::V4Only,
+                    Ok(DnsLookupFamily::V6Only) => DnsFamily::V6Only,
+                    Ok(DnsLookupFamily::V4Preferred) => DnsFamily::V4Preferred,
+                    Ok(DnsLookupFamily::All) => DnsFamily::All,
+                    Err(_) => {
+                        return Err(ConfigError::new(
+                            &at,
+                            format!("dns_lookup_family {} is not a family", c.dns_lookup_family),
+                        ))
+                    }
+                };
+                Discovery::Dns(DnsTargets {
+                    hosts: v,
+                    family,
+                    logical,
+                    refresh: c
+                        .dns_refresh_rate
+                        .as_ref()
+                        .map(duration)
+                        .filter(|d| !d.is_zero())
+                        .unwrap_or(Duration::from_secs(5))
+                        .max(Duration::from_millis(1)),
+                })
             }
             DiscoveryType::OriginalDst => {
                 return Err(ConfigError::new(
@@ -260,10 +382,15 @@ impl ClusterConfig {
                     format!("protocol options {k:?} are not supported"),
                 ));
             }
-            let o: HttpProtocolOptions = unpack(
-                any,
-                &format!("{at} typed_extension_protocol_options[{k:?}]"),
-            )?;
+            let oat = format!("{at} typed_extension_protocol_options[{k:?}]");
+            let o: HttpProtocolOptions = unpack(any, &oat)?;
+            if let Some(f) = o.http_filters.first() {
+                // Upstream HTTP filters would change what goes upstream.
+                return Err(ConfigError::new(
+                    &oat,
+                    format!("upstream http_filters ({}) are not supported", f.name),
+                ));
+            }
             idle = o
                 .common_http_protocol_options
                 .as_ref()
@@ -281,10 +408,21 @@ impl ClusterConfig {
                         return Err(ConfigError::new(&at, "HTTP/3 upstreams are not supported"))
                     }
                 },
+                // Chosen by ALPN, which needs TLS: without it, HTTP/1.1
+                // (Envoy's choice too).
+                Some(UpstreamProtocolOptions::AutoConfig(a)) => {
+                    if a.http3_protocol_options.is_some() {
+                        return Err(ConfigError::new(&oat, "HTTP/3 upstreams are not supported"));
+                    }
+                    http2 = false;
+                    if a.http2_protocol_options.is_some() {
+                        h2opts = a.http2_protocol_options;
+                    }
+                }
                 Some(_) => {
                     return Err(ConfigError::new(
-                        &at,
-                        "only explicit_http_config upstream protocol options are supported",
+                        &oat,
+                        "use_downstream_protocol_config is not supported; use explicit_http_config",
                     ))
                 }
                 None => {}
@@ -303,7 +441,33 @@ impl ClusterConfig {
             max_pending: v(t.and_then(|t| t.max_pending_requests.as_ref()), 1024),
             max_requests: v(t.and_then(|t| t.max_requests.as_ref()), 1024),
             max_retries: v(t.and_then(|t| t.max_retries.as_ref()), 3),
+            retry_budget: t
+                .and_then(|t| t.retry_budget.as_ref())
+                .map(|b| RetryBudget {
+                    percent: b.budget_percent.as_ref().map_or(20.0, |p| p.value),
+                    min_concurrency: b.min_retry_concurrency.as_ref().map_or(3, |m| m.value),
+                }),
         };
+        if t.and_then(|t| t.retry_budget.as_ref())
+            .and_then(|b| b.budget_interval.as_ref())
+            .is_some_and(|d| !duration(d).is_zero())
+        {
+            return Err(ConfigError::new(
+                &at,
+                "retry_budget.budget_interval is not supported",
+            ));
+        }
+        if let Some(b) = limits.retry_budget {
+            if !(0.0..=100.0).contains(&b.percent) {
+                return Err(ConfigError::new(
+                    &at,
+                    format!(
+                        "retry_budget.budget_percent {} is not a percentage",
+                        b.percent
+                    ),
+                ));
+            }
+        }
         let health_check = match c.health_checks.as_slice() {
             [] => None,
             [hc] => {
@@ -551,5 +715,200 @@ mod tests {
             let msg = ClusterConfig::convert(&c).unwrap_err().to_string();
             assert!(msg.contains(what), "{msg}");
         }
+    }
+
+    fn dns(kind: DiscoveryType, hosts: &[&str]) -> Cluster {
+        use portico_proto::envoy::config::core::v3::{
+            address, socket_address::PortSpecifier, Address, SocketAddress,
+        };
+        use portico_proto::envoy::config::endpoint::v3::{
+            lb_endpoint::HostIdentifier, Endpoint, LbEndpoint, LocalityLbEndpoints,
+        };
+        Cluster {
+            name: "d".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
+            load_assignment: Some(ClusterLoadAssignment {
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: hosts
+                        .iter()
+                        .map(|h| LbEndpoint {
+                            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                                address: Some(Address {
+                                    address: Some(address::Address::SocketAddress(SocketAddress {
+                                        address: h.to_string(),
+                                        port_specifier: Some(PortSpecifier::PortValue(80)),
+                                        ..Default::default()
+                                    })),
+                                }),
+                                ..Default::default()
+                            })),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dns_clusters_keep_their_family_rate_and_logical_host() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let both = vec![a("[::1]:80"), a("127.0.0.1:80"), a("[::2]:80")];
+        let only4 = vec![a("127.0.0.1:80")];
+        assert_eq!(
+            DnsFamily::Auto.keep(both.clone()),
+            vec![a("[::1]:80"), a("[::2]:80")]
+        );
+        assert_eq!(DnsFamily::Auto.keep(only4.clone()), only4);
+        assert_eq!(DnsFamily::V4Preferred.keep(both.clone()), only4);
+        assert_eq!(DnsFamily::V4Only.keep(vec![a("[::1]:80")]), vec![]);
+        assert_eq!(DnsFamily::V6Only.keep(only4.clone()), vec![]);
+        assert_eq!(DnsFamily::All.keep(both.clone()).len(), 3);
+
+        let mut c = dns(DiscoveryType::StrictDns, &["a.example", "b.example"]);
+        c.dns_lookup_family = DnsLookupFamily::V4Only as i32;
+        c.dns_refresh_rate = Some(portico_proto::google::protobuf::Duration {
+            seconds: 30,
+            nanos: 0,
+        });
+        let Discovery::Dns(d) = ClusterConfig::convert(&c).unwrap().discovery else {
+            panic!("DNS")
+        };
+        assert_eq!(
+            (d.hosts.len(), d.family, d.logical, d.refresh),
+            (2, DnsFamily::V4Only, false, Duration::from_secs(30))
+        );
+        let Discovery::Dns(d) = ClusterConfig::convert(&dns(DiscoveryType::LogicalDns, &["a"]))
+            .unwrap()
+            .discovery
+        else {
+            panic!("DNS")
+        };
+        assert_eq!(
+            (d.family, d.logical, d.refresh),
+            (DnsFamily::Auto, true, Duration::from_secs(5))
+        );
+
+        let two = ClusterConfig::convert(&dns(DiscoveryType::LogicalDns, &["a", "b"]));
+        assert!(two
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one endpoint"));
+        let mut own = dns(DiscoveryType::StrictDns, &["a"]);
+        own.dns_resolvers = vec![Default::default()];
+        assert!(ClusterConfig::convert(&own)
+            .unwrap_err()
+            .to_string()
+            .contains("dns_resolvers"));
+        let mut tiered = dns(DiscoveryType::StrictDns, &["a"]);
+        if let Some(cla) = tiered.load_assignment.as_mut() {
+            cla.endpoints[0].priority = 1;
+        }
+        assert!(ClusterConfig::convert(&tiered)
+            .unwrap_err()
+            .to_string()
+            .contains("priorities"));
+    }
+
+    #[test]
+    fn retry_budgets_replace_max_retries() {
+        use portico_proto::envoy::config::cluster::v3::circuit_breakers::{
+            thresholds::RetryBudget as PbBudget, Thresholds,
+        };
+        use portico_proto::envoy::config::cluster::v3::CircuitBreakers;
+        let with = |b: PbBudget| Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            circuit_breakers: Some(CircuitBreakers {
+                thresholds: vec![Thresholds {
+                    retry_budget: Some(b),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let l = ClusterConfig::convert(&with(PbBudget::default()))
+            .unwrap()
+            .limits;
+        assert_eq!(
+            l.retry_budget,
+            Some(RetryBudget {
+                percent: 20.0,
+                min_concurrency: 3
+            })
+        );
+        // At least 3; 20% of 100 requests in flight is 20.
+        assert!(l.may_retry(2, 0) && !l.may_retry(3, 0));
+        assert!(l.may_retry(19, 100) && !l.may_retry(20, 100));
+        let plain = ClusterConfig::convert(&Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        })
+        .unwrap()
+        .limits;
+        assert!(plain.may_retry(2, 1000) && !plain.may_retry(3, 1000));
+        let bad = with(PbBudget {
+            budget_percent: Some(portico_proto::envoy::r#type::v3::Percent { value: 150.0 }),
+            ..Default::default()
+        });
+        assert!(ClusterConfig::convert(&bad).is_err());
+        let interval = with(PbBudget {
+            budget_interval: Some(portico_proto::google::protobuf::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
+        assert!(ClusterConfig::convert(&interval)
+            .unwrap_err()
+            .to_string()
+            .contains("budget_interval"));
+    }
+
+    #[test]
+    fn upstream_protocol_options_choose_or_are_refused() {
+        use portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
+        use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::AutoHttpConfig;
+        let with = |o: HttpProtocolOptions| {
+            let mut c = Cluster {
+                name: "c".into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                ..Default::default()
+            };
+            c.typed_extension_protocol_options.insert(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+                portico_proto::google::protobuf::Any {
+                    type_url: <HttpProtocolOptions as prost::Name>::type_url(),
+                    value: prost::Message::encode_to_vec(&o),
+                },
+            );
+            ClusterConfig::convert(&c)
+        };
+        // Without TLS there is no ALPN: auto means HTTP/1.1.
+        let auto = with(HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::AutoConfig(AutoHttpConfig {
+                http2_protocol_options: Some(Default::default()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!auto.http2);
+        let filtered = with(HttpProtocolOptions {
+            http_filters: vec![HttpFilter {
+                name: "envoy.filters.http.header_mutation".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(filtered
+            .unwrap_err()
+            .to_string()
+            .contains("header_mutation"));
     }
 }

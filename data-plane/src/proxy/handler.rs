@@ -1273,7 +1273,7 @@ async fn forward(
     for attempt in 0..max_tries {
         if attempt > 0 {
             // Retries are bounded by the cluster's retry budget too.
-            if cluster.retries.load(Relaxed) >= cluster.config.limits.max_retries {
+            if !cluster.may_retry() {
                 break;
             }
             stats.upstream_rq_retry.fetch_add(1, Relaxed);
@@ -1446,7 +1446,7 @@ async fn forward(
                 // goes back as it is (Envoy decides before discarding it).
                 if more
                     && retry.is_some_and(|r| r.retry_status(status, resp.headers()))
-                    && cluster.retries.load(Relaxed) < cluster.config.limits.max_retries
+                    && cluster.may_retry()
                 {
                     last_ep = Some(ep);
                     failure = local(StatusCode::BAD_GATEWAY, "", "URX");

@@ -11,12 +11,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use portico_proto::envoy::config::core::v3::HealthStatus;
 
-use crate::config::cluster::{ClusterConfig, Discovery, EndpointSpec, LbKind};
+use crate::config::cluster::{ClusterConfig, Discovery, DnsTargets, EndpointSpec, LbKind};
 use crate::stats::ClusterStats;
 use pool::Pool;
 
@@ -143,6 +143,14 @@ impl Cluster {
             retries: AtomicU32::new(0),
             panic: AtomicU64::new(0),
         })
+    }
+
+    /// Whether a retry may start now (the circuit breaker's retry limit,
+    /// or its retry budget).
+    pub fn may_retry(&self) -> bool {
+        self.config
+            .limits
+            .may_retry(self.retries.load(Relaxed), self.active.load(Relaxed))
     }
 
     /// Replaces the endpoints, keeping the state of those that remain.
@@ -305,18 +313,25 @@ fn spawn_idle_sweep(cluster: std::sync::Weak<Cluster>) {
     });
 }
 
-/// Resolves a DNS cluster's host names now and every 5 s while it lives.
-fn spawn_dns(cluster: std::sync::Weak<Cluster>, hosts: Vec<(String, u16, u32)>) {
+/// Resolves a DNS cluster's host names now and at its refresh rate while
+/// it lives.
+fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
     tokio::spawn(async move {
         loop {
             let mut specs = Vec::new();
-            for (h, port, weight) in &hosts {
+            for (h, port, weight) in &dns.hosts {
                 match tokio::net::lookup_host((h.as_str(), *port)).await {
-                    Ok(addrs) => specs.extend(addrs.map(|addr| EndpointSpec {
-                        addr,
-                        weight: *weight,
-                        health: HealthStatus::Unknown,
-                    })),
+                    Ok(addrs) => {
+                        let mut kept = dns.family.keep(addrs.collect());
+                        if dns.logical {
+                            kept.truncate(1);
+                        }
+                        specs.extend(kept.into_iter().map(|addr| EndpointSpec {
+                            addr,
+                            weight: *weight,
+                            health: HealthStatus::Unknown,
+                        }));
+                    }
                     Err(e) => tracing::warn!(host = %h, error = %e, "DNS resolution failed"),
                 }
             }
@@ -327,7 +342,7 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, hosts: Vec<(String, u16, u32)>) 
                 c.set_endpoints(&specs);
             }
             drop(c);
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(dns.refresh).await;
         }
     });
 }

@@ -394,6 +394,35 @@ fn cluster(name: &str, lb: LbPolicy, static_eps: Option<&[u16]>) -> Cluster {
     c
 }
 
+/// A cluster of one endpoint, `localhost:port`, resolved by the proxy
+/// (`family`: Envoy's `dns_lookup_family` number).
+#[allow(deprecated)]
+fn dns_cluster(name: &str, port: u16, kind: DiscoveryType, family: i32) -> Cluster {
+    let mut c = cluster(name, LbPolicy::RoundRobin, Some(&[port]));
+    c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(kind as i32));
+    c.dns_lookup_family = family;
+    c.dns_refresh_rate = Some(portico_proto::google::protobuf::Duration {
+        seconds: 0,
+        nanos: 200_000_000,
+    });
+    if let Some(cla) = c.load_assignment.as_mut() {
+        for l in &mut cla.endpoints {
+            for e in &mut l.lb_endpoints {
+                if let Some(HostIdentifier::Endpoint(ep)) = &mut e.host_identifier {
+                    ep.address = Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "localhost".into(),
+                            port_specifier: Some(PortSpecifier::PortValue(port.into())),
+                            ..Default::default()
+                        })),
+                    });
+                }
+            }
+        }
+    }
+    c
+}
+
 fn prefix_route(prefix: &str, cluster: &str, edit: impl FnOnce(&mut RouteAction)) -> Route {
     let mut action = RouteAction {
         cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
@@ -499,6 +528,9 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             }];
         }),
         prefix_route("/random", "random", |_| {}),
+        prefix_route("/dns-v4", "dns-v4", |_| {}),
+        prefix_route("/dns-v6", "dns-v6", |_| {}),
+        prefix_route("/budgeted", "budgeted", |a| a.retry_policy = retry("5xx")),
         prefix_route("/health", "health", |_| {}),
         prefix_route("/panicky", "panicky", |_| {}),
         prefix_route("/connect", "connect", |a| {
@@ -798,6 +830,36 @@ fn foreign_control_plane_envoy_features() {
                 &cluster("first", LbPolicy::RoundRobin, Some(&[p[0]])),
             ),
             resource("empty", &cluster("empty", LbPolicy::RoundRobin, Some(&[]))),
+            // "localhost" resolved by the proxy: its IPv4 address, or
+            // only an IPv6 one (none here, or not where u3 listens).
+            resource(
+                "dns-v4",
+                &dns_cluster("dns-v4", p[2], DiscoveryType::StrictDns, 1),
+            ),
+            resource(
+                "dns-v6",
+                &dns_cluster("dns-v6", p[2], DiscoveryType::LogicalDns, 2),
+            ),
+            // A retry budget of nothing: no retries, whatever max_retries.
+            resource("budgeted", &{
+                let mut c = cluster("budgeted", LbPolicy::RoundRobin, Some(&[p[1]]));
+                c.circuit_breakers = Some(
+                    portico_proto::envoy::config::cluster::v3::CircuitBreakers {
+                        thresholds: vec![
+                            portico_proto::envoy::config::cluster::v3::circuit_breakers::Thresholds {
+                                retry_budget: Some(portico_proto::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget {
+                                    budget_percent: Some(portico_proto::envoy::r#type::v3::Percent { value: 0.0 }),
+                                    min_retry_concurrency: Some(UInt32Value { value: 0 }),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            },
+                        ],
+                        ..Default::default()
+                    },
+                );
+                c
+            }),
             // No retry budget at all.
             resource("budgetless", &{
                 let mut c = cluster("budgetless", LbPolicy::RoundRobin, Some(&[p[1]]));
@@ -1208,6 +1270,21 @@ fn foreign_control_plane_envoy_features() {
         assert!(r.header("set-cookie").is_none(), "{r:?}");
         assert_eq!(r.header("x-upstream").map(String::from), first, "{r:?}");
     }
+
+    // DNS clusters keep the family they are told to.
+    let v4 = wait_for(std::time::Duration::from_secs(10), || {
+        let r = get("/dns-v4/x", &[]);
+        (r.status == 200).then_some(r)
+    })
+    .expect("localhost's IPv4 address serves");
+    assert_eq!(v4.header("x-upstream"), Some("u3"), "{v4:?}");
+    let r = get("/dns-v6/x", &[]);
+    assert_eq!(r.status, 503, "no IPv6 address of localhost serves: {r:?}");
+    // A retry budget overrides max_retries: none here.
+    let r = get("/budgeted/flaky/budget/1", &[]);
+    assert_eq!(r.status, 503, "not retried: {r:?}");
+    let r = get("/budgeted/flaky/budget/1", &[]);
+    assert_eq!(r.status, 200, "the second try of the key: {r:?}");
 
     // Random reaches every endpoint.
     let mut seen = BTreeSet::new();

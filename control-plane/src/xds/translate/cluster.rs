@@ -5,7 +5,8 @@ use std::net::IpAddr;
 
 use portico_proto::envoy::config::cluster::v3::{
     circuit_breakers::Thresholds, cluster::ClusterDiscoveryType, cluster::DiscoveryType,
-    cluster::EdsClusterConfig, cluster::LbPolicy, CircuitBreakers, Cluster, OutlierDetection,
+    cluster::DnsLookupFamily, cluster::EdsClusterConfig, cluster::LbPolicy, CircuitBreakers,
+    Cluster, OutlierDetection,
 };
 use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
 use portico_proto::envoy::config::core::v3::{
@@ -96,6 +97,9 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
     } else {
         cluster.cluster_discovery_type =
             Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+        // A name's IPv4 addresses when it has any (Envoy's default would
+        // take only the IPv6 ones: `localhost` as ::1).
+        cluster.dns_lookup_family = DnsLookupFamily::V4Preferred as i32;
         cluster.load_assignment = Some(cla.clone());
     }
     if let Some(hc) = &svc.health_check {
