@@ -293,6 +293,28 @@ impl ListenerConfig {
         if !l.listener_filters.is_empty() {
             return Err(ConfigError::new(&at, "listener_filters are not supported"));
         }
+        // Each would change which connections the listener takes, or how.
+        let refused = [
+            (!l.additional_addresses.is_empty(), "additional_addresses"),
+            (l.fcds_config.is_some(), "fcds_config"),
+            (l.filter_chain_matcher.is_some(), "filter_chain_matcher"),
+            (
+                l.use_original_dst.is_some_and(|b| b.value),
+                "use_original_dst",
+            ),
+            (
+                l.bind_to_port.is_some_and(|b| !b.value),
+                "bind_to_port: false",
+            ),
+            (l.transparent.is_some_and(|b| b.value), "transparent"),
+            (l.enable_mptcp, "enable_mptcp"),
+            (l.udp_listener_config.is_some(), "udp_listener_config"),
+            (l.api_listener.is_some(), "api_listener"),
+            (l.listener_specifier.is_some(), "internal_listener"),
+        ];
+        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
+            return Err(ConfigError::new(&at, format!("{name} is not supported")));
+        }
         let chains: Vec<_> = l
             .filter_chains
             .iter()
@@ -1453,5 +1475,37 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn listener_fields_that_change_what_it_takes_are_refused_by_name() {
+        type Edit = Box<dyn Fn(&mut Listener)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|l| l.additional_addresses = vec![Default::default()]),
+                "additional_addresses",
+            ),
+            (
+                Box::new(|l| l.use_original_dst = Some(BoolValue { value: true })),
+                "use_original_dst",
+            ),
+            (
+                Box::new(|l| l.bind_to_port = Some(BoolValue { value: false })),
+                "bind_to_port",
+            ),
+            (
+                Box::new(|l| l.filter_chain_matcher = Some(Default::default())),
+                "filter_chain_matcher",
+            ),
+        ];
+        for (edit, name) in cases {
+            let mut l = listener(|_| {});
+            edit(&mut l);
+            let msg = ListenerConfig::convert(&l).expect_err(name).to_string();
+            assert!(msg.contains(name) && msg.contains("\"l\""), "{msg}");
+        }
+        let mut l = listener(|_| {});
+        l.bind_to_port = Some(BoolValue { value: true });
+        ListenerConfig::convert(&l).expect("binding is what it does anyway");
     }
 }

@@ -311,6 +311,57 @@ impl HeaderMatch {
     }
 }
 
+/// A compiled `CookieMatcher`: a cookie's value against a string
+/// matcher; an absent cookie does not match (so it does, inverted).
+#[derive(Debug, Clone)]
+pub struct CookieMatch {
+    name: String,
+    test: StringMatch,
+    invert: bool,
+}
+
+impl CookieMatch {
+    /// Compiles a cookie matcher.
+    pub fn compile(
+        m: &portico_proto::envoy::config::route::v3::CookieMatcher,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        if m.name.is_empty() {
+            return Err(ConfigError::new(at, "cookie matcher has no name"));
+        }
+        let s = m
+            .string_match
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(at, "cookie matcher has no string_match"))?;
+        Ok(CookieMatch {
+            name: m.name.clone(),
+            test: StringMatch::compile(s, at)?,
+            invert: m.invert_match,
+        })
+    }
+
+    /// Whether the request's cookies match.
+    pub fn matches(&self, h: &HeaderMap) -> bool {
+        cookie_value(h, &self.name).is_some_and(|v| self.test.matches(v)) != self.invert
+    }
+}
+
+/// A cookie's value in the request's `Cookie` headers (the first with the
+/// name), without the quotes it may be sent in.
+pub fn cookie_value<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    let v = h
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))?;
+    Some(
+        v.strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v),
+    )
+}
+
 /// A compiled `QueryParameterMatcher`.
 #[derive(Debug, Clone)]
 pub struct QueryMatch {

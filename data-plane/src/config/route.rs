@@ -26,7 +26,7 @@ use portico_proto::envoy::config::route::v3::{
 use prost::Message;
 use regex::Regex;
 
-use super::matcher::{full_regex, HeaderMatch, QueryMatch, RequestHead, Substitution};
+use super::matcher::{full_regex, CookieMatch, HeaderMatch, QueryMatch, RequestHead, Substitution};
 use super::{duration, inline_bytes, ConfigError};
 
 /// A converted route configuration, ready for lookups.
@@ -45,6 +45,16 @@ pub struct RouteTable {
     prefix: Vec<(String, usize)>,
     any: Option<usize>,
     ignore_port: bool,
+    /// Header edits run from the least specific level to the most, so
+    /// the route's win (`most_specific_header_mutations_wins`); by default
+    /// the configuration's do.
+    pub most_specific_wins: bool,
+    /// The header that picks the virtual host instead of `:authority`
+    /// (`vhost_header`), when the request has it.
+    pub vhost_header: Option<HeaderName>,
+    /// Routes match the path without its `;` parameters
+    /// (`ignore_path_parameters_in_path_matching`).
+    pub ignore_path_parameters: bool,
     /// Header edits of the whole configuration (applied last).
     pub edits: Edits,
     /// Every cluster a route names (weighted ones included).
@@ -122,6 +132,10 @@ struct RouteMatcher {
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
     query: Vec<QueryMatch>,
+    cookies: Vec<CookieMatch>,
+    /// It asks for a client certificate (`tls_context`), which no
+    /// connection here has.
+    never: bool,
     grpc: bool,
     /// `runtime_fraction`: the share of requests the route takes, as
     /// (numerator, denominator); the rest go on to the next route.
@@ -1168,6 +1182,7 @@ impl RouteTable {
         spans: Vec<Range<usize>>,
     ) -> Result<Self, ConfigError> {
         refuse_per_filter_config(&rc.typed_per_filter_config, &at)?;
+        refuse_route_specifiers(!rc.route_specifiers.is_empty(), &at)?;
         if rc.vhds.is_some() {
             return Err(ConfigError::new(&at, "VHDS is not supported"));
         }
@@ -1186,6 +1201,12 @@ impl RouteTable {
             prefix: Vec::new(),
             any: None,
             ignore_port: rc.ignore_port_in_host_matching,
+            most_specific_wins: rc.most_specific_header_mutations_wins,
+            vhost_header: match rc.vhost_header.as_str() {
+                "" => None,
+                h => Some(header_name(h, &format!("{at} vhost_header"))?),
+            },
+            ignore_path_parameters: rc.ignore_path_parameters_in_path_matching,
             edits: Edits::convert(
                 &rc.request_headers_to_add,
                 &rc.request_headers_to_remove,
@@ -1356,8 +1377,18 @@ fn refuse_per_filter_config<V>(
     }
 }
 
+/// Route specifier extensions may replace or drop the route matched;
+/// ignored, requests would go where they say not to.
+fn refuse_route_specifiers(set: bool, at: &str) -> Result<(), ConfigError> {
+    if set {
+        return Err(ConfigError::new(at, "route_specifiers are not supported"));
+    }
+    Ok(())
+}
+
 fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigError> {
     refuse_per_filter_config(&vh.typed_per_filter_config, at)?;
+    refuse_route_specifiers(!vh.route_specifiers.is_empty(), at)?;
     let mut clusters = Vec::new();
     if vh.matcher.is_some() {
         return Err(ConfigError::new(
@@ -1460,6 +1491,7 @@ fn convert_route(
     clusters: &mut Vec<Arc<str>>,
 ) -> Result<Route, ConfigError> {
     refuse_per_filter_config(&r.typed_per_filter_config, at)?;
+    refuse_route_specifiers(!r.route_specifiers.is_empty(), at)?;
     let m = r
         .r#match
         .as_ref()
@@ -1504,12 +1536,17 @@ fn convert_route(
         }
         None => return Err(ConfigError::new(at, "route match has no path specifier")),
     };
-    if !m.cookies.is_empty() || !m.dynamic_metadata.is_empty() || !m.filter_state.is_empty() {
+    if !m.dynamic_metadata.is_empty() || !m.filter_state.is_empty() {
         return Err(ConfigError::new(
             at,
-            "cookie, dynamic metadata and filter state matchers are not supported",
+            "dynamic metadata and filter state matchers are not supported",
         ));
     }
+    // Every connection is plain until TLS comes: none presents or has a
+    // validated client certificate.
+    let never = m.tls_context.as_ref().is_some_and(|t| {
+        t.presented.is_some_and(|b| b.value) || t.validated.is_some_and(|b| b.value)
+    });
     let matcher = RouteMatcher {
         path,
         case_sensitive,
@@ -1525,6 +1562,13 @@ fn convert_route(
             .enumerate()
             .map(|(i, q)| QueryMatch::compile(q, &format!("{at}.match.query_parameters[{i}]")))
             .collect::<Result<_, _>>()?,
+        cookies: m
+            .cookies
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CookieMatch::compile(c, &format!("{at}.match.cookies[{i}]")))
+            .collect::<Result<_, _>>()?,
+        never,
         grpc: m.grpc.is_some(),
         fraction: m
             .runtime_fraction
@@ -1575,6 +1619,12 @@ fn convert_route(
             }
             if a.path_rewrite_policy.is_some() {
                 return Err(ConfigError::new(at, "path_rewrite_policy is not supported"));
+            }
+            if !a.path_rewrite.is_empty() {
+                return Err(ConfigError::new(
+                    at,
+                    "path_rewrite is not supported; use prefix_rewrite or regex_rewrite",
+                ));
             }
             // Envoy follows an upstream's redirects itself under either;
             // passing them to the client instead would change answers.
@@ -1786,6 +1836,7 @@ impl RouteMatcher {
             }
         };
         path_ok
+            && !self.never
             && (!self.grpc
                 || req
                     .headers
@@ -1793,6 +1844,7 @@ impl RouteMatcher {
                     .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")))
             && self.headers.iter().all(|h| h.matches(req))
             && self.query.iter().all(|q| q.matches(query))
+            && self.cookies.iter().all(|c| c.matches(req.headers))
             // Drawn last, and only for a route that matches otherwise.
             && self.fraction.is_none_or(|(n, d)| fastrand::u64(..d) < n)
     }
@@ -2538,6 +2590,71 @@ mod tests {
                 msg.contains("request_headers_to_add[0]") && msg.contains(what),
                 "{msg}"
             );
+        }
+    }
+
+    #[test]
+    fn route_configuration_options_and_refusals() {
+        let mut rc = RouteConfiguration {
+            name: "t".into(),
+            virtual_hosts: vec![PbVirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![route(PathSpecifier::Path("/a".into()), "c")],
+                ..Default::default()
+            }],
+            most_specific_header_mutations_wins: true,
+            vhost_header: "X-VHost".into(),
+            ignore_path_parameters_in_path_matching: true,
+            ..Default::default()
+        };
+        let t = RouteTable::convert(&rc).expect("converts");
+        assert!(t.most_specific_wins && t.ignore_path_parameters);
+        assert_eq!(t.vhost_header.as_ref().unwrap(), "x-vhost");
+        rc.vhost_header = "bad header".into();
+        assert!(RouteTable::convert(&rc)
+            .unwrap_err()
+            .to_string()
+            .contains("vhost_header"));
+        rc.vhost_header.clear();
+
+        let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+        if let Some(Action::Route(a)) = &mut r.action {
+            a.path_rewrite = "/x%REQ(y)%".into();
+        }
+        assert!(one_route(r)
+            .unwrap_err()
+            .to_string()
+            .contains("path_rewrite"));
+        let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+        r.route_specifiers = vec![Default::default()];
+        assert!(one_route(r)
+            .unwrap_err()
+            .to_string()
+            .contains("route_specifiers"));
+        // A route for client certificates never matches a plain request;
+        // one for their absence does.
+        use portico_proto::envoy::config::route::v3::route_match::TlsContextMatchOptions;
+        use portico_proto::google::protobuf::BoolValue;
+        let head = |h: &'static HeaderMap| RequestHead {
+            method: "GET",
+            path: "/x",
+            authority: "h",
+            scheme: "http",
+            headers: h,
+        };
+        static EMPTY: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+        for (presented, matches) in [(true, false), (false, true)] {
+            let mut r = route(PathSpecifier::Prefix("/".into()), "c");
+            if let Some(m) = r.r#match.as_mut() {
+                m.tls_context = Some(TlsContextMatchOptions {
+                    presented: Some(BoolValue { value: presented }),
+                    ..Default::default()
+                });
+            }
+            let t = one_route(r).expect("converts");
+            let vh = t.virtual_host("h", false).expect("vh");
+            assert_eq!(vh.find(&head(&EMPTY)).is_some(), matches, "{presented}");
         }
     }
 }

@@ -27,7 +27,7 @@ use super::stream_idle::{HasRouteIdle, Progress, Tracked, Watch};
 use super::ListenerRuntime;
 use crate::access_log::{grpc_status_for_http, Record};
 use crate::config::listener::{EscapedSlashes, ListenerConfig, Routes, ServerHeader, StripPort};
-use crate::config::matcher::RequestHead;
+use crate::config::matcher::{cookie_value, RequestHead};
 use crate::config::route::{
     expected_timeout_ms, BodyBufferLimit, ClusterChoice, Edits, Forward, HashKey, HostRewrite,
     Redirect, RequireTls, Route, RouteAction, RouteTable, VirtualHost, WeightDraw, WeightedTarget,
@@ -80,7 +80,7 @@ struct RouteEdits<'a> {
     target: Option<&'a Edits>,
     route: &'a Edits,
     vh: &'a Edits,
-    table: &'a Edits,
+    table: &'a RouteTable,
     /// What values made per request read, when one does.
     fmt: Option<Box<Formatting>>,
 }
@@ -92,17 +92,29 @@ impl RouteEdits<'_> {
             f.answered(status, h);
         }
         let rec = self.fmt.as_deref().map(|f| &f.rec);
-        for e in [
-            self.target,
-            Some(self.route),
-            Some(self.vh),
-            Some(self.table),
-        ]
-        .into_iter()
-        .flatten()
+        for e in edit_order(self.target, self.route, self.vh, self.table)
+            .into_iter()
+            .flatten()
         {
             e.apply_response(h, rec);
         }
+    }
+}
+
+/// The order header edits run in, Envoy's: a weighted cluster's own
+/// first, then the route's, the virtual host's and the configuration's
+/// (the last wins), or the other way round with
+/// `most_specific_header_mutations_wins`.
+fn edit_order<'a>(
+    target: Option<&'a Edits>,
+    route: &'a Edits,
+    vh: &'a Edits,
+    table: &'a RouteTable,
+) -> [Option<&'a Edits>; 4] {
+    if table.most_specific_wins {
+        [target, Some(&table.edits), Some(vh), Some(route)]
+    } else {
+        [target, Some(route), Some(vh), Some(&table.edits)]
     }
 }
 
@@ -681,7 +693,16 @@ async fn route_request<'a>(
     } else {
         host
     };
-    let Some(vh) = table.virtual_host(host, false) else {
+    // `vhost_header` picks the virtual host, when the request has it.
+    let vh_host = match &table.vhost_header {
+        Some(h) => req
+            .headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(host),
+        None => host,
+    };
+    let Some(vh) = table.virtual_host(vh_host, false) else {
         stats.no_route.fetch_add(1, Relaxed);
         return Err(local(StatusCode::NOT_FOUND, "", "NR"));
     };
@@ -700,9 +721,16 @@ async fn route_request<'a>(
         }
         return Ok(r);
     }
+    let mut path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if table.ignore_path_parameters {
+        // Envoy cuts the path to match at its first `;`.
+        if let Some(at) = path.find(';') {
+            path = &path[..at];
+        }
+    }
     let head = RequestHead {
         method: req.method().as_str(),
-        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        path,
         authority: host,
         scheme: "http",
         headers: req.headers(),
@@ -714,7 +742,7 @@ async fn route_request<'a>(
     if let Some(b) = guard.log.as_mut() {
         b.1.route_name = route.name.to_string();
     }
-    let levels = [Some(&route.edits), Some(&vh.edits), Some(&table.edits)];
+    let levels = edit_order(None, &route.edits, &vh.edits, table);
     let mut fmt = Formatting::new(&levels, &req, conn, origin, route);
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
@@ -742,7 +770,7 @@ async fn route_request<'a>(
                     target: target_edits,
                     route: &route.edits,
                     vh: &vh.edits,
-                    table: &table.edits,
+                    table,
                     fmt,
                 })),
                 ..l
@@ -980,7 +1008,7 @@ fn request_hash(
                 Some(re) => hash64(re.apply(&String::from_utf8_lossy(v.as_bytes())).as_bytes()),
             }),
             HashKey::SourceIp => Some(hash64(client.ip())),
-            HashKey::Cookie(c) => match cookie(headers, &c.name) {
+            HashKey::Cookie(c) => match cookie_value(headers, &c.name) {
                 Some(v) => Some(hash64(v)),
                 None => match (&c.set, cookie_from) {
                     (Some(set), Some(peer)) => {
@@ -1009,21 +1037,6 @@ fn request_hash(
         }
     }
     (hash, set_cookie)
-}
-
-/// A cookie's value, without the quotes it may be sent in.
-fn cookie<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    let v = h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))?;
-    Some(
-        v.strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v),
-    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1151,14 +1164,9 @@ async fn forward(
             headers.insert(&X_ENVOY_ORIGINAL_PATH, v);
         }
     }
-    for e in [
-        to.edits,
-        Some(&route.edits),
-        Some(&vh.edits),
-        Some(&table.edits),
-    ]
-    .into_iter()
-    .flatten()
+    for e in edit_order(to.edits, &route.edits, &vh.edits, table)
+        .into_iter()
+        .flatten()
     {
         e.apply_request(&mut headers, fmt.as_deref());
     }
@@ -2066,5 +2074,41 @@ mod tests {
         }]);
         assert_eq!(hash(&plain, &HeaderMap::new()).0, None);
         assert_eq!(hash(&plain, &back).0, first);
+    }
+
+    #[test]
+    fn header_edits_run_in_envoys_order() {
+        use portico_proto::envoy::config::route::v3::RouteConfiguration;
+        let mut rc = RouteConfiguration::default();
+        let table = RouteTable::convert(&rc).expect("converts");
+        let (t, r, v) = (Edits::default(), Edits::default(), Edits::default());
+        let at = |order: [Option<&Edits>; 4], e: &Edits| {
+            order
+                .iter()
+                .position(|x| x.is_some_and(|x| std::ptr::eq(x, e)))
+        };
+        let order = edit_order(Some(&t), &r, &v, &table);
+        assert_eq!(
+            [
+                at(order, &t),
+                at(order, &r),
+                at(order, &v),
+                at(order, &table.edits)
+            ],
+            [Some(0), Some(1), Some(2), Some(3)]
+        );
+        rc.most_specific_header_mutations_wins = true;
+        let table = RouteTable::convert(&rc).expect("converts");
+        let order = edit_order(Some(&t), &r, &v, &table);
+        // The weighted cluster's own still come first (Envoy's).
+        assert_eq!(
+            [
+                at(order, &t),
+                at(order, &table.edits),
+                at(order, &v),
+                at(order, &r)
+            ],
+            [Some(0), Some(1), Some(2), Some(3)]
+        );
     }
 }

@@ -528,6 +528,51 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             }];
         }),
         prefix_route("/random", "random", |_| {}),
+        // A cookie picks u1; a client certificate would pick u1 too, but
+        // no connection has one; the rest go to u2.
+        Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/by-cookie".into())),
+                cookies: vec![portico_proto::envoy::config::route::v3::CookieMatcher {
+                    name: "canary".into(),
+                    string_match: Some(
+                        portico_proto::envoy::r#type::matcher::v3::StringMatcher {
+                            match_pattern: Some(
+                                portico_proto::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(
+                                    "yes".into(),
+                                ),
+                            ),
+                            ..Default::default()
+                        },
+                    ),
+                    invert_match: false,
+                }],
+                tls_context: None,
+                ..Default::default()
+            }),
+            ..prefix_route("/by-cookie", "first", |_| {})
+        },
+        Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/by-cookie".into())),
+                tls_context: Some(
+                    portico_proto::envoy::config::route::v3::route_match::TlsContextMatchOptions {
+                        presented: Some(portico_proto::google::protobuf::BoolValue { value: true }),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            }),
+            ..prefix_route("/by-cookie", "first", |_| {})
+        },
+        prefix_route("/by-cookie", "plain", |_| {}),
+        Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Path("/exact-params".into())),
+                ..Default::default()
+            }),
+            ..prefix_route("/exact-params", "first", |_| {})
+        },
         prefix_route("/dns-v4", "dns-v4", |_| {}),
         prefix_route("/dns-v6", "dns-v6", |_| {}),
         prefix_route("/budgeted", "budgeted", |a| a.retry_policy = retry("5xx")),
@@ -750,6 +795,10 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         ],
         // Requests from outside the trusted network lose it before routing.
         internal_only_headers: vec!["X-Secret".into()],
+        // A proxy in front may name the virtual host in a header of its
+        // own; paths match without their `;` parameters.
+        vhost_header: "x-vhost".into(),
+        ignore_path_parameters_in_path_matching: true,
         ..Default::default()
     }
 }
@@ -1285,6 +1334,20 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(r.status, 503, "not retried: {r:?}");
     let r = get("/budgeted/flaky/budget/1", &[]);
     assert_eq!(r.status, 200, "the second try of the key: {r:?}");
+
+    // Cookies pick routes; a route for client certificates never matches
+    // a plain connection.
+    let r = get("/by-cookie", &[("cookie", "a=1; canary=yes")]);
+    assert_eq!(r.header("x-upstream"), Some("u1"), "{r:?}");
+    let r = get("/by-cookie", &[("cookie", "canary=no")]);
+    assert_eq!(r.header("x-upstream"), Some("u2"), "{r:?}");
+    // The path matches without its parameters (and keeps them upstream).
+    let r = get("/exact-params;v=1", &[]);
+    assert_eq!(r.header("x-upstream"), Some("u1"), "{r:?}");
+    assert!(r.body.starts_with("GET /exact-params;v=1\n"), "{}", r.body);
+    // The virtual host named by x-vhost, not by Host.
+    let r = get("/a", &[("x-vhost", "secure.test")]);
+    assert_eq!(r.status, 301, "{r:?}");
 
     // Random reaches every endpoint.
     let mut seen = BTreeSet::new();
