@@ -193,6 +193,10 @@ pub struct ClusterConfig {
     pub idle_timeout: Duration,
     /// Below this share of available endpoints (per cent), every endpoint
     /// takes traffic, available or not (Envoy's panic mode,
+    /// Localities are picked by their weights first
+    /// (`common_lb_config.locality_weighted_lb_config`); otherwise their
+    /// weights do not count.
+    pub locality_weighted: bool,
     /// `common_lb_config.healthy_panic_threshold`, 50 unless set; 0 turns
     /// it off).
     pub panic_threshold: f64,
@@ -203,10 +207,52 @@ pub struct ClusterConfig {
 pub struct EndpointSpec {
     /// Its address.
     pub addr: SocketAddr,
-    /// Its weight (endpoint weight times locality weight).
+    /// Its own weight.
     pub weight: u32,
     /// Health as the control plane reported it.
     pub health: HealthStatus,
+    /// Which of the assignment's localities it is in.
+    pub locality: u32,
+    /// That locality's weight (0 when unset), which counts only in a
+    /// cluster with `locality_weighted_lb_config`.
+    pub locality_weight: u32,
+}
+
+/// Endpoints weighted as Envoy's locality-weighted balancing picks them:
+/// a locality by its weight, then an endpoint in it by its own, so an
+/// endpoint's share is its locality's share times its share of the
+/// locality. Localities without a weight take no traffic.
+pub fn locality_weighted(specs: &[EndpointSpec]) -> Vec<EndpointSpec> {
+    let mut sums: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    for s in specs {
+        *sums.entry(s.locality).or_default() += u64::from(s.weight);
+    }
+    // Scaled so that small weights keep their proportions, then brought
+    // back down by their common divisor (smaller totals balance more
+    // evenly).
+    let scaled: Vec<u64> = specs
+        .iter()
+        .map(|s| {
+            let sum = sums[&s.locality].max(1);
+            u64::from(s.locality_weight) * u64::from(s.weight) * 10_080 / sum
+        })
+        .collect();
+    let gcd = scaled.iter().filter(|w| **w > 0).fold(0u64, |a, &b| {
+        let (mut a, mut b) = (a, b);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    });
+    specs
+        .iter()
+        .zip(scaled)
+        .filter(|(s, _)| s.locality_weight > 0)
+        .map(|(s, w)| EndpointSpec {
+            weight: u32::try_from((w / gcd.max(1)).max(1)).unwrap_or(u32::MAX),
+            ..s.clone()
+        })
+        .collect()
 }
 
 impl ClusterConfig {
@@ -582,6 +628,12 @@ impl ClusterConfig {
         };
         Ok(ClusterConfig {
             panic_threshold,
+            locality_weighted: c.common_lb_config.as_ref().is_some_and(|l| {
+                matches!(
+                    l.locality_config_specifier,
+                    Some(portico_proto::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+                )
+            }),
             name: c.name.as_str().into(),
             discovery,
             lb,
@@ -622,10 +674,7 @@ pub fn endpoints(cla: &ClusterLoadAssignment, at: &str) -> Result<Vec<EndpointSp
                 "priorities other than 0 are not supported",
             ));
         }
-        let lw = l
-            .load_balancing_weight
-            .as_ref()
-            .map_or(1, |w| w.value.max(1));
+        let lw = l.load_balancing_weight.as_ref().map_or(0, |w| w.value);
         for (ei, e) in l.lb_endpoints.iter().enumerate() {
             let eat = format!("{at} endpoints[{li}].lb_endpoints[{ei}]");
             let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
@@ -639,9 +688,10 @@ pub fn endpoints(cla: &ClusterLoadAssignment, at: &str) -> Result<Vec<EndpointSp
                 weight: e
                     .load_balancing_weight
                     .as_ref()
-                    .map_or(1, |w| w.value.max(1))
-                    .saturating_mul(lw),
+                    .map_or(1, |w| w.value.max(1)),
                 health: HealthStatus::try_from(e.health_status).unwrap_or(HealthStatus::Unknown),
+                locality: li as u32,
+                locality_weight: lw,
             });
         }
     }
@@ -910,5 +960,44 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("header_mutation"));
+    }
+
+    #[test]
+    fn locality_weights_count_only_when_asked_and_share_as_envoys() {
+        use portico_proto::envoy::config::cluster::v3::cluster::{
+            common_lb_config::{LocalityConfigSpecifier, LocalityWeightedLbConfig},
+            CommonLbConfig,
+        };
+        let spec = |port: u16, weight, locality, locality_weight| EndpointSpec {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            health: HealthStatus::Unknown,
+            locality,
+            locality_weight,
+        };
+        // One endpoint in the first locality, two in the second, equal
+        // locality weights: half the traffic to the lone one.
+        let specs = [
+            spec(1, 1, 0, 1),
+            spec(2, 1, 1, 1),
+            spec(3, 3, 1, 1),
+            spec(4, 5, 2, 0),
+        ];
+        let w: Vec<u32> = locality_weighted(&specs).iter().map(|s| s.weight).collect();
+        assert_eq!(w, vec![4, 1, 3], "the unweighted locality takes none");
+
+        let mut c = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        assert!(!ClusterConfig::convert(&c).unwrap().locality_weighted);
+        c.common_lb_config = Some(CommonLbConfig {
+            locality_config_specifier: Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                LocalityWeightedLbConfig {},
+            )),
+            ..Default::default()
+        });
+        assert!(ClusterConfig::convert(&c).unwrap().locality_weighted);
     }
 }

@@ -14,6 +14,11 @@ use crate::config::cluster::LbKind;
 pub struct Tables {
     /// Running sums of weights (empty when all weights are equal).
     cumulative: Vec<u64>,
+    /// A step coprime with the total weight, near its golden section:
+    /// round robin takes tickets `i * stride mod total`, which visit every
+    /// slot once per cycle but spread, so an endpoint of weight 100 gets
+    /// its turns between the others' rather than 100 in a row.
+    stride: u64,
     /// Ring of (hash, endpoint index), sorted by hash.
     ring: Vec<(u64, u32)>,
 }
@@ -25,6 +30,38 @@ pub fn hash64(v: impl Hash) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     v.hash(&mut h);
     h.finish()
+}
+
+/// The endpoint (index among `n`) a ticket picks: in turn when all
+/// weights are equal, else by weight, spread by the table's stride.
+fn pick_weighted(t: &Tables, n: usize, ticket: u64) -> usize {
+    match t.cumulative.last() {
+        None => (ticket % n as u64) as usize,
+        Some(&total) => {
+            let x =
+                ((u128::from(ticket % total) * u128::from(t.stride)) % u128::from(total)) as u64;
+            t.cumulative.partition_point(|c| *c <= x)
+        }
+    }
+}
+
+/// The smallest step at or above 0.618 of `total` that is coprime with
+/// it (1 for totals below 3).
+fn stride(total: u64) -> u64 {
+    fn gcd(mut a: u64, mut b: u64) -> u64 {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    }
+    if total < 3 {
+        return 1;
+    }
+    let mut s = (total as f64 * 0.618) as u64;
+    while gcd(s, total) != 1 {
+        s += 1;
+    }
+    s
 }
 
 impl Tables {
@@ -40,6 +77,7 @@ impl Tables {
                     sum
                 })
                 .collect();
+            t.stride = stride(sum);
         }
         if kind == LbKind::RingHash && !eps.is_empty() {
             // Envoy's minimum ring size is 1024 entries.
@@ -139,12 +177,54 @@ impl Cluster {
     }
 
     fn weighted(&self, t: &Tables, n: usize, ticket: u64) -> usize {
-        match t.cumulative.last() {
-            None => (ticket % n as u64) as usize,
-            Some(total) => {
-                let x = ticket % total;
-                t.cumulative.partition_point(|c| *c <= x)
+        pick_weighted(t, n, ticket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weighted round robin: exact shares over a cycle, spread out.
+    #[test]
+    fn weighted_round_robin_spreads_turns() {
+        for weights in [vec![100u64, 1], vec![2, 1, 1], vec![5, 3, 2, 7]] {
+            let mut sum = 0;
+            let cumulative: Vec<u64> = weights
+                .iter()
+                .map(|w| {
+                    sum += w;
+                    sum
+                })
+                .collect();
+            let t = Tables {
+                cumulative,
+                stride: stride(sum),
+                ring: Vec::new(),
+            };
+            let picks: Vec<usize> = (0..sum)
+                .map(|i| pick_weighted(&t, weights.len(), i))
+                .collect();
+            for (i, w) in weights.iter().enumerate() {
+                assert_eq!(
+                    picks.iter().filter(|p| **p == i).count() as u64,
+                    *w,
+                    "{weights:?}"
+                );
             }
+            // Turns are interleaved: no endpoint runs much longer than
+            // its weight over the others' allows (blocks of `weight` in a
+            // row would be the plain cumulative walk).
+            let max = *weights.iter().max().unwrap();
+            let bound = max.div_ceil(sum - max) + 1;
+            let longest = picks
+                .chunk_by(|a, b| a == b)
+                .map(<[usize]>::len)
+                .max()
+                .unwrap_or(0);
+            assert!(longest as u64 <= bound, "{weights:?}: {picks:?}");
         }
+        assert_eq!(stride(10), 7);
+        assert_eq!(stride(2), 1);
     }
 }

@@ -153,8 +153,18 @@ impl Cluster {
             .may_retry(self.retries.load(Relaxed), self.active.load(Relaxed))
     }
 
+    /// The endpoints as this cluster weighs them.
+    fn effective<'s>(&self, specs: &'s [EndpointSpec]) -> std::borrow::Cow<'s, [EndpointSpec]> {
+        if self.config.locality_weighted {
+            std::borrow::Cow::Owned(crate::config::cluster::locality_weighted(specs))
+        } else {
+            std::borrow::Cow::Borrowed(specs)
+        }
+    }
+
     /// Replaces the endpoints, keeping the state of those that remain.
     pub fn set_endpoints(&self, specs: &[EndpointSpec]) {
+        let specs = &*self.effective(specs);
         let old = self.endpoints.load();
         let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
             old.endpoints.iter().map(|e| (e.addr, e)).collect();
@@ -263,12 +273,12 @@ impl ClusterManager {
             match &cfg.discovery {
                 Discovery::Eds(service) => {
                     let specs = endpoints.get(service).map(|v| v.as_slice()).unwrap_or(&[]);
-                    if !same_endpoints(&cluster.endpoints.load(), specs) {
+                    if !same_endpoints(&cluster, specs) {
                         cluster.set_endpoints(specs);
                     }
                 }
                 Discovery::Static(specs) => {
-                    if !same_endpoints(&cluster.endpoints.load(), specs) {
+                    if !same_endpoints(&cluster, specs) {
                         cluster.set_endpoints(specs);
                     }
                 }
@@ -282,7 +292,9 @@ impl ClusterManager {
     }
 }
 
-fn same_endpoints(set: &EndpointSet, specs: &[EndpointSpec]) -> bool {
+fn same_endpoints(cluster: &Cluster, specs: &[EndpointSpec]) -> bool {
+    let set = cluster.endpoints.load();
+    let specs = &*cluster.effective(specs);
     set.endpoints.len() == specs.len()
         && set.endpoints.iter().zip(specs).all(|(e, s)| {
             e.addr == s.addr
@@ -330,6 +342,8 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                             addr,
                             weight: *weight,
                             health: HealthStatus::Unknown,
+                            locality: 0,
+                            locality_weight: 1,
                         }));
                     }
                     Err(e) => tracing::warn!(host = %h, error = %e, "DNS resolution failed"),
@@ -338,7 +352,7 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
             specs.sort_by_key(|s| s.addr);
             specs.dedup_by_key(|s| s.addr);
             let Some(c) = cluster.upgrade() else { return };
-            if !same_endpoints(&c.endpoints.load(), &specs) {
+            if !same_endpoints(&c, &specs) {
                 c.set_endpoints(&specs);
             }
             drop(c);

@@ -369,6 +369,21 @@ fn endpoints(name: &str, eps: &[(u16, HealthStatus)]) -> ClusterLoadAssignment {
     }
 }
 
+/// Endpoints in two localities of weight 1: `p[0]` alone, `p[1]` and
+/// `p[2]` together.
+fn zoned(name: &str, p: &[u16]) -> ClusterLoadAssignment {
+    let mut a = endpoints(name, &[(p[0], HealthStatus::Unknown)]);
+    let b = endpoints(
+        name,
+        &[(p[1], HealthStatus::Unknown), (p[2], HealthStatus::Unknown)],
+    );
+    a.endpoints.extend(b.endpoints);
+    for l in &mut a.endpoints {
+        l.load_balancing_weight = Some(UInt32Value { value: 1 });
+    }
+    a
+}
+
 /// An EDS cluster (endpoints come separately) or a STATIC one.
 fn cluster(name: &str, lb: LbPolicy, static_eps: Option<&[u16]>) -> Cluster {
     let mut c = Cluster {
@@ -528,6 +543,8 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             }];
         }),
         prefix_route("/random", "random", |_| {}),
+        prefix_route("/zones", "zones", |_| {}),
+        prefix_route("/flat", "flat", |_| {}),
         // A cookie picks u1; a client certificate would pick u1 too, but
         // no connection has one; the rest go to u2.
         Route {
@@ -889,6 +906,20 @@ fn foreign_control_plane_envoy_features() {
                 "dns-v6",
                 &dns_cluster("dns-v6", p[2], DiscoveryType::LogicalDns, 2),
             ),
+            // Two localities of equal weight, u1 alone in one: with
+            // locality-weighted balancing it takes half the traffic; the
+            // same endpoints without it take a third each.
+            resource("zones", &{
+                let mut c = cluster("zones", LbPolicy::RoundRobin, None);
+                c.common_lb_config = Some(
+                    portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig {
+                        locality_config_specifier: Some(portico_proto::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(Default::default())),
+                        ..Default::default()
+                    },
+                );
+                c
+            }),
+            resource("flat", &cluster("flat", LbPolicy::RoundRobin, None)),
             // A retry budget of nothing: no retries, whatever max_retries.
             resource("budgeted", &{
                 let mut c = cluster("budgeted", LbPolicy::RoundRobin, Some(&[p[1]]));
@@ -958,6 +989,8 @@ fn foreign_control_plane_envoy_features() {
         vec![
             resource("hash", &endpoints("hash", &all)),
             resource("random", &endpoints("random", &all)),
+            resource("zones", &zoned("zones", &p)),
+            resource("flat", &zoned("flat", &p)),
             resource(
                 "health",
                 &endpoints(
@@ -1348,6 +1381,16 @@ fn foreign_control_plane_envoy_features() {
     // The virtual host named by x-vhost, not by Host.
     let r = get("/a", &[("x-vhost", "secure.test")]);
     assert_eq!(r.status, 301, "{r:?}");
+
+    // Locality weights count only where the cluster asks for them.
+    for (path, lone) in [("/zones", 60), ("/flat", 40)] {
+        let mut n = BTreeMap::<String, usize>::new();
+        for _ in 0..120 {
+            *n.entry(get(path, &[]).header("x-upstream").unwrap_or("?").into())
+                .or_default() += 1;
+        }
+        assert_eq!(n.get("u1").copied(), Some(lone), "{path}: {n:?}");
+    }
 
     // Random reaches every endpoint.
     let mut seen = BTreeSet::new();
