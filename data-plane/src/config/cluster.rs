@@ -164,6 +164,40 @@ pub struct OutlierConfig {
     pub max_ejection: Duration,
     /// Most endpoints ejected at once, in percent.
     pub max_ejection_percent: u32,
+    /// How often success rates are judged and ejection backoffs decay
+    /// (`interval`, 10 s).
+    pub interval: Duration,
+    /// Success-rate ejection (on unless `enforcing_success_rate` is 0).
+    pub success_rate: Option<SuccessRateEjection>,
+    /// Failure-percentage ejection (on when `enforcing_failure_percentage`
+    /// is above 0).
+    pub failure_percentage: Option<FailurePercentageEjection>,
+}
+
+/// Envoy's success-rate outlier ejection: over each interval, among the
+/// endpoints that served at least `request_volume` requests (and only
+/// when at least `minimum_hosts` did), those whose success rate is below
+/// the mean less `stdev_factor` standard deviations are ejected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SuccessRateEjection {
+    /// `success_rate_minimum_hosts` (5).
+    pub minimum_hosts: u32,
+    /// `success_rate_request_volume` (100).
+    pub request_volume: u32,
+    /// `success_rate_stdev_factor` ÷ 1000 (1.9).
+    pub stdev_factor: f64,
+}
+
+/// Envoy's failure-percentage outlier ejection: endpoints whose share of
+/// failures over an interval reaches `threshold` percent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailurePercentageEjection {
+    /// `failure_percentage_threshold` (85).
+    pub threshold: u32,
+    /// `failure_percentage_minimum_hosts` (5).
+    pub minimum_hosts: u32,
+    /// `failure_percentage_request_volume` (50).
+    pub request_volume: u32,
 }
 
 /// A converted cluster.
@@ -607,6 +641,27 @@ impl ClusterConfig {
                     .unwrap_or(Duration::from_secs(300))
                     .max(base),
                 max_ejection_percent: v(o.max_ejection_percent.as_ref(), 10).min(100),
+                interval: o
+                    .interval
+                    .as_ref()
+                    .map(duration)
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_secs(10)),
+                success_rate: (v(o.enforcing_success_rate.as_ref(), 100) > 0).then(|| {
+                    SuccessRateEjection {
+                        minimum_hosts: v(o.success_rate_minimum_hosts.as_ref(), 5),
+                        request_volume: v(o.success_rate_request_volume.as_ref(), 100),
+                        stdev_factor: f64::from(v(o.success_rate_stdev_factor.as_ref(), 1900))
+                            / 1000.0,
+                    }
+                }),
+                failure_percentage: (v(o.enforcing_failure_percentage.as_ref(), 0) > 0).then(
+                    || FailurePercentageEjection {
+                        threshold: v(o.failure_percentage_threshold.as_ref(), 85).min(100),
+                        minimum_hosts: v(o.failure_percentage_minimum_hosts.as_ref(), 5),
+                        request_volume: v(o.failure_percentage_request_volume.as_ref(), 50),
+                    },
+                ),
             }
         });
         let panic_threshold = match c

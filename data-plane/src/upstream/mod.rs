@@ -16,7 +16,9 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use portico_proto::envoy::config::core::v3::HealthStatus;
 
-use crate::config::cluster::{ClusterConfig, Discovery, DnsTargets, EndpointSpec, LbKind};
+use crate::config::cluster::{
+    ClusterConfig, Discovery, DnsTargets, EndpointSpec, LbKind, OutlierConfig,
+};
 use crate::stats::ClusterStats;
 use pool::Pool;
 
@@ -43,6 +45,10 @@ pub struct Endpoint {
     ejections: AtomicU32,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
+    /// Requests answered, and of them failed, in the outlier detector's
+    /// current interval.
+    window_total: AtomicU32,
+    window_failed: AtomicU32,
     /// Requests in flight.
     pub active: AtomicU32,
     /// Connections to it.
@@ -61,6 +67,8 @@ impl Endpoint {
             ejections: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
+            window_total: AtomicU32::new(0),
+            window_failed: AtomicU32::new(0),
             active: AtomicU32::new(0),
             pool: Pool::new(spec.addr, cfg, stats.clone()),
         }
@@ -193,6 +201,12 @@ impl Cluster {
         };
         let is_5xx = status.is_none_or(|s| s >= 500);
         let is_gw = status.is_none_or(|s| (502..=504).contains(&s));
+        if o.success_rate.is_some() || o.failure_percentage.is_some() {
+            ep.window_total.fetch_add(1, Relaxed);
+            if is_5xx {
+                ep.window_failed.fetch_add(1, Relaxed);
+            }
+        }
         let trip = |counter: &AtomicU32, bad: bool, limit: u32| -> bool {
             if !bad {
                 counter.store(0, Relaxed);
@@ -205,14 +219,18 @@ impl Cluster {
         if !(t1 || t2) {
             return;
         }
-        let now = now_ms();
+        self.eject(ep, o, now_ms(), "consecutive errors");
+    }
+
+    /// Ejects an endpoint for its backoff's length, unless too many are
+    /// out already (Envoy always allows one).
+    fn eject(&self, ep: &Endpoint, o: &OutlierConfig, now: u64, why: &'static str) {
         let set = self.endpoints.load();
         let ejected = set
             .endpoints
             .iter()
             .filter(|e| e.ejected_until.load(Relaxed) > now)
             .count();
-        // Envoy always allows ejecting one host, whatever the percentage.
         if ejected > 0
             && (ejected + 1) * 100 > set.endpoints.len() * o.max_ejection_percent as usize
         {
@@ -225,7 +243,72 @@ impl Cluster {
         ep.consecutive_5xx.store(0, Relaxed);
         ep.consecutive_gateway.store(0, Relaxed);
         self.stats.outlier_ejections.fetch_add(1, Relaxed);
-        tracing::warn!(cluster = %self.config.name, endpoint = %ep.addr, for_ms = length.as_millis() as u64, "endpoint ejected by outlier detection");
+        tracing::warn!(cluster = %self.config.name, endpoint = %ep.addr, for_ms = length.as_millis() as u64, why, "endpoint ejected by outlier detection");
+    }
+
+    /// The outlier detector's interval: judges the interval's success
+    /// rates (Envoy's success-rate and failure-percentage ejection) and
+    /// lets the ejection backoff of endpoints that stayed in decay.
+    fn outlier_interval(&self, o: &OutlierConfig) {
+        let now = now_ms();
+        let set = self.endpoints.load();
+        // (endpoint, success rate in percent, requests) of those in.
+        let rates: Vec<(&Arc<Endpoint>, f64, u32)> = set
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let total = e.window_total.swap(0, Relaxed);
+                let failed = e.window_failed.swap(0, Relaxed).min(total);
+                let out = e.ejected_until.load(Relaxed) > now;
+                (!out && total > 0).then(|| {
+                    (
+                        e,
+                        100.0 * f64::from(total - failed) / f64::from(total),
+                        total,
+                    )
+                })
+            })
+            .collect();
+        if let Some(sr) = o.success_rate {
+            let valid: Vec<_> = rates
+                .iter()
+                .filter(|(_, _, n)| *n >= sr.request_volume)
+                .collect();
+            if !valid.is_empty() && valid.len() >= sr.minimum_hosts as usize {
+                let threshold = success_rate_threshold(
+                    &valid.iter().map(|(_, r, _)| *r).collect::<Vec<_>>(),
+                    sr.stdev_factor,
+                );
+                for (e, r, _) in valid {
+                    if *r < threshold {
+                        self.eject(e, o, now, "success rate");
+                    }
+                }
+            }
+        }
+        if let Some(fp) = o.failure_percentage {
+            let valid: Vec<_> = rates
+                .iter()
+                .filter(|(_, _, n)| *n >= fp.request_volume)
+                .collect();
+            if !valid.is_empty() && valid.len() >= fp.minimum_hosts as usize {
+                for (e, r, _) in valid {
+                    if 100.0 - *r >= f64::from(fp.threshold) {
+                        self.eject(e, o, now, "failure percentage");
+                    }
+                }
+            }
+        }
+        let interval = o.interval.as_millis() as u64;
+        for e in &set.endpoints {
+            let until = e.ejected_until.load(Relaxed);
+            // Back for a whole interval: the next ejection is shorter.
+            if until != 0 && until + interval <= now {
+                let _ = e
+                    .ejections
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+            }
+        }
     }
 }
 
@@ -264,6 +347,9 @@ impl ClusterManager {
                         health::spawn(Arc::downgrade(&c), hc.clone());
                     }
                     spawn_idle_sweep(Arc::downgrade(&c));
+                    if cfg.outlier.is_some() {
+                        spawn_outlier(Arc::downgrade(&c));
+                    }
                     if let Discovery::Dns(hosts) = &cfg.discovery {
                         spawn_dns(Arc::downgrade(&c), hosts.clone());
                     }
@@ -325,6 +411,35 @@ fn spawn_idle_sweep(cluster: std::sync::Weak<Cluster>) {
     });
 }
 
+/// Envoy's success-rate ejection threshold: the mean of the rates less
+/// `stdev_factor` (population) standard deviations.
+fn success_rate_threshold(rates: &[f64], stdev_factor: f64) -> f64 {
+    let n = rates.len() as f64;
+    let mean = rates.iter().sum::<f64>() / n;
+    let variance = rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
+    mean - stdev_factor * variance.sqrt()
+}
+
+/// Runs a cluster's outlier detector interval while the cluster lives.
+fn spawn_outlier(cluster: std::sync::Weak<Cluster>) {
+    tokio::spawn(async move {
+        loop {
+            let every = match cluster.upgrade() {
+                Some(c) => match &c.config.outlier {
+                    Some(o) => o.interval,
+                    None => return,
+                },
+                None => return,
+            };
+            tokio::time::sleep(every).await;
+            let Some(c) = cluster.upgrade() else { return };
+            if let Some(o) = &c.config.outlier {
+                c.outlier_interval(o);
+            }
+        }
+    });
+}
+
 /// Resolves a DNS cluster's host names now and at its refresh rate while
 /// it lives.
 fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
@@ -364,4 +479,130 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
 /// Which load balancer to use is fixed per cluster.
 pub fn is_hashing(c: &Cluster) -> bool {
     c.config.lb == LbKind::RingHash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::cluster::{FailurePercentageEjection, SuccessRateEjection};
+    use portico_proto::envoy::config::cluster::v3::{
+        cluster::{ClusterDiscoveryType, DiscoveryType},
+        Cluster as PbCluster, OutlierDetection,
+    };
+
+    #[test]
+    fn success_rate_threshold_is_envoys() {
+        // Envoy's own example: mean 90, stdev 20, factor 1.9.
+        let t = success_rate_threshold(&[50.0, 100.0, 100.0, 100.0, 100.0], 1.9);
+        assert!((t - 52.0).abs() < 1e-9, "{t}");
+    }
+
+    /// Six endpoints; one fails half its requests over an interval.
+    fn cluster(edit: impl FnOnce(&mut OutlierDetection)) -> Arc<Cluster> {
+        let mut od = OutlierDetection {
+            max_ejection_percent: Some(portico_proto::google::protobuf::UInt32Value { value: 50 }),
+            ..Default::default()
+        };
+        edit(&mut od);
+        let cfg = ClusterConfig::convert(&PbCluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            outlier_detection: Some(od),
+            ..Default::default()
+        })
+        .expect("converts");
+        let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+        let specs: Vec<EndpointSpec> = (1..=6)
+            .map(|p| EndpointSpec {
+                addr: SocketAddr::from(([127, 0, 0, 1], p)),
+                weight: 1,
+                health: HealthStatus::Unknown,
+                locality: 0,
+                locality_weight: 1,
+            })
+            .collect();
+        c.set_endpoints(&specs);
+        c
+    }
+
+    fn serve(c: &Cluster, requests: u32, failing_every: Option<u32>) {
+        let set = c.endpoints.load();
+        for (i, e) in set.endpoints.iter().enumerate() {
+            for n in 0..requests {
+                let bad = i == 0 && failing_every.is_some_and(|k| n % k == 0);
+                c.observe(e, Some(if bad { 503 } else { 200 }));
+            }
+        }
+    }
+
+    #[test]
+    fn interval_ejects_by_success_rate_and_backoffs_decay() {
+        // A 1 ms interval: the process's clock is young in a test.
+        let c = cluster(|od| {
+            od.interval = Some(portico_proto::google::protobuf::Duration {
+                seconds: 0,
+                nanos: 1_000_000,
+            })
+        });
+        let o = c.config.outlier.clone().expect("outlier detection");
+        assert_eq!(
+            o.success_rate,
+            Some(SuccessRateEjection {
+                minimum_hosts: 5,
+                request_volume: 100,
+                stdev_factor: 1.9
+            })
+        );
+        assert!(o.failure_percentage.is_none());
+        // Too few requests: nothing is judged.
+        serve(&c, 50, Some(2));
+        c.outlier_interval(&o);
+        assert_eq!(c.stats.outlier_ejections.load(Relaxed), 0);
+        // Enough: the one at 50% (the others at 100%) is out.
+        serve(&c, 120, Some(2));
+        c.outlier_interval(&o);
+        assert_eq!(c.stats.outlier_ejections.load(Relaxed), 1);
+        let now = now_ms();
+        let set = c.endpoints.load();
+        assert!(!set.endpoints[0].available(now));
+        assert!(set.endpoints[1..].iter().all(|e| e.available(now)));
+        // Its backoff decays once it has been back for an interval.
+        set.endpoints[0].ejected_until.store(1, Relaxed);
+        set.endpoints[0].ejections.store(2, Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        c.outlier_interval(&o);
+        assert_eq!(set.endpoints[0].ejections.load(Relaxed), 1);
+
+        // Turned off, nothing is counted or ejected by rate.
+        let off = cluster(|od| {
+            od.enforcing_success_rate =
+                Some(portico_proto::google::protobuf::UInt32Value { value: 0 })
+        });
+        let o = off.config.outlier.clone().unwrap();
+        serve(&off, 200, Some(2));
+        off.outlier_interval(&o);
+        assert_eq!(off.stats.outlier_ejections.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn failure_percentage_ejects_when_enforced() {
+        use portico_proto::google::protobuf::UInt32Value;
+        let c = cluster(|od| {
+            od.enforcing_success_rate = Some(UInt32Value { value: 0 });
+            od.enforcing_failure_percentage = Some(UInt32Value { value: 100 });
+            od.failure_percentage_threshold = Some(UInt32Value { value: 40 });
+        });
+        let o = c.config.outlier.clone().unwrap();
+        assert_eq!(
+            o.failure_percentage,
+            Some(FailurePercentageEjection {
+                threshold: 40,
+                minimum_hosts: 5,
+                request_volume: 50
+            })
+        );
+        serve(&c, 60, Some(2));
+        c.outlier_interval(&o);
+        assert_eq!(c.stats.outlier_ejections.load(Relaxed), 1);
+    }
 }

@@ -545,6 +545,7 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/random", "random", |_| {}),
         prefix_route("/zones", "zones", |_| {}),
         prefix_route("/flat", "flat", |_| {}),
+        prefix_route("/rated", "rated", |_| {}),
         // A cookie picks u1; a client certificate would pick u1 too, but
         // no connection has one; the rest go to u2.
         Route {
@@ -920,6 +921,25 @@ fn foreign_control_plane_envoy_features() {
                 c
             }),
             resource("flat", &cluster("flat", LbPolicy::RoundRobin, None)),
+            // Outlier detection by success rate alone, judged every 300 ms
+            // over endpoints that served 10 requests.
+            resource("rated", &{
+                let mut c = cluster("rated", LbPolicy::RoundRobin, Some(&p));
+                let n = |value| Some(UInt32Value { value });
+                c.outlier_detection = Some(portico_proto::envoy::config::cluster::v3::OutlierDetection {
+                    interval: Some(portico_proto::google::protobuf::Duration {
+                        seconds: 0,
+                        nanos: 300_000_000,
+                    }),
+                    enforcing_consecutive_5xx: n(0),
+                    success_rate_minimum_hosts: n(3),
+                    success_rate_request_volume: n(10),
+                    success_rate_stdev_factor: n(1000),
+                    max_ejection_percent: n(50),
+                    ..Default::default()
+                });
+                c
+            }),
             // A retry budget of nothing: no retries, whatever max_retries.
             resource("budgeted", &{
                 let mut c = cluster("budgeted", LbPolicy::RoundRobin, Some(&[p[1]]));
@@ -1391,6 +1411,29 @@ fn foreign_control_plane_envoy_features() {
         }
         assert_eq!(n.get("u1").copied(), Some(lone), "{path}: {n:?}");
     }
+
+    // Success-rate outlier detection: u3 failing every request, the others
+    // none, u3 is ejected at the end of the interval and gets no more.
+    ups[2]
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = |path: &str| get(path, &[]).header("x-upstream").map(String::from);
+    // Batches until one falls within one interval (10 requests each).
+    let ejected = wait_for(std::time::Duration::from_secs(20), || {
+        for _ in 0..45 {
+            answered("/rated/x");
+        }
+        (dp.stat("cluster.rated.outlier_ejections") >= 1).then_some(())
+    });
+    ups[2]
+        .failing
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(ejected.is_some(), "u3 ejected by its success rate");
+    let after: BTreeSet<_> = (0..30).filter_map(|_| answered("/rated/y")).collect();
+    assert!(
+        !after.contains("u3") && after.len() == 2,
+        "traffic avoids u3: {after:?}"
+    );
 
     // Random reaches every endpoint.
     let mut seen = BTreeSet::new();
