@@ -742,8 +742,15 @@ async fn route_request<'a>(
     if let Some(b) = guard.log.as_mut() {
         b.1.route_name = route.name.to_string();
     }
-    let levels = edit_order(None, &route.edits, &vh.edits, table);
-    let mut fmt = Formatting::new(&levels, &req, conn, origin, route);
+    // Most routes have no header edits at any level; then nothing below
+    // costs more than this check.
+    let edited = !(route.edits.is_empty() && vh.edits.is_empty() && table.edits.is_empty());
+    let mut fmt = if edited {
+        let levels = edit_order(None, &route.edits, &vh.edits, table);
+        Formatting::new(&levels, &req, conn, origin, route)
+    } else {
+        None
+    };
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
             let mut r = Response::new(Either::Right(body.clone()));
@@ -810,12 +817,17 @@ async fn route_request<'a>(
             r
         }
     };
-    if let Some(f) = fmt.as_deref_mut() {
-        f.answered(resp.status(), resp.headers());
-    }
-    let rec = fmt.as_deref().map(|f| &f.rec);
-    for e in levels.into_iter().flatten() {
-        e.apply_response(resp.headers_mut(), rec);
+    if edited {
+        if let Some(f) = fmt.as_deref_mut() {
+            f.answered(resp.status(), resp.headers());
+        }
+        let rec = fmt.as_deref().map(|f| &f.rec);
+        for e in edit_order(None, &route.edits, &vh.edits, table)
+            .into_iter()
+            .flatten()
+        {
+            e.apply_response(resp.headers_mut(), rec);
+        }
     }
     Ok(resp)
 }
@@ -871,13 +883,16 @@ static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-atte
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one hop and never travel past the proxy.
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+/// Headers that describe one hop and never travel past the proxy; with
+/// `drop_te`, `te` too (HTTP/1.1 upstreams: only HTTP/2 carries
+/// `te: trailers` end to end).
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, drop_te: bool) {
     const CONNECTION: u8 = 1;
     const UPGRADE: u8 = 2;
     const TRANSFER_ENCODING: u8 = 4;
     const KEEP_ALIVE_: u8 = 8;
     const PROXY_CONNECTION_: u8 = 16;
+    const TE: u8 = 32;
     // One pass over the names (a length check each, mostly) says which are
     // present, so only those cost a hash lookup; most messages have none,
     // and a `Connection: keep-alive` costs two lookups, not eight.
@@ -889,6 +904,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             "transfer-encoding" => TRANSFER_ENCODING,
             "keep-alive" => KEEP_ALIVE_,
             "proxy-connection" => PROXY_CONNECTION_,
+            "te" if drop_te => TE,
             _ => 0,
         };
     }
@@ -941,6 +957,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if found & PROXY_CONNECTION_ != 0 {
         h.remove(&PROXY_CONNECTION);
+    }
+    if found & TE != 0 {
+        h.remove(header::TE);
     }
 }
 
@@ -1137,10 +1156,7 @@ async fn forward(
     let new_pq = rewrite_path(fwd, route, original_pq);
     let mut up_uri: Option<http::Uri> = None;
     let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers, upgrade);
-    if !cluster.config.http2 {
-        headers.remove(header::TE);
-    }
+    strip_hop_by_hop(&mut headers, upgrade, !cluster.config.http2);
     if let Some(via) = &lr.config.via {
         append_via(&mut headers, via);
     }
@@ -1467,7 +1483,7 @@ async fn forward(
                     b.1.upstream_service_time_sent = envoy_headers;
                 }
                 let (mut rparts, rbody) = resp.into_parts();
-                strip_hop_by_hop(&mut rparts.headers, false);
+                strip_hop_by_hop(&mut rparts.headers, false, false);
                 if envoy_headers {
                     rparts
                         .headers
@@ -1911,7 +1927,7 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-keep", "2"),
         ]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, false, false);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
 
@@ -1920,12 +1936,19 @@ mod tests {
             ("upgrade", "websocket"),
             ("a", "b"),
         ]);
-        strip_hop_by_hop(&mut h, true);
+        strip_hop_by_hop(&mut h, true, false);
         assert_eq!(h.len(), 3, "an upgrade keeps Connection and Upgrade");
 
         let mut h = map(&[("a", "b"), ("c", "d")]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, false, false);
         assert_eq!(h.len(), 2);
+
+        // `te` goes only to HTTP/1.1 upstreams.
+        let mut h = map(&[("te", "trailers"), ("a", "b")]);
+        strip_hop_by_hop(&mut h, false, false);
+        assert_eq!(h.len(), 2);
+        strip_hop_by_hop(&mut h, false, true);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);
     }
 
     #[test]

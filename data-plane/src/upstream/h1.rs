@@ -666,6 +666,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     // Chunked applied twice is a framing the proxy will not reuse after.
     let mut chunked_twice = false;
     let mut other_coding = false;
+    // This hop's own fields are not passed on (the handler would remove
+    // them again): leaving them out of the map saves inserting and then
+    // removing them from nearly every answer. A `Connection` that names
+    // other fields stays, so that the handler removes those with it; a 101
+    // keeps them all, for the upgrade is passed on.
+    let hop_fields_stay = status == StatusCode::SWITCHING_PROTOCOLS;
     for &[n0, n1, v0, v1] in &at[..n] {
         let name = crate::header_names::parse(&head[n0 as usize..n1 as usize]).map_err(bad)?;
         // SAFETY: a field value httparse accepted, default configuration.
@@ -694,6 +700,16 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
             } else if version == Version::HTTP_10 && has_token(v, "keep-alive") {
                 close = false;
             }
+            if !hop_fields_stay && names_only_hop_fields(v) {
+                continue;
+            }
+        }
+        if !hop_fields_stay
+            && (name == header::TRANSFER_ENCODING
+                || name == header::UPGRADE
+                || matches!(name.as_str(), "keep-alive" | "proxy-connection"))
+        {
+            continue;
         }
         headers.append(name, value);
     }
@@ -719,6 +735,24 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
         close,
         framing,
     }))
+}
+
+/// Whether a `Connection` value names only fields the proxy removes
+/// anyway (and `close`).
+fn names_only_hop_fields(v: &[u8]) -> bool {
+    v.split(|b| *b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty()
+            || [
+                &b"close"[..],
+                b"keep-alive",
+                b"upgrade",
+                b"transfer-encoding",
+                b"proxy-connection",
+            ]
+            .iter()
+            .any(|k| t.eq_ignore_ascii_case(k))
+    })
 }
 
 /// A response body from an HTTP/1.1 upstream.
@@ -927,6 +961,33 @@ mod tests {
         assert!(parse_head(&mut buf).is_err());
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
         assert!(parse_head(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn this_hops_fields_stay_out_of_the_answer() {
+        let h = parse(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nupgrade: h2c\r\nproxy-connection: x\r\nx-a: b\r\n\r\n",
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a"]);
+        // A Connection naming another field stays, for the handler to
+        // remove both.
+        let h = parse("HTTP/1.1 200 OK\r\nconnection: close, x-secret\r\nx-secret: 1\r\ncontent-length: 0\r\n\r\n");
+        assert!(
+            h.close && h.headers.contains_key("connection") && h.headers.contains_key("x-secret")
+        );
+        // A 101 passes its upgrade on.
+        let h = parse(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        );
+        assert_eq!(
+            (
+                h.headers["connection"].as_bytes(),
+                h.headers["upgrade"].as_bytes()
+            ),
+            (&b"upgrade"[..], &b"websocket"[..])
+        );
     }
 
     #[test]
