@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::body::{Guard, RequestBody, ResponseBody, Upstream};
 use super::edge::{Origin, X_FORWARDED_FOR};
+use super::edits::{edit_order, Formatting, RouteEdits};
 use super::http1::{FramingConflict, OnUpgrade, Upgraded};
 use super::max_duration;
 use super::mirror;
@@ -69,102 +70,6 @@ fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Local<'
         body,
         flags,
         edits: None,
-    }
-}
-
-/// The response header edits of a route, most specific first: Envoy's
-/// router applies them to its own answers (no healthy upstream, timeouts,
-/// resets) as well as to the upstream's.
-struct RouteEdits<'a> {
-    /// The weighted cluster's own.
-    target: Option<&'a Edits>,
-    route: &'a Edits,
-    vh: &'a Edits,
-    table: &'a RouteTable,
-    /// What values made per request read, when one does.
-    fmt: Option<Box<Formatting>>,
-}
-
-impl RouteEdits<'_> {
-    /// Applies them to an answer of status `status`.
-    fn apply_response(&mut self, h: &mut HeaderMap, status: StatusCode) {
-        if let Some(f) = self.fmt.as_deref_mut() {
-            f.answered(status, h);
-        }
-        let rec = self.fmt.as_deref().map(|f| &f.rec);
-        for e in edit_order(self.target, self.route, self.vh, self.table)
-            .into_iter()
-            .flatten()
-        {
-            e.apply_response(h, rec);
-        }
-    }
-}
-
-/// The order header edits run in, Envoy's: a weighted cluster's own
-/// first, then the route's, the virtual host's and the configuration's
-/// (the last wins), or the other way round with
-/// `most_specific_header_mutations_wins`.
-fn edit_order<'a>(
-    target: Option<&'a Edits>,
-    route: &'a Edits,
-    vh: &'a Edits,
-    table: &'a RouteTable,
-) -> [Option<&'a Edits>; 4] {
-    if table.most_specific_wins {
-        [target, Some(&table.edits), Some(vh), Some(route)]
-    } else {
-        [target, Some(route), Some(vh), Some(&table.edits)]
-    }
-}
-
-/// A record of the request for the header values a route's edits make per
-/// request from Envoy's command operators (built only when one does).
-struct Formatting {
-    rec: Record,
-    /// The response headers the values read.
-    response_names: Vec<HeaderName>,
-}
-
-impl Formatting {
-    /// For the edits of `levels`, when one of them makes a value per
-    /// request.
-    fn new(
-        levels: &[Option<&Edits>],
-        req: &Request<RequestBody>,
-        conn: &Conn,
-        origin: &Origin,
-        route: &Route,
-    ) -> Option<Box<Formatting>> {
-        let levels = levels.iter().flatten();
-        if !levels.clone().any(|e| e.formatted().contains(&true)) {
-            return None;
-        }
-        let (mut req_names, mut response_names) = (Vec::new(), Vec::new());
-        for e in levels {
-            let (q, r) = e.format_headers();
-            req_names.extend(q);
-            response_names.extend(r);
-        }
-        let mut rec = record(req, conn, *origin, &req_names);
-        rec.route_name = route.name.to_string();
-        Some(Box::new(Formatting {
-            rec,
-            response_names,
-        }))
-    }
-
-    /// Notes the answer, for the response's values.
-    fn answered(&mut self, status: StatusCode, h: &HeaderMap) {
-        self.rec.response_code = status.as_u16();
-        self.rec.response_headers = self
-            .response_names
-            .iter()
-            .map(|n| {
-                let v = h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                (n.clone(), v)
-            })
-            .collect();
     }
 }
 
@@ -747,7 +652,7 @@ async fn route_request<'a>(
     let edited = !(route.edits.is_empty() && vh.edits.is_empty() && table.edits.is_empty());
     let mut fmt = if edited {
         let levels = edit_order(None, &route.edits, &vh.edits, table);
-        Formatting::new(&levels, &req, conn, origin, route)
+        Formatting::new(&levels, route, |names| record(&req, conn, *origin, names))
     } else {
         None
     };
@@ -770,7 +675,9 @@ async fn route_request<'a>(
             let target = picked.as_ref().and_then(|p| p.1);
             let target_edits = target.and_then(|t| t.edits.as_deref());
             if fmt.is_none() && target_edits.is_some() {
-                fmt = Formatting::new(&[target_edits], &req, conn, origin, route);
+                fmt = Formatting::new(&[target_edits], route, |names| {
+                    record(&req, conn, *origin, names)
+                });
             }
             let edits = |l: Local<'static>, fmt: Option<Box<Formatting>>| Local {
                 edits: Some(Box::new(RouteEdits {
@@ -2097,41 +2004,5 @@ mod tests {
         }]);
         assert_eq!(hash(&plain, &HeaderMap::new()).0, None);
         assert_eq!(hash(&plain, &back).0, first);
-    }
-
-    #[test]
-    fn header_edits_run_in_envoys_order() {
-        use portico_proto::envoy::config::route::v3::RouteConfiguration;
-        let mut rc = RouteConfiguration::default();
-        let table = RouteTable::convert(&rc).expect("converts");
-        let (t, r, v) = (Edits::default(), Edits::default(), Edits::default());
-        let at = |order: [Option<&Edits>; 4], e: &Edits| {
-            order
-                .iter()
-                .position(|x| x.is_some_and(|x| std::ptr::eq(x, e)))
-        };
-        let order = edit_order(Some(&t), &r, &v, &table);
-        assert_eq!(
-            [
-                at(order, &t),
-                at(order, &r),
-                at(order, &v),
-                at(order, &table.edits)
-            ],
-            [Some(0), Some(1), Some(2), Some(3)]
-        );
-        rc.most_specific_header_mutations_wins = true;
-        let table = RouteTable::convert(&rc).expect("converts");
-        let order = edit_order(Some(&t), &r, &v, &table);
-        // The weighted cluster's own still come first (Envoy's).
-        assert_eq!(
-            [
-                at(order, &t),
-                at(order, &table.edits),
-                at(order, &v),
-                at(order, &r)
-            ],
-            [Some(0), Some(1), Some(2), Some(3)]
-        );
     }
 }

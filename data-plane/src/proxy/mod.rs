@@ -8,6 +8,7 @@
 
 pub mod body;
 mod edge;
+mod edits;
 pub mod h2;
 pub mod handler;
 mod header_rules;
