@@ -42,6 +42,21 @@ pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// Whether a token of a `Connection` value names a field the proxy
+/// handles itself on every hop (or is `close`): nothing more to remove
+/// for it.
+pub(crate) fn is_own_hop_token(t: &[u8]) -> bool {
+    [
+        &b"close"[..],
+        b"keep-alive",
+        b"upgrade",
+        b"transfer-encoding",
+        b"proxy-connection",
+    ]
+    .iter()
+    .any(|k| t.eq_ignore_ascii_case(k))
+}
+
 /// The last transfer coding of a `Transfer-Encoding` value.
 pub(crate) fn last_coding(value: &[u8]) -> &[u8] {
     value

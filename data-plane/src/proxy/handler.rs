@@ -826,16 +826,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, drop_te: bool) {
         for v in h.get_all(header::CONNECTION) {
             for t in v.as_bytes().split(|b| *b == b',') {
                 let t = t.trim_ascii();
-                let known = [
-                    &b"close"[..],
-                    b"keep-alive",
-                    b"upgrade",
-                    b"transfer-encoding",
-                    b"proxy-connection",
-                ]
-                .iter()
-                .any(|k| t.eq_ignore_ascii_case(k));
-                if t.is_empty() || known {
+                if t.is_empty() || crate::http1::is_own_hop_token(t) {
                     continue;
                 }
                 // `from_bytes` lowercases.

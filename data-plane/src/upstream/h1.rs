@@ -742,16 +742,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
 fn names_only_hop_fields(v: &[u8]) -> bool {
     v.split(|b| *b == b',').all(|t| {
         let t = t.trim_ascii();
-        t.is_empty()
-            || [
-                &b"close"[..],
-                b"keep-alive",
-                b"upgrade",
-                b"transfer-encoding",
-                b"proxy-connection",
-            ]
-            .iter()
-            .any(|k| t.eq_ignore_ascii_case(k))
+        t.is_empty() || crate::http1::is_own_hop_token(t)
     })
 }
 
