@@ -149,6 +149,21 @@ pub struct HealthCheckConfig {
     pub unhealthy_threshold: u32,
     /// Statuses counted as passing, as [start, end) ranges.
     pub expected: Vec<(u16, u16)>,
+    /// Other statuses count toward `unhealthy_threshold` only when in
+    /// these ranges (`retriable_statuses`); any other makes the endpoint
+    /// unhealthy at once, as in Envoy (failing to connect or to get an
+    /// answer in time always counts toward the threshold).
+    pub retriable: Vec<(u16, u16)>,
+    /// The request's method (`method`, GET unless set).
+    pub method: http::Method,
+    /// Speak HTTP/2 (prior knowledge) to the endpoint
+    /// (`codec_client_type: HTTP2`).
+    pub http2: bool,
+    /// Headers added to each check request (`request_headers_to_add`,
+    /// fixed values), after those removed.
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Headers not sent (`request_headers_to_remove`).
+    pub remove: Vec<http::HeaderName>,
 }
 
 /// Passive outlier detection on consecutive errors.
@@ -250,6 +265,63 @@ pub struct EndpointSpec {
     /// That locality's weight (0 when unset), which counts only in a
     /// cluster with `locality_weighted_lb_config`.
     pub locality_weight: u32,
+}
+
+/// A health check's `method` (GET unless set; CONNECT is refused, as in
+/// Envoy).
+fn health_check_method(m: i32, at: &str) -> Result<http::Method, ConfigError> {
+    use portico_proto::envoy::config::core::v3::RequestMethod as M;
+    Ok(match M::try_from(m) {
+        Ok(M::MethodUnspecified | M::Get) => http::Method::GET,
+        Ok(M::Head) => http::Method::HEAD,
+        Ok(M::Post) => http::Method::POST,
+        Ok(M::Put) => http::Method::PUT,
+        Ok(M::Delete) => http::Method::DELETE,
+        Ok(M::Options) => http::Method::OPTIONS,
+        Ok(M::Trace) => http::Method::TRACE,
+        Ok(M::Patch) => http::Method::PATCH,
+        Ok(M::Connect) | Err(_) => {
+            return Err(ConfigError::new(
+                at,
+                format!("health check method {m} is not supported"),
+            ))
+        }
+    })
+}
+
+/// A header a health check adds: its name and fixed value (command
+/// operators are refused: there is no request to read them from).
+fn health_check_header(
+    o: &portico_proto::envoy::config::core::v3::HeaderValueOption,
+    at: &str,
+) -> Result<(http::HeaderName, http::HeaderValue), ConfigError> {
+    let h = o
+        .header
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(at, "no header"))?;
+    let name = http::HeaderName::from_bytes(h.key.to_ascii_lowercase().as_bytes())
+        .map_err(|_| ConfigError::new(at, format!("bad header name {:?}", h.key)))?;
+    let text = if h.raw_value.is_empty() {
+        h.value.clone()
+    } else {
+        String::from_utf8_lossy(&h.raw_value).into_owned()
+    };
+    let text = if text.contains('%') {
+        crate::access_log::LogFormat::text(&text)
+            .map_err(|e| ConfigError::new(at, e))?
+            .literal()
+            .ok_or_else(|| {
+                ConfigError::new(
+                    at,
+                    "command operators are not supported in health check headers",
+                )
+            })?
+    } else {
+        text
+    };
+    let value = http::HeaderValue::from_str(&text)
+        .map_err(|_| ConfigError::new(at, format!("bad value for header {:?}", h.key)))?;
+    Ok((name, value))
 }
 
 /// Endpoints weighted as Envoy's locality-weighted balancing picks them:
@@ -576,11 +648,25 @@ impl ClusterConfig {
                         format!("path {:?} must start with '/'", h.path),
                     ));
                 }
-                let mut expected: Vec<(u16, u16)> = h
-                    .expected_statuses
-                    .iter()
-                    .map(|r| (r.start.clamp(100, 600) as u16, r.end.clamp(100, 600) as u16))
-                    .collect();
+                // Each would change what passes a check if ignored.
+                let refused = [
+                    (h.send.is_some(), "send"),
+                    (!h.receive.is_empty(), "receive"),
+                    (h.service_name_matcher.is_some(), "service_name_matcher"),
+                ];
+                if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
+                    return Err(ConfigError::new(
+                        &hat,
+                        format!("http_health_check.{name} is not supported"),
+                    ));
+                }
+                let ranges =
+                    |v: &[portico_proto::envoy::r#type::v3::Int64Range]| -> Vec<(u16, u16)> {
+                        v.iter()
+                            .map(|r| (r.start.clamp(100, 600) as u16, r.end.clamp(100, 600) as u16))
+                            .collect()
+                    };
+                let mut expected = ranges(&h.expected_statuses);
                 if expected.is_empty() {
                     expected.push((200, 201));
                 }
@@ -599,6 +685,40 @@ impl ClusterConfig {
                         .as_ref()
                         .map_or(1, |v| v.value.max(1)),
                     expected,
+                    retriable: ranges(&h.retriable_statuses),
+                    method: health_check_method(h.method, &hat)?,
+                    http2: match h.codec_client_type {
+                        0 => false,
+                        1 => true,
+                        n => {
+                            return Err(ConfigError::new(
+                                &hat,
+                                format!("codec_client_type {n} is not supported (HTTP1 or HTTP2)"),
+                            ))
+                        }
+                    },
+                    add: h
+                        .request_headers_to_add
+                        .iter()
+                        .enumerate()
+                        .map(|(i, o)| {
+                            health_check_header(o, &format!("{hat} request_headers_to_add[{i}]"))
+                        })
+                        .collect::<Result<_, _>>()?,
+                    remove: h
+                        .request_headers_to_remove
+                        .iter()
+                        .map(|n| {
+                            http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(
+                                |_| {
+                                    ConfigError::new(
+                                        &hat,
+                                        format!("request_headers_to_remove: bad header name {n:?}"),
+                                    )
+                                },
+                            )
+                        })
+                        .collect::<Result<_, _>>()?,
                 })
             }
             _ => {

@@ -261,6 +261,22 @@ impl Pool {
         Ok(tx)
     }
 
+    /// Opens an HTTP/2 (prior knowledge) connection that is not pooled
+    /// (for health checks).
+    pub async fn connect_h2(&self) -> Result<http2::SendRequest<ReqBody>, SendError> {
+        let (io, slot) = self.tcp().await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            let _open = slot;
+            let _ = conn.await;
+        });
+        Ok(tx)
+    }
+
     async fn send_h2(
         &self,
         req: Request<ReqBody>,

@@ -546,6 +546,7 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/zones", "zones", |_| {}),
         prefix_route("/flat", "flat", |_| {}),
         prefix_route("/rated", "rated", |_| {}),
+        prefix_route("/checked", "checked", |_| {}),
         // A cookie picks u1; a client certificate would pick u1 too, but
         // no connection has one; the rest go to u2.
         Route {
@@ -938,6 +939,36 @@ fn foreign_control_plane_envoy_features() {
                     max_ejection_percent: n(50),
                     ..Default::default()
                 });
+                c
+            }),
+            // Health checked by HEAD with a header of its own; a bad status
+            // makes an endpoint unhealthy at once, whatever the threshold.
+            resource("checked", &{
+                use portico_proto::envoy::config::core::v3::{health_check, HealthCheck};
+                let mut c = cluster("checked", LbPolicy::RoundRobin, Some(&[p[0], p[1]]));
+                c.health_checks = vec![HealthCheck {
+                    interval: Some(portico_proto::google::protobuf::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    timeout: Some(portico_proto::google::protobuf::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    unhealthy_threshold: Some(UInt32Value { value: 5 }),
+                    healthy_threshold: Some(UInt32Value { value: 1 }),
+                    health_checker: Some(health_check::HealthChecker::HttpHealthCheck(
+                        health_check::HttpHealthCheck {
+                            host: "hc.example".into(),
+                            path: "/healthz".into(),
+                            method: portico_proto::envoy::config::core::v3::RequestMethod::Head
+                                as i32,
+                            request_headers_to_add: vec![header_option("x-hc", "yes", false)],
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }];
                 c
             }),
             // A retry budget of nothing: no retries, whatever max_retries.
@@ -1412,12 +1443,38 @@ fn foreign_control_plane_envoy_features() {
         assert_eq!(n.get("u1").copied(), Some(lone), "{path}: {n:?}");
     }
 
+    let answered = |path: &str| get(path, &[]).header("x-upstream").map(String::from);
+    // Health checks: HEAD with the configured host; a failing status takes
+    // u1 out at the first check (the threshold of 5 counts only for
+    // checks that get no answer), within about a second.
+    let checked = wait_for(std::time::Duration::from_secs(10), || {
+        ups[0]
+            .seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l == "HEAD /healthz hc.example -")
+            .then_some(())
+    });
+    assert!(checked.is_some(), "u1 health checked by HEAD");
+    ups[0]
+        .unhealthy
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let out = wait_for(std::time::Duration::from_millis(3500), || {
+        (0..6)
+            .all(|_| answered("/checked") == Some("u2".to_string()))
+            .then_some(())
+    });
+    ups[0]
+        .unhealthy
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(out.is_some(), "u1 out after one failed check");
+
     // Success-rate outlier detection: u3 failing every request, the others
     // none, u3 is ejected at the end of the interval and gets no more.
     ups[2]
         .failing
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let answered = |path: &str| get(path, &[]).header("x-upstream").map(String::from);
     // Batches until one falls within one interval (10 requests each).
     let ejected = wait_for(std::time::Duration::from_secs(20), || {
         for _ in 0..45 {
