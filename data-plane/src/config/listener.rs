@@ -206,6 +206,8 @@ pub struct ListenerConfig {
     pub max_request_headers: usize,
     /// What HTTP/1.0 requests get (`http_protocol_options`).
     pub http10: Http10,
+    /// Downstream HTTP/2 limits (`http2_protocol_options`).
+    pub h2: H2Limits,
     /// The most of a request body kept for retries and mirrors, unless
     /// the route says otherwise (`per_connection_buffer_limit_bytes`,
     /// 1 MiB by default as in Envoy).
@@ -409,6 +411,28 @@ impl ListenerConfig {
                 hcm.add_user_agent.is_some_and(|b| b.value),
                 "add_user_agent",
             ),
+            (
+                hcm.path_normalization_options.as_ref().is_some_and(|p| {
+                    p.forwarding_transformation.is_some() || p.http_filter_transformation.is_some()
+                }),
+                "path_normalization_options",
+            ),
+            (
+                hcm.typed_header_validation_config.is_some(),
+                "typed_header_validation_config",
+            ),
+            (
+                hcm.represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
+                "represent_ipv4_remote_address_as_ipv4_mapped_ipv6",
+            ),
+            (hcm.proxy_status_config.is_some(), "proxy_status_config"),
+            (
+                hcm.request_id_extension
+                    .as_ref()
+                    .and_then(|r| r.typed_config.as_ref())
+                    .is_some_and(|a| !a.type_url.ends_with(".UuidRequestIdConfig")),
+                "request_id_extension other than the UUID one",
+            ),
         ];
         if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
             return Err(ConfigError::new(at, format!("{name} is not supported")));
@@ -557,6 +581,7 @@ impl ListenerConfig {
                 .map(duration)
                 .filter(|d| !d.is_zero()),
             http10: Http10::convert(hcm.http_protocol_options.as_ref(), at)?,
+            h2: H2Limits::convert(hcm.http2_protocol_options.as_ref(), at)?,
             body_buffer_limit: l
                 .per_connection_buffer_limit_bytes
                 .as_ref()
@@ -666,6 +691,82 @@ pub struct ClientAddressing {
     /// The listener's port, to tell the upstream as `x-forwarded-port`
     /// (the HCM's `append_x_forwarded_port`).
     pub forwarded_port: Option<http::HeaderValue>,
+}
+
+/// Downstream HTTP/2 limits, from the HCM's `http2_protocol_options`.
+/// Unset, Portico's own (Envoy's defaults are 2^31-1 streams and 256 MiB
+/// windows, which let one client hold that much of the proxy's memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct H2Limits {
+    /// Streams a client may have open at once
+    /// (`max_concurrent_streams`, 256 here).
+    pub max_streams: u32,
+    /// Each stream's receive window: what a client may send of one
+    /// request body before the proxy has passed it on
+    /// (`initial_stream_window_size`, 1 MiB here).
+    pub stream_window: u32,
+    /// The connection's receive window, all request bodies together
+    /// (`initial_connection_window_size`, 2 MiB here).
+    pub conn_window: u32,
+}
+
+impl Default for H2Limits {
+    fn default() -> Self {
+        H2Limits {
+            max_streams: 256,
+            stream_window: 1 << 20,
+            conn_window: 2 << 20,
+        }
+    }
+}
+
+impl H2Limits {
+    fn convert(
+        o: Option<&portico_proto::envoy::config::core::v3::Http2ProtocolOptions>,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        let d = H2Limits::default();
+        let Some(o) = o else { return Ok(d) };
+        let at = format!("{at} http2_protocol_options");
+        let window = |v: Option<u32>, name: &str, default: u32| -> Result<u32, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(n) if (65_535..=2_147_483_647).contains(&n) => Ok(n),
+                Some(n) => Err(ConfigError::new(
+                    &at,
+                    format!("{name} {n} is outside 65535..2147483647"),
+                )),
+            }
+        };
+        if o.allow_connect || !o.custom_settings_parameters.is_empty() {
+            return Err(ConfigError::new(
+                &at,
+                "allow_connect and custom_settings_parameters are not supported",
+            ));
+        }
+        Ok(H2Limits {
+            max_streams: match o.max_concurrent_streams.as_ref().map(|v| v.value) {
+                None => d.max_streams,
+                Some(0) => {
+                    return Err(ConfigError::new(
+                        &at,
+                        "max_concurrent_streams must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+            },
+            stream_window: window(
+                o.initial_stream_window_size.as_ref().map(|v| v.value),
+                "initial_stream_window_size",
+                d.stream_window,
+            )?,
+            conn_window: window(
+                o.initial_connection_window_size.as_ref().map(|v| v.value),
+                "initial_connection_window_size",
+                d.conn_window,
+            )?,
+        })
+    }
 }
 
 /// The connection manager's rules for HTTP/1.0 requests (Envoy's
@@ -1133,6 +1234,31 @@ mod tests {
                 }),
                 "early_header_mutation_extensions",
             ),
+            (
+                Box::new(|h: &mut HttpConnectionManager| {
+                    h.proxy_status_config = Some(Default::default())
+                }),
+                "proxy_status_config",
+            ),
+            (
+                Box::new(|h: &mut HttpConnectionManager| {
+                    h.represent_ipv4_remote_address_as_ipv4_mapped_ipv6 = true
+                }),
+                "represent_ipv4_remote_address_as_ipv4_mapped_ipv6",
+            ),
+            (
+                Box::new(|h: &mut HttpConnectionManager| {
+                    h.request_id_extension = Some(
+                        portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::RequestIdExtension {
+                            typed_config: Some(Any {
+                                type_url: "type.googleapis.com/example.XrayRequestIdConfig".into(),
+                                value: Vec::new(),
+                            }),
+                        },
+                    )
+                }),
+                "request_id_extension",
+            ),
         ] {
             let msg = ListenerConfig::convert(&listener(|h| edit(h)))
                 .unwrap_err()
@@ -1507,5 +1633,59 @@ mod tests {
         let mut l = listener(|_| {});
         l.bind_to_port = Some(BoolValue { value: true });
         ListenerConfig::convert(&l).expect("binding is what it does anyway");
+    }
+
+    #[test]
+    fn http2_limits_come_from_the_connection_manager() {
+        use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
+        let c = ListenerConfig::convert(&listener(|_| {})).unwrap();
+        assert_eq!(c.h2, H2Limits::default());
+        let c = ListenerConfig::convert(&listener(|h| {
+            h.http2_protocol_options = Some(Http2ProtocolOptions {
+                max_concurrent_streams: Some(UInt32Value { value: 100 }),
+                initial_stream_window_size: Some(UInt32Value { value: 65_535 }),
+                ..Default::default()
+            })
+        }))
+        .unwrap();
+        assert_eq!(
+            c.h2,
+            H2Limits {
+                max_streams: 100,
+                stream_window: 65_535,
+                conn_window: 2 << 20
+            }
+        );
+        for (o, what) in [
+            (
+                Http2ProtocolOptions {
+                    initial_stream_window_size: Some(UInt32Value { value: 1000 }),
+                    ..Default::default()
+                },
+                "initial_stream_window_size 1000",
+            ),
+            (
+                Http2ProtocolOptions {
+                    max_concurrent_streams: Some(UInt32Value { value: 0 }),
+                    ..Default::default()
+                },
+                "max_concurrent_streams",
+            ),
+            (
+                Http2ProtocolOptions {
+                    allow_connect: true,
+                    ..Default::default()
+                },
+                "allow_connect",
+            ),
+        ] {
+            let msg = ListenerConfig::convert(&listener(|h| h.http2_protocol_options = Some(o)))
+                .expect_err(what)
+                .to_string();
+            assert!(
+                msg.contains("http2_protocol_options") && msg.contains(what),
+                "{msg}"
+            );
+        }
     }
 }

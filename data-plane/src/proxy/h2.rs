@@ -52,20 +52,12 @@ use super::header_rules::{admit, Admit};
 use super::http1::{linger_close, push_date, ClientGone};
 use super::server;
 use super::stream_idle::{self, HasRouteIdle, RouteIdle};
-use crate::config::listener::HeaderRules;
+use crate::config::listener::{H2Limits, HeaderRules};
 use crate::h2::frame::{self, flag, kind, setting, Head, Reason};
 use crate::h2::hpack::{self, Decoder, Name};
 use crate::http1::{parse_length, poll_fill, BodyError};
 use crate::stats::Stats;
 
-/// Streams a client may have open at once (nginx: 128, hyper: 200).
-const MAX_STREAMS: usize = 256;
-/// Each stream's receive window: what a client may send of one request
-/// body before the proxy has passed it on.
-const STREAM_WINDOW: u32 = 1 << 20;
-/// The connection's receive window: all request bodies of a connection
-/// together.
-const CONN_WINDOW: u32 = 2 << 20;
 /// The HPACK table size this server allows the client (the default).
 const TABLE_SIZE: usize = 4096;
 /// Above this many unsent bytes the connection stops reading frames and
@@ -710,6 +702,8 @@ struct Connection {
     write_stalled_since: Option<Instant>,
     /// To be closed at once (the client stopped reading).
     dead: bool,
+    /// The listener's HTTP/2 limits (streams, windows).
+    h2: H2Limits,
 }
 
 impl Connection {
@@ -722,20 +716,22 @@ impl Connection {
         stream_idle_timeout: Option<Duration>,
         drain: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Connection {
-        let (max_requests, header_rules) = {
+        let (max_requests, header_rules, h2) = {
             let c = &conn.listener.load().config;
-            (c.max_requests_per_connection, c.header_rules)
+            (c.max_requests_per_connection, c.header_rules, c.h2)
         };
         let mut wbuf = Vec::with_capacity(16 * 1024);
         frame::write_settings(
             &mut wbuf,
             &[
-                (setting::MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
-                (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+                (setting::MAX_CONCURRENT_STREAMS, h2.max_streams),
+                (setting::INITIAL_WINDOW_SIZE, h2.stream_window),
                 (setting::MAX_HEADER_LIST_SIZE, max_header_list as u32),
             ],
         );
-        frame::write_window_update(&mut wbuf, 0, CONN_WINDOW - frame::DEFAULT_WINDOW as u32);
+        if h2.conn_window > frame::DEFAULT_WINDOW as u32 {
+            frame::write_window_update(&mut wbuf, 0, h2.conn_window - frame::DEFAULT_WINDOW as u32);
+        }
         let now = Instant::now();
         let unparsed = !rbuf.is_empty();
         let ready = Arc::new(Ready::default());
@@ -778,7 +774,8 @@ impl Connection {
             peer_goaway: false,
             read_closed: false,
             closed_by: None,
-            conn_recv: i64::from(CONN_WINDOW),
+            conn_recv: i64::from(h2.conn_window.max(frame::DEFAULT_WINDOW as u32)),
+            h2,
             conn_unacked: 0,
             partial: None,
             max_header_list,
@@ -1074,7 +1071,7 @@ impl Connection {
             if let Some(s) = self.streams.get_mut(&id) {
                 if !s.remote_closed {
                     s.recv_unacked += n;
-                    if s.recv_unacked >= STREAM_WINDOW / 2 {
+                    if s.recv_unacked >= self.h2.stream_window / 2 {
                         frame::write_window_update(&mut self.out.wbuf, id, s.recv_unacked);
                         s.recv_window += i64::from(s.recv_unacked);
                         s.recv_unacked = 0;
@@ -1085,11 +1082,9 @@ impl Connection {
         // Credited in batches, but at once when the client's window runs
         // low: streams whose bodies wait unread must not hold up the ones
         // being read.
-        let low = self.conn_recv < i64::from(CONN_WINDOW / 2);
-        if self.conn_unacked > 0
-            && (self.conn_unacked >= CONN_WINDOW / 2 || low)
-            && !self.read_closed
-        {
+        let window = self.h2.conn_window.max(frame::DEFAULT_WINDOW as u32);
+        let low = self.conn_recv < i64::from(window / 2);
+        if self.conn_unacked > 0 && (self.conn_unacked >= window / 2 || low) && !self.read_closed {
             frame::write_window_update(&mut self.out.wbuf, 0, self.conn_unacked);
             self.conn_recv += i64::from(self.conn_unacked);
             self.conn_unacked = 0;
@@ -1588,7 +1583,7 @@ impl Connection {
         if self.goaway_sent {
             return Ok(()); // past the GOAWAY: the client retries elsewhere
         }
-        if self.streams.len() >= MAX_STREAMS {
+        if self.streams.len() >= self.h2.max_streams as usize {
             self.out.rst(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
@@ -1659,7 +1654,7 @@ impl Connection {
                 pending_end: false,
                 send_window: self.out.peer_initial_window,
                 recv,
-                recv_window: i64::from(STREAM_WINDOW),
+                recv_window: i64::from(self.h2.stream_window),
                 recv_unacked: 0,
                 remote_closed: end_stream,
                 head_only,

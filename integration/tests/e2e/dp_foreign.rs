@@ -181,6 +181,16 @@ fn listener(
                 ..Default::default()
             }
         }),
+        // Without `clean`: HTTP/2 clients get 3 streams at once and 100 kB
+        // windows.
+        http2_protocol_options: (!clean).then(|| {
+            portico_proto::envoy::config::core::v3::Http2ProtocolOptions {
+                max_concurrent_streams: Some(UInt32Value { value: 3 }),
+                initial_stream_window_size: Some(UInt32Value { value: 100_000 }),
+                initial_connection_window_size: Some(UInt32Value { value: 200_000 }),
+                ..Default::default()
+            }
+        }),
         // Without `clean`: hosts lose a trailing dot and the listener's own
         // port before routing (and upstream).
         strip_trailing_host_dot: !clean,
@@ -1688,6 +1698,38 @@ fn foreign_control_plane_envoy_features() {
         (301, Some("https://secure.test/a?b=1")),
         "{r:?}"
     );
+    // The listener's HTTP/2 limits are what its SETTINGS announce, and
+    // the connection window is opened to its size.
+    {
+        use super::dp_h2_downstream::{Raw, SETTINGS, WINDOW_UPDATE};
+        let mut c = Raw::connect(port, &[]);
+        let s = c.until("the server's SETTINGS", |f| {
+            f.kind == SETTINGS && f.flags & 1 == 0 && f.stream == 0
+        });
+        let announced: BTreeMap<u16, u32> = s
+            .payload
+            .chunks(6)
+            .map(|p| {
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                )
+            })
+            .collect();
+        assert_eq!(
+            (announced.get(&3), announced.get(&4)),
+            (Some(&3), Some(&100_000)),
+            "{announced:?}"
+        );
+        let w = c.until("the connection's window", |f| {
+            f.kind == WINDOW_UPDATE && f.stream == 0
+        });
+        assert_eq!(
+            u32::from_be_bytes([w.payload[0], w.payload[1], w.payload[2], w.payload[3]]),
+            200_000 - 65_535
+        );
+    }
+
     // HTTP/1.0: refused by default, served where the listener allows it.
     let r = raw(port, b"GET /host HTTP/1.0\r\nHost: gw\r\n\r\n").expect("answer");
     assert_eq!(r.status, 426, "{r:?}");
