@@ -140,6 +140,24 @@ impl Drop for DataPlane {
 
 /// A loopback port free right now (for Gateway listeners).
 pub fn free_port() -> u16 {
+    // Below the kernel's ephemeral range: a port the OS hands out for
+    // `bind(0)` or `connect` (a data plane's admin listener, an upstream
+    // connection) could otherwise be this one by the time it is used.
+    let floor = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if floor > 12_000 {
+        use std::hash::{BuildHasher, RandomState};
+        let mut rng = crate::rng::Rng(RandomState::new().hash_one(std::process::id()) | 1);
+        for _ in 0..200 {
+            let port = 10_000 + rng.below(u64::from(floor - 10_000)) as u16;
+            // Free on every address, as a gateway binds 0.0.0.0.
+            if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -39,8 +39,8 @@ pub enum Discovery {
 /// A DNS cluster's host names and how they are resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DnsTargets {
-    /// (host, port, weight) of each endpoint.
-    pub hosts: Vec<(String, u16, u32)>,
+    /// Each endpoint's name and where it stands.
+    pub hosts: Vec<DnsHost>,
     /// Which addresses of a name are used (`dns_lookup_family`).
     pub family: DnsFamily,
     /// `LOGICAL_DNS`: only the first address of its one name (a single
@@ -48,6 +48,23 @@ pub struct DnsTargets {
     pub logical: bool,
     /// How often names are resolved again (`dns_refresh_rate`, 5 s).
     pub refresh: Duration,
+}
+
+/// One endpoint of a DNS cluster: a name to resolve, and the weights its
+/// addresses take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsHost {
+    /// The name.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// The endpoint's weight.
+    pub weight: u32,
+    /// Its locality's index and weight (0 when unset), as for
+    /// [`EndpointSpec`].
+    pub locality: u32,
+    /// See `locality`.
+    pub locality_weight: u32,
 }
 
 /// Envoy's `dns_lookup_family`.
@@ -173,6 +190,13 @@ pub struct OutlierConfig {
     pub consecutive_5xx: u32,
     /// Consecutive gateway errors (502/503/504, connect failures) to eject.
     pub consecutive_gateway: u32,
+    /// The chance, in percent, that a detection on consecutive 5xx
+    /// ejects (`enforcing_consecutive_5xx`, 100).
+    pub enforce_5xx: u32,
+    /// The same for consecutive gateway errors
+    /// (`enforcing_consecutive_gateway_failure`, 0: `consecutive_gateway`
+    /// is then 0).
+    pub enforce_gateway: u32,
     /// First ejection length; multiplied by the number of ejections.
     pub base_ejection: Duration,
     /// Longest ejection.
@@ -201,6 +225,9 @@ pub struct SuccessRateEjection {
     pub request_volume: u32,
     /// `success_rate_stdev_factor` ÷ 1000 (1.9).
     pub stdev_factor: f64,
+    /// The chance, in percent, that a detection ejects
+    /// (`enforcing_success_rate`, 100).
+    pub enforcing: u32,
 }
 
 /// Envoy's failure-percentage outlier ejection: endpoints whose share of
@@ -213,6 +240,9 @@ pub struct FailurePercentageEjection {
     pub minimum_hosts: u32,
     /// `failure_percentage_request_volume` (50).
     pub request_volume: u32,
+    /// The chance, in percent, that a detection ejects
+    /// (`enforcing_failure_percentage`).
+    pub enforcing: u32,
 }
 
 /// A converted cluster.
@@ -336,26 +366,31 @@ pub fn locality_weighted(specs: &[EndpointSpec]) -> Vec<EndpointSpec> {
     // Scaled so that small weights keep their proportions, then brought
     // back down by their common divisor (smaller totals balance more
     // evenly).
-    let scaled: Vec<u64> = specs
+    // In u128: a locality weight and an endpoint weight are each up to
+    // 2^32, and the scale on top of both.
+    let scaled: Vec<u128> = specs
         .iter()
         .map(|s| {
-            let sum = sums[&s.locality].max(1);
-            u64::from(s.locality_weight) * u64::from(s.weight) * 10_080 / sum
+            let sum = u128::from(sums[&s.locality].max(1));
+            u128::from(s.locality_weight) * u128::from(s.weight) * 10_080 / sum
         })
         .collect();
-    let gcd = scaled.iter().filter(|w| **w > 0).fold(0u64, |a, &b| {
+    let gcd = scaled.iter().filter(|w| **w > 0).fold(0u128, |a, &b| {
         let (mut a, mut b) = (a, b);
         while b != 0 {
             (a, b) = (b, a % b);
         }
         a
     });
+    // All brought down together until the largest fits, keeping ratios.
+    let max = scaled.iter().max().copied().unwrap_or(0) / gcd.max(1);
+    let shrink = max.div_ceil(u128::from(u32::MAX)).max(1);
     specs
         .iter()
         .zip(scaled)
         .filter(|(s, _)| s.locality_weight > 0)
         .map(|(s, w)| EndpointSpec {
-            weight: u32::try_from((w / gcd.max(1)).max(1)).unwrap_or(u32::MAX),
+            weight: u32::try_from((w / gcd.max(1) / shrink).max(1)).unwrap_or(u32::MAX),
             ..s.clone()
         })
         .collect()
@@ -422,13 +457,19 @@ impl ClusterConfig {
                             return Err(ConfigError::new(&eat, "needs an endpoint"));
                         };
                         let (host, port) = host_port(ep.address.as_ref(), &eat)?;
-                        v.push((
+                        v.push(DnsHost {
                             host,
                             port,
-                            e.load_balancing_weight
+                            weight: e
+                                .load_balancing_weight
                                 .as_ref()
                                 .map_or(1, |w| w.value.max(1)),
-                        ));
+                            locality: li as u32,
+                            locality_weight: l
+                                .load_balancing_weight
+                                .as_ref()
+                                .map_or(0, |w| w.value),
+                        });
                     }
                 }
                 let logical = kind == DiscoveryType::LogicalDns;
@@ -666,17 +707,35 @@ impl ClusterConfig {
                             .map(|r| (r.start.clamp(100, 600) as u16, r.end.clamp(100, 600) as u16))
                             .collect()
                     };
+                let host = if h.host.is_empty() {
+                    c.name.clone()
+                } else {
+                    h.host.clone()
+                };
+                // The check request must be one that can be sent: over
+                // HTTP/2 the host is the URI's authority.
+                let uri = if h.codec_client_type == 1 {
+                    format!("http://{host}{}", h.path)
+                } else {
+                    h.path.clone()
+                };
+                if uri.parse::<http::Uri>().is_err() || http::HeaderValue::from_str(&host).is_err()
+                {
+                    return Err(ConfigError::new(
+                        &hat,
+                        format!(
+                            "the check's host {host:?} and path {:?} make no valid request (set http_health_check.host)",
+                            h.path
+                        ),
+                    ));
+                }
                 let mut expected = ranges(&h.expected_statuses);
                 if expected.is_empty() {
                     expected.push((200, 201));
                 }
                 Some(HealthCheckConfig {
                     path: h.path.clone(),
-                    host: if h.host.is_empty() {
-                        c.name.clone()
-                    } else {
-                        h.host.clone()
-                    },
+                    host,
                     interval,
                     timeout,
                     healthy_threshold: hc.healthy_threshold.as_ref().map_or(1, |v| v.value.max(1)),
@@ -753,6 +812,8 @@ impl ClusterConfig {
                 } else {
                     0
                 },
+                enforce_5xx: v(o.enforcing_consecutive_5xx.as_ref(), 100).min(100),
+                enforce_gateway: v(o.enforcing_consecutive_gateway_failure.as_ref(), 0).min(100),
                 base_ejection: base,
                 max_ejection: o
                     .max_ejection_time
@@ -773,6 +834,7 @@ impl ClusterConfig {
                         request_volume: v(o.success_rate_request_volume.as_ref(), 100),
                         stdev_factor: f64::from(v(o.success_rate_stdev_factor.as_ref(), 1900))
                             / 1000.0,
+                        enforcing: v(o.enforcing_success_rate.as_ref(), 100).min(100),
                     }
                 }),
                 failure_percentage: (v(o.enforcing_failure_percentage.as_ref(), 0) > 0).then(
@@ -780,6 +842,7 @@ impl ClusterConfig {
                         threshold: v(o.failure_percentage_threshold.as_ref(), 85).min(100),
                         minimum_hosts: v(o.failure_percentage_minimum_hosts.as_ref(), 5),
                         request_volume: v(o.failure_percentage_request_volume.as_ref(), 50),
+                        enforcing: v(o.enforcing_failure_percentage.as_ref(), 0).min(100),
                     },
                 ),
             }
@@ -1160,6 +1223,15 @@ mod tests {
         ];
         let w: Vec<u32> = locality_weighted(&specs).iter().map(|s| s.weight).collect();
         assert_eq!(w, vec![4, 1, 3], "the unweighted locality takes none");
+        // The largest weights the protocol allows: no overflow, ratios kept.
+        let big = [
+            spec(1, u32::MAX, 0, u32::MAX),
+            spec(2, u32::MAX, 1, u32::MAX / 2),
+        ];
+        let w: Vec<u32> = locality_weighted(&big).iter().map(|s| s.weight).collect();
+        assert_eq!(w.len(), 2);
+        let ratio = f64::from(w[0]) / f64::from(w[1]);
+        assert!((ratio - 2.0).abs() < 1e-6, "{w:?}");
 
         let mut c = Cluster {
             name: "c".into(),

@@ -1804,15 +1804,25 @@ fn convert_route(
 }
 
 impl VirtualHost {
-    /// The first route matching the request.
-    pub fn find(&self, req: &RequestHead<'_>) -> Option<&Route> {
+    /// The first route matching the request. With `ignore_path_parameters`
+    /// (the configuration's `ignore_path_parameters_in_path_matching`),
+    /// path matchers see the path up to its first `;`, as Envoy's do;
+    /// query and header matchers still see the whole of it.
+    pub fn find(&self, req: &RequestHead<'_>, ignore_path_parameters: bool) -> Option<&Route> {
         let (path, query) = match req.path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (req.path, None),
         };
+        let (full, path) = match req.path.find(';') {
+            Some(at) if ignore_path_parameters => {
+                let full = &req.path[..at];
+                (full, full.split_once('?').map_or(full, |(p, _)| p))
+            }
+            _ => (req.path, path),
+        };
         self.routes
             .iter()
-            .find(|r| r.matcher.matches(req.path, path, query, req))
+            .find(|r| r.matcher.matches(full, path, query, req))
     }
 }
 
@@ -2099,7 +2109,7 @@ mod tests {
         let canaries = (0..10_000)
             .filter(|_| {
                 matches!(
-                    &vh.find(&head).expect("route").action,
+                    &vh.find(&head, false).expect("route").action,
                     RouteAction::Forward(f) if matches!(&f.clusters, ClusterChoice::One(c) if &**c == "canary")
                 )
             })
@@ -2211,13 +2221,16 @@ mod tests {
         let vh = t.virtual_host("x", true).expect("vhost");
         let h = HeaderMap::new();
         let c = |p: &str| match &vh
-            .find(&RequestHead {
-                method: "GET",
-                path: p,
-                authority: "x",
-                scheme: "http",
-                headers: &h,
-            })
+            .find(
+                &RequestHead {
+                    method: "GET",
+                    path: p,
+                    authority: "x",
+                    scheme: "http",
+                    headers: &h,
+                },
+                false,
+            )
             .expect("route")
             .action
         {
@@ -2654,7 +2667,47 @@ mod tests {
             }
             let t = one_route(r).expect("converts");
             let vh = t.virtual_host("h", false).expect("vh");
-            assert_eq!(vh.find(&head(&EMPTY)).is_some(), matches, "{presented}");
+            assert_eq!(
+                vh.find(&head(&EMPTY), false).is_some(),
+                matches,
+                "{presented}"
+            );
         }
+    }
+
+    #[test]
+    fn path_parameters_are_ignored_by_path_matchers_only() {
+        use portico_proto::envoy::config::route::v3::{
+            query_parameter_matcher::QueryParameterMatchSpecifier, QueryParameterMatcher,
+        };
+        let mut r = route(PathSpecifier::Path("/api".into()), "c");
+        if let Some(m) = r.r#match.as_mut() {
+            m.query_parameters = vec![QueryParameterMatcher {
+                name: "tenant".into(),
+                query_parameter_match_specifier: Some(QueryParameterMatchSpecifier::PresentMatch(
+                    true,
+                )),
+            }];
+        }
+        let t = one_route(r).expect("converts");
+        let vh = t.virtual_host("h", false).expect("vh");
+        let h = HeaderMap::new();
+        let find = |path: &str, ignore| {
+            vh.find(
+                &RequestHead {
+                    method: "GET",
+                    path,
+                    authority: "h",
+                    scheme: "http",
+                    headers: &h,
+                },
+                ignore,
+            )
+            .is_some()
+        };
+        assert!(find("/api;v=1?tenant=a", true));
+        assert!(!find("/api;v=1?tenant=a", false));
+        assert!(find("/api?tenant=a", true));
+        assert!(!find("/api;v=1", true), "no query: the query matcher fails");
     }
 }

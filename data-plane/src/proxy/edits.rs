@@ -25,10 +25,12 @@ pub(super) struct RouteEdits<'a> {
 }
 
 impl RouteEdits<'_> {
-    /// Applies them to an answer of status `status`.
-    pub(super) fn apply_response(&mut self, h: &mut HeaderMap, status: StatusCode) {
+    /// Applies them to the router's own answer of status `status`, made
+    /// for the reason `flags` says (Envoy's response flags).
+    pub(super) fn apply_response(&mut self, h: &mut HeaderMap, status: StatusCode, flags: &str) {
         if let Some(f) = self.fmt.as_deref_mut() {
             f.answered(status, h);
+            f.rec.response_flags = flags.into();
         }
         let rec = self.fmt.as_deref().map(|f| &f.rec);
         for e in edit_order(self.target, self.route, self.vh, self.table)

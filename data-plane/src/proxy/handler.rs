@@ -153,7 +153,7 @@ pub async fn handle(
             // (Envoy's order), and the body's own headers last.
             let mut parts = Response::new(()).into_parts().0;
             if let Some(e) = l.edits.as_deref_mut() {
-                e.apply_response(&mut parts.headers, l.status);
+                e.apply_response(&mut parts.headers, l.status, l.flags);
             }
             if grpc || lr.config.local_replies.is_some() {
                 let own = Own {
@@ -626,13 +626,7 @@ async fn route_request<'a>(
         }
         return Ok(r);
     }
-    let mut path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    if table.ignore_path_parameters {
-        // Envoy cuts the path to match at its first `;`.
-        if let Some(at) = path.find(';') {
-            path = &path[..at];
-        }
-    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let head = RequestHead {
         method: req.method().as_str(),
         path,
@@ -640,7 +634,7 @@ async fn route_request<'a>(
         scheme: "http",
         headers: req.headers(),
     };
-    let Some(route) = vh.find(&head) else {
+    let Some(route) = vh.find(&head, table.ignore_path_parameters) else {
         stats.no_route.fetch_add(1, Relaxed);
         return Err(local(StatusCode::NOT_FOUND, "", "NR"));
     };
@@ -674,10 +668,11 @@ async fn route_request<'a>(
             let picked = pick_cluster(snap, fwd, &req, origin.client);
             let target = picked.as_ref().and_then(|p| p.1);
             let target_edits = target.and_then(|t| t.edits.as_deref());
-            if fmt.is_none() && target_edits.is_some() {
-                fmt = Formatting::new(&[target_edits], route, |names| {
-                    record(&req, conn, *origin, names)
-                });
+            if target_edits.is_some_and(|e| e.formatted().contains(&true)) {
+                // Built again with the weighted cluster's own values among
+                // the rest, so that the record keeps what they read too.
+                let levels = edit_order(target_edits, &route.edits, &vh.edits, table);
+                fmt = Formatting::new(&levels, route, |names| record(&req, conn, *origin, names));
             }
             let edits = |l: Local<'static>, fmt: Option<Box<Formatting>>| Local {
                 edits: Some(Box::new(RouteEdits {
@@ -925,7 +920,8 @@ fn request_hash(
                 Some(re) => hash64(re.apply(&String::from_utf8_lossy(v.as_bytes())).as_bytes()),
             }),
             HashKey::SourceIp => Some(hash64(client.ip())),
-            HashKey::Cookie(c) => match cookie_value(headers, &c.name) {
+            // An empty value counts as none (Envoy's).
+            HashKey::Cookie(c) => match cookie_value(headers, &c.name).filter(|v| !v.is_empty()) {
                 Some(v) => Some(hash64(v)),
                 None => match (&c.set, cookie_from) {
                     (Some(set), Some(peer)) => {
@@ -1229,6 +1225,9 @@ async fn forward(
         };
         if let Some(b) = guard.log.as_mut() {
             b.1.upstream_host = Some(ep.addr.to_string());
+        }
+        if let Some(r) = fmt.as_deref_mut() {
+            r.upstream_host = Some(ep.addr.to_string());
         }
         if let HostRewrite::Auto = fwd.host_rewrite {
             host_value = HeaderValue::from_str(&ep.addr.to_string()).ok();

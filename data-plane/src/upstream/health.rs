@@ -86,7 +86,9 @@ fn request(cfg: &HealthCheckConfig) -> Option<Request<crate::upstream::pool::Req
 
 async fn check_one(e: Arc<Endpoint>, cfg: &HealthCheckConfig) -> Outcome {
     let Some(req) = request(cfg) else {
-        return Outcome::Fail;
+        // Not an answer from the endpoint (the config is checked for this
+        // at conversion).
+        return Outcome::NoAnswer;
     };
     let fut = async {
         let resp = if cfg.http2 {
@@ -231,6 +233,15 @@ mod tests {
                     ..Default::default()
                 },
                 "method",
+            ),
+            (
+                HttpHealthCheck {
+                    path: "/h".into(),
+                    host: "outbound|8080||svc".into(),
+                    codec_client_type: 1,
+                    ..Default::default()
+                },
+                "no valid request",
             ),
         ] {
             let msg = config(h).expect_err(what);

@@ -216,10 +216,14 @@ impl Cluster {
         };
         let t1 = trip(&ep.consecutive_5xx, is_5xx, o.consecutive_5xx);
         let t2 = trip(&ep.consecutive_gateway, is_gw, o.consecutive_gateway);
-        if !(t1 || t2) {
-            return;
+        // Each detection ejects with its `enforcing_*` chance.
+        if (t1 && enforced(o.enforce_5xx)) || (t2 && enforced(o.enforce_gateway)) {
+            self.eject(ep, o, now_ms(), "consecutive errors");
+        } else if t1 || t2 {
+            // Detected, not enforced: the next run of errors starts over.
+            ep.consecutive_5xx.store(0, Relaxed);
+            ep.consecutive_gateway.store(0, Relaxed);
         }
-        self.eject(ep, o, now_ms(), "consecutive errors");
     }
 
     /// Ejects an endpoint for its backoff's length, unless too many are
@@ -236,10 +240,12 @@ impl Cluster {
         {
             return;
         }
-        let n = ep.ejections.fetch_add(1, Relaxed) + 1;
-        let length = (o.base_ejection * n).min(o.max_ejection);
-        ep.ejected_until
-            .store(now + length.as_millis() as u64, Relaxed);
+        let n = ep.ejections.fetch_add(1, Relaxed).saturating_add(1);
+        let length = o.base_ejection.saturating_mul(n).min(o.max_ejection);
+        ep.ejected_until.store(
+            now.saturating_add(u64::try_from(length.as_millis()).unwrap_or(u64::MAX)),
+            Relaxed,
+        );
         ep.consecutive_5xx.store(0, Relaxed);
         ep.consecutive_gateway.store(0, Relaxed);
         self.stats.outlier_ejections.fetch_add(1, Relaxed);
@@ -280,7 +286,7 @@ impl Cluster {
                     sr.stdev_factor,
                 );
                 for (e, r, _) in valid {
-                    if *r < threshold {
+                    if *r < threshold && enforced(sr.enforcing) {
                         self.eject(e, o, now, "success rate");
                     }
                 }
@@ -293,17 +299,17 @@ impl Cluster {
                 .collect();
             if !valid.is_empty() && valid.len() >= fp.minimum_hosts as usize {
                 for (e, r, _) in valid {
-                    if 100.0 - *r >= f64::from(fp.threshold) {
+                    if 100.0 - *r >= f64::from(fp.threshold) && enforced(fp.enforcing) {
                         self.eject(e, o, now, "failure percentage");
                     }
                 }
             }
         }
-        let interval = o.interval.as_millis() as u64;
+        let interval = u64::try_from(o.interval.as_millis()).unwrap_or(u64::MAX);
         for e in &set.endpoints {
             let until = e.ejected_until.load(Relaxed);
             // Back for a whole interval: the next ejection is shorter.
-            if until != 0 && until + interval <= now {
+            if until != 0 && until.saturating_add(interval) <= now {
                 let _ = e
                     .ejections
                     .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
@@ -411,6 +417,11 @@ fn spawn_idle_sweep(cluster: std::sync::Weak<Cluster>) {
     });
 }
 
+/// Whether a detection with an `enforcing_*` chance of `percent` ejects.
+fn enforced(percent: u32) -> bool {
+    percent >= 100 || fastrand::u32(..100) < percent
+}
+
 /// Envoy's success-rate ejection threshold: the mean of the rates less
 /// `stdev_factor` (population) standard deviations.
 fn success_rate_threshold(rates: &[f64], stdev_factor: f64) -> f64 {
@@ -446,8 +457,8 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
     tokio::spawn(async move {
         loop {
             let mut specs = Vec::new();
-            for (h, port, weight) in &dns.hosts {
-                match tokio::net::lookup_host((h.as_str(), *port)).await {
+            for d in &dns.hosts {
+                match tokio::net::lookup_host((d.host.as_str(), d.port)).await {
                     Ok(addrs) => {
                         let mut kept = dns.family.keep(addrs.collect());
                         if dns.logical {
@@ -455,13 +466,13 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                         }
                         specs.extend(kept.into_iter().map(|addr| EndpointSpec {
                             addr,
-                            weight: *weight,
+                            weight: d.weight,
                             health: HealthStatus::Unknown,
-                            locality: 0,
-                            locality_weight: 1,
+                            locality: d.locality,
+                            locality_weight: d.locality_weight,
                         }));
                     }
-                    Err(e) => tracing::warn!(host = %h, error = %e, "DNS resolution failed"),
+                    Err(e) => tracing::warn!(host = %d.host, error = %e, "DNS resolution failed"),
                 }
             }
             specs.sort_by_key(|s| s.addr);
@@ -550,7 +561,8 @@ mod tests {
             Some(SuccessRateEjection {
                 minimum_hosts: 5,
                 request_volume: 100,
-                stdev_factor: 1.9
+                stdev_factor: 1.9,
+                enforcing: 100
             })
         );
         assert!(o.failure_percentage.is_none());
@@ -598,11 +610,20 @@ mod tests {
             Some(FailurePercentageEjection {
                 threshold: 40,
                 minimum_hosts: 5,
-                request_volume: 50
+                request_volume: 50,
+                enforcing: 100
             })
         );
         serve(&c, 60, Some(2));
         c.outlier_interval(&o);
         assert_eq!(c.stats.outlier_ejections.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn enforcing_percentages_are_chances() {
+        assert!((0..1000).all(|_| enforced(100)));
+        assert!((0..1000).all(|_| !enforced(0)));
+        let n = (0..10_000).filter(|_| enforced(30)).count();
+        assert!((2_500..3_500).contains(&n), "{n}");
     }
 }

@@ -706,7 +706,10 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         // Half to u1 (its own header edits and host), half to u2, by the
         // draw in x-draw; the route's edits come after the cluster's.
         Route {
-            response_headers_to_add: vec![header_option("x-layer", "route", true)],
+            response_headers_to_add: vec![
+                header_option("x-layer", "route", true),
+                header_option("x-status", "%RESPONSE_CODE%", false),
+            ],
             ..prefix_route("/canary", "plain", |a| {
                 use portico_proto::envoy::config::route::v3::weighted_cluster::{
                     cluster_weight::HostRewriteSpecifier as TargetHost, ClusterWeight,
@@ -718,7 +721,10 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                         ClusterWeight {
                             name: "first".into(),
                             weight: Some(UInt32Value { value: 50 }),
-                            request_headers_to_add: vec![header_option("x-canary", "yes", false)],
+                            request_headers_to_add: vec![
+                                header_option("x-canary", "yes", false),
+                                header_option("x-drawn", "%REQ(x-draw)%", false),
+                            ],
                             response_headers_to_add: vec![header_option(
                                 "x-layer", "cluster", false,
                             )],
@@ -743,6 +749,7 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
             response_headers_to_add: vec![
                 header_option("x-route-edit", "yes", false),
                 header_option("x-code", "%RESPONSE_CODE%", false),
+                header_option("x-flags", "%RESPONSE_FLAGS%", false),
             ],
             ..prefix_route("/nowhere", "empty", |_| {})
         },
@@ -758,11 +765,14 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 header_option("x-absent", "%REQ(x-nothing)%", false),
                 header_option("x-percent", "100%%", false),
             ],
-            response_headers_to_add: vec![header_option(
-                "x-served",
-                "%UPSTREAM_CLUSTER% %RESPONSE_CODE% %RESP(x-upstream)%",
-                false,
-            )],
+            response_headers_to_add: vec![
+                header_option(
+                    "x-served",
+                    "%UPSTREAM_CLUSTER% %RESPONSE_CODE% %RESP(x-upstream)%",
+                    false,
+                ),
+                header_option("x-host", "%UPSTREAM_HOST%", false),
+            ],
             ..prefix_route("/formatted", "plain", |_| {})
         },
         // Retries keep at most 1 KiB of a body here (the listener's 1 MiB
@@ -1743,11 +1753,17 @@ fn foreign_control_plane_envoy_features() {
     let r = get("/canary/a", &[("x-draw", "7")]);
     assert_eq!(r.header("x-upstream"), Some("u1"), "{r:?}");
     assert!(
-        r.body.contains("\nx-canary: yes\n") && r.body.contains("\nhost: canary.internal\n"),
+        r.body.contains("\nx-canary: yes\n")
+            && r.body.contains("\nx-drawn: 7\n")
+            && r.body.contains("\nhost: canary.internal\n"),
         "{}",
         r.body
     );
-    assert_eq!(r.header("x-layer"), Some("route"), "{r:?}");
+    assert_eq!(
+        (r.header("x-layer"), r.header("x-status")),
+        (Some("route"), Some("200")),
+        "{r:?}"
+    );
     let r = get("/canary/a", &[("x-draw", "157")]);
     assert_eq!(r.header("x-upstream"), Some("u2"), "{r:?}");
     assert!(
@@ -1771,7 +1787,11 @@ fn foreign_control_plane_envoy_features() {
         (503, Some("yes")),
         "{r:?}"
     );
-    assert_eq!(r.header("x-code"), Some("503"), "{r:?}");
+    assert_eq!(
+        (r.header("x-code"), r.header("x-flags")),
+        (Some("503"), Some("UH")),
+        "{r:?}"
+    );
     // Header values with Envoy's command operators.
     let r = get("/formatted/x", &[("x-user", "ann")]);
     assert!(
@@ -1783,6 +1803,8 @@ fn foreign_control_plane_envoy_features() {
         r.body
     );
     assert_eq!(r.header("x-served"), Some("plain 200 u2"), "{r:?}");
+    let upstream = format!("127.0.0.1:{}", p[1]);
+    assert_eq!(r.header("x-host"), Some(upstream.as_str()), "{r:?}");
     // A virtual host's mirrors serve its routes that name none.
     let shadowed = ups[0].seen.lock().expect("lock").len();
     let r = http1(port, "GET", "/vh-mirror", "shadowed.test", &[], "").expect("request");
