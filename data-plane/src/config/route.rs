@@ -1813,12 +1813,19 @@ impl VirtualHost {
             Some((p, q)) => (p, Some(q)),
             None => (req.path, None),
         };
-        let (full, path) = match req.path.find(';') {
-            Some(at) if ignore_path_parameters => {
+        // The flag first: most configurations do not ask, and the scan
+        // would cost every request.
+        let cut = if ignore_path_parameters {
+            req.path.find(';')
+        } else {
+            None
+        };
+        let (full, path) = match cut {
+            Some(at) => {
                 let full = &req.path[..at];
                 (full, full.split_once('?').map_or(full, |(p, _)| p))
             }
-            _ => (req.path, path),
+            None => (req.path, path),
         };
         self.routes
             .iter()
