@@ -264,7 +264,17 @@ impl Pool {
     /// Opens an HTTP/2 (prior knowledge) connection that is not pooled
     /// (for health checks).
     pub async fn connect_h2(&self) -> Result<http2::SendRequest<ReqBody>, SendError> {
+        self.open_h2().await.map(|(tx, _)| tx)
+    }
+
+    /// Connects and speaks HTTP/2 (prior knowledge); the connection is
+    /// driven by a task of its own, holding its slot until it ends. Also
+    /// says this side's address.
+    async fn open_h2(
+        &self,
+    ) -> Result<(http2::SendRequest<ReqBody>, Option<SocketAddr>), SendError> {
         let (io, slot) = self.tcp().await?;
+        let from = io.local_addr().ok();
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(io))
@@ -274,7 +284,7 @@ impl Pool {
             let _open = slot;
             let _ = conn.await;
         });
-        Ok(tx)
+        Ok((tx, from))
     }
 
     async fn send_h2(
@@ -297,17 +307,7 @@ impl Pool {
         let (mut tx, slot, from) = match found {
             Some(f) => f,
             None => {
-                let (io, slot) = self.tcp().await?;
-                let from = io.local_addr().ok();
-                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| SendError::Connect(e.to_string()))?;
-                tokio::spawn(async move {
-                    let _open = slot;
-                    let _ = conn.await;
-                });
+                let (tx, from) = self.open_h2().await?;
                 let streams = Arc::new(AtomicU32::new(1));
                 list.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
                     tx: tx.clone(),
