@@ -176,11 +176,9 @@ pub struct HealthCheckConfig {
     /// Speak HTTP/2 (prior knowledge) to the endpoint
     /// (`codec_client_type: HTTP2`).
     pub http2: bool,
-    /// Headers added to each check request (`request_headers_to_add`,
-    /// fixed values), after those removed.
-    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
-    /// Headers not sent (`request_headers_to_remove`).
-    pub remove: Vec<http::HeaderName>,
+    /// Each check request's header edits (`request_headers_to_add` with
+    /// fixed values, `request_headers_to_remove`).
+    pub edits: super::route::Edits,
 }
 
 /// Passive outlier detection on consecutive errors.
@@ -317,41 +315,6 @@ fn health_check_method(m: i32, at: &str) -> Result<http::Method, ConfigError> {
             ))
         }
     })
-}
-
-/// A header a health check adds: its name and fixed value (command
-/// operators are refused: there is no request to read them from).
-fn health_check_header(
-    o: &portico_proto::envoy::config::core::v3::HeaderValueOption,
-    at: &str,
-) -> Result<(http::HeaderName, http::HeaderValue), ConfigError> {
-    let h = o
-        .header
-        .as_ref()
-        .ok_or_else(|| ConfigError::new(at, "no header"))?;
-    let name = http::HeaderName::from_bytes(h.key.to_ascii_lowercase().as_bytes())
-        .map_err(|_| ConfigError::new(at, format!("bad header name {:?}", h.key)))?;
-    let text = if h.raw_value.is_empty() {
-        h.value.clone()
-    } else {
-        String::from_utf8_lossy(&h.raw_value).into_owned()
-    };
-    let text = if text.contains('%') {
-        crate::access_log::LogFormat::text(&text)
-            .map_err(|e| ConfigError::new(at, e))?
-            .literal()
-            .ok_or_else(|| {
-                ConfigError::new(
-                    at,
-                    "command operators are not supported in health check headers",
-                )
-            })?
-    } else {
-        text
-    };
-    let value = http::HeaderValue::from_str(&text)
-        .map_err(|_| ConfigError::new(at, format!("bad value for header {:?}", h.key)))?;
-    Ok((name, value))
 }
 
 /// Endpoints weighted as Envoy's locality-weighted balancing picks them:
@@ -552,9 +515,7 @@ impl ClusterConfig {
                 "protocol_selection USE_DOWNSTREAM_PROTOCOL",
             ),
         ];
-        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
-            return Err(ConfigError::new(&at, format!("{name} is not supported")));
-        }
+        super::refuse(&at, &refused)?;
         if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
             return Err(ConfigError::new(
                 &at,
@@ -608,9 +569,6 @@ impl ClusterConfig {
                         return Err(ConfigError::new(&oat, "HTTP/3 upstreams are not supported"));
                     }
                     http2 = false;
-                    if a.http2_protocol_options.is_some() {
-                        h2opts = a.http2_protocol_options;
-                    }
                 }
                 Some(_) => {
                     return Err(ConfigError::new(
@@ -690,17 +648,17 @@ impl ClusterConfig {
                     ));
                 }
                 // Each would change what passes a check if ignored.
-                let refused = [
-                    (h.send.is_some(), "send"),
-                    (!h.receive.is_empty(), "receive"),
-                    (h.service_name_matcher.is_some(), "service_name_matcher"),
-                ];
-                if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
-                    return Err(ConfigError::new(
-                        &hat,
-                        format!("http_health_check.{name} is not supported"),
-                    ));
-                }
+                super::refuse(
+                    &hat,
+                    &[
+                        (h.send.is_some(), "http_health_check.send"),
+                        (!h.receive.is_empty(), "http_health_check.receive"),
+                        (
+                            h.service_name_matcher.is_some(),
+                            "http_health_check.service_name_matcher",
+                        ),
+                    ],
+                )?;
                 let ranges =
                     |v: &[portico_proto::envoy::r#type::v3::Int64Range]| -> Vec<(u16, u16)> {
                         v.iter()
@@ -756,28 +714,23 @@ impl ClusterConfig {
                             ))
                         }
                     },
-                    add: h
-                        .request_headers_to_add
-                        .iter()
-                        .enumerate()
-                        .map(|(i, o)| {
-                            health_check_header(o, &format!("{hat} request_headers_to_add[{i}]"))
-                        })
-                        .collect::<Result<_, _>>()?,
-                    remove: h
-                        .request_headers_to_remove
-                        .iter()
-                        .map(|n| {
-                            http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(
-                                |_| {
-                                    ConfigError::new(
-                                        &hat,
-                                        format!("request_headers_to_remove: bad header name {n:?}"),
-                                    )
-                                },
-                            )
-                        })
-                        .collect::<Result<_, _>>()?,
+                    edits: {
+                        let e = super::route::Edits::convert(
+                            &h.request_headers_to_add,
+                            &h.request_headers_to_remove,
+                            &[],
+                            &[],
+                            &hat,
+                        )?;
+                        // There is no request for them to read.
+                        if e.formatted()[0] {
+                            return Err(ConfigError::new(
+                                &hat,
+                                "command operators are not supported in health check headers",
+                            ));
+                        }
+                        e
+                    },
                 })
             }
             _ => {

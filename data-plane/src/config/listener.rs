@@ -314,9 +314,7 @@ impl ListenerConfig {
             (l.api_listener.is_some(), "api_listener"),
             (l.listener_specifier.is_some(), "internal_listener"),
         ];
-        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
-            return Err(ConfigError::new(&at, format!("{name} is not supported")));
-        }
+        super::refuse(&at, &refused)?;
         let chains: Vec<_> = l
             .filter_chains
             .iter()
@@ -434,9 +432,7 @@ impl ListenerConfig {
                 "request_id_extension other than the UUID one",
             ),
         ];
-        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
-            return Err(ConfigError::new(at, format!("{name} is not supported")));
-        }
+        super::refuse(at, &refused)?;
         let router = check_http_filters(&hcm, at)?;
         let server_header = server_header(&hcm, at)?;
         let codec = match CodecType::try_from(hcm.codec_type) {
@@ -801,9 +797,7 @@ impl Http10 {
                 "ignore_http_11_upgrade",
             ),
         ];
-        if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
-            return Err(ConfigError::new(&at, format!("{name} is not supported")));
-        }
+        super::refuse(&at, &refused)?;
         let default_host = match o.default_host_for_http_10.as_str() {
             "" => None,
             h => Some(http::HeaderValue::from_str(h).map_err(|_| {

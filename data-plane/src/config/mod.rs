@@ -40,6 +40,16 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Fields the proxy does not implement and may not ignore (each would
+/// change answers or what goes upstream): the first that is set, as
+/// "`name` is not supported" at `at`.
+pub(crate) fn refuse(at: &str, fields: &[(bool, &str)]) -> Result<(), ConfigError> {
+    match fields.iter().find(|(set, _)| *set) {
+        Some((_, name)) => Err(ConfigError::new(at, format!("{name} is not supported"))),
+        None => Ok(()),
+    }
+}
+
 /// A protobuf duration as a std one (negative values become zero).
 pub fn duration(d: &portico_proto::google::protobuf::Duration) -> std::time::Duration {
     if d.seconds < 0 || d.nanos < 0 {

@@ -712,7 +712,7 @@ impl RetryPolicy {
 }
 
 /// Header edits at one level (route, virtual host, configuration).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Edits {
     /// Request headers to add.
     pub request_add: Vec<HeaderAdd>,
@@ -727,7 +727,7 @@ pub struct Edits {
 }
 
 /// One header to add, with Envoy's append semantics.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HeaderAdd {
     name: HeaderName,
     value: AddValue,
@@ -739,7 +739,7 @@ pub struct HeaderAdd {
 /// A header's value to add: fixed, or made per request from Envoy's
 /// command operators (`%DOWNSTREAM_REMOTE_ADDRESS%`, `%REQ(x)%`, ...),
 /// which Envoy's header values take as its access logs do.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 enum AddValue {
     Fixed(HeaderValue),
     Format(Box<crate::access_log::LogFormat>),

@@ -29,16 +29,27 @@ impl RouteEdits<'_> {
     /// for the reason `flags` says (Envoy's response flags).
     pub(super) fn apply_response(&mut self, h: &mut HeaderMap, status: StatusCode, flags: &str) {
         if let Some(f) = self.fmt.as_deref_mut() {
-            f.answered(status, h);
             f.rec.response_flags = flags.into();
         }
-        let rec = self.fmt.as_deref().map(|f| &f.rec);
-        for e in edit_order(self.target, self.route, self.vh, self.table)
-            .into_iter()
-            .flatten()
-        {
-            e.apply_response(h, rec);
-        }
+        let order = edit_order(self.target, self.route, self.vh, self.table);
+        apply_response(order, self.fmt.as_deref_mut(), h, status);
+    }
+}
+
+/// Applies the response edits of `order` to an answer of status `status`;
+/// the record, when values are made per request, notes the answer first.
+pub(super) fn apply_response(
+    order: [Option<&Edits>; 4],
+    mut fmt: Option<&mut Formatting>,
+    h: &mut HeaderMap,
+    status: StatusCode,
+) {
+    if let Some(f) = fmt.as_deref_mut() {
+        f.answered(status, h);
+    }
+    let rec = fmt.as_deref().map(|f| &f.rec);
+    for e in order.into_iter().flatten() {
+        e.apply_response(h, rec);
     }
 }
 

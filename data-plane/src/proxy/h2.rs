@@ -774,7 +774,8 @@ impl Connection {
             peer_goaway: false,
             read_closed: false,
             closed_by: None,
-            conn_recv: i64::from(h2.conn_window.max(frame::DEFAULT_WINDOW as u32)),
+            // At least the protocol's default window (the config's floor).
+            conn_recv: i64::from(h2.conn_window),
             h2,
             conn_unacked: 0,
             partial: None,
@@ -1082,7 +1083,7 @@ impl Connection {
         // Credited in batches, but at once when the client's window runs
         // low: streams whose bodies wait unread must not hold up the ones
         // being read.
-        let window = self.h2.conn_window.max(frame::DEFAULT_WINDOW as u32);
+        let window = self.h2.conn_window;
         let low = self.conn_recv < i64::from(window / 2);
         if self.conn_unacked > 0 && (self.conn_unacked >= window / 2 || low) && !self.read_closed {
             frame::write_window_update(&mut self.out.wbuf, 0, self.conn_unacked);

@@ -650,6 +650,8 @@ async fn route_request<'a>(
     } else {
         None
     };
+    // A weighted cluster's own edits, when one picked the cluster.
+    let mut target_edits = None;
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
             let mut r = Response::new(Either::Right(body.clone()));
@@ -667,7 +669,7 @@ async fn route_request<'a>(
             }
             let picked = pick_cluster(snap, fwd, &req, origin.client);
             let target = picked.as_ref().and_then(|p| p.1);
-            let target_edits = target.and_then(|t| t.edits.as_deref());
+            target_edits = target.and_then(|t| t.edits.as_deref());
             if target_edits.is_some_and(|e| e.formatted().contains(&true)) {
                 // Built again with the weighted cluster's own values among
                 // the rest, so that the record keeps what they read too.
@@ -706,30 +708,16 @@ async fn route_request<'a>(
                 fmt.as_deref_mut().map(|f| &mut f.rec),
             )
             .await;
-            let mut r = match sent {
+            match sent {
                 Ok(r) => r,
                 Err(l) => return Err(edits(l, fmt)),
-            };
-            if let Some(e) = to.edits {
-                if let Some(f) = fmt.as_deref_mut() {
-                    f.answered(r.status(), r.headers());
-                }
-                e.apply_response(r.headers_mut(), fmt.as_deref().map(|f| &f.rec));
             }
-            r
         }
     };
-    if edited {
-        if let Some(f) = fmt.as_deref_mut() {
-            f.answered(resp.status(), resp.headers());
-        }
-        let rec = fmt.as_deref().map(|f| &f.rec);
-        for e in edit_order(None, &route.edits, &vh.edits, table)
-            .into_iter()
-            .flatten()
-        {
-            e.apply_response(resp.headers_mut(), rec);
-        }
+    if edited || target_edits.is_some() {
+        let status = resp.status();
+        let order = edit_order(target_edits, &route.edits, &vh.edits, table);
+        super::edits::apply_response(order, fmt.as_deref_mut(), resp.headers_mut(), status);
     }
     Ok(resp)
 }

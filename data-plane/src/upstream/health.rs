@@ -74,13 +74,7 @@ fn request(cfg: &HealthCheckConfig) -> Option<Request<crate::upstream::pool::Req
             .header(http::header::CONNECTION, "close");
     }
     let mut req = b.body(Either::Right(Full::new(Bytes::new()))).ok()?;
-    let h = req.headers_mut();
-    for n in &cfg.remove {
-        h.remove(n);
-    }
-    for (n, v) in &cfg.add {
-        h.append(n.clone(), v.clone());
-    }
+    cfg.edits.apply_request(req.headers_mut(), None);
     Some(req)
 }
 

@@ -145,9 +145,9 @@ impl Cluster {
                 fastrand::usize(..n)
             }
             (LbKind::Random | LbKind::RingHash | LbKind::LeastRequest, _) => {
-                self.weighted(&set.lb, n, fastrand::u64(..))
+                pick_weighted(&set.lb, n, fastrand::u64(..))
             }
-            (LbKind::RoundRobin, _) => self.weighted(&set.lb, n, self.rr.fetch_add(1, Relaxed)),
+            (LbKind::RoundRobin, _) => pick_weighted(&set.lb, n, self.rr.fetch_add(1, Relaxed)),
         };
         (0..n)
             .map(|k| &eps[(start + k) % n])
@@ -174,10 +174,6 @@ impl Cluster {
             Relaxed,
         );
         panic
-    }
-
-    fn weighted(&self, t: &Tables, n: usize, ticket: u64) -> usize {
-        pick_weighted(t, n, ticket)
     }
 }
 
