@@ -4,6 +4,11 @@
 #
 # Usage: bash bench/dp.sh [--no-build] [--instructions] [--help]
 #
+# Two builds of portico-dp take part: `portico`, the plain release build
+# (`cargo build --release`), and `portico-pgo`, the same code built with
+# profile-guided optimisation by bench/pgo.sh (trained on this benchmark's
+# traffic; see that script).
+#
 # Every proxy forwards to the same origin, a separate nginx (1 worker)
 # answering `200 hello world` over HTTP/1.1 keep-alive. Load is HTTP/1.1 from
 # wrk (-t1 -c50) and HTTP/2 cleartext with prior knowledge (h2c) from h2load
@@ -26,7 +31,10 @@
 # Missing tools (nginx, haproxy, wrk, h2load, curl, python3) are installed
 # from Debian packages (with sudo unless root). portico-dp, portico-cp and
 # portico are built with `cargo build --release` if target/release lacks them,
-# unless --no-build is given.
+# and the PGO build with bench/pgo.sh if target/pgo lacks it, unless
+# --no-build is given. Neither is rebuilt when present: after a change,
+# rebuild first (the PGO build's commit is in target/pgo/built-from, and a
+# warning says when it is not the checked-out one).
 #
 # --instructions: instead, count each proxy's user-space instructions per
 # request under valgrind's callgrind (one worker, INSTR_REQUESTS requests
@@ -39,13 +47,15 @@
 #   INSTR_REQUESTS=20000 requests counted per proxy and protocol (--instructions)
 #   DURATION=10        seconds of each measured run
 #   WARMUP=2           seconds of the warm-up before each measured run
-#   PROXIES="direct nginx haproxy portico"   which rows to run
+#   PROXIES="direct nginx haproxy portico portico-pgo"   which rows to run
 #   LAYOUTS="pinned unpinned"   (add "affinity" for the third layout)
 #   PROTOCOLS="h1 h2"
 #   UNPINNED_WORKERS=2 workers/threads of each proxy in the unpinned layout
 #   REPEAT=1           runs of each cell, round-robin over the proxies; the
 #                      table shows the run with the median req/s
 #   PORTICO_BIN_DIR=target/release   where portico-dp, portico-cp, portico are
+#   PGO_BIN_DIR=target/pgo   where the PGO build of portico-dp is
+#   REPORT_FILE=bench/dp/last-run.md   where the tables are written
 #   PORTICO_LOG=warn   log filter for portico-cp and portico-dp
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -69,12 +79,14 @@ done
 
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
-PROXIES="${PROXIES:-direct nginx haproxy portico}"
+PROXIES="${PROXIES:-direct nginx haproxy portico portico-pgo}"
 LAYOUTS="${LAYOUTS:-pinned unpinned}"
 PROTOCOLS="${PROTOCOLS:-h1 h2}"
 UNPINNED_WORKERS="${UNPINNED_WORKERS:-2}"
 REPEAT="${REPEAT:-1}"
 BIN="${PORTICO_BIN_DIR:-target/release}"
+PGO_BIN="${PGO_BIN_DIR:-target/pgo}"
+REPORT_FILE="${REPORT_FILE:-bench/dp/last-run.md}"
 WRK_CONNS=50
 H2_CONNS=10
 H2_STREAMS=10
@@ -90,7 +102,7 @@ for v in DURATION WARMUP UNPINNED_WORKERS REPEAT; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
 for p in $PROXIES; do
-  case "$p" in direct|nginx|haproxy|portico) ;; *) die "unknown proxy in PROXIES: $p" ;; esac
+  case "$p" in direct|nginx|haproxy|portico|portico-pgo) ;; *) die "unknown proxy in PROXIES: $p" ;; esac
 done
 for l in $LAYOUTS; do
   case "$l" in pinned|unpinned|affinity) ;; *) die "unknown layout in LAYOUTS: $l" ;; esac
@@ -99,6 +111,10 @@ for p in $PROTOCOLS; do
   case "$p" in h1|h2) ;; *) die "unknown protocol in PROTOCOLS: $p" ;; esac
 done
 want() { [[ " $PROXIES " == *" $1 "* ]]; }
+# The builds of portico-dp in PROXIES, and the binary of one.
+PORTICOS=()
+for p in $PROXIES; do [[ "$p" == portico* ]] && PORTICOS+=("$p"); done
+dp_binary() { if [ "$1" = portico-pgo ]; then echo "$PGO_BIN/portico-dp"; else echo "$BIN/portico-dp"; fi; }
 
 # ---------------------------------------------------------------- tools ----
 install_tools() {
@@ -147,22 +163,35 @@ HAPROXY_VERSION="$(haproxy -v 2>&1 | sed -n '1s/.*version \([0-9][0-9.]*\).*/\1/
 version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" = "$2" ]; }
 
 # --------------------------------------------------------------- build -----
-if want portico; then
+if [ ${#PORTICOS[@]} -gt 0 ]; then
   if [ ! -x "$BIN/portico-cp" ] || [ ! -x "$BIN/portico" ]; then
     $build || die "$BIN/portico-cp or $BIN/portico is missing and --no-build was given"
-    say "building portico-cp and portico (cargo build --release)"
-    cargo build --release -p portico-control-plane -p portico-cli \
-      || die "cannot build portico-cp / portico"
+    say "building portico-cp and portico (cargo build --release --workspace --bins)"
+    cargo build --release --locked --workspace --bins || die "cannot build portico-cp / portico"
   fi
-  if [ ! -x "$BIN/portico-dp" ]; then
+  if want portico && [ ! -x "$BIN/portico-dp" ]; then
     $build || die "$BIN/portico-dp is missing and --no-build was given (or run with PROXIES='direct nginx haproxy')"
-    say "building portico-dp (cargo build --release -p portico-data-plane)"
-    cargo build --release -p portico-data-plane \
+    say "building portico-dp (cargo build --release --workspace --bins)"
+    cargo build --release --locked --workspace --bins \
       || die "portico-dp does not build; fix it, or run without it: PROXIES='direct nginx haproxy' bash bench/dp.sh"
   fi
-  for b in portico-cp portico portico-dp; do
+  if want portico-pgo && [ ! -x "$PGO_BIN/portico-dp" ]; then
+    $build || die "$PGO_BIN/portico-dp is missing and --no-build was given (build it with bash bench/pgo.sh, or leave portico-pgo out of PROXIES)"
+    [ "$PGO_BIN" = target/pgo ] || die "$PGO_BIN/portico-dp is missing (bench/pgo.sh builds target/pgo only)"
+    say "building portico-dp with profile-guided optimisation (bash bench/pgo.sh)"
+    bash bench/pgo.sh || die "the PGO build failed; or run without it: PROXIES='direct nginx haproxy portico' bash bench/dp.sh"
+  fi
+  for b in portico-cp portico; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is still missing after the build"
   done
+  for p in "${PORTICOS[@]}"; do
+    [ -x "$(dp_binary "$p")" ] || die "$(dp_binary "$p") is still missing after the build"
+  done
+  if want portico-pgo && [ -r "$PGO_BIN/built-from" ]; then
+    here="$(git describe --always --dirty 2>/dev/null || echo unknown)"
+    [ "$(cat "$PGO_BIN/built-from")" = "$here" ] \
+      || say "warning: $PGO_BIN/portico-dp was built from $(cat "$PGO_BIN/built-from"), not $here; rebuild it with bash bench/pgo.sh"
+  fi
 fi
 
 if [[ " $LAYOUTS " == *" pinned "* ]] && [ "$(nproc --all 2>/dev/null || nproc)" -lt 2 ]; then
@@ -458,12 +487,12 @@ start_cp() {
     || { cat "$d/apply.log" >&2; die "portico apply failed"; }
 }
 
-start_portico() { # WORKERS PIN...
-  local n="$1" d="$RUN_DIR"; shift
+start_portico() { # BINARY WORKERS PIN...
+  local dp="$1" n="$2" d="$RUN_DIR"; shift 2
   [ -n "$CP_PID" ] || start_cp
   mkdir -p "$d"
   rm -f "$d/admin.addr"
-  start_bg "$d/portico-dp.log" env PORTICO_LOG="${PORTICO_LOG:-warn}" "$@" "$BIN/portico-dp" \
+  start_bg "$d/portico-dp.log" env PORTICO_LOG="${PORTICO_LOG:-warn}" "$@" "$dp" \
     --xds "$XDS_ADDR" --node-id bench-1 --node-group bench \
     --admin-listen 127.0.0.1:0 --admin-address-path "$d/admin.addr" --workers "$n" \
     "${PORTICO_AFFINITY[@]}"
@@ -626,12 +655,22 @@ measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
   say "  ${R_RPS[$key]} req/s, p50 ${R_P50[$key]} ms, p99 ${R_P99[$key]} ms, RSS ${R_RSS[$key]:-n/a} MiB, CPU ${R_CPU[$key]:-n/a} µs/req, errors $err; other CPU ${R_BG[$key]}% of a core, steal ${R_STEAL[$key]}%"
 }
 
+proxy_name() {
+  case "$1" in
+    direct) echo "direct (no proxy)" ;;
+    nginx) echo "nginx $NGINX_VERSION" ;;
+    haproxy) echo "haproxy $HAPROXY_VERSION" ;;
+    portico) echo "portico-dp" ;;
+    portico-pgo) echo "portico-dp (PGO)" ;;
+  esac
+}
+
 port_of() { # PROXY PROTO
   case "$1/$2" in
     direct/h1) echo "$UP_H1" ;; direct/h2) echo "$UP_H2" ;;
     nginx/h1) echo "$NGINX_H1" ;; nginx/h2) echo "$NGINX_H2" ;;
     haproxy/h1) echo "$HAPROXY_H1" ;; haproxy/h2) echo "$HAPROXY_H2" ;;
-    portico/*) echo "$PORTICO_PORT" ;;
+    portico*/*) echo "$PORTICO_PORT" ;;
   esac
 }
 
@@ -663,7 +702,7 @@ run_instructions() {
       case "$proxy" in
         nginx) start_nginx 1 "${vg[@]}" ;;
         haproxy) start_haproxy 1 "${vg[@]}" ;;
-        portico) start_portico 1 "${vg[@]}" ;;
+        portico*) start_portico "$(dp_binary "$proxy")" 1 "${vg[@]}" ;;
       esac
       url="http://127.0.0.1:$(port_of "$proxy" "$proto")/"
       load=(h2load -c"$H2_CONNS" -m1)
@@ -700,12 +739,12 @@ run_instructions() {
       [ "$proxy" = direct ] && continue
       echo "| $proxy | ${R_CPU["h1/$proxy"]:-n/a} | ${R_CPU["h2/$proxy"]:-n/a} |"
     done
-    if want portico; then
+    for dp in "${PORTICOS[@]}"; do
       for peer in nginx haproxy; do
         want "$peer" || continue
-        echo "| portico-dp ÷ $peer | $(ratio "${R_CPU["h1/portico"]:-}" "${R_CPU["h1/$peer"]:-}") | $(ratio "${R_CPU["h2/portico"]:-}" "${R_CPU["h2/$peer"]:-}") |"
+        echo "| $(proxy_name "$dp") ÷ $peer | $(ratio "${R_CPU["h1/$dp"]:-}" "${R_CPU["h1/$peer"]:-}") | $(ratio "${R_CPU["h2/$dp"]:-}" "${R_CPU["h2/$peer"]:-}") |"
       done
-    fi
+    done
   } | tee "$TMP/instructions.md"
   mkdir -p bench/dp
   cp "$TMP/instructions.md" bench/dp/last-instructions.md
@@ -757,7 +796,7 @@ for layout in $LAYOUTS; do
           direct) ;;
           nginx) start_nginx "$workers" "${PIN_PROXY[@]}" ;;
           haproxy) start_haproxy "$workers" "${PIN_PROXY[@]}" ;;
-          portico) start_portico "$workers" "${PIN_PROXY[@]}" ;;
+          portico*) start_portico "$(dp_binary "$proxy")" "$workers" "${PIN_PROXY[@]}" ;;
         esac
         measure "$layout" "$proxy" "$proto" "$(port_of "$proxy" "$proto")" "$r"
         [ "$proxy" = direct ] || stop_tree "$PROXY_PID"
@@ -792,14 +831,6 @@ for layout in $LAYOUTS; do
 done
 
 # -------------------------------------------------------------- report -----
-proxy_name() {
-  case "$1" in
-    direct) echo "direct (no proxy)" ;;
-    nginx) echo "nginx $NGINX_VERSION" ;;
-    haproxy) echo "haproxy $HAPROXY_VERSION" ;;
-    portico) echo "portico-dp" ;;
-  esac
-}
 
 REPORT="$TMP/report.md"
 {
@@ -831,10 +862,10 @@ REPORT="$TMP/report.md"
         k="$layout/$proto/$proxy"
         echo "| $(proxy_name "$proxy") | ${R_RPS[$k]:-n/a} | ${R_P50[$k]:-n/a} | ${R_P99[$k]:-n/a} | ${R_RSS[$k]:-n/a} | ${R_CPU[$k]:-n/a} | ${R_ERR[$k]:-n/a} |"
       done
-      for peer in nginx haproxy; do
-        p="$layout/$proto/portico" q="$layout/$proto/$peer"
-        echo "| portico-dp ÷ $peer | $(ratio "${R_RPS[$p]:-}" "${R_RPS[$q]:-}") | | $(ratio "${R_P99[$p]:-}" "${R_P99[$q]:-}") | | $(ratio "${R_CPU[$p]:-}" "${R_CPU[$q]:-}") | |"
-      done
+      for dp in "${PORTICOS[@]}"; do for peer in nginx haproxy; do
+        p="$layout/$proto/$dp" q="$layout/$proto/$peer"
+        echo "| $(proxy_name "$dp") ÷ $peer | $(ratio "${R_RPS[$p]:-}" "${R_RPS[$q]:-}") | | $(ratio "${R_P99[$p]:-}" "${R_P99[$q]:-}") | | $(ratio "${R_CPU[$p]:-}" "${R_CPU[$q]:-}") | |"
+      done; done
       bg="" steal=0 disturbed=""
       for proxy in $PROXIES; do
         k="$layout/$proto/$proxy"
@@ -859,6 +890,7 @@ REPORT="$TMP/report.md"
 } >"$REPORT"
 
 cat "$REPORT"
-cp "$REPORT" bench/dp/last-run.md
+mkdir -p "$(dirname "$REPORT_FILE")"
+cp "$REPORT" "$REPORT_FILE"
 echo
-echo "written: bench/dp/last-run.md; raw output: $TMP"
+echo "written: $REPORT_FILE; raw output: $TMP"
