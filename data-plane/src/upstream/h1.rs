@@ -143,13 +143,21 @@ enum Outgoing {
 /// idempotency key) whose body is at hand is sent once more on a fresh
 /// connection, as nginx, HAProxy and Go's client do: otherwise an
 /// upstream's keep-alive timeout shorter than ours turns into sporadic 502s.
-pub async fn exchange(
-    mut conn: Connection,
+///
+/// Not an `async fn`: the head is encoded before the future is made, so
+/// the future holds the encoded bytes and the header map (to recycle) but
+/// not the request, nor a second copy of each argument (an `async fn`
+/// keeps its arguments beside the locals it binds them to). It is moved
+/// whole a few times on every request's way, so its size costs copies.
+pub fn exchange<'a>(
+    conn: Connection,
     req: Request<ReqBody>,
-    ret: &Return,
-    pool: &Pool,
-    mut local: Option<&mut Option<SocketAddr>>,
-) -> Result<Response<Body>, SendError> {
+    ret: Return,
+    pool: &'a Pool,
+    local: Option<&'a mut Option<SocketAddr>>,
+) -> impl std::future::Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
+    let mut conn = conn;
+    let mut local = local;
     // A system call, made only for an access log that asks for it.
     if let Some(l) = local.as_deref_mut() {
         *l = conn.io.local_addr().ok();
@@ -182,15 +190,21 @@ pub async fn exchange(
     let mut head = std::mem::take(&mut conn.wbuf);
     head.clear();
     encode_head(&parts, &outgoing, &mut head);
+    // The future keeps the header map (to recycle it) but not the method.
+    let idempotent = parts.method.is_idempotent();
+    let headers = parts.headers;
 
-    let rest = match outgoing {
-        Outgoing::None => None,
+    let (rest, stream) = match outgoing {
+        Outgoing::None => (None, None),
         Outgoing::Whole(b) if b.len() <= COALESCE_BODY => {
             head.extend_from_slice(&b);
-            None
+            (None, None)
         }
-        Outgoing::Whole(b) => Some(b),
-        Outgoing::Stream(body, exact) => {
+        Outgoing::Whole(b) => (Some(b), None),
+        Outgoing::Stream(body, exact) => (None, Some((body, exact))),
+    };
+    async move {
+        if let Some((body, exact)) = stream {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
             let (head, rest) = Box::pin(stream_exchange(&mut conn, &head, body, exact)).await?;
@@ -199,43 +213,43 @@ pub async fn exchange(
                 Rest::Dropped => (false, None),
                 Rest::Later(duplex) => (true, Some(duplex)),
             };
-            return finish(conn, head, head_only, reusable, ret, duplex);
+            return finish(conn, head, head_only, reusable, &ret, duplex);
         }
-    };
-    let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
-        Ok(resp) => resp,
-        Err(e) if reused && conn.buf.is_empty() && replayable(&parts) => {
-            tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
-            drop(conn);
-            // Boxed: rare, and connecting's state is large.
-            let (fresh, resp) = Box::pin(async {
-                let (io, slot) = pool.tcp().await?;
-                if let Some(l) = local {
-                    *l = io.local_addr().ok();
-                }
-                let mut fresh = Connection::new(io, slot);
-                fresh.uses = 1;
-                let resp = send_and_read(&mut fresh, &head, rest.as_ref()).await?;
-                Ok::<_, SendError>((fresh, resp))
-            })
-            .await?;
-            conn = fresh;
-            resp
-        }
-        Err(e) => return Err(e),
-    };
-    conn.keep_wbuf(head);
-    crate::spare::recycle(parts.headers);
-    finish(conn, resp, head_only, true, ret, None)
+        let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
+            Ok(resp) => resp,
+            Err(e) if reused && conn.buf.is_empty() && replayable(idempotent, &headers) => {
+                tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
+                drop(conn);
+                // Boxed: rare, and connecting's state is large.
+                let (fresh, resp) = Box::pin(async {
+                    let (io, slot) = pool.tcp().await?;
+                    if let Some(l) = local {
+                        *l = io.local_addr().ok();
+                    }
+                    let mut fresh = Connection::new(io, slot);
+                    fresh.uses = 1;
+                    let resp = send_and_read(&mut fresh, &head, rest.as_ref()).await?;
+                    Ok::<_, SendError>((fresh, resp))
+                })
+                .await?;
+                conn = fresh;
+                resp
+            }
+            Err(e) => return Err(e),
+        };
+        conn.keep_wbuf(head);
+        crate::spare::recycle(headers);
+        finish(conn, resp, head_only, true, &ret, None)
+    }
 }
 
 /// Whether a request may be sent again after its connection failed with
 /// nothing received: RFC 9110's idempotent methods, or a request that
 /// names an idempotency key (as Go's client also accepts).
-fn replayable(parts: &http::request::Parts) -> bool {
-    parts.method.is_idempotent()
-        || parts.headers.contains_key("idempotency-key")
-        || parts.headers.contains_key("x-idempotency-key")
+fn replayable(idempotent_method: bool, headers: &HeaderMap) -> bool {
+    idempotent_method
+        || headers.contains_key("idempotency-key")
+        || headers.contains_key("x-idempotency-key")
 }
 
 /// Writes a request head (with a small body already appended) and the rest

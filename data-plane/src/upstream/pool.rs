@@ -4,9 +4,12 @@
 //! limit (one connection per endpoint stalls under load).
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +32,38 @@ pub type ReqBody = Either<RequestBody, Full<Bytes>>;
 /// The body of an upstream response: from an HTTP/1.1 connection of the
 /// pool, or from hyper (HTTP/2, and upgrades refused by the upstream).
 pub type RespBody = Either<h1::Body, Incoming>;
+
+/// What [`Pool::send`] gives: the answer, and for HTTP/2 the stream slot
+/// its body holds.
+pub type SendResult = Result<(Response<RespBody>, Option<StreamSlot>), SendError>;
+
+pin_project_lite::pin_project! {
+    /// The future of [`Pool::send_noting`]: an exchange on a reused
+    /// HTTP/1.1 connection in place, anything else boxed.
+    #[project = SendingProj]
+    pub enum Sending<'a, F> {
+        /// HTTP/1.1 on a connection from the idle list.
+        Reused { #[pin] fut: F },
+        /// HTTP/2, or a new connection first.
+        Boxed { fut: Pin<Box<dyn Future<Output = SendResult> + Send + 'a>> },
+    }
+}
+
+impl<F> Future for Sending<'_, F>
+where
+    F: Future<Output = Result<Response<h1::Body>, SendError>>,
+{
+    type Output = SendResult;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SendResult> {
+        match self.project() {
+            SendingProj::Reused { fut } => fut
+                .poll(cx)
+                .map(|r| r.map(|resp| (resp.map(Either::Left), None))),
+            SendingProj::Boxed { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
 
 /// Why a request never got a response from the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -145,41 +180,50 @@ impl Pool {
     /// Sends a request. An HTTP/2 response holds a stream slot, which must
     /// live as long as its body; an HTTP/1.1 body returns its connection to
     /// the pool itself when it ends cleanly.
-    pub async fn send(
-        &self,
-        req: Request<ReqBody>,
-    ) -> Result<(Response<RespBody>, Option<StreamSlot>), SendError> {
+    pub async fn send(&self, req: Request<ReqBody>) -> SendResult {
         self.send_noting(req, None).await
     }
 
     /// [`Pool::send`], noting in `local` this side's address on the
     /// connection used (for access logs that ask for it).
-    pub async fn send_noting(
-        &self,
+    ///
+    /// Not an `async fn`: the common case (HTTP/1.1 on an idle connection)
+    /// is decided before the future is made, so the future is the
+    /// exchange's alone, without the request beside it; the rest is boxed.
+    pub fn send_noting<'a>(
+        &'a self,
         req: Request<ReqBody>,
-        local: Option<&mut Option<SocketAddr>>,
-    ) -> Result<(Response<RespBody>, Option<StreamSlot>), SendError> {
-        if self.http2 {
-            // Boxed: hyper's HTTP/2 client state is large, and every
-            // HTTP/1.1 request's future would otherwise be as large as it.
-            let (resp, slot) = Box::pin(self.send_h2(req, local)).await?;
-            return Ok((resp.map(Either::Right), Some(slot)));
-        }
+        local: Option<&'a mut Option<SocketAddr>>,
+    ) -> Sending<'a, impl Future<Output = Result<Response<h1::Body>, SendError>> + Send + 'a> {
         let idle = &self.idle[slot(self.idle.len())];
-        let conn = match self.take_idle(idle) {
-            Some(c) => c,
-            // Boxed: connecting is rare next to reuse, and its state large.
-            None => {
-                let (io, slot) = Box::pin(self.tcp()).await?;
-                h1::Connection::new(io, slot)
-            }
-        };
         let ret = h1::Return {
             idle: idle.clone(),
             max_uses: self.max_uses,
         };
-        let resp = h1::exchange(conn, req, &ret, self, local).await?;
-        Ok((resp.map(Either::Left), None))
+        let conn = if self.http2 {
+            None
+        } else {
+            self.take_idle(idle)
+        };
+        let Some(conn) = conn else {
+            return Sending::Boxed {
+                fut: Box::pin(async move {
+                    if self.http2 {
+                        // hyper's HTTP/2 client state is large.
+                        let (resp, slot) = self.send_h2(req, local).await?;
+                        return Ok((resp.map(Either::Right), Some(slot)));
+                    }
+                    // Connecting is rare next to reuse, and its state large.
+                    let (io, slot) = self.tcp().await?;
+                    let conn = h1::Connection::new(io, slot);
+                    let resp = h1::exchange(conn, req, ret, self, local).await?;
+                    Ok((resp.map(Either::Left), None))
+                }),
+            };
+        };
+        Sending::Reused {
+            fut: h1::exchange(conn, req, ret, self, local),
+        }
     }
 
     /// Whether an idle connection may still be used: not idle too long,
