@@ -1330,13 +1330,16 @@ async fn forward(
                 ))
                 .await
             }
-            (None, Some(d)) => {
-                match tokio::time::timeout_at(d, ep.pool.send_noting(up_req, noting)).await {
-                    Ok(r) => Sent::Answer(r),
-                    Err(_) => Sent::TimedOut,
+            (None, d) => {
+                let within = Within {
+                    fut: ep.pool.send_noting(up_req, noting),
+                    sleep: d.map(tokio::time::sleep_until),
+                };
+                match within.await {
+                    Some(r) => Sent::Answer(r),
+                    None => Sent::TimedOut,
                 }
             }
-            (None, None) => Sent::Answer(ep.pool.send_noting(up_req, noting).await),
         };
         let more = attempt + 1 < max_tries;
         match sent {
@@ -1491,6 +1494,37 @@ enum Sent<T> {
     TimedOut,
     /// At the HCM's request timeout, the request not yet received whole.
     RequestTimedOut,
+}
+
+pin_project_lite::pin_project! {
+    /// A future raced against a deadline, if there is one: `None` when the
+    /// deadline came first. Built in place, where tokio's `timeout_at`
+    /// takes the future by value through two calls and copies it at each
+    /// (the send future is large, and this is every request's path).
+    struct Within<F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(v) = this.fut.poll(cx) {
+            return std::task::Poll::Ready(Some(v));
+        }
+        match this.sleep.as_pin_mut() {
+            Some(s) => s.poll(cx).map(|()| None),
+            None => std::task::Poll::Pending,
+        }
+    }
 }
 
 /// Runs a try against the request timeout: at `request_deadline` the try
