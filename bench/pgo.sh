@@ -22,7 +22,8 @@
 # and HTTP/2 requests through the router to a keep-alive upstream), so the
 # benchmark's portico-pgo row shows the best case of this build; the plain
 # release build stays in the same table. target/pgo/built-from names the
-# commit (and "-dirty" for uncommitted changes) the build was made from.
+# commit the build was made from, with "-dirty" when code differed from it
+# (the benchmarks' own outputs, bench/dp/ and BENCHMARKS.md, do not count).
 #
 # Needs llvm-profdata of the Rust toolchain's LLVM: from the toolchain's
 # llvm-tools component, added with rustup when missing.
@@ -59,8 +60,18 @@ if [ ! -x "$PROFDATA" ]; then
   [ -x "$PROFDATA" ] || die "$PROFDATA is still missing after adding llvm-tools"
 fi
 
-BUILT_FROM="$(git describe --always --dirty 2>/dev/null || echo unknown)"
+# The code's state: the commit, "-dirty" when anything but the benchmarks'
+# outputs differs from it (bench/dp.sh compares it with target/pgo/built-from).
+code_state() {
+  local c
+  c="$(git rev-parse --short HEAD 2>/dev/null)" || { echo unknown; return; }
+  git diff --quiet HEAD -- . ':(exclude)bench/dp' ':(exclude)BENCHMARKS.md' || c+="-dirty"
+  echo "$c"
+}
+BUILT_FROM="$(code_state)"
 PROFILES="$PWD/target/pgo-profiles"
+# Added to the caller's flags, as the plain build would have them.
+EXTRA="${RUSTFLAGS:+$RUSTFLAGS }"
 WORK="$(mktemp -d -t portico-pgo.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -68,26 +79,31 @@ say "the plain release build (cargo build --release --workspace --bins)"
 cargo build --release --locked --workspace --bins || die "the release build failed"
 
 say "1/3: instrumented portico-dp (target/pgo-generate)"
-rm -rf "$PROFILES"
 mkdir -p "$PROFILES"
-RUSTFLAGS="-Cprofile-generate=$PROFILES" CARGO_TARGET_DIR=target/pgo-generate \
+RUSTFLAGS="${EXTRA}-Cprofile-generate=$PROFILES" CARGO_TARGET_DIR=target/pgo-generate \
   cargo build --release --locked --workspace --bins \
   || die "the instrumented build failed"
 
 say "2/3: training on the benchmark's traffic (${TRAIN_SECS}s per run)"
-mkdir -p "$WORK/bin"
+# Only the training's profiles: build scripts and proc macros of the
+# instrumented build ran instrumented too and may have left theirs.
+rm -rf "$PROFILES"
+mkdir -p "$PROFILES" "$WORK/bin"
 cp target/pgo-generate/release/portico-dp target/release/portico-cp target/release/portico "$WORK/bin/"
-PROXIES=portico LAYOUTS="pinned unpinned" PROTOCOLS="h1 h2" DURATION="$TRAIN_SECS" WARMUP=1 \
+# One profile per portico-dp process (one per run: 2 layouts x 2 protocols).
+LLVM_PROFILE_FILE="$PROFILES/portico-dp-%p.profraw" \
+  PROXIES=portico LAYOUTS="pinned unpinned" PROTOCOLS="h1 h2" DURATION="$TRAIN_SECS" WARMUP=1 \
   PORTICO_BIN_DIR="$WORK/bin" REPORT_FILE="$WORK/training.md" \
   bash bench/dp.sh --no-build >"$WORK/training.log" 2>&1 \
   || { tail -n 40 "$WORK/training.log" >&2; die "the training run failed"; }
-compgen -G "$PROFILES/*.profraw" >/dev/null \
-  || die "the instrumented portico-dp wrote no profile to $PROFILES (did it exit cleanly?)"
+runs="$(find "$PROFILES" -name 'portico-dp-*.profraw' | wc -l)"
+[ "$runs" -ge 4 ] \
+  || die "only $runs of the 4 training runs left a profile in $PROFILES (an instrumented portico-dp that does not exit cleanly, within bench/dp.sh's 5 s, writes none)"
 "$PROFDATA" merge -o "$PROFILES/merged.profdata" "$PROFILES"/*.profraw \
   || die "llvm-profdata could not merge the profiles in $PROFILES"
 
 say "3/3: optimised portico-dp (target/pgo-use)"
-RUSTFLAGS="-Cprofile-use=$PROFILES/merged.profdata" CARGO_TARGET_DIR=target/pgo-use \
+RUSTFLAGS="${EXTRA}-Cprofile-use=$PROFILES/merged.profdata" CARGO_TARGET_DIR=target/pgo-use \
   cargo build --release --locked --workspace --bins \
   || die "the optimised build failed"
 

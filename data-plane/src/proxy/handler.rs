@@ -1322,8 +1322,11 @@ async fn forward(
         let armed = request_deadline.filter(|_| received.as_ref().is_some_and(|r| !r.whole()));
         let sent = match (armed, try_deadline) {
             (Some(rd), _) => {
+                // Made when first polled (the race may end before that):
+                // `send_noting` takes an idle connection when called.
+                let pool = &ep.pool;
                 Box::pin(race_request_timeout(
-                    ep.pool.send_noting(up_req, noting),
+                    async move { pool.send_noting(up_req, noting).await },
                     rd,
                     try_deadline,
                     received.as_ref(),
@@ -1333,7 +1336,7 @@ async fn forward(
             (None, d) => {
                 let within = Within {
                     fut: ep.pool.send_noting(up_req, noting),
-                    sleep: d.map(tokio::time::sleep_until),
+                    sleep: d.map(|d| tokio::task::unconstrained(tokio::time::sleep_until(d))),
                 };
                 match within.await {
                     Some(r) => Sent::Answer(r),
@@ -1500,12 +1503,15 @@ pin_project_lite::pin_project! {
     /// A future raced against a deadline, if there is one: `None` when the
     /// deadline came first. Built in place, where tokio's `timeout_at`
     /// takes the future by value through two calls and copies it at each
-    /// (the send future is large, and this is every request's path).
+    /// (the send future is large, and this is every request's path). The
+    /// timer is outside tokio's task budget, as `timeout_at`'s is: a
+    /// streaming upload that spends the budget on every poll must not hold
+    /// the deadline off.
     struct Within<F> {
         #[pin]
         fut: F,
         #[pin]
-        sleep: Option<tokio::time::Sleep>,
+        sleep: Option<tokio::task::Unconstrained<tokio::time::Sleep>>,
     }
 }
 

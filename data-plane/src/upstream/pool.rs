@@ -195,25 +195,24 @@ impl Pool {
         req: Request<ReqBody>,
         local: Option<&'a mut Option<SocketAddr>>,
     ) -> Sending<'a, impl Future<Output = Result<Response<h1::Body>, SendError>> + Send + 'a> {
+        if self.http2 {
+            // Boxed: hyper's HTTP/2 client state is large.
+            return Sending::Boxed {
+                fut: Box::pin(async move {
+                    let (resp, slot) = self.send_h2(req, local).await?;
+                    Ok((resp.map(Either::Right), Some(slot)))
+                }),
+            };
+        }
         let idle = &self.idle[slot(self.idle.len())];
         let ret = h1::Return {
             idle: idle.clone(),
             max_uses: self.max_uses,
         };
-        let conn = if self.http2 {
-            None
-        } else {
-            self.take_idle(idle)
-        };
-        let Some(conn) = conn else {
+        let Some(conn) = self.take_idle(idle) else {
             return Sending::Boxed {
+                // Boxed: connecting is rare next to reuse, and its state large.
                 fut: Box::pin(async move {
-                    if self.http2 {
-                        // hyper's HTTP/2 client state is large.
-                        let (resp, slot) = self.send_h2(req, local).await?;
-                        return Ok((resp.map(Either::Right), Some(slot)));
-                    }
-                    // Connecting is rare next to reuse, and its state large.
                     let (io, slot) = self.tcp().await?;
                     let conn = h1::Connection::new(io, slot);
                     let resp = h1::exchange(conn, req, ret, self, local).await?;
