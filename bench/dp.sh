@@ -188,9 +188,7 @@ if [ ${#PORTICOS[@]} -gt 0 ]; then
     [ -x "$(dp_binary "$p")" ] || die "$(dp_binary "$p") is still missing after the build"
   done
   if want portico-pgo && [ -r "$PGO_BIN/built-from" ]; then
-    # As bench/pgo.sh names it: the benchmarks' own outputs do not count.
-    here="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    git diff --quiet HEAD -- . ':(exclude)bench/dp' ':(exclude)BENCHMARKS.md' 2>/dev/null || here+="-dirty"
+    here="$(bash bench/pgo.sh --code-state)"
     [ "$(cat "$PGO_BIN/built-from")" = "$here" ] \
       || say "warning: $PGO_BIN/portico-dp was built from $(cat "$PGO_BIN/built-from"), not $here; rebuild it with bash bench/pgo.sh"
   fi

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds portico-dp with profile-guided optimisation (PGO) into target/pgo/.
 #
-# Usage: bash bench/pgo.sh [--help]
+# Usage: bash bench/pgo.sh [--code-state] [--help]
+#
+# --code-state: only print the checked-out code's state as target/pgo/built-from
+# names it (bench/dp.sh compares the two).
 #
 # Three steps; the two builds are the workspace's release build, as
 # `cargo build --release --workspace --bins` makes target/release (the same
@@ -39,8 +42,18 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$SELF"; }
 die() { echo "bench/pgo.sh: error: $*" >&2; exit 1; }
 say() { echo "==> $*" >&2; }
 
+# The code's state: the commit, "-dirty" when anything but the benchmarks'
+# outputs differs from it.
+code_state() {
+  local c
+  c="$(git rev-parse --short HEAD 2>/dev/null)" || { echo unknown; return; }
+  git diff --quiet HEAD -- . ':(exclude)bench/dp' ':(exclude)BENCHMARKS.md' || c+="-dirty"
+  echo "$c"
+}
+
 case "${1:-}" in
   "") ;;
+  --code-state) code_state; exit 0 ;;
   -h|--help) usage; exit 0 ;;
   *) echo "bench/pgo.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
 esac
@@ -60,14 +73,6 @@ if [ ! -x "$PROFDATA" ]; then
   [ -x "$PROFDATA" ] || die "$PROFDATA is still missing after adding llvm-tools"
 fi
 
-# The code's state: the commit, "-dirty" when anything but the benchmarks'
-# outputs differs from it (bench/dp.sh compares it with target/pgo/built-from).
-code_state() {
-  local c
-  c="$(git rev-parse --short HEAD 2>/dev/null)" || { echo unknown; return; }
-  git diff --quiet HEAD -- . ':(exclude)bench/dp' ':(exclude)BENCHMARKS.md' || c+="-dirty"
-  echo "$c"
-}
 BUILT_FROM="$(code_state)"
 PROFILES="$PWD/target/pgo-profiles"
 # Added to the caller's flags, as the plain build would have them.

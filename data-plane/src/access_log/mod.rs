@@ -137,6 +137,21 @@ pub fn grpc_status_for_http(status: u16) -> u32 {
     }
 }
 
+/// The values of `names` in `h`, as a record keeps them for its formats
+/// (`None` where a header is missing or not text).
+pub fn logged_headers(
+    names: &[http::HeaderName],
+    h: &http::HeaderMap,
+) -> Vec<(http::HeaderName, Option<String>)> {
+    names
+        .iter()
+        .map(|n| {
+            let v = h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            (n.clone(), v)
+        })
+        .collect()
+}
+
 /// A `grpc-status` field's value.
 pub fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
     std::str::from_utf8(h.get("grpc-status")?.as_bytes())

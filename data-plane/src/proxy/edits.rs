@@ -109,14 +109,7 @@ impl Formatting {
     /// Notes the answer, for the response's values.
     pub(super) fn answered(&mut self, status: StatusCode, h: &HeaderMap) {
         self.rec.response_code = status.as_u16();
-        self.rec.response_headers = self
-            .response_names
-            .iter()
-            .map(|n| {
-                let v = h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                (n.clone(), v)
-            })
-            .collect();
+        self.rec.response_headers = crate::access_log::logged_headers(&self.response_names, h);
     }
 }
 

@@ -197,15 +197,8 @@ pub async fn handle(
                 Either::Right(_) => "direct_response",
             };
         }
-        let h = resp.headers();
-        b.1.response_headers = lr
-            .log_response_headers
-            .iter()
-            .map(|n| {
-                let v = h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                (n.clone(), v)
-            })
-            .collect();
+        b.1.response_headers =
+            crate::access_log::logged_headers(&lr.log_response_headers, resp.headers());
     }
     let (parts, body) = resp.into_parts();
     let body = match body {
@@ -413,7 +406,7 @@ fn record(
         authority: authority(req).unwrap_or_default().to_owned(),
         downstream_remote_address: origin.client.to_string(),
         downstream_direct_remote_address: conn.peer.to_string(),
-        headers: logged.iter().map(|n| (n.clone(), s(n))).collect(),
+        headers: crate::access_log::logged_headers(logged, h),
         ..Default::default()
     }
 }
