@@ -36,7 +36,7 @@ use crate::config::route::{
 use crate::snapshot::{Shared, Snapshot};
 use crate::stats::Stats;
 use crate::upstream::lb::hash64;
-use crate::upstream::pool::{ReqBody, RespBody, SendError};
+use crate::upstream::pool::{ReqBody, RespBody, SendError, SendResult};
 use crate::upstream::{is_hashing, Cluster};
 
 /// What a connection's requests share.
@@ -1127,8 +1127,11 @@ async fn forward(
         };
         mirror::send(snap, mirrors, &copy);
     }
+    // One reading of the clock for the route's deadline and the upstream
+    // service time (each reading is a call into the vDSO).
+    let started = Instant::now();
     let deadline = match (
-        route_timeout.map(|t| tokio::time::Instant::now() + t),
+        route_timeout.map(|t| tokio::time::Instant::from_std(started) + t),
         stream_deadline,
     ) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -1168,7 +1171,6 @@ async fn forward(
         "no healthy upstream\n",
         "UH",
     );
-    let started = Instant::now();
     for attempt in 0..max_tries {
         if attempt > 0 {
             // Retries are bounded by the cluster's retry budget too.
@@ -1313,40 +1315,32 @@ async fn forward(
         // arm: bound once before them, it would take a second place in
         // this (large, often moved) future.
         let armed = request_deadline.filter(|_| received.as_ref().is_some_and(|r| !r.whole()));
-        let sent = match (armed, try_deadline) {
-            (Some(rd), _) => {
+        // The send's own end (`None`: the try's deadline came first), as
+        // it comes: each rewrap of an answer would copy it.
+        let sent: Result<Option<SendResult>, RequestTimedOut> = match armed {
+            Some(rd) => {
                 // Made when first polled (the race may end before that):
                 // `send_noting` takes an idle connection when called.
                 let pool = &ep.pool;
                 Box::pin(race_request_timeout(
-                    async move { pool.send_noting(up_req, noting).await },
+                    async move { pool.send_noting(up_req, noting, try_deadline).await },
                     rd,
-                    try_deadline,
                     received.as_ref(),
                 ))
                 .await
             }
-            (None, d) => {
-                let within = Within {
-                    fut: ep.pool.send_noting(up_req, noting),
-                    sleep: d.map(|d| tokio::task::unconstrained(tokio::time::sleep_until(d))),
-                };
-                match within.await {
-                    Some(r) => Sent::Answer(r),
-                    None => Sent::TimedOut,
-                }
-            }
+            None => Ok(ep.pool.send_noting(up_req, noting, try_deadline).await),
         };
         let more = attempt + 1 < max_tries;
         match sent {
-            Sent::RequestTimedOut => {
+            Err(RequestTimedOut) => {
                 // Envoy's request_timeout: the client took too long to send
                 // the request; not the upstream's fault.
                 stats.downstream_rq_timeout.fetch_add(1, Relaxed);
                 failure = local(StatusCode::REQUEST_TIMEOUT, "request timeout\n", "");
                 break;
             }
-            Sent::Answer(Ok((resp, slot))) => {
+            Ok(Some(Ok((resp, slot)))) => {
                 let status = resp.status().as_u16();
                 cluster.stats.count_status(status);
                 cluster.observe(&ep, Some(status));
@@ -1389,7 +1383,7 @@ async fn forward(
                 guard.deadline = stream_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
-            Sent::Answer(Err(e)) => {
+            Ok(Some(Err(e))) => {
                 if !matches!(e, SendError::Downstream { .. }) {
                     cluster.observe(&ep, None);
                 }
@@ -1431,7 +1425,7 @@ async fn forward(
                     break;
                 }
             }
-            Sent::TimedOut if stream_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+            Ok(None) if stream_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
                 // The stream's own limit, not the upstream's slowness: no
                 // retry, no outlier mark.
                 stats
@@ -1450,7 +1444,7 @@ async fn forward(
                 );
                 break;
             }
-            Sent::TimedOut => {
+            Ok(None) => {
                 stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 cluster.observe(&ep, Some(504));
@@ -1482,79 +1476,30 @@ async fn forward(
     Err(failure)
 }
 
-/// How an upstream try ended.
-enum Sent<T> {
-    /// With an answer or an error.
-    Answer(T),
-    /// At the route's, the try's or the stream's deadline.
-    TimedOut,
-    /// At the HCM's request timeout, the request not yet received whole.
-    RequestTimedOut,
-}
-
-pin_project_lite::pin_project! {
-    /// A future raced against a deadline, if there is one: `None` when the
-    /// deadline came first. Built in place, where tokio's `timeout_at`
-    /// takes the future by value through two calls and copies it at each
-    /// (the send future is large, and this is every request's path). The
-    /// timer is outside tokio's task budget, as `timeout_at`'s is: a
-    /// streaming upload that spends the budget on every poll must not hold
-    /// the deadline off.
-    struct Within<F> {
-        #[pin]
-        fut: F,
-        #[pin]
-        sleep: Option<tokio::task::Unconstrained<tokio::time::Sleep>>,
-    }
-}
-
-impl<F: std::future::Future> std::future::Future for Within<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        if let std::task::Poll::Ready(v) = this.fut.poll(cx) {
-            return std::task::Poll::Ready(Some(v));
-        }
-        match this.sleep.as_pin_mut() {
-            Some(s) => s.poll(cx).map(|()| None),
-            None => std::task::Poll::Pending,
-        }
-    }
-}
+/// A try given up at the HCM's request timeout: the request was not yet
+/// received whole.
+struct RequestTimedOut;
 
 /// Runs a try against the request timeout: at `request_deadline` the try
 /// is given up if the client has still not sent the whole body; if it
-/// has, the timer is disarmed (Envoy's) and only `try_deadline` is left.
+/// has, the timer is disarmed (Envoy's) and the try goes on alone (with
+/// its own deadline, if any, inside `send`).
 async fn race_request_timeout<T>(
     send: impl std::future::Future<Output = T>,
     request_deadline: tokio::time::Instant,
-    try_deadline: Option<tokio::time::Instant>,
     received: Option<&super::body::Received>,
-) -> Sent<T> {
+) -> Result<T, RequestTimedOut> {
     let mut send = std::pin::pin!(send);
     let request_timer = tokio::time::sleep_until(request_deadline);
     let mut request_timer = std::pin::pin!(request_timer);
-    let mut armed = true;
-    // An unreachable deadline stands for none.
-    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let try_timer = tokio::time::sleep_until(try_deadline.unwrap_or(far));
-    let mut try_timer = std::pin::pin!(try_timer);
-    loop {
-        tokio::select! {
-            r = &mut send => return Sent::Answer(r),
-            () = &mut request_timer, if armed => {
-                if received.is_none_or(|r| r.whole()) {
-                    armed = false;
-                } else {
-                    return Sent::RequestTimedOut;
-                }
-            }
-            () = &mut try_timer, if try_deadline.is_some() => return Sent::TimedOut,
-        }
+    tokio::select! {
+        r = &mut send => return Ok(r),
+        () = &mut request_timer => {}
+    }
+    if received.is_none_or(|r| r.whole()) {
+        Ok(send.await)
+    } else {
+        Err(RequestTimedOut)
     }
 }
 

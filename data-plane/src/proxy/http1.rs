@@ -283,22 +283,22 @@ pub(super) async fn serve(
             (Some(t), Some(w)) if w.is_for(t) => {}
             (Some(t), _) => watch = Some(Watch::new(t)),
         }
-        let resp = tokio::select! {
+        // The answer is taken straight out of the race's result: every
+        // move of a response (368 bytes) is a copy.
+        let mut resp = tokio::select! {
             biased;
-            r = handle(conn.clone(), req, Some(progress.for_stream())) => Some(r),
-            () = Watch::expiry(watch.as_mut(), &progress) => None,
-        };
-        let Some(resp) = resp else {
-            // No answer, and nothing moved for the timeout.
-            let stats = &conn.shared.stats;
-            stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
-            stats.count_status(408);
-            refuse(io, &Refusal::STREAM_TIMEOUT).await;
-            return;
-        };
-        let resp = match resp {
-            Ok(r) => r,
-            Err(never) => match never {},
+            r = handle(conn.clone(), req, Some(progress.for_stream())) => match r {
+                Ok(r) => r,
+                Err(never) => match never {},
+            },
+            () = Watch::expiry(watch.as_mut(), &progress) => {
+                // No answer, and nothing moved for the timeout.
+                let stats = &conn.shared.stats;
+                stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
+                stats.count_status(408);
+                refuse(io, &Refusal::STREAM_TIMEOUT).await;
+                return;
+            }
         };
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
         keep_alive &= !draining(&drain);
@@ -345,8 +345,18 @@ pub(super) async fn serve(
             }
         }
         let mut activity = Activity::new(watch.as_mut(), &progress);
-        let written =
-            write_response(&io, &mut wbuf, resp, &reply, &mut keep_alive, &mut activity).await;
+        let written = write_response(
+            &io,
+            &mut wbuf,
+            &mut resp,
+            &reply,
+            &mut keep_alive,
+            &mut activity,
+        )
+        .await;
+        // Done with (the request's guard records it): before an upgrade
+        // hands the connection over.
+        drop(resp);
         if written.as_ref().is_err_and(stream_idle::is_idle_out) {
             // The upstream or the client stalled part way: the close
             // tells the client the answer is cut.
@@ -756,16 +766,17 @@ enum Out {
 /// Writes a response. `Ok(false)`: the body could not be sent whole and
 /// the connection must close; `keep_alive` is cleared when the response
 /// ends the connection.
+/// Writes `resp`, which stays the caller's to drop (taken by reference:
+/// moved into this future, a response would be copied whole once more).
 async fn write_response(
     io: &TcpStream,
     wbuf: &mut Vec<u8>,
-    resp: Response<ResponseBody>,
+    resp: &mut Response<ResponseBody>,
     r: &Reply,
     keep_alive: &mut bool,
     act: &mut Activity<'_>,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status;
+    let status = resp.status();
     wbuf.clear();
     wbuf.extend_from_slice(b"HTTP/1.1 ");
     wbuf.extend_from_slice(status.as_str().as_bytes());
@@ -778,7 +789,7 @@ async fn write_response(
     let no_body = bodiless_status || r.head_only || status == StatusCode::NOT_MODIFIED;
     let mut declared: Option<u64> = None;
     let mut has_date = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in resp.headers() {
         if r.switching {
             // The switch's own headers (Connection, Upgrade) go as they are.
         } else if name == header::CONTENT_LENGTH {
@@ -804,7 +815,8 @@ async fn write_response(
         wbuf.extend_from_slice(value.as_bytes());
         wbuf.extend_from_slice(b"\r\n");
     }
-    crate::spare::recycle(parts.headers);
+    crate::spare::recycle(std::mem::take(resp.headers_mut()));
+    let body = resp.body_mut();
     let out = if r.switching || no_body {
         Out::None
     } else if let Some(n) = declared {
@@ -833,7 +845,6 @@ async fn write_response(
     }
     wbuf.extend_from_slice(b"\r\n");
     if out == Out::None {
-        drop(body);
         write_all(io, wbuf, act).await?;
         return Ok(true);
     }
@@ -851,7 +862,7 @@ async fn write_response(
             act.wait(body.frame()).await?
         } else {
             let polled =
-                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await;
             match polled {
                 Poll::Ready(f) => f,
                 Poll::Pending => {

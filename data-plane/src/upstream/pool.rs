@@ -38,10 +38,26 @@ pub type RespBody = Either<h1::Body, Incoming>;
 pub type SendResult = Result<(Response<RespBody>, Option<StreamSlot>), SendError>;
 
 pin_project_lite::pin_project! {
-    /// The future of [`Pool::send_noting`]: an exchange on a reused
-    /// HTTP/1.1 connection in place, anything else boxed.
-    #[project = SendingProj]
-    pub enum Sending<'a, F> {
+    /// The future of [`Pool::send_noting`]: the exchange, raced against the
+    /// try's deadline when there is one (`None` when the deadline came
+    /// first). Both are in place: this future is large and on every
+    /// request's path, and each wrapper around it would copy it whole.
+    pub struct Sending<'a, F> {
+        #[pin]
+        how: How<'a, F>,
+        // Outside tokio's task budget, as `tokio::time::timeout`'s timer
+        // is: a streaming upload that spends the budget on every poll
+        // must not hold the deadline off.
+        #[pin]
+        deadline: Option<tokio::task::Unconstrained<tokio::time::Sleep>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An exchange on a reused HTTP/1.1 connection in place, anything else
+    /// boxed.
+    #[project = HowProj]
+    enum How<'a, F> {
         /// HTTP/1.1 on a connection from the idle list.
         Reused { #[pin] fut: F },
         /// HTTP/2, or a new connection first.
@@ -53,14 +69,22 @@ impl<F> Future for Sending<'_, F>
 where
     F: Future<Output = Result<Response<h1::Body>, SendError>>,
 {
-    type Output = SendResult;
+    type Output = Option<SendResult>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SendResult> {
-        match self.project() {
-            SendingProj::Reused { fut } => fut
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SendResult>> {
+        let this = self.project();
+        let sent = match this.how.project() {
+            HowProj::Reused { fut } => fut
                 .poll(cx)
                 .map(|r| r.map(|resp| (resp.map(Either::Left), None))),
-            SendingProj::Boxed { fut } => fut.as_mut().poll(cx),
+            HowProj::Boxed { fut } => fut.as_mut().poll(cx),
+        };
+        if let Poll::Ready(r) = sent {
+            return Poll::Ready(Some(r));
+        }
+        match this.deadline.as_pin_mut() {
+            Some(d) => d.poll(cx).map(|()| None),
+            None => Poll::Pending,
         }
     }
 }
@@ -181,11 +205,16 @@ impl Pool {
     /// live as long as its body; an HTTP/1.1 body returns its connection to
     /// the pool itself when it ends cleanly.
     pub async fn send(&self, req: Request<ReqBody>) -> SendResult {
-        self.send_noting(req, None).await
+        match self.send_noting(req, None, None).await {
+            Some(r) => r,
+            // Without a deadline the exchange is the only way to end.
+            None => unreachable!("a send without a deadline timed out"),
+        }
     }
 
     /// [`Pool::send`], noting in `local` this side's address on the
-    /// connection used (for access logs that ask for it).
+    /// connection used (for access logs that ask for it), and given up at
+    /// `deadline` (the future's output is then `None`).
     ///
     /// Not an `async fn`: the common case (HTTP/1.1 on an idle connection)
     /// is decided before the future is made, so the future is the
@@ -194,14 +223,19 @@ impl Pool {
         &'a self,
         req: Request<ReqBody>,
         local: Option<&'a mut Option<SocketAddr>>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Sending<'a, impl Future<Output = Result<Response<h1::Body>, SendError>> + Send + 'a> {
+        let deadline = deadline.map(|d| tokio::task::unconstrained(tokio::time::sleep_until(d)));
         if self.http2 {
             // Boxed: hyper's HTTP/2 client state is large.
-            return Sending::Boxed {
-                fut: Box::pin(async move {
-                    let (resp, slot) = self.send_h2(req, local).await?;
-                    Ok((resp.map(Either::Right), Some(slot)))
-                }),
+            return Sending {
+                how: How::Boxed {
+                    fut: Box::pin(async move {
+                        let (resp, slot) = self.send_h2(req, local).await?;
+                        Ok((resp.map(Either::Right), Some(slot)))
+                    }),
+                },
+                deadline,
             };
         }
         let idle = &self.idle[slot(self.idle.len())];
@@ -210,18 +244,25 @@ impl Pool {
             max_uses: self.max_uses,
         };
         let Some(conn) = self.take_idle(idle) else {
-            return Sending::Boxed {
-                // Boxed: connecting is rare next to reuse, and its state large.
-                fut: Box::pin(async move {
-                    let (io, slot) = self.tcp().await?;
-                    let conn = h1::Connection::new(io, slot);
-                    let resp = h1::exchange(conn, req, ret, self, local).await?;
-                    Ok((resp.map(Either::Left), None))
-                }),
+            return Sending {
+                how: How::Boxed {
+                    // Boxed: connecting is rare next to reuse, and its state
+                    // large.
+                    fut: Box::pin(async move {
+                        let (io, slot) = self.tcp().await?;
+                        let conn = h1::Connection::new(io, slot);
+                        let resp = h1::exchange(conn, req, ret, self, local).await?;
+                        Ok((resp.map(Either::Left), None))
+                    }),
+                },
+                deadline,
             };
         };
-        Sending::Reused {
-            fut: h1::exchange(conn, req, ret, self, local),
+        Sending {
+            how: How::Reused {
+                fut: h1::exchange(conn, req, ret, self, local),
+            },
+            deadline,
         }
     }
 
