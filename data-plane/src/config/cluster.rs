@@ -103,12 +103,56 @@ impl DnsFamily {
 pub enum LbKind {
     /// Weighted round robin.
     RoundRobin,
-    /// Power of two choices on active requests.
+    /// The least busy of a few random choices, or weights scaled down by
+    /// active requests (see [`LeastRequest`]).
     LeastRequest,
     /// Uniformly random.
     Random,
     /// Consistent hashing on the route's hash policy.
     RingHash,
+}
+
+/// Envoy's `least_request_lb_config`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeastRequest {
+    /// With equal weights, endpoints drawn at random per pick, of which
+    /// the one with the fewest active requests is taken (`choice_count`,
+    /// 2 unless set).
+    pub choice_count: u32,
+    /// With unequal weights, each endpoint's share is its weight over
+    /// (active requests + 1) to this power (`active_request_bias`, 1.0
+    /// unless set; 0 is plain weighted round robin).
+    pub active_request_bias: f64,
+}
+
+impl Default for LeastRequest {
+    fn default() -> Self {
+        LeastRequest {
+            choice_count: 2,
+            active_request_bias: 1.0,
+        }
+    }
+}
+
+/// Envoy's `ring_hash_lb_config`: bounds on the ring's entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSize {
+    /// `minimum_ring_size`, 1024 unless set.
+    pub min: u64,
+    /// `maximum_ring_size`, 8M unless set.
+    pub max: u64,
+}
+
+/// Envoy's upper bound on both ring sizes.
+const RING_SIZE_LIMIT: u64 = 8 * 1024 * 1024;
+
+impl Default for RingSize {
+    fn default() -> Self {
+        RingSize {
+            min: 1024,
+            max: RING_SIZE_LIMIT,
+        }
+    }
 }
 
 /// Circuit-breaker limits (default priority).
@@ -252,6 +296,10 @@ pub struct ClusterConfig {
     pub discovery: Discovery,
     /// Load balancing.
     pub lb: LbKind,
+    /// Least request's settings (used when `lb` is `LeastRequest`).
+    pub least_request: LeastRequest,
+    /// The ring's size bounds (used when `lb` is `RingHash`).
+    pub ring_size: RingSize,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Speak HTTP/2 (prior knowledge) upstream.
@@ -293,6 +341,69 @@ pub struct EndpointSpec {
     /// That locality's weight (0 when unset), which counts only in a
     /// cluster with `locality_weighted_lb_config`.
     pub locality_weight: u32,
+}
+
+/// The policy settings of `lb_config` (a policy's settings that do not
+/// match `lb_policy` are ignored, as in Envoy).
+fn lb_settings(c: &Cluster, at: &str) -> Result<(LeastRequest, RingSize), ConfigError> {
+    use portico_proto::envoy::config::cluster::v3::cluster::LbConfig;
+    let mut least = LeastRequest::default();
+    let mut ring = RingSize::default();
+    match &c.lb_config {
+        Some(LbConfig::LeastRequestLbConfig(l)) => {
+            if let Some(n) = &l.choice_count {
+                if n.value < 2 {
+                    return Err(ConfigError::new(
+                        at,
+                        format!(
+                            "least_request_lb_config.choice_count {} is below 2",
+                            n.value
+                        ),
+                    ));
+                }
+                least.choice_count = n.value;
+            }
+            if let Some(b) = &l.active_request_bias {
+                let v = b.default_value;
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(ConfigError::new(
+                        at,
+                        format!("least_request_lb_config.active_request_bias {v} is not a number at or above 0"),
+                    ));
+                }
+                least.active_request_bias = v;
+            }
+            // `slow_start_config` (a new endpoint's share ramped up over a
+            // window) is not applied: new endpoints take their full share
+            // at once.
+        }
+        Some(LbConfig::RingHashLbConfig(r)) => {
+            ring.min = r.minimum_ring_size.as_ref().map_or(ring.min, |v| v.value);
+            ring.max = r.maximum_ring_size.as_ref().map_or(ring.max, |v| v.value);
+            for (name, v) in [
+                ("minimum_ring_size", ring.min),
+                ("maximum_ring_size", ring.max),
+            ] {
+                if v > RING_SIZE_LIMIT {
+                    return Err(ConfigError::new(
+                        at,
+                        format!("ring_hash_lb_config.{name} {v} is above {RING_SIZE_LIMIT}"),
+                    ));
+                }
+            }
+            if ring.min > ring.max {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "ring_hash_lb_config.minimum_ring_size {} is above maximum_ring_size {}",
+                        ring.min, ring.max
+                    ),
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok((least, ring))
 }
 
 /// A health check's `method` (GET unless set; CONNECT is refused, as in
@@ -500,6 +611,7 @@ impl ClusterConfig {
                 "lb_subset_config (subset load balancing) is not supported",
             ));
         }
+        let (least_request, ring_size) = lb_settings(c, &at)?;
         if c.load_balancing_policy.is_some() {
             return Err(ConfigError::new(
                 &at,
@@ -828,6 +940,8 @@ impl ClusterConfig {
             name: c.name.as_str().into(),
             discovery,
             lb,
+            least_request,
+            ring_size,
             connect_timeout: c
                 .connect_timeout
                 .as_ref()

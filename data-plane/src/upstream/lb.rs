@@ -1,13 +1,14 @@
-//! Load balancing: weighted round robin, least request (power of two
-//! choices), random and ring hash. Unavailable endpoints are skipped; when
-//! none is available the caller answers 503.
+//! Load balancing: weighted round robin, least request (the least busy of
+//! N random choices, or weights scaled down by active requests), random
+//! and ring hash. Unavailable endpoints are skipped; when none is
+//! available the caller answers 503.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::{now_ms, Cluster, Endpoint};
-use crate::config::cluster::LbKind;
+use crate::config::cluster::{ClusterConfig, LbKind, RingSize};
 
 /// Precomputed tables for an endpoint set.
 #[derive(Debug, Default)]
@@ -65,8 +66,8 @@ fn stride(total: u64) -> u64 {
 }
 
 impl Tables {
-    /// Builds the tables the policy needs.
-    pub fn build(kind: LbKind, eps: &[Arc<Endpoint>]) -> Self {
+    /// Builds the tables the cluster's policy needs.
+    pub fn build(config: &ClusterConfig, eps: &[Arc<Endpoint>]) -> Self {
         let mut t = Tables::default();
         if eps.iter().any(|e| e.weight != eps[0].weight) {
             let mut sum = 0u64;
@@ -79,20 +80,74 @@ impl Tables {
                 .collect();
             t.stride = stride(sum);
         }
-        if kind == LbKind::RingHash && !eps.is_empty() {
-            // Envoy's minimum ring size is 1024 entries.
-            let total: u64 = eps.iter().map(|e| e.weight as u64).sum();
-            let scale = (1024.0 / total as f64).max(1.0);
-            for (i, e) in eps.iter().enumerate() {
-                let points = ((e.weight as f64) * scale).ceil() as u64;
-                for p in 0..points.min(65_536) {
-                    t.ring.push((hash64((e.addr, p)), i as u32));
-                }
-            }
-            t.ring.sort_unstable();
+        if config.lb == LbKind::RingHash && !eps.is_empty() {
+            t.ring = ring(eps, config.ring_size);
         }
         t
     }
+}
+
+/// A hash ring sized as Envoy sizes it: the lightest endpoint gets a whole
+/// number of entries and the ring at least `size.min` of them, but no more
+/// than `size.max`; each endpoint's share of entries is its share of the
+/// weight. (The entries' positions are this proxy's own hash, not Envoy's
+/// xxHash or Murmur: consistent, but not the same keys to the same
+/// endpoints as an Envoy next to it.)
+fn ring(eps: &[Arc<Endpoint>], size: RingSize) -> Vec<(u64, u32)> {
+    let total: f64 = eps.iter().map(|e| f64::from(e.weight.max(1))).sum();
+    let lightest = eps
+        .iter()
+        .map(|e| f64::from(e.weight.max(1)) / total)
+        .fold(1.0, f64::min);
+    let scale = ((lightest * size.min as f64).ceil() / lightest).min(size.max as f64);
+    let mut ring = Vec::with_capacity(scale.ceil() as usize + eps.len());
+    let (mut made, mut target) = (0u64, 0.0f64);
+    for (i, e) in eps.iter().enumerate() {
+        target += scale * f64::from(e.weight.max(1)) / total;
+        let mut p = 0u64;
+        // (Less a hair: the shares' float sum may land just above a whole
+        // number.)
+        while (made as f64) < target - 1e-6 {
+            ring.push((hash64((e.addr, p)), i as u32));
+            made += 1;
+            p += 1;
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
+/// An endpoint drawn at random in proportion to its weight over (active
+/// requests + 1) to the power `bias`: Envoy's weighted least request
+/// shares (Envoy keeps an earliest-deadline-first schedule of the same
+/// weights; drawing at random gives each the same share without a
+/// schedule shared between workers).
+fn by_load(
+    eps: &[Arc<Endpoint>],
+    bias: f64,
+    ok: impl Fn(&Endpoint) -> bool,
+) -> Option<&Arc<Endpoint>> {
+    let share = |e: &Endpoint| {
+        let busy = e.active.load(Relaxed) as f64 + 1.0;
+        let scaled = if bias == 1.0 { busy } else { busy.powf(bias) };
+        f64::from(e.weight) / scaled
+    };
+    let total: f64 = eps.iter().filter(|e| ok(e)).map(|e| share(e)).sum();
+    if total <= 0.0 || !total.is_finite() {
+        return None;
+    }
+    let mut x = fastrand::f64() * total;
+    let mut last = None;
+    for e in eps.iter().filter(|e| ok(e)) {
+        let s = share(e);
+        if x < s {
+            return Some(e);
+        }
+        x -= s;
+        last = Some(e);
+    }
+    // Active counts moved between the two passes (other workers).
+    last
 }
 
 impl Cluster {
@@ -127,22 +182,34 @@ impl Cluster {
                 return None;
             }
             (LbKind::LeastRequest, _) if n > 1 => {
-                let a = &eps[fastrand::usize(..n)];
-                let b = &eps[fastrand::usize(..n)];
-                let best = match (ok(a), ok(b)) {
-                    (true, true) => Some(if b.active.load(Relaxed) < a.active.load(Relaxed) {
-                        b
-                    } else {
-                        a
-                    }),
-                    (true, false) => Some(a),
-                    (false, true) => Some(b),
-                    (false, false) => None,
+                let lr = &self.config.least_request;
+                let best = if set.lb.cumulative.is_empty() {
+                    // Equal weights: the least busy of `choice_count`
+                    // drawn at random (Envoy's N choices).
+                    let mut best: Option<&Arc<Endpoint>> = None;
+                    for _ in 0..lr.choice_count {
+                        let e = &eps[fastrand::usize(..n)];
+                        if ok(e)
+                            && best.is_none_or(|b| e.active.load(Relaxed) < b.active.load(Relaxed))
+                        {
+                            best = Some(e);
+                        }
+                    }
+                    best
+                } else if lr.active_request_bias == 0.0 {
+                    // Active requests do not count: weighted round robin.
+                    None
+                } else {
+                    by_load(eps, lr.active_request_bias, ok)
                 };
                 if let Some(e) = best {
                     return Some(e.clone());
                 }
-                fastrand::usize(..n)
+                if lr.active_request_bias == 0.0 && !set.lb.cumulative.is_empty() {
+                    pick_weighted(&set.lb, n, self.rr.fetch_add(1, Relaxed))
+                } else {
+                    fastrand::usize(..n)
+                }
             }
             (LbKind::Random | LbKind::RingHash | LbKind::LeastRequest, _) => {
                 pick_weighted(&set.lb, n, fastrand::u64(..))
@@ -180,6 +247,180 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::config::cluster::{ClusterConfig, EndpointSpec};
+    use crate::stats::ClusterStats;
+    use portico_proto::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType, LbConfig, LbPolicy, LeastRequestLbConfig,
+        RingHashLbConfig,
+    };
+    use portico_proto::envoy::config::cluster::v3::Cluster as PbCluster;
+    use portico_proto::envoy::config::core::v3::{HealthStatus, RuntimeDouble};
+    use portico_proto::google::protobuf::{UInt32Value, UInt64Value};
+    use std::net::SocketAddr;
+
+    fn pb(lb: LbPolicy, config: Option<LbConfig>) -> PbCluster {
+        PbCluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            lb_policy: lb as i32,
+            lb_config: config,
+            ..Default::default()
+        }
+    }
+
+    /// A cluster of endpoints with these weights.
+    fn cluster(weights: &[u32], lb: LbPolicy, config: Option<LbConfig>) -> Arc<Cluster> {
+        let cfg = ClusterConfig::convert(&pb(lb, config)).expect("converts");
+        let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+        let specs: Vec<EndpointSpec> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| EndpointSpec {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                weight: *w,
+                health: HealthStatus::Unknown,
+                locality: 0,
+                locality_weight: 1,
+            })
+            .collect();
+        c.set_endpoints(&specs);
+        c
+    }
+
+    /// How many of `picks` picks went to each endpoint.
+    fn shares(c: &Cluster, picks: u32) -> Vec<u32> {
+        let set = c.endpoints.load();
+        let mut n = vec![0; set.endpoints.len()];
+        for _ in 0..picks {
+            let e = c.pick(None, None).expect("an endpoint");
+            let i = set
+                .endpoints
+                .iter()
+                .position(|x| Arc::ptr_eq(x, &e))
+                .expect("one of them");
+            n[i] += 1;
+        }
+        n
+    }
+
+    fn least_request(choices: Option<u32>, bias: Option<f64>) -> Option<LbConfig> {
+        Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+            choice_count: choices.map(|value| UInt32Value { value }),
+            active_request_bias: bias.map(|default_value| RuntimeDouble {
+                default_value,
+                runtime_key: String::new(),
+            }),
+            ..Default::default()
+        }))
+    }
+
+    /// Equal weights: the least busy of `choice_count` random draws.
+    #[test]
+    fn least_request_takes_the_least_busy_of_its_choices() {
+        for (choices, low, high) in [(None, 700, 1050), (Some(10), 1800, 2000)] {
+            let c = cluster(
+                &[1, 1, 1, 1],
+                LbPolicy::LeastRequest,
+                least_request(choices, None),
+            );
+            // Endpoint 0 idle, the others busy: it wins whenever drawn,
+            // 1 - (3/4)^N of the picks (44% with two choices, 94% with ten).
+            for e in &c.endpoints.load().endpoints[1..] {
+                e.active.store(5, Relaxed);
+            }
+            let n = shares(&c, 2000);
+            assert!((low..=high).contains(&n[0]), "{choices:?}: {n:?}");
+        }
+    }
+
+    /// Unequal weights: shares are weight / (active + 1)^bias; bias 0 is
+    /// weighted round robin.
+    #[test]
+    fn weighted_least_request_scales_weights_by_load() {
+        let c = cluster(&[1, 3], LbPolicy::LeastRequest, None);
+        let n = shares(&c, 4000);
+        assert!((800..=1200).contains(&n[0]), "idle, 1:3 by weight: {n:?}");
+        // Two requests on the heavier one: 3 / (2 + 1) = 1, as light as
+        // the other.
+        c.endpoints.load().endpoints[1].active.store(2, Relaxed);
+        let n = shares(&c, 4000);
+        assert!((1800..=2200).contains(&n[0]), "1:1 under load: {n:?}");
+        // Bias 0: the load does not count, turns go by weight exactly.
+        let c = cluster(
+            &[1, 3],
+            LbPolicy::LeastRequest,
+            least_request(None, Some(0.0)),
+        );
+        c.endpoints.load().endpoints[1].active.store(2, Relaxed);
+        assert_eq!(shares(&c, 4000), vec![1000, 3000]);
+        // Bias 2: (2 + 1)^2 = 9, so 1 : 1/3.
+        let c = cluster(
+            &[1, 3],
+            LbPolicy::LeastRequest,
+            least_request(None, Some(2.0)),
+        );
+        c.endpoints.load().endpoints[1].active.store(2, Relaxed);
+        let n = shares(&c, 4000);
+        assert!((2800..=3200).contains(&n[0]), "3:1 with bias 2: {n:?}");
+    }
+
+    /// Envoy's ring sizing: the lightest endpoint gets whole entries, the
+    /// ring at least the minimum, at most the maximum.
+    #[test]
+    fn ring_is_sized_by_its_bounds_and_weights() {
+        let ring_of = |weights: &[u32], min: Option<u64>, max: Option<u64>| {
+            let cfg = Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                minimum_ring_size: min.map(|value| UInt64Value { value }),
+                maximum_ring_size: max.map(|value| UInt64Value { value }),
+                ..Default::default()
+            }));
+            let c = cluster(weights, LbPolicy::RingHash, cfg);
+            let set = c.endpoints.load();
+            let mut per = vec![0; weights.len()];
+            for (_, i) in &set.lb.ring {
+                per[*i as usize] += 1;
+            }
+            per
+        };
+        assert_eq!(ring_of(&[1, 1, 2], None, None), vec![256, 256, 512]);
+        assert_eq!(ring_of(&[1, 1, 2], Some(8), None), vec![2, 2, 4]);
+        // The maximum wins over whole entries for the lightest.
+        assert_eq!(ring_of(&[1, 100], Some(500), Some(500)), vec![5, 495]);
+        // The lightest gets whole entries: 11 of 1111, not 10.1 of 1024.
+        assert_eq!(ring_of(&[1, 100], None, None), vec![11, 1100]);
+    }
+
+    /// Settings Envoy would refuse are refused, naming the field.
+    #[test]
+    fn bad_lb_settings_are_refused() {
+        let err = |lb, cfg| {
+            ClusterConfig::convert(&pb(lb, cfg))
+                .expect_err("refused")
+                .to_string()
+        };
+        let e = err(LbPolicy::LeastRequest, least_request(Some(1), None));
+        assert!(e.contains("choice_count 1 is below 2"), "{e}");
+        let e = err(LbPolicy::LeastRequest, least_request(None, Some(-1.0)));
+        assert!(e.contains("active_request_bias -1"), "{e}");
+        let ring = |min: u64, max: u64| {
+            Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                minimum_ring_size: Some(UInt64Value { value: min }),
+                maximum_ring_size: Some(UInt64Value { value: max }),
+                ..Default::default()
+            }))
+        };
+        let e = err(LbPolicy::RingHash, ring(2048, 1024));
+        assert!(
+            e.contains("minimum_ring_size 2048 is above maximum_ring_size 1024"),
+            "{e}"
+        );
+        let e = err(LbPolicy::RingHash, ring(1024, 9_000_000));
+        assert!(
+            e.contains("maximum_ring_size 9000000 is above 8388608"),
+            "{e}"
+        );
+    }
 
     /// Weighted round robin: exact shares over a cycle, spread out.
     #[test]

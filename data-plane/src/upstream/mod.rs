@@ -186,7 +186,7 @@ impl Cluster {
                 _ => Arc::new(Endpoint::new(s, &self.config, &self.stats)),
             })
             .collect();
-        let lb = lb::Tables::build(self.config.lb, &endpoints);
+        let lb = lb::Tables::build(&self.config, &endpoints);
         self.stats
             .membership_total
             .store(endpoints.len() as u64, Relaxed);
