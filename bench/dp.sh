@@ -54,15 +54,21 @@
 #   REPEAT=1           runs of each cell, round-robin over the proxies; the
 #                      table shows the run with the median req/s
 #   PORTICO_BIN_DIR=target/release   where portico-dp, portico-cp, portico are
-#   PORTICO_CONFIG=bench/dp/portico.yaml   the Portico configuration applied
+#   BENCH_CONFIG=bench/dp/portico.yaml   the Portico configuration applied
 #                      (one route); bench/dp/portico-rich.yaml is a dozen
 #                      routes with matchers, header edits and retries, which
-#                      bench/pgo.sh does not train on
+#                      bench/pgo.sh does not train on (a relative path is
+#                      taken from the directory the script is run in)
 #   PGO_BIN_DIR=target/pgo   where the PGO build of portico-dp is
 #   REPORT_FILE=bench/dp/last-run.md   where the tables are written
 #   PORTICO_LOG=warn   log filter for portico-cp and portico-dp
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+# The caller's path, before the script moves to the repository's root.
+if [ -n "${BENCH_CONFIG:-}" ]; then
+  [ -f "$BENCH_CONFIG" ] || { echo "bench/dp.sh: BENCH_CONFIG: no such file: $BENCH_CONFIG" >&2; exit 2; }
+  BENCH_CONFIG="$(cd "$(dirname "$BENCH_CONFIG")" && pwd)/$(basename "$BENCH_CONFIG")"
+fi
 cd "$(dirname "$SELF")/.."
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 export LC_ALL=C
@@ -91,8 +97,8 @@ REPEAT="${REPEAT:-1}"
 BIN="${PORTICO_BIN_DIR:-target/release}"
 PGO_BIN="${PGO_BIN_DIR:-target/pgo}"
 REPORT_FILE="${REPORT_FILE:-bench/dp/last-run.md}"
-PORTICO_CONFIG="${PORTICO_CONFIG:-bench/dp/portico.yaml}"
-[ -f "$PORTICO_CONFIG" ] || { echo "bench/dp.sh: PORTICO_CONFIG: no such file: $PORTICO_CONFIG" >&2; exit 2; }
+BENCH_CONFIG="${BENCH_CONFIG:-bench/dp/portico.yaml}"
+[ -f "$BENCH_CONFIG" ] || { echo "bench/dp.sh: BENCH_CONFIG: no such file: $BENCH_CONFIG" >&2; exit 2; }
 WRK_CONNS=50
 H2_CONNS=10
 H2_STREAMS=10
@@ -484,7 +490,7 @@ start_cp() {
     || { cat "$d/portico-cp.log" >&2; die "portico-cp did not write admin.addr/xds.addr/admin.token within ${READY_SECS} s"; }
   XDS_ADDR="$(tr -d '[:space:]' <"$d/data/xds.addr")"
   sed -e '/^#/d' -e "s/\bPROXY_PORT\b/$PORTICO_PORT/g" -e "s/\bUPSTREAM_PORT\b/$UP_H1/g" \
-    "$PORTICO_CONFIG" >"$TMP/portico.yaml"
+    "$BENCH_CONFIG" >"$TMP/portico.yaml"
   echo '{}' >"$d/cli-config.yaml"
   env -u PORTICO_TOKEN PORTICO_CONFIG="$d/cli-config.yaml" \
     PORTICO_SERVER="$(tr -d '[:space:]' <"$d/data/admin.addr")" \
@@ -738,7 +744,7 @@ run_instructions() {
     echo
     echo "Run $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); valgrind $(valgrind --version 2>/dev/null | sed 's/valgrind-//'), nginx $NGINX_VERSION, haproxy $HAPROXY_VERSION."
     echo "Each proxy with one worker under callgrind, $n requests counted after 2000 of warm-up: HTTP/1.1 \`h2load --h1 -c$WRK_CONNS\`, h2c \`h2load -c$H2_CONNS -m1\`; the origin as in the main benchmark. Kernel time is not counted."
-    echo "Portico configuration: \`$PORTICO_CONFIG\`."
+    echo "Portico configuration: \`${BENCH_CONFIG#"$PWD"/}\`."
     echo
     echo "| proxy | HTTP/1.1 instr/req | h2c instr/req |"
     echo "|---|---:|---:|"
@@ -847,7 +853,7 @@ REPORT="$TMP/report.md"
   echo "Machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)), Linux $(uname -r); busy before the start: ${START_BUSY}% of a core."
   echo "Tools: nginx $NGINX_VERSION, haproxy $HAPROXY_VERSION, $(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'), h2load $(h2load --version 2>&1 | sed -n 's/.*nghttp2\/\([0-9.]*\).*/\1/p' | head -n1)."
   printf '%s\n' "Origin: a separate nginx, 1 worker, \`return 200 \"hello world\\n\"\`, HTTP/1.1 keep-alive to every proxy. The direct HTTP/2 row uses the origin's own h2c listener."
-  echo "Portico configuration: \`$PORTICO_CONFIG\`."
+  echo "Portico configuration: \`${BENCH_CONFIG#"$PWD"/}\`."
   echo "Load: HTTP/1.1 \`wrk -t1 -c$WRK_CONNS -d${DURATION}s --latency\`; HTTP/2 (h2c, prior knowledge) \`h2load -c$H2_CONNS -m$H2_STREAMS -D $DURATION\`; each after a ${WARMUP}s warm-up, with a freshly started proxy."
   echo "Latency: wrk's percentiles for HTTP/1.1; for HTTP/2, nearest-rank percentiles of the per-request times in h2load's \`--log-file\`."
   echo "RSS: VmRSS summed over the proxy's processes after the run. CPU/req: the proxy's time on CPU (schedstat, all processes and threads) during the measured run ÷ completed requests."

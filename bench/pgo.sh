@@ -97,6 +97,7 @@ mkdir -p "$PROFILES" "$WORK/bin"
 cp target/pgo-generate/release/portico-dp target/release/portico-cp target/release/portico "$WORK/bin/"
 # One profile per portico-dp process (one per run: 2 layouts x 2 protocols).
 LLVM_PROFILE_FILE="$PROFILES/portico-dp-%p.profraw" \
+  BENCH_CONFIG=bench/dp/portico.yaml \
   PROXIES=portico LAYOUTS="pinned unpinned" PROTOCOLS="h1 h2" DURATION="$TRAIN_SECS" WARMUP=1 \
   PORTICO_BIN_DIR="$WORK/bin" REPORT_FILE="$WORK/training.md" \
   bash bench/dp.sh --no-build >"$WORK/training.log" 2>&1 \

@@ -345,12 +345,12 @@ pub struct EndpointSpec {
 
 /// The policy settings of `lb_config` (a policy's settings that do not
 /// match `lb_policy` are ignored, as in Envoy).
-fn lb_settings(c: &Cluster, at: &str) -> Result<(LeastRequest, RingSize), ConfigError> {
+fn lb_settings(c: &Cluster, lb: LbKind, at: &str) -> Result<(LeastRequest, RingSize), ConfigError> {
     use portico_proto::envoy::config::cluster::v3::cluster::LbConfig;
     let mut least = LeastRequest::default();
     let mut ring = RingSize::default();
     match &c.lb_config {
-        Some(LbConfig::LeastRequestLbConfig(l)) => {
+        Some(LbConfig::LeastRequestLbConfig(l)) if lb == LbKind::LeastRequest => {
             if let Some(n) = &l.choice_count {
                 if n.value < 2 {
                     return Err(ConfigError::new(
@@ -365,19 +365,22 @@ fn lb_settings(c: &Cluster, at: &str) -> Result<(LeastRequest, RingSize), Config
             }
             if let Some(b) = &l.active_request_bias {
                 let v = b.default_value;
-                if !(v.is_finite() && v >= 0.0) {
-                    return Err(ConfigError::new(
-                        at,
-                        format!("least_request_lb_config.active_request_bias {v} is not a number at or above 0"),
-                    ));
+                if v >= 0.0 {
+                    least.active_request_bias = v;
+                } else {
+                    // Envoy's handling: a warning, and the default.
+                    tracing::warn!(
+                        cluster = %c.name,
+                        bias = v,
+                        "least_request_lb_config.active_request_bias is below 0 or not a number; using 1.0"
+                    );
                 }
-                least.active_request_bias = v;
             }
             // `slow_start_config` (a new endpoint's share ramped up over a
             // window) is not applied: new endpoints take their full share
             // at once.
         }
-        Some(LbConfig::RingHashLbConfig(r)) => {
+        Some(LbConfig::RingHashLbConfig(r)) if lb == LbKind::RingHash => {
             ring.min = r.minimum_ring_size.as_ref().map_or(ring.min, |v| v.value);
             ring.max = r.maximum_ring_size.as_ref().map_or(ring.max, |v| v.value);
             for (name, v) in [
@@ -390,6 +393,14 @@ fn lb_settings(c: &Cluster, at: &str) -> Result<(LeastRequest, RingSize), Config
                         format!("ring_hash_lb_config.{name} {v} is above {RING_SIZE_LIMIT}"),
                     ));
                 }
+            }
+            if ring.min == 0 {
+                // An empty ring: every request would fail (Envoy builds
+                // it, and answers 503).
+                return Err(ConfigError::new(
+                    at,
+                    "ring_hash_lb_config.minimum_ring_size 0 makes an empty ring",
+                ));
             }
             if ring.min > ring.max {
                 return Err(ConfigError::new(
@@ -611,7 +622,7 @@ impl ClusterConfig {
                 "lb_subset_config (subset load balancing) is not supported",
             ));
         }
-        let (least_request, ring_size) = lb_settings(c, &at)?;
+        let (least_request, ring_size) = lb_settings(c, lb, &at)?;
         if c.load_balancing_policy.is_some() {
             return Err(ConfigError::new(
                 &at,

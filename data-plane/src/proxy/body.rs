@@ -169,6 +169,15 @@ impl ResponseBody {
         b
     }
 
+    /// Lets go of the upstream side now (its body, with its connection or
+    /// stream, and the endpoint's and cluster's count of active requests),
+    /// for an answer written without a body; the request's own record
+    /// waits for the drop.
+    pub fn release_upstream(&mut self) {
+        self.inner = Either::Right(Full::new(Bytes::new()));
+        self.guard.upstream = None;
+    }
+
     /// A local body.
     pub fn local(body: Bytes, mut guard: Guard) -> Self {
         guard.ended = true;

@@ -766,8 +766,10 @@ enum Out {
 /// Writes a response. `Ok(false)`: the body could not be sent whole and
 /// the connection must close; `keep_alive` is cleared when the response
 /// ends the connection.
-/// Writes `resp`, which stays the caller's to drop (taken by reference:
-/// moved into this future, a response would be copied whole once more).
+///
+/// `resp` stays the caller's to drop (taken by reference: moved into this
+/// future, a response would be copied whole once more); an answer without
+/// a body lets go of its upstream side before the head is written.
 async fn write_response(
     io: &TcpStream,
     wbuf: &mut Vec<u8>,
@@ -845,6 +847,7 @@ async fn write_response(
     }
     wbuf.extend_from_slice(b"\r\n");
     if out == Out::None {
+        body.release_upstream();
         write_all(io, wbuf, act).await?;
         return Ok(true);
     }

@@ -187,7 +187,9 @@ impl Cluster {
                     // Equal weights: the least busy of `choice_count`
                     // drawn at random (Envoy's N choices).
                     let mut best: Option<&Arc<Endpoint>> = None;
-                    for _ in 0..lr.choice_count {
+                    // Past a few hundred draws more cannot change the
+                    // outcome, only the cost of a pick.
+                    for _ in 0..lr.choice_count.min(256) {
                         let e = &eps[fastrand::usize(..n)];
                         if ok(e)
                             && best.is_none_or(|b| e.active.load(Relaxed) < b.active.load(Relaxed))
@@ -391,6 +393,34 @@ mod tests {
         assert_eq!(ring_of(&[1, 100], None, None), vec![11, 1100]);
     }
 
+    /// A changed ring size takes effect though the endpoints stay the same.
+    #[tokio::test]
+    async fn config_change_rebuilds_the_ring() {
+        let configs = |min: u64| {
+            let ring = Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                minimum_ring_size: Some(UInt64Value { value: min }),
+                ..Default::default()
+            }));
+            let cfg = ClusterConfig::convert(&pb(LbPolicy::RingHash, ring)).expect("converts");
+            std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(cfg))])
+        };
+        let specs: Vec<EndpointSpec> = (0..2)
+            .map(|i| EndpointSpec {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+                weight: 1,
+                health: HealthStatus::Unknown,
+                locality: 0,
+                locality_weight: 1,
+            })
+            .collect();
+        let eps = std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(specs))]);
+        let mut m = super::super::ClusterManager::default();
+        let live = m.update(&configs(16), &eps);
+        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 16);
+        let live = m.update(&configs(64), &eps);
+        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 64);
+    }
+
     /// Settings Envoy would refuse are refused, naming the field.
     #[test]
     fn bad_lb_settings_are_refused() {
@@ -401,8 +431,10 @@ mod tests {
         };
         let e = err(LbPolicy::LeastRequest, least_request(Some(1), None));
         assert!(e.contains("choice_count 1 is below 2"), "{e}");
-        let e = err(LbPolicy::LeastRequest, least_request(None, Some(-1.0)));
-        assert!(e.contains("active_request_bias -1"), "{e}");
+        // Envoy warns and takes 1.0.
+        let pbc = pb(LbPolicy::LeastRequest, least_request(None, Some(-1.0)));
+        let cfg = ClusterConfig::convert(&pbc).expect("converts");
+        assert_eq!(cfg.least_request.active_request_bias, 1.0);
         let ring = |min: u64, max: u64| {
             Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
                 minimum_ring_size: Some(UInt64Value { value: min }),
@@ -420,6 +452,10 @@ mod tests {
             e.contains("maximum_ring_size 9000000 is above 8388608"),
             "{e}"
         );
+        let e = err(LbPolicy::RingHash, ring(0, 1024));
+        assert!(e.contains("minimum_ring_size 0 makes an empty ring"), "{e}");
+        // Another policy's settings are not this cluster's concern.
+        ClusterConfig::convert(&pb(LbPolicy::RoundRobin, ring(2048, 1024))).expect("converts");
     }
 
     /// Weighted round robin: exact shares over a cycle, spread out.

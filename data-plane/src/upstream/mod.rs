@@ -336,17 +336,26 @@ impl ClusterManager {
         let mut next =
             foldhash::HashMap::with_capacity_and_hasher(configs.len(), Default::default());
         for (name, cfg) in configs {
+            // A changed config weighs the endpoints anew even when they are
+            // the same (the policy's tables, locality weighting).
+            let mut changed = false;
             let cluster = match self.clusters.get(name) {
                 Some(c) if c.config == *cfg || *c.config == **cfg => c.clone(),
                 old => {
                     let stats = self.stats.entry(name.clone()).or_default().clone();
                     let c = Cluster::new(cfg.clone(), stats);
-                    // Keep endpoints (pools, health) when only the policy changed.
+                    // Keep endpoints (pools, health) when only the policy
+                    // changed; the balancer's tables are the new policy's.
                     if let Some(old) = old {
                         if old.config.http2 == cfg.http2
                             && old.config.connect_timeout == cfg.connect_timeout
                         {
-                            c.endpoints.store(old.endpoints.load_full());
+                            let kept = old.endpoints.load_full();
+                            c.endpoints.store(Arc::new(EndpointSet {
+                                lb: lb::Tables::build(cfg, &kept.endpoints),
+                                endpoints: kept.endpoints.clone(),
+                            }));
+                            changed = true;
                         }
                     }
                     if let Some(hc) = &cfg.health_check {
@@ -365,12 +374,12 @@ impl ClusterManager {
             match &cfg.discovery {
                 Discovery::Eds(service) => {
                     let specs = endpoints.get(service).map(|v| v.as_slice()).unwrap_or(&[]);
-                    if !same_endpoints(&cluster, specs) {
+                    if changed || !same_endpoints(&cluster, specs) {
                         cluster.set_endpoints(specs);
                     }
                 }
                 Discovery::Static(specs) => {
-                    if !same_endpoints(&cluster, specs) {
+                    if changed || !same_endpoints(&cluster, specs) {
                         cluster.set_endpoints(specs);
                     }
                 }
