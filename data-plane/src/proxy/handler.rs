@@ -1245,12 +1245,14 @@ async fn forward(
         if cluster.config.http2 {
             *up_req.version_mut() = Version::HTTP_2;
         }
-        // The last try takes the headers; earlier ones copy them.
-        *up_req.headers_mut() = if attempt + 1 == max_tries {
-            std::mem::take(&mut headers)
-        } else {
-            headers.clone()
-        };
+        // Each try takes the headers; one that may be followed by another
+        // lends them (the send hands them back as soon as it has encoded
+        // them, or a copy for HTTP/2), so that a request whose route may
+        // retry does not copy its header map for the retries that rarely
+        // come. What a try adds below (host, timeouts, attempt count) the
+        // next one sets again.
+        let lend = attempt + 1 < max_tries;
+        *up_req.headers_mut() = std::mem::take(&mut headers);
         if !cluster.config.http2 {
             if let Some(h) = &host_value {
                 up_req.headers_mut().insert(header::HOST, h.clone());
@@ -1317,20 +1319,28 @@ async fn forward(
         let armed = request_deadline.filter(|_| received.as_ref().is_some_and(|r| !r.whole()));
         // The send's own end (`None`: the try's deadline came first), as
         // it comes: each rewrap of an answer would copy it.
+        let mut lent = None;
         let sent: Result<Option<SendResult>, RequestTimedOut> = match armed {
             Some(rd) => {
                 // Made when first polled (the race may end before that):
                 // `send_noting` takes an idle connection when called.
                 let pool = &ep.pool;
+                let back = lend.then_some(&mut lent);
                 Box::pin(race_request_timeout(
-                    async move { pool.send_noting(up_req, noting, try_deadline).await },
+                    async move { pool.send_noting(up_req, noting, try_deadline, back).await },
                     rd,
                     received.as_ref(),
                 ))
                 .await
             }
-            None => Ok(ep.pool.send_noting(up_req, noting, try_deadline).await),
+            None => Ok(ep
+                .pool
+                .send_noting(up_req, noting, try_deadline, lend.then_some(&mut lent))
+                .await),
         };
+        if let Some(h) = lent {
+            headers = h;
+        }
         let more = attempt + 1 < max_tries;
         match sent {
             Err(RequestTimedOut) => {

@@ -81,6 +81,11 @@ impl Connection {
         }
     }
 
+    /// The connection's write buffer, to encode a request head into.
+    pub fn take_wbuf(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.wbuf)
+    }
+
     /// Keeps a small head buffer for the next request (a large one, grown
     /// by a body written with its head, is let go).
     fn keep_wbuf(&mut self, buf: Vec<u8>) {
@@ -144,14 +149,14 @@ enum Outgoing {
 /// connection, as nginx, HAProxy and Go's client do: otherwise an
 /// upstream's keep-alive timeout shorter than ours turns into sporadic 502s.
 ///
-/// Not an `async fn`: the head is encoded before the future is made, so
-/// the future holds the encoded bytes and the header map (to recycle) but
-/// not the request, nor a second copy of each argument (an `async fn`
-/// keeps its arguments beside the locals it binds them to). It is moved
-/// whole a few times on every request's way, so its size costs copies.
+/// Takes a request made ready by [`prepare`]. Not an `async fn`: the
+/// future holds the encoded head but not the request, nor a second copy of
+/// each argument (an `async fn` keeps its arguments beside the locals it
+/// binds them to). It is moved whole a few times on every request's way,
+/// so its size costs copies.
 pub fn exchange<'a>(
     conn: Connection,
-    req: Request<ReqBody>,
+    req: Prepared,
     ret: Return,
     pool: &'a Pool,
     local: Option<&'a mut Option<SocketAddr>>,
@@ -164,45 +169,13 @@ pub fn exchange<'a>(
     }
     let reused = conn.uses > 0;
     conn.uses += 1;
-    let (parts, body) = req.into_parts();
-    let outgoing = match body {
-        Either::Right(mut full) => {
-            // A buffered body is ready at once: no future (and no state
-            // in this one) to wait for it.
-            let mut cx = Context::from_waker(Waker::noop());
-            let b = match Pin::new(&mut full).poll_frame(&mut cx) {
-                Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
-                _ => Bytes::new(),
-            };
-            if b.is_empty() {
-                Outgoing::None
-            } else {
-                Outgoing::Whole(b)
-            }
-        }
-        Either::Left(down) if down.is_end_stream() => Outgoing::None,
-        Either::Left(down) => {
-            let exact = down.size_hint().exact();
-            Outgoing::Stream(down, exact)
-        }
-    };
-    let head_only = parts.method == Method::HEAD;
-    let mut head = std::mem::take(&mut conn.wbuf);
-    head.clear();
-    encode_head(&parts, &outgoing, &mut head);
-    // The future keeps the header map (to recycle it) but not the method.
-    let idempotent = parts.method.is_idempotent();
-    let headers = parts.headers;
-
-    let (rest, stream) = match outgoing {
-        Outgoing::None => (None, None),
-        Outgoing::Whole(b) if b.len() <= COALESCE_BODY => {
-            head.extend_from_slice(&b);
-            (None, None)
-        }
-        Outgoing::Whole(b) => (Some(b), None),
-        Outgoing::Stream(body, exact) => (None, Some((body, exact))),
-    };
+    let Prepared {
+        head,
+        rest,
+        stream,
+        head_only,
+        replayable,
+    } = req;
     async move {
         if let Some((body, exact)) = stream {
             // Boxed: this state is large and rare, and every request's
@@ -217,7 +190,7 @@ pub fn exchange<'a>(
         }
         let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
             Ok(resp) => resp,
-            Err(e) if reused && conn.buf.is_empty() && replayable(idempotent, &headers) => {
+            Err(e) if reused && conn.buf.is_empty() && replayable => {
                 tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
                 drop(conn);
                 // Boxed: rare, and connecting's state is large.
@@ -238,8 +211,74 @@ pub fn exchange<'a>(
             Err(e) => return Err(e),
         };
         conn.keep_wbuf(head);
-        crate::spare::recycle(headers);
         finish(conn, resp, head_only, true, &ret, None)
+    }
+}
+
+/// A request made ready to send: its head encoded (a small body
+/// appended), the rest of its body, and what the exchange must know of it.
+pub struct Prepared {
+    head: Vec<u8>,
+    rest: Option<Bytes>,
+    stream: Option<(RequestBody, Option<u64>)>,
+    head_only: bool,
+    /// It may be sent once more on a fresh connection (see [`exchange`]).
+    replayable: bool,
+}
+
+/// Encodes `req`'s head into `head` (a buffer to reuse). The header map is
+/// done with once encoded: it goes to `lend` when given (a retry will send
+/// it again), else back to the worker's spare maps.
+pub fn prepare(
+    req: Request<ReqBody>,
+    mut head: Vec<u8>,
+    lend: Option<&mut Option<HeaderMap>>,
+) -> Prepared {
+    let (parts, body) = req.into_parts();
+    let outgoing = match body {
+        Either::Right(mut full) => {
+            // A buffered body is ready at once: no future (and no state
+            // in the exchange's) to wait for it.
+            let mut cx = Context::from_waker(Waker::noop());
+            let b = match Pin::new(&mut full).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+                _ => Bytes::new(),
+            };
+            if b.is_empty() {
+                Outgoing::None
+            } else {
+                Outgoing::Whole(b)
+            }
+        }
+        Either::Left(down) if down.is_end_stream() => Outgoing::None,
+        Either::Left(down) => {
+            let exact = down.size_hint().exact();
+            Outgoing::Stream(down, exact)
+        }
+    };
+    head.clear();
+    encode_head(&parts, &outgoing, &mut head);
+    let head_only = parts.method == Method::HEAD;
+    let replayable = replayable(parts.method.is_idempotent(), &parts.headers);
+    match lend {
+        Some(slot) => *slot = Some(parts.headers),
+        None => crate::spare::recycle(parts.headers),
+    }
+    let (rest, stream) = match outgoing {
+        Outgoing::None => (None, None),
+        Outgoing::Whole(b) if b.len() <= COALESCE_BODY => {
+            head.extend_from_slice(&b);
+            (None, None)
+        }
+        Outgoing::Whole(b) => (Some(b), None),
+        Outgoing::Stream(body, exact) => (None, Some((body, exact))),
+    };
+    Prepared {
+        head,
+        rest,
+        stream,
+        head_only,
+        replayable,
     }
 }
 

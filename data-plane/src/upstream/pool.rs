@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -205,7 +206,7 @@ impl Pool {
     /// live as long as its body; an HTTP/1.1 body returns its connection to
     /// the pool itself when it ends cleanly.
     pub async fn send(&self, req: Request<ReqBody>) -> SendResult {
-        match self.send_noting(req, None, None).await {
+        match self.send_noting(req, None, None, None).await {
             Some(r) => r,
             // Without a deadline the exchange is the only way to end.
             None => unreachable!("a send without a deadline timed out"),
@@ -214,7 +215,10 @@ impl Pool {
 
     /// [`Pool::send`], noting in `local` this side's address on the
     /// connection used (for access logs that ask for it), and given up at
-    /// `deadline` (the future's output is then `None`).
+    /// `deadline` (the future's output is then `None`). With `lend`, the
+    /// request's header map is handed back there before this returns (a
+    /// retry sends it again): HTTP/1.1 is done with it once the head is
+    /// encoded, HTTP/2 gets a copy.
     ///
     /// Not an `async fn`: the common case (HTTP/1.1 on an idle connection)
     /// is decided before the future is made, so the future is the
@@ -224,9 +228,13 @@ impl Pool {
         req: Request<ReqBody>,
         local: Option<&'a mut Option<SocketAddr>>,
         deadline: Option<tokio::time::Instant>,
+        lend: Option<&mut Option<HeaderMap>>,
     ) -> Sending<'a, impl Future<Output = Result<Response<h1::Body>, SendError>> + Send + 'a> {
         let deadline = deadline.map(|d| tokio::task::unconstrained(tokio::time::sleep_until(d)));
         if self.http2 {
+            if let Some(slot) = lend {
+                *slot = Some(req.headers().clone());
+            }
             // Boxed: hyper's HTTP/2 client state is large.
             return Sending {
                 how: How::Boxed {
@@ -243,7 +251,8 @@ impl Pool {
             idle: idle.clone(),
             max_uses: self.max_uses,
         };
-        let Some(conn) = self.take_idle(idle) else {
+        let Some(mut conn) = self.take_idle(idle) else {
+            let req = h1::prepare(req, Vec::new(), lend);
             return Sending {
                 how: How::Boxed {
                     // Boxed: connecting is rare next to reuse, and its state
@@ -258,6 +267,7 @@ impl Pool {
                 deadline,
             };
         };
+        let req = h1::prepare(req, conn.take_wbuf(), lend);
         Sending {
             how: How::Reused {
                 fut: h1::exchange(conn, req, ret, self, local),

@@ -48,9 +48,27 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
     let dp = env.dp("dp1", &[]);
     let get = |p: &str| http1(env.port, "GET", p, "gw", &[], "").expect("request");
 
-    let r = get("/a/flaky/k1/2");
+    let r = http1(
+        env.port,
+        "GET",
+        "/a/flaky/k1/2",
+        "gw",
+        &[("x-keep", "me")],
+        "",
+    )
+    .expect("request");
     assert_eq!(r.status, 200, "two 503s retried away: {r:?}");
     assert!(dp.stat("http.upstream_rq_retry") >= 2);
+    // The third try carried the request's headers and the proxy's own, as
+    // the first did (the tries before the last lend their header map).
+    for h in [
+        "x-keep: me",
+        "host: gw",
+        "x-forwarded-for: ",
+        "x-request-id: ",
+    ] {
+        assert!(r.body.contains(h), "{h} on the last try: {}", r.body);
+    }
     assert_eq!(
         get("/a/once/flaky/k2/1").status,
         503,
