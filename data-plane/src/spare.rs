@@ -33,7 +33,7 @@ pub fn header_map(fields: usize) -> HeaderMap {
 
 /// Clears `map` and keeps it for [`header_map`].
 pub fn recycle(mut map: HeaderMap) {
-    if map.capacity() > LARGEST {
+    if map.capacity() > LARGEST || map.capacity() == 0 {
         return;
     }
     map.clear();

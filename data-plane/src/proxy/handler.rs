@@ -1390,6 +1390,8 @@ async fn forward(
                 let mut upstream = upstream;
                 upstream.slot = slot;
                 guard.upstream = Some(upstream);
+                // A map lent to this try and not needed again.
+                crate::spare::recycle(std::mem::take(&mut headers));
                 guard.deadline = stream_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
