@@ -1251,7 +1251,7 @@ async fn forward(
         // retry does not copy its header map for the retries that rarely
         // come. What a try adds below (host, timeouts, attempt count) the
         // next one sets again.
-        let lend = attempt + 1 < max_tries;
+        let more = attempt + 1 < max_tries;
         *up_req.headers_mut() = std::mem::take(&mut headers);
         if !cluster.config.http2 {
             if let Some(h) = &host_value {
@@ -1325,7 +1325,7 @@ async fn forward(
                 // Made when first polled (the race may end before that):
                 // `send_noting` takes an idle connection when called.
                 let pool = &ep.pool;
-                let back = lend.then_some(&mut lent);
+                let back = more.then_some(&mut lent);
                 Box::pin(race_request_timeout(
                     async move { pool.send_noting(up_req, noting, try_deadline, back).await },
                     rd,
@@ -1335,13 +1335,12 @@ async fn forward(
             }
             None => Ok(ep
                 .pool
-                .send_noting(up_req, noting, try_deadline, lend.then_some(&mut lent))
+                .send_noting(up_req, noting, try_deadline, more.then_some(&mut lent))
                 .await),
         };
         if let Some(h) = lent {
             headers = h;
         }
-        let more = attempt + 1 < max_tries;
         match sent {
             Err(RequestTimedOut) => {
                 // Envoy's request_timeout: the client took too long to send

@@ -183,7 +183,7 @@ impl Cluster {
             }
             (LbKind::LeastRequest, _) if n > 1 => {
                 let lr = &self.config.least_request;
-                let best = if set.lb.cumulative.is_empty() {
+                if set.lb.cumulative.is_empty() {
                     // Equal weights: the least busy of `choice_count`
                     // drawn at random (Envoy's N choices).
                     let mut best: Option<&Arc<Endpoint>> = None;
@@ -197,20 +197,19 @@ impl Cluster {
                             best = Some(e);
                         }
                     }
-                    best
+                    if let Some(e) = best {
+                        return Some(e.clone());
+                    }
+                    fastrand::usize(..n)
                 } else if lr.active_request_bias == 0.0 {
                     // Active requests do not count: weighted round robin.
-                    None
-                } else {
-                    by_load(eps, lr.active_request_bias, ok)
-                };
-                if let Some(e) = best {
-                    return Some(e.clone());
-                }
-                if lr.active_request_bias == 0.0 && !set.lb.cumulative.is_empty() {
                     pick_weighted(&set.lb, n, self.rr.fetch_add(1, Relaxed))
                 } else {
-                    fastrand::usize(..n)
+                    if let Some(e) = by_load(eps, lr.active_request_bias, ok) {
+                        return Some(e.clone());
+                    }
+                    // Every share rounded to nothing: by weight alone.
+                    pick_weighted(&set.lb, n, fastrand::u64(..))
                 }
             }
             (LbKind::Random | LbKind::RingHash | LbKind::LeastRequest, _) => {

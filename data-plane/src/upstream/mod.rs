@@ -194,6 +194,16 @@ impl Cluster {
             .store(Arc::new(EndpointSet { endpoints, lb }));
     }
 
+    /// Rebuilds the balancer's tables over the same endpoints (after a
+    /// change of policy).
+    fn rebalance(&self) {
+        let set = self.endpoints.load_full();
+        self.endpoints.store(Arc::new(EndpointSet {
+            lb: lb::Tables::build(&self.config, &set.endpoints),
+            endpoints: set.endpoints.clone(),
+        }));
+    }
+
     /// Records the outcome of a request for outlier detection.
     pub fn observe(&self, ep: &Endpoint, status: Option<u16>) {
         let Some(o) = &self.config.outlier else {
@@ -345,16 +355,12 @@ impl ClusterManager {
                     let stats = self.stats.entry(name.clone()).or_default().clone();
                     let c = Cluster::new(cfg.clone(), stats);
                     // Keep endpoints (pools, health) when only the policy
-                    // changed; the balancer's tables are the new policy's.
+                    // changed (weighed anew below).
                     if let Some(old) = old {
                         if old.config.http2 == cfg.http2
                             && old.config.connect_timeout == cfg.connect_timeout
                         {
-                            let kept = old.endpoints.load_full();
-                            c.endpoints.store(Arc::new(EndpointSet {
-                                lb: lb::Tables::build(cfg, &kept.endpoints),
-                                endpoints: kept.endpoints.clone(),
-                            }));
+                            c.endpoints.store(old.endpoints.load_full());
                             changed = true;
                         }
                     }
@@ -383,6 +389,9 @@ impl ClusterManager {
                         cluster.set_endpoints(specs);
                     }
                 }
+                // DNS brings its endpoints itself; the kept ones get the
+                // new policy's tables meanwhile.
+                Discovery::Dns(_) if changed => cluster.rebalance(),
                 Discovery::Dns(_) => {}
             }
             next.insert(name.clone(), cluster);
