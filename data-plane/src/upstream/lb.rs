@@ -403,6 +403,16 @@ mod tests {
             let cfg = ClusterConfig::convert(&pb(LbPolicy::RingHash, ring)).expect("converts");
             std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(cfg))])
         };
+        let eps = two_endpoints();
+        let mut m = super::super::ClusterManager::default();
+        let live = m.update(&configs(16), &eps);
+        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 16);
+        let live = m.update(&configs(64), &eps);
+        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 64);
+    }
+
+    /// Cluster "c"'s endpoints by EDS: two of weight 1.
+    fn two_endpoints() -> std::collections::HashMap<Arc<str>, Arc<Vec<EndpointSpec>>> {
         let specs: Vec<EndpointSpec> = (0..2)
             .map(|i| EndpointSpec {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
@@ -412,12 +422,47 @@ mod tests {
                 locality_weight: 1,
             })
             .collect();
-        let eps = std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(specs))]);
+        std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(specs))])
+    }
+
+    /// Endpoints (their pools, health and counts) outlive a change of the
+    /// cluster's config only when their pools would be made alike: a new
+    /// pool setting (here the circuit breaker's connection limit) gets new
+    /// pools.
+    #[tokio::test]
+    async fn endpoints_outlive_a_config_change_only_with_alike_pools() {
+        let configs = |lb: LbPolicy, max_connections: Option<u32>| {
+            use portico_proto::envoy::config::cluster::v3::{circuit_breakers, CircuitBreakers};
+            let mut c = pb(lb, None);
+            c.circuit_breakers = max_connections.map(|value| CircuitBreakers {
+                thresholds: vec![circuit_breakers::Thresholds {
+                    max_connections: Some(UInt32Value { value }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            let cfg = ClusterConfig::convert(&c).expect("converts");
+            std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(cfg))])
+        };
+        let eps = two_endpoints();
         let mut m = super::super::ClusterManager::default();
-        let live = m.update(&configs(16), &eps);
-        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 16);
-        let live = m.update(&configs(64), &eps);
-        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 64);
+        let first = m.update(&configs(LbPolicy::RoundRobin, None), &eps)["c"]
+            .endpoints
+            .load_full();
+        let second = m.update(&configs(LbPolicy::LeastRequest, None), &eps)["c"]
+            .endpoints
+            .load_full();
+        assert!(
+            Arc::ptr_eq(&first.endpoints[0], &second.endpoints[0]),
+            "a policy change keeps the endpoints"
+        );
+        let third = m.update(&configs(LbPolicy::LeastRequest, Some(10)), &eps)["c"]
+            .endpoints
+            .load_full();
+        assert!(
+            !Arc::ptr_eq(&second.endpoints[0], &third.endpoints[0]),
+            "new pool settings make new pools"
+        );
     }
 
     /// Settings Envoy would refuse are refused, naming the field.

@@ -354,12 +354,12 @@ impl ClusterManager {
                 old => {
                     let stats = self.stats.entry(name.clone()).or_default().clone();
                     let c = Cluster::new(cfg.clone(), stats);
-                    // Keep endpoints (pools, health) when only the policy
-                    // changed (weighed anew below).
+                    // Keep endpoints (pools, health) when their pools
+                    // would be made alike (weighed anew below); otherwise
+                    // new pools take the new settings, and the old ones
+                    // close once their requests are done.
                     if let Some(old) = old {
-                        if old.config.http2 == cfg.http2
-                            && old.config.connect_timeout == cfg.connect_timeout
-                        {
+                        if Pool::alike(&old.config, cfg) {
                             c.endpoints.store(old.endpoints.load_full());
                             changed = true;
                         }

@@ -181,6 +181,19 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// Whether pools made from `a` and from `b` would be alike: every
+    /// setting [`Pool::new`] takes from the cluster is the same. (A
+    /// cluster's endpoints, pools and all, outlive a change of its config
+    /// only then.)
+    pub fn alike(a: &ClusterConfig, b: &ClusterConfig) -> bool {
+        a.http2 == b.http2
+            && a.connect_timeout == b.connect_timeout
+            && a.idle_timeout == b.idle_timeout
+            && a.max_concurrent_streams == b.max_concurrent_streams
+            && a.max_requests_per_connection == b.max_requests_per_connection
+            && a.limits.max_connections == b.limits.max_connections
+    }
+
     /// An empty pool.
     pub fn new(addr: SocketAddr, cfg: &ClusterConfig, stats: Arc<ClusterStats>) -> Self {
         Pool {
