@@ -420,6 +420,7 @@ fn weights_circuit_breakers_and_http2_upstreams() {
                 json!([
                     {"name": "split", "match": {"path": "/split"}, "action": {"services": [{"name": "a", "weight": 80}, {"name": "b", "weight": 20}]}},
                     {"name": "h2", "match": {"path": "/h2"}, "action": {"service": "h2"}},
+                    {"name": "h2retry", "match": {"path": "/h2r"}, "action": {"service": "h2", "retries": {"attempts": 2, "on": ["5xx"], "backoff": "5ms"}}},
                     {"name": "tight", "match": {"path": "/tight"}, "action": {"service": "tight"}},
                     {"name": "lr", "match": {"path": "/lr"}, "action": {"service": "lr"}}
                 ]),
@@ -444,6 +445,18 @@ fn weights_circuit_breakers_and_http2_upstreams() {
     let r = get("/w/h2/x");
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.starts_with("GET /w/h2/x\n"), "{}", r.body);
+    // Retried over HTTP/2, the last try carries the request's headers too.
+    let r = http1(
+        env.port,
+        "GET",
+        "/w/h2r/flaky/h2k/2",
+        "gw",
+        &[("x-keep", "me")],
+        "",
+    )
+    .expect("request");
+    assert_eq!(r.status, 200, "two 503s retried away over HTTP/2: {r:?}");
+    assert!(r.body.contains("x-keep: me"), "{}", r.body);
 
     // max_requests 1: a second request while one is in flight overflows.
     let port = env.port;
