@@ -12,6 +12,12 @@ use serde_json::json;
 
 use super::dp_common::{api, http1, parse, raw, service, Env};
 
+/// A GET carrying `x-keep: me`, which the test upstream echoes: whether
+/// a retried request's last try still carried the client's headers.
+fn get_keeping(port: u16, path: &str) -> super::dp_common::Resp {
+    http1(port, "GET", path, "gw", &[("x-keep", "me")], "").expect("request")
+}
+
 #[test]
 fn retries_timeouts_resets_and_no_healthy_upstream() {
     let up = Upstream::start("u");
@@ -48,15 +54,7 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
     let dp = env.dp("dp1", &[]);
     let get = |p: &str| http1(env.port, "GET", p, "gw", &[], "").expect("request");
 
-    let r = http1(
-        env.port,
-        "GET",
-        "/a/flaky/k1/2",
-        "gw",
-        &[("x-keep", "me")],
-        "",
-    )
-    .expect("request");
+    let r = get_keeping(env.port, "/a/flaky/k1/2");
     assert_eq!(r.status, 200, "two 503s retried away: {r:?}");
     assert!(dp.stat("http.upstream_rq_retry") >= 2);
     // The third try carried the request's headers and the proxy's own, as
@@ -446,15 +444,7 @@ fn weights_circuit_breakers_and_http2_upstreams() {
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.starts_with("GET /w/h2/x\n"), "{}", r.body);
     // Retried over HTTP/2, the last try carries the request's headers too.
-    let r = http1(
-        env.port,
-        "GET",
-        "/w/h2r/flaky/h2k/2",
-        "gw",
-        &[("x-keep", "me")],
-        "",
-    )
-    .expect("request");
+    let r = get_keeping(env.port, "/w/h2r/flaky/h2k/2");
     assert_eq!(r.status, 200, "two 503s retried away over HTTP/2: {r:?}");
     assert!(r.body.contains("x-keep: me"), "{}", r.body);
 
