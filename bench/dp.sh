@@ -36,6 +36,13 @@
 # rebuild first (the PGO build's commit is in target/pgo/built-from, and a
 # warning says when it is not the checked-out one).
 #
+# Two more rows on request (PROXIES), for HTTP/1.1 only: `relay` and
+# `relay-uring`, bench/src/bin/relay.rs — a relay that forwards each
+# request's and answer's bytes as they came over an upstream connection of
+# each client connection's own, with epoll (through tokio, as portico-dp)
+# or with io_uring. They do nothing a proxy must do beyond the system calls,
+# so their CPU per request is the floor under any proxy on this machine.
+#
 # --instructions: instead, count each proxy's user-space instructions per
 # request under valgrind's callgrind (one worker, INSTR_REQUESTS requests
 # with h2load after a warm-up, counters zeroed in between). Unlike time on
@@ -48,6 +55,7 @@
 #   DURATION=10        seconds of each measured run
 #   WARMUP=2           seconds of the warm-up before each measured run
 #   PROXIES="direct nginx haproxy portico portico-pgo"   which rows to run
+#                      (add relay and relay-uring for the floor rows)
 #   LAYOUTS="pinned unpinned"   (add "affinity" for the third layout)
 #   PROTOCOLS="h1 h2"
 #   UNPINNED_WORKERS=2 workers/threads of each proxy in the unpinned layout
@@ -114,7 +122,7 @@ for v in DURATION WARMUP UNPINNED_WORKERS REPEAT; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
 for p in $PROXIES; do
-  case "$p" in direct|nginx|haproxy|portico|portico-pgo) ;; *) die "unknown proxy in PROXIES: $p" ;; esac
+  case "$p" in direct|nginx|haproxy|portico|portico-pgo|relay|relay-uring) ;; *) die "unknown proxy in PROXIES: $p" ;; esac
 done
 for l in $LAYOUTS; do
   case "$l" in pinned|unpinned|affinity) ;; *) die "unknown layout in LAYOUTS: $l" ;; esac
@@ -127,6 +135,11 @@ want() { [[ " $PROXIES " == *" $1 "* ]]; }
 PORTICOS=()
 for p in $PROXIES; do [[ "$p" == portico* ]] && PORTICOS+=("$p"); done
 dp_binary() { if [ "$1" = portico-pgo ]; then echo "$PGO_BIN/portico-dp"; else echo "$BIN/portico-dp"; fi; }
+# The floor rows in PROXIES (HTTP/1.1 only).
+RELAYS=()
+for p in $PROXIES; do [[ "$p" == relay* ]] && RELAYS+=("$p"); done
+# Whether PROXY takes part in PROTO.
+serves() { [[ "$1" != relay* || "$2" == h1 ]]; }
 
 # ---------------------------------------------------------------- tools ----
 install_tools() {
@@ -204,6 +217,12 @@ if [ ${#PORTICOS[@]} -gt 0 ]; then
     [ "$(cat "$PGO_BIN/built-from")" = "$here" ] \
       || say "warning: $PGO_BIN/portico-dp was built from $(cat "$PGO_BIN/built-from"), not $here; rebuild it with bash bench/pgo.sh"
   fi
+fi
+
+if [ ${#RELAYS[@]} -gt 0 ] && [ ! -x "$BIN/relay" ]; then
+  $build || die "$BIN/relay is missing and --no-build was given"
+  say "building the relay (cargo build --release -p portico-bench --bin relay)"
+  cargo build --release --locked -p portico-bench --bin relay || die "the relay does not build"
 fi
 
 if [[ " $LAYOUTS " == *" pinned "* ]] && [ "$(nproc --all 2>/dev/null || nproc)" -lt 2 ]; then
@@ -308,7 +327,7 @@ wait_ready() {
 
 # Free ports below the ephemeral range (so no client socket takes them
 # between runs), each checked by binding it on 127.0.0.1.
-read -r -a PORTS <<<"$(python3 - 7 <<'EOF'
+read -r -a PORTS <<<"$(python3 - 8 <<'EOF'
 import random, socket, sys
 n = int(sys.argv[1])
 try:
@@ -332,11 +351,12 @@ for p in cands + [0] * n:
 print(" ".join(map(str, ports)))
 EOF
 )"
-[ ${#PORTS[@]} -eq 7 ] || die "cannot find free ports"
+[ ${#PORTS[@]} -eq 8 ] || die "cannot find free ports"
 UP_H1=${PORTS[0]} UP_H2=${PORTS[1]}
 NGINX_H1=${PORTS[2]} NGINX_H2=${PORTS[3]}
 HAPROXY_H1=${PORTS[4]} HAPROXY_H2=${PORTS[5]}
 PORTICO_PORT=${PORTS[6]}
+RELAY_PORT=${PORTS[7]}
 
 # h2c listener syntax: `http2 on;` since nginx 1.25.1, `listen ... http2` before.
 nginx_h2_listen() {
@@ -513,6 +533,15 @@ start_portico() { # BINARY WORKERS PIN...
   wait_ready "$PROXY_PID" "http://127.0.0.1:$PORTICO_PORT/" "portico-dp (h2c)" "$d/portico-dp.log" --http2-prior-knowledge
 }
 
+# -- The floor: bench/src/bin/relay.rs, MODE epoll or uring.
+start_relay() { # MODE THREADS PIN...
+  local mode="$1" n="$2" d="$RUN_DIR"; shift 2
+  mkdir -p "$d"
+  start_bg "$d/relay.log" "$@" "$BIN/relay" "$mode" "127.0.0.1:$RELAY_PORT" "127.0.0.1:$UP_H1" "$n"
+  PROXY_PID=$LAST_PID
+  wait_ready "$PROXY_PID" "http://127.0.0.1:$RELAY_PORT/" "relay ($mode)" "$d/relay.log"
+}
+
 # ------------------------------------------------------------ measuring ----
 cpu_ns() { # PIDS... : ns on CPU, summed over all threads
   local total=0 pid f v _
@@ -674,6 +703,8 @@ proxy_name() {
     haproxy) echo "haproxy $HAPROXY_VERSION" ;;
     portico) echo "portico-dp" ;;
     portico-pgo) echo "portico-dp (PGO)" ;;
+    relay) echo "minimal relay, epoll (floor)" ;;
+    relay-uring) echo "minimal relay, io_uring (floor)" ;;
   esac
 }
 
@@ -683,6 +714,7 @@ port_of() { # PROXY PROTO
     nginx/h1) echo "$NGINX_H1" ;; nginx/h2) echo "$NGINX_H2" ;;
     haproxy/h1) echo "$HAPROXY_H1" ;; haproxy/h2) echo "$HAPROXY_H2" ;;
     portico*/*) echo "$PORTICO_PORT" ;;
+    relay*/h1) echo "$RELAY_PORT" ;;
   esac
 }
 
@@ -707,7 +739,10 @@ run_instructions() {
   start_origin
   for proxy in $PROXIES; do
     [ "$proxy" = direct ] && continue
+    # valgrind does not follow what the kernel writes through the ring.
+    [ "$proxy" = relay-uring ] && { say "instructions: relay-uring left out (valgrind does not see io_uring's work)"; continue; }
     for proto in $PROTOCOLS; do
+      serves "$proxy" "$proto" || continue
       RUN_DIR="$TMP/runs/instructions-$proxy-$proto"
       mkdir -p "$RUN_DIR"
       local vg=(valgrind --tool=callgrind --callgrind-out-file="$RUN_DIR/cg.%p" --dump-instr=no)
@@ -715,6 +750,7 @@ run_instructions() {
         nginx) start_nginx 1 "${vg[@]}" ;;
         haproxy) start_haproxy 1 "${vg[@]}" ;;
         portico*) start_portico "$(dp_binary "$proxy")" 1 "${vg[@]}" ;;
+        relay) start_relay epoll 1 "${vg[@]}" ;;
       esac
       url="http://127.0.0.1:$(port_of "$proxy" "$proto")/"
       load=(h2load -c"$H2_CONNS" -m1)
@@ -749,10 +785,11 @@ run_instructions() {
     echo "| proxy | HTTP/1.1 instr/req | h2c instr/req |"
     echo "|---|---:|---:|"
     for proxy in $PROXIES; do
-      [ "$proxy" = direct ] && continue
+      [ "$proxy" = direct ] || [ "$proxy" = relay-uring ] && continue
       echo "| $proxy | ${R_CPU["h1/$proxy"]:-n/a} | ${R_CPU["h2/$proxy"]:-n/a} |"
     done
-    for dp in "${PORTICOS[@]}"; do
+    for dp in "${PORTICOS[@]}" "${RELAYS[@]}"; do
+      [ "$dp" = relay-uring ] && continue
       for peer in nginx haproxy; do
         want "$peer" || continue
         echo "| $(proxy_name "$dp") ÷ $peer | $(ratio "${R_CPU["h1/$dp"]:-}" "${R_CPU["h1/$peer"]:-}") | $(ratio "${R_CPU["h2/$dp"]:-}" "${R_CPU["h2/$peer"]:-}") |"
@@ -802,6 +839,7 @@ for layout in $LAYOUTS; do
     [ "$REPEAT" -eq 1 ] || REPEAT_SUFFIX="-$r"
     for proxy in $PROXIES; do
       for proto in $PROTOCOLS; do
+        serves "$proxy" "$proto" || continue
         # A fresh proxy for every run, so RSS and CPU belong to that run
         # only; its config and logs go to runs/LAYOUT-PROXY-PROTO[-REPEAT].
         RUN_DIR="$TMP/runs/$layout-$proxy-$proto$REPEAT_SUFFIX"
@@ -810,6 +848,8 @@ for layout in $LAYOUTS; do
           nginx) start_nginx "$workers" "${PIN_PROXY[@]}" ;;
           haproxy) start_haproxy "$workers" "${PIN_PROXY[@]}" ;;
           portico*) start_portico "$(dp_binary "$proxy")" "$workers" "${PIN_PROXY[@]}" ;;
+          relay) start_relay epoll "$workers" "${PIN_PROXY[@]}" ;;
+          relay-uring) start_relay uring "$workers" "${PIN_PROXY[@]}" ;;
         esac
         measure "$layout" "$proxy" "$proto" "$(port_of "$proxy" "$proto")" "$r"
         [ "$proxy" = direct ] || stop_tree "$PROXY_PID"
@@ -824,6 +864,7 @@ done
 for layout in $LAYOUTS; do
   for proto in $PROTOCOLS; do
     for proxy in $PROXIES; do
+      serves "$proxy" "$proto" || continue
       k="$layout/$proto/$proxy"
       mid="$(for ((r = 1; r <= REPEAT; r++)); do echo "${R_RPS[$k#$r]} $r"; done \
         | sort -n | awk -v n="$REPEAT" 'NR == int((n + 1) / 2) { print $2 }')"
@@ -873,15 +914,18 @@ REPORT="$TMP/report.md"
       echo "| proxy | req/s | p50 ms | p99 ms | RSS MiB | CPU µs/req | errors |"
       echo "|---|---:|---:|---:|---:|---:|---:|"
       for proxy in $PROXIES; do
+        serves "$proxy" "$proto" || continue
         k="$layout/$proto/$proxy"
         echo "| $(proxy_name "$proxy") | ${R_RPS[$k]:-n/a} | ${R_P50[$k]:-n/a} | ${R_P99[$k]:-n/a} | ${R_RSS[$k]:-n/a} | ${R_CPU[$k]:-n/a} | ${R_ERR[$k]:-n/a} |"
       done
-      for dp in "${PORTICOS[@]}"; do for peer in nginx haproxy; do
+      for dp in "${PORTICOS[@]}" "${RELAYS[@]}"; do for peer in nginx haproxy; do
+        serves "$dp" "$proto" && want "$peer" || continue
         p="$layout/$proto/$dp" q="$layout/$proto/$peer"
         echo "| $(proxy_name "$dp") ÷ $peer | $(ratio "${R_RPS[$p]:-}" "${R_RPS[$q]:-}") | | $(ratio "${R_P99[$p]:-}" "${R_P99[$q]:-}") | | $(ratio "${R_CPU[$p]:-}" "${R_CPU[$q]:-}") | |"
       done; done
       bg="" steal=0 disturbed=""
       for proxy in $PROXIES; do
+        serves "$proxy" "$proto" || continue
         k="$layout/$proto/$proxy"
         bg+="${bg:+, }$proxy ${R_BG[$k]:-?}%"
         steal="$(awk -v a="$steal" -v b="${R_STEAL[$k]:-0}" 'BEGIN { print (b > a ? b : a) }')"
@@ -892,6 +936,7 @@ REPORT="$TMP/report.md"
       if [ "$REPEAT" -gt 1 ]; then
         all="" cpus=""
         for proxy in $PROXIES; do
+          serves "$proxy" "$proto" || continue
           all+="${all:+; }$proxy ${R_ALL[$layout/$proto/$proxy]}"
           [ "$proxy" = direct ] || cpus+="${cpus:+; }$proxy ${R_ALLCPU[$layout/$proto/$proxy]}"
         done
