@@ -115,6 +115,11 @@ pub struct HealthCheck {
     /// Time between checks; `10s` unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
+    /// Time between checks of an endpoint that is unhealthy (Envoy's
+    /// `unhealthy_interval`); `interval` unless set. A longer one spares a
+    /// dead endpoint; a shorter one finds its recovery sooner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_interval: Option<String>,
     /// Time allowed for one check; `1s` unless set; less than `interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,

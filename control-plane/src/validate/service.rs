@@ -40,6 +40,12 @@ pub(super) fn check(spec: &ServiceSpec, r: &mut Report<'_>) {
             .timeout
             .as_deref()
             .and_then(|t| r.check("spec.healthCheck.timeout", rules::check_duration(t, false)));
+        if let Some(t) = hc.unhealthy_interval.as_deref() {
+            r.check(
+                "spec.healthCheck.unhealthyInterval",
+                rules::check_duration(t, false),
+            );
+        }
         let interval = interval.unwrap_or(std::time::Duration::from_secs(10));
         if let Some(timeout) = timeout {
             if timeout >= interval {

@@ -185,11 +185,17 @@ fn service_rules() {
         "s",
         json!({"endpoints": [{"address": "not a host", "port": 0, "weight": 0}],
                "connectTimeout": "0s",
-               "healthCheck": {"path": "/h", "interval": "1s", "timeout": "2s"},
+               "healthCheck": {"path": "/h", "interval": "1s", "timeout": "2s", "unhealthyInterval": "0s"},
                "circuitBreaker": {"maxRequests": 0}}),
     );
     let t = texts(&validate_state(&state(vec![bad])));
-    assert_eq!(t.len(), 6, "{t:#?}");
+    assert_eq!(t.len(), 7, "{t:#?}");
+    assert!(
+        t.contains(
+            &"service/s: spec.healthCheck.unhealthyInterval: must be longer than zero".to_string()
+        ),
+        "{t:#?}"
+    );
 }
 
 #[test]

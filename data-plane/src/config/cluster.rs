@@ -200,8 +200,26 @@ pub struct HealthCheckConfig {
     pub path: String,
     /// Host header (default: the cluster name).
     pub host: String,
-    /// Time between checks.
+    /// Time between checks of a healthy endpoint (`interval`).
     pub interval: Duration,
+    /// Time between checks of an unhealthy endpoint
+    /// (`unhealthy_interval`, `interval` unless set).
+    pub unhealthy_interval: Duration,
+    /// After a failed check of a healthy endpoint that did not yet make it
+    /// unhealthy (`unhealthy_edge_interval`, `unhealthy_interval` unless
+    /// set). Envoy's rule: the "edge" is the pending change, not the change.
+    pub unhealthy_edge_interval: Duration,
+    /// After a passed check of an unhealthy endpoint that did not yet make
+    /// it healthy (`healthy_edge_interval`, `interval` unless set).
+    pub healthy_edge_interval: Duration,
+    /// Up to this much is added at random to every wait
+    /// (`interval_jitter`)...
+    pub interval_jitter: Duration,
+    /// ...and up to this percentage of the wait (`interval_jitter_percent`).
+    pub interval_jitter_percent: u32,
+    /// The first check of each endpoint waits up to this long
+    /// (`initial_jitter`).
+    pub initial_jitter: Duration,
     /// Time allowed for an answer.
     pub timeout: Duration,
     /// Passes in a row to become healthy.
@@ -758,6 +776,22 @@ impl ClusterConfig {
                     .map(duration)
                     .filter(|d| !d.is_zero())
                     .ok_or_else(|| ConfigError::new(&hat, "interval must be > 0"))?;
+                // Optional intervals: when given, more than zero (Envoy's
+                // validation rule).
+                let optional = |d: &Option<portico_proto::google::protobuf::Duration>,
+                                field: &str|
+                 -> Result<Option<Duration>, ConfigError> {
+                    match d.as_ref().map(duration) {
+                        None => Ok(None),
+                        Some(d) if d.is_zero() => Err(ConfigError::new(
+                            &hat,
+                            format!("{field} must be > 0 when set"),
+                        )),
+                        Some(d) => Ok(Some(d)),
+                    }
+                };
+                let unhealthy_interval =
+                    optional(&hc.unhealthy_interval, "unhealthy_interval")?.unwrap_or(interval);
                 let timeout = hc
                     .timeout
                     .as_ref()
@@ -770,6 +804,13 @@ impl ClusterConfig {
                         format!("path {:?} must start with '/'", h.path),
                     ));
                 }
+                // Not applied, on purpose: `no_traffic_interval` (Envoy
+                // checks a cluster that never had traffic only every 60 s
+                // by default; these check at the intervals above from the
+                // start, so a dead endpoint is found before a request is
+                // sent to it) and `reuse_connection` (each check opens a
+                // connection of its own and closes it, so it also proves
+                // that new connections can be made).
                 // Each would change what passes a check if ignored.
                 super::refuse(
                     &hat,
@@ -818,6 +859,20 @@ impl ClusterConfig {
                     path: h.path.clone(),
                     host,
                     interval,
+                    unhealthy_interval,
+                    unhealthy_edge_interval: optional(
+                        &hc.unhealthy_edge_interval,
+                        "unhealthy_edge_interval",
+                    )?
+                    .unwrap_or(unhealthy_interval),
+                    healthy_edge_interval: optional(
+                        &hc.healthy_edge_interval,
+                        "healthy_edge_interval",
+                    )?
+                    .unwrap_or(interval),
+                    interval_jitter: hc.interval_jitter.as_ref().map_or(Duration::ZERO, duration),
+                    interval_jitter_percent: hc.interval_jitter_percent,
+                    initial_jitter: hc.initial_jitter.as_ref().map_or(Duration::ZERO, duration),
                     timeout,
                     healthy_threshold: hc.healthy_threshold.as_ref().map_or(1, |v| v.value.max(1)),
                     unhealthy_threshold: hc

@@ -1,8 +1,12 @@
 //! Active HTTP health checks: one task per cluster, which ends when the
-//! cluster is dropped (it holds only a weak reference).
+//! cluster is dropped (it holds only a weak reference), and under it one
+//! task per endpoint, each on its own schedule (Envoy's intervals depend on
+//! the endpoint's state and its last check).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -11,34 +15,97 @@ use hyper::Request;
 use super::{Cluster, Endpoint};
 use crate::config::cluster::HealthCheckConfig;
 
-/// Starts checking the cluster's endpoints; the first round runs at once.
+/// Starts checking the cluster's endpoints: each endpoint's first check
+/// runs at once (or within `initial_jitter`), and an endpoint added later
+/// gets its own within the shorter of `interval` and a second.
 pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
     let cfg = Arc::new(cfg);
+    let look = cfg.interval.min(Duration::from_secs(1));
     tokio::spawn(async move {
+        // Each endpoint's checker, by the endpoint's address in memory
+        // (endpoints are kept across updates while their address and
+        // weight stay, so a kept endpoint keeps its schedule). Dropping
+        // the set when the cluster goes stops them all.
+        let mut checkers = tokio::task::JoinSet::new();
+        let mut running: HashMap<usize, tokio::task::AbortHandle> = HashMap::new();
+        let mut seen: Option<Arc<super::EndpointSet>> = None;
         loop {
             let Some(c) = cluster.upgrade() else { return };
             let set = c.endpoints.load_full();
             drop(c);
-            // Checks run concurrently, each bounded by the check timeout.
-            let mut checks = tokio::task::JoinSet::new();
-            for (i, e) in set.endpoints.iter().enumerate() {
-                let (e, cfg) = (e.clone(), cfg.clone());
-                checks.spawn(async move { (i, check_one(e, &cfg).await) });
+            if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &set)) {
+                let now: HashMap<usize, &Arc<Endpoint>> = set
+                    .endpoints
+                    .iter()
+                    .map(|e| (Arc::as_ptr(e) as usize, e))
+                    .collect();
+                running.retain(|k, task| {
+                    let keep = now.contains_key(k);
+                    if !keep {
+                        task.abort();
+                    }
+                    keep
+                });
+                for (k, e) in now {
+                    running.entry(k).or_insert_with(|| {
+                        checkers.spawn(check_endpoint(cluster.clone(), e.clone(), cfg.clone()))
+                    });
+                }
+                seen = Some(set);
             }
-            let mut results = vec![Outcome::NoAnswer; set.endpoints.len()];
-            while let Some(Ok((i, outcome))) = checks.join_next().await {
-                results[i] = outcome;
-            }
-            let Some(c) = cluster.upgrade() else { return };
-            for (e, outcome) in set.endpoints.iter().zip(results) {
-                record(&c, e, outcome, &cfg);
-            }
-            drop(c);
-            // Jitter keeps a fleet of proxies from checking in lockstep.
-            let jitter = cfg.interval.mul_f64(fastrand::f64() * 0.1);
-            tokio::time::sleep(cfg.interval + jitter).await;
+            // Reap the aborted ones (the set holds each until reaped).
+            while checkers.try_join_next().is_some() {}
+            tokio::time::sleep(look).await;
         }
     });
+}
+
+/// Checks one endpoint until its cluster is gone (or the cluster's task
+/// stops it), waiting between checks as `next_wait` says.
+async fn check_endpoint(cluster: Weak<Cluster>, e: Arc<Endpoint>, cfg: Arc<HealthCheckConfig>) {
+    tokio::time::sleep(jitter(cfg.initial_jitter)).await;
+    loop {
+        let outcome = check_one(e.clone(), &cfg).await;
+        let Some(c) = cluster.upgrade() else { return };
+        let change = record(&c, &e, outcome, &cfg);
+        drop(c);
+        tokio::time::sleep(next_wait(&cfg, outcome == Outcome::Pass, change)).await;
+    }
+}
+
+/// A random wait of up to `max` (none when zero).
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    max.mul_f64(fastrand::f64())
+}
+
+/// What a check did to its endpoint's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// The check agreed with the state.
+    None,
+    /// It disagreed, but the threshold to change is not reached yet.
+    Pending,
+    /// It changed the state.
+    Changed,
+}
+
+/// The wait before an endpoint's next check, as Envoy computes it: after
+/// a pass `healthy_edge_interval` while a change to healthy is pending,
+/// otherwise `interval`; after a failure `unhealthy_edge_interval` while a
+/// change to unhealthy is pending, otherwise `unhealthy_interval`; then
+/// the jitters added.
+fn next_wait(cfg: &HealthCheckConfig, passed: bool, change: Change) -> Duration {
+    let base = match (passed, change == Change::Pending) {
+        (true, true) => cfg.healthy_edge_interval,
+        (true, false) => cfg.interval,
+        (false, true) => cfg.unhealthy_edge_interval,
+        (false, false) => cfg.unhealthy_interval,
+    };
+    let percent = base.mul_f64(f64::from(cfg.interval_jitter_percent) / 100.0);
+    base + jitter(percent) + jitter(cfg.interval_jitter)
 }
 
 /// How one check went.
@@ -104,12 +171,13 @@ async fn check_one(e: Arc<Endpoint>, cfg: &HealthCheckConfig) -> Outcome {
     }
 }
 
-fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) {
+/// Counts a check toward its endpoint's state and says what it did.
+fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) -> Change {
     let ok = outcome == Outcome::Pass;
     let healthy = e.hc_healthy.load(Relaxed);
     if ok == healthy {
         e.hc_streak.store(0, Relaxed);
-        return;
+        return Change::None;
     }
     let streak = e.hc_streak.fetch_add(1, Relaxed) + 1;
     let needed = match outcome {
@@ -122,6 +190,9 @@ fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) 
         e.hc_streak.store(0, Relaxed);
         c.stats.health_flaps.fetch_add(1, Relaxed);
         tracing::info!(cluster = %c.config.name, endpoint = %e.addr, healthy = ok, "health check changed endpoint state");
+        Change::Changed
+    } else {
+        Change::Pending
     }
 }
 
@@ -139,23 +210,199 @@ mod tests {
     };
 
     fn config(h: HttpHealthCheck) -> Result<HealthCheckConfig, String> {
-        let second = Some(portico_proto::google::protobuf::Duration {
-            seconds: 1,
-            nanos: 0,
-        });
+        config_with(h, |_| {})
+    }
+
+    fn ms(n: u32) -> Option<portico_proto::google::protobuf::Duration> {
+        Some(portico_proto::google::protobuf::Duration {
+            seconds: i64::from(n / 1000),
+            nanos: (n % 1000) as i32 * 1_000_000,
+        })
+    }
+
+    /// A health check of `h`, every second with a second to answer, then
+    /// `edit` applied to the check's other fields.
+    fn config_with(
+        h: HttpHealthCheck,
+        edit: impl FnOnce(&mut HealthCheck),
+    ) -> Result<HealthCheckConfig, String> {
+        let mut hc = HealthCheck {
+            interval: ms(1000),
+            timeout: ms(1000),
+            health_checker: Some(HealthChecker::HttpHealthCheck(h)),
+            ..Default::default()
+        };
+        edit(&mut hc);
         ClusterConfig::convert(&PbCluster {
             name: "c".into(),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-            health_checks: vec![HealthCheck {
-                interval: second,
-                timeout: second,
-                health_checker: Some(HealthChecker::HttpHealthCheck(h)),
-                ..Default::default()
-            }],
+            health_checks: vec![hc],
             ..Default::default()
         })
         .map(|c| c.health_check.expect("a health check"))
         .map_err(|e| e.to_string())
+    }
+
+    fn path(p: &str) -> HttpHealthCheck {
+        HttpHealthCheck {
+            path: p.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Envoy's waits: by the check's result and whether a change of state
+    /// is pending, each interval defaulting to the one Envoy names.
+    #[test]
+    fn waits_follow_the_state_and_the_last_check() {
+        let d = Duration::from_millis;
+        let plain = config(path("/h")).expect("converts");
+        assert_eq!(
+            (
+                plain.unhealthy_interval,
+                plain.unhealthy_edge_interval,
+                plain.healthy_edge_interval
+            ),
+            (d(1000), d(1000), d(1000)),
+            "every interval defaults to `interval`"
+        );
+        let only_unhealthy =
+            config_with(path("/h"), |hc| hc.unhealthy_interval = ms(3000)).expect("converts");
+        assert_eq!(
+            only_unhealthy.unhealthy_edge_interval,
+            d(3000),
+            "the unhealthy edge defaults to the unhealthy interval"
+        );
+        let cfg = config_with(path("/h"), |hc| {
+            hc.unhealthy_interval = ms(3000);
+            hc.unhealthy_edge_interval = ms(200);
+            hc.healthy_edge_interval = ms(100);
+        })
+        .expect("converts");
+        for (passed, change, want) in [
+            (true, Change::None, 1000),
+            (true, Change::Changed, 1000),
+            (true, Change::Pending, 100),
+            (false, Change::None, 3000),
+            (false, Change::Changed, 3000),
+            (false, Change::Pending, 200),
+        ] {
+            assert_eq!(
+                next_wait(&cfg, passed, change),
+                d(want),
+                "{passed} {change:?}"
+            );
+        }
+        let jittery = config_with(path("/h"), |hc| {
+            hc.interval_jitter = ms(100);
+            hc.interval_jitter_percent = 50;
+        })
+        .expect("converts");
+        let waits: Vec<Duration> = (0..200)
+            .map(|_| next_wait(&jittery, true, Change::None))
+            .collect();
+        assert!(
+            waits.iter().all(|w| *w >= d(1000) && *w < d(1600)),
+            "{waits:?}"
+        );
+        assert!(
+            waits.iter().any(|w| *w > d(1100)),
+            "the percentage adds too"
+        );
+        let err =
+            config_with(path("/h"), |hc| hc.unhealthy_interval = ms(0)).expect_err("zero refused");
+        assert!(
+            err.contains("unhealthy_interval must be > 0") && err.contains("health_checks[0]"),
+            "{err}"
+        );
+    }
+
+    /// Through a real socket: an endpoint that fails its check is checked
+    /// again only after `unhealthy_interval`, not every `interval`.
+    #[tokio::test]
+    async fn an_unhealthy_endpoint_is_checked_at_the_unhealthy_interval() {
+        use std::sync::atomic::AtomicU32;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let checks = Arc::new(AtomicU32::new(0));
+        let counted = checks.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counted.fetch_add(1, Relaxed);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        let pb = PbCluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            health_checks: vec![HealthCheck {
+                interval: ms(20),
+                unhealthy_interval: ms(60_000),
+                timeout: ms(2000),
+                health_checker: Some(HealthChecker::HttpHealthCheck(path("/h"))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&pb).expect("converts");
+        let hc = cfg.health_check.clone().expect("a health check");
+        let c = Cluster::new(
+            Arc::new(cfg),
+            Arc::new(crate::stats::ClusterStats::default()),
+        );
+        c.set_endpoints(&[crate::config::cluster::EndpointSpec {
+            addr,
+            weight: 1,
+            health: portico_proto::envoy::config::core::v3::HealthStatus::Unknown,
+            locality: 0,
+            locality_weight: 1,
+        }]);
+        spawn(Arc::downgrade(&c), hc);
+        let e = c.endpoints.load_full().endpoints[0].clone();
+        // A 503 is not a retriable status: one makes the endpoint unhealthy.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while e.hc_healthy.load(Relaxed) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never marked unhealthy"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Every 20 ms that would be a dozen more checks by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            checks.load(Relaxed),
+            1,
+            "checked again before unhealthy_interval"
+        );
+
+        // Once the cluster no longer has it, its checker stops and lets
+        // it go (the test's clone is then the last).
+        c.set_endpoints(&[]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&e) > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the checker outlived its endpoint"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[test]

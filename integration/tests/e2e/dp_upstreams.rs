@@ -29,7 +29,7 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
             service(
                 "sick",
                 &[&sick],
-                json!({"healthCheck": {"path": "/healthz", "interval": "200ms", "timeout": "100ms", "unhealthyThreshold": 1, "healthyThreshold": 1}}),
+                json!({"healthCheck": {"path": "/healthz", "interval": "200ms", "unhealthyInterval": "250ms", "timeout": "100ms", "unhealthyThreshold": 1, "healthyThreshold": 1}}),
             ),
             service(
                 "closed",
@@ -97,6 +97,11 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
     assert!(r.body.contains("no healthy upstream"), "{}", r.body);
     let (_, clusters) = dp.admin_get("/clusters");
     assert!(clusters.contains("failed_active_hc"), "{clusters}");
+    let (_, dump) = dp.admin_get("/config_dump");
+    assert!(
+        dump.contains(r#""unhealthy_interval": "0.250s""#),
+        "the Service's unhealthyInterval reaches the node: {dump}"
+    );
     sick.unhealthy.store(false, Ordering::Relaxed);
     wait_for(Duration::from_secs(10), || {
         (get("/a/sick").status == 200).then_some(())

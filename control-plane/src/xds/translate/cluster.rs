@@ -116,6 +116,7 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
                     .and_then(duration)
                     .unwrap_or(super::pb_duration(std::time::Duration::from_secs(10))),
             ),
+            unhealthy_interval: hc.unhealthy_interval.as_deref().and_then(duration),
             healthy_threshold: u32v(hc.healthy_threshold.unwrap_or(1)),
             unhealthy_threshold: u32v(hc.unhealthy_threshold.unwrap_or(3)),
             health_checker: Some(health_check::HealthChecker::HttpHealthCheck(
