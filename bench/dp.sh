@@ -42,6 +42,7 @@
 # each client connection's own, with epoll (through tokio, as portico-dp)
 # or with io_uring. They do nothing a proxy must do beyond the system calls,
 # so their CPU per request is the floor under any proxy on this machine.
+# (They have no affinity option: in the affinity layout they run unpinned.)
 #
 # --instructions: instead, count each proxy's user-space instructions per
 # request under valgrind's callgrind (one worker, INSTR_REQUESTS requests
@@ -223,6 +224,7 @@ if [ ${#RELAYS[@]} -gt 0 ] && [ ! -x "$BIN/relay" ]; then
   $build || die "$BIN/relay is missing and --no-build was given"
   say "building the relay (cargo build --release -p portico-bench --bin relay)"
   cargo build --release --locked -p portico-bench --bin relay || die "the relay does not build"
+  [ -x "$BIN/relay" ] || die "$BIN/relay is still missing after the build (cargo builds into target/release)"
 fi
 
 if [[ " $LAYOUTS " == *" pinned "* ]] && [ "$(nproc --all 2>/dev/null || nproc)" -lt 2 ]; then

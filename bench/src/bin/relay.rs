@@ -12,7 +12,9 @@
 //! calls and the kernel's TCP work that every proxy pays, and so what
 //! `bench/dp.sh` measures for it (`PROXIES="... relay relay-uring"`) is the
 //! least CPU per request any proxy could reach here. A message framed any
-//! other way (chunked, or a head over 64 KiB) closes its connection.
+//! other way (chunked, or a head or body over 64 KiB) closes its
+//! connection. Any thread's failure ends the process (a relay running on
+//! fewer threads than asked would skew the measurement).
 //!
 //! A benchmark tool only: it trusts its peers (loopback, the benchmark's
 //! own load generator and origin).
@@ -91,6 +93,10 @@ fn main() {
         "uring" => uring::run,
         _ => usage(),
     };
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("relay: {info}");
+        exit(1)
+    }));
     let handles: Vec<_> = (0..threads)
         .map(|i| {
             let l = listener(listen).unwrap_or_else(|e| {
@@ -99,7 +105,16 @@ fn main() {
             });
             std::thread::Builder::new()
                 .name(format!("relay-{i}"))
-                .spawn(move || run(l, upstream))
+                .spawn(move || {
+                    // Runs until it fails (a panic ends the process
+                    // through the panic hook).
+                    let e = match run(l, upstream) {
+                        Ok(()) => "stopped".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    eprintln!("relay: thread {i}: {e}");
+                    exit(1)
+                })
                 .unwrap_or_else(|e| {
                     eprintln!("relay: starting a thread: {e}");
                     exit(1)
@@ -107,13 +122,8 @@ fn main() {
         })
         .collect();
     for h in handles {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                eprintln!("relay: {e}");
-                exit(1)
-            }
-            Err(_) => exit(1),
+        if h.join().is_err() {
+            exit(1)
         }
     }
 }
@@ -289,6 +299,9 @@ mod uring {
     }
 
     pub fn run(l: TcpListener, upstream: SocketAddr) -> std::io::Result<()> {
+        // Declared before the ring, so dropped after it: the kernel may
+        // still write into a pair's buffer until the ring is gone.
+        let mut pairs: Vec<Pair> = Vec::new();
         let mut ring: IoUring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
@@ -298,11 +311,13 @@ mod uring {
             .build()
             .user_data(ACCEPT);
         push(&mut ring, &accept)?;
-        let mut pairs: Vec<Pair> = Vec::new();
         let mut free: Vec<usize> = Vec::new();
         let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
         loop {
-            ring.submit_and_wait(1)?;
+            match ring.submit_and_wait(1) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
             done.extend(
                 ring.completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),

@@ -804,14 +804,16 @@ impl ClusterConfig {
                         format!("path {:?} must start with '/'", h.path),
                     ));
                 }
-                // Not applied, on purpose: `no_traffic_interval` (Envoy
-                // checks a cluster that never had traffic only every 60 s
-                // by default; these check at the intervals above from the
-                // start, so a dead endpoint is found before a request is
-                // sent to it) and `reuse_connection` (each check opens a
-                // connection of its own and closes it, so it also proves
-                // that new connections can be made).
-                // Each would change what passes a check if ignored.
+                // Not applied, on purpose (they change when and how a
+                // check is made, not what passes): `no_traffic_interval`
+                // (Envoy checks a cluster that never had traffic only
+                // every 60 s by default; these check at the intervals
+                // above from the start, so a dead endpoint is found before
+                // a request is sent to it) and `reuse_connection` (each
+                // check opens a connection of its own and closes it, so it
+                // also proves that new connections can be made).
+                //
+                // Refused: each would change what passes a check if ignored.
                 super::refuse(
                     &hat,
                     &[

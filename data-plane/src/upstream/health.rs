@@ -54,7 +54,13 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
                 seen = Some(set);
             }
             // Reap the aborted ones (the set holds each until reaped).
-            while checkers.try_join_next().is_some() {}
+            while let Some(ended) = checkers.try_join_next() {
+                if let Err(e) = ended {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "a health checker failed; its endpoint is no longer checked");
+                    }
+                }
+            }
             tokio::time::sleep(look).await;
         }
     });
@@ -104,8 +110,14 @@ fn next_wait(cfg: &HealthCheckConfig, passed: bool, change: Change) -> Duration 
         (false, true) => cfg.unhealthy_edge_interval,
         (false, false) => cfg.unhealthy_interval,
     };
-    let percent = base.mul_f64(f64::from(cfg.interval_jitter_percent) / 100.0);
-    base + jitter(percent) + jitter(cfg.interval_jitter)
+    // Saturating: the config's durations are not capped (Envoy does not
+    // cap them either), and a wait of centuries is still a wait.
+    let percent = Duration::try_from_secs_f64(
+        base.as_secs_f64() * f64::from(cfg.interval_jitter_percent) / 100.0,
+    )
+    .unwrap_or(Duration::MAX);
+    base.saturating_add(jitter(percent))
+        .saturating_add(jitter(cfg.interval_jitter))
 }
 
 /// How one check went.

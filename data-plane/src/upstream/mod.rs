@@ -349,6 +349,9 @@ impl ClusterManager {
             // A changed config weighs the endpoints anew even when they are
             // the same (the policy's tables, locality weighting).
             let mut changed = false;
+            // A new cluster: its health checks start once it has its
+            // endpoints (below), so their first checks run at once.
+            let mut fresh = false;
             let cluster = match self.clusters.get(name) {
                 Some(c) if c.config == *cfg || *c.config == **cfg => c.clone(),
                 old => {
@@ -364,9 +367,7 @@ impl ClusterManager {
                             changed = true;
                         }
                     }
-                    if let Some(hc) = &cfg.health_check {
-                        health::spawn(Arc::downgrade(&c), hc.clone());
-                    }
+                    fresh = true;
                     spawn_idle_sweep(Arc::downgrade(&c));
                     if cfg.outlier.is_some() {
                         spawn_outlier(Arc::downgrade(&c));
@@ -393,6 +394,9 @@ impl ClusterManager {
                 // new policy's tables meanwhile.
                 Discovery::Dns(_) if changed => cluster.rebalance(),
                 Discovery::Dns(_) => {}
+            }
+            if let (true, Some(hc)) = (fresh, &cfg.health_check) {
+                health::spawn(Arc::downgrade(&cluster), hc.clone());
             }
             next.insert(name.clone(), cluster);
         }

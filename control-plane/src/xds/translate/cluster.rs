@@ -117,6 +117,9 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
                     .unwrap_or(super::pb_duration(std::time::Duration::from_secs(10))),
             ),
             unhealthy_interval: hc.unhealthy_interval.as_deref().and_then(duration),
+            // Up to a tenth more on every wait, so a fleet of nodes given
+            // the same config at once does not check in step.
+            interval_jitter_percent: 10,
             healthy_threshold: u32v(hc.healthy_threshold.unwrap_or(1)),
             unhealthy_threshold: u32v(hc.unhealthy_threshold.unwrap_or(3)),
             health_checker: Some(health_check::HealthChecker::HttpHealthCheck(
