@@ -1,7 +1,7 @@
 //! Active HTTP health checks: one task per cluster, which ends when the
-//! cluster is dropped (it holds only a weak reference), and under it one
-//! task per endpoint, each on its own schedule (Envoy's intervals depend on
-//! the endpoint's state and its last check).
+//! cluster is dropped or retired (it holds only a weak reference), and
+//! under it one task per endpoint, each on its own schedule (Envoy's
+//! intervals depend on the endpoint's state and its last check).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -30,7 +30,9 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
         let mut running: HashMap<usize, tokio::task::AbortHandle> = HashMap::new();
         let mut seen: Option<Arc<super::EndpointSet>> = None;
         loop {
-            let Some(c) = cluster.upgrade() else { return };
+            let Some(c) = super::live(&cluster) else {
+                return;
+            };
             let set = c.endpoints.load_full();
             drop(c);
             if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &set)) {
@@ -72,7 +74,9 @@ async fn check_endpoint(cluster: Weak<Cluster>, e: Arc<Endpoint>, cfg: Arc<Healt
     tokio::time::sleep(jitter(cfg.initial_jitter)).await;
     loop {
         let outcome = check_one(e.clone(), &cfg).await;
-        let Some(c) = cluster.upgrade() else { return };
+        let Some(c) = super::live(&cluster) else {
+            return;
+        };
         let change = record(&c, &e, outcome, &cfg);
         drop(c);
         tokio::time::sleep(next_wait(&cfg, outcome == Outcome::Pass, change)).await;

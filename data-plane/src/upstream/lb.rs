@@ -465,6 +465,38 @@ mod tests {
         );
     }
 
+    /// A cluster replaced or removed by a newer config is retired: its
+    /// background tasks (health checks, outlier detection, DNS) stop,
+    /// though requests that started on it may keep it alive.
+    #[tokio::test]
+    async fn replaced_and_removed_clusters_are_retired() {
+        use super::super::{live, ClusterManager};
+        let configs = |lb: LbPolicy| {
+            let cfg = ClusterConfig::convert(&pb(lb, None)).expect("converts");
+            std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(cfg))])
+        };
+        let eps = two_endpoints();
+        let mut m = ClusterManager::default();
+        let first = m.update(&configs(LbPolicy::RoundRobin), &eps)["c"].clone();
+        let same = m.update(&configs(LbPolicy::RoundRobin), &eps)["c"].clone();
+        assert!(
+            Arc::ptr_eq(&first, &same),
+            "an unchanged config keeps the cluster"
+        );
+        assert!(live(&Arc::downgrade(&first)).is_some(), "and it stays live");
+        let second = m.update(&configs(LbPolicy::LeastRequest), &eps)["c"].clone();
+        assert!(
+            live(&Arc::downgrade(&first)).is_none(),
+            "the replaced one is retired"
+        );
+        assert!(live(&Arc::downgrade(&second)).is_some());
+        m.update(&std::collections::HashMap::new(), &eps);
+        assert!(
+            live(&Arc::downgrade(&second)).is_none(),
+            "a removed one too"
+        );
+    }
+
     /// Settings Envoy would refuse are refused, naming the field.
     #[test]
     fn bad_lb_settings_are_refused() {

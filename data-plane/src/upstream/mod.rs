@@ -135,6 +135,18 @@ pub struct Cluster {
     /// pass over all of them, so it is done at most every
     /// [`PANIC_RECHECK_MS`], not per request.
     pub(crate) panic: AtomicU64,
+    /// Replaced or removed by a newer configuration. Requests that started
+    /// on it may keep it alive (a stream can last hours), but its health
+    /// checks, outlier detection and DNS stop: the live cluster runs its
+    /// own, and kept endpoints are shared with it. (Its idle connections
+    /// are still swept while it lives.)
+    pub(crate) retired: AtomicBool,
+}
+
+/// The cluster behind `w` while it is the live one (not dropped, not
+/// retired): what a cluster's background task checks before each round.
+pub(crate) fn live(w: &std::sync::Weak<Cluster>) -> Option<Arc<Cluster>> {
+    w.upgrade().filter(|c| !c.retired.load(Relaxed))
 }
 
 /// How long a panic decision is reused.
@@ -150,6 +162,7 @@ impl Cluster {
             active: AtomicU32::new(0),
             retries: AtomicU32::new(0),
             panic: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -401,6 +414,11 @@ impl ClusterManager {
             next.insert(name.clone(), cluster);
         }
         self.stats.retain(|n, _| next.contains_key(n));
+        for (name, old) in &self.clusters {
+            if next.get(name).is_none_or(|c| !Arc::ptr_eq(c, old)) {
+                old.retired.store(true, Relaxed);
+            }
+        }
         self.clusters = next.clone();
         next
     }
@@ -453,11 +471,11 @@ fn success_rate_threshold(rates: &[f64], stdev_factor: f64) -> f64 {
     mean - stdev_factor * variance.sqrt()
 }
 
-/// Runs a cluster's outlier detector interval while the cluster lives.
+/// Runs a cluster's outlier detector interval while the cluster is live.
 fn spawn_outlier(cluster: std::sync::Weak<Cluster>) {
     tokio::spawn(async move {
         loop {
-            let every = match cluster.upgrade() {
+            let every = match live(&cluster) {
                 Some(c) => match &c.config.outlier {
                     Some(o) => o.interval,
                     None => return,
@@ -465,7 +483,7 @@ fn spawn_outlier(cluster: std::sync::Weak<Cluster>) {
                 None => return,
             };
             tokio::time::sleep(every).await;
-            let Some(c) = cluster.upgrade() else { return };
+            let Some(c) = live(&cluster) else { return };
             if let Some(o) = &c.config.outlier {
                 c.outlier_interval(o);
             }
@@ -474,7 +492,7 @@ fn spawn_outlier(cluster: std::sync::Weak<Cluster>) {
 }
 
 /// Resolves a DNS cluster's host names now and at its refresh rate while
-/// it lives.
+/// it is live.
 fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
     tokio::spawn(async move {
         loop {
@@ -499,7 +517,7 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
             }
             specs.sort_by_key(|s| s.addr);
             specs.dedup_by_key(|s| s.addr);
-            let Some(c) = cluster.upgrade() else { return };
+            let Some(c) = live(&cluster) else { return };
             if !same_endpoints(&c, &specs) {
                 c.set_endpoints(&specs);
             }
