@@ -449,11 +449,7 @@ mod tests {
         assert!(!req.headers().contains_key("user-agent"));
         assert!(!req.headers().contains_key("host"), "HTTP/2: the authority");
 
-        let h1 = config(HttpHealthCheck {
-            path: "/h".into(),
-            ..Default::default()
-        })
-        .expect("converts");
+        let h1 = config(path("/h")).expect("converts");
         let req = request(&h1).expect("a request");
         assert_eq!((req.method(), req.uri().path()), (&http::Method::GET, "/h"));
         assert_eq!(req.headers()["host"], "c", "the cluster's name by default");
@@ -461,42 +457,37 @@ mod tests {
         for (h, what) in [
             (
                 HttpHealthCheck {
-                    path: "/h".into(),
                     send: Some(Default::default()),
-                    ..Default::default()
+                    ..path("/h")
                 },
                 "send",
             ),
             (
                 HttpHealthCheck {
-                    path: "/h".into(),
                     codec_client_type: 2,
-                    ..Default::default()
+                    ..path("/h")
                 },
                 "codec_client_type",
             ),
             (
                 HttpHealthCheck {
-                    path: "/h".into(),
                     request_headers_to_add: vec![add("x-up", "%UPSTREAM_HOST%")],
-                    ..Default::default()
+                    ..path("/h")
                 },
                 "command operators",
             ),
             (
                 HttpHealthCheck {
-                    path: "/h".into(),
                     method: RequestMethod::Connect as i32,
-                    ..Default::default()
+                    ..path("/h")
                 },
                 "method",
             ),
             (
                 HttpHealthCheck {
-                    path: "/h".into(),
                     host: "outbound|8080||svc".into(),
                     codec_client_type: 1,
-                    ..Default::default()
+                    ..path("/h")
                 },
                 "no valid request",
             ),

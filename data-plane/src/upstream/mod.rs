@@ -362,8 +362,8 @@ impl ClusterManager {
             // A changed config weighs the endpoints anew even when they are
             // the same (the policy's tables, locality weighting).
             let mut changed = false;
-            // A new cluster: its health checks start once it has its
-            // endpoints (below), so their first checks run at once.
+            // A new cluster: its background tasks start once it has its
+            // endpoints (below), so the first health checks run at once.
             let mut fresh = false;
             let cluster = match self.clusters.get(name) {
                 Some(c) if c.config == *cfg || *c.config == **cfg => c.clone(),
@@ -381,13 +381,6 @@ impl ClusterManager {
                         }
                     }
                     fresh = true;
-                    spawn_idle_sweep(Arc::downgrade(&c));
-                    if cfg.outlier.is_some() {
-                        spawn_outlier(Arc::downgrade(&c));
-                    }
-                    if let Discovery::Dns(hosts) = &cfg.discovery {
-                        spawn_dns(Arc::downgrade(&c), hosts.clone());
-                    }
                     c
                 }
             };
@@ -408,8 +401,8 @@ impl ClusterManager {
                 Discovery::Dns(_) if changed => cluster.rebalance(),
                 Discovery::Dns(_) => {}
             }
-            if let (true, Some(hc)) = (fresh, &cfg.health_check) {
-                health::spawn(Arc::downgrade(&cluster), hc.clone());
+            if fresh {
+                spawn_background(&cluster);
             }
             next.insert(name.clone(), cluster);
         }
@@ -433,6 +426,22 @@ fn same_endpoints(cluster: &Cluster, specs: &[EndpointSpec]) -> bool {
                 && e.weight == s.weight
                 && e.eds_healthy.load(Relaxed) == eds_ok(s.health)
         })
+}
+
+/// Starts a new cluster's background tasks: each holds it weakly and ends
+/// when it is dropped or (but for the idle sweep) retired.
+fn spawn_background(c: &Arc<Cluster>) {
+    let cfg = &c.config;
+    if let Some(hc) = &cfg.health_check {
+        health::spawn(Arc::downgrade(c), hc.clone());
+    }
+    spawn_idle_sweep(Arc::downgrade(c));
+    if cfg.outlier.is_some() {
+        spawn_outlier(Arc::downgrade(c));
+    }
+    if let Discovery::Dns(hosts) = &cfg.discovery {
+        spawn_dns(Arc::downgrade(c), hosts.clone());
+    }
 }
 
 /// Closes a cluster's idle upstream connections that idled out or that
