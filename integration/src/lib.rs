@@ -276,6 +276,31 @@ pub(crate) fn loopback_server() -> (
     (rt, listener, addr)
 }
 
+/// The complete lines of a log another process appends to. A write that
+/// crosses a page of the file can be seen half done, so a last line without
+/// its newline yet is left for the next read.
+pub fn log_lines(path: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    Some(complete.lines().map(str::to_owned).collect())
+}
+
+/// The complete lines of a JSON-lines log, parsed; a complete line that is
+/// not JSON fails the test, naming the file and the line.
+pub fn json_log_lines(path: &Path) -> Option<Vec<serde_json::Value>> {
+    let lines = log_lines(path)?;
+    Some(
+        lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("{}: a line that is not JSON ({e}): {l}", path.display())
+                })
+            })
+            .collect(),
+    )
+}
+
 /// Polls `f` every few milliseconds until it returns `Some`, or `limit` passes.
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;

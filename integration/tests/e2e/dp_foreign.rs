@@ -11,8 +11,8 @@ use std::net::TcpListener;
 use portico_integration::dataplane::{free_port, DataPlane};
 use portico_integration::static_xds::{resource, StaticXds};
 use portico_integration::upstream::Upstream;
-use portico_integration::wait_for;
 use portico_integration::xds_client::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use portico_integration::{json_log_lines, log_lines, wait_for};
 use portico_proto::envoy::config::accesslog::v3::{access_log, AccessLog, AccessLogFilter};
 use portico_proto::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
@@ -1612,8 +1612,7 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(get("/host/json", &[("x-user", "bob")]).status, 200);
     let logged = |p: &std::path::Path, want: &str| {
         wait_for(std::time::Duration::from_secs(10), || {
-            let text = std::fs::read_to_string(p).ok()?;
-            text.lines().any(|l| l == want).then_some(())
+            log_lines(p)?.iter().any(|l| l == want).then_some(())
         })
         .is_some()
     };
@@ -1630,9 +1629,7 @@ fn foreign_control_plane_envoy_features() {
     // The upstream connection's local address is the proxy's side of a
     // loopback connection to u2.
     let json_logged = wait_for(std::time::Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&json_log).ok()?;
-        text.lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        json_log_lines(&json_log)?.into_iter().find_map(|v| {
             let from = v["from"].as_str()?.to_string();
             let rest = serde_json::json!({"code": v["code"], "path": v["path"], "user": v["user"]});
             (rest == serde_json::json!({"code": 200, "path": "/host/json", "user": "bob"}))
@@ -1668,9 +1665,7 @@ fn foreign_control_plane_envoy_features() {
         assert!(!r.body.contains(gone), "{gone} gone: {}", r.body);
     }
     let whom = wait_for(std::time::Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&json_log).ok()?;
-        text.lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        json_log_lines(&json_log)?.into_iter().find_map(|v| {
             (v["path"] == "/host/whom").then(|| (v["client"].clone(), v["peer"].clone()))
         })
     })
@@ -1892,11 +1887,9 @@ fn foreign_control_plane_envoy_features() {
     let marked = get("/host/marked", &[("x-log-me", "1")]);
     assert_eq!(marked.status, 200);
     let picked = wait_for(std::time::Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&picked_log).ok()?;
-        let lines: Vec<(u64, String)> = text
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).expect("JSON lines");
+        let lines: Vec<(u64, String)> = json_log_lines(&picked_log)?
+            .into_iter()
+            .map(|v| {
                 let code = v["response_code"].as_u64().expect("a code");
                 (code, v["path"].as_str().expect("a path").to_string())
             })
@@ -2559,23 +2552,21 @@ fn foreign_control_plane_envoy_features() {
     // trailers-only answer's head.
     let grpc_logged = |path: &str, want: &str| {
         wait_for(std::time::Duration::from_secs(10), || {
-            let text = std::fs::read_to_string(&json_log).ok()?;
-            text.lines().find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["path"] == path && v["grpc"] == want).then_some(())
-            })
+            json_log_lines(&json_log)?
+                .iter()
+                .any(|v| v["path"] == path && v["grpc"] == want)
+                .then_some(())
         })
         .unwrap_or_else(|| panic!("{path} {want}: {:?}", std::fs::read_to_string(&json_log)))
     };
     grpc_logged("/capped/echo.Echo/Say", "OK");
     // And a trailer itself (the echo's `grpc-message: ok`).
-    let text = std::fs::read_to_string(&json_log).expect("the log");
+    let lines = json_log_lines(&json_log).expect("the log");
     assert!(
-        text.lines().any(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
-            v["path"] == "/capped/echo.Echo/Say" && v["trailer"] == "ok"
-        }),
-        "{text}"
+        lines
+            .iter()
+            .any(|v| v["path"] == "/capped/echo.Echo/Say" && v["trailer"] == "ok"),
+        "{lines:?}"
     );
     grpc_logged("/deadline/slow/3000", "DeadlineExceeded");
     // Over HTTP/1.1, the same 800 ms limit before the answer: a 504.

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use portico_integration::upstream::Upstream;
-use portico_integration::wait_for;
+use portico_integration::{json_log_lines, log_lines, wait_for};
 use serde_json::json;
 
 use super::dp_common::{api, http1, parse, raw, service, Env};
@@ -364,11 +364,7 @@ fn access_log_lines_carry_envoy_fields_route_and_cluster() {
         404
     );
     let lines = wait_for(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let lines = json_log_lines(&log)?;
         lines
             .iter()
             .any(|l| l["request_id"] == "rid-1")
@@ -393,8 +389,8 @@ fn access_log_lines_carry_envoy_fields_route_and_cluster() {
         "{ok}"
     );
     wait_for(Duration::from_secs(5), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        text.lines()
+        log_lines(&log)?
+            .iter()
             .any(|l| l.contains("\"response_flags\":\"NR\"") && l.contains("\"response_code\":404"))
             .then_some(())
     })
