@@ -94,6 +94,8 @@ counters!(
         upstream_rq_timeout,
         /// Retries.
         upstream_rq_retry,
+        /// Requests dropped by the load assignment's `drop_overloads`.
+        upstream_rq_drop_overload,
         /// Requests balanced in panic mode (too few endpoints available:
         /// every endpoint took traffic).
         lb_healthy_panic,

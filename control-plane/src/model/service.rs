@@ -70,10 +70,19 @@ pub struct Endpoint {
     /// Relative share of traffic, 1-1000; 1 unless set.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Failover tier, 0-10; 0 (the first) unless set. Tier 0 takes the
+    /// traffic while enough of it is healthy; then the next tier takes
+    /// what it cannot (Envoy's priority levels).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u32,
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Protocols spoken to upstream endpoints.

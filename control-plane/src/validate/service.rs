@@ -6,6 +6,9 @@ use super::{rules, Report};
 use crate::model::gateway::SecretRef;
 use crate::model::service::ServiceSpec;
 
+/// The lowest failover tier an endpoint may have.
+const MAX_PRIORITY: u32 = 10;
+
 pub(super) fn check(spec: &ServiceSpec, r: &mut Report<'_>) {
     if spec.endpoints.is_empty() {
         r.value("spec.endpoints", "a Service needs at least one endpoint");
@@ -20,9 +23,29 @@ pub(super) fn check(spec: &ServiceSpec, r: &mut Report<'_>) {
         if !(1..=1000).contains(&e.weight) {
             r.value(format!("{at}.weight"), "must be between 1 and 1000");
         }
+        if e.priority > MAX_PRIORITY {
+            r.value(
+                format!("{at}.priority"),
+                format!("must be between 0 and {MAX_PRIORITY}"),
+            );
+        }
         if !seen.insert((e.address.as_str(), e.port)) {
             r.value(at, format!("duplicate endpoint {}:{}", e.address, e.port));
         }
+    }
+    // Tiers in use start at 0 and skip none (proxyless gRPC clients refuse
+    // a missing one).
+    let tiers: std::collections::BTreeSet<u32> = spec
+        .endpoints
+        .iter()
+        .map(|e| e.priority)
+        .filter(|p| *p <= MAX_PRIORITY)
+        .collect();
+    if let Some(gap) = (0..tiers.len() as u32).find(|p| !tiers.contains(p)) {
+        r.value(
+            "spec.endpoints",
+            format!("priorities must start at 0 and skip none: no endpoint has priority {gap}"),
+        );
     }
     if let Some(t) = &spec.connect_timeout {
         r.check("spec.connectTimeout", rules::check_duration(t, false));

@@ -199,6 +199,32 @@ fn service_rules() {
 }
 
 #[test]
+fn endpoint_priorities_are_tiers_from_zero() {
+    let svc = |eps: Value| document(Kind::Service, "s", json!({ "endpoints": eps }));
+    let t = texts(&validate_state(&state(vec![svc(json!([
+        {"address": "10.0.0.1", "port": 80},
+        {"address": "10.0.0.2", "port": 80, "priority": 2}
+    ]))])));
+    assert_eq!(
+        t,
+        vec!["service/s: spec.endpoints: priorities must start at 0 and skip none: no endpoint has priority 1"]
+    );
+    let t = texts(&validate_state(&state(vec![svc(json!([
+        {"address": "10.0.0.1", "port": 80},
+        {"address": "10.0.0.2", "port": 80, "priority": 11}
+    ]))])));
+    assert_eq!(
+        t,
+        vec!["service/s: spec.endpoints[1].priority: must be between 0 and 10"]
+    );
+    let t = texts(&validate_state(&state(vec![svc(json!([
+        {"address": "10.0.0.1", "port": 80},
+        {"address": "10.0.0.2", "port": 80, "priority": 1}
+    ]))])));
+    assert!(t.is_empty(), "{t:#?}");
+}
+
+#[test]
 fn lifecycle_rules() {
     let mut a = api(
         "a",

@@ -31,7 +31,7 @@ pub enum Discovery {
     /// From EDS, under this name.
     Eds(Arc<str>),
     /// Listed in the cluster (IP addresses).
-    Static(Vec<EndpointSpec>),
+    Static(Assignment),
     /// Host names in the cluster, resolved by the proxy.
     Dns(DnsTargets),
 }
@@ -48,6 +48,8 @@ pub struct DnsTargets {
     pub logical: bool,
     /// How often names are resolved again (`dns_refresh_rate`, 5 s).
     pub refresh: Duration,
+    /// The load assignment's policy.
+    pub policy: LoadPolicy,
 }
 
 /// One endpoint of a DNS cluster: a name to resolve, and the weights its
@@ -60,6 +62,8 @@ pub struct DnsHost {
     pub port: u16,
     /// The endpoint's weight.
     pub weight: u32,
+    /// Its priority (0 the highest).
+    pub priority: u32,
     /// Its locality's index and weight (0 when unset), as for
     /// [`EndpointSpec`].
     pub locality: u32,
@@ -359,6 +363,70 @@ pub struct EndpointSpec {
     /// That locality's weight (0 when unset), which counts only in a
     /// cluster with `locality_weighted_lb_config`.
     pub locality_weight: u32,
+    /// Its locality's priority: 0 takes the traffic while it is healthy
+    /// enough, then 1, and so on (Envoy's priority levels).
+    pub priority: u32,
+}
+
+/// A load assignment: endpoints in ascending priority, and its policy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Assignment {
+    /// The endpoints, those of priority 0 first.
+    pub endpoints: Vec<EndpointSpec>,
+    /// How traffic spills between priorities, and how much is dropped.
+    pub policy: LoadPolicy,
+}
+
+/// A load assignment's `policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadPolicy {
+    /// `overprovisioning_factor` in percent (140 unless set): a priority
+    /// level counts as wholly healthy while its healthy share times this
+    /// is at least 100%.
+    pub overprovisioning: u32,
+    /// `weighted_priority_health`: a level's health by endpoint weights
+    /// rather than endpoint counts.
+    pub weighted_health: bool,
+    /// The share of requests `drop_overloads` drops, per million (each
+    /// category applies to what the ones before it let through).
+    pub drop_per_million: u32,
+}
+
+impl Default for LoadPolicy {
+    fn default() -> Self {
+        LoadPolicy {
+            overprovisioning: 140,
+            weighted_health: false,
+            drop_per_million: 0,
+        }
+    }
+}
+
+impl LoadPolicy {
+    /// Converts a load assignment's policy; errors name the place.
+    // `endpoint_stale_after` is not applied: endpoints stay as the last
+    // assignment left them (also while the control plane is away).
+    fn convert(cla: &ClusterLoadAssignment, at: &str) -> Result<Self, ConfigError> {
+        let Some(p) = &cla.policy else {
+            return Ok(LoadPolicy::default());
+        };
+        let mut kept = 1.0f64;
+        for (i, d) in p.drop_overloads.iter().enumerate() {
+            let dat = format!("{at} policy.drop_overloads[{i}]");
+            if d.category.is_empty() {
+                return Err(ConfigError::new(&dat, "a drop category needs a name"));
+            }
+            if let Some(f) = &d.drop_percentage {
+                let (n, den) = super::route::fractional_percent(f, "drop_percentage", &dat)?;
+                kept *= 1.0 - n as f64 / den as f64;
+            }
+        }
+        Ok(LoadPolicy {
+            overprovisioning: p.overprovisioning_factor.as_ref().map_or(140, |v| v.value),
+            weighted_health: p.weighted_priority_health,
+            drop_per_million: ((1.0 - kept) * 1_000_000.0).round() as u32,
+        })
+    }
 }
 
 /// The policy settings of `lb_config` (a policy's settings that do not
@@ -528,7 +596,7 @@ impl ClusterConfig {
                 let cla = c.load_assignment.as_ref().ok_or_else(|| {
                     ConfigError::new(&at, "a STATIC cluster needs a load_assignment")
                 })?;
-                Discovery::Static(endpoints(cla, &at)?)
+                Discovery::Static(assignment(cla, &at)?)
             }
             DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
                 let cla = c.load_assignment.as_ref().ok_or_else(|| {
@@ -547,12 +615,6 @@ impl ClusterConfig {
                 }
                 let mut v = Vec::new();
                 for (li, l) in cla.endpoints.iter().enumerate() {
-                    if l.priority != 0 {
-                        return Err(ConfigError::new(
-                            &format!("{at} load_assignment.endpoints[{li}]"),
-                            "priorities other than 0 are not supported",
-                        ));
-                    }
                     for (ei, e) in l.lb_endpoints.iter().enumerate() {
                         let eat =
                             format!("{at} load_assignment.endpoints[{li}].lb_endpoints[{ei}]");
@@ -567,6 +629,7 @@ impl ClusterConfig {
                                 .load_balancing_weight
                                 .as_ref()
                                 .map_or(1, |w| w.value.max(1)),
+                            priority: l.priority,
                             locality: li as u32,
                             locality_weight: l
                                 .load_balancing_weight
@@ -599,8 +662,10 @@ impl ClusterConfig {
                         ))
                     }
                 };
+                let policy = LoadPolicy::convert(cla, &format!("{at} load_assignment"))?;
                 Discovery::Dns(DnsTargets {
                     hosts: v,
+                    policy,
                     family,
                     logical,
                     refresh: c
@@ -1035,18 +1100,11 @@ impl ClusterConfig {
     }
 }
 
-/// The endpoints of a load assignment (IP addresses only).
-pub fn endpoints(cla: &ClusterLoadAssignment, at: &str) -> Result<Vec<EndpointSpec>, ConfigError> {
+/// A load assignment's endpoints (IP addresses only), in ascending
+/// priority, and its policy.
+pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, ConfigError> {
     let mut v = Vec::new();
     for (li, l) in cla.endpoints.iter().enumerate() {
-        // Priorities other than 0 are failover tiers; serving them as equals
-        // would send traffic where the operator said not to.
-        if l.priority != 0 {
-            return Err(ConfigError::new(
-                &format!("{at} endpoints[{li}]"),
-                "priorities other than 0 are not supported",
-            ));
-        }
         let lw = l.load_balancing_weight.as_ref().map_or(0, |w| w.value);
         for (ei, e) in l.lb_endpoints.iter().enumerate() {
             let eat = format!("{at} endpoints[{li}].lb_endpoints[{ei}]");
@@ -1065,15 +1123,101 @@ pub fn endpoints(cla: &ClusterLoadAssignment, at: &str) -> Result<Vec<EndpointSp
                 health: HealthStatus::try_from(e.health_status).unwrap_or(HealthStatus::Unknown),
                 locality: li as u32,
                 locality_weight: lw,
+                priority: l.priority,
             });
         }
     }
-    Ok(v)
+    // Stable: within a priority, the assignment's order.
+    v.sort_by_key(|s| s.priority);
+    Ok(Assignment {
+        endpoints: v,
+        policy: LoadPolicy::convert(cla, at)?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Priorities sort the endpoints; drop categories compound (the
+    /// proto's own example: 60% then 50% of the rest drops 80%).
+    #[test]
+    fn load_assignments_keep_priorities_and_compound_drops() {
+        use portico_proto::envoy::config::core::v3::{
+            address, socket_address::PortSpecifier, Address, SocketAddress,
+        };
+        use portico_proto::envoy::config::endpoint::v3::cluster_load_assignment::{
+            policy::DropOverload, Policy,
+        };
+        use portico_proto::envoy::config::endpoint::v3::{
+            Endpoint, LbEndpoint, LocalityLbEndpoints,
+        };
+        use portico_proto::envoy::r#type::v3::FractionalPercent;
+        let locality = |port: u16, priority| LocalityLbEndpoints {
+            priority,
+            lb_endpoints: vec![LbEndpoint {
+                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "127.0.0.1".into(),
+                            port_specifier: Some(PortSpecifier::PortValue(port.into())),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let drop = |category: &str, numerator, denominator| DropOverload {
+            category: category.into(),
+            drop_percentage: Some(FractionalPercent {
+                numerator,
+                denominator,
+            }),
+        };
+        let mut cla = ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            endpoints: vec![locality(1, 2), locality(2, 0), locality(3, 1)],
+            policy: Some(Policy {
+                drop_overloads: vec![drop("throttle", 60, 0), drop("lb", 500_000, 2)],
+                overprovisioning_factor: Some(portico_proto::google::protobuf::UInt32Value {
+                    value: 100,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let a = assignment(&cla, "here").expect("converts");
+        let order: Vec<(u16, u32)> = a
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.port(), e.priority))
+            .collect();
+        assert_eq!(order, vec![(2, 0), (3, 1), (1, 2)]);
+        assert_eq!(
+            a.policy,
+            LoadPolicy {
+                overprovisioning: 100,
+                weighted_health: false,
+                drop_per_million: 800_000
+            }
+        );
+        if let Some(p) = cla.policy.as_mut() {
+            p.drop_overloads[1].category.clear();
+        }
+        let e = assignment(&cla, "here").unwrap_err().to_string();
+        assert!(
+            e.contains("here policy.drop_overloads[1]") && e.contains("name"),
+            "{e}"
+        );
+        if let Some(p) = cla.policy.as_mut() {
+            p.drop_overloads = vec![drop("x", 1, 7)];
+        }
+        let e = assignment(&cla, "here").unwrap_err().to_string();
+        assert!(e.contains("denominator 7"), "{e}");
+    }
 
     /// Subset load balancing is refused by name, not run as plain load
     /// balancing over every endpoint.
@@ -1230,10 +1374,10 @@ mod tests {
         if let Some(cla) = tiered.load_assignment.as_mut() {
             cla.endpoints[0].priority = 1;
         }
-        assert!(ClusterConfig::convert(&tiered)
-            .unwrap_err()
-            .to_string()
-            .contains("priorities"));
+        let Discovery::Dns(d) = ClusterConfig::convert(&tiered).unwrap().discovery else {
+            panic!("DNS")
+        };
+        assert_eq!(d.hosts[0].priority, 1);
     }
 
     #[test]
@@ -1347,6 +1491,7 @@ mod tests {
             health: HealthStatus::Unknown,
             locality,
             locality_weight,
+            priority: 0,
         };
         // One endpoint in the first locality, two in the second, equal
         // locality weights: half the traffic to the lone one.

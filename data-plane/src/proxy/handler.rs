@@ -152,6 +152,17 @@ pub async fn handle(
             // The route's edits first; then the mapper and the gRPC form
             // (Envoy's order), and the body's own headers last.
             let mut parts = Response::new(()).into_parts().0;
+            // The router says why it shed the request (Envoy's headers).
+            if lr.config.envoy_headers {
+                let said = match l.flags {
+                    "UO" => Some("x-envoy-overloaded"),
+                    "DO" => Some("x-envoy-drop-overload"),
+                    _ => None,
+                };
+                if let Some(name) = said {
+                    parts.headers.insert(name, HeaderValue::from_static("true"));
+                }
+            }
             if let Some(e) = l.edits.as_deref_mut() {
                 e.apply_response(&mut parts.headers, l.status, l.flags);
             }
@@ -220,6 +231,7 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         "UF" => "upstream_reset_before_response_started{connection_failure}",
         "UC" => "upstream_reset_before_response_started{connection_termination}",
         "UO" => "upstream_reset_before_response_started{overflow}",
+        "DO" => "drop_overload",
         "DT" => "max_duration_timeout",
         "" if status == StatusCode::REQUEST_TIMEOUT => "request_overall_timeout",
         _ if status == StatusCode::UPGRADE_REQUIRED => "low_version",
@@ -952,6 +964,19 @@ async fn forward(
     }
     if let Some(b) = guard.log.as_mut() {
         b.1.upstream_cluster = cluster.config.name.to_string();
+    }
+    // The control plane's load shedding (EDS `drop_overloads`), before an
+    // endpoint is chosen or a retry considered.
+    if cluster.drops() {
+        cluster
+            .stats
+            .upstream_rq_drop_overload
+            .fetch_add(1, Relaxed);
+        return Err(local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "drop overload\n",
+            "DO",
+        ));
     }
     let (hash, set_cookie) = if is_hashing(cluster) {
         request_hash(

@@ -382,13 +382,17 @@ mod tests {
             Arc::new(cfg),
             Arc::new(crate::stats::ClusterStats::default()),
         );
-        c.set_endpoints(&[crate::config::cluster::EndpointSpec {
-            addr,
-            weight: 1,
-            health: portico_proto::envoy::config::core::v3::HealthStatus::Unknown,
-            locality: 0,
-            locality_weight: 1,
-        }]);
+        c.set_endpoints(
+            &[crate::config::cluster::EndpointSpec {
+                addr,
+                weight: 1,
+                health: portico_proto::envoy::config::core::v3::HealthStatus::Unknown,
+                locality: 0,
+                locality_weight: 1,
+                priority: 0,
+            }],
+            crate::config::cluster::LoadPolicy::default(),
+        );
         spawn(Arc::downgrade(&c), hc);
         let e = c.endpoints.load_full().endpoints[0].clone();
         // A 503 is not a retriable status: one makes the endpoint unhealthy.
@@ -410,7 +414,7 @@ mod tests {
 
         // Once the cluster no longer has it, its checker stops and lets
         // it go (the test's clone is then the last).
-        c.set_endpoints(&[]);
+        c.set_endpoints(&[], crate::config::cluster::LoadPolicy::default());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while Arc::strong_count(&e) > 1 {
             assert!(

@@ -1,13 +1,14 @@
 //! Load balancing: weighted round robin, least request (the least busy of
 //! N random choices, or weights scaled down by active requests), random
-//! and ring hash. Unavailable endpoints are skipped; when none is
-//! available the caller answers 503.
+//! and ring hash, within a priority level chosen as Envoy chooses it.
+//! Unavailable endpoints are skipped; when none is available the caller
+//! answers 503.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use super::{now_ms, Cluster, Endpoint};
+use super::{now_ms, Cluster, Endpoint, EndpointSet};
 use crate::config::cluster::{ClusterConfig, LbKind, RingSize};
 
 /// Precomputed tables for an endpoint set.
@@ -150,18 +151,121 @@ fn by_load(
     last
 }
 
+/// Envoy's priority load: the percent of requests each priority level
+/// takes (as running sums), and which levels are in panic.
+#[derive(Debug, Default)]
+pub struct Spill {
+    /// Good until this [`now_ms`].
+    until: u64,
+    /// Running sums of the levels' percentages (the last is 100).
+    cumulative: Vec<u32>,
+    /// Whether each level is in panic.
+    panic: Vec<bool>,
+}
+
+impl Spill {
+    /// Envoy's arithmetic: a level's health is its available share times
+    /// the overprovisioning factor, at most 100%; levels take their health
+    /// in turn, scaled up when together they fall short of 100%; a level
+    /// is in panic only then, and only while fewer than the threshold's
+    /// share of its endpoints are available.
+    pub(crate) fn compute(set: &EndpointSet, panic_threshold: f64, now: u64) -> Spill {
+        let n = set.levels.len();
+        let opf = u128::from(set.policy.overprovisioning);
+        let mut health = Vec::with_capacity(n);
+        let mut panic = Vec::with_capacity(n);
+        for l in &set.levels {
+            let eps = &set.endpoints[l.start..l.end];
+            let (mut total, mut up, mut up_count) = (0u128, 0u128, 0usize);
+            for e in eps {
+                let w = if set.policy.weighted_health {
+                    u128::from(e.weight)
+                } else {
+                    1
+                };
+                total += w;
+                if e.available(now) {
+                    up += w;
+                    up_count += 1;
+                }
+            }
+            health.push(
+                (opf * up)
+                    .checked_div(total)
+                    .map_or(0, |h| h.min(100) as u32),
+            );
+            // Counted by endpoints, whatever the health is weighed by.
+            panic.push((up_count as f64) * 100.0 < panic_threshold * eps.len() as f64);
+        }
+        let normalized = health.iter().sum::<u32>().min(100);
+        let mut loads = vec![0u32; n];
+        let mut left = 100;
+        for (load, h) in loads.iter_mut().zip(&health) {
+            *load = (h * 100).checked_div(normalized).unwrap_or(0).min(left);
+            left -= *load;
+        }
+        // What rounding left over goes to the first level with any health;
+        // with none anywhere, all of it goes to the first level (in panic:
+        // all its endpoints take traffic).
+        let first = health.iter().position(|h| *h > 0).unwrap_or(0);
+        loads[first] += left;
+        if normalized == 100 {
+            panic.fill(false);
+        }
+        let mut sum = 0;
+        Spill {
+            until: now + super::PANIC_RECHECK_MS,
+            cumulative: loads
+                .iter()
+                .map(|l| {
+                    sum += l;
+                    sum
+                })
+                .collect(),
+            panic,
+        }
+    }
+
+    /// The level a draw (any number; the request's hash under ring hash)
+    /// lands in.
+    fn level(&self, draw: u64) -> usize {
+        let x = (draw % 100) as u32 + 1;
+        self.cumulative
+            .iter()
+            .position(|c| x <= *c)
+            .unwrap_or(self.cumulative.len() - 1)
+    }
+}
+
 impl Cluster {
     /// Picks an endpoint for a request (`hash` for ring hash), skipping
     /// `avoid` (the endpoint a retry is moving away from) when possible.
     pub fn pick(&self, hash: Option<u64>, avoid: Option<&Endpoint>) -> Option<Arc<Endpoint>> {
         let set = self.endpoints.load();
-        let eps = &set.endpoints;
-        let n = eps.len();
-        if n == 0 {
-            return None;
-        }
         let now = now_ms();
-        let panic = self.in_panic(eps, now);
+        let (eps, tables, panic) = match set.levels.as_slice() {
+            [] => return None,
+            [one] => (
+                &set.endpoints[..],
+                &one.lb,
+                self.in_panic(&set.endpoints, now),
+            ),
+            levels => {
+                let mut spill = set.spill.load();
+                if spill.until <= now {
+                    set.spill.store(Arc::new(Spill::compute(
+                        &set,
+                        self.config.panic_threshold,
+                        now,
+                    )));
+                    spill = set.spill.load();
+                }
+                let i = spill.level(hash.unwrap_or_else(|| fastrand::u64(..)));
+                let l = &levels[i];
+                (&set.endpoints[l.start..l.end], &l.lb, spill.panic[i])
+            }
+        };
+        let n = eps.len();
         if panic {
             self.stats.lb_healthy_panic.fetch_add(1, Relaxed);
         }
@@ -169,8 +273,8 @@ impl Cluster {
             (panic || e.available(now)) && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))
         };
         let start = match (self.config.lb, hash) {
-            (LbKind::RingHash, Some(h)) if !set.lb.ring.is_empty() => {
-                let ring = &set.lb.ring;
+            (LbKind::RingHash, Some(h)) if !tables.ring.is_empty() => {
+                let ring = &tables.ring;
                 let i = ring.partition_point(|(x, _)| *x < h) % ring.len();
                 // Walk the ring to the first usable endpoint.
                 for k in 0..ring.len().min(n * 64) {
@@ -183,7 +287,7 @@ impl Cluster {
             }
             (LbKind::LeastRequest, _) if n > 1 => {
                 let lr = &self.config.least_request;
-                if set.lb.cumulative.is_empty() {
+                if tables.cumulative.is_empty() {
                     // Equal weights: the least busy of `choice_count`
                     // drawn at random (Envoy's N choices).
                     let mut best: Option<&Arc<Endpoint>> = None;
@@ -203,19 +307,19 @@ impl Cluster {
                     fastrand::usize(..n)
                 } else if lr.active_request_bias == 0.0 {
                     // Active requests do not count: weighted round robin.
-                    pick_weighted(&set.lb, n, self.rr.fetch_add(1, Relaxed))
+                    pick_weighted(tables, n, self.rr.fetch_add(1, Relaxed))
                 } else {
                     if let Some(e) = by_load(eps, lr.active_request_bias, ok) {
                         return Some(e.clone());
                     }
                     // Every share rounded to nothing: by weight alone.
-                    pick_weighted(&set.lb, n, fastrand::u64(..))
+                    pick_weighted(tables, n, fastrand::u64(..))
                 }
             }
             (LbKind::Random | LbKind::RingHash | LbKind::LeastRequest, _) => {
-                pick_weighted(&set.lb, n, fastrand::u64(..))
+                pick_weighted(tables, n, fastrand::u64(..))
             }
-            (LbKind::RoundRobin, _) => pick_weighted(&set.lb, n, self.rr.fetch_add(1, Relaxed)),
+            (LbKind::RoundRobin, _) => pick_weighted(tables, n, self.rr.fetch_add(1, Relaxed)),
         };
         (0..n)
             .map(|k| &eps[(start + k) % n])
@@ -249,7 +353,7 @@ impl Cluster {
 mod tests {
     use super::*;
 
-    use crate::config::cluster::{ClusterConfig, EndpointSpec};
+    use crate::config::cluster::{Assignment, ClusterConfig, EndpointSpec, LoadPolicy};
     use crate::stats::ClusterStats;
     use portico_proto::envoy::config::cluster::v3::cluster::{
         ClusterDiscoveryType, DiscoveryType, LbConfig, LbPolicy, LeastRequestLbConfig,
@@ -283,9 +387,10 @@ mod tests {
                 health: HealthStatus::Unknown,
                 locality: 0,
                 locality_weight: 1,
+                priority: 0,
             })
             .collect();
-        c.set_endpoints(&specs);
+        c.set_endpoints(&specs, LoadPolicy::default());
         c
     }
 
@@ -379,7 +484,7 @@ mod tests {
             let c = cluster(weights, LbPolicy::RingHash, cfg);
             let set = c.endpoints.load();
             let mut per = vec![0; weights.len()];
-            for (_, i) in &set.lb.ring {
+            for (_, i) in &set.levels[0].lb.ring {
                 per[*i as usize] += 1;
             }
             per
@@ -406,23 +511,28 @@ mod tests {
         let eps = two_endpoints();
         let mut m = super::super::ClusterManager::default();
         let live = m.update(&configs(16), &eps);
-        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 16);
+        assert_eq!(live["c"].endpoints.load().levels[0].lb.ring.len(), 16);
         let live = m.update(&configs(64), &eps);
-        assert_eq!(live["c"].endpoints.load().lb.ring.len(), 64);
+        assert_eq!(live["c"].endpoints.load().levels[0].lb.ring.len(), 64);
     }
 
     /// Cluster "c"'s endpoints by EDS: two of weight 1.
-    fn two_endpoints() -> std::collections::HashMap<Arc<str>, Arc<Vec<EndpointSpec>>> {
-        let specs: Vec<EndpointSpec> = (0..2)
+    fn two_endpoints() -> std::collections::HashMap<Arc<str>, Arc<Assignment>> {
+        let endpoints: Vec<EndpointSpec> = (0..2)
             .map(|i| EndpointSpec {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
                 weight: 1,
                 health: HealthStatus::Unknown,
                 locality: 0,
                 locality_weight: 1,
+                priority: 0,
             })
             .collect();
-        std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(specs))])
+        let a = Assignment {
+            endpoints,
+            policy: LoadPolicy::default(),
+        };
+        std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(a))])
     }
 
     /// Endpoints (their pools, health and counts) outlive a change of the
@@ -575,5 +685,129 @@ mod tests {
         }
         assert_eq!(stride(10), 7);
         assert_eq!(stride(2), 1);
+    }
+
+    /// `up[i]` of `sizes[i]` endpoints at priority `i` available, with
+    /// `weights` (1 when empty) and `policy`; the cluster keeps Envoy's
+    /// default panic threshold (50%).
+    fn tiered(sizes: &[usize], up: &[usize], weights: &[u32], policy: LoadPolicy) -> Arc<Cluster> {
+        let cfg = ClusterConfig::convert(&pb(LbPolicy::RoundRobin, None)).expect("converts");
+        let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+        let mut specs = Vec::new();
+        for (level, (&size, &up)) in sizes.iter().zip(up).enumerate() {
+            for i in 0..size {
+                specs.push(EndpointSpec {
+                    addr: SocketAddr::from(([127, 0, 0, 1], (1000 * (level + 1) + i) as u16)),
+                    weight: weights.get(specs.len()).copied().unwrap_or(1),
+                    health: if i < up {
+                        HealthStatus::Healthy
+                    } else {
+                        HealthStatus::Unhealthy
+                    },
+                    locality: level as u32,
+                    locality_weight: 1,
+                    priority: level as u32,
+                });
+            }
+        }
+        c.set_endpoints(&specs, policy);
+        c
+    }
+
+    /// Each level's share in percent, and which are in panic.
+    fn spill_of(c: &Cluster) -> (Vec<u32>, Vec<bool>) {
+        let set = c.endpoints.load();
+        let s = Spill::compute(&set, c.config.panic_threshold, now_ms());
+        let shares = s
+            .cumulative
+            .iter()
+            .scan(0, |before, c| {
+                let share = c - *before;
+                *before = *c;
+                Some(share)
+            })
+            .collect();
+        (shares, s.panic)
+    }
+
+    /// Envoy's own examples (its "Priority levels" and "Panic threshold"
+    /// pages), with 100 endpoints per level so that counts are percents.
+    #[test]
+    fn priority_levels_share_traffic_as_envoys() {
+        let d = LoadPolicy::default();
+        // Priority 1 wholly healthy; priority 0 at:
+        for (up, to_p0) in [(100, 100), (72, 100), (71, 99), (50, 70), (25, 35), (0, 0)] {
+            let (shares, panic) = spill_of(&tiered(&[100, 100], &[up, 100], &[], d));
+            assert_eq!(shares, vec![to_p0, 100 - to_p0], "P0 {up}% healthy");
+            assert_eq!(panic, vec![false, false], "P0 {up}% healthy");
+        }
+        // Both short: their health (28 each) is scaled up to the whole,
+        // and each below the panic threshold is in panic.
+        assert_eq!(
+            spill_of(&tiered(&[100, 100], &[20, 20], &[], d)),
+            (vec![50, 50], vec![true, true])
+        );
+        // 56 + 42 = 98: shares 57 + 42, the point left over to the first.
+        assert_eq!(
+            spill_of(&tiered(&[100, 100], &[40, 30], &[], d)),
+            (vec![58, 42], vec![true, true])
+        );
+        // Three levels: what the first two leave goes to the third.
+        assert_eq!(
+            spill_of(&tiered(&[100, 100, 100], &[50, 10, 100], &[], d)).0,
+            vec![70, 14, 16]
+        );
+        // Nothing available anywhere: the first level, in panic.
+        assert_eq!(
+            spill_of(&tiered(&[100, 100], &[0, 0], &[], d)),
+            (vec![100, 0], vec![true, true])
+        );
+        // The overprovisioning factor, and health weighed by weight.
+        let exact = LoadPolicy {
+            overprovisioning: 100,
+            ..d
+        };
+        assert_eq!(
+            spill_of(&tiered(&[100, 100], &[80, 100], &[], exact)).0,
+            vec![80, 20]
+        );
+        let by_weight = LoadPolicy {
+            weighted_health: true,
+            ..d
+        };
+        // The healthy one weighs 1 of 4: 25% × 1.4; by count, 50% × 1.4.
+        assert_eq!(
+            spill_of(&tiered(&[2, 1], &[1, 1], &[1, 3, 1], by_weight)).0,
+            vec![35, 65]
+        );
+        assert_eq!(
+            spill_of(&tiered(&[2, 1], &[1, 1], &[1, 3, 1], d)).0,
+            vec![70, 30]
+        );
+    }
+
+    /// Picks follow the shares: random draws for most policies, the
+    /// request's hash under ring hash (one key, one level).
+    #[test]
+    fn picks_spill_to_lower_priorities() {
+        let c = tiered(&[2, 1], &[1, 1], &[], LoadPolicy::default());
+        let n = 10_000;
+        let backup = (0..n)
+            .filter(|_| c.pick(None, None).expect("an endpoint").priority == 1)
+            .count();
+        // 30% expected; σ = 46.
+        assert!((2_724..=3_276).contains(&backup), "{backup}");
+        // Only the available endpoint of priority 0 takes its share.
+        let set = c.endpoints.load();
+        assert!((0..100).all(|_| !Arc::ptr_eq(&c.pick(None, None).unwrap(), &set.endpoints[1])));
+        // The level is the hash's: 70 of every 100 consecutive hashes
+        // stay at priority 0, each the same way every time.
+        let hashed = |h: u64| c.pick(Some(h), None).unwrap().priority;
+        assert_eq!((0..100).filter(|h| hashed(*h) == 0).count(), 70);
+        assert!((0..100).all(|h| hashed(h) == hashed(h)));
+        // One level: no draw for a level at all.
+        let flat = tiered(&[3], &[3], &[], LoadPolicy::default());
+        assert_eq!(flat.endpoints.load().levels.len(), 1);
+        assert!(flat.pick(None, None).is_some());
     }
 }

@@ -17,7 +17,8 @@ use arc_swap::ArcSwap;
 use portico_proto::envoy::config::core::v3::HealthStatus;
 
 use crate::config::cluster::{
-    ClusterConfig, Discovery, DnsTargets, EndpointSpec, LbKind, OutlierConfig,
+    Assignment, ClusterConfig, Discovery, DnsTargets, EndpointSpec, LbKind, LoadPolicy,
+    OutlierConfig,
 };
 use crate::stats::ClusterStats;
 use pool::Pool;
@@ -35,6 +36,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Load-balancing weight.
     pub weight: u32,
+    /// Priority level (0 the highest).
+    pub priority: u32,
     /// Health from the control plane (EDS `health_status`).
     eds_healthy: AtomicBool,
     /// Health from active checks (true when none are configured).
@@ -60,6 +63,7 @@ impl Endpoint {
         Endpoint {
             addr: spec.addr,
             weight: spec.weight,
+            priority: spec.priority,
             eds_healthy: AtomicBool::new(eds_ok(spec.health)),
             hc_healthy: AtomicBool::new(true),
             hc_streak: AtomicU32::new(0),
@@ -111,9 +115,52 @@ fn eds_ok(h: HealthStatus) -> bool {
 /// An immutable set of endpoints with what load balancing needs.
 #[derive(Debug, Default)]
 pub struct EndpointSet {
-    /// The endpoints.
+    /// The endpoints, in ascending priority.
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// One per priority present, in ascending priority.
+    pub(crate) levels: Vec<Level>,
+    /// The load assignment's policy.
+    pub(crate) policy: LoadPolicy,
+    /// With more than one level: the share of requests each takes, and
+    /// which are in panic, reused for [`PANIC_RECHECK_MS`] (a pass over
+    /// every endpoint, not made per request).
+    pub(crate) spill: ArcSwap<lb::Spill>,
+}
+
+/// One priority level: a run of the set's endpoints, and the balancer's
+/// tables over them.
+#[derive(Debug)]
+pub(crate) struct Level {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
     pub(crate) lb: lb::Tables,
+}
+
+impl EndpointSet {
+    fn new(config: &ClusterConfig, endpoints: Vec<Arc<Endpoint>>, policy: LoadPolicy) -> Self {
+        let mut levels = Vec::new();
+        let mut start = 0;
+        while start < endpoints.len() {
+            let p = endpoints[start].priority;
+            let end = start
+                + endpoints[start..]
+                    .iter()
+                    .take_while(|e| e.priority == p)
+                    .count();
+            levels.push(Level {
+                start,
+                end,
+                lb: lb::Tables::build(config, &endpoints[start..end]),
+            });
+            start = end;
+        }
+        EndpointSet {
+            endpoints,
+            levels,
+            policy,
+            spill: ArcSwap::default(),
+        }
+    }
 }
 
 /// A cluster at run time.
@@ -130,6 +177,9 @@ pub struct Cluster {
     pub active: AtomicU32,
     /// Retries in flight (circuit breaker).
     pub retries: AtomicU32,
+    /// The share of requests the load assignment drops, per million (a
+    /// copy of the endpoint set's, read without loading the set).
+    drop_per_million: AtomicU32,
     /// Whether the cluster is in panic, and until when that answer holds
     /// (`(until_ms << 1) | panic`): counting the available endpoints is a
     /// pass over all of them, so it is done at most every
@@ -161,6 +211,7 @@ impl Cluster {
             rr: AtomicU64::new(0),
             active: AtomicU32::new(0),
             retries: AtomicU32::new(0),
+            drop_per_million: AtomicU32::new(0),
             panic: AtomicU64::new(0),
             retired: AtomicBool::new(false),
         })
@@ -183,8 +234,9 @@ impl Cluster {
         }
     }
 
-    /// Replaces the endpoints, keeping the state of those that remain.
-    pub fn set_endpoints(&self, specs: &[EndpointSpec]) {
+    /// Replaces the endpoints (in ascending priority), keeping the state
+    /// of those that remain.
+    pub fn set_endpoints(&self, specs: &[EndpointSpec], policy: LoadPolicy) {
         let specs = &*self.effective(specs);
         let old = self.endpoints.load();
         let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
@@ -192,29 +244,38 @@ impl Cluster {
         let endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|s| match by_addr.get(&s.addr) {
-                Some(e) if e.weight == s.weight => {
+                Some(e) if e.weight == s.weight && e.priority == s.priority => {
                     e.eds_healthy.store(eds_ok(s.health), Relaxed);
                     Arc::clone(e)
                 }
                 _ => Arc::new(Endpoint::new(s, &self.config, &self.stats)),
             })
             .collect();
-        let lb = lb::Tables::build(&self.config, &endpoints);
         self.stats
             .membership_total
             .store(endpoints.len() as u64, Relaxed);
+        self.drop_per_million
+            .store(policy.drop_per_million, Relaxed);
         self.endpoints
-            .store(Arc::new(EndpointSet { endpoints, lb }));
+            .store(Arc::new(EndpointSet::new(&self.config, endpoints, policy)));
     }
 
     /// Rebuilds the balancer's tables over the same endpoints (after a
     /// change of policy).
     fn rebalance(&self) {
         let set = self.endpoints.load_full();
-        self.endpoints.store(Arc::new(EndpointSet {
-            lb: lb::Tables::build(&self.config, &set.endpoints),
-            endpoints: set.endpoints.clone(),
-        }));
+        self.endpoints.store(Arc::new(EndpointSet::new(
+            &self.config,
+            set.endpoints.clone(),
+            set.policy,
+        )));
+    }
+
+    /// Whether to drop this request (the load assignment's
+    /// `drop_overloads`).
+    pub fn drops(&self) -> bool {
+        let p = self.drop_per_million.load(Relaxed);
+        p > 0 && fastrand::u32(..1_000_000) < p
     }
 
     /// Records the outcome of a request for outlier detection.
@@ -354,7 +415,7 @@ impl ClusterManager {
     pub fn update(
         &mut self,
         configs: &HashMap<Arc<str>, Arc<ClusterConfig>>,
-        endpoints: &HashMap<Arc<str>, Arc<Vec<EndpointSpec>>>,
+        endpoints: &HashMap<Arc<str>, Arc<Assignment>>,
     ) -> foldhash::HashMap<Arc<str>, Arc<Cluster>> {
         let mut next =
             foldhash::HashMap::with_capacity_and_hasher(configs.len(), Default::default());
@@ -386,14 +447,15 @@ impl ClusterManager {
             };
             match &cfg.discovery {
                 Discovery::Eds(service) => {
-                    let specs = endpoints.get(service).map(|v| v.as_slice()).unwrap_or(&[]);
-                    if changed || !same_endpoints(&cluster, specs) {
-                        cluster.set_endpoints(specs);
+                    let none = Assignment::default();
+                    let a = endpoints.get(service).map_or(&none, |a| &**a);
+                    if changed || !same_endpoints(&cluster, &a.endpoints, a.policy) {
+                        cluster.set_endpoints(&a.endpoints, a.policy);
                     }
                 }
-                Discovery::Static(specs) => {
-                    if changed || !same_endpoints(&cluster, specs) {
-                        cluster.set_endpoints(specs);
+                Discovery::Static(a) => {
+                    if changed || !same_endpoints(&cluster, &a.endpoints, a.policy) {
+                        cluster.set_endpoints(&a.endpoints, a.policy);
                     }
                 }
                 // DNS brings its endpoints itself; the kept ones get the
@@ -417,13 +479,15 @@ impl ClusterManager {
     }
 }
 
-fn same_endpoints(cluster: &Cluster, specs: &[EndpointSpec]) -> bool {
+fn same_endpoints(cluster: &Cluster, specs: &[EndpointSpec], policy: LoadPolicy) -> bool {
     let set = cluster.endpoints.load();
     let specs = &*cluster.effective(specs);
-    set.endpoints.len() == specs.len()
+    set.policy == policy
+        && set.endpoints.len() == specs.len()
         && set.endpoints.iter().zip(specs).all(|(e, s)| {
             e.addr == s.addr
                 && e.weight == s.weight
+                && e.priority == s.priority
                 && e.eds_healthy.load(Relaxed) == eds_ok(s.health)
         })
 }
@@ -519,16 +583,20 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                             health: HealthStatus::Unknown,
                             locality: d.locality,
                             locality_weight: d.locality_weight,
+                            priority: d.priority,
                         }));
                     }
                     Err(e) => tracing::warn!(host = %d.host, error = %e, "DNS resolution failed"),
                 }
             }
-            specs.sort_by_key(|s| s.addr);
+            // An address under two names keeps its first (highest)
+            // priority; the set is in ascending priority.
+            specs.sort_by_key(|s| (s.addr, s.priority));
             specs.dedup_by_key(|s| s.addr);
+            specs.sort_by_key(|s| (s.priority, s.addr));
             let Some(c) = live(&cluster) else { return };
-            if !same_endpoints(&c, &specs) {
-                c.set_endpoints(&specs);
+            if !same_endpoints(&c, &specs, dns.policy) {
+                c.set_endpoints(&specs, dns.policy);
             }
             drop(c);
             tokio::time::sleep(dns.refresh).await;
@@ -579,9 +647,10 @@ mod tests {
                 health: HealthStatus::Unknown,
                 locality: 0,
                 locality_weight: 1,
+                priority: 0,
             })
             .collect();
-        c.set_endpoints(&specs);
+        c.set_endpoints(&specs, LoadPolicy::default());
         c
     }
 

@@ -14,7 +14,7 @@ use portico_proto::google::protobuf::Any;
 use portico_proto::type_url;
 use prost::Message;
 
-use crate::config::cluster::{endpoints, ClusterConfig, Discovery, EndpointSpec};
+use crate::config::cluster::{assignment, Assignment, ClusterConfig, Discovery};
 use crate::config::listener::{ListenerConfig, Routes};
 use crate::config::route::RouteTable;
 use crate::config::ConfigError;
@@ -94,7 +94,7 @@ pub struct State {
     /// Clusters.
     pub clusters: Items<ClusterConfig>,
     /// Load assignments.
-    pub endpoints: Items<Vec<EndpointSpec>>,
+    pub endpoints: Items<Assignment>,
     /// Last accepted SotW version per type.
     pub sotw_versions: HashMap<Ty, String>,
 }
@@ -234,7 +234,7 @@ impl State {
                 next.endpoints = stage(&self.endpoints, u, |a, n| {
                     let cla: ClusterLoadAssignment = decode(a, "ClusterLoadAssignment", n)?;
                     named(n, &cla.cluster_name, "ClusterLoadAssignment")?;
-                    endpoints(&cla, &format!("ClusterLoadAssignment {n:?}"))
+                    assignment(&cla, &format!("ClusterLoadAssignment {n:?}"))
                 })?;
             }
         }

@@ -607,6 +607,8 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         prefix_route("/budgeted", "budgeted", |a| a.retry_policy = retry("5xx")),
         prefix_route("/health", "health", |_| {}),
         prefix_route("/panicky", "panicky", |_| {}),
+        prefix_route("/tiers", "tiers", |_| {}),
+        prefix_route("/shed", "shed", |_| {}),
         prefix_route("/connect", "connect", |a| {
             a.retry_policy = retry("connect-failure")
         }),
@@ -1044,6 +1046,8 @@ fn foreign_control_plane_envoy_features() {
             }),
             // Envoy's default panic threshold, 50%.
             resource("panicky", &cluster("panicky", LbPolicy::RoundRobin, None)),
+            resource("tiers", &cluster("tiers", LbPolicy::RoundRobin, None)),
+            resource("shed", &cluster("shed", LbPolicy::RoundRobin, None)),
             resource(
                 "connect",
                 &cluster("connect", LbPolicy::RoundRobin, Some(&[free_port(), p[0]])),
@@ -1055,36 +1059,69 @@ fn foreign_control_plane_envoy_features() {
         ],
     );
     let all: Vec<_> = p.iter().map(|x| (*x, HealthStatus::Unknown)).collect();
+    // Priority 0 is u1 and u2, priority 1 is u3.
+    let tiers = |u1: HealthStatus, u2: HealthStatus| {
+        let mut a = endpoints("tiers", &[(p[0], u1), (p[1], u2)]);
+        let mut backup = endpoints("tiers", &[(p[2], HealthStatus::Unknown)]).endpoints;
+        backup[0].priority = 1;
+        a.endpoints.extend(backup);
+        resource("tiers", &a)
+    };
+    // Two drop categories: the first drops all there is.
+    let shed = {
+        use portico_proto::envoy::config::endpoint::v3::cluster_load_assignment::{
+            policy::DropOverload, Policy,
+        };
+        use portico_proto::envoy::r#type::v3::FractionalPercent;
+        let drop = |category: &str, numerator| DropOverload {
+            category: category.into(),
+            drop_percentage: Some(FractionalPercent {
+                numerator,
+                denominator: 0,
+            }),
+        };
+        let mut a = endpoints("shed", &[(p[0], HealthStatus::Unknown)]);
+        a.policy = Some(Policy {
+            drop_overloads: vec![drop("throttle", 100), drop("lb", 10)],
+            ..Default::default()
+        });
+        resource("shed", &a)
+    };
+    let eds = [
+        resource("hash", &endpoints("hash", &all)),
+        resource("random", &endpoints("random", &all)),
+        resource("zones", &zoned("zones", &p)),
+        resource("flat", &zoned("flat", &p)),
+        resource(
+            "health",
+            &endpoints(
+                "health",
+                &[
+                    (p[0], HealthStatus::Healthy),
+                    (p[1], HealthStatus::Unhealthy),
+                    (p[2], HealthStatus::Draining),
+                ],
+            ),
+        ),
+        resource(
+            "panicky",
+            &endpoints(
+                "panicky",
+                &[
+                    (p[0], HealthStatus::Healthy),
+                    (p[1], HealthStatus::Unhealthy),
+                    (p[2], HealthStatus::Unhealthy),
+                ],
+            ),
+        ),
+        shed,
+    ];
     xds.set(
         ENDPOINT,
-        vec![
-            resource("hash", &endpoints("hash", &all)),
-            resource("random", &endpoints("random", &all)),
-            resource("zones", &zoned("zones", &p)),
-            resource("flat", &zoned("flat", &p)),
-            resource(
-                "health",
-                &endpoints(
-                    "health",
-                    &[
-                        (p[0], HealthStatus::Healthy),
-                        (p[1], HealthStatus::Unhealthy),
-                        (p[2], HealthStatus::Draining),
-                    ],
-                ),
-            ),
-            resource(
-                "panicky",
-                &endpoints(
-                    "panicky",
-                    &[
-                        (p[0], HealthStatus::Healthy),
-                        (p[1], HealthStatus::Unhealthy),
-                        (p[2], HealthStatus::Unhealthy),
-                    ],
-                ),
-            ),
-        ],
+        eds.iter()
+            .cloned()
+            .chain([tiers(HealthStatus::Healthy, HealthStatus::Unhealthy)])
+            .collect(),
     );
     // A second listener, on the same routes, without a stream idle
     // timeout of its own and with path normalization.
@@ -1533,6 +1570,46 @@ fn foreign_control_plane_envoy_features() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(dp.stat("cluster.panicky.lb_healthy_panic"), panics + 12);
+
+    // Priorities (Envoy's arithmetic): half of priority 0 is healthy, so
+    // it takes 50% × 1.4 = 70% of the traffic and priority 1 the rest.
+    let mut by = BTreeMap::new();
+    for _ in 0..300 {
+        let r = get("/tiers", &[]);
+        *by.entry(r.header("x-upstream").map(String::from))
+            .or_insert(0u32) += 1;
+    }
+    let u3 = by.get(&Some("u3".to_string())).copied().unwrap_or(0);
+    // 90 expected; six standard deviations (7.9 each) either side.
+    assert!(
+        by.len() == 2 && by.contains_key(&Some("u1".to_string())) && (43..=137).contains(&u3),
+        "{by:?}"
+    );
+    // With none of priority 0 healthy, priority 1 takes it all (no panic:
+    // together the levels are healthy enough).
+    xds.set(
+        ENDPOINT,
+        eds.iter()
+            .cloned()
+            .chain([tiers(HealthStatus::Unhealthy, HealthStatus::Unhealthy)])
+            .collect(),
+    );
+    wait_for(std::time::Duration::from_secs(10), || {
+        (0..12)
+            .all(|_| get("/tiers", &[]).header("x-upstream") == Some("u3"))
+            .then_some(())
+    })
+    .expect("priority 1 takes all the traffic");
+
+    // The control plane sheds load: drop_overloads answer 503 before any
+    // endpoint is tried, and say so.
+    let r = get("/shed", &[]);
+    assert_eq!(
+        (r.status, r.body.as_str(), r.header("x-envoy-drop-overload")),
+        (503, "drop overload\n", Some("true")),
+        "{r:?}"
+    );
+    assert!(dp.stat("cluster.shed.upstream_rq_drop_overload") >= 1);
 
     // Connect failure and reset retried onto the endpoint that answers;
     // without a retry policy the reset shows.

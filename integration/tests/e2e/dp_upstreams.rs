@@ -31,6 +31,15 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
                 &[&sick],
                 json!({"healthCheck": {"path": "/healthz", "interval": "200ms", "unhealthyInterval": "250ms", "timeout": "100ms", "unhealthyThreshold": 1, "healthyThreshold": 1}}),
             ),
+            // Failover: the sick endpoint first, the good one behind it.
+            service(
+                "failover",
+                &[],
+                json!({"endpoints": [
+                    {"address": "127.0.0.1", "port": sick.addr.port()},
+                    {"address": "127.0.0.1", "port": up.addr.port(), "priority": 1}
+                ], "healthCheck": {"path": "/healthz", "interval": "200ms", "unhealthyInterval": "250ms", "timeout": "100ms", "unhealthyThreshold": 1, "healthyThreshold": 1}}),
+            ),
             service(
                 "closed",
                 &[],
@@ -45,6 +54,7 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
                     {"name": "noretry", "match": {"path": "/once"}, "action": {"service": "s"}},
                     {"name": "timeout", "match": {"path": "/slow"}, "action": {"service": "s", "timeout": "300ms"}},
                     {"name": "sick", "match": {"path": "/sick"}, "action": {"service": "sick"}},
+                    {"name": "failover", "match": {"path": "/failover"}, "action": {"service": "failover"}},
                     {"name": "closed", "match": {"path": "/closed"}, "action": {"service": "closed"}},
                     {"name": "rest", "match": {"path": "/"}, "action": {"service": "s"}}
                 ]),
@@ -97,6 +107,19 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
     assert!(r.body.contains("no healthy upstream"), "{}", r.body);
     let (_, clusters) = dp.admin_get("/clusters");
     assert!(clusters.contains("failed_active_hc"), "{clusters}");
+    // The Service's second tier takes over while its first is down...
+    let served_by = |name: &'static str| {
+        move || {
+            (0..6)
+                .all(|_| get("/a/failover").header("x-upstream") == Some(name))
+                .then_some(())
+        }
+    };
+    wait_for(Duration::from_secs(10), served_by("u")).expect("priority 1 takes over");
+    assert!(
+        clusters.contains(&format!("::127.0.0.1:{}::priority::1", up.addr.port())),
+        "{clusters}"
+    );
     let (_, dump) = dp.admin_get("/config_dump");
     assert!(
         dump.contains(r#""unhealthy_interval": "0.250s""#),
@@ -107,6 +130,8 @@ fn retries_timeouts_resets_and_no_healthy_upstream() {
         (get("/a/sick").status == 200).then_some(())
     })
     .expect("and back up when it passes");
+    // ...and hands the traffic back when it recovers.
+    wait_for(Duration::from_secs(10), served_by("sick")).expect("priority 0 takes it back");
 }
 
 #[test]

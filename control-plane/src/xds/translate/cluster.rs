@@ -210,29 +210,42 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
     }
 }
 
+/// One locality per priority in use (validation made them 0..n).
 fn load_assignment(name: &str, svc: &ServiceSpec) -> ClusterLoadAssignment {
+    let tiers: std::collections::BTreeSet<u32> = svc.endpoints.iter().map(|e| e.priority).collect();
     ClusterLoadAssignment {
         cluster_name: name.to_string(),
-        endpoints: vec![LocalityLbEndpoints {
-            // gRFC A27: proxyless clients need a locality, with its
-            // weight set.
-            locality: Some(Locality::default()),
-            load_balancing_weight: u32v(1),
-            priority: 0,
-            lb_endpoints: svc
-                .endpoints
-                .iter()
-                .map(|e| LbEndpoint {
-                    host_identifier: Some(HostIdentifier::Endpoint(PbEndpoint {
-                        address: Some(socket(&e.address, e.port)),
-                        ..Default::default()
-                    })),
-                    load_balancing_weight: u32v(e.weight),
+        endpoints: tiers
+            .into_iter()
+            .map(|priority| LocalityLbEndpoints {
+                // gRFC A27: proxyless clients need a locality, with its
+                // weight set, and one locality is in one priority only.
+                locality: Some(Locality {
+                    sub_zone: if priority == 0 {
+                        String::new()
+                    } else {
+                        format!("priority-{priority}")
+                    },
                     ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
+                }),
+                load_balancing_weight: u32v(1),
+                priority,
+                lb_endpoints: svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.priority == priority)
+                    .map(|e| LbEndpoint {
+                        host_identifier: Some(HostIdentifier::Endpoint(PbEndpoint {
+                            address: Some(socket(&e.address, e.port)),
+                            ..Default::default()
+                        })),
+                        load_balancing_weight: u32v(e.weight),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }

@@ -289,6 +289,57 @@ fn grpc_services_follow_grfc_a27() {
     );
 }
 
+/// Failover tiers become Envoy's priorities, one locality each (in no
+/// other priority, as gRPC clients require).
+#[test]
+fn endpoint_priorities_are_localities_of_their_own() {
+    use portico_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    let mut docs = base();
+    docs.push(document(
+        Kind::Service,
+        "tiered",
+        json!({"endpoints": [
+            {"address": "10.0.1.1", "port": 80, "priority": 1},
+            {"address": "10.0.0.1", "port": 80},
+            {"address": "10.0.0.2", "port": 80, "weight": 3}
+        ]}),
+    ));
+    docs.push(document(
+        Kind::Api,
+        "tiered",
+        json!({"version": "v1", "gateways": ["edge"], "basePath": "/tiered",
+        "lifecycle": {"state": "published"}, "routes": [
+            {"match": {"path": "/"}, "action": {"service": "tiered"}}
+        ]}),
+    ));
+    let snap = translate(&state(docs), 1);
+    let view = snap.view("edge");
+    let cla = ClusterLoadAssignment::decode(
+        &*view
+            .get(TypeUrl::Endpoint, "tiered")
+            .unwrap()
+            .resource
+            .body
+            .value,
+    )
+    .unwrap();
+    let tiers: Vec<(u32, String, usize)> = cla
+        .endpoints
+        .iter()
+        .map(|l| {
+            (
+                l.priority,
+                l.locality.clone().unwrap_or_default().sub_zone,
+                l.lb_endpoints.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tiers,
+        vec![(0, String::new(), 2), (1, "priority-1".to_string(), 1)]
+    );
+}
+
 #[test]
 fn no_domain_is_in_two_virtual_hosts() {
     let mut docs = base();
