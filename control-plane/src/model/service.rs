@@ -54,7 +54,8 @@ pub struct OutlierDetection {
     /// Base time an endpoint stays ejected; `30s` unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection_time: Option<String>,
-    /// At most this percentage of endpoints ejected at once; 10 unless set.
+    /// At most this percentage of endpoints ejected at once (but always
+    /// one); 10 unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<u32>,
 }

@@ -275,6 +275,39 @@ pub struct OutlierConfig {
     /// Failure-percentage ejection (on when `enforcing_failure_percentage`
     /// is above 0).
     pub failure_percentage: Option<FailurePercentageEjection>,
+    /// `always_eject_one_host`: one endpoint may be ejected whatever
+    /// `max_ejection_percent` allows (off by default, as in Envoy: with
+    /// the default 10%, a cluster of fewer than ten endpoints then ejects
+    /// none).
+    pub always_eject_one: bool,
+    /// `max_ejection_time_jitter`: up to this much more on each ejection,
+    /// at random, so that proxies do not all bring an endpoint back at once.
+    pub ejection_jitter: Duration,
+    /// `successful_active_health_check_uneject_host` (on by default): an
+    /// ejected endpoint whose active health check finds it healthy is
+    /// brought back.
+    pub health_check_unejects: bool,
+    /// `split_external_local_origin_errors`: failures to connect, resets
+    /// and timeouts are judged apart from the answers of the upstream;
+    /// `None` counts them as 503/504 answers.
+    pub local_origin: Option<LocalOriginEjection>,
+}
+
+/// Envoy's outlier detection of local-origin failures (connect failures,
+/// resets, timeouts), when split from the answers of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalOriginEjection {
+    /// `consecutive_local_origin_failure` (5).
+    pub consecutive: u32,
+    /// `enforcing_consecutive_local_origin_failure` (100), in percent.
+    pub enforce_consecutive: u32,
+    /// Success-rate ejection over local-origin results (a connection that
+    /// carried an answer succeeded), enforced with
+    /// `enforcing_local_origin_success_rate` (100).
+    pub success_rate: Option<SuccessRateEjection>,
+    /// Failure-percentage ejection over them, enforced with
+    /// `enforcing_failure_percentage_local_origin` (0: off).
+    pub failure_percentage: Option<FailurePercentageEjection>,
 }
 
 /// Envoy's success-rate outlier ejection: over each interval, among the
@@ -985,7 +1018,27 @@ impl ClusterConfig {
                 ))
             }
         };
+        // Not applied: `detect_degraded_hosts` (there is no degraded class
+        // of endpoints here; such an endpoint keeps its share) and
+        // `monitors` (not implemented in Envoy either).
         let outlier = c.outlier_detection.as_ref().map(|o| {
+            // Each detection by rate is on while its enforcement is above 0.
+            let success_rate = |enforcing: u32| {
+                (enforcing > 0).then(|| SuccessRateEjection {
+                    minimum_hosts: v(o.success_rate_minimum_hosts.as_ref(), 5),
+                    request_volume: v(o.success_rate_request_volume.as_ref(), 100),
+                    stdev_factor: f64::from(v(o.success_rate_stdev_factor.as_ref(), 1900)) / 1000.0,
+                    enforcing: enforcing.min(100),
+                })
+            };
+            let failure_percentage = |enforcing: u32| {
+                (enforcing > 0).then(|| FailurePercentageEjection {
+                    threshold: v(o.failure_percentage_threshold.as_ref(), 85).min(100),
+                    minimum_hosts: v(o.failure_percentage_minimum_hosts.as_ref(), 5),
+                    request_volume: v(o.failure_percentage_request_volume.as_ref(), 50),
+                    enforcing: enforcing.min(100),
+                })
+            };
             let base = o
                 .base_ejection_time
                 .as_ref()
@@ -1026,23 +1079,39 @@ impl ClusterConfig {
                     .map(duration)
                     .filter(|d| !d.is_zero())
                     .unwrap_or(Duration::from_secs(10)),
-                success_rate: (v(o.enforcing_success_rate.as_ref(), 100) > 0).then(|| {
-                    SuccessRateEjection {
-                        minimum_hosts: v(o.success_rate_minimum_hosts.as_ref(), 5),
-                        request_volume: v(o.success_rate_request_volume.as_ref(), 100),
-                        stdev_factor: f64::from(v(o.success_rate_stdev_factor.as_ref(), 1900))
-                            / 1000.0,
-                        enforcing: v(o.enforcing_success_rate.as_ref(), 100).min(100),
-                    }
-                }),
-                failure_percentage: (v(o.enforcing_failure_percentage.as_ref(), 0) > 0).then(
-                    || FailurePercentageEjection {
-                        threshold: v(o.failure_percentage_threshold.as_ref(), 85).min(100),
-                        minimum_hosts: v(o.failure_percentage_minimum_hosts.as_ref(), 5),
-                        request_volume: v(o.failure_percentage_request_volume.as_ref(), 50),
-                        enforcing: v(o.enforcing_failure_percentage.as_ref(), 0).min(100),
-                    },
-                ),
+                success_rate: success_rate(v(o.enforcing_success_rate.as_ref(), 100)),
+                failure_percentage: failure_percentage(v(
+                    o.enforcing_failure_percentage.as_ref(),
+                    0,
+                )),
+                always_eject_one: o.always_eject_one_host.as_ref().is_some_and(|b| b.value),
+                ejection_jitter: o
+                    .max_ejection_time_jitter
+                    .as_ref()
+                    .map(duration)
+                    .unwrap_or_default(),
+                health_check_unejects: o
+                    .successful_active_health_check_uneject_host
+                    .as_ref()
+                    .is_none_or(|b| b.value),
+                local_origin: o
+                    .split_external_local_origin_errors
+                    .then(|| LocalOriginEjection {
+                        consecutive: v(o.consecutive_local_origin_failure.as_ref(), 5),
+                        enforce_consecutive: v(
+                            o.enforcing_consecutive_local_origin_failure.as_ref(),
+                            100,
+                        )
+                        .min(100),
+                        success_rate: success_rate(v(
+                            o.enforcing_local_origin_success_rate.as_ref(),
+                            100,
+                        )),
+                        failure_percentage: failure_percentage(v(
+                            o.enforcing_failure_percentage_local_origin.as_ref(),
+                            0,
+                        )),
+                    }),
             }
         });
         let panic_threshold = match c

@@ -78,6 +78,16 @@ async fn check_endpoint(cluster: Weak<Cluster>, e: Arc<Endpoint>, cfg: Arc<Healt
             return;
         };
         let change = record(&c, &e, outcome, &cfg);
+        // Envoy's `successful_active_health_check_uneject_host`: a check
+        // that leaves the endpoint healthy ends an outlier ejection.
+        if e.hc_healthy.load(Relaxed)
+            && c.config
+                .outlier
+                .as_ref()
+                .is_some_and(|o| o.health_check_unejects)
+        {
+            e.uneject();
+        }
         drop(c);
         tokio::time::sleep(next_wait(&cfg, outcome == Outcome::Pass, change)).await;
     }
@@ -332,10 +342,11 @@ mod tests {
         );
     }
 
-    /// Through a real socket: an endpoint that fails its check is checked
-    /// again only after `unhealthy_interval`, not every `interval`.
-    #[tokio::test]
-    async fn an_unhealthy_endpoint_is_checked_at_the_unhealthy_interval() {
+    /// A health-check target on a real socket answering every check with
+    /// `answer`; counts the checks.
+    async fn check_target(
+        answer: &'static [u8],
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
         use std::sync::atomic::AtomicU32;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -358,24 +369,31 @@ mod tests {
                         }
                     }
                     counted.fetch_add(1, Relaxed);
-                    let _ = s
-                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                        .await;
+                    let _ = s.write_all(answer).await;
                 });
             }
         });
-        let pb = PbCluster {
+        (addr, checks)
+    }
+
+    /// A cluster of the one endpoint at `addr`, checked every 20 ms, its
+    /// health checks running.
+    fn checked_cluster(
+        addr: std::net::SocketAddr,
+        edit: impl FnOnce(&mut PbCluster),
+    ) -> Arc<Cluster> {
+        let mut pb = PbCluster {
             name: "c".into(),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
             health_checks: vec![HealthCheck {
                 interval: ms(20),
-                unhealthy_interval: ms(60_000),
                 timeout: ms(2000),
                 health_checker: Some(HealthChecker::HttpHealthCheck(path("/h"))),
                 ..Default::default()
             }],
             ..Default::default()
         };
+        edit(&mut pb);
         let cfg = ClusterConfig::convert(&pb).expect("converts");
         let hc = cfg.health_check.clone().expect("a health check");
         let c = Cluster::new(
@@ -394,6 +412,20 @@ mod tests {
             crate::config::cluster::LoadPolicy::default(),
         );
         spawn(Arc::downgrade(&c), hc);
+        c
+    }
+
+    /// Through a real socket: an endpoint that fails its check is checked
+    /// again only after `unhealthy_interval`, not every `interval`.
+    #[tokio::test]
+    async fn an_unhealthy_endpoint_is_checked_at_the_unhealthy_interval() {
+        let (addr, checks) = check_target(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let c = checked_cluster(addr, |pb| {
+            pb.health_checks[0].unhealthy_interval = ms(60_000)
+        });
         let e = c.endpoints.load_full().endpoints[0].clone();
         // A 503 is not a retriable status: one makes the endpoint unhealthy.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -422,6 +454,41 @@ mod tests {
                 "the checker outlived its endpoint"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Through a real socket: a passing check ends an outlier ejection
+    /// (Envoy's `successful_active_health_check_uneject_host`), unless the
+    /// cluster says not to.
+    #[tokio::test]
+    async fn a_passing_check_ends_an_ejection_unless_told_not_to() {
+        use portico_proto::envoy::config::cluster::v3::OutlierDetection;
+        let (addr, checks) =
+            check_target(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        for unejects in [true, false] {
+            let c = checked_cluster(addr, |pb| {
+                pb.outlier_detection = Some(OutlierDetection {
+                    successful_active_health_check_uneject_host: Some(
+                        portico_proto::google::protobuf::BoolValue { value: unejects },
+                    ),
+                    ..Default::default()
+                })
+            });
+            let e = c.endpoints.load_full().endpoints[0].clone();
+            e.ejected_until
+                .store(super::super::now_ms() + 600_000, Relaxed);
+            let before = checks.load(Relaxed);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            // Until it is back, or (told not to) until several checks
+            // passed without bringing it back.
+            while !e.available(super::super::now_ms())
+                && (unejects || checks.load(Relaxed) < before + 5)
+            {
+                assert!(std::time::Instant::now() < deadline, "no checks passed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(e.available(super::super::now_ms()), unejects);
         }
     }
 

@@ -48,10 +48,16 @@ pub struct Endpoint {
     ejections: AtomicU32,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
+    /// Consecutive local-origin failures (when split from answers).
+    consecutive_local: AtomicU32,
     /// Requests answered, and of them failed, in the outlier detector's
-    /// current interval.
+    /// current interval (with local-origin failures split: answers only).
     window_total: AtomicU32,
     window_failed: AtomicU32,
+    /// Local-origin results, and of them failures, in the interval (when
+    /// split).
+    window_local_total: AtomicU32,
+    window_local_failed: AtomicU32,
     /// Requests in flight.
     pub active: AtomicU32,
     /// Connections to it.
@@ -71,8 +77,11 @@ impl Endpoint {
             ejections: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
+            consecutive_local: AtomicU32::new(0),
             window_total: AtomicU32::new(0),
             window_failed: AtomicU32::new(0),
+            window_local_total: AtomicU32::new(0),
+            window_local_failed: AtomicU32::new(0),
             active: AtomicU32::new(0),
             pool: Pool::new(spec.addr, cfg, stats.clone()),
         }
@@ -83,6 +92,21 @@ impl Endpoint {
         self.eds_healthy.load(Relaxed)
             && self.hc_healthy.load(Relaxed)
             && self.ejected_until.load(Relaxed) <= now
+    }
+
+    /// Starts every run of consecutive failures over.
+    fn reset_outlier_counts(&self) {
+        self.consecutive_5xx.store(0, Relaxed);
+        self.consecutive_gateway.store(0, Relaxed);
+        self.consecutive_local.store(0, Relaxed);
+    }
+
+    /// Brings an ejected endpoint back at once (its active health check
+    /// found it healthy); its backoff stays.
+    pub(crate) fn uneject(&self) {
+        if self.ejected_until.swap(0, Relaxed) > now_ms() {
+            self.reset_outlier_counts();
+        }
     }
 
     /// Health flags as `/clusters` shows them (Envoy's names).
@@ -278,11 +302,40 @@ impl Cluster {
         p > 0 && fastrand::u32(..1_000_000) < p
     }
 
-    /// Records the outcome of a request for outlier detection.
+    /// Records the outcome of a request for outlier detection: the
+    /// upstream's status, or `None` when there was no answer (a failure to
+    /// connect, a reset or a timeout: a local-origin failure).
     pub fn observe(&self, ep: &Endpoint, status: Option<u16>) {
         let Some(o) = &self.config.outlier else {
             return;
         };
+        let trip = |counter: &AtomicU32, bad: bool, limit: u32| -> bool {
+            if !bad {
+                counter.store(0, Relaxed);
+                return false;
+            }
+            limit > 0 && counter.fetch_add(1, Relaxed) + 1 >= limit
+        };
+        if let Some(lo) = &o.local_origin {
+            // Split: a connection that carried an answer is a local-origin
+            // success; the answers alone count below.
+            if lo.success_rate.is_some() || lo.failure_percentage.is_some() {
+                ep.window_local_total.fetch_add(1, Relaxed);
+                if status.is_none() {
+                    ep.window_local_failed.fetch_add(1, Relaxed);
+                }
+            }
+            if trip(&ep.consecutive_local, status.is_none(), lo.consecutive) {
+                if enforced(lo.enforce_consecutive) {
+                    self.eject(ep, o, now_ms(), "consecutive local-origin failures");
+                } else {
+                    ep.consecutive_local.store(0, Relaxed);
+                }
+            }
+            if status.is_none() {
+                return;
+            }
+        }
         let is_5xx = status.is_none_or(|s| s >= 500);
         let is_gw = status.is_none_or(|s| (502..=504).contains(&s));
         if o.success_rate.is_some() || o.failure_percentage.is_some() {
@@ -291,13 +344,6 @@ impl Cluster {
                 ep.window_failed.fetch_add(1, Relaxed);
             }
         }
-        let trip = |counter: &AtomicU32, bad: bool, limit: u32| -> bool {
-            if !bad {
-                counter.store(0, Relaxed);
-                return false;
-            }
-            limit > 0 && counter.fetch_add(1, Relaxed) + 1 >= limit
-        };
         let t1 = trip(&ep.consecutive_5xx, is_5xx, o.consecutive_5xx);
         let t2 = trip(&ep.consecutive_gateway, is_gw, o.consecutive_gateway);
         // Each detection ejects with its `enforcing_*` chance.
@@ -310,8 +356,9 @@ impl Cluster {
         }
     }
 
-    /// Ejects an endpoint for its backoff's length, unless too many are
-    /// out already (Envoy always allows one).
+    /// Ejects an endpoint for its backoff's length (plus jitter), unless
+    /// that would put more than `max_ejection_percent` out (one always may
+    /// be with `always_eject_one_host`).
     fn eject(&self, ep: &Endpoint, o: &OutlierConfig, now: u64, why: &'static str) {
         let set = self.endpoints.load();
         let ejected = set
@@ -319,21 +366,29 @@ impl Cluster {
             .iter()
             .filter(|e| e.ejected_until.load(Relaxed) > now)
             .count();
-        if ejected > 0
-            && (ejected + 1) * 100 > set.endpoints.len() * o.max_ejection_percent as usize
-        {
+        let too_many = (ejected + 1) * 100 > set.endpoints.len() * o.max_ejection_percent as usize;
+        if too_many && !(o.always_eject_one && ejected == 0) {
+            ep.reset_outlier_counts();
             return;
         }
         let n = ep.ejections.fetch_add(1, Relaxed).saturating_add(1);
-        let length = o.base_ejection.saturating_mul(n).min(o.max_ejection);
-        ep.ejected_until.store(
-            now.saturating_add(u64::try_from(length.as_millis()).unwrap_or(u64::MAX)),
-            Relaxed,
-        );
-        ep.consecutive_5xx.store(0, Relaxed);
-        ep.consecutive_gateway.store(0, Relaxed);
+        let jitter = u64::try_from(o.ejection_jitter.as_millis()).unwrap_or(u64::MAX);
+        let length = u64::try_from(
+            o.base_ejection
+                .saturating_mul(n)
+                .min(o.max_ejection)
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX)
+        .saturating_add(if jitter > 0 {
+            fastrand::u64(..=jitter)
+        } else {
+            0
+        });
+        ep.ejected_until.store(now.saturating_add(length), Relaxed);
+        ep.reset_outlier_counts();
         self.stats.outlier_ejections.fetch_add(1, Relaxed);
-        tracing::warn!(cluster = %self.config.name, endpoint = %ep.addr, for_ms = length.as_millis() as u64, why, "endpoint ejected by outlier detection");
+        tracing::warn!(cluster = %self.config.name, endpoint = %ep.addr, for_ms = length, why, "endpoint ejected by outlier detection");
     }
 
     /// The outlier detector's interval: judges the interval's success
@@ -342,52 +397,28 @@ impl Cluster {
     fn outlier_interval(&self, o: &OutlierConfig) {
         let now = now_ms();
         let set = self.endpoints.load();
-        // (endpoint, success rate in percent, requests) of those in.
-        let rates: Vec<(&Arc<Endpoint>, f64, u32)> = set
-            .endpoints
-            .iter()
-            .filter_map(|e| {
-                let total = e.window_total.swap(0, Relaxed);
-                let failed = e.window_failed.swap(0, Relaxed).min(total);
-                let out = e.ejected_until.load(Relaxed) > now;
-                (!out && total > 0).then(|| {
-                    (
-                        e,
-                        100.0 * f64::from(total - failed) / f64::from(total),
-                        total,
-                    )
-                })
-            })
-            .collect();
-        if let Some(sr) = o.success_rate {
-            let valid: Vec<_> = rates
-                .iter()
-                .filter(|(_, _, n)| *n >= sr.request_volume)
-                .collect();
-            if !valid.is_empty() && valid.len() >= sr.minimum_hosts as usize {
-                let threshold = success_rate_threshold(
-                    &valid.iter().map(|(_, r, _)| *r).collect::<Vec<_>>(),
-                    sr.stdev_factor,
-                );
-                for (e, r, _) in valid {
-                    if *r < threshold && enforced(sr.enforcing) {
-                        self.eject(e, o, now, "success rate");
-                    }
-                }
-            }
-        }
-        if let Some(fp) = o.failure_percentage {
-            let valid: Vec<_> = rates
-                .iter()
-                .filter(|(_, _, n)| *n >= fp.request_volume)
-                .collect();
-            if !valid.is_empty() && valid.len() >= fp.minimum_hosts as usize {
-                for (e, r, _) in valid {
-                    if 100.0 - *r >= f64::from(fp.threshold) && enforced(fp.enforcing) {
-                        self.eject(e, o, now, "failure percentage");
-                    }
-                }
-            }
+        let answers = interval_rates(&set.endpoints, now, |e| (&e.window_total, &e.window_failed));
+        self.judge_rates(
+            o,
+            &answers,
+            (o.success_rate, o.failure_percentage),
+            now,
+            ["success rate", "failure percentage"],
+        );
+        if let Some(lo) = &o.local_origin {
+            let local = interval_rates(&set.endpoints, now, |e| {
+                (&e.window_local_total, &e.window_local_failed)
+            });
+            self.judge_rates(
+                o,
+                &local,
+                (lo.success_rate, lo.failure_percentage),
+                now,
+                [
+                    "success rate (local origin)",
+                    "failure percentage (local origin)",
+                ],
+            );
         }
         let interval = u64::try_from(o.interval.as_millis()).unwrap_or(u64::MAX);
         for e in &set.endpoints {
@@ -400,6 +431,76 @@ impl Cluster {
             }
         }
     }
+
+    /// Ejects the endpoints whose interval's rates fall below Envoy's
+    /// success-rate threshold or reach its failure percentage.
+    fn judge_rates(
+        &self,
+        o: &OutlierConfig,
+        rates: &[(&Arc<Endpoint>, f64, u32)],
+        (success_rate, failure_percentage): (
+            Option<crate::config::cluster::SuccessRateEjection>,
+            Option<crate::config::cluster::FailurePercentageEjection>,
+        ),
+        now: u64,
+        why: [&'static str; 2],
+    ) {
+        if let Some(sr) = success_rate {
+            let valid: Vec<_> = rates
+                .iter()
+                .filter(|(_, _, n)| *n >= sr.request_volume)
+                .collect();
+            if !valid.is_empty() && valid.len() >= sr.minimum_hosts as usize {
+                let threshold = success_rate_threshold(
+                    &valid.iter().map(|(_, r, _)| *r).collect::<Vec<_>>(),
+                    sr.stdev_factor,
+                );
+                for (e, r, _) in valid {
+                    if *r < threshold && enforced(sr.enforcing) {
+                        self.eject(e, o, now, why[0]);
+                    }
+                }
+            }
+        }
+        if let Some(fp) = failure_percentage {
+            let valid: Vec<_> = rates
+                .iter()
+                .filter(|(_, _, n)| *n >= fp.request_volume)
+                .collect();
+            if !valid.is_empty() && valid.len() >= fp.minimum_hosts as usize {
+                for (e, r, _) in valid {
+                    if 100.0 - *r >= f64::from(fp.threshold) && enforced(fp.enforcing) {
+                        self.eject(e, o, now, why[1]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes each endpoint's interval counts (`counts`: total and failed) and
+/// returns (endpoint, success rate in percent, total) for those not
+/// ejected that had any.
+fn interval_rates(
+    eps: &[Arc<Endpoint>],
+    now: u64,
+    counts: impl Fn(&Endpoint) -> (&AtomicU32, &AtomicU32),
+) -> Vec<(&Arc<Endpoint>, f64, u32)> {
+    eps.iter()
+        .filter_map(|e| {
+            let (total, failed) = counts(e);
+            let total = total.swap(0, Relaxed);
+            let failed = failed.swap(0, Relaxed).min(total);
+            let out = e.ejected_until.load(Relaxed) > now;
+            (!out && total > 0).then(|| {
+                (
+                    e,
+                    100.0 * f64::from(total - failed) / f64::from(total),
+                    total,
+                )
+            })
+        })
+        .collect()
 }
 
 /// Every cluster, by name; changed only by the xDS client.
@@ -735,6 +836,121 @@ mod tests {
         serve(&c, 60, Some(2));
         c.outlier_interval(&o);
         assert_eq!(c.stats.outlier_ejections.load(Relaxed), 1);
+    }
+
+    /// Envoy's `max_ejection_percent` holds even for the first ejection
+    /// unless `always_eject_one_host`; ejections last their backoff plus
+    /// up to `max_ejection_time_jitter`.
+    #[test]
+    fn ejection_limits_and_jitter_are_envoys() {
+        use portico_proto::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
+        let five_fail = |c: &Cluster| {
+            let e = c.endpoints.load().endpoints[0].clone();
+            for _ in 0..5 {
+                c.observe(&e, Some(503));
+            }
+            e
+        };
+        // 1 of 6 is 16.7%: over 10%, so none...
+        let strict = cluster(|od| od.max_ejection_percent = Some(UInt32Value { value: 10 }));
+        let e = five_fail(&strict);
+        assert!(e.available(now_ms()));
+        assert_eq!(e.consecutive_5xx.load(Relaxed), 0, "the run starts over");
+        // ...unless one always may go.
+        let one = cluster(|od| {
+            od.max_ejection_percent = Some(UInt32Value { value: 10 });
+            od.always_eject_one_host = Some(BoolValue { value: true });
+        });
+        let e = five_fail(&one);
+        assert!(!e.available(now_ms()));
+        // But only one.
+        let second = one.endpoints.load().endpoints[1].clone();
+        for _ in 0..5 {
+            one.observe(&second, Some(503));
+        }
+        assert!(second.available(now_ms()));
+        // 30 s base, up to 10 s more.
+        let jittered = cluster(|od| {
+            od.max_ejection_time_jitter = Some(PbDuration {
+                seconds: 10,
+                nanos: 0,
+            })
+        });
+        let lengths: Vec<u64> = (0..20)
+            .map(|_| {
+                let now = now_ms();
+                let e = five_fail(&jittered);
+                let length = e.ejected_until.load(Relaxed) - now;
+                e.ejected_until.store(0, Relaxed);
+                e.ejections.store(0, Relaxed);
+                length
+            })
+            .collect();
+        assert!(
+            lengths.iter().all(|l| (30_000..=40_100).contains(l)),
+            "{lengths:?}"
+        );
+        assert!(lengths.iter().any(|l| *l > 31_000), "{lengths:?}");
+    }
+
+    /// Split: connect failures, resets and timeouts (no answer) count as
+    /// local-origin failures and never as 5xx; answers count only as
+    /// answers; each kind ejects on its own run.
+    #[test]
+    fn local_origin_failures_are_judged_apart_when_split() {
+        use portico_proto::google::protobuf::UInt32Value;
+        let c = cluster(|od| {
+            od.split_external_local_origin_errors = true;
+            od.consecutive_local_origin_failure = Some(UInt32Value { value: 3 });
+        });
+        let set = c.endpoints.load();
+        let (a, b) = (&set.endpoints[0], &set.endpoints[1]);
+        // Four 503s then two failures to connect: neither run is long
+        // enough (5 answers, 3 local failures).
+        for s in [Some(503), Some(503), Some(503), Some(503), None, None] {
+            c.observe(a, s);
+        }
+        assert!(a.available(now_ms()));
+        assert_eq!(a.consecutive_5xx.load(Relaxed), 4, "no answer is not a 5xx");
+        // An answer (even a 503) means the connection worked.
+        c.observe(a, Some(503));
+        assert!(!a.available(now_ms()), "the fifth 503 in a row ejects");
+        for s in [None, None, Some(500), None, None] {
+            c.observe(b, s);
+        }
+        assert!(b.available(now_ms()), "an answer broke the local run");
+        c.observe(b, None);
+        assert!(
+            !b.available(now_ms()),
+            "three local failures in a row eject"
+        );
+        // Not split: a failure to connect is a 5xx (and a gateway error).
+        let flat = cluster(|_| {});
+        let e = flat.endpoints.load().endpoints[0].clone();
+        for _ in 0..5 {
+            flat.observe(&e, None);
+        }
+        assert!(!e.available(now_ms()));
+    }
+
+    /// An active health check that finds an ejected endpoint healthy
+    /// brings it back (Envoy's default), unless told not to.
+    #[test]
+    fn a_healthy_check_unejects_unless_told_not_to() {
+        use portico_proto::google::protobuf::BoolValue;
+        let c = cluster(|_| {});
+        assert!(c.config.outlier.as_ref().unwrap().health_check_unejects);
+        let e = c.endpoints.load().endpoints[0].clone();
+        for _ in 0..5 {
+            c.observe(&e, Some(503));
+        }
+        assert!(!e.available(now_ms()));
+        e.uneject();
+        assert!(e.available(now_ms()));
+        let keep = cluster(|od| {
+            od.successful_active_health_check_uneject_host = Some(BoolValue { value: false })
+        });
+        assert!(!keep.config.outlier.as_ref().unwrap().health_check_unejects);
     }
 
     #[test]

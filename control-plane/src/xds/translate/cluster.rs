@@ -28,7 +28,7 @@ use portico_proto::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
 };
 use portico_proto::envoy::r#type::v3::Int64Range;
-use portico_proto::google::protobuf::Any;
+use portico_proto::google::protobuf::{Any, BoolValue};
 use prost::{Message, Name};
 
 use super::{ads, duration, u32v, Shared};
@@ -157,6 +157,10 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
             interval: od.interval.as_deref().and_then(duration),
             base_ejection_time: od.base_ejection_time.as_deref().and_then(duration),
             max_ejection_percent: od.max_ejection_percent.and_then(u32v),
+            // One endpoint may always be ejected: without this, Envoy (and
+            // portico-dp, which follows it) ejects none from a Service of
+            // fewer than ten endpoints at the default 10%.
+            always_eject_one_host: Some(BoolValue { value: true }),
             ..Default::default()
         });
     }
