@@ -96,8 +96,9 @@ counters!(
         upstream_rq_retry,
         /// Requests dropped by the load assignment's `drop_overloads`.
         upstream_rq_drop_overload,
-        /// Requests balanced in panic mode (too few endpoints available:
-        /// every endpoint took traffic).
+        /// Requests balanced in panic mode (too few endpoints available in
+        /// the priority level they went to: every endpoint of it took
+        /// traffic).
         lb_healthy_panic,
         /// Endpoints ejected.
         outlier_ejections,

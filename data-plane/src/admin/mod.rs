@@ -157,11 +157,11 @@ fn clusters(shared: &Shared) -> String {
         if set.endpoints.is_empty() {
             let _ = writeln!(out, "{n}::no_endpoints");
         }
-        for e in &set.endpoints {
+        for (e, priority) in set.endpoints.iter().zip(set.priorities()) {
             let (idle, open) = e.pool.describe();
             let _ = writeln!(out, "{n}::{}::health_flags::{}", e.addr, e.health_flags());
             let _ = writeln!(out, "{n}::{}::weight::{}", e.addr, e.weight);
-            let _ = writeln!(out, "{n}::{}::priority::{}", e.addr, e.priority);
+            let _ = writeln!(out, "{n}::{}::priority::{priority}", e.addr);
             let _ = writeln!(out, "{n}::{}::cx_active::{open}", e.addr);
             let _ = writeln!(out, "{n}::{}::cx_idle::{idle}", e.addr);
             let _ = writeln!(

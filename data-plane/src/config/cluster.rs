@@ -454,8 +454,16 @@ impl LoadPolicy {
                 kept *= 1.0 - n as f64 / den as f64;
             }
         }
+        let overprovisioning = p.overprovisioning_factor.as_ref().map_or(140, |v| v.value);
+        if overprovisioning == 0 {
+            // Every level would score 0 and take nothing in turn.
+            return Err(ConfigError::new(
+                &format!("{at} policy.overprovisioning_factor"),
+                "must be above 0",
+            ));
+        }
         Ok(LoadPolicy {
-            overprovisioning: p.overprovisioning_factor.as_ref().map_or(140, |v| v.value),
+            overprovisioning,
             weighted_health: p.weighted_priority_health,
             drop_per_million: ((1.0 - kept) * 1_000_000.0).round() as u32,
         })
@@ -648,6 +656,7 @@ impl ClusterConfig {
                 }
                 let mut v = Vec::new();
                 for (li, l) in cla.endpoints.iter().enumerate() {
+                    check_priority(l.priority, &format!("{at} load_assignment.endpoints[{li}]"))?;
                     for (ei, e) in l.lb_endpoints.iter().enumerate() {
                         let eat =
                             format!("{at} load_assignment.endpoints[{li}].lb_endpoints[{ei}]");
@@ -1169,11 +1178,20 @@ impl ClusterConfig {
     }
 }
 
+/// Envoy's bound on a locality's priority.
+fn check_priority(p: u32, at: &str) -> Result<(), ConfigError> {
+    if p > 128 {
+        return Err(ConfigError::new(at, format!("priority {p} is above 128")));
+    }
+    Ok(())
+}
+
 /// A load assignment's endpoints (IP addresses only), in ascending
 /// priority, and its policy.
 pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, ConfigError> {
     let mut v = Vec::new();
     for (li, l) in cla.endpoints.iter().enumerate() {
+        check_priority(l.priority, &format!("{at} endpoints[{li}]"))?;
         let lw = l.load_balancing_weight.as_ref().map_or(0, |w| w.value);
         for (ei, e) in l.lb_endpoints.iter().enumerate() {
             let eat = format!("{at} endpoints[{li}].lb_endpoints[{ei}]");
@@ -1286,6 +1304,23 @@ mod tests {
         }
         let e = assignment(&cla, "here").unwrap_err().to_string();
         assert!(e.contains("denominator 7"), "{e}");
+        if let Some(p) = cla.policy.as_mut() {
+            p.drop_overloads.clear();
+            p.overprovisioning_factor =
+                Some(portico_proto::google::protobuf::UInt32Value { value: 0 });
+        }
+        let e = assignment(&cla, "here").unwrap_err().to_string();
+        assert!(
+            e.contains("overprovisioning_factor") && e.contains("above 0"),
+            "{e}"
+        );
+        cla.policy = None;
+        cla.endpoints[0].priority = 129;
+        let e = assignment(&cla, "here").unwrap_err().to_string();
+        assert!(
+            e.contains("here endpoints[0]") && e.contains("above 128"),
+            "{e}"
+        );
     }
 
     /// Subset load balancing is refused by name, not run as plain load

@@ -968,10 +968,12 @@ async fn forward(
     // The control plane's load shedding (EDS `drop_overloads`), before an
     // endpoint is chosen or a retry considered.
     if cluster.drops() {
+        // Counted as the cluster's 503 too, as Envoy charges it.
         cluster
             .stats
             .upstream_rq_drop_overload
             .fetch_add(1, Relaxed);
+        cluster.stats.count_status(503);
         return Err(local(
             StatusCode::SERVICE_UNAVAILABLE,
             "drop overload\n",

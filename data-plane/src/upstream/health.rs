@@ -24,7 +24,8 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
     tokio::spawn(async move {
         // Each endpoint's checker, by the endpoint's address in memory
         // (endpoints are kept across updates while their address and
-        // weight stay, so a kept endpoint keeps its schedule). Dropping
+        // weight stay, whatever their priority, so a kept endpoint keeps
+        // its schedule). Dropping
         // the set when the cluster goes stops them all.
         let mut checkers = tokio::task::JoinSet::new();
         let mut running: HashMap<usize, tokio::task::AbortHandle> = HashMap::new();

@@ -163,55 +163,81 @@ pub struct Spill {
     panic: Vec<bool>,
 }
 
+/// A level's health as Envoy scores it (its available share, by count or
+/// by weight, times the overprovisioning factor, at most 100) and how
+/// many of its endpoints are available.
+fn level_health(set: &EndpointSet, eps: &[Arc<Endpoint>], now: u64) -> (u32, usize) {
+    let (mut total, mut up, mut up_count) = (0u128, 0u128, 0usize);
+    for e in eps {
+        let w = if set.policy.weighted_health {
+            u128::from(e.weight)
+        } else {
+            1
+        };
+        total += w;
+        if e.available(now) {
+            up += w;
+            up_count += 1;
+        }
+    }
+    let opf = u128::from(set.policy.overprovisioning);
+    let health = (opf * up)
+        .checked_div(total)
+        .map_or(0, |h| h.min(100) as u32);
+    (health, up_count)
+}
+
+/// Whether a level with `up` of `len` endpoints available is below the
+/// panic threshold (counted by endpoints, whatever health is weighed by).
+fn below_threshold(up: usize, len: usize, threshold: f64) -> bool {
+    (up as f64) * 100.0 < threshold * len as f64
+}
+
 impl Spill {
-    /// Envoy's arithmetic: a level's health is its available share times
-    /// the overprovisioning factor, at most 100%; levels take their health
-    /// in turn, scaled up when together they fall short of 100%; a level
-    /// is in panic only then, and only while fewer than the threshold's
-    /// share of its endpoints are available.
+    /// Envoy's arithmetic: levels take their health in turn, scaled up
+    /// when together they fall short of 100%; only then is a level below
+    /// the panic threshold in panic, and when every level is, the levels
+    /// share the traffic by their endpoint counts instead.
     pub(crate) fn compute(set: &EndpointSet, panic_threshold: f64, now: u64) -> Spill {
         let n = set.levels.len();
-        let opf = u128::from(set.policy.overprovisioning);
         let mut health = Vec::with_capacity(n);
         let mut panic = Vec::with_capacity(n);
         for l in &set.levels {
             let eps = &set.endpoints[l.start..l.end];
-            let (mut total, mut up, mut up_count) = (0u128, 0u128, 0usize);
-            for e in eps {
-                let w = if set.policy.weighted_health {
-                    u128::from(e.weight)
-                } else {
-                    1
-                };
-                total += w;
-                if e.available(now) {
-                    up += w;
-                    up_count += 1;
-                }
-            }
-            health.push(
-                (opf * up)
-                    .checked_div(total)
-                    .map_or(0, |h| h.min(100) as u32),
-            );
-            // Counted by endpoints, whatever the health is weighed by.
-            panic.push((up_count as f64) * 100.0 < panic_threshold * eps.len() as f64);
+            let (h, up) = level_health(set, eps, now);
+            health.push(h);
+            panic.push(below_threshold(up, eps.len(), panic_threshold));
         }
         let normalized = health.iter().sum::<u32>().min(100);
-        let mut loads = vec![0u32; n];
-        let mut left = 100;
-        for (load, h) in loads.iter_mut().zip(&health) {
-            *load = (h * 100).checked_div(normalized).unwrap_or(0).min(left);
-            left -= *load;
-        }
-        // What rounding left over goes to the first level with any health;
-        // with none anywhere, all of it goes to the first level (in panic:
-        // all its endpoints take traffic).
-        let first = health.iter().position(|h| *h > 0).unwrap_or(0);
-        loads[first] += left;
         if normalized == 100 {
             panic.fill(false);
         }
+        let total_panic = panic.iter().all(|p| *p);
+        // By health, or (total panic) by endpoint counts.
+        let (shares, whole): (Vec<u64>, u64) = if total_panic {
+            let sizes: Vec<u64> = set
+                .levels
+                .iter()
+                .map(|l| (l.end - l.start) as u64)
+                .collect();
+            let all = sizes.iter().sum();
+            (sizes, all)
+        } else {
+            (
+                health.iter().map(|h| u64::from(*h)).collect(),
+                u64::from(normalized),
+            )
+        };
+        let mut loads = vec![0u32; n];
+        let mut left = 100;
+        for (load, s) in loads.iter_mut().zip(&shares) {
+            *load = ((s * 100).checked_div(whole).unwrap_or(0) as u32).min(left);
+            left -= *load;
+        }
+        // What rounding left over goes to the first level with a share;
+        // with none anywhere, all of it goes to the first level.
+        let first = shares.iter().position(|s| *s > 0).unwrap_or(0);
+        loads[first] += left;
         let mut sum = 0;
         Spill {
             until: now + super::PANIC_RECHECK_MS,
@@ -239,32 +265,63 @@ impl Spill {
 
 impl Cluster {
     /// Picks an endpoint for a request (`hash` for ring hash), skipping
-    /// `avoid` (the endpoint a retry is moving away from) when possible.
+    /// `avoid` (the endpoint a retry is moving away from) when possible:
+    /// first a priority level, then an endpoint in it.
     pub fn pick(&self, hash: Option<u64>, avoid: Option<&Endpoint>) -> Option<Arc<Endpoint>> {
         let set = self.endpoints.load();
         let now = now_ms();
-        let (eps, tables, panic) = match set.levels.as_slice() {
+        let levels = match set.levels.as_slice() {
             [] => return None,
-            [one] => (
-                &set.endpoints[..],
-                &one.lb,
-                self.in_panic(&set.endpoints, now),
-            ),
-            levels => {
-                let mut spill = set.spill.load();
-                if spill.until <= now {
-                    set.spill.store(Arc::new(Spill::compute(
-                        &set,
-                        self.config.panic_threshold,
-                        now,
-                    )));
-                    spill = set.spill.load();
-                }
-                let i = spill.level(hash.unwrap_or_else(|| fastrand::u64(..)));
-                let l = &levels[i];
-                (&set.endpoints[l.start..l.end], &l.lb, spill.panic[i])
+            [one] => {
+                let panic = self.in_panic(&set, now);
+                return self.pick_in(&set.endpoints, &one.lb, panic, hash, avoid, now);
             }
+            levels => levels,
         };
+        let draw = hash.unwrap_or_else(|| fastrand::u64(..));
+        let cached = set.spill.load();
+        let fresh = cached.until <= now;
+        let spill = if fresh {
+            let s = Arc::new(Spill::compute(&set, self.config.panic_threshold, now));
+            set.spill.store(s.clone());
+            s
+        } else {
+            arc_swap::Guard::into_inner(cached)
+        };
+        let in_level = |spill: &Spill| {
+            let i = spill.level(draw);
+            let l = &levels[i];
+            self.pick_in(
+                &set.endpoints[l.start..l.end],
+                &l.lb,
+                spill.panic[i],
+                hash,
+                avoid,
+                now,
+            )
+        };
+        match in_level(&spill) {
+            None if !fresh => {
+                // The shares may predate a change of health (they are
+                // reused for a while): once more, on fresh ones.
+                let s = Arc::new(Spill::compute(&set, self.config.panic_threshold, now));
+                set.spill.store(s.clone());
+                in_level(&s)
+            }
+            got => got,
+        }
+    }
+
+    /// Picks an endpoint among one level's `eps` (with its `tables`).
+    fn pick_in(
+        &self,
+        eps: &[Arc<Endpoint>],
+        tables: &Tables,
+        panic: bool,
+        hash: Option<u64>,
+        avoid: Option<&Endpoint>,
+        now: u64,
+    ) -> Option<Arc<Endpoint>> {
         let n = eps.len();
         if panic {
             self.stats.lb_healthy_panic.fetch_add(1, Relaxed);
@@ -327,10 +384,11 @@ impl Cluster {
             .cloned()
     }
 
-    /// Envoy's panic mode: with fewer than the threshold's share of the
-    /// endpoints available, they all take traffic, so that a health check
-    /// that fails everywhere does not take the whole service down with it.
-    fn in_panic(&self, eps: &[Arc<Endpoint>], now: u64) -> bool {
+    /// Envoy's panic mode for a single level: unless it is healthy enough
+    /// (its health score at 100%), fewer than the threshold's share of its
+    /// endpoints available puts all of them in play, so that a health
+    /// check that fails everywhere does not take the whole service down.
+    fn in_panic(&self, set: &EndpointSet, now: u64) -> bool {
         let threshold = self.config.panic_threshold;
         if threshold <= 0.0 {
             return false;
@@ -339,8 +397,8 @@ impl Cluster {
         if cached >> 1 > now {
             return cached & 1 == 1;
         }
-        let available = eps.iter().filter(|e| e.available(now)).count();
-        let panic = (available as f64) * 100.0 < threshold * eps.len() as f64;
+        let (health, up) = level_health(set, &set.endpoints, now);
+        let panic = health < 100 && below_threshold(up, set.endpoints.len(), threshold);
         self.panic.store(
             ((now + super::PANIC_RECHECK_MS) << 1) | u64::from(panic),
             Relaxed,
@@ -741,26 +799,36 @@ mod tests {
             assert_eq!(shares, vec![to_p0, 100 - to_p0], "P0 {up}% healthy");
             assert_eq!(panic, vec![false, false], "P0 {up}% healthy");
         }
-        // Both short: their health (28 each) is scaled up to the whole,
-        // and each below the panic threshold is in panic.
+        // Both short: their health (84 + 7) is scaled up to the whole
+        // (92 + 7, the point left over to the first), and the level below
+        // the panic threshold is in panic.
         assert_eq!(
-            spill_of(&tiered(&[100, 100], &[20, 20], &[], d)),
-            (vec![50, 50], vec![true, true])
+            spill_of(&tiered(&[100, 100], &[60, 5], &[], d)),
+            (vec![93, 7], vec![false, true])
         );
-        // 56 + 42 = 98: shares 57 + 42, the point left over to the first.
+        // Every level in panic: shares by endpoint counts, not health.
         assert_eq!(
-            spill_of(&tiered(&[100, 100], &[40, 30], &[], d)),
-            (vec![58, 42], vec![true, true])
+            spill_of(&tiered(&[100, 300], &[40, 30], &[], d)),
+            (vec![25, 75], vec![true, true])
         );
         // Three levels: what the first two leave goes to the third.
         assert_eq!(
             spill_of(&tiered(&[100, 100, 100], &[50, 10, 100], &[], d)).0,
             vec![70, 14, 16]
         );
-        // Nothing available anywhere: the first level, in panic.
+        // Nothing available anywhere: the same (all in panic).
         assert_eq!(
             spill_of(&tiered(&[100, 100], &[0, 0], &[], d)),
-            (vec![100, 0], vec![true, true])
+            (vec![50, 50], vec![true, true])
+        );
+        // Without a panic threshold, nothing available anywhere sends all
+        // to the first level.
+        let calm = tiered(&[100, 100], &[0, 0], &[], d);
+        let set = calm.endpoints.load();
+        let s = Spill::compute(&set, 0.0, now_ms());
+        assert_eq!(
+            (s.cumulative, s.panic),
+            (vec![100, 100], vec![false, false])
         );
         // The overprovisioning factor, and health weighed by weight.
         let exact = LoadPolicy {
@@ -793,7 +861,7 @@ mod tests {
         let c = tiered(&[2, 1], &[1, 1], &[], LoadPolicy::default());
         let n = 10_000;
         let backup = (0..n)
-            .filter(|_| c.pick(None, None).expect("an endpoint").priority == 1)
+            .filter(|_| c.pick(None, None).expect("an endpoint").addr.port() >= 2000)
             .count();
         // 30% expected; σ = 46.
         assert!((2_724..=3_276).contains(&backup), "{backup}");
@@ -802,12 +870,93 @@ mod tests {
         assert!((0..100).all(|_| !Arc::ptr_eq(&c.pick(None, None).unwrap(), &set.endpoints[1])));
         // The level is the hash's: 70 of every 100 consecutive hashes
         // stay at priority 0, each the same way every time.
-        let hashed = |h: u64| c.pick(Some(h), None).unwrap().priority;
-        assert_eq!((0..100).filter(|h| hashed(*h) == 0).count(), 70);
-        assert!((0..100).all(|h| hashed(h) == hashed(h)));
+        let backed = |h: u64| c.pick(Some(h), None).unwrap().addr.port() >= 2000;
+        assert!((0..300).all(|h| backed(h) == (h % 100 >= 70)));
         // One level: no draw for a level at all.
         let flat = tiered(&[3], &[3], &[], LoadPolicy::default());
         assert_eq!(flat.endpoints.load().levels.len(), 1);
         assert!(flat.pick(None, None).is_some());
+    }
+
+    /// A level's health check answers for the cached shares: a pick right
+    /// after its endpoints went down fails over at once; an endpoint moving
+    /// between levels keeps its state.
+    #[test]
+    fn failover_is_immediate_and_endpoints_keep_their_state_across_levels() {
+        let c = tiered(&[2, 1], &[2, 1], &[], LoadPolicy::default());
+        let set = c.endpoints.load_full();
+        assert!(c.pick(None, None).unwrap().addr.port() < 2000, "priority 0");
+        for e in &set.endpoints[..2] {
+            e.eds_healthy.store(false, Relaxed);
+        }
+        for _ in 0..20 {
+            assert!(
+                c.pick(None, None).unwrap().addr.port() >= 2000,
+                "priority 1"
+            );
+        }
+        // Swap the levels: the same endpoints, by address.
+        let specs: Vec<EndpointSpec> = set
+            .endpoints
+            .iter()
+            .zip(set.priorities())
+            .map(|(e, p)| EndpointSpec {
+                addr: e.addr,
+                weight: e.weight,
+                health: HealthStatus::Unknown,
+                locality: 0,
+                locality_weight: 1,
+                priority: 1 - p,
+            })
+            .collect();
+        let mut specs = specs;
+        specs.sort_by_key(|s| s.priority);
+        c.set_endpoints(&specs, LoadPolicy::default());
+        let after = c.endpoints.load();
+        assert_eq!(after.priorities().collect::<Vec<_>>(), vec![0, 1, 1]);
+        for e in &set.endpoints {
+            assert!(
+                after.endpoints.iter().any(|a| Arc::ptr_eq(a, e)),
+                "{} kept",
+                e.addr
+            );
+        }
+    }
+
+    /// One level healthy enough by its overprovisioned score is never in
+    /// panic, whatever the threshold (Envoy's normalized total at 100%).
+    #[test]
+    fn a_healthy_enough_level_is_not_in_panic() {
+        use portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig;
+        use portico_proto::envoy::r#type::v3::Percent;
+        let mut pbc = pb(LbPolicy::RoundRobin, None);
+        pbc.common_lb_config = Some(CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: 80.0 }),
+            ..Default::default()
+        });
+        let c = Cluster::new(
+            Arc::new(ClusterConfig::convert(&pbc).expect("converts")),
+            Arc::new(ClusterStats::default()),
+        );
+        let specs: Vec<EndpointSpec> = (0..4)
+            .map(|i| EndpointSpec {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+                weight: 1,
+                // 3 of 4: 75% × 1.4 is over 100%.
+                health: if i == 0 {
+                    HealthStatus::Unhealthy
+                } else {
+                    HealthStatus::Healthy
+                },
+                locality: 0,
+                locality_weight: 1,
+                priority: 0,
+            })
+            .collect();
+        c.set_endpoints(&specs, LoadPolicy::default());
+        for _ in 0..20 {
+            assert_ne!(c.pick(None, None).unwrap().addr.port(), 1000);
+        }
+        assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 0);
     }
 }

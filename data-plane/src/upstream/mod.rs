@@ -1,6 +1,7 @@
 //! Clusters at run time: endpoints with their health, connection pools and
 //! load balancing. Endpoint state outlives configuration changes: an EDS or
-//! CDS update keeps the pools and health of endpoints that remain.
+//! CDS update keeps the pools and health of endpoints that remain at the
+//! same address with the same weight (whatever their priority).
 
 pub mod h1;
 pub mod health;
@@ -36,8 +37,6 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Load-balancing weight.
     pub weight: u32,
-    /// Priority level (0 the highest).
-    pub priority: u32,
     /// Health from the control plane (EDS `health_status`).
     eds_healthy: AtomicBool,
     /// Health from active checks (true when none are configured).
@@ -69,7 +68,6 @@ impl Endpoint {
         Endpoint {
             addr: spec.addr,
             weight: spec.weight,
-            priority: spec.priority,
             eds_healthy: AtomicBool::new(eds_ok(spec.health)),
             hc_healthy: AtomicBool::new(true),
             hc_streak: AtomicU32::new(0),
@@ -157,33 +155,47 @@ pub struct EndpointSet {
 pub(crate) struct Level {
     pub(crate) start: usize,
     pub(crate) end: usize,
+    /// Its priority (0 the highest).
+    pub(crate) priority: u32,
     pub(crate) lb: lb::Tables,
 }
 
 impl EndpointSet {
-    fn new(config: &ClusterConfig, endpoints: Vec<Arc<Endpoint>>, policy: LoadPolicy) -> Self {
-        let mut levels = Vec::new();
-        let mut start = 0;
-        while start < endpoints.len() {
-            let p = endpoints[start].priority;
-            let end = start
-                + endpoints[start..]
-                    .iter()
-                    .take_while(|e| e.priority == p)
-                    .count();
-            levels.push(Level {
-                start,
-                end,
-                lb: lb::Tables::build(config, &endpoints[start..end]),
-            });
-            start = end;
-        }
+    /// The set of `endpoints` with their `priorities` (ascending, one
+    /// each).
+    fn new(
+        config: &ClusterConfig,
+        endpoints: Vec<Arc<Endpoint>>,
+        priorities: &[u32],
+        policy: LoadPolicy,
+    ) -> Self {
+        debug_assert!(priorities.len() == endpoints.len() && priorities.is_sorted());
+        let levels = priorities
+            .chunk_by(|a, b| a == b)
+            .scan(0, |start, run| {
+                let (s, e) = (*start, *start + run.len());
+                *start = e;
+                Some(Level {
+                    start: s,
+                    end: e,
+                    priority: run[0],
+                    lb: lb::Tables::build(config, &endpoints[s..e]),
+                })
+            })
+            .collect();
         EndpointSet {
             endpoints,
             levels,
             policy,
             spill: ArcSwap::default(),
         }
+    }
+
+    /// Each endpoint's priority, in the set's order.
+    pub fn priorities(&self) -> impl Iterator<Item = u32> + '_ {
+        self.levels
+            .iter()
+            .flat_map(|l| std::iter::repeat_n(l.priority, l.end - l.start))
     }
 }
 
@@ -204,10 +216,11 @@ pub struct Cluster {
     /// The share of requests the load assignment drops, per million (a
     /// copy of the endpoint set's, read without loading the set).
     drop_per_million: AtomicU32,
-    /// Whether the cluster is in panic, and until when that answer holds
-    /// (`(until_ms << 1) | panic`): counting the available endpoints is a
-    /// pass over all of them, so it is done at most every
-    /// [`PANIC_RECHECK_MS`], not per request.
+    /// With a single priority level: whether it is in panic, and until
+    /// when that answer holds (`(until_ms << 1) | panic`): counting the
+    /// available endpoints is a pass over all of them, so it is done at
+    /// most every [`PANIC_RECHECK_MS`], not per request. (Sets of several
+    /// levels keep their [`lb::Spill`].)
     pub(crate) panic: AtomicU64,
     /// Replaced or removed by a newer configuration. Requests that started
     /// on it may keep it alive (a stream can last hours), but its health
@@ -268,7 +281,7 @@ impl Cluster {
         let endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|s| match by_addr.get(&s.addr) {
-                Some(e) if e.weight == s.weight && e.priority == s.priority => {
+                Some(e) if e.weight == s.weight => {
                     e.eds_healthy.store(eds_ok(s.health), Relaxed);
                     Arc::clone(e)
                 }
@@ -280,17 +293,27 @@ impl Cluster {
             .store(endpoints.len() as u64, Relaxed);
         self.drop_per_million
             .store(policy.drop_per_million, Relaxed);
-        self.endpoints
-            .store(Arc::new(EndpointSet::new(&self.config, endpoints, policy)));
+        let priorities: Vec<u32> = specs.iter().map(|s| s.priority).collect();
+        self.endpoints.store(Arc::new(EndpointSet::new(
+            &self.config,
+            endpoints,
+            &priorities,
+            policy,
+        )));
     }
 
     /// Rebuilds the balancer's tables over the same endpoints (after a
     /// change of policy).
     fn rebalance(&self) {
         let set = self.endpoints.load_full();
+        let priorities: Vec<u32> = set.priorities().collect();
+        // A new cluster keeping the old one's endpoints takes its drops too.
+        self.drop_per_million
+            .store(set.policy.drop_per_million, Relaxed);
         self.endpoints.store(Arc::new(EndpointSet::new(
             &self.config,
             set.endpoints.clone(),
+            &priorities,
             set.policy,
         )));
     }
@@ -585,10 +608,10 @@ fn same_endpoints(cluster: &Cluster, specs: &[EndpointSpec], policy: LoadPolicy)
     let specs = &*cluster.effective(specs);
     set.policy == policy
         && set.endpoints.len() == specs.len()
+        && set.priorities().eq(specs.iter().map(|s| s.priority))
         && set.endpoints.iter().zip(specs).all(|(e, s)| {
             e.addr == s.addr
                 && e.weight == s.weight
-                && e.priority == s.priority
                 && e.eds_healthy.load(Relaxed) == eds_ok(s.health)
         })
 }
