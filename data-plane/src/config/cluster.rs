@@ -138,6 +138,71 @@ impl Default for LeastRequest {
     }
 }
 
+/// Envoy's `slow_start_config` (round robin and least request): an
+/// endpoint added to a cluster (or found healthy again by its active
+/// health check) takes a share that grows over `window`: its weight times
+/// `max(min_weight, (elapsed / window) ^ (1 / aggression))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStart {
+    /// `slow_start_window`.
+    pub window: Duration,
+    /// `aggression` (1.0: a linear ramp).
+    pub aggression: f64,
+    /// `min_weight_percent` as a fraction (0.1 unless set).
+    pub min_weight: f64,
+}
+
+impl SlowStart {
+    /// The factor on the weight of an endpoint `elapsed_ms` into its slow
+    /// start.
+    pub fn factor(&self, elapsed_ms: u64) -> f64 {
+        let window = self.window.as_millis() as f64;
+        if elapsed_ms as f64 >= window {
+            return 1.0;
+        }
+        let t = elapsed_ms.max(1) as f64 / window;
+        let ramp = if self.aggression == 1.0 {
+            t
+        } else {
+            t.powf(1.0 / self.aggression)
+        };
+        ramp.max(self.min_weight)
+    }
+
+    fn convert(
+        c: &portico_proto::envoy::config::cluster::v3::cluster::SlowStartConfig,
+        at: &str,
+    ) -> Result<Option<Self>, ConfigError> {
+        let window = c
+            .slow_start_window
+            .as_ref()
+            .map(duration)
+            .unwrap_or_default();
+        if window.is_zero() {
+            return Ok(None);
+        }
+        let aggression = c.aggression.as_ref().map_or(1.0, |a| a.default_value);
+        if !(aggression > 0.0 && aggression.is_finite()) {
+            return Err(ConfigError::new(
+                at,
+                format!("slow_start_config.aggression {aggression} must be above 0"),
+            ));
+        }
+        let min = c.min_weight_percent.as_ref().map_or(10.0, |p| p.value);
+        if !(0.0..=100.0).contains(&min) {
+            return Err(ConfigError::new(
+                at,
+                format!("slow_start_config.min_weight_percent {min} is not a percentage"),
+            ));
+        }
+        Ok(Some(SlowStart {
+            window,
+            aggression,
+            min_weight: min / 100.0,
+        }))
+    }
+}
+
 /// Envoy's `ring_hash_lb_config`: bounds on the ring's entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingSize {
@@ -355,6 +420,8 @@ pub struct ClusterConfig {
     pub least_request: LeastRequest,
     /// The ring's size bounds (used when `lb` is `RingHash`).
     pub ring_size: RingSize,
+    /// Slow start (round robin and least request only).
+    pub slow_start: Option<SlowStart>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Speak HTTP/2 (prior knowledge) upstream.
@@ -472,11 +539,21 @@ impl LoadPolicy {
 
 /// The policy settings of `lb_config` (a policy's settings that do not
 /// match `lb_policy` are ignored, as in Envoy).
-fn lb_settings(c: &Cluster, lb: LbKind, at: &str) -> Result<(LeastRequest, RingSize), ConfigError> {
+fn lb_settings(
+    c: &Cluster,
+    lb: LbKind,
+    at: &str,
+) -> Result<(LeastRequest, RingSize, Option<SlowStart>), ConfigError> {
     use portico_proto::envoy::config::cluster::v3::cluster::LbConfig;
     let mut least = LeastRequest::default();
     let mut ring = RingSize::default();
+    let mut slow = None;
     match &c.lb_config {
+        Some(LbConfig::RoundRobinLbConfig(r)) if lb == LbKind::RoundRobin => {
+            if let Some(s) = &r.slow_start_config {
+                slow = SlowStart::convert(s, at)?;
+            }
+        }
         Some(LbConfig::LeastRequestLbConfig(l)) if lb == LbKind::LeastRequest => {
             if let Some(n) = &l.choice_count {
                 if n.value < 2 {
@@ -503,9 +580,9 @@ fn lb_settings(c: &Cluster, lb: LbKind, at: &str) -> Result<(LeastRequest, RingS
                     );
                 }
             }
-            // `slow_start_config` (a new endpoint's share ramped up over a
-            // window) is not applied: new endpoints take their full share
-            // at once.
+            if let Some(s) = &l.slow_start_config {
+                slow = SlowStart::convert(s, at)?;
+            }
         }
         Some(LbConfig::RingHashLbConfig(r)) if lb == LbKind::RingHash => {
             ring.min = r.minimum_ring_size.as_ref().map_or(ring.min, |v| v.value);
@@ -541,7 +618,7 @@ fn lb_settings(c: &Cluster, lb: LbKind, at: &str) -> Result<(LeastRequest, RingS
         }
         _ => {}
     }
-    Ok((least, ring))
+    Ok((least, ring, slow))
 }
 
 /// A health check's `method` (GET unless set; CONNECT is refused, as in
@@ -747,7 +824,7 @@ impl ClusterConfig {
                 "lb_subset_config (subset load balancing) is not supported",
             ));
         }
-        let (least_request, ring_size) = lb_settings(c, lb, &at)?;
+        let (least_request, ring_size, slow_start) = lb_settings(c, lb, &at)?;
         if c.load_balancing_policy.is_some() {
             return Err(ConfigError::new(
                 &at,
@@ -1153,6 +1230,7 @@ impl ClusterConfig {
             lb,
             least_request,
             ring_size,
+            slow_start,
             connect_timeout: c
                 .connect_timeout
                 .as_ref()

@@ -215,6 +215,10 @@ fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) 
     if streak >= needed {
         e.hc_healthy.store(ok, Relaxed);
         e.hc_streak.store(0, Relaxed);
+        if ok {
+            // Back: it ramps up again (with a slow start configured).
+            c.start_slow(e, super::now_ms());
+        }
         c.stats.health_flaps.fetch_add(1, Relaxed);
         tracing::info!(cluster = %c.config.name, endpoint = %e.addr, healthy = ok, "health check changed endpoint state");
         Change::Changed

@@ -128,11 +128,26 @@ fn by_load(
     bias: f64,
     ok: impl Fn(&Endpoint) -> bool,
 ) -> Option<&Arc<Endpoint>> {
-    let share = |e: &Endpoint| {
-        let busy = e.active.load(Relaxed) as f64 + 1.0;
-        let scaled = if bias == 1.0 { busy } else { busy.powf(bias) };
-        f64::from(e.weight) / scaled
-    };
+    draw(eps, |e| f64::from(e.weight) / busy(e, bias), ok)
+}
+
+/// (Active requests + 1) to the power `bias`.
+fn busy(e: &Endpoint, bias: f64) -> f64 {
+    let busy = e.active.load(Relaxed) as f64 + 1.0;
+    if bias == 1.0 {
+        busy
+    } else {
+        busy.powf(bias)
+    }
+}
+
+/// An endpoint of those `ok` admits, drawn at random in proportion to
+/// `share`.
+fn draw(
+    eps: &[Arc<Endpoint>],
+    share: impl Fn(&Endpoint) -> f64,
+    ok: impl Fn(&Endpoint) -> bool,
+) -> Option<&Arc<Endpoint>> {
     let total: f64 = eps.iter().filter(|e| ok(e)).map(|e| share(e)).sum();
     if total <= 0.0 || !total.is_finite() {
         return None;
@@ -329,6 +344,21 @@ impl Cluster {
         let ok = |e: &Endpoint| {
             (panic || e.available(now)) && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))
         };
+        // While an endpoint ramps up, shares follow the ramped weights
+        // (scaled down by load under least request).
+        if let Some(ss) = &self.config.slow_start {
+            if now < self.slow_until.load(Relaxed) {
+                let bias = (self.config.lb == LbKind::LeastRequest)
+                    .then_some(self.config.least_request.active_request_bias);
+                let share = |e: &Endpoint| {
+                    let w = f64::from(e.weight) * e.ramp(ss, now);
+                    bias.map_or(w, |b| w / busy(e, b))
+                };
+                if let Some(e) = draw(eps, share, ok) {
+                    return Some(e.clone());
+                }
+            }
+        }
         let start = match (self.config.lb, hash) {
             (LbKind::RingHash, Some(h)) if !tables.ring.is_empty() => {
                 let ring = &tables.ring;
@@ -958,5 +988,104 @@ mod tests {
             assert_ne!(c.pick(None, None).unwrap().addr.port(), 1000);
         }
         assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 0);
+    }
+
+    /// Envoy's slow start: an endpoint added to a cluster that had some
+    /// takes `max(min_weight, elapsed / window)` of its share, growing over
+    /// the window; the cluster's first endpoints do not ramp.
+    #[test]
+    fn added_endpoints_ramp_up_over_the_slow_start_window() {
+        use crate::config::cluster::SlowStart;
+        use portico_proto::envoy::config::cluster::v3::cluster::{
+            RoundRobinLbConfig, SlowStartConfig,
+        };
+        use portico_proto::google::protobuf::Duration as PbDuration;
+        let ss = |aggression: f64, min: f64| SlowStart {
+            window: std::time::Duration::from_secs(10),
+            aggression,
+            min_weight: min,
+        };
+        assert_eq!(ss(1.0, 0.1).factor(0), 0.1);
+        assert_eq!(ss(1.0, 0.1).factor(5_000), 0.5);
+        assert_eq!(ss(1.0, 0.1).factor(10_000), 1.0);
+        assert_eq!(ss(2.0, 0.1).factor(2_500), 0.5);
+        assert_eq!(ss(1.0, 0.0).factor(1_000), 0.1);
+
+        let config = |window_ms: i64, aggression: f64, min: Option<f64>| {
+            let mut c = pb(LbPolicy::RoundRobin, None);
+            c.lb_config = Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+                slow_start_config: Some(SlowStartConfig {
+                    slow_start_window: Some(PbDuration {
+                        seconds: window_ms / 1000,
+                        nanos: (window_ms % 1000) as i32 * 1_000_000,
+                    }),
+                    aggression: Some(RuntimeDouble {
+                        default_value: aggression,
+                        runtime_key: String::new(),
+                    }),
+                    min_weight_percent: min
+                        .map(|value| portico_proto::envoy::r#type::v3::Percent { value }),
+                }),
+            }));
+            ClusterConfig::convert(&c).map_err(|e| e.to_string())
+        };
+        assert!(
+            config(0, 1.0, None).unwrap().slow_start.is_none(),
+            "no window"
+        );
+        assert!(config(10, 0.0, None)
+            .unwrap_err()
+            .contains("aggression 0 must be above 0"));
+        assert!(config(10, 1.0, Some(120.0))
+            .unwrap_err()
+            .contains("min_weight_percent 120"));
+
+        // A window of 10 s, then one of 200 ms to see the middle of (the
+        // process's clock is young in a test).
+        let c = Cluster::new(
+            Arc::new(config(10_000, 1.0, None).expect("converts")),
+            Arc::new(ClusterStats::default()),
+        );
+        let spec = |port: u16| EndpointSpec {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: 1,
+            health: HealthStatus::Unknown,
+            locality: 0,
+            locality_weight: 1,
+            priority: 0,
+        };
+        c.set_endpoints(&[spec(1), spec(2)], LoadPolicy::default());
+        assert!(c
+            .endpoints
+            .load()
+            .endpoints
+            .iter()
+            .all(|e| e.ramp(&ss(1.0, 0.1), now_ms()) == 1.0));
+        c.set_endpoints(&[spec(1), spec(2), spec(3)], LoadPolicy::default());
+        let new = c.endpoints.load().endpoints[2].clone();
+        let share = |c: &Cluster| {
+            (0..10_000)
+                .filter(|_| c.pick(None, None).unwrap().addr.port() == 3)
+                .count()
+        };
+        // 0.1 of 2.1: 476 expected, σ 21.
+        let n = share(&c);
+        assert!((350..=600).contains(&n), "{n}");
+        assert!(new.ramp(&ss(1.0, 0.1), now_ms()) < 0.2);
+        // Half way (100 to about 110 ms of 200): 0.5 of 2.5 to 0.55 of
+        // 2.55, 2,000 to 2,160 expected, σ 40.
+        let c = Cluster::new(
+            Arc::new(config(200, 1.0, None).expect("converts")),
+            Arc::new(ClusterStats::default()),
+        );
+        c.set_endpoints(&[spec(1), spec(2)], LoadPolicy::default());
+        c.set_endpoints(&[spec(1), spec(2), spec(3)], LoadPolicy::default());
+        while now_ms() <= 101 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let new = c.endpoints.load().endpoints[2].clone();
+        new.slow_since.store(now_ms() - 100, Relaxed);
+        let n = share(&c);
+        assert!((1_760..=2_400).contains(&n), "{n}");
     }
 }

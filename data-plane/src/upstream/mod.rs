@@ -57,6 +57,8 @@ pub struct Endpoint {
     /// split).
     window_local_total: AtomicU32,
     window_local_failed: AtomicU32,
+    /// When its slow start began ([`now_ms`]; 0: never).
+    slow_since: AtomicU64,
     /// Requests in flight.
     pub active: AtomicU32,
     /// Connections to it.
@@ -80,6 +82,7 @@ impl Endpoint {
             window_failed: AtomicU32::new(0),
             window_local_total: AtomicU32::new(0),
             window_local_failed: AtomicU32::new(0),
+            slow_since: AtomicU64::new(0),
             active: AtomicU32::new(0),
             pool: Pool::new(spec.addr, cfg, stats.clone()),
         }
@@ -90,6 +93,14 @@ impl Endpoint {
         self.eds_healthy.load(Relaxed)
             && self.hc_healthy.load(Relaxed)
             && self.ejected_until.load(Relaxed) <= now
+    }
+
+    /// The factor on its weight under slow start `ss` (1 outside it).
+    pub(crate) fn ramp(&self, ss: &crate::config::cluster::SlowStart, now: u64) -> f64 {
+        match self.slow_since.load(Relaxed) {
+            0 => 1.0,
+            since => ss.factor(now.saturating_sub(since)),
+        }
     }
 
     /// Starts every run of consecutive failures over.
@@ -216,6 +227,9 @@ pub struct Cluster {
     /// The share of requests the load assignment drops, per million (a
     /// copy of the endpoint set's, read without loading the set).
     drop_per_million: AtomicU32,
+    /// Until when ([`now_ms`]) some endpoint may be in slow start: before
+    /// then picks weigh each endpoint's ramp.
+    slow_until: AtomicU64,
     /// With a single priority level: whether it is in panic, and until
     /// when that answer holds (`(until_ms << 1) | panic`): counting the
     /// available endpoints is a pass over all of them, so it is done at
@@ -249,6 +263,7 @@ impl Cluster {
             active: AtomicU32::new(0),
             retries: AtomicU32::new(0),
             drop_per_million: AtomicU32::new(0),
+            slow_until: AtomicU64::new(0),
             panic: AtomicU64::new(0),
             retired: AtomicBool::new(false),
         })
@@ -278,6 +293,10 @@ impl Cluster {
         let old = self.endpoints.load();
         let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
             old.endpoints.iter().map(|e| (e.addr, e)).collect();
+        // Endpoints added to a cluster that had some ramp up; a new
+        // cluster's first endpoints take their shares at once (as Envoy's
+        // initial hosts do).
+        let (now, ramp) = (now_ms(), !old.endpoints.is_empty());
         let endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|s| match by_addr.get(&s.addr) {
@@ -285,7 +304,14 @@ impl Cluster {
                     e.eds_healthy.store(eds_ok(s.health), Relaxed);
                     Arc::clone(e)
                 }
-                _ => Arc::new(Endpoint::new(s, &self.config, &self.stats)),
+                other => {
+                    let e = Endpoint::new(s, &self.config, &self.stats);
+                    // (Not one whose weight changed: it was there.)
+                    if ramp && other.is_none() {
+                        self.start_slow(&e, now);
+                    }
+                    Arc::new(e)
+                }
             })
             .collect();
         self.stats
@@ -316,6 +342,17 @@ impl Cluster {
             &priorities,
             set.policy,
         )));
+    }
+
+    /// Starts an endpoint's slow start now, when the cluster has one: it
+    /// was just added, or found healthy again.
+    pub(crate) fn start_slow(&self, e: &Endpoint, now: u64) {
+        if let Some(ss) = &self.config.slow_start {
+            e.slow_since.store(now, Relaxed);
+            let until =
+                now.saturating_add(u64::try_from(ss.window.as_millis()).unwrap_or(u64::MAX));
+            self.slow_until.fetch_max(until, Relaxed);
+        }
     }
 
     /// Whether to drop this request (the load assignment's
