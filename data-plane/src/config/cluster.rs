@@ -585,6 +585,17 @@ fn lb_settings(
             }
         }
         Some(LbConfig::RingHashLbConfig(r)) if lb == LbKind::RingHash => {
+            // Another hash puts every key elsewhere than the Envoys beside
+            // this proxy would.
+            if r.hash_function != 0 {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "ring_hash_lb_config.hash_function {} is not supported (only XX_HASH)",
+                        r.hash_function
+                    ),
+                ));
+            }
             ring.min = r.minimum_ring_size.as_ref().map_or(ring.min, |v| v.value);
             ring.max = r.maximum_ring_size.as_ref().map_or(ring.max, |v| v.value);
             for (name, v) in [

@@ -35,7 +35,7 @@ use crate::config::route::{
 };
 use crate::snapshot::{Shared, Snapshot};
 use crate::stats::Stats;
-use crate::upstream::lb::hash64;
+use crate::upstream::lb::{hash64, hash_values};
 use crate::upstream::pool::{ReqBody, RespBody, SendError, SendResult};
 use crate::upstream::{is_hashing, Cluster};
 
@@ -908,11 +908,20 @@ fn request_hash(
     let mut set_cookie = None;
     for p in &fwd.hash {
         let v = match &p.key {
-            HashKey::Header(h, rewrite) => headers.get(h).map(|v| match rewrite {
-                None => hash64(v.as_bytes()),
-                Some(re) => hash64(re.apply(&String::from_utf8_lossy(v.as_bytes())).as_bytes()),
-            }),
-            HashKey::SourceIp => Some(hash64(client.ip())),
+            HashKey::Header(h, rewrite) => {
+                let values: Vec<Vec<u8>> = headers
+                    .get_all(h)
+                    .iter()
+                    .map(|v| match rewrite {
+                        None => v.as_bytes().to_vec(),
+                        Some(re) => re
+                            .apply(&String::from_utf8_lossy(v.as_bytes()))
+                            .into_bytes(),
+                    })
+                    .collect();
+                (!values.is_empty()).then(|| hash_values(values))
+            }
+            HashKey::SourceIp => Some(hash64(client.ip().to_string())),
             // An empty value counts as none (Envoy's).
             HashKey::Cookie(c) => match cookie_value(headers, &c.name).filter(|v| !v.is_empty()) {
                 Some(v) => Some(hash64(v)),

@@ -4,7 +4,6 @@
 //! Unavailable endpoints are skipped; when none is available the caller
 //! answers 503.
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -25,13 +24,18 @@ pub struct Tables {
     ring: Vec<(u64, u32)>,
 }
 
-/// A stable 64-bit hash.
-pub fn hash64(v: impl Hash) -> u64 {
-    // SipHash with fixed keys: stable for the life of the process, which is
-    // all a ring needs.
-    let mut h = std::hash::DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
+/// Envoy's hash for ring positions and request keys: xxHash64, seed 0.
+pub fn hash64(v: impl AsRef<[u8]>) -> u64 {
+    xxhash_rust::xxh64::xxh64(v.as_ref(), 0)
+}
+
+/// Envoy's hash of several values (a header's): each value's hash seeds
+/// the next, in sorted order so that their order does not count.
+pub fn hash_values(mut values: Vec<Vec<u8>>) -> u64 {
+    values.sort_unstable();
+    values
+        .iter()
+        .fold(0, |seed, v| xxhash_rust::xxh64::xxh64(v, seed))
 }
 
 /// The endpoint (index among `n`) a ticket picks: in turn when all
@@ -91,9 +95,12 @@ impl Tables {
 /// A hash ring sized as Envoy sizes it: the lightest endpoint gets a whole
 /// number of entries and the ring at least `size.min` of them, but no more
 /// than `size.max`; each endpoint's share of entries is its share of the
-/// weight. (The entries' positions are this proxy's own hash, not Envoy's
-/// xxHash or Murmur: consistent, but not the same keys to the same
-/// endpoints as an Envoy next to it.)
+/// weight. Entries are where Envoy puts them (xxHash64 of `address_n`),
+/// so a key goes to the same endpoint as through an Envoy beside this
+/// proxy. (Envoy builds its ring over the healthy endpoints; this one
+/// holds them all and walks past those that are not: the same endpoint
+/// for a key while all are healthy, and only keys of an unhealthy one
+/// move.)
 fn ring(eps: &[Arc<Endpoint>], size: RingSize) -> Vec<(u64, u32)> {
     let total: f64 = eps.iter().map(|e| f64::from(e.weight.max(1))).sum();
     let lightest = eps
@@ -103,13 +110,16 @@ fn ring(eps: &[Arc<Endpoint>], size: RingSize) -> Vec<(u64, u32)> {
     let scale = ((lightest * size.min as f64).ceil() / lightest).min(size.max as f64);
     let mut ring = Vec::with_capacity(scale.ceil() as usize + eps.len());
     let (mut made, mut target) = (0u64, 0.0f64);
+    let mut key = String::new();
     for (i, e) in eps.iter().enumerate() {
-        target += scale * f64::from(e.weight.max(1)) / total;
+        // In Envoy's float arithmetic, so that the counts agree.
+        target += scale * (f64::from(e.weight.max(1)) / total);
         let mut p = 0u64;
-        // (Less a hair: the shares' float sum may land just above a whole
-        // number.)
-        while (made as f64) < target - 1e-6 {
-            ring.push((hash64((e.addr, p)), i as u32));
+        while (made as f64) < target {
+            use std::fmt::Write;
+            key.clear();
+            let _ = write!(key, "{}_{p}", e.addr);
+            ring.push((hash64(&key), i as u32));
             made += 1;
             p += 1;
         }
@@ -728,6 +738,14 @@ mod tests {
         );
         let e = err(LbPolicy::RingHash, ring(0, 1024));
         assert!(e.contains("minimum_ring_size 0 makes an empty ring"), "{e}");
+        let e = err(
+            LbPolicy::RingHash,
+            Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                hash_function: 1,
+                ..Default::default()
+            })),
+        );
+        assert!(e.contains("hash_function 1 is not supported"), "{e}");
         // Another policy's settings are not this cluster's concern.
         ClusterConfig::convert(&pb(LbPolicy::RoundRobin, ring(2048, 1024))).expect("converts");
     }
@@ -1087,5 +1105,74 @@ mod tests {
         new.slow_since.store(now_ms() - 100, Relaxed);
         let n = share(&c);
         assert!((1_760..=2_400).contains(&n), "{n}");
+    }
+
+    /// The ring is Envoy's, entry for entry: its own test's ring of six
+    /// endpoints (127.0.0.1:90 to :95, minimum size 12) and of two (:80,
+    /// :81, minimum 3), and the endpoints its lookups pick.
+    #[test]
+    fn the_ring_is_envoys() {
+        let ring_of = |ports: std::ops::RangeInclusive<u16>, min: u64| {
+            let cfg = ClusterConfig::convert(&pb(
+                LbPolicy::RingHash,
+                Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                    minimum_ring_size: Some(UInt64Value { value: min }),
+                    ..Default::default()
+                })),
+            ))
+            .expect("converts");
+            let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+            let specs: Vec<EndpointSpec> = ports
+                .map(|port| EndpointSpec {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    weight: 1,
+                    health: HealthStatus::Unknown,
+                    locality: 0,
+                    locality_weight: 1,
+                    priority: 0,
+                })
+                .collect();
+            c.set_endpoints(&specs, LoadPolicy::default());
+            let ring: Vec<(u64, u16)> = c.endpoints.load().levels[0]
+                .lb
+                .ring
+                .iter()
+                .map(|(h, i)| (*h, specs[*i as usize].addr.port()))
+                .collect();
+            (c, ring)
+        };
+        let (c, ring) = ring_of(90..=95, 12);
+        assert_eq!(
+            ring,
+            vec![
+                (833437586790550860, 94),
+                (928266305478181108, 92),
+                (1033482794131418490, 90),
+                (3551244743356806947, 95),
+                (3851675632748031481, 93),
+                (5583722120771150861, 91),
+                (6311230543546372928, 91),
+                (7700377290971790572, 93),
+                (13144177310400110813, 95),
+                (13444792449719432967, 92),
+                (15516499411664133160, 94),
+                (16117243373044804889, 90),
+            ]
+        );
+        let port = |h: u64| c.pick(Some(h), None).unwrap().addr.port();
+        assert_eq!(port(0), 94);
+        assert_eq!(port(u64::MAX), 94);
+        assert_eq!(port(3551244743356806947), 95);
+        assert_eq!(port(3551244743356806948), 93);
+        let (_, ring) = ring_of(80..=81, 3);
+        assert_eq!(
+            ring,
+            vec![
+                (5454692015285649509, 80),
+                (7859399908942313493, 81),
+                (13838424394637650569, 80),
+                (16064866803292627174, 81),
+            ]
+        );
     }
 }
