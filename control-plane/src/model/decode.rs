@@ -257,7 +257,7 @@ pub fn decode_lenient(doc: &SourceDocument) -> (Option<Resource>, Vec<Problem>) 
             decode_part(v, "spec", &label, &mut problems).map(Spec::Gateway)
         }
         (Some(v), Some(Kind::Service)) => {
-            decode_part(v, "spec", &label, &mut problems).map(Spec::Service)
+            decode_part(v, "spec", &label, &mut problems).map(|s| Spec::Service(Box::new(s)))
         }
         (Some(v), Some(Kind::Api)) => decode_part(v, "spec", &label, &mut problems).map(Spec::Api),
     };

@@ -127,8 +127,8 @@ pub struct Metadata {
 pub enum Spec {
     /// `kind: Gateway`.
     Gateway(GatewaySpec),
-    /// `kind: Service`.
-    Service(ServiceSpec),
+    /// `kind: Service` (boxed: the largest spec by far).
+    Service(Box<ServiceSpec>),
     /// `kind: Api`.
     Api(ApiSpec),
 }

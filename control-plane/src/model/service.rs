@@ -17,6 +17,12 @@ pub struct ServiceSpec {
     /// How requests are spread over endpoints; `round_robin` unless set.
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// Slow start, e.g. `30s`: an endpoint added to the Service (or back
+    /// after failing its health check) takes a share of traffic that grows
+    /// from 10% to all of it over this window, so that a cold instance is
+    /// not flooded. `round_robin` and `least_request` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<String>,
     /// Time allowed to open a connection, e.g. `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use super::{rules, Report};
 use crate::model::gateway::SecretRef;
-use crate::model::service::ServiceSpec;
+use crate::model::service::{LoadBalancing, ServiceSpec};
 
 /// The lowest failover tier an endpoint may have.
 const MAX_PRIORITY: u32 = 10;
@@ -46,6 +46,18 @@ pub(super) fn check(spec: &ServiceSpec, r: &mut Report<'_>) {
             "spec.endpoints",
             format!("priorities must start at 0 and skip none: no endpoint has priority {gap}"),
         );
+    }
+    if let Some(t) = &spec.slow_start {
+        r.check("spec.slowStart", rules::check_duration(t, false));
+        if !matches!(
+            spec.load_balancing,
+            LoadBalancing::RoundRobin | LoadBalancing::LeastRequest
+        ) {
+            r.value(
+                "spec.slowStart",
+                "slow start applies to round_robin and least_request load balancing only",
+            );
+        }
     }
     if let Some(t) = &spec.connect_timeout {
         r.check("spec.connectTimeout", rules::check_duration(t, false));

@@ -199,6 +199,26 @@ fn service_rules() {
 }
 
 #[test]
+fn slow_start_needs_a_balancer_that_weighs() {
+    let svc = |lb: &str, window: &str| {
+        document(
+            Kind::Service,
+            "s",
+            json!({"endpoints": [{"address": "10.0.0.1", "port": 80}], "loadBalancing": lb, "slowStart": window}),
+        )
+    };
+    assert!(texts(&validate_state(&state(vec![svc("least_request", "30s")]))).is_empty());
+    assert_eq!(
+        texts(&validate_state(&state(vec![svc("ring_hash", "30s")]))),
+        vec!["service/s: spec.slowStart: slow start applies to round_robin and least_request load balancing only"]
+    );
+    assert_eq!(
+        texts(&validate_state(&state(vec![svc("round_robin", "0s")]))),
+        vec!["service/s: spec.slowStart: must be longer than zero"]
+    );
+}
+
+#[test]
 fn endpoint_priorities_are_tiers_from_zero() {
     let svc = |eps: Value| document(Kind::Service, "s", json!({ "endpoints": eps }));
     let t = texts(&validate_state(&state(vec![svc(json!([

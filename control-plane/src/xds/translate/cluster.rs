@@ -5,8 +5,9 @@ use std::net::IpAddr;
 
 use portico_proto::envoy::config::cluster::v3::{
     circuit_breakers::Thresholds, cluster::ClusterDiscoveryType, cluster::DiscoveryType,
-    cluster::DnsLookupFamily, cluster::EdsClusterConfig, cluster::LbPolicy, CircuitBreakers,
-    Cluster, OutlierDetection,
+    cluster::DnsLookupFamily, cluster::EdsClusterConfig, cluster::LbConfig, cluster::LbPolicy,
+    cluster::LeastRequestLbConfig, cluster::RoundRobinLbConfig, cluster::SlowStartConfig,
+    CircuitBreakers, Cluster, OutlierDetection,
 };
 use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
 use portico_proto::envoy::config::core::v3::{
@@ -85,6 +86,31 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
                 ..Default::default()
             },
         ),
+        lb_config: svc
+            .slow_start
+            .as_deref()
+            .and_then(duration)
+            .and_then(|window| {
+                let slow_start_config = Some(SlowStartConfig {
+                    slow_start_window: Some(window),
+                    ..Default::default()
+                });
+                match svc.load_balancing {
+                    LoadBalancing::RoundRobin => {
+                        Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+                            slow_start_config,
+                        }))
+                    }
+                    LoadBalancing::LeastRequest => {
+                        Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+                            slow_start_config,
+                            ..Default::default()
+                        }))
+                    }
+                    // Refused by validation.
+                    LoadBalancing::Random | LoadBalancing::RingHash => None,
+                }
+            }),
         ..Default::default()
     };
     if eds {

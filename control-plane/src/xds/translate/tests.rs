@@ -289,6 +289,36 @@ fn grpc_services_follow_grfc_a27() {
     );
 }
 
+/// A Service's slow start becomes its balancer's `slow_start_config`.
+#[test]
+fn slow_start_reaches_the_balancer() {
+    use portico_proto::envoy::config::cluster::v3::{cluster::LbConfig, Cluster};
+    let mut docs = base();
+    docs.retain(|d| d["metadata"]["name"] != "pets" || d["kind"] != "Service");
+    docs.push(document(
+        Kind::Service,
+        "pets",
+        json!({"endpoints": [{"address": "10.0.0.1", "port": 80}],
+               "loadBalancing": "least_request", "slowStart": "30s"}),
+    ));
+    let snap = translate(&state(docs), 1);
+    let c = Cluster::decode(
+        &*snap
+            .view("edge")
+            .get(TypeUrl::Cluster, "pets")
+            .unwrap()
+            .resource
+            .body
+            .value,
+    )
+    .unwrap();
+    let Some(LbConfig::LeastRequestLbConfig(lr)) = c.lb_config else {
+        panic!("{:?}", c.lb_config)
+    };
+    let window = lr.slow_start_config.unwrap().slow_start_window.unwrap();
+    assert_eq!((window.seconds, window.nanos), (30, 0));
+}
+
 /// Failover tiers become Envoy's priorities, one locality each (in no
 /// other priority, as gRPC clients require).
 #[test]
