@@ -217,10 +217,16 @@ async fn handle(
         ["reset"] => Err(std::io::Error::other("reset on purpose")),
         ["bytes", n] => Ok(reply(200, full(vec![b'x'; n.parse().unwrap_or(0)]))),
         ["flaky", key, n] => {
-            let mut f = ctx.flaky.lock().expect("lock");
-            let seen = f.entry(key.to_string()).or_insert(0);
-            *seen += 1;
-            let fail = *seen <= n.parse().unwrap_or(0);
+            let fail = {
+                let mut f = ctx.flaky.lock().expect("lock");
+                let seen = f.entry(key.to_string()).or_insert(0);
+                *seen += 1;
+                *seen <= n.parse().unwrap_or(0)
+            };
+            // The whole request first: answering early and closing on an
+            // unread body resets the connection, and the reset can beat
+            // the answer (a race of its own, not the one tested here).
+            let _ = req.into_body().collect().await;
             Ok(reply(if fail { 503 } else { 200 }, full(echo)))
         }
         _ => {

@@ -1116,8 +1116,27 @@ impl ClusterConfig {
             }
         };
         // Not applied: `detect_degraded_hosts` (there is no degraded class
-        // of endpoints here; such an endpoint keeps its share) and
-        // `monitors` (not implemented in Envoy either).
+        // of endpoints here; such an endpoint keeps its share).
+        if let Some(o) = &c.outlier_detection {
+            if !o.monitors.is_empty() {
+                return Err(ConfigError::new(
+                    &at,
+                    "outlier_detection.monitors are not supported",
+                ));
+            }
+            // Envoy's check: a longest ejection shorter than the first.
+            if let (Some(b), Some(m)) = (&o.base_ejection_time, &o.max_ejection_time) {
+                let (b, m) = (duration(b), duration(m));
+                if m < b {
+                    return Err(ConfigError::new(
+                        &at,
+                        format!(
+                            "outlier_detection.max_ejection_time {m:?} is below base_ejection_time {b:?}"
+                        ),
+                    ));
+                }
+            }
+        }
         let outlier = c.outlier_detection.as_ref().map(|o| {
             // Each detection by rate is on while its enforcement is above 0.
             let success_rate = |enforcing: u32| {

@@ -908,6 +908,10 @@ fn request_hash(
     let mut set_cookie = None;
     for p in &fwd.hash {
         let v = match &p.key {
+            // One value, as is: no copies.
+            HashKey::Header(h, None) if headers.get_all(h).iter().nth(1).is_none() => {
+                headers.get(h).map(|v| hash64(v.as_bytes()))
+            }
             HashKey::Header(h, rewrite) => {
                 let values: Vec<Vec<u8>> = headers
                     .get_all(h)
@@ -1431,7 +1435,10 @@ async fn forward(
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
             Ok(Some(Err(e))) => {
-                if !matches!(e, SendError::Downstream { .. }) {
+                // Neither the client's failure nor the breaker's limit
+                // says anything about the endpoint (Envoy's outlier
+                // detection ignores overflow too).
+                if !matches!(e, SendError::Downstream { .. } | SendError::Overflow) {
                     cluster.observe(&ep, None);
                 }
                 let retryable = match &e {
@@ -1494,7 +1501,8 @@ async fn forward(
             Ok(None) => {
                 stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
-                cluster.observe(&ep, Some(504));
+                // No answer: a local-origin failure (a 504 when not split).
+                cluster.observe(&ep, None);
                 failure = if steer.as_ref().is_some_and(|s| s.timeout_no_content) {
                     local(StatusCode::NO_CONTENT, "", "UT")
                 } else {

@@ -80,14 +80,17 @@ async fn check_endpoint(cluster: Weak<Cluster>, e: Arc<Endpoint>, cfg: Arc<Healt
         };
         let change = record(&c, &e, outcome, &cfg);
         // Envoy's `successful_active_health_check_uneject_host`: a check
-        // that leaves the endpoint healthy ends an outlier ejection.
-        if e.hc_healthy.load(Relaxed)
+        // that passes, leaving the endpoint healthy, ends an outlier
+        // ejection.
+        if outcome == Outcome::Pass
+            && e.hc_healthy.load(Relaxed)
             && c.config
                 .outlier
                 .as_ref()
                 .is_some_and(|o| o.health_check_unejects)
+            && e.uneject()
         {
-            e.uneject();
+            c.availability_changed();
         }
         drop(c);
         tokio::time::sleep(next_wait(&cfg, outcome == Outcome::Pass, change)).await;
@@ -215,6 +218,7 @@ fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) 
     if streak >= needed {
         e.hc_healthy.store(ok, Relaxed);
         e.hc_streak.store(0, Relaxed);
+        c.availability_changed();
         if ok {
             // Back: it ramps up again (with a slow start configured).
             c.start_slow(e, super::now_ms());

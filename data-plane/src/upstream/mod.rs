@@ -111,11 +111,18 @@ impl Endpoint {
     }
 
     /// Brings an ejected endpoint back at once (its active health check
-    /// found it healthy); its backoff stays.
-    pub(crate) fn uneject(&self) {
-        if self.ejected_until.swap(0, Relaxed) > now_ms() {
+    /// found it healthy); its backoff stays, and decays from now. Says
+    /// whether it was out.
+    pub(crate) fn uneject(&self) -> bool {
+        let now = now_ms();
+        let was_out = self
+            .ejected_until
+            .fetch_update(Relaxed, Relaxed, |u| (u > now).then_some(now))
+            .is_ok();
+        if was_out {
             self.reset_outlier_counts();
         }
+        was_out
     }
 
     /// Health flags as `/clusters` shows them (Envoy's names).
@@ -230,6 +237,8 @@ pub struct Cluster {
     /// Until when ([`now_ms`]) some endpoint may be in slow start: before
     /// then picks weigh each endpoint's ramp.
     slow_until: AtomicU64,
+    /// Held while an endpoint is ejected.
+    ejecting: std::sync::Mutex<()>,
     /// With a single priority level: whether it is in panic, and until
     /// when that answer holds (`(until_ms << 1) | panic`): counting the
     /// available endpoints is a pass over all of them, so it is done at
@@ -264,6 +273,7 @@ impl Cluster {
             retries: AtomicU32::new(0),
             drop_per_million: AtomicU32::new(0),
             slow_until: AtomicU64::new(0),
+            ejecting: std::sync::Mutex::new(()),
             panic: AtomicU64::new(0),
             retired: AtomicBool::new(false),
         })
@@ -344,6 +354,17 @@ impl Cluster {
         )));
     }
 
+    /// An endpoint's availability changed (a health check's verdict, an
+    /// ejection): the reused panic and priority-load answers are dropped,
+    /// so the next pick counts afresh.
+    pub(crate) fn availability_changed(&self) {
+        self.panic.store(0, Relaxed);
+        self.endpoints
+            .load()
+            .spill
+            .store(Arc::new(lb::Spill::default()));
+    }
+
     /// Starts an endpoint's slow start now, when the cluster has one: it
     /// was just added, or found healthy again.
     pub(crate) fn start_slow(&self, e: &Endpoint, now: u64) {
@@ -420,6 +441,15 @@ impl Cluster {
     /// that would put more than `max_ejection_percent` out (one always may
     /// be with `always_eject_one_host`).
     fn eject(&self, ep: &Endpoint, o: &OutlierConfig, now: u64, why: &'static str) {
+        // One at a time, so that workers ejecting at once respect the
+        // limit together (ejections are rare).
+        let _one = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+        // Already out (answers still in flight when it was ejected, or a
+        // second detection in the same interval): nothing more.
+        if ep.ejected_until.load(Relaxed) > now {
+            ep.reset_outlier_counts();
+            return;
+        }
         let set = self.endpoints.load();
         let ejected = set
             .endpoints
@@ -431,7 +461,13 @@ impl Cluster {
             ep.reset_outlier_counts();
             return;
         }
-        let n = ep.ejections.fetch_add(1, Relaxed).saturating_add(1);
+        // Envoy's backoff: one more step while the next ejection would not
+        // already be past the longest.
+        let mut n = ep.ejections.load(Relaxed);
+        if o.base_ejection.saturating_mul(n) < o.max_ejection.saturating_add(o.base_ejection) {
+            n += 1;
+            ep.ejections.store(n, Relaxed);
+        }
         let jitter = u64::try_from(o.ejection_jitter.as_millis()).unwrap_or(u64::MAX);
         let length = u64::try_from(
             o.base_ejection
@@ -447,6 +483,7 @@ impl Cluster {
         });
         ep.ejected_until.store(now.saturating_add(length), Relaxed);
         ep.reset_outlier_counts();
+        self.availability_changed();
         self.stats.outlier_ejections.fetch_add(1, Relaxed);
         tracing::warn!(cluster = %self.config.name, endpoint = %ep.addr, for_ms = length, why, "endpoint ejected by outlier detection");
     }
@@ -599,6 +636,8 @@ impl ClusterManager {
                     if let Some(old) = old {
                         if Pool::alike(&old.config, cfg) {
                             c.endpoints.store(old.endpoints.load_full());
+                            // Those ramping up go on ramping.
+                            c.slow_until.store(old.slow_until.load(Relaxed), Relaxed);
                             changed = true;
                         }
                     }
@@ -1011,6 +1050,69 @@ mod tests {
             od.successful_active_health_check_uneject_host = Some(BoolValue { value: false })
         });
         assert!(!keep.config.outlier.as_ref().unwrap().health_check_unejects);
+    }
+
+    /// An endpoint already out is not ejected again (answers still in
+    /// flight); the backoff grows only while it can still lengthen an
+    /// ejection; bringing one back leaves a past ejection's time alone, so
+    /// that its backoff decays.
+    #[test]
+    fn ejections_do_not_stack_and_backoffs_stay_bounded() {
+        let c = cluster(|_| {});
+        let o = c.config.outlier.clone().unwrap();
+        let e = c.endpoints.load().endpoints[0].clone();
+        let now = now_ms();
+        c.eject(&e, &o, now, "test");
+        c.eject(&e, &o, now, "test");
+        assert_eq!(e.ejections.load(Relaxed), 1);
+        assert_eq!(c.stats.outlier_ejections.load(Relaxed), 1);
+        // 30 s steps up to 300 s: eleven steps at most.
+        for _ in 0..20 {
+            e.ejected_until.store(0, Relaxed);
+            c.eject(&e, &o, now, "test");
+        }
+        assert_eq!(e.ejections.load(Relaxed), 11);
+        e.ejected_until.store(1, Relaxed);
+        e.uneject();
+        assert_eq!(e.ejected_until.load(Relaxed), 1, "a past ejection stays");
+        let t = now_ms() + 60_000;
+        e.ejected_until.store(t, Relaxed);
+        e.uneject();
+        assert!(e.ejected_until.load(Relaxed) < t && e.available(now_ms()));
+    }
+
+    #[test]
+    fn outlier_settings_envoy_refuses_are_refused() {
+        use portico_proto::google::protobuf::Duration as PbDuration;
+        let convert = |edit: &dyn Fn(&mut OutlierDetection)| {
+            let mut od = OutlierDetection::default();
+            edit(&mut od);
+            ClusterConfig::convert(&PbCluster {
+                name: "c".into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                outlier_detection: Some(od),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())
+        };
+        let secs = |seconds| Some(PbDuration { seconds, nanos: 0 });
+        let e = convert(&|od| {
+            od.base_ejection_time = secs(60);
+            od.max_ejection_time = secs(30);
+        })
+        .unwrap_err();
+        assert!(
+            e.contains("max_ejection_time 30s is below base_ejection_time 60s"),
+            "{e}"
+        );
+        // Only the first set: the longest defaults to 300 s or the first.
+        let ok = convert(&|od| od.base_ejection_time = secs(600)).unwrap();
+        assert_eq!(
+            ok.outlier.unwrap().max_ejection,
+            std::time::Duration::from_secs(600)
+        );
+        let e = convert(&|od| od.monitors = vec![Default::default()]).unwrap_err();
+        assert!(e.contains("monitors are not supported"), "{e}");
     }
 
     #[test]
