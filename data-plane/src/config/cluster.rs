@@ -468,6 +468,22 @@ pub struct EndpointSpec {
     pub priority: u32,
 }
 
+#[cfg(test)]
+impl EndpointSpec {
+    /// A test endpoint at `addr`: weight 1, health unknown, the first
+    /// locality (of weight 1), priority 0.
+    pub fn at(addr: impl Into<SocketAddr>) -> Self {
+        EndpointSpec {
+            addr: addr.into(),
+            weight: 1,
+            health: HealthStatus::Unknown,
+            locality: 0,
+            locality_weight: 1,
+            priority: 0,
+        }
+    }
+}
+
 /// A load assignment: endpoints in ascending priority, and its policy.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Assignment {

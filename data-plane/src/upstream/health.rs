@@ -410,14 +410,7 @@ mod tests {
             Arc::new(crate::stats::ClusterStats::default()),
         );
         c.set_endpoints(
-            &[crate::config::cluster::EndpointSpec {
-                addr,
-                weight: 1,
-                health: portico_proto::envoy::config::core::v3::HealthStatus::Unknown,
-                locality: 0,
-                locality_weight: 1,
-                priority: 0,
-            }],
+            &[crate::config::cluster::EndpointSpec::at(addr)],
             crate::config::cluster::LoadPolicy::default(),
         );
         spawn(Arc::downgrade(&c), hc);

@@ -476,12 +476,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, w)| EndpointSpec {
-                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 weight: *w,
-                health: HealthStatus::Unknown,
-                locality: 0,
-                locality_weight: 1,
-                priority: 0,
+                ..EndpointSpec::at(([127, 0, 0, 1], 1000 + i as u16))
             })
             .collect();
         c.set_endpoints(&specs, LoadPolicy::default());
@@ -613,14 +609,7 @@ mod tests {
     /// Cluster "c"'s endpoints by EDS: two of weight 1.
     fn two_endpoints() -> std::collections::HashMap<Arc<str>, Arc<Assignment>> {
         let endpoints: Vec<EndpointSpec> = (0..2)
-            .map(|i| EndpointSpec {
-                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-                weight: 1,
-                health: HealthStatus::Unknown,
-                locality: 0,
-                locality_weight: 1,
-                priority: 0,
-            })
+            .map(|i| EndpointSpec::at(([127, 0, 0, 1], 1000 + i)))
             .collect();
         let a = Assignment {
             endpoints,
@@ -1063,14 +1052,7 @@ mod tests {
             Arc::new(config(10_000, 1.0, None).expect("converts")),
             Arc::new(ClusterStats::default()),
         );
-        let spec = |port: u16| EndpointSpec {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            weight: 1,
-            health: HealthStatus::Unknown,
-            locality: 0,
-            locality_weight: 1,
-            priority: 0,
-        };
+        let spec = |port: u16| EndpointSpec::at(([127, 0, 0, 1], port));
         c.set_endpoints(&[spec(1), spec(2)], LoadPolicy::default());
         assert!(c
             .endpoints
@@ -1113,14 +1095,7 @@ mod tests {
             .expect("converts");
             let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
             let specs: Vec<EndpointSpec> = ports
-                .map(|port| EndpointSpec {
-                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                    weight: 1,
-                    health: HealthStatus::Unknown,
-                    locality: 0,
-                    locality_weight: 1,
-                    priority: 0,
-                })
+                .map(|port| EndpointSpec::at(([127, 0, 0, 1], port)))
                 .collect();
             c.set_endpoints(&specs, LoadPolicy::default());
             let ring: Vec<(u64, u16)> = c.endpoints.load().levels[0]

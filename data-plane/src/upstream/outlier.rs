@@ -297,8 +297,6 @@ mod tests {
         cluster::{ClusterDiscoveryType, DiscoveryType},
         Cluster as PbCluster, OutlierDetection,
     };
-    use portico_proto::envoy::config::core::v3::HealthStatus;
-    use std::net::SocketAddr;
 
     #[test]
     fn success_rate_threshold_is_envoys() {
@@ -323,14 +321,7 @@ mod tests {
         .expect("converts");
         let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
         let specs: Vec<EndpointSpec> = (1..=6)
-            .map(|p| EndpointSpec {
-                addr: SocketAddr::from(([127, 0, 0, 1], p)),
-                weight: 1,
-                health: HealthStatus::Unknown,
-                locality: 0,
-                locality_weight: 1,
-                priority: 0,
-            })
+            .map(|p| EndpointSpec::at(([127, 0, 0, 1], p)))
             .collect();
         c.set_endpoints(&specs, LoadPolicy::default());
         c
