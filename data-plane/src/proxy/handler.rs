@@ -1979,6 +1979,28 @@ mod tests {
             terminal: false,
         }]);
         assert_eq!(hash(&q, &h).0, Some(hash64("7")));
+        // A header's several values, in any order: each one's xxHash64
+        // seeds the next, sorted.
+        let several = |values: &[&str]| {
+            let mut m = HeaderMap::new();
+            for v in values {
+                m.append("x-a", HeaderValue::from_str(v).unwrap());
+            }
+            hash(&table(vec![header("x-a", false)]), &m).0
+        };
+        let chained = xxhash_rust::xxh64::xxh64(b"b", xxhash_rust::xxh64::xxh64(b"a", 0));
+        assert_eq!(several(&["b", "a"]), Some(chained));
+        assert_eq!(several(&["a", "b"]), Some(chained));
+        // The source IP as text, without the port.
+        let by_ip = table(vec![PbHash {
+            policy_specifier: Some(PolicySpecifier::ConnectionProperties(
+                portico_proto::envoy::config::route::v3::route_action::hash_policy::ConnectionProperties {
+                    source_ip: true,
+                },
+            )),
+            terminal: false,
+        }]);
+        assert_eq!(hash(&by_ip, &h).0, Some(hash64("192.0.2.1")));
 
         // A cookie with a ttl: made when missing, set on the answer, and
         // the same cookie sent back hashes the same.

@@ -176,6 +176,10 @@ fn draw(
     last
 }
 
+/// How old (in ms) cached priority-load shares must be before a level
+/// with nothing to offer has them counted again within a pick.
+const RECOUNT_AFTER_MS: u64 = 5;
+
 /// Envoy's priority load: the percent of requests each priority level
 /// takes (as running sums), and which levels are in panic.
 #[derive(Debug, Default)]
@@ -298,7 +302,7 @@ impl Cluster {
         let levels = match set.levels.as_slice() {
             [] => return None,
             [one] => {
-                let panic = self.in_panic(&set, now);
+                let panic = in_panic(&set, self.config.panic_threshold, now);
                 return self.pick_in(&set.endpoints, &one.lb, panic, hash, avoid, now);
             }
             levels => levels,
@@ -323,7 +327,7 @@ impl Cluster {
             // for a while): if the level has nothing, once more on fresh
             // ones, unless these are only a few milliseconds old (a level
             // that is down for good is not recounted per request).
-            if got.is_some() || cached.until > now + super::PANIC_RECHECK_MS - 5 {
+            if got.is_some() || cached.until > now + super::PANIC_RECHECK_MS - RECOUNT_AFTER_MS {
                 return got;
             }
         }
@@ -419,28 +423,28 @@ impl Cluster {
             .find(|e| ok(e))
             .cloned()
     }
+}
 
-    /// Envoy's panic mode for a single level: unless it is healthy enough
-    /// (its health score at 100%), fewer than the threshold's share of its
-    /// endpoints available puts all of them in play, so that a health
-    /// check that fails everywhere does not take the whole service down.
-    fn in_panic(&self, set: &EndpointSet, now: u64) -> bool {
-        let threshold = self.config.panic_threshold;
-        if threshold <= 0.0 {
-            return false;
-        }
-        let cached = self.panic.load(Relaxed);
-        if cached >> 1 > now {
-            return cached & 1 == 1;
-        }
-        let (health, up) = level_health(set, &set.endpoints, now);
-        let panic = health < 100 && below_threshold(up, set.endpoints.len(), threshold);
-        self.panic.store(
-            ((now + super::PANIC_RECHECK_MS) << 1) | u64::from(panic),
-            Relaxed,
-        );
-        panic
+/// Envoy's panic mode for a single level: unless it is healthy enough (its
+/// health score at 100%), fewer than the threshold's share of its endpoints
+/// available puts all of them in play, so that a health check that fails
+/// everywhere does not take the whole service down. (The same rule as
+/// [`Spill::compute`]'s for one level, without its shares.)
+fn in_panic(set: &EndpointSet, threshold: f64, now: u64) -> bool {
+    if threshold <= 0.0 {
+        return false;
     }
+    let cached = set.panic.load(Relaxed);
+    if cached >> 1 > now {
+        return cached & 1 == 1;
+    }
+    let (health, up) = level_health(set, &set.endpoints, now);
+    let panic = health < 100 && below_threshold(up, set.endpoints.len(), threshold);
+    set.panic.store(
+        ((now + super::PANIC_RECHECK_MS) << 1) | u64::from(panic),
+        Relaxed,
+    );
+    panic
 }
 
 #[cfg(test)]
@@ -1046,8 +1050,7 @@ mod tests {
             .unwrap_err()
             .contains("min_weight_percent 120"));
 
-        // A window of 10 s, then one of 200 ms to see the middle of (the
-        // process's clock is young in a test).
+        // A window of 10 s: the new endpoint starts at the minimum.
         let c = Cluster::new(
             Arc::new(config(10_000, 1.0, None).expect("converts")),
             Arc::new(ClusterStats::default()),
@@ -1139,5 +1142,27 @@ mod tests {
                 (16064866803292627174, 81),
             ]
         );
+    }
+
+    /// A new endpoint set answers the panic question afresh: after EDS
+    /// marks every endpoint unhealthy, the next pick is in panic (Envoy's
+    /// default threshold), not held to the old set's "no panic".
+    #[test]
+    fn a_new_endpoint_set_counts_panic_afresh() {
+        let c = cluster(&[1, 1], LbPolicy::RoundRobin, None);
+        assert!(c.pick(None, None).is_some());
+        let down: Vec<EndpointSpec> = c
+            .endpoints
+            .load()
+            .endpoints
+            .iter()
+            .map(|e| EndpointSpec {
+                health: HealthStatus::Unhealthy,
+                ..EndpointSpec::at(e.addr)
+            })
+            .collect();
+        c.set_endpoints(&down, LoadPolicy::default());
+        assert!(c.pick(None, None).is_some(), "in panic: all take traffic");
+        assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 1);
     }
 }

@@ -143,6 +143,9 @@ pub struct EndpointSet {
     /// which are in panic, reused for [`PANIC_RECHECK_MS`] (a pass over
     /// every endpoint, not made per request).
     pub(crate) spill: ArcSwap<lb::Spill>,
+    /// With a single level: whether it is in panic, and until when that
+    /// answer holds (`(until_ms << 1) | panic`), reused likewise.
+    pub(crate) panic: AtomicU64,
 }
 
 /// One priority level: a run of the set's endpoints, and the balancer's
@@ -184,6 +187,7 @@ impl EndpointSet {
             levels,
             policy,
             spill: ArcSwap::default(),
+            panic: AtomicU64::new(0),
         }
     }
 
@@ -217,12 +221,6 @@ pub struct Cluster {
     slow_until: AtomicU64,
     /// Held while an endpoint is ejected.
     ejecting: std::sync::Mutex<()>,
-    /// With a single priority level: whether it is in panic, and until
-    /// when that answer holds (`(until_ms << 1) | panic`): counting the
-    /// available endpoints is a pass over all of them, so it is done at
-    /// most every [`PANIC_RECHECK_MS`], not per request. (Sets of several
-    /// levels keep their [`lb::Spill`].)
-    pub(crate) panic: AtomicU64,
     /// Replaced or removed by a newer configuration. Requests that started
     /// on it may keep it alive (a stream can last hours), but its health
     /// checks, outlier detection and DNS stop: the live cluster runs its
@@ -237,7 +235,7 @@ pub(crate) fn live(w: &std::sync::Weak<Cluster>) -> Option<Arc<Cluster>> {
     w.upgrade().filter(|c| !c.retired.load(Relaxed))
 }
 
-/// How long a panic decision is reused.
+/// How long a panic or priority-load decision is reused.
 pub(crate) const PANIC_RECHECK_MS: u64 = 100;
 
 impl Cluster {
@@ -252,7 +250,6 @@ impl Cluster {
             drop_per_million: AtomicU32::new(0),
             slow_until: AtomicU64::new(0),
             ejecting: std::sync::Mutex::new(()),
-            panic: AtomicU64::new(0),
             retired: AtomicBool::new(false),
         })
     }
@@ -302,45 +299,57 @@ impl Cluster {
                 }
             })
             .collect();
-        self.stats
-            .membership_total
-            .store(endpoints.len() as u64, Relaxed);
-        self.drop_per_million
-            .store(policy.drop_per_million, Relaxed);
         let priorities: Vec<u32> = specs.iter().map(|s| s.priority).collect();
-        self.endpoints.store(Arc::new(EndpointSet::new(
+        self.install(EndpointSet::new(
             &self.config,
             endpoints,
             &priorities,
             policy,
-        )));
+        ));
     }
 
     /// Rebuilds the balancer's tables over the same endpoints (after a
-    /// change of policy).
-    fn rebalance(&self) {
+    /// change of the cluster's config), with `policy` (a DNS cluster's,
+    /// which comes with its config).
+    fn rebalance(&self, policy: LoadPolicy) {
         let set = self.endpoints.load_full();
         let priorities: Vec<u32> = set.priorities().collect();
-        // A new cluster keeping the old one's endpoints takes its drops too.
-        self.drop_per_million
-            .store(set.policy.drop_per_million, Relaxed);
-        self.endpoints.store(Arc::new(EndpointSet::new(
+        self.install(EndpointSet::new(
             &self.config,
             set.endpoints.clone(),
             &priorities,
-            set.policy,
-        )));
+            policy,
+        ));
+    }
+
+    /// Makes `set` the cluster's, with what is read from it without
+    /// loading it: its size, its drop share, the end of its slow starts.
+    fn install(&self, set: EndpointSet) {
+        self.stats
+            .membership_total
+            .store(set.endpoints.len() as u64, Relaxed);
+        self.drop_per_million
+            .store(set.policy.drop_per_million, Relaxed);
+        let slow_until = self.config.slow_start.map_or(0, |ss| {
+            let window = u64::try_from(ss.window.as_millis()).unwrap_or(u64::MAX);
+            set.endpoints
+                .iter()
+                .map(|e| e.slow_since.load(Relaxed))
+                .filter(|s| *s > 0)
+                .max()
+                .map_or(0, |s| s.saturating_add(window))
+        });
+        self.slow_until.store(slow_until, Relaxed);
+        self.endpoints.store(Arc::new(set));
     }
 
     /// An endpoint's availability changed (a health check's verdict, an
     /// ejection): the reused panic and priority-load answers are dropped,
     /// so the next pick counts afresh.
     pub(crate) fn availability_changed(&self) {
-        self.panic.store(0, Relaxed);
-        self.endpoints
-            .load()
-            .spill
-            .store(Arc::new(lb::Spill::default()));
+        let set = self.endpoints.load();
+        set.panic.store(0, Relaxed);
+        set.spill.store(Arc::new(lb::Spill::default()));
     }
 
     /// Starts an endpoint's slow start now, when the cluster has one: it
@@ -398,8 +407,6 @@ impl ClusterManager {
                     if let Some(old) = old {
                         if Pool::alike(&old.config, cfg) {
                             c.endpoints.store(old.endpoints.load_full());
-                            // Those ramping up go on ramping.
-                            c.slow_until.store(old.slow_until.load(Relaxed), Relaxed);
                             changed = true;
                         }
                     }
@@ -422,7 +429,7 @@ impl ClusterManager {
                 }
                 // DNS brings its endpoints itself; the kept ones get the
                 // new policy's tables meanwhile.
-                Discovery::Dns(_) if changed => cluster.rebalance(),
+                Discovery::Dns(d) if changed => cluster.rebalance(d.policy),
                 Discovery::Dns(_) => {}
             }
             if fresh {
