@@ -1131,8 +1131,9 @@ impl ClusterConfig {
                 ))
             }
         };
-        // Not applied: `detect_degraded_hosts` (there is no degraded class
-        // of endpoints here; such an endpoint keeps its share).
+        // Not applied: `detect_degraded_hosts` (only the control plane
+        // makes an endpoint degraded here; one answering
+        // `x-envoy-degraded` keeps its share).
         if let Some(o) = &c.outlier_detection {
             if !o.monitors.is_empty() {
                 return Err(ConfigError::new(

@@ -176,27 +176,44 @@ fn draw(
     last
 }
 
+/// Which endpoints of a level a pick may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Any available one (every one, in panic).
+    Any { panic: bool },
+    /// Available ones, healthy or degraded.
+    Only { degraded: bool },
+}
+
 /// How old (in ms) cached priority-load shares must be before a level
 /// with nothing to offer has them counted again within a pick.
 const RECOUNT_AFTER_MS: u64 = 5;
 
 /// Envoy's priority load: the percent of requests each priority level
-/// takes (as running sums), and which levels are in panic.
+/// takes, its healthy endpoints first and then its degraded ones (as
+/// running sums), and which levels are in panic.
 #[derive(Debug, Default)]
 pub struct Spill {
     /// Good until this [`now_ms`].
     until: u64,
-    /// Running sums of the levels' percentages (the last is 100).
+    /// Running sums of the levels' healthy percentages, then of their
+    /// degraded ones (the last is 100).
     cumulative: Vec<u32>,
     /// Whether each level is in panic.
     panic: Vec<bool>,
 }
 
-/// A level's health as Envoy scores it (its available share, by count or
-/// by weight, times the overprovisioning factor, at most 100) and how
-/// many of its endpoints are available.
-fn level_health(set: &EndpointSet, eps: &[Arc<Endpoint>], now: u64) -> (u32, usize) {
-    let (mut total, mut up, mut up_count) = (0u128, 0u128, 0usize);
+/// A level as Envoy scores it: its healthy and its degraded share (by
+/// count or by weight) each times the overprovisioning factor, at most
+/// 100, and how many of its endpoints are available (either way).
+struct LevelHealth {
+    healthy: u32,
+    degraded: u32,
+    up: usize,
+}
+
+fn level_health(set: &EndpointSet, eps: &[Arc<Endpoint>], now: u64) -> LevelHealth {
+    let (mut total, mut healthy, mut degraded, mut up) = (0u128, 0u128, 0u128, 0usize);
     for e in eps {
         let w = if set.policy.weighted_health {
             u128::from(e.weight)
@@ -205,15 +222,25 @@ fn level_health(set: &EndpointSet, eps: &[Arc<Endpoint>], now: u64) -> (u32, usi
         };
         total += w;
         if e.available(now) {
-            up += w;
-            up_count += 1;
+            if e.degraded() {
+                degraded += w;
+            } else {
+                healthy += w;
+            }
+            up += 1;
         }
     }
     let opf = u128::from(set.policy.overprovisioning);
-    let health = (opf * up)
-        .checked_div(total)
-        .map_or(0, |h| h.min(100) as u32);
-    (health, up_count)
+    let score = |w: u128| {
+        (opf * w)
+            .checked_div(total)
+            .map_or(0, |h| h.min(100) as u32)
+    };
+    LevelHealth {
+        healthy: score(healthy),
+        degraded: score(degraded),
+        up,
+    }
 }
 
 /// Whether a level with `up` of `len` endpoints available is below the
@@ -229,42 +256,36 @@ impl Spill {
     /// share the traffic by their endpoint counts instead.
     pub(crate) fn compute(set: &EndpointSet, panic_threshold: f64, now: u64) -> Spill {
         let n = set.levels.len();
-        let mut health = Vec::with_capacity(n);
+        // Healthy scores of every level, then degraded ones: the order in
+        // which load is handed out.
+        let mut shares = vec![0u64; 2 * n];
         let mut panic = Vec::with_capacity(n);
-        for l in &set.levels {
+        for (i, l) in set.levels.iter().enumerate() {
             let eps = &set.endpoints[l.start..l.end];
-            let (h, up) = level_health(set, eps, now);
-            health.push(h);
-            panic.push(below_threshold(up, eps.len(), panic_threshold));
+            let h = level_health(set, eps, now);
+            (shares[i], shares[n + i]) = (h.healthy.into(), h.degraded.into());
+            panic.push(below_threshold(h.up, eps.len(), panic_threshold));
         }
-        let normalized = health.iter().sum::<u32>().min(100);
-        if normalized == 100 {
+        let mut whole = shares.iter().sum::<u64>().min(100);
+        if whole == 100 {
             panic.fill(false);
         }
-        let total_panic = panic.iter().all(|p| *p);
-        // By health, or (total panic) by endpoint counts.
-        let (shares, whole): (Vec<u64>, u64) = if total_panic {
-            let sizes: Vec<u64> = set
-                .levels
-                .iter()
-                .map(|l| (l.end - l.start) as u64)
-                .collect();
-            let all = sizes.iter().sum();
-            (sizes, all)
-        } else {
-            (
-                health.iter().map(|h| u64::from(*h)).collect(),
-                u64::from(normalized),
-            )
-        };
-        let mut loads = vec![0u32; n];
+        if panic.iter().all(|p| *p) {
+            // Total panic: by endpoint counts, all of them as healthy.
+            for (i, l) in set.levels.iter().enumerate() {
+                (shares[i], shares[n + i]) = ((l.end - l.start) as u64, 0);
+            }
+            whole = set.endpoints.len() as u64;
+        }
+        let mut loads = vec![0u32; 2 * n];
         let mut left = 100;
         for (load, s) in loads.iter_mut().zip(&shares) {
             *load = ((s * 100).checked_div(whole).unwrap_or(0) as u32).min(left);
             left -= *load;
         }
-        // What rounding left over goes to the first level with a share;
-        // with none anywhere, all of it goes to the first level.
+        // What rounding left over goes to the first level with healthy
+        // share, else with degraded share; with none anywhere, all of it
+        // goes to the first level.
         let first = shares.iter().position(|s| *s > 0).unwrap_or(0);
         loads[first] += left;
         let mut sum = 0;
@@ -282,13 +303,16 @@ impl Spill {
     }
 
     /// The level a draw (any number; the request's hash under ring hash)
-    /// lands in.
-    fn level(&self, draw: u64) -> usize {
+    /// lands in, and whether among its degraded endpoints.
+    fn level(&self, draw: u64) -> (usize, bool) {
         let x = (draw % 100) as u32 + 1;
-        self.cumulative
+        let n = self.panic.len();
+        let slot = self
+            .cumulative
             .iter()
             .position(|c| x <= *c)
-            .unwrap_or(self.cumulative.len() - 1)
+            .unwrap_or(2 * n - 1);
+        (slot % n, slot >= n)
     }
 }
 
@@ -301,20 +325,28 @@ impl Cluster {
         let now = now_ms();
         let levels = match set.levels.as_slice() {
             [] => return None,
-            [one] => {
+            [one] if !set.has_degraded => {
                 let panic = in_panic(&set, self.config.panic_threshold, now);
-                return self.pick_in(&set.endpoints, &one.lb, panic, hash, avoid, now);
+                let class = Class::Any { panic };
+                return self.pick_in(&set.endpoints, &one.lb, class, hash, avoid, now);
             }
             levels => levels,
         };
         let draw = hash.unwrap_or_else(|| fastrand::u64(..));
         let in_level = |spill: &Spill| {
-            let i = spill.level(draw);
+            let (i, degraded) = spill.level(draw);
             let l = &levels[i];
+            let class = if spill.panic[i] {
+                Class::Any { panic: true }
+            } else if set.has_degraded {
+                Class::Only { degraded }
+            } else {
+                Class::Any { panic: false }
+            };
             self.pick_in(
                 &set.endpoints[l.start..l.end],
                 &l.lb,
-                spill.panic[i],
+                class,
                 hash,
                 avoid,
                 now,
@@ -337,22 +369,27 @@ impl Cluster {
         in_level(&fresh)
     }
 
-    /// Picks an endpoint among one level's `eps` (with its `tables`).
+    /// Picks an endpoint of `class` among one level's `eps` (with its
+    /// `tables`).
     fn pick_in(
         &self,
         eps: &[Arc<Endpoint>],
         tables: &Tables,
-        panic: bool,
+        class: Class,
         hash: Option<u64>,
         avoid: Option<&Endpoint>,
         now: u64,
     ) -> Option<Arc<Endpoint>> {
         let n = eps.len();
-        if panic {
+        if class == (Class::Any { panic: true }) {
             self.stats.lb_healthy_panic.fetch_add(1, Relaxed);
         }
         let ok = |e: &Endpoint| {
-            (panic || e.available(now)) && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))
+            let usable = match class {
+                Class::Any { panic } => panic || e.available(now),
+                Class::Only { degraded } => e.available(now) && e.degraded() == degraded,
+            };
+            usable && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))
         };
         // While an endpoint ramps up, shares follow the ramped weights
         // (scaled down by load under least request).
@@ -438,8 +475,8 @@ fn in_panic(set: &EndpointSet, threshold: f64, now: u64) -> bool {
     if cached >> 1 > now {
         return cached & 1 == 1;
     }
-    let (health, up) = level_health(set, &set.endpoints, now);
-    let panic = health < 100 && below_threshold(up, set.endpoints.len(), threshold);
+    let h = level_health(set, &set.endpoints, now);
+    let panic = h.healthy < 100 && below_threshold(h.up, set.endpoints.len(), threshold);
     set.panic.store(
         ((now + super::PANIC_RECHECK_MS) << 1) | u64::from(panic),
         Relaxed,
@@ -810,10 +847,12 @@ mod tests {
     }
 
     /// Each level's share in percent, and which are in panic.
+    /// (Each level's healthy share, then each one's degraded share when
+    /// any is not 0.)
     fn spill_of(c: &Cluster) -> (Vec<u32>, Vec<bool>) {
         let set = c.endpoints.load();
         let s = Spill::compute(&set, c.config.panic_threshold, now_ms());
-        let shares = s
+        let mut shares: Vec<u32> = s
             .cumulative
             .iter()
             .scan(0, |before, c| {
@@ -822,6 +861,10 @@ mod tests {
                 Some(share)
             })
             .collect();
+        let n = s.panic.len();
+        if shares[n..].iter().all(|d| *d == 0) {
+            shares.truncate(n);
+        }
         (shares, s.panic)
     }
 
@@ -865,7 +908,7 @@ mod tests {
         let s = Spill::compute(&set, 0.0, now_ms());
         assert_eq!(
             (s.cumulative, s.panic),
-            (vec![100, 100], vec![false, false])
+            (vec![100, 100, 100, 100], vec![false, false])
         );
         // The overprovisioning factor, and health weighed by weight.
         let exact = LoadPolicy {
@@ -1164,5 +1207,58 @@ mod tests {
         c.set_endpoints(&down, LoadPolicy::default());
         assert!(c.pick(None, None).is_some(), "in panic: all take traffic");
         assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 1);
+    }
+
+    /// Degraded endpoints (EDS DEGRADED) take only what the healthy ones
+    /// cannot carry (Envoy's degraded class), level by level.
+    #[test]
+    fn degraded_endpoints_take_what_healthy_ones_cannot() {
+        use HealthStatus::{Degraded, Healthy};
+        let with = |levels: &[&[(usize, HealthStatus)]]| {
+            let cfg = ClusterConfig::convert(&pb(LbPolicy::RoundRobin, None)).expect("converts");
+            let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+            let mut specs = Vec::new();
+            for (level, runs) in levels.iter().enumerate() {
+                let mut i = 0;
+                for (count, health) in runs.iter() {
+                    for _ in 0..*count {
+                        specs.push(EndpointSpec {
+                            health: *health,
+                            priority: level as u32,
+                            ..EndpointSpec::at(([127, 0, 0, 1], (1000 * (level + 1) + i) as u16))
+                        });
+                        i += 1;
+                    }
+                }
+            }
+            c.set_endpoints(&specs, LoadPolicy::default());
+            c
+        };
+        // Half healthy, half degraded: 50% × 1.4 healthy, the rest degraded.
+        let half = with(&[&[(5, Healthy), (5, Degraded)]]);
+        assert_eq!(spill_of(&half), (vec![70, 30], vec![false]));
+        let degraded = (0..10_000)
+            .filter(|_| half.pick(None, None).unwrap().degraded())
+            .count();
+        // 3,000 expected; σ = 46.
+        assert!((2_724..=3_276).contains(&degraded), "{degraded}");
+        // A healthy lower level comes before a degraded higher one.
+        assert_eq!(
+            spill_of(&with(&[
+                &[(71, Healthy), (29, Degraded)],
+                &[(100, Healthy)]
+            ]))
+            .0,
+            vec![99, 1]
+        );
+        // Only degraded ones: they take it all, and no panic.
+        let all = with(&[&[(4, Degraded)]]);
+        assert_eq!(spill_of(&all), (vec![0, 100], vec![false]));
+        assert!((0..20).all(|_| all.pick(None, None).unwrap().degraded()));
+        assert_eq!(all.stats.lb_healthy_panic.load(Relaxed), 0);
+        assert_eq!(
+            all.endpoints.load().endpoints[0].health_flags(),
+            "/degraded_eds_health"
+        );
     }
 }

@@ -39,6 +39,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// Health from the control plane (EDS `health_status`).
     eds_healthy: AtomicBool,
+    /// The control plane says DEGRADED: it takes traffic only when the
+    /// healthy endpoints cannot carry it all (Envoy's degraded class).
+    eds_degraded: AtomicBool,
     /// Health from active checks (true when none are configured).
     pub(crate) hc_healthy: AtomicBool,
     pub(crate) hc_streak: AtomicU32,
@@ -71,6 +74,7 @@ impl Endpoint {
             addr: spec.addr,
             weight: spec.weight,
             eds_healthy: AtomicBool::new(eds_ok(spec.health)),
+            eds_degraded: AtomicBool::new(spec.health == HealthStatus::Degraded),
             hc_healthy: AtomicBool::new(true),
             hc_streak: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -95,6 +99,11 @@ impl Endpoint {
             && self.ejected_until.load(Relaxed) <= now
     }
 
+    /// Whether it is degraded (usable, after the healthy ones).
+    pub fn degraded(&self) -> bool {
+        self.eds_degraded.load(Relaxed)
+    }
+
     /// The factor on its weight under slow start `ss` (1 outside it).
     pub(crate) fn ramp(&self, ss: &crate::config::cluster::SlowStart, now: u64) -> f64 {
         match self.slow_since.load(Relaxed) {
@@ -114,6 +123,9 @@ impl Endpoint {
         }
         if self.ejected_until.load(Relaxed) > now_ms() {
             f.push("/failed_outlier_check");
+        }
+        if self.degraded() {
+            f.push("/degraded_eds_health");
         }
         if f.is_empty() {
             "healthy".into()
@@ -146,6 +158,9 @@ pub struct EndpointSet {
     /// With a single level: whether it is in panic, and until when that
     /// answer holds (`(until_ms << 1) | panic`), reused likewise.
     pub(crate) panic: AtomicU64,
+    /// Some endpoint is degraded (the control plane says so when the set
+    /// is made): a single level then takes the shares path too.
+    pub(crate) has_degraded: bool,
 }
 
 /// One priority level: a run of the set's endpoints, and the balancer's
@@ -183,6 +198,7 @@ impl EndpointSet {
             })
             .collect();
         EndpointSet {
+            has_degraded: endpoints.iter().any(|e| e.degraded()),
             endpoints,
             levels,
             policy,
@@ -287,6 +303,8 @@ impl Cluster {
             .map(|s| match by_addr.get(&s.addr) {
                 Some(e) if e.weight == s.weight => {
                     e.eds_healthy.store(eds_ok(s.health), Relaxed);
+                    e.eds_degraded
+                        .store(s.health == HealthStatus::Degraded, Relaxed);
                     Arc::clone(e)
                 }
                 other => {
@@ -458,6 +476,7 @@ fn same_endpoints(cluster: &Cluster, specs: &[EndpointSpec], policy: LoadPolicy)
             e.addr == s.addr
                 && e.weight == s.weight
                 && e.eds_healthy.load(Relaxed) == eds_ok(s.health)
+                && e.degraded() == (s.health == HealthStatus::Degraded)
         })
 }
 
