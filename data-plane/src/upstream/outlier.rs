@@ -195,11 +195,7 @@ impl Cluster {
         why: [&'static str; 2],
     ) {
         if let Some(sr) = success_rate {
-            let valid: Vec<_> = rates
-                .iter()
-                .filter(|(_, _, n)| *n >= sr.request_volume)
-                .collect();
-            if !valid.is_empty() && valid.len() >= sr.minimum_hosts as usize {
+            if let Some(valid) = judged(rates, sr.request_volume, sr.minimum_hosts) {
                 let threshold = success_rate_threshold(
                     &valid.iter().map(|(_, r, _)| *r).collect::<Vec<_>>(),
                     sr.stdev_factor,
@@ -212,11 +208,7 @@ impl Cluster {
             }
         }
         if let Some(fp) = failure_percentage {
-            let valid: Vec<_> = rates
-                .iter()
-                .filter(|(_, _, n)| *n >= fp.request_volume)
-                .collect();
-            if !valid.is_empty() && valid.len() >= fp.minimum_hosts as usize {
+            if let Some(valid) = judged(rates, fp.request_volume, fp.minimum_hosts) {
                 for (e, r, _) in valid {
                     if 100.0 - *r >= f64::from(fp.threshold) && enforced(fp.enforcing) {
                         self.eject(e, o, now, why[1]);
@@ -225,6 +217,17 @@ impl Cluster {
             }
         }
     }
+}
+
+/// The rates a detection by rate judges: those of endpoints with at least
+/// `volume` requests, when there are at least `min_hosts` (and one).
+fn judged<'r, 'e>(
+    rates: &'r [(&'e Arc<Endpoint>, f64, u32)],
+    volume: u32,
+    min_hosts: u32,
+) -> Option<Vec<&'r (&'e Arc<Endpoint>, f64, u32)>> {
+    let valid: Vec<_> = rates.iter().filter(|(_, _, n)| *n >= volume).collect();
+    (!valid.is_empty() && valid.len() >= min_hosts as usize).then_some(valid)
 }
 
 /// Takes each endpoint's interval counts (`counts`: total and failed) and

@@ -12,6 +12,14 @@ use crate::model::{DesiredState, Kind};
 use crate::xds::resources::TypeUrl;
 use crate::xds::resources::XdsSnapshot;
 
+/// A resource of the view, decoded (the test fails if it is missing).
+fn decoded<M: Message + Default>(view: &crate::xds::resources::View, t: TypeUrl, name: &str) -> M {
+    let e = view
+        .get(t, name)
+        .unwrap_or_else(|| panic!("no {name} in the view"));
+    M::decode(&*e.resource.body.value).expect("decodes")
+}
+
 fn state(docs: Vec<Value>) -> DesiredState {
     crate::model::decode::test_state(docs)
 }
@@ -213,15 +221,7 @@ fn groups_get_only_what_they_select() {
 fn routes_are_most_specific_first_and_prefixes_respect_segments() {
     let snap = translate(&state(base()), 1);
     let view = snap.view("edge");
-    let rc = RouteConfiguration::decode(
-        &*view
-            .get(TypeUrl::Route, "edge/http")
-            .unwrap()
-            .resource
-            .body
-            .value,
-    )
-    .unwrap();
+    let rc = decoded::<RouteConfiguration>(&view, TypeUrl::Route, "edge/http");
     let vh = &rc.virtual_hosts[0];
     assert_eq!(vh.domains, vec!["api.example.com"]);
     let paths: Vec<_> = vh
@@ -243,15 +243,7 @@ fn routes_are_most_specific_first_and_prefixes_respect_segments() {
 fn grpc_services_follow_grfc_a27() {
     let snap = translate(&state(base()), 1);
     let view = snap.view("anything");
-    let l = Listener::decode(
-        &*view
-            .get(TypeUrl::Listener, "greeter")
-            .unwrap()
-            .resource
-            .body
-            .value,
-    )
-    .unwrap();
+    let l = decoded::<Listener>(&view, TypeUrl::Listener, "greeter");
     assert_eq!(l.name, "greeter");
     let any = l.api_listener.unwrap().api_listener.unwrap();
     let hcm = HttpConnectionManager::decode(&*any.value).unwrap();
@@ -259,26 +251,10 @@ fn grpc_services_follow_grfc_a27() {
         hcm.http_filters.last().unwrap().name,
         "envoy.filters.http.router"
     );
-    let rc = RouteConfiguration::decode(
-        &*view
-            .get(TypeUrl::Route, "greeter")
-            .unwrap()
-            .resource
-            .body
-            .value,
-    )
-    .unwrap();
+    let rc = decoded::<RouteConfiguration>(&view, TypeUrl::Route, "greeter");
     assert_eq!(rc.virtual_hosts[0].domains, vec!["greeter"]);
     use portico_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
-    let cla = ClusterLoadAssignment::decode(
-        &*view
-            .get(TypeUrl::Endpoint, "greeter")
-            .unwrap()
-            .resource
-            .body
-            .value,
-    )
-    .unwrap();
+    let cla = decoded::<ClusterLoadAssignment>(&view, TypeUrl::Endpoint, "greeter");
     assert_eq!(
         cla.endpoints[0]
             .load_balancing_weight
@@ -302,16 +278,7 @@ fn slow_start_reaches_the_balancer() {
                "loadBalancing": "least_request", "slowStart": "30s"}),
     ));
     let snap = translate(&state(docs), 1);
-    let c = Cluster::decode(
-        &*snap
-            .view("edge")
-            .get(TypeUrl::Cluster, "pets")
-            .unwrap()
-            .resource
-            .body
-            .value,
-    )
-    .unwrap();
+    let c = decoded::<Cluster>(&snap.view("edge"), TypeUrl::Cluster, "pets");
     let Some(LbConfig::LeastRequestLbConfig(lr)) = c.lb_config else {
         panic!("{:?}", c.lb_config)
     };
@@ -344,15 +311,7 @@ fn endpoint_priorities_are_localities_of_their_own() {
     ));
     let snap = translate(&state(docs), 1);
     let view = snap.view("edge");
-    let cla = ClusterLoadAssignment::decode(
-        &*view
-            .get(TypeUrl::Endpoint, "tiered")
-            .unwrap()
-            .resource
-            .body
-            .value,
-    )
-    .unwrap();
+    let cla = decoded::<ClusterLoadAssignment>(&view, TypeUrl::Endpoint, "tiered");
     let tiers: Vec<(u32, String, usize)> = cla
         .endpoints
         .iter()
@@ -383,15 +342,7 @@ fn no_domain_is_in_two_virtual_hosts() {
         "lifecycle": {"state": "published"}, "routes": [{"match": {"path": "/"}, "action": {"service": "pets"}}]})));
     let snap = translate(&state(docs), 1);
     let view = snap.view("edge");
-    let rc = RouteConfiguration::decode(
-        &*view
-            .get(TypeUrl::Route, "edge/http")
-            .unwrap()
-            .resource
-            .body
-            .value,
-    )
-    .unwrap();
+    let rc = decoded::<RouteConfiguration>(&view, TypeUrl::Route, "edge/http");
     let mut domains: Vec<&String> = rc.virtual_hosts.iter().flat_map(|v| &v.domains).collect();
     let n = domains.len();
     domains.sort();
