@@ -162,6 +162,8 @@ fn clusters(shared: &Shared) -> String {
             let _ = writeln!(out, "{n}::{}::health_flags::{}", e.addr, e.health_flags());
             let _ = writeln!(out, "{n}::{}::weight::{}", e.addr, e.weight);
             let _ = writeln!(out, "{n}::{}::priority::{priority}", e.addr);
+            let host = e.hostname.as_deref().unwrap_or("");
+            let _ = writeln!(out, "{n}::{}::hostname::{host}", e.addr);
             let _ = writeln!(out, "{n}::{}::cx_active::{open}", e.addr);
             let _ = writeln!(out, "{n}::{}::cx_idle::{idle}", e.addr);
             let _ = writeln!(

@@ -69,6 +69,10 @@ pub struct DnsHost {
     pub locality: u32,
     /// See `locality`.
     pub locality_weight: u32,
+    /// The endpoint's own `hostname`, else the name resolved.
+    pub hostname: Arc<str>,
+    /// What the ring hashes in its place (`envoy.lb` `hash_key`).
+    pub hash_key: Option<Arc<str>>,
 }
 
 /// Envoy's `dns_lookup_family`.
@@ -447,6 +451,11 @@ pub struct ClusterConfig {
     /// `common_lb_config.healthy_panic_threshold`, 50 unless set; 0 turns
     /// it off).
     pub panic_threshold: f64,
+    /// A hash ring places endpoints by their host names, not their
+    /// addresses (`common_lb_config.consistent_hashing_lb_config.
+    /// use_hostname_for_hashing`; an endpoint without one keeps its
+    /// address).
+    pub hash_by_hostname: bool,
 }
 
 /// One endpoint from a load assignment or a static cluster.
@@ -466,6 +475,34 @@ pub struct EndpointSpec {
     /// Its locality's priority: 0 takes the traffic while it is healthy
     /// enough, then 1, and so on (Envoy's priority levels).
     pub priority: u32,
+    /// Its host name (the endpoint's `hostname`, or a DNS cluster's name
+    /// resolved): what `auto_host_rewrite` sets the Host to.
+    pub hostname: Option<Arc<str>>,
+    /// What a hash ring places it by instead of its address (Envoy's
+    /// `envoy.lb` metadata `hash_key`).
+    pub hash_key: Option<Arc<str>>,
+}
+
+/// An endpoint's `envoy.lb` metadata `hash_key` (as Envoy, a value that is
+/// not a non-empty string is ignored).
+fn hash_key(e: &portico_proto::envoy::config::endpoint::v3::LbEndpoint) -> Option<Arc<str>> {
+    use portico_proto::google::protobuf::value::Kind;
+    let v = e
+        .metadata
+        .as_ref()?
+        .filter_metadata
+        .get("envoy.lb")?
+        .fields
+        .get("hash_key")?;
+    match &v.kind {
+        Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str().into()),
+        _ => None,
+    }
+}
+
+/// An endpoint's `hostname`, when it has one.
+fn hostname(ep: &portico_proto::envoy::config::endpoint::v3::Endpoint) -> Option<Arc<str>> {
+    (!ep.hostname.is_empty()).then(|| ep.hostname.as_str().into())
 }
 
 #[cfg(test)]
@@ -480,6 +517,8 @@ impl EndpointSpec {
             locality: 0,
             locality_weight: 1,
             priority: 0,
+            hostname: None,
+            hash_key: None,
         }
     }
 }
@@ -769,6 +808,8 @@ impl ClusterConfig {
                         };
                         let (host, port) = host_port(ep.address.as_ref(), &eat)?;
                         v.push(DnsHost {
+                            hostname: hostname(ep).unwrap_or_else(|| host.as_str().into()),
+                            hash_key: hash_key(e),
                             host,
                             port,
                             weight: e
@@ -1266,6 +1307,11 @@ impl ClusterConfig {
         };
         Ok(ClusterConfig {
             panic_threshold,
+            hash_by_hostname: c
+                .common_lb_config
+                .as_ref()
+                .and_then(|l| l.consistent_hashing_lb_config.as_ref())
+                .is_some_and(|h| h.use_hostname_for_hashing),
             locality_weighted: c.common_lb_config.as_ref().is_some_and(|l| {
                 matches!(
                     l.locality_config_specifier,
@@ -1336,6 +1382,8 @@ pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, C
                 locality: li as u32,
                 locality_weight: lw,
                 priority: l.priority,
+                hostname: hostname(ep),
+                hash_key: hash_key(e),
             });
         }
     }
@@ -1715,12 +1763,11 @@ mod tests {
             CommonLbConfig,
         };
         let spec = |port: u16, weight, locality, locality_weight| EndpointSpec {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
             weight,
             health: HealthStatus::Unknown,
             locality,
             locality_weight,
-            priority: 0,
+            ..EndpointSpec::at(([127, 0, 0, 1], port))
         };
         // One endpoint in the first locality, two in the second, equal
         // locality weights: half the traffic to the lone one.

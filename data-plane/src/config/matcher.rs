@@ -62,7 +62,7 @@ impl Substitution {
     /// Compiles it.
     pub fn compile(m: &RegexMatchAndSubstitute, at: &str) -> Result<Self, ConfigError> {
         let Some(p) = &m.pattern else {
-            return Err(ConfigError::new(at, "regex_rewrite without a pattern"));
+            return Err(ConfigError::new(at, "a regex substitution needs a pattern"));
         };
         let pattern = cached_regex(&p.regex)
             .map_err(|e| ConfigError::new(at, format!("bad regex {:?}: {e}", p.regex)))?;

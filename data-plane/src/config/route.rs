@@ -210,15 +210,24 @@ pub enum WeightDraw {
     HashPolicy,
 }
 
-/// How the Host header is rewritten upstream.
+/// How the Host header is rewritten upstream (Envoy's
+/// `host_rewrite_specifier`). Each but `Keep` appends the original to
+/// `x-forwarded-host` when the route says so, if it rewrites.
 #[derive(Debug)]
 pub enum HostRewrite {
     /// Left alone.
     Keep,
     /// Set to this.
     Literal(HeaderValue),
-    /// Set to the chosen endpoint's address.
+    /// Set to the chosen endpoint's host name (`auto_host_rewrite`); left
+    /// alone for an endpoint without one, as Envoy does.
     Auto,
+    /// Set to this request header's value (after the route's header
+    /// edits), unless it is absent or empty (`host_rewrite_header`).
+    Header(HeaderName),
+    /// Set to the request's path (without its query), substituted
+    /// (`host_rewrite_path_regex`).
+    PathRegex(Substitution),
 }
 
 /// A hash policy for ring-hash load balancing (`RouteAction.HashPolicy`).
@@ -1604,12 +1613,17 @@ fn convert_route(
                 }
                 Some(HostRewriteSpecifier::AutoHostRewrite(b)) if b.value => HostRewrite::Auto,
                 Some(HostRewriteSpecifier::AutoHostRewrite(_)) => HostRewrite::Keep,
-                Some(_) => {
-                    return Err(ConfigError::new(
-                        at,
-                        "only host_rewrite_literal and auto_host_rewrite are supported",
-                    ))
+                Some(HostRewriteSpecifier::HostRewriteHeader(h)) => {
+                    HostRewrite::Header(header_name(h, &format!("{at} host_rewrite_header"))?)
                 }
+                Some(HostRewriteSpecifier::HostRewritePathRegex(s)) => HostRewrite::PathRegex(
+                    Substitution::compile(s, &format!("{at} host_rewrite_path_regex"))?,
+                ),
+                Some(HostRewriteSpecifier::HostRewrite(_)) => return Err(ConfigError::new(
+                    at,
+                    "host_rewrite (a formatted host) is not supported; use host_rewrite_literal, \
+                         host_rewrite_header or host_rewrite_path_regex",
+                )),
             };
             if a.retry_policy_typed_config.is_some() {
                 return Err(ConfigError::new(
@@ -2274,8 +2288,9 @@ mod tests {
     }
 
     /// Route features that would change answers if ignored are refused by
-    /// name: internal redirects (either field) and hedging on per-try
-    /// timeouts (route or virtual host).
+    /// name: internal redirects (either field), hedging on per-try
+    /// timeouts (route or virtual host) and the formatted host rewrite;
+    /// a host rewrite by header or path needs a good name or pattern.
     #[test]
     fn internal_redirects_and_hedging_are_refused_by_name() {
         use portico_proto::envoy::config::route::v3::{
@@ -2327,6 +2342,41 @@ mod tests {
             None,
             "hedge_on_per_try_timeout",
         );
+        {
+            use portico_proto::envoy::config::route::v3::route_action::HostRewriteSpecifier as H;
+            use portico_proto::envoy::r#type::matcher::v3::{
+                RegexMatchAndSubstitute, RegexMatcher,
+            };
+            refused(
+                with(&|a| a.host_rewrite_specifier = Some(H::HostRewrite("%REQ(x)%".into()))),
+                None,
+                "host_rewrite (a formatted host) is not supported",
+            );
+            refused(
+                with(&|a| a.host_rewrite_specifier = Some(H::HostRewriteHeader("bad name".into()))),
+                None,
+                "host_rewrite_header",
+            );
+            let pattern = |regex: &str| RegexMatchAndSubstitute {
+                pattern: Some(RegexMatcher {
+                    regex: regex.into(),
+                    ..Default::default()
+                }),
+                substitution: "x".into(),
+            };
+            refused(
+                with(&|a| a.host_rewrite_specifier = Some(H::HostRewritePathRegex(pattern("(")))),
+                None,
+                "host_rewrite_path_regex",
+            );
+            convert(
+                with(&|a| {
+                    a.host_rewrite_specifier = Some(H::HostRewritePathRegex(pattern("^/(.+)$")))
+                }),
+                None,
+            )
+            .expect("a good pattern converts");
+        }
         refused(
             route(PathSpecifier::Prefix("/".into()), "c"),
             Some(hedge),

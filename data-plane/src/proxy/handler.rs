@@ -1027,9 +1027,11 @@ async fn forward(
 
     // The request as it goes upstream. The Host value is the client's own
     // (shared, not copied) unless the route rewrites it.
+    // (A rewrite by a header or the path follows the route's header
+    // edits, below; `auto_host_rewrite` follows the endpoint's pick.)
     let mut host_value = match &fwd.host_rewrite {
         HostRewrite::Literal(v) => Some(v.clone()),
-        HostRewrite::Keep | HostRewrite::Auto => match (to.host, req.uri().authority()) {
+        _ => match (to.host, req.uri().authority()) {
             (Some(h), _) => Some(h.clone()),
             (None, Some(a)) => HeaderValue::from_str(a.as_str()).ok(),
             (None, None) => req.headers().get(header::HOST).cloned(),
@@ -1075,8 +1077,11 @@ async fn forward(
     if let Some(via) = &lr.config.via {
         append_via(&mut headers, via);
     }
-    if fwd.append_x_forwarded_host && !matches!(fwd.host_rewrite, HostRewrite::Keep) {
-        let original = original_uri
+    // The client's host, for `x-forwarded-host` when a rewrite replaces it.
+    let mut forwarded_host = (fwd.append_x_forwarded_host
+        && !matches!(fwd.host_rewrite, HostRewrite::Keep))
+    .then(|| {
+        original_uri
             .authority()
             .map(|a| a.as_str().to_owned())
             .or_else(|| {
@@ -1084,11 +1089,9 @@ async fn forward(
                     .get(header::HOST)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
-            });
-        if let Some(host) = original {
-            append_forwarded_host(&mut headers, &host);
-        }
-    }
+            })
+    })
+    .flatten();
     let envoy_headers = lr.config.envoy_headers;
     if envoy_headers && (fwd.prefix_rewrite.is_some() || fwd.regex_rewrite.is_some()) {
         if let Ok(v) = HeaderValue::from_str(original_pq) {
@@ -1100,6 +1103,32 @@ async fn forward(
         .flatten()
     {
         e.apply_request(&mut headers, fmt.as_deref());
+    }
+    let rewritten = match &fwd.host_rewrite {
+        HostRewrite::Literal(_) => true,
+        HostRewrite::Header(name) => match headers.get(name).filter(|v| !v.is_empty()) {
+            Some(v) => {
+                host_value = Some(v.clone());
+                true
+            }
+            None => false,
+        },
+        HostRewrite::PathRegex(s) => {
+            let path = original_pq.split_once('?').map_or(original_pq, |(p, _)| p);
+            match HeaderValue::from_str(&s.apply(path)) {
+                Ok(v) => {
+                    host_value = Some(v);
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+        HostRewrite::Keep | HostRewrite::Auto => false,
+    };
+    if rewritten {
+        if let Some(host) = forwarded_host.take() {
+            append_forwarded_host(&mut headers, &host);
+        }
     }
     // HTTP/2 carries the authority in the URI; HTTP/1.1 gets `host_value`
     // inserted over whatever is there.
@@ -1252,8 +1281,14 @@ async fn forward(
         if let Some(r) = fmt.as_deref_mut() {
             r.upstream_host = Some(ep.addr.to_string());
         }
-        if let HostRewrite::Auto = fwd.host_rewrite {
-            host_value = HeaderValue::from_str(&ep.addr.to_string()).ok();
+        // Envoy's auto_host_rewrite: the endpoint's host name, if it has
+        // one (the first try that has one tells `x-forwarded-host`).
+        let mut forward_host = None;
+        if let (HostRewrite::Auto, Some(name)) = (&fwd.host_rewrite, &ep.hostname) {
+            if let Ok(v) = HeaderValue::from_str(name) {
+                host_value = Some(v);
+                forward_host = forwarded_host.take();
+            }
         }
         // The URI is built once; a retry clones it (reference-counted).
         if up_uri.is_none() {
@@ -1293,6 +1328,9 @@ async fn forward(
         // next one sets again.
         let more = attempt + 1 < max_tries;
         *up_req.headers_mut() = std::mem::take(&mut headers);
+        if let Some(host) = forward_host {
+            append_forwarded_host(up_req.headers_mut(), &host);
+        }
         if !cluster.config.http2 {
             if let Some(h) = &host_value {
                 up_req.headers_mut().insert(header::HOST, h.clone());

@@ -74,11 +74,17 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
 async fn check_endpoint(cluster: Weak<Cluster>, e: Arc<Endpoint>, cfg: Arc<HealthCheckConfig>) {
     tokio::time::sleep(jitter(cfg.initial_jitter)).await;
     loop {
-        let outcome = check_one(e.clone(), &cfg).await;
+        let (outcome, degraded) = check_one(e.clone(), &cfg).await;
         let Some(c) = super::live(&cluster) else {
             return;
         };
         let change = record(&c, &e, outcome, &cfg);
+        // Envoy's active degraded flag: set or cleared by each passing
+        // check, at once (no threshold).
+        if outcome == Outcome::Pass && e.hc_degraded.swap(degraded, Relaxed) != degraded {
+            tracing::info!(cluster = %c.config.name, endpoint = %e.addr, degraded, "health check changed whether endpoint is degraded");
+            c.degraded_changed();
+        }
         // Envoy's `successful_active_health_check_uneject_host`: a check
         // that passes, leaving the endpoint healthy, ends an outlier
         // ejection.
@@ -175,11 +181,13 @@ fn request(cfg: &HealthCheckConfig) -> Option<Request<crate::upstream::pool::Req
     Some(req)
 }
 
-async fn check_one(e: Arc<Endpoint>, cfg: &HealthCheckConfig) -> Outcome {
+/// Checks `e` once: how it went, and whether the answer said the endpoint
+/// is degraded (`x-envoy-degraded`, Envoy's).
+async fn check_one(e: Arc<Endpoint>, cfg: &HealthCheckConfig) -> (Outcome, bool) {
     let Some(req) = request(cfg) else {
         // Not an answer from the endpoint (the config is checked for this
         // at conversion).
-        return Outcome::NoAnswer;
+        return (Outcome::NoAnswer, false);
     };
     let fut = async {
         let resp = if cfg.http2 {
@@ -190,14 +198,15 @@ async fn check_one(e: Arc<Endpoint>, cfg: &HealthCheckConfig) -> Outcome {
             let mut tx = e.pool.connect_h1().await.ok()?;
             tx.send_request(req).await.ok()?
         };
-        Some(resp.status().as_u16())
+        let degraded = resp.headers().contains_key("x-envoy-degraded");
+        Some((resp.status().as_u16(), degraded))
     };
     let within = |ranges: &[(u16, u16)], s: u16| ranges.iter().any(|(lo, hi)| s >= *lo && s < *hi);
     match tokio::time::timeout(cfg.timeout, fut).await {
-        Ok(Some(s)) if within(&cfg.expected, s) => Outcome::Pass,
-        Ok(Some(s)) if within(&cfg.retriable, s) => Outcome::Retriable,
-        Ok(Some(_)) => Outcome::Fail,
-        _ => Outcome::NoAnswer,
+        Ok(Some((s, degraded))) if within(&cfg.expected, s) => (Outcome::Pass, degraded),
+        Ok(Some((s, _))) if within(&cfg.retriable, s) => (Outcome::Retriable, false),
+        Ok(Some(_)) => (Outcome::Fail, false),
+        _ => (Outcome::NoAnswer, false),
     }
 }
 
@@ -356,6 +365,13 @@ mod tests {
     async fn check_target(
         answer: &'static [u8],
     ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+        check_target_with(move || answer).await
+    }
+
+    /// As [`check_target`], answering what `answer` says at the time.
+    async fn check_target_with(
+        answer: impl Fn() -> &'static [u8] + Clone + Send + 'static,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
         use std::sync::atomic::AtomicU32;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -368,6 +384,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 let counted = counted.clone();
+                let answer = answer.clone();
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 1024];
@@ -378,7 +395,7 @@ mod tests {
                         }
                     }
                     counted.fetch_add(1, Relaxed);
-                    let _ = s.write_all(answer).await;
+                    let _ = s.write_all(answer()).await;
                 });
             }
         });
@@ -415,6 +432,57 @@ mod tests {
         );
         spawn(Arc::downgrade(&c), hc);
         c
+    }
+
+    /// Through real sockets: a passing check that answers with
+    /// `x-envoy-degraded` makes its endpoint degraded (Envoy's active
+    /// flag), which takes traffic only when no healthy endpoint can; the
+    /// next passing check without it makes the endpoint healthy again.
+    // (Multi-threaded: the waits below block their thread.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_answered_degraded_makes_its_endpoint_degraded() {
+        use std::sync::atomic::AtomicBool;
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        const DEGRADED: &[u8] = b"HTTP/1.1 200 OK\r\nx-envoy-degraded: true\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let flag = Arc::new(AtomicBool::new(true));
+        let said = flag.clone();
+        let (sick, _) =
+            check_target_with(move || if said.load(Relaxed) { DEGRADED } else { OK }).await;
+        // Three healthy of four carry it all (75% × the overprovisioning
+        // factor 1.4 is over 100%).
+        let mut fine = Vec::new();
+        for _ in 0..3 {
+            fine.push(check_target(OK).await.0);
+        }
+        let c = checked_cluster(sick, |_| {});
+        let specs: Vec<_> = std::iter::once(sick)
+            .chain(fine.iter().copied())
+            .map(crate::config::cluster::EndpointSpec::at)
+            .collect();
+        c.set_endpoints(&specs, crate::config::cluster::LoadPolicy::default());
+        let until = |what: &str, f: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !f() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let set = c.endpoints.load_full();
+        let e = set.endpoints[0].clone();
+        assert_eq!(e.addr, sick);
+        until("never degraded", &|| e.degraded());
+        assert_eq!(e.health_flags(), "/degraded_active_hc");
+        assert!(e.hc_healthy.load(Relaxed), "degraded is not unhealthy");
+        for _ in 0..50 {
+            assert_ne!(c.pick(None, None).expect("a pick").addr, sick);
+        }
+        flag.store(false, Relaxed);
+        until("never healthy again", &|| !e.degraded());
+        assert_eq!(e.health_flags(), "healthy");
+        let picked: std::collections::HashSet<_> = (0..50)
+            .map(|_| c.pick(None, None).expect("a pick").addr)
+            .collect();
+        assert!(picked.contains(&sick), "it takes traffic again");
     }
 
     /// Through a real socket: an endpoint that fails its check is checked

@@ -86,7 +86,7 @@ impl Tables {
             t.stride = stride(sum);
         }
         if config.lb == LbKind::RingHash && !eps.is_empty() {
-            t.ring = ring(eps, config.ring_size);
+            t.ring = ring(eps, config.ring_size, config.hash_by_hostname);
         }
         t
     }
@@ -95,13 +95,14 @@ impl Tables {
 /// A hash ring sized as Envoy sizes it: the lightest endpoint gets a whole
 /// number of entries and the ring at least `size.min` of them, but no more
 /// than `size.max`; each endpoint's share of entries is its share of the
-/// weight. Entries are where Envoy puts them (xxHash64 of `address_n`),
-/// so a key goes to the same endpoint as through an Envoy beside this
+/// weight. Entries are where Envoy puts them (xxHash64 of `address_n`, or
+/// of `key_n` for an endpoint with a hash key or, when the cluster says
+/// so, a host name), so a key goes to the same endpoint as through an Envoy beside this
 /// proxy. (Envoy builds its ring over the healthy endpoints; this one
 /// holds them all and walks past those that are not: the same endpoint
 /// for a key while all are healthy, and only keys of an unhealthy one
 /// move.)
-fn ring(eps: &[Arc<Endpoint>], size: RingSize) -> Vec<(u64, u32)> {
+fn ring(eps: &[Arc<Endpoint>], size: RingSize, by_hostname: bool) -> Vec<(u64, u32)> {
     let total: f64 = eps.iter().map(|e| f64::from(e.weight.max(1))).sum();
     let lightest = eps
         .iter()
@@ -112,13 +113,23 @@ fn ring(eps: &[Arc<Endpoint>], size: RingSize) -> Vec<(u64, u32)> {
     let (mut made, mut target) = (0u64, 0.0f64);
     let mut key = String::new();
     for (i, e) in eps.iter().enumerate() {
+        // Envoy's `hashKey`: the metadata's key, else the host name when
+        // the cluster hashes by name (here: when it has one), else the
+        // address.
+        let name = e
+            .hash_key
+            .as_deref()
+            .or(e.hostname.as_deref().filter(|_| by_hostname));
         // In Envoy's float arithmetic, so that the counts agree.
         target += scale * (f64::from(e.weight.max(1)) / total);
         let mut p = 0u64;
         while (made as f64) < target {
             use std::fmt::Write;
             key.clear();
-            let _ = write!(key, "{}_{p}", e.addr);
+            let _ = match name {
+                Some(n) => write!(key, "{n}_{p}"),
+                None => write!(key, "{}_{p}", e.addr),
+            };
             ring.push((hash64(&key), i as u32));
             made += 1;
             p += 1;
@@ -325,7 +336,7 @@ impl Cluster {
         let now = now_ms();
         let levels = match set.levels.as_slice() {
             [] => return None,
-            [one] if !set.has_degraded => {
+            [one] if !set.has_degraded.load(Relaxed) => {
                 let panic = in_panic(&set, self.config.panic_threshold, now);
                 let class = Class::Any { panic };
                 return self.pick_in(&set.endpoints, &one.lb, class, hash, avoid, now);
@@ -338,7 +349,7 @@ impl Cluster {
             let l = &levels[i];
             let class = if spill.panic[i] {
                 Class::Any { panic: true }
-            } else if set.has_degraded {
+            } else if set.has_degraded.load(Relaxed) {
                 Class::Only { degraded }
             } else {
                 Class::Any { panic: false }
@@ -497,7 +508,6 @@ mod tests {
     use portico_proto::envoy::config::cluster::v3::Cluster as PbCluster;
     use portico_proto::envoy::config::core::v3::{HealthStatus, RuntimeDouble};
     use portico_proto::google::protobuf::{UInt32Value, UInt64Value};
-    use std::net::SocketAddr;
 
     fn pb(lb: LbPolicy, config: Option<LbConfig>) -> PbCluster {
         PbCluster {
@@ -829,7 +839,6 @@ mod tests {
         for (level, (&size, &up)) in sizes.iter().zip(up).enumerate() {
             for i in 0..size {
                 specs.push(EndpointSpec {
-                    addr: SocketAddr::from(([127, 0, 0, 1], (1000 * (level + 1) + i) as u16)),
                     weight: weights.get(specs.len()).copied().unwrap_or(1),
                     health: if i < up {
                         HealthStatus::Healthy
@@ -837,8 +846,8 @@ mod tests {
                         HealthStatus::Unhealthy
                     },
                     locality: level as u32,
-                    locality_weight: 1,
                     priority: level as u32,
+                    ..EndpointSpec::at(([127, 0, 0, 1], (1000 * (level + 1) + i) as u16))
                 });
             }
         }
@@ -984,12 +993,9 @@ mod tests {
             .iter()
             .zip(set.priorities())
             .map(|(e, p)| EndpointSpec {
-                addr: e.addr,
                 weight: e.weight,
-                health: HealthStatus::Unknown,
-                locality: 0,
-                locality_weight: 1,
                 priority: 1 - p,
+                ..EndpointSpec::at(e.addr)
             })
             .collect();
         let mut specs = specs;
@@ -1023,17 +1029,13 @@ mod tests {
         );
         let specs: Vec<EndpointSpec> = (0..4)
             .map(|i| EndpointSpec {
-                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-                weight: 1,
                 // 3 of 4: 75% × 1.4 is over 100%.
                 health: if i == 0 {
                     HealthStatus::Unhealthy
                 } else {
                     HealthStatus::Healthy
                 },
-                locality: 0,
-                locality_weight: 1,
-                priority: 0,
+                ..EndpointSpec::at(([127, 0, 0, 1], 1000 + i))
             })
             .collect();
         c.set_endpoints(&specs, LoadPolicy::default());
@@ -1185,6 +1187,71 @@ mod tests {
                 (16064866803292627174, 81),
             ]
         );
+    }
+
+    /// Envoy's ring keys: an endpoint's `hash_key` first, then its host
+    /// name when the cluster hashes by name, else its address; a key kept
+    /// across addresses keeps its requests where they were.
+    #[test]
+    fn the_ring_places_endpoints_by_hash_key_or_host_name() {
+        use portico_proto::envoy::config::cluster::v3::cluster::{
+            common_lb_config::ConsistentHashingLbConfig, CommonLbConfig,
+        };
+        let ring_of = |by_hostname: bool, specs: &[EndpointSpec]| {
+            let mut p = pb(
+                LbPolicy::RingHash,
+                Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                    minimum_ring_size: Some(UInt64Value { value: 4 }),
+                    ..Default::default()
+                })),
+            );
+            p.common_lb_config = Some(CommonLbConfig {
+                consistent_hashing_lb_config: Some(ConsistentHashingLbConfig {
+                    use_hostname_for_hashing: by_hostname,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            let c = Cluster::new(
+                Arc::new(ClusterConfig::convert(&p).expect("converts")),
+                Arc::new(ClusterStats::default()),
+            );
+            c.set_endpoints(specs, LoadPolicy::default());
+            let set = c.endpoints.load();
+            let ring: Vec<(u64, u32)> = set.levels[0].lb.ring.clone();
+            ring
+        };
+        let expect = |keys: [&str; 2]| {
+            let mut v: Vec<(u64, u32)> = (0..2)
+                .flat_map(|i| (0..2).map(move |n| (i, n)))
+                .map(|(i, n)| (hash64(format!("{}_{n}", keys[i])), i as u32))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let named = |port: u16, host: &str, key: Option<&str>| EndpointSpec {
+            hostname: Some(host.into()),
+            hash_key: key.map(Into::into),
+            ..EndpointSpec::at(([127, 0, 0, 1], port))
+        };
+        let specs = [named(80, "a.example", None), named(81, "b.example", None)];
+        assert_eq!(
+            ring_of(false, &specs),
+            expect(["127.0.0.1:80", "127.0.0.1:81"])
+        );
+        assert_eq!(ring_of(true, &specs), expect(["a.example", "b.example"]));
+        let keyed = [
+            named(80, "a.example", Some("k1")),
+            named(81, "b.example", None),
+        ];
+        assert_eq!(ring_of(false, &keyed), expect(["k1", "127.0.0.1:81"]));
+        assert_eq!(ring_of(true, &keyed), expect(["k1", "b.example"]));
+        // Without a host name, an endpoint keeps its address.
+        let bare = [
+            EndpointSpec::at(([127, 0, 0, 1], 80)),
+            named(81, "b.example", None),
+        ];
+        assert_eq!(ring_of(true, &bare), expect(["127.0.0.1:80", "b.example"]));
     }
 
     /// A new endpoint set answers the panic question afresh: after EDS

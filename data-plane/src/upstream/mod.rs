@@ -37,11 +37,18 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Load-balancing weight.
     pub weight: u32,
+    /// Its host name, when it has one (`auto_host_rewrite` sets it).
+    pub hostname: Option<Arc<str>>,
+    /// Where a hash ring places it instead of its address.
+    pub hash_key: Option<Arc<str>>,
     /// Health from the control plane (EDS `health_status`).
     eds_healthy: AtomicBool,
     /// The control plane says DEGRADED: it takes traffic only when the
     /// healthy endpoints cannot carry it all (Envoy's degraded class).
     eds_degraded: AtomicBool,
+    /// Its last passing health check answered with `x-envoy-degraded`
+    /// (Envoy's active degraded flag): degraded likewise.
+    pub(crate) hc_degraded: AtomicBool,
     /// Health from active checks (true when none are configured).
     pub(crate) hc_healthy: AtomicBool,
     pub(crate) hc_streak: AtomicU32,
@@ -73,8 +80,11 @@ impl Endpoint {
         Endpoint {
             addr: spec.addr,
             weight: spec.weight,
+            hostname: spec.hostname.clone(),
+            hash_key: spec.hash_key.clone(),
             eds_healthy: AtomicBool::new(eds_ok(spec.health)),
             eds_degraded: AtomicBool::new(spec.health == HealthStatus::Degraded),
+            hc_degraded: AtomicBool::new(false),
             hc_healthy: AtomicBool::new(true),
             hc_streak: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -92,6 +102,15 @@ impl Endpoint {
         }
     }
 
+    /// Whether `spec` describes this endpoint as it was made: the same
+    /// weight and names (an address whose weight or names change gets a
+    /// new endpoint, as what was built from them is built again).
+    fn same_identity(&self, spec: &EndpointSpec) -> bool {
+        self.weight == spec.weight
+            && self.hostname == spec.hostname
+            && self.hash_key == spec.hash_key
+    }
+
     /// Whether it may take new requests now.
     pub fn available(&self, now: u64) -> bool {
         self.eds_healthy.load(Relaxed)
@@ -101,7 +120,7 @@ impl Endpoint {
 
     /// Whether it is degraded (usable, after the healthy ones).
     pub fn degraded(&self) -> bool {
-        self.eds_degraded.load(Relaxed)
+        self.eds_degraded.load(Relaxed) || self.hc_degraded.load(Relaxed)
     }
 
     /// The factor on its weight under slow start `ss` (1 outside it).
@@ -124,8 +143,11 @@ impl Endpoint {
         if self.ejected_until.load(Relaxed) > now_ms() {
             f.push("/failed_outlier_check");
         }
-        if self.degraded() {
+        if self.eds_degraded.load(Relaxed) {
             f.push("/degraded_eds_health");
+        }
+        if self.hc_degraded.load(Relaxed) {
+            f.push("/degraded_active_hc");
         }
         if f.is_empty() {
             "healthy".into()
@@ -159,8 +181,9 @@ pub struct EndpointSet {
     /// answer holds (`(until_ms << 1) | panic`), reused likewise.
     pub(crate) panic: AtomicU64,
     /// Some endpoint is degraded (the control plane says so when the set
-    /// is made): a single level then takes the shares path too.
-    pub(crate) has_degraded: bool,
+    /// is made, or a health check since): a single level then takes the
+    /// shares path too.
+    pub(crate) has_degraded: AtomicBool,
 }
 
 /// One priority level: a run of the set's endpoints, and the balancer's
@@ -198,7 +221,7 @@ impl EndpointSet {
             })
             .collect();
         EndpointSet {
-            has_degraded: endpoints.iter().any(|e| e.degraded()),
+            has_degraded: AtomicBool::new(endpoints.iter().any(|e| e.degraded())),
             endpoints,
             levels,
             policy,
@@ -301,7 +324,7 @@ impl Cluster {
         let endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|s| match by_addr.get(&s.addr) {
-                Some(e) if e.weight == s.weight => {
+                Some(e) if e.same_identity(s) => {
                     e.eds_healthy.store(eds_ok(s.health), Relaxed);
                     e.eds_degraded
                         .store(s.health == HealthStatus::Degraded, Relaxed);
@@ -309,7 +332,8 @@ impl Cluster {
                 }
                 other => {
                     let e = Endpoint::new(s, &self.config, &self.stats);
-                    // (Not one whose weight changed: it was there.)
+                    // (Not one whose weight or names changed: it was
+                    // there.)
                     if ramp && other.is_none() {
                         self.start_slow(&e, now);
                     }
@@ -368,6 +392,22 @@ impl Cluster {
         let set = self.endpoints.load();
         set.panic.store(0, Relaxed);
         set.spill.store(Arc::new(lb::Spill::default()));
+    }
+
+    /// Notes that a health check changed whether an endpoint is degraded:
+    /// the set's `has_degraded` is counted again (on the set installed
+    /// meanwhile too, which may have counted before the change), and its
+    /// cached shares dropped.
+    pub(crate) fn degraded_changed(&self) {
+        loop {
+            let set = self.endpoints.load_full();
+            set.has_degraded
+                .store(set.endpoints.iter().any(|e| e.degraded()), Relaxed);
+            self.availability_changed();
+            if Arc::ptr_eq(&set, &self.endpoints.load()) {
+                return;
+            }
+        }
     }
 
     /// Starts an endpoint's slow start now, when the cluster has one: it
@@ -474,9 +514,9 @@ fn same_endpoints(cluster: &Cluster, specs: &[EndpointSpec], policy: LoadPolicy)
         && set.priorities().eq(specs.iter().map(|s| s.priority))
         && set.endpoints.iter().zip(specs).all(|(e, s)| {
             e.addr == s.addr
-                && e.weight == s.weight
+                && e.same_identity(s)
                 && e.eds_healthy.load(Relaxed) == eds_ok(s.health)
-                && e.degraded() == (s.health == HealthStatus::Degraded)
+                && e.eds_degraded.load(Relaxed) == (s.health == HealthStatus::Degraded)
         })
 }
 
@@ -538,6 +578,8 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                             locality: d.locality,
                             locality_weight: d.locality_weight,
                             priority: d.priority,
+                            hostname: Some(d.hostname.clone()),
+                            hash_key: d.hash_key.clone(),
                         }));
                     }
                     Err(e) => tracing::warn!(host = %d.host, error = %e, "DNS resolution failed"),

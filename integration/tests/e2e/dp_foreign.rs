@@ -604,6 +604,42 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         },
         prefix_route("/dns-v4", "dns-v4", |_| {}),
         prefix_route("/dns-v6", "dns-v6", |_| {}),
+        // Envoy's other host rewrites: the endpoint's host name (a DNS
+        // cluster's name, an endpoint's `hostname`; none: kept), a request
+        // header, the path.
+        prefix_route("/auto-dns", "dns-v4", |a| {
+            a.host_rewrite_specifier = Some(HostRewriteSpecifier::AutoHostRewrite(
+                portico_proto::google::protobuf::BoolValue { value: true },
+            ));
+            a.append_x_forwarded_host = true;
+        }),
+        prefix_route("/auto-named", "named", |a| {
+            a.host_rewrite_specifier = Some(HostRewriteSpecifier::AutoHostRewrite(
+                portico_proto::google::protobuf::BoolValue { value: true },
+            ));
+        }),
+        prefix_route("/auto-plain", "plain", |a| {
+            a.host_rewrite_specifier = Some(HostRewriteSpecifier::AutoHostRewrite(
+                portico_proto::google::protobuf::BoolValue { value: true },
+            ));
+            a.append_x_forwarded_host = true;
+        }),
+        prefix_route("/by-header", "plain", |a| {
+            a.host_rewrite_specifier =
+                Some(HostRewriteSpecifier::HostRewriteHeader("x-target-host".into()));
+            a.append_x_forwarded_host = true;
+        }),
+        prefix_route("/by-path", "plain", |a| {
+            a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewritePathRegex(
+                RegexMatchAndSubstitute {
+                    pattern: Some(RegexMatcher {
+                        regex: "^/by-path/([^/]+)/.*$".into(),
+                        ..Default::default()
+                    }),
+                    substitution: "\\1".into(),
+                },
+            ));
+        }),
         prefix_route("/budgeted", "budgeted", |a| a.retry_policy = retry("5xx")),
         prefix_route("/health", "health", |_| {}),
         prefix_route("/panicky", "panicky", |_| {}),
@@ -919,6 +955,16 @@ fn foreign_control_plane_envoy_features() {
                 "first",
                 &cluster("first", LbPolicy::RoundRobin, Some(&[p[0]])),
             ),
+            resource("named", &{
+                let mut c = cluster("named", LbPolicy::RoundRobin, Some(&[p[0]]));
+                let la = c.load_assignment.as_mut().expect("static");
+                if let Some(HostIdentifier::Endpoint(e)) =
+                    &mut la.endpoints[0].lb_endpoints[0].host_identifier
+                {
+                    e.hostname = "named.example".into();
+                }
+                c
+            }),
             resource("empty", &cluster("empty", LbPolicy::RoundRobin, Some(&[]))),
             // "localhost" resolved by the proxy: its IPv4 address, or
             // only an IPv6 one (none here, or not where u3 listens).
@@ -1470,6 +1516,47 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(v4.header("x-upstream"), Some("u3"), "{v4:?}");
     let r = get("/dns-v6/x", &[]);
     assert_eq!(r.status, 503, "no IPv6 address of localhost serves: {r:?}");
+    // auto_host_rewrite: the name the DNS cluster resolved, or an
+    // endpoint's hostname; an endpoint without one keeps the client's
+    // host (and x-forwarded-host tells only of a rewrite).
+    let r = get("/auto-dns/x", &[]);
+    assert!(
+        r.body.contains("\nhost: localhost\n") && r.body.contains("\nx-forwarded-host: gw\n"),
+        "{}",
+        r.body
+    );
+    let r = get("/auto-named/x", &[]);
+    assert!(r.body.contains("\nhost: named.example\n"), "{}", r.body);
+    let r = get("/auto-plain/x", &[]);
+    assert!(
+        r.body.contains("\nhost: gw\n") && !r.body.contains("x-forwarded-host"),
+        "{}",
+        r.body
+    );
+    // host_rewrite_header: the header's value, else the client's host.
+    let r = get("/by-header/x", &[("x-target-host", "t.example")]);
+    assert!(
+        r.body.contains("\nhost: t.example\n") && r.body.contains("\nx-forwarded-host: gw\n"),
+        "{}",
+        r.body
+    );
+    let r = get("/by-header/x", &[]);
+    assert!(
+        r.body.contains("\nhost: gw\n") && !r.body.contains("x-forwarded-host"),
+        "{}",
+        r.body
+    );
+    // host_rewrite_path_regex: from the path without its query.
+    let r = get("/by-path/p.example/x?to=q.example", &[]);
+    assert!(r.body.contains("\nhost: p.example\n"), "{}", r.body);
+    let (_, dump) = dp.admin_get("/clusters");
+    assert!(
+        dump.contains(&format!(
+            "named::127.0.0.1:{}::hostname::named.example",
+            p[0]
+        )),
+        "{dump}"
+    );
     // A retry budget overrides max_retries: none here.
     let r = get("/budgeted/flaky/budget/1", &[]);
     assert_eq!(r.status, 503, "not retried: {r:?}");
