@@ -106,6 +106,10 @@ counters!(
         health_flaps,
         /// Endpoints known.
         membership_total,
+        /// Load assignments that came with an `endpoint_stale_after`, and
+        /// of them, those whose endpoints went stale (dropped: no other
+        /// assignment came in time).
+        assignment_timeout_received, assignment_stale,
     }
 );
 

@@ -530,6 +530,10 @@ pub struct Assignment {
     pub endpoints: Vec<EndpointSpec>,
     /// How traffic spills between priorities, and how much is dropped.
     pub policy: LoadPolicy,
+    /// `policy.endpoint_stale_after`: unless another assignment of the
+    /// same name arrives within this, the endpoints are dropped (Envoy's
+    /// stale assignment; the cluster then has none until one comes).
+    pub stale_after: Option<Duration>,
 }
 
 /// A load assignment's `policy`.
@@ -559,8 +563,6 @@ impl Default for LoadPolicy {
 
 impl LoadPolicy {
     /// Converts a load assignment's policy; errors name the place.
-    // `endpoint_stale_after` is not applied: endpoints stay as the last
-    // assignment left them (also while the control plane is away).
     fn convert(cla: &ClusterLoadAssignment, at: &str) -> Result<Self, ConfigError> {
         let Some(p) = &cla.policy else {
             return Ok(LoadPolicy::default());
@@ -1389,9 +1391,24 @@ pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, C
     }
     // Stable: within a priority, the assignment's order.
     v.sort_by_key(|s| s.priority);
+    let stale_after = match cla
+        .policy
+        .as_ref()
+        .and_then(|p| p.endpoint_stale_after.as_ref())
+    {
+        None => None,
+        Some(d) if d.seconds > 0 || (d.seconds == 0 && d.nanos > 0) => Some(duration(d)),
+        Some(d) => {
+            return Err(ConfigError::new(
+                &format!("{at} policy.endpoint_stale_after"),
+                format!("must be above 0 (is {}s {}ns)", d.seconds, d.nanos),
+            ))
+        }
+    };
     Ok(Assignment {
         endpoints: v,
         policy: LoadPolicy::convert(cla, at)?,
+        stale_after,
     })
 }
 
@@ -1487,6 +1504,25 @@ mod tests {
             e.contains("overprovisioning_factor") && e.contains("above 0"),
             "{e}"
         );
+        // endpoint_stale_after: kept when above 0, refused otherwise.
+        let stale = |seconds, nanos| Policy {
+            endpoint_stale_after: Some(portico_proto::google::protobuf::Duration {
+                seconds,
+                nanos,
+            }),
+            ..Default::default()
+        };
+        cla.policy = Some(stale(0, 250_000_000));
+        let a = assignment(&cla, "here").expect("converts");
+        assert_eq!(a.stale_after, Some(Duration::from_millis(250)));
+        for (s, n) in [(0, 0), (-1, 0)] {
+            cla.policy = Some(stale(s, n));
+            let e = assignment(&cla, "here").unwrap_err().to_string();
+            assert!(
+                e.contains("here policy.endpoint_stale_after") && e.contains("above 0"),
+                "{e}"
+            );
+        }
         cla.policy = None;
         cla.endpoints[0].priority = 129;
         let e = assignment(&cla, "here").unwrap_err().to_string();

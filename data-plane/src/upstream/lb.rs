@@ -664,7 +664,7 @@ mod tests {
             .collect();
         let a = Assignment {
             endpoints,
-            policy: LoadPolicy::default(),
+            ..Assignment::default()
         };
         std::collections::HashMap::from([(Arc::<str>::from("c"), Arc::new(a))])
     }

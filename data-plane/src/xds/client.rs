@@ -84,6 +84,9 @@ pub struct Client {
     lds_seen: bool,
     cache_generation: Arc<std::sync::atomic::AtomicU64>,
     last_rejection: Option<(String, String)>,
+    /// When each load assignment with an `endpoint_stale_after` goes
+    /// stale unless another arrives (by name).
+    stale: HashMap<String, tokio::time::Instant>,
 }
 
 type Error = String;
@@ -102,6 +105,104 @@ impl Client {
             lds_seen: false,
             cache_generation: Arc::default(),
             last_rejection: None,
+            stale: HashMap::new(),
+        }
+    }
+
+    /// Awaits `fut`, meanwhile dropping load assignments as they go stale
+    /// (whatever the client is doing: streaming, connecting or waiting to
+    /// reconnect — stale endpoints matter most while the control plane is
+    /// away).
+    async fn awaiting<T>(&mut self, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(fut);
+        loop {
+            let Some(&at) = self.stale.values().min() else {
+                return fut.await;
+            };
+            tokio::select! {
+                v = &mut fut => return v,
+                () = tokio::time::sleep_until(at) => self.expire_stale(),
+            }
+        }
+    }
+
+    /// Drops the load assignments whose time is up, as if the control
+    /// plane had removed them: their clusters have no endpoints until
+    /// another assignment arrives (Envoy's `onAssignmentTimeout`).
+    fn expire_stale(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = self
+            .stale
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &due {
+            self.stale.remove(n);
+        }
+        // Only those still held (a later update may have dropped some).
+        let due: Vec<String> = due
+            .into_iter()
+            .filter(|n| self.state.endpoints.contains_key(n.as_str()))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for n in &due {
+            tracing::warn!(assignment = %n, "load assignment is stale (endpoint_stale_after passed without a new one); its endpoints are dropped");
+            for c in self.clusters_of(n) {
+                c.stats.assignment_stale.fetch_add(1, Relaxed);
+            }
+        }
+        let u = Update {
+            ty: Ty::Endpoint,
+            resources: Vec::new(),
+            removed: due,
+            complete: false,
+        };
+        if let Err(e) = self.apply(u) {
+            // Removing assignments cannot fail a check; say so if it does.
+            tracing::error!(error = %e, "dropping stale load assignments failed");
+        }
+    }
+
+    /// The live clusters whose endpoints the assignment `service` gives.
+    fn clusters_of(&self, service: &str) -> Vec<Arc<crate::upstream::Cluster>> {
+        self.shared
+            .snapshot
+            .load()
+            .clusters
+            .values()
+            .filter(|c| {
+                matches!(&c.config.discovery, crate::config::cluster::Discovery::Eds(s) if &**s == service)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Arms or disarms the stale timers of the assignments `u` brought.
+    fn note_assignments(&mut self, u: &Update) {
+        for n in &u.removed {
+            self.stale.remove(n);
+        }
+        let now = tokio::time::Instant::now();
+        for (n, _, _) in &u.resources {
+            match self
+                .state
+                .endpoints
+                .get(n.as_str())
+                .and_then(|a| a.value.stale_after)
+            {
+                Some(d) => {
+                    self.stale.insert(n.clone(), now + d);
+                    for c in self.clusters_of(n) {
+                        c.stats.assignment_timeout_received.fetch_add(1, Relaxed);
+                    }
+                }
+                None => {
+                    self.stale.remove(n);
+                }
+            }
         }
     }
 
@@ -128,7 +229,8 @@ impl Client {
                 backoff = Duration::from_millis(250);
             }
             // Full jitter keeps a fleet from reconnecting in lockstep.
-            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+            self.awaiting(tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())))
+                .await;
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
@@ -180,6 +282,7 @@ impl Client {
     fn apply_inner(&mut self, u: Update) -> Result<(), ConfigError> {
         let mut next = self.state.staged(&u)?;
         next.collect_garbage();
+        let endpoints = u.ty == Ty::Endpoint;
         let mut snap = Snapshot {
             listeners: next
                 .listeners
@@ -216,6 +319,9 @@ impl Client {
         let snap = Arc::new(snap);
         let old_snap = self.shared.snapshot.swap(snap.clone());
         self.listeners.apply(&snap, prepared);
+        if endpoints {
+            self.note_assignments(&u);
+        }
         // Freeing a large route table takes milliseconds; do it off the
         // path of the next update and of the workers.
         tokio::task::spawn_blocking(move || drop((old_snap, old_state)));
@@ -272,22 +378,13 @@ impl Client {
         }
     }
 
+    /// Connects to the control plane (stale assignments expiring
+    /// meanwhile).
     async fn connect(
-        &self,
+        &mut self,
     ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, Error> {
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", self.cfg.server))
-            .map_err(|e| format!("bad xDS server address {:?}: {e}", self.cfg.server))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let ch = ep
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.cfg.server))?;
-        self.shared.stats.xds_connects.fetch_add(1, Relaxed);
-        // Large route tables exceed tonic's 4 MiB default.
-        Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(256 << 20))
+        let (server, shared) = (self.cfg.server.clone(), self.shared.clone());
+        self.awaiting(connect(server, shared)).await
     }
 
     /// What a new stream asks for first, in make-before-break order:
@@ -325,15 +422,15 @@ impl Client {
             };
             let _ = tx.send(req).await;
         }
-        let mut stream = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
+        let mut stream = self
+            .awaiting(client.delta_aggregated_resources(ReceiverStream::new(rx)))
             .await
             .map_err(|s| format!("stream refused: {}", s.message()))?
             .into_inner();
         self.shared.xds_connected.store(true, Relaxed);
         tracing::info!(server = %self.cfg.server, "xDS stream (Delta) established");
         loop {
-            let resp = next_message(stream.message().await)?;
+            let resp = next_message(self.awaiting(stream.message()).await)?;
             let Some(ty) = Ty::from_url(&resp.type_url) else {
                 let _ = tx
                     .send(DeltaDiscoveryRequest {
@@ -407,15 +504,15 @@ impl Client {
             };
             let _ = tx.send(req).await;
         }
-        let mut stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+        let mut stream = self
+            .awaiting(client.stream_aggregated_resources(ReceiverStream::new(rx)))
             .await
             .map_err(|s| format!("stream refused: {}", s.message()))?
             .into_inner();
         self.shared.xds_connected.store(true, Relaxed);
         tracing::info!(server = %self.cfg.server, "xDS stream (SotW) established");
         loop {
-            let resp = next_message(stream.message().await)?;
+            let resp = next_message(self.awaiting(stream.message()).await)?;
             let Some(ty) = Ty::from_url(&resp.type_url) else {
                 continue;
             };
@@ -484,6 +581,26 @@ impl Client {
             }
         }
     }
+}
+
+/// A connection to the control plane at `server`.
+async fn connect(
+    server: String,
+    shared: Arc<Shared>,
+) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, Error> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+        .map_err(|e| format!("bad xDS server address {server:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+    shared.stats.xds_connects.fetch_add(1, Relaxed);
+    // Large route tables exceed tonic's 4 MiB default.
+    Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(256 << 20))
 }
 
 /// The next response on a stream, or why the stream ended.

@@ -2791,3 +2791,104 @@ fn h2_unfinished_post_gets_408(port: u16, path: &str) {
     let h = c.until("the 408", |f| f.kind == HEADERS && f.stream == 1);
     assert!(h.payload.windows(3).any(|w| w == b"408"), "{h:?}");
 }
+
+/// Envoy's `endpoint_stale_after`: a load assignment not followed by
+/// another within it loses its endpoints (503, counted as stale) until
+/// one comes, even while the control plane is away; each assignment that
+/// arrives, changed or not, starts the time again.
+#[test]
+fn stale_load_assignments_lose_their_endpoints() {
+    use std::time::{Duration, Instant};
+    let up = Upstream::start("u1");
+    let port = free_port();
+    let xds = StaticXds::start();
+    let stale_after = Duration::from_millis(1500);
+    let fresh = || {
+        let mut a = endpoints("fresh", &[(up.addr.port(), HealthStatus::Unknown)]);
+        a.policy = Some(
+            portico_proto::envoy::config::endpoint::v3::cluster_load_assignment::Policy {
+                endpoint_stale_after: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 1,
+                    nanos: 500_000_000,
+                }),
+                ..Default::default()
+            },
+        );
+        vec![resource("fresh", &a)]
+    };
+    xds.set(
+        CLUSTER,
+        vec![resource(
+            "fresh",
+            &cluster("fresh", LbPolicy::RoundRobin, None),
+        )],
+    );
+    xds.set(ENDPOINT, fresh());
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &RouteConfiguration {
+                name: "routes".into(),
+                virtual_hosts: vec![VirtualHost {
+                    name: "all".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![prefix_route("/", "fresh", |_| {})],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )],
+    );
+    let mut pushed = Instant::now();
+    xds.set(
+        LISTENER,
+        vec![resource(
+            "foreign",
+            &listener("foreign", port, 0, false, None),
+        )],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dp = DataPlane::start(
+        dir.path(),
+        "dp-stale",
+        &xds.addr.to_string(),
+        "any",
+        &["--sotw"],
+    );
+    let status = || {
+        http1(port, "GET", "/x", "gw", &[], "")
+            .map(|r| r.status)
+            .unwrap_or(0)
+    };
+    wait_for(Duration::from_secs(10), || (status() == 200).then_some(()))
+        .expect("the assignment serves");
+    // Nothing new comes: the endpoints go, not before their time.
+    wait_for(Duration::from_secs(10), || (status() == 503).then_some(()))
+        .expect("the stale assignment's endpoints are dropped");
+    assert!(pushed.elapsed() >= stale_after, "{:?}", pushed.elapsed());
+    assert_eq!(dp.stat("cluster.fresh.assignment_stale"), 1);
+    assert!(dp.stat("cluster.fresh.assignment_timeout_received") >= 1);
+    let (_, clusters) = dp.admin_get("/clusters");
+    assert!(clusters.contains("fresh::no_endpoints"), "{clusters}");
+    // The same assignment again serves again; sent again every 500 ms it
+    // never goes stale (3 s: twice its time).
+    xds.set(ENDPOINT, fresh());
+    wait_for(Duration::from_secs(10), || (status() == 200).then_some(()))
+        .expect("a new assignment serves");
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        if pushed.elapsed() >= Duration::from_millis(500) {
+            xds.set(ENDPOINT, fresh());
+            pushed = Instant::now();
+        }
+        assert_eq!(status(), 200, "refreshed in time, never stale");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(dp.stat("cluster.fresh.assignment_stale"), 1);
+    // With the control plane gone, the endpoints go stale all the same.
+    drop(xds);
+    wait_for(Duration::from_secs(10), || (status() == 503).then_some(()))
+        .expect("stale while the control plane is away");
+    assert_eq!(dp.stat("cluster.fresh.assignment_stale"), 2);
+}
