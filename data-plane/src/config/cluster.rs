@@ -456,6 +456,11 @@ pub struct ClusterConfig {
     /// use_hostname_for_hashing`; an endpoint without one keeps its
     /// address).
     pub hash_by_hostname: bool,
+    /// Consistent hashing with bounded loads: no endpoint takes more than
+    /// this per cent of its share of the requests in flight
+    /// (`consistent_hashing_lb_config.hash_balance_factor`, 100 or more;
+    /// None: unbounded).
+    pub hash_balance_factor: Option<u32>,
 }
 
 /// One endpoint from a load assignment or a static cluster.
@@ -1307,13 +1312,27 @@ impl ClusterConfig {
                 ))
             }
         };
+        let consistent = c
+            .common_lb_config
+            .as_ref()
+            .and_then(|l| l.consistent_hashing_lb_config.as_ref());
+        let hash_balance_factor = match consistent.and_then(|h| h.hash_balance_factor.as_ref()) {
+            None => None,
+            Some(f) if f.value >= 100 => Some(f.value),
+            Some(f) => {
+                return Err(ConfigError::new(
+                    &at,
+                    format!(
+                        "common_lb_config.consistent_hashing_lb_config.hash_balance_factor {} is below 100",
+                        f.value
+                    ),
+                ))
+            }
+        };
         Ok(ClusterConfig {
             panic_threshold,
-            hash_by_hostname: c
-                .common_lb_config
-                .as_ref()
-                .and_then(|l| l.consistent_hashing_lb_config.as_ref())
-                .is_some_and(|h| h.use_hostname_for_hashing),
+            hash_by_hostname: consistent.is_some_and(|h| h.use_hostname_for_hashing),
+            hash_balance_factor,
             locality_weighted: c.common_lb_config.as_ref().is_some_and(|l| {
                 matches!(
                     l.locality_config_specifier,

@@ -422,13 +422,16 @@ impl Cluster {
                 let ring = &tables.ring;
                 let i = ring.partition_point(|(x, _)| *x < h) % ring.len();
                 // Walk the ring to the first usable endpoint.
-                for k in 0..ring.len().min(n * 64) {
-                    let e = &eps[ring[(i + k) % ring.len()].1 as usize];
-                    if ok(e) {
-                        return Some(e.clone());
+                let first = (0..ring.len().min(n * 64))
+                    .map(|k| &eps[ring[(i + k) % ring.len()].1 as usize])
+                    .find(|e| ok(e))?;
+                return Some(match self.config.hash_balance_factor {
+                    None => first.clone(),
+                    Some(f) => {
+                        let in_flight = self.active.load(Relaxed);
+                        super::bounded::choose(eps, first, h, f, in_flight, ok).clone()
                     }
-                }
-                return None;
+                });
             }
             (LbKind::LeastRequest, _) if n > 1 => {
                 let lr = &self.config.least_request;
@@ -1187,6 +1190,66 @@ mod tests {
                 (16064866803292627174, 81),
             ]
         );
+    }
+
+    /// Consistent hashing with bounded loads: one hot key's requests in
+    /// flight spread once its endpoint holds more than its share times
+    /// the factor (each endpoint at most one over its slots), the same way
+    /// for the same key; without load the ring's endpoint takes them. A
+    /// factor below 100 is refused.
+    #[test]
+    fn bounded_loads_spread_a_hot_key() {
+        use portico_proto::envoy::config::cluster::v3::cluster::{
+            common_lb_config::ConsistentHashingLbConfig, CommonLbConfig,
+        };
+        let with_factor = |factor: u32| {
+            let mut p = pb(LbPolicy::RingHash, None);
+            p.common_lb_config = Some(CommonLbConfig {
+                consistent_hashing_lb_config: Some(ConsistentHashingLbConfig {
+                    hash_balance_factor: Some(UInt32Value { value: factor }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            p
+        };
+        let e = ClusterConfig::convert(&with_factor(99))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hash_balance_factor 99 is below 100"), "{e}");
+        let spread = || {
+            let cfg = ClusterConfig::convert(&with_factor(150)).expect("converts");
+            let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+            let specs: Vec<EndpointSpec> = (0..4)
+                .map(|i| EndpointSpec::at(([127, 0, 0, 1], 1000 + i)))
+                .collect();
+            c.set_endpoints(&specs, LoadPolicy::default());
+            let hot = hash64("hot");
+            let home = c.pick(Some(hot), None).expect("a pick").addr;
+            assert_eq!(c.pick(Some(hot), None).expect("a pick").addr, home);
+            // 40 requests of the key, none finished.
+            let mut seq = Vec::new();
+            for _ in 0..40 {
+                let e = c.pick(Some(hot), None).expect("a pick");
+                c.active.fetch_add(1, Relaxed);
+                e.active.fetch_add(1, Relaxed);
+                seq.push(e.addr.port());
+            }
+            let set = c.endpoints.load();
+            let loads: Vec<u32> = set
+                .endpoints
+                .iter()
+                .map(|e| e.active.load(Relaxed))
+                .collect();
+            (home.port(), seq, loads)
+        };
+        let (home, seq, loads) = spread();
+        // ceil(ceil(40 × 1.5) / 4) = 15 slots each, one over at most.
+        assert!(loads.iter().all(|l| *l <= 16), "{loads:?}");
+        assert_eq!(loads.iter().sum::<u32>(), 40);
+        assert_eq!(seq[0], home, "the ring's endpoint first");
+        assert!(loads.iter().filter(|l| **l > 0).count() > 1, "{loads:?}");
+        assert_eq!(spread().1, seq, "the same key spreads the same way");
     }
 
     /// Envoy's ring keys: an endpoint's `hash_key` first, then its host

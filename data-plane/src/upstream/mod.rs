@@ -3,6 +3,7 @@
 //! CDS update keeps the pools and health of endpoints that remain at the
 //! same address with the same weight (whatever their priority).
 
+mod bounded;
 pub mod h1;
 pub mod health;
 pub mod lb;
