@@ -166,11 +166,9 @@ async fn handle(
             .insert("content-type", "application/grpc".parse().expect("v"));
         return Ok(r);
     }
-    if req
-        .headers()
-        .get("upgrade")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-    {
+    // Any protocol asked for is granted (WebSocket or another), and then
+    // echoed.
+    if let Some(kind) = req.headers().get("upgrade").cloned() {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -182,8 +180,7 @@ async fn handle(
         let mut r = reply(101, full(Bytes::new()));
         r.headers_mut()
             .insert("connection", "upgrade".parse().expect("v"));
-        r.headers_mut()
-            .insert("upgrade", "websocket".parse().expect("v"));
+        r.headers_mut().insert("upgrade", kind);
         return Ok(r);
     }
     if ctx.failing.load(Ordering::Relaxed) && path != "/healthz" {

@@ -71,6 +71,9 @@ pub struct DnsHost {
     pub locality_weight: u32,
     /// The endpoint's own `hostname`, else the name resolved.
     pub hostname: Arc<str>,
+    /// Its health as the control plane gives it (each address resolved
+    /// takes it).
+    pub health: HealthStatus,
     /// What the ring hashes in its place (`envoy.lb` `hash_key`).
     pub hash_key: Option<Arc<str>>,
 }
@@ -806,7 +809,7 @@ impl ClusterConfig {
                 }
                 let mut v = Vec::new();
                 for (li, l) in cla.endpoints.iter().enumerate() {
-                    check_priority(l.priority, &format!("{at} load_assignment.endpoints[{li}]"))?;
+                    check_locality(l, &format!("{at} load_assignment.endpoints[{li}]"))?;
                     for (ei, e) in l.lb_endpoints.iter().enumerate() {
                         let eat =
                             format!("{at} load_assignment.endpoints[{li}].lb_endpoints[{ei}]");
@@ -815,6 +818,8 @@ impl ClusterConfig {
                         };
                         let (host, port) = host_port(ep.address.as_ref(), &eat)?;
                         v.push(DnsHost {
+                            health: HealthStatus::try_from(e.health_status)
+                                .unwrap_or(HealthStatus::Unknown),
                             hostname: hostname(ep).unwrap_or_else(|| host.as_str().into()),
                             hash_key: hash_key(e),
                             host,
@@ -916,7 +921,10 @@ impl ClusterConfig {
             ),
         ];
         super::refuse(&at, &refused)?;
-        if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
+        if c.transport_socket.is_some()
+            || !c.transport_socket_matches.is_empty()
+            || c.transport_socket_matcher.is_some()
+        {
             return Err(ConfigError::new(
                 &at,
                 "upstream TLS (transport_socket) is not supported yet",
@@ -1370,10 +1378,23 @@ impl ClusterConfig {
     }
 }
 
-/// Envoy's bound on a locality's priority.
-fn check_priority(p: u32, at: &str) -> Result<(), ConfigError> {
-    if p > 128 {
-        return Err(ConfigError::new(at, format!("priority {p} is above 128")));
+/// What a locality may not say: a priority above Envoy's bound of 128, or
+/// endpoints to be found elsewhere (LEDS, or the deprecated list).
+fn check_locality(
+    l: &portico_proto::envoy::config::endpoint::v3::LocalityLbEndpoints,
+    at: &str,
+) -> Result<(), ConfigError> {
+    if l.priority > 128 {
+        return Err(ConfigError::new(
+            at,
+            format!("priority {} is above 128", l.priority),
+        ));
+    }
+    if l.lb_config.is_some() {
+        return Err(ConfigError::new(
+            at,
+            "lb_config (LEDS endpoints) is not supported; list lb_endpoints",
+        ));
     }
     Ok(())
 }
@@ -1383,7 +1404,7 @@ fn check_priority(p: u32, at: &str) -> Result<(), ConfigError> {
 pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, ConfigError> {
     let mut v = Vec::new();
     for (li, l) in cla.endpoints.iter().enumerate() {
-        check_priority(l.priority, &format!("{at} endpoints[{li}]"))?;
+        check_locality(l, &format!("{at} endpoints[{li}]"))?;
         let lw = l.load_balancing_weight.as_ref().map_or(0, |w| w.value);
         for (ei, e) in l.lb_endpoints.iter().enumerate() {
             let eat = format!("{at} endpoints[{li}].lb_endpoints[{ei}]");
@@ -1549,6 +1570,88 @@ mod tests {
             e.contains("here endpoints[0]") && e.contains("above 128"),
             "{e}"
         );
+    }
+
+    /// A DNS cluster's endpoints keep the health the control plane gives
+    /// them; LEDS localities and transport socket matchers (upstream TLS
+    /// chosen per endpoint) are refused, not run as no endpoints or as
+    /// plaintext.
+    #[test]
+    fn dns_health_kept_leds_and_tls_matchers_refused() {
+        use portico_proto::envoy::config::core::v3::{
+            address, socket_address::PortSpecifier, Address, SocketAddress,
+        };
+        use portico_proto::envoy::config::endpoint::v3::{
+            lb_endpoint::HostIdentifier, locality_lb_endpoints, ClusterLoadAssignment, Endpoint,
+            LbEndpoint, LocalityLbEndpoints,
+        };
+        let endpoint = |host: &str, health: HealthStatus| LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: host.into(),
+                        port_specifier: Some(PortSpecifier::PortValue(80)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            health_status: health as i32,
+            ..Default::default()
+        };
+        let cla = |eps: Vec<LbEndpoint>| ClusterLoadAssignment {
+            cluster_name: "d".into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: eps,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut c = Cluster {
+            name: "d".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+                DiscoveryType::StrictDns as i32,
+            )),
+            load_assignment: Some(cla(vec![
+                endpoint("a.example", HealthStatus::Unhealthy),
+                endpoint("b.example", HealthStatus::Unknown),
+            ])),
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&c).expect("converts");
+        let Discovery::Dns(d) = &cfg.discovery else {
+            panic!("a DNS cluster: {:?}", cfg.discovery)
+        };
+        let seen: Vec<(&str, HealthStatus, &str)> = d
+            .hosts
+            .iter()
+            .map(|h| (h.host.as_str(), h.health, &*h.hostname))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("a.example", HealthStatus::Unhealthy, "a.example"),
+                ("b.example", HealthStatus::Unknown, "b.example")
+            ]
+        );
+        if let Some(a) = c.load_assignment.as_mut() {
+            a.endpoints[0].lb_config = Some(
+                locality_lb_endpoints::LbConfig::LedsClusterLocalityConfig(Default::default()),
+            );
+        }
+        let e = ClusterConfig::convert(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("load_assignment.endpoints[0]") && e.contains("LEDS"),
+            "{e}"
+        );
+        let e = assignment(c.load_assignment.as_ref().expect("set"), "here")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("here endpoints[0]") && e.contains("LEDS"), "{e}");
+        c.load_assignment = Some(cla(vec![endpoint("a.example", HealthStatus::Unknown)]));
+        c.transport_socket_matcher = Some(Default::default());
+        let e = ClusterConfig::convert(&c).unwrap_err().to_string();
+        assert!(e.contains("upstream TLS"), "{e}");
     }
 
     /// Subset load balancing is refused by name, not run as plain load

@@ -193,8 +193,9 @@ pub struct ListenerConfig {
     pub strip_trailing_host_dot: bool,
     /// HTTP versions.
     pub codec: Codec,
-    /// WebSocket upgrades allowed on every route.
-    pub websocket: bool,
+    /// Upgrades (WebSocket, or any protocol listed) allowed on every route
+    /// that does not say otherwise.
+    pub upgrades: super::upgrades::Upgrades,
     /// Access logs.
     pub access_logs: Vec<AccessLogConfig>,
     /// Time allowed for a request's headers to arrive.
@@ -558,10 +559,24 @@ impl ListenerConfig {
             },
             strip_trailing_host_dot: hcm.strip_trailing_host_dot,
             codec,
-            websocket: hcm.upgrade_configs.iter().any(|u| {
-                u.upgrade_type.eq_ignore_ascii_case("websocket")
-                    && u.enabled.is_none_or(|e| e.value)
-            }),
+            upgrades: {
+                if let Some(i) = hcm
+                    .upgrade_configs
+                    .iter()
+                    .position(|u| !u.filters.is_empty())
+                {
+                    return Err(ConfigError::new(
+                        &format!("{at} upgrade_configs[{i}]"),
+                        "filters for upgrades are not supported",
+                    ));
+                }
+                super::upgrades::Upgrades::convert(
+                    hcm.upgrade_configs
+                        .iter()
+                        .map(|u| (u.upgrade_type.as_str(), u.enabled.is_none_or(|e| e.value))),
+                    at,
+                )?
+            },
             access_logs,
             // Envoy has no header timeout by default; a gateway facing the
             // internet needs one against slow-header attacks.

@@ -10,6 +10,7 @@ pub mod listener;
 pub mod local_reply;
 pub mod matcher;
 pub mod route;
+pub mod upgrades;
 
 use std::fmt;
 

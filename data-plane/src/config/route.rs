@@ -325,8 +325,8 @@ pub struct Forward {
     /// The deprecated `max_grpc_timeout`: a gRPC request's route timeout
     /// from its `grpc-timeout` header.
     pub grpc_timeout: Option<GrpcRouteTimeout>,
-    /// Whether WebSocket upgrades are allowed on this route.
-    pub websocket: bool,
+    /// The route's word on upgrades (over the connection manager's).
+    pub upgrades: super::upgrades::Upgrades,
     /// Clusters that get a copy of each request (`request_mirror_policies`).
     pub mirrors: Vec<Mirror>,
     /// The route's (else its virtual host's) limit on the body kept for
@@ -423,6 +423,8 @@ pub struct Mirror {
     pub fraction: Option<(u64, u64)>,
     /// Whether the copy's host keeps its name (else `-shadow` is added).
     pub keep_host: bool,
+    /// The copy's host instead (`host_rewrite_literal`, no suffix added).
+    pub host: Option<HeaderValue>,
 }
 
 /// Envoy's deprecated `RouteAction.max_grpc_timeout` and
@@ -980,6 +982,25 @@ fn hash_policy(
     }))
 }
 
+/// A route's `upgrade_configs` (`connect_config` refused: CONNECT is not
+/// terminated here).
+fn route_upgrades(
+    list: &[portico_proto::envoy::config::route::v3::route_action::UpgradeConfig],
+    at: &str,
+) -> Result<super::upgrades::Upgrades, ConfigError> {
+    if let Some(i) = list.iter().position(|u| u.connect_config.is_some()) {
+        return Err(ConfigError::new(
+            &format!("{at} upgrade_configs[{i}]"),
+            "connect_config is not supported",
+        ));
+    }
+    super::upgrades::Upgrades::convert(
+        list.iter()
+            .map(|u| (u.upgrade_type.as_str(), u.enabled.is_none_or(|e| e.value))),
+        at,
+    )
+}
+
 /// Converts `request_mirror_policies` (of a route, a virtual host or a
 /// configuration), noting each cluster in `clusters`.
 fn mirrors(
@@ -997,9 +1018,26 @@ fn mirrors(
                     "needs a cluster (cluster_header is not supported)",
                 ));
             }
+            if !m.request_headers_mutations.is_empty() {
+                return Err(ConfigError::new(
+                    &at,
+                    "request_headers_mutations are not supported",
+                ));
+            }
+            let host = (!m.host_rewrite_literal.is_empty())
+                .then(|| {
+                    HeaderValue::from_str(&m.host_rewrite_literal).map_err(|_| {
+                        ConfigError::new(
+                            &at,
+                            format!("bad host_rewrite_literal {:?}", m.host_rewrite_literal),
+                        )
+                    })
+                })
+                .transpose()?;
             let cluster: Arc<str> = m.cluster.as_str().into();
             clusters.push(cluster.clone());
             Ok(Mirror {
+                host,
                 cluster,
                 fraction: m
                     .runtime_fraction
@@ -1714,10 +1752,7 @@ fn convert_route(
                     2 => http::StatusCode::INTERNAL_SERVER_ERROR,
                     _ => http::StatusCode::SERVICE_UNAVAILABLE,
                 },
-                websocket: a.upgrade_configs.iter().any(|u| {
-                    u.upgrade_type.eq_ignore_ascii_case("websocket")
-                        && u.enabled.is_none_or(|e| e.value)
-                }),
+                upgrades: route_upgrades(&a.upgrade_configs, at)?,
                 expected_timeout,
             }))
         }
@@ -2376,6 +2411,35 @@ mod tests {
                 None,
             )
             .expect("a good pattern converts");
+            refused(
+                with(&|a| {
+                    a.request_mirror_policies = vec![PbMirrorPolicy {
+                        cluster: "c".into(),
+                        request_headers_mutations: vec![Default::default()],
+                        ..Default::default()
+                    }]
+                }),
+                None,
+                "request_headers_mutations are not supported",
+            );
+            let upgrade = |kind: &str, connect: bool| {
+                use portico_proto::envoy::config::route::v3::route_action::UpgradeConfig;
+                vec![UpgradeConfig {
+                    upgrade_type: kind.into(),
+                    connect_config: connect.then(Default::default),
+                    ..Default::default()
+                }]
+            };
+            refused(
+                with(&|a| a.upgrade_configs = upgrade("CONNECT", true)),
+                None,
+                "connect_config is not supported",
+            );
+            refused(
+                with(&|a| a.upgrade_configs = upgrade("connect", false)),
+                None,
+                "CONNECT upgrades are not supported",
+            );
         }
         refused(
             route(PathSpecifier::Prefix("/".into()), "c"),

@@ -1012,11 +1012,10 @@ async fn forward(
         ))
     });
     let down_upgrade = (req.version() == Version::HTTP_11
-        && (fwd.websocket || lr.config.websocket)
-        && req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket")))
+        && !(fwd.upgrades.is_empty() && lr.config.upgrades.is_empty())
+        && req.headers().get(header::UPGRADE).is_some_and(|v| {
+            crate::config::upgrades::allowed(&fwd.upgrades, &lr.config.upgrades, v.as_bytes())
+        }))
     .then(|| {
         req.extensions()
             .get::<OnUpgrade>()
@@ -1378,7 +1377,7 @@ async fn forward(
                 idle,
                 deadline: stream_deadline,
             };
-            return Box::pin(websocket(cluster, upstream, up_req, tunnel, guard)).await;
+            return Box::pin(tunnel_upgrade(cluster, upstream, up_req, tunnel, guard)).await;
         }
 
         let per_try = per_try.map(|t| tokio::time::Instant::now() + t);
@@ -1703,7 +1702,8 @@ fn rewrite_path<'a>(fwd: &Forward, route: &Route, pq: &'a str) -> Cow<'a, str> {
     Cow::Borrowed(pq)
 }
 
-/// The client's side of a WebSocket upgrade.
+/// The client's side of an upgrade (WebSocket, or another protocol the
+/// configuration allows).
 struct Tunnel {
     /// Yields the client's connection once the 101 is written.
     down: tokio::sync::oneshot::Receiver<Upgraded>,
@@ -1713,11 +1713,11 @@ struct Tunnel {
     deadline: Option<tokio::time::Instant>,
 }
 
-/// A WebSocket upgrade: its own upstream connection; after both sides
+/// An upgrade (WebSocket or another): its own upstream connection; after both sides
 /// switch protocols, bytes are copied both ways until either closes, or
 /// until none passed for the idle timeout, or until the stream's duration
 /// limit (Envoy applies both to upgraded streams too).
-async fn websocket(
+async fn tunnel_upgrade(
     cluster: &Arc<Cluster>,
     upstream: Upstream,
     up_req: Request<ReqBody>,

@@ -52,13 +52,11 @@ pub(super) fn send(snap: &Snapshot, mirrors: &[Mirror], copy: &Copy<'_>) {
         let Some(ep) = cluster.pick(None, None) else {
             continue;
         };
-        let host = copy.host.map(|h| {
-            if m.keep_host {
-                h.clone()
-            } else {
-                shadow_host(h)
-            }
-        });
+        let host = match (&m.host, copy.host) {
+            (Some(h), _) => Some(h.clone()),
+            (None, Some(h)) if m.keep_host => Some(h.clone()),
+            (None, h) => h.map(shadow_host),
+        };
         let uri = if cluster.config.http2 {
             super::handler::h2_uri(host.as_ref(), copy.path_and_query)
         } else {

@@ -575,7 +575,7 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                         specs.extend(kept.into_iter().map(|addr| EndpointSpec {
                             addr,
                             weight: d.weight,
-                            health: HealthStatus::Unknown,
+                            health: d.health,
                             locality: d.locality,
                             locality_weight: d.locality_weight,
                             priority: d.priority,

@@ -258,10 +258,19 @@ pub fn connect(port: u16) -> std::net::TcpStream {
 
 /// A WebSocket upgrade through the gateway: the socket, after the 101.
 pub fn upgrade(port: u16, path: &str) -> std::net::TcpStream {
+    let (head, s) = upgrade_to(port, path, "websocket");
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s
+}
+
+/// Asks `path` on `port` to upgrade to `protocol`: the answer's head
+/// (lowercased) and the connection.
+pub fn upgrade_to(port: u16, path: &str, protocol: &str) -> (String, std::net::TcpStream) {
     let mut s = connect(port);
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     )
     .expect("write");
     let mut head = Vec::new();
@@ -270,10 +279,7 @@ pub fn upgrade(port: u16, path: &str) -> std::net::TcpStream {
         s.read_exact(&mut byte).expect("read head");
         head.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
-    s
+    (String::from_utf8_lossy(&head).to_ascii_lowercase(), s)
 }
 
 /// Sends `msg` through a tunnel to the echoing upstream and reads it back.

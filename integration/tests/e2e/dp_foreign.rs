@@ -53,7 +53,7 @@ use portico_proto::envoy::r#type::v3::FractionalPercent;
 use portico_proto::google::protobuf::{Any, UInt32Value};
 use prost::{Message, Name};
 
-use super::dp_common::{connect, echo, http1, raw, upgrade};
+use super::dp_common::{connect, echo, http1, raw, upgrade, upgrade_to};
 
 fn ads() -> ConfigSource {
     ConfigSource {
@@ -741,6 +741,14 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 },
             ]
         }),
+        // A copy with a host of its own (no -shadow suffix then).
+        prefix_route("/mirror-host", "plain", |a| {
+            a.request_mirror_policies = vec![RequestMirrorPolicy {
+                cluster: "first".into(),
+                host_rewrite_literal: "mirror.example".into(),
+                ..Default::default()
+            }]
+        }),
         // Half to u1 (its own header edits and host), half to u2, by the
         // draw in x-draw; the route's edits come after the cluster's.
         Route {
@@ -823,6 +831,21 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         // WebSocket tunnels: under the listener's stream idle timeout, and
         // under none.
         prefix_route("/ws-idle", "plain", |a| a.upgrade_configs = websocket()),
+        // Upgrades to another protocol: allowed, and (the route's word
+        // winning over the connection manager's) not.
+        prefix_route("/up-foo", "plain", |a| {
+            a.upgrade_configs = vec![UpgradeConfig {
+                upgrade_type: "foo".into(),
+                ..Default::default()
+            }]
+        }),
+        prefix_route("/up-off", "plain", |a| {
+            a.upgrade_configs = vec![UpgradeConfig {
+                upgrade_type: "foo".into(),
+                enabled: Some(portico_proto::google::protobuf::BoolValue { value: false }),
+                ..Default::default()
+            }]
+        }),
         prefix_route("/ws-forever", "plain", |a| {
             a.upgrade_configs = websocket();
             a.idle_timeout = Some(portico_proto::google::protobuf::Duration::default())
@@ -2256,6 +2279,18 @@ fn foreign_control_plane_envoy_features() {
     }
     about_a_second(started.elapsed());
     assert_eq!(dp.stat("http.downstream_rq_idle_timeout"), idled_out + 1);
+    // Another protocol is tunnelled where a route allows it; elsewhere
+    // the request goes on without its upgrade.
+    let (head, mut foo) = upgrade_to(port, "/up-foo/x", "Foo");
+    assert!(
+        head.starts_with("http/1.1 101") && head.contains("upgrade: foo"),
+        "{head}"
+    );
+    echo(&mut foo, b"not websocket");
+    for path in ["/up-off/x", "/host/x"] {
+        let (head, _) = upgrade_to(port, path, "foo");
+        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+    }
     let mut calm = upgrade(port, "/ws-forever/chat");
     std::thread::sleep(std::time::Duration::from_millis(2500));
     echo(&mut calm, b"after a long silence");
@@ -2576,6 +2611,15 @@ fn foreign_control_plane_envoy_features() {
             .then_some(())
     });
     assert!(post_copied.is_some(), "the POST is copied with its body");
+    let r = get("/mirror-host/x", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let rehosted = wait_for(std::time::Duration::from_secs(10), || {
+        ups[0].seen.lock().expect("lock")[u1_before..]
+            .iter()
+            .any(|l| l.starts_with("GET /mirror-host/x mirror.example "))
+            .then_some(())
+    });
+    assert!(rehosted.is_some(), "the copy has the policy's host");
     // u2 sees its 200 primaries (host gw) plus about 100 copies (host gw
     // too: the suffix is turned off), over HTTP/2.
     let half = wait_for(std::time::Duration::from_secs(10), || {
