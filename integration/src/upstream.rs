@@ -193,7 +193,7 @@ async fn handle(
         .position(|p| {
             matches!(
                 *p,
-                "healthz" | "status" | "slow" | "reset" | "flaky" | "bytes"
+                "healthz" | "status" | "slow" | "reset" | "flaky" | "sluggish" | "bytes"
             )
         })
         .unwrap_or(0);
@@ -212,6 +212,20 @@ async fn handle(
             Ok(reply(200, full(echo)))
         }
         ["reset"] => Err(std::io::Error::other("reset on purpose")),
+        // The first `n` requests of `key` take `ms` to answer, the rest
+        // answer at once (the echo).
+        ["sluggish", key, n, ms] => {
+            let slow = {
+                let mut f = ctx.flaky.lock().expect("lock");
+                let seen = f.entry(key.to_string()).or_insert(0);
+                *seen += 1;
+                *seen <= n.parse().unwrap_or(0)
+            };
+            if slow {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+            }
+            Ok(reply(200, full(echo)))
+        }
         ["bytes", n] => Ok(reply(200, full(vec![b'x'; n.parse().unwrap_or(0)]))),
         ["flaky", key, n] => {
             let fail = {

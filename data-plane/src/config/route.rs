@@ -86,6 +86,9 @@ pub struct VirtualHost {
     /// Tell the upstream which try this is (`x-envoy-attempt-count`;
     /// `include_request_attempt_count`).
     pub attempt_count_to_upstream: bool,
+    /// Retries tell the upstream whether a per-try timeout caused them
+    /// (`x-envoy-is-timeout-retry`, `include_is_timeout_retry_header`).
+    pub timeout_retry_header: bool,
     /// Tell the client how many tries it took
     /// (`include_attempt_count_in_response`).
     pub attempt_count_in_response: bool,
@@ -1504,6 +1507,7 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
             at,
         )?,
         attempt_count_to_upstream: vh.include_request_attempt_count,
+        timeout_retry_header: vh.include_is_timeout_retry_header,
         attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }

@@ -775,6 +775,7 @@ static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+static X_ENVOY_IS_TIMEOUT_RETRY: HeaderName = HeaderName::from_static("x-envoy-is-timeout-retry");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -1234,6 +1235,8 @@ async fn forward(
         _ => 0,
     };
     let mut last_ep: Option<Arc<crate::upstream::Endpoint>> = None;
+    // The last try ended in its per-try timeout (what a retry tells).
+    let mut timeout_retry = false;
     let mut failure = local(
         StatusCode::SERVICE_UNAVAILABLE,
         "no healthy upstream\n",
@@ -1365,6 +1368,12 @@ async fn forward(
                 .headers_mut()
                 .insert(&X_ENVOY_ATTEMPT_COUNT, small_number(u64::from(attempt) + 1));
         }
+        if vh.timeout_retry_header && attempt > 0 {
+            let v = if timeout_retry { "true" } else { "false" };
+            up_req
+                .headers_mut()
+                .insert(&X_ENVOY_IS_TIMEOUT_RETRY, HeaderValue::from_static(v));
+        }
         cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
 
         if let Some(down) = down_upgrade {
@@ -1437,6 +1446,7 @@ async fn forward(
                     && cluster.may_retry()
                 {
                     last_ep = Some(ep);
+                    timeout_retry = false;
                     failure = local(StatusCode::BAD_GATEWAY, "", "URX");
                     drop((resp, slot, upstream));
                     continue;
@@ -1512,6 +1522,7 @@ async fn forward(
                 };
                 tracing::debug!(cluster = %cluster.config.name, endpoint = %ep.addr, error = %e, "upstream request failed");
                 last_ep = Some(ep);
+                timeout_retry = false;
                 if !retryable {
                     break;
                 }
@@ -1550,6 +1561,7 @@ async fn forward(
                     )
                 };
                 last_ep = Some(ep);
+                timeout_retry = true;
                 let route_timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                 if route_timed_out
                     || !retry

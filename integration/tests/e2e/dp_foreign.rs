@@ -484,6 +484,18 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 substitution: "/items/\\2/\\1".into(),
             });
         }),
+        // Tries of 200 ms, retried.
+        prefix_route("/quick-tries", "plain", |a| {
+            a.retry_policy = Some(RetryPolicy {
+                retry_on: "5xx".into(),
+                num_retries: Some(UInt32Value { value: 2 }),
+                per_try_timeout: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 200_000_000,
+                }),
+                ..Default::default()
+            });
+        }),
         prefix_route("/tries", "plain", |a| {
             a.timeout = Some(portico_proto::google::protobuf::Duration {
                 seconds: 5,
@@ -871,6 +883,7 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 routes: rs,
                 include_request_attempt_count: true,
                 include_attempt_count_in_response: true,
+                include_is_timeout_retry_header: true,
                 ..Default::default()
             },
             VirtualHost {
@@ -1430,9 +1443,22 @@ fn foreign_control_plane_envoy_features() {
     assert_eq!(seen, r.header("x-request-id"), "{r:?}");
     assert!(
         r.body.contains("\nvia: 1.0 first, edge-gw\n")
-            && r.body.contains("\nx-envoy-attempt-count: 3\n"),
+            && r.body.contains("\nx-envoy-attempt-count: 3\n")
+            && r.body.contains("\nx-envoy-is-timeout-retry: false\n"),
         "{}",
         r.body
+    );
+    // A retry after a per-try timeout says so; a first try says nothing.
+    let timed = get("/quick-tries/sluggish/timed/1/1500", &[]);
+    assert!(
+        timed.status == 200 && timed.body.contains("\nx-envoy-is-timeout-retry: true\n"),
+        "{timed:?}"
+    );
+    let first = get("/quick-tries/x", &[]);
+    assert!(
+        !first.body.contains("x-envoy-is-timeout-retry"),
+        "{}",
+        first.body
     );
     assert_eq!(
         (r.header("via"), r.header("x-envoy-attempt-count")),
