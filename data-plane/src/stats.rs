@@ -82,6 +82,9 @@ counters!(
         upstream_rq_2xx, upstream_rq_3xx, upstream_rq_4xx, upstream_rq_5xx,
         /// Connections opened.
         cx_total,
+        /// Connections open now (to all endpoints; a gauge), against the
+        /// circuit breaker's `max_connections`.
+        cx_active,
         /// Connect failures.
         cx_connect_fail,
         /// Connection limit reached.

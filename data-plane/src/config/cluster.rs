@@ -234,8 +234,11 @@ impl Default for RingSize {
 /// Circuit-breaker limits (default priority).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
-    /// Open connections to the cluster.
+    /// Open connections to the cluster (all its endpoints together).
     pub max_connections: u32,
+    /// Open connections to any one endpoint (`per_host_thresholds`;
+    /// unlimited unless set).
+    pub max_host_connections: u32,
     /// Requests waiting for a connection.
     pub max_pending: u32,
     /// Requests in flight.
@@ -995,8 +998,14 @@ impl ClusterConfig {
         let v = |x: Option<&portico_proto::google::protobuf::UInt32Value>, d: u32| {
             x.map_or(d, |v| v.value)
         };
+        let per_host = c.circuit_breakers.as_ref().and_then(|cb| {
+            cb.per_host_thresholds
+                .iter()
+                .find(|t| t.priority == RoutingPriority::Default as i32)
+        });
         let limits = Limits {
             max_connections: v(t.and_then(|t| t.max_connections.as_ref()), 1024),
+            max_host_connections: v(per_host.and_then(|t| t.max_connections.as_ref()), u32::MAX),
             max_pending: v(t.and_then(|t| t.max_pending_requests.as_ref()), 1024),
             max_requests: v(t.and_then(|t| t.max_requests.as_ref()), 1024),
             max_retries: v(t.and_then(|t| t.max_retries.as_ref()), 3),

@@ -156,7 +156,11 @@ pub struct Pool {
     idle_timeout: Duration,
     max_streams: u32,
     max_uses: u32,
+    /// The cluster's limit on open connections (counted in the cluster's
+    /// stats, over all its endpoints' pools).
     max_connections: u32,
+    /// This endpoint's (`per_host_thresholds`), counted in `open`.
+    max_host_connections: u32,
     /// Idle HTTP/1.1 connections, one list per worker: a socket is
     /// registered with the runtime of the worker that opened it, and used
     /// from another worker every readiness event would cross threads (an
@@ -192,6 +196,7 @@ impl Pool {
             && a.max_concurrent_streams == b.max_concurrent_streams
             && a.max_requests_per_connection == b.max_requests_per_connection
             && a.limits.max_connections == b.limits.max_connections
+            && a.limits.max_host_connections == b.limits.max_host_connections
     }
 
     /// An empty pool.
@@ -204,6 +209,7 @@ impl Pool {
             max_streams: cfg.max_concurrent_streams,
             max_uses: cfg.max_requests_per_connection.unwrap_or(u32::MAX),
             max_connections: cfg.limits.max_connections,
+            max_host_connections: cfg.limits.max_host_connections,
             idle: (0..=WORKERS.load(Relaxed))
                 .map(|_| IdleList::default())
                 .collect(),
@@ -321,18 +327,28 @@ impl Pool {
     }
 
     /// Connects, counting the connection as open from the start (so that
-    /// connects under way count against the circuit breaker too).
+    /// connects under way count against the circuit breakers too: the
+    /// cluster's over all its endpoints, and the endpoint's own).
     pub(super) async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
-        let max = self.max_connections;
-        if self
+        let (host_max, max) = (self.max_host_connections, u64::from(self.max_connections));
+        let host_ok = self
             .open
-            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
-            .is_err()
-        {
+            .fetch_update(Relaxed, Relaxed, |n| (n < host_max).then_some(n + 1))
+            .is_ok();
+        let cluster_ok = host_ok
+            && self
+                .stats
+                .cx_active
+                .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+                .is_ok();
+        if !cluster_ok {
+            if host_ok {
+                self.open.fetch_sub(1, Relaxed);
+            }
             self.stats.cx_overflow.fetch_add(1, Relaxed);
             return Err(SendError::Overflow);
         }
-        let slot = OpenSlot(self.open.clone());
+        let slot = OpenSlot(self.open.clone(), self.stats.clone());
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
                 Ok(Ok(s)) => s,
@@ -448,13 +464,19 @@ impl Pool {
 }
 
 /// One of an endpoint's open connections (or one being opened), counted
-/// in [`Pool::open`] until dropped.
-#[derive(Debug)]
-pub struct OpenSlot(Arc<AtomicU32>);
+/// in [`Pool::open`] and in its cluster's open connections until dropped.
+pub struct OpenSlot(Arc<AtomicU32>, Arc<ClusterStats>);
+
+impl std::fmt::Debug for OpenSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenSlot")
+    }
+}
 
 impl Drop for OpenSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+        self.1.cx_active.fetch_sub(1, Relaxed);
     }
 }
 
@@ -542,6 +564,70 @@ mod tests {
             "two connections reached the origin"
         );
         assert_eq!(pool.open.load(Relaxed), 0, "all given back");
+    }
+
+    /// The cluster's `max_connections` spans all its endpoints (Envoy's
+    /// circuit breaker is the cluster's), and `per_host_thresholds` limits
+    /// each: with 3 for the cluster and 2 per endpoint, ten concurrent
+    /// first requests to each of two endpoints open three connections,
+    /// no more than two to either.
+    #[tokio::test]
+    async fn the_connection_limit_is_the_clusters_and_each_endpoints() {
+        async fn holding_origin() -> (SocketAddr, Arc<AtomicU32>) {
+            let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = origin.local_addr().unwrap();
+            let accepted = Arc::new(AtomicU32::new(0));
+            let counter = accepted.clone();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((s, _)) = origin.accept().await {
+                    counter.fetch_add(1, Relaxed);
+                    held.push(s);
+                }
+            });
+            (addr, accepted)
+        }
+        let limit = |n| Thresholds {
+            max_connections: Some(UInt32Value { value: n }),
+            ..Default::default()
+        };
+        let cluster = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            circuit_breakers: Some(CircuitBreakers {
+                thresholds: vec![limit(3)],
+                per_host_thresholds: vec![limit(2)],
+            }),
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&cluster).unwrap();
+        let stats = Arc::new(ClusterStats::default());
+        let (a, seen_a) = holding_origin().await;
+        let (b, seen_b) = holding_origin().await;
+        let pools = [
+            Arc::new(Pool::new(a, &cfg, stats.clone())),
+            Arc::new(Pool::new(b, &cfg, stats.clone())),
+        ];
+        let sends: Vec<_> = (0..20)
+            .map(|i| {
+                let pool = pools[i % 2].clone();
+                tokio::spawn(async move {
+                    let req = Request::new(Either::Right(Full::new(Bytes::new())));
+                    tokio::time::timeout(Duration::from_millis(300), pool.send(req)).await
+                })
+            })
+            .collect();
+        let mut overflow = 0;
+        for s in sends {
+            if let Ok(Err(SendError::Overflow)) = s.await.unwrap() {
+                overflow += 1;
+            }
+        }
+        let (na, nb) = (seen_a.load(Relaxed), seen_b.load(Relaxed));
+        assert_eq!((overflow, na + nb), (17, 3), "{na} + {nb}");
+        assert!(na <= 2 && nb <= 2, "{na} + {nb}");
+        assert_eq!(stats.cx_overflow.load(Relaxed), 17);
+        assert_eq!(stats.cx_active.load(Relaxed), 0, "all given back");
     }
 
     /// An idle connection the origin closed is let go by the sweep, with
