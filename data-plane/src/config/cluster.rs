@@ -448,6 +448,10 @@ pub struct ClusterConfig {
     pub outlier: Option<OutlierConfig>,
     /// Idle upstream connections are closed after this.
     pub idle_timeout: Duration,
+    /// The address upstream connections are made from
+    /// (`upstream_bind_config.source_address`; the system's choice unless
+    /// set).
+    pub source_address: Option<SocketAddr>,
     /// Below this share of available endpoints (per cent), every endpoint
     /// takes traffic, available or not (Envoy's panic mode,
     /// Localities are picked by their weights first
@@ -1346,7 +1350,48 @@ impl ClusterConfig {
                 ))
             }
         };
+        let source_address = match &c.upstream_bind_config {
+            None => None,
+            Some(b) => {
+                let bat = format!("{at} upstream_bind_config");
+                super::refuse(
+                    &bat,
+                    &[
+                        (b.freebind.as_ref().is_some_and(|f| f.value), "freebind"),
+                        (!b.socket_options.is_empty(), "socket_options"),
+                        (
+                            !b.extra_source_addresses.is_empty()
+                                || !b.additional_source_addresses.is_empty(),
+                            "extra_source_addresses",
+                        ),
+                        (b.local_address_selector.is_some(), "local_address_selector"),
+                    ],
+                )?;
+                let Some(sa) = &b.source_address else {
+                    return Err(ConfigError::new(&bat, "needs a source_address"));
+                };
+                let ip: std::net::IpAddr = sa.address.parse().map_err(|_| {
+                    ConfigError::new(
+                        &bat,
+                        format!("source_address {:?} is not an IP address", sa.address),
+                    )
+                })?;
+                let port = match sa.port_specifier {
+                    None => 0,
+                    Some(portico_proto::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => {
+                        u16::try_from(p).map_err(|_| {
+                            ConfigError::new(&bat, format!("source port {p} is out of range"))
+                        })?
+                    }
+                    Some(_) => {
+                        return Err(ConfigError::new(&bat, "named source ports are not supported"))
+                    }
+                };
+                Some(SocketAddr::new(ip, port))
+            }
+        };
         Ok(ClusterConfig {
+            source_address,
             panic_threshold,
             hash_by_hostname: consistent.is_some_and(|h| h.use_hostname_for_hashing),
             hash_balance_factor,

@@ -161,6 +161,8 @@ pub struct Pool {
     max_connections: u32,
     /// This endpoint's (`per_host_thresholds`), counted in `open`.
     max_host_connections: u32,
+    /// Where connections are made from (`upstream_bind_config`).
+    source: Option<SocketAddr>,
     /// Idle HTTP/1.1 connections, one list per worker: a socket is
     /// registered with the runtime of the worker that opened it, and used
     /// from another worker every readiness event would cross threads (an
@@ -197,6 +199,7 @@ impl Pool {
             && a.max_requests_per_connection == b.max_requests_per_connection
             && a.limits.max_connections == b.limits.max_connections
             && a.limits.max_host_connections == b.limits.max_host_connections
+            && a.source_address == b.source_address
     }
 
     /// An empty pool.
@@ -210,6 +213,7 @@ impl Pool {
             max_uses: cfg.max_requests_per_connection.unwrap_or(u32::MAX),
             max_connections: cfg.limits.max_connections,
             max_host_connections: cfg.limits.max_host_connections,
+            source: cfg.source_address,
             idle: (0..=WORKERS.load(Relaxed))
                 .map(|_| IdleList::default())
                 .collect(),
@@ -350,7 +354,8 @@ impl Pool {
         }
         let slot = OpenSlot(self.open.clone(), self.stats.clone());
         let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+            match tokio::time::timeout(self.connect_timeout, connect(self.addr, self.source)).await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     self.stats.cx_connect_fail.fetch_add(1, Relaxed);
@@ -463,6 +468,25 @@ impl Pool {
     }
 }
 
+/// A connection to `addr`, from `source` when one is given.
+async fn connect(addr: SocketAddr, source: Option<SocketAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(source).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind the source address {source}: {e}"),
+        )
+    })?;
+    socket.connect(addr).await
+}
+
 /// One of an endpoint's open connections (or one being opened), counted
 /// in [`Pool::open`] and in its cluster's open connections until dropped.
 pub struct OpenSlot(Arc<AtomicU32>, Arc<ClusterStats>);
@@ -564,6 +588,42 @@ mod tests {
             "two connections reached the origin"
         );
         assert_eq!(pool.open.load(Relaxed), 0, "all given back");
+    }
+
+    /// Through a real socket: `upstream_bind_config` makes connections
+    /// from its source address (127.0.0.2 here, a loopback address of its
+    /// own); a bind option this proxy does not have is refused.
+    #[tokio::test]
+    async fn connections_come_from_the_bound_source_address() {
+        use portico_proto::envoy::config::core::v3::{BindConfig, SocketAddress};
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        let mut cluster = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            upstream_bind_config: Some(BindConfig {
+                source_address: Some(SocketAddress {
+                    address: "127.0.0.2".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cfg = ClusterConfig::convert(&cluster).unwrap();
+        let pool = Pool::new(addr, &cfg, Arc::new(ClusterStats::default()));
+        let (connected, accepted) = tokio::join!(pool.tcp(), origin.accept());
+        assert!(connected.is_ok(), "{:?}", connected.err());
+        let (_, peer) = accepted.unwrap();
+        assert_eq!(peer.ip().to_string(), "127.0.0.2");
+        if let Some(b) = cluster.upstream_bind_config.as_mut() {
+            b.freebind = Some(portico_proto::google::protobuf::BoolValue { value: true });
+        }
+        let e = ClusterConfig::convert(&cluster).unwrap_err().to_string();
+        assert!(
+            e.contains("upstream_bind_config") && e.contains("freebind"),
+            "{e}"
+        );
     }
 
     /// The cluster's `max_connections` spans all its endpoints (Envoy's
