@@ -193,7 +193,14 @@ async fn handle(
         .position(|p| {
             matches!(
                 *p,
-                "healthz" | "status" | "slow" | "reset" | "flaky" | "sluggish" | "bytes"
+                "healthz"
+                    | "status"
+                    | "slow"
+                    | "reset"
+                    | "flaky"
+                    | "sluggish"
+                    | "limited"
+                    | "bytes"
             )
         })
         .unwrap_or(0);
@@ -212,6 +219,22 @@ async fn handle(
             Ok(reply(200, full(echo)))
         }
         ["reset"] => Err(std::io::Error::other("reset on purpose")),
+        // The first `n` requests of `key` are told 429 and to come back
+        // in `secs` (`retry-after`), the rest answered (the echo).
+        ["limited", key, n, secs] => {
+            let limited = {
+                let mut f = ctx.flaky.lock().expect("lock");
+                let seen = f.entry(key.to_string()).or_insert(0);
+                *seen += 1;
+                *seen <= n.parse().unwrap_or(0)
+            };
+            let mut r = reply(if limited { 429 } else { 200 }, full(echo));
+            if limited {
+                r.headers_mut()
+                    .insert("retry-after", secs.parse().expect("a header value"));
+            }
+            Ok(r)
+        }
         // The first `n` requests of `key` take `ms` to answer, the rest
         // answer at once (the echo).
         ["sluggish", key, n, ms] => {

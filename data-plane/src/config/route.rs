@@ -513,6 +513,13 @@ pub struct RetryPolicy {
     pub base: Duration,
     /// Backoff ceiling.
     pub max: Duration,
+    /// Answer headers that say how long to wait before the retry
+    /// (`rate_limited_retry_back_off.reset_headers`: `Retry-After` and the
+    /// like), each in seconds or as a Unix time.
+    pub reset_headers: Vec<(HeaderName, bool)>,
+    /// A reset header's wait above this is not taken (its `max_interval`,
+    /// 300 s unless set).
+    pub reset_max: Duration,
 }
 
 impl RetryPolicy {
@@ -610,7 +617,50 @@ impl RetryPolicy {
         } else {
             r.max = r.base * 10;
         }
+        if let Some(rl) = &p.rate_limited_retry_back_off {
+            let rat = format!("{at} retry_policy.rate_limited_retry_back_off");
+            if rl.reset_headers.is_empty() {
+                return Err(ConfigError::new(&rat, "needs reset_headers"));
+            }
+            r.reset_headers = rl
+                .reset_headers
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let name = header_name(&h.name, &format!("{rat}.reset_headers[{i}]"))?;
+                    Ok((name, h.format == 1))
+                })
+                .collect::<Result<_, ConfigError>>()?;
+            r.reset_max = rl
+                .max_interval
+                .as_ref()
+                .map_or(Duration::from_secs(300), duration);
+            if r.reset_max.is_zero() {
+                return Err(ConfigError::new(&rat, "max_interval must be above 0"));
+            }
+        }
         Ok(r)
+    }
+
+    /// The wait an answer asks for before a retry (Envoy's rate-limited
+    /// back-off): the first reset header that says a wait within
+    /// `reset_max`, jittered up to half again (Envoy's lower-bound
+    /// jitter); `None` when none does (the usual back-off then).
+    pub fn reset_backoff(&self, answer: &HeaderMap) -> Option<Duration> {
+        let wait = self.reset_headers.iter().find_map(|(name, unix_time)| {
+            let v: u64 = answer.get(name)?.to_str().ok()?.trim().parse().ok()?;
+            let wait = if *unix_time {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?;
+                Duration::from_secs(v).checked_sub(now)?
+            } else {
+                Duration::from_secs(v)
+            };
+            (!wait.is_zero() && wait <= self.reset_max).then_some(wait)
+        })?;
+        let ms = wait.as_millis() as u64;
+        Some(Duration::from_millis(ms + fastrand::u64(0..=ms / 2)))
     }
 
     /// The policy of a route without one whose request asks for retries
@@ -2085,6 +2135,75 @@ mod tests {
         assert!(
             msg.contains("typed_per_filter_config (envoy.filters.http.ext_authz)"),
             "{msg}"
+        );
+    }
+
+    /// Envoy's rate-limited back-off: the first reset header whose wait
+    /// is within `max_interval` says how long (seconds, or a Unix time),
+    /// jittered up to half again; none usable, none said.
+    #[test]
+    fn reset_headers_say_how_long_to_wait() {
+        use portico_proto::envoy::config::route::v3::retry_policy::{
+            RateLimitedRetryBackOff, ResetHeader,
+        };
+        let p = PbRetryPolicy {
+            retry_on: "retriable-status-codes".into(),
+            retriable_status_codes: vec![429],
+            rate_limited_retry_back_off: Some(RateLimitedRetryBackOff {
+                reset_headers: vec![
+                    ResetHeader {
+                        name: "Retry-After".into(),
+                        format: 0,
+                    },
+                    ResetHeader {
+                        name: "x-ratelimit-reset".into(),
+                        format: 1,
+                    },
+                ],
+                max_interval: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            }),
+            ..Default::default()
+        };
+        let r = RetryPolicy::convert(&p, "here").expect("converts");
+        let wait = |h: &[(&str, String)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in h {
+                m.insert(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            r.reset_backoff(&m)
+        };
+        let within = |d: Option<Duration>, lo: u64, hi: u64| {
+            d.is_some_and(|d| d >= Duration::from_millis(lo) && d <= Duration::from_millis(hi))
+        };
+        assert!(within(wait(&[("retry-after", "2".into())]), 2000, 3000));
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        // Over the cap: the next header is tried.
+        let d = wait(&[
+            ("retry-after", "600".into()),
+            ("x-ratelimit-reset", (unix + 10).to_string()),
+        ]);
+        assert!(within(d, 8000, 15000), "{d:?}");
+        assert_eq!(wait(&[("retry-after", "600".into())]), None);
+        assert_eq!(wait(&[("retry-after", "soon".into())]), None);
+        assert_eq!(wait(&[("x-ratelimit-reset", (unix - 5).to_string())]), None);
+        assert_eq!(wait(&[]), None);
+        let mut bad = p.clone();
+        if let Some(rl) = bad.rate_limited_retry_back_off.as_mut() {
+            rl.reset_headers.clear();
+        }
+        let e = RetryPolicy::convert(&bad, "here").unwrap_err().to_string();
+        assert!(
+            e.contains("rate_limited_retry_back_off") && e.contains("reset_headers"),
+            "{e}"
         );
     }
 

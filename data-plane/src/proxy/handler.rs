@@ -1237,6 +1237,8 @@ async fn forward(
     let mut last_ep: Option<Arc<crate::upstream::Endpoint>> = None;
     // The last try ended in its per-try timeout (what a retry tells).
     let mut timeout_retry = false;
+    // The wait the last answer asked for (rate-limited back-off).
+    let mut asked_wait: Option<Duration> = None;
     let mut failure = local(
         StatusCode::SERVICE_UNAVAILABLE,
         "no healthy upstream\n",
@@ -1252,7 +1254,12 @@ async fn forward(
             cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
             if let Some(r) = retry {
                 cluster.retries.fetch_add(1, Relaxed);
-                Box::pin(tokio::time::sleep(r.backoff(attempt))).await;
+                let wait = asked_wait.take().unwrap_or_else(|| r.backoff(attempt));
+                // Never past the route's deadline (an answer may ask for
+                // minutes): the try then times out at once.
+                let until = tokio::time::Instant::now() + wait;
+                let until = deadline.map_or(until, |d| until.min(d));
+                Box::pin(tokio::time::sleep_until(until)).await;
                 cluster.retries.fetch_sub(1, Relaxed);
             }
         }
@@ -1447,6 +1454,11 @@ async fn forward(
                 {
                     last_ep = Some(ep);
                     timeout_retry = false;
+                    asked_wait = retry.and_then(|r| {
+                        (!r.reset_headers.is_empty())
+                            .then(|| r.reset_backoff(resp.headers()))
+                            .flatten()
+                    });
                     failure = local(StatusCode::BAD_GATEWAY, "", "URX");
                     drop((resp, slot, upstream));
                     continue;

@@ -484,6 +484,25 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 substitution: "/items/\\2/\\1".into(),
             });
         }),
+        // 429s retried when their retry-after says (Envoy's rate-limited
+        // back-off).
+        prefix_route("/polite", "plain", |a| {
+            use portico_proto::envoy::config::route::v3::retry_policy::{
+                RateLimitedRetryBackOff, ResetHeader,
+            };
+            a.retry_policy = Some(RetryPolicy {
+                retry_on: "retriable-status-codes".into(),
+                retriable_status_codes: vec![429],
+                rate_limited_retry_back_off: Some(RateLimitedRetryBackOff {
+                    reset_headers: vec![ResetHeader {
+                        name: "retry-after".into(),
+                        format: 0,
+                    }],
+                    max_interval: None,
+                }),
+                ..Default::default()
+            });
+        }),
         // Tries of 200 ms, retried.
         prefix_route("/quick-tries", "plain", |a| {
             a.retry_policy = Some(RetryPolicy {
@@ -1453,6 +1472,18 @@ fn foreign_control_plane_envoy_features() {
     assert!(
         timed.status == 200 && timed.body.contains("\nx-envoy-is-timeout-retry: true\n"),
         "{timed:?}"
+    );
+    // A 429 that says to come back in a second is retried a second later
+    // (not after the 25 ms back-off); on the listener without a stream
+    // idle timeout (the other's 1 s would end the wait first).
+    let started = std::time::Instant::now();
+    let polite = http1(calm_port, "GET", "/polite/limited/pk/1/1", "gw", &[], "").expect("request");
+    let took = started.elapsed();
+    assert_eq!(polite.status, 200, "{polite:?}");
+    assert!(
+        took >= std::time::Duration::from_millis(1000)
+            && took < std::time::Duration::from_millis(3000),
+        "{took:?}"
     );
     let first = get("/quick-tries/x", &[]);
     assert!(
