@@ -277,6 +277,10 @@ impl Limits {
 pub struct HealthCheckConfig {
     /// Path to GET.
     pub path: String,
+    /// Endpoints added to the cluster stay out of play until their first
+    /// check, even in panic (`common_lb_config.
+    /// ignore_new_hosts_until_first_hc`).
+    pub exclude_until_checked: bool,
     /// Host header (default: the cluster name).
     pub host: String,
     /// Time between checks of a healthy endpoint (`interval`).
@@ -1138,6 +1142,10 @@ impl ClusterConfig {
                     expected.push((200, 201));
                 }
                 Some(HealthCheckConfig {
+                    exclude_until_checked: c
+                        .common_lb_config
+                        .as_ref()
+                        .is_some_and(|l| l.ignore_new_hosts_until_first_hc),
                     path: h.path.clone(),
                     host,
                     interval,

@@ -30,6 +30,9 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
         let mut checkers = tokio::task::JoinSet::new();
         let mut running: HashMap<usize, tokio::task::AbortHandle> = HashMap::new();
         let mut seen: Option<Arc<super::EndpointSet>> = None;
+        let Some(changed) = cluster.upgrade().map(|c| c.endpoints_changed.clone()) else {
+            return;
+        };
         loop {
             let Some(c) = super::live(&cluster) else {
                 return;
@@ -64,7 +67,9 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
                     }
                 }
             }
-            tokio::time::sleep(look).await;
+            // Until the next look, or a new endpoint set (its new
+            // endpoints are checked at once).
+            let _ = tokio::time::timeout(look, changed.notified()).await;
         }
     });
 }
@@ -214,12 +219,19 @@ async fn check_one(e: Arc<Endpoint>, cfg: &HealthCheckConfig) -> (Outcome, bool)
 fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) -> Change {
     let ok = outcome == Outcome::Pass;
     let healthy = e.hc_healthy.load(Relaxed);
+    // An endpoint's first check after it was added decides alone (and,
+    // either way, ends its exclusion from panic).
+    let first = e.hc_first.swap(false, Relaxed);
+    if first {
+        e.hc_excluded.store(false, Relaxed);
+    }
     if ok == healthy {
         e.hc_streak.store(0, Relaxed);
         return Change::None;
     }
     let streak = e.hc_streak.fetch_add(1, Relaxed) + 1;
     let needed = match outcome {
+        _ if first => 1,
         Outcome::Pass => cfg.healthy_threshold,
         Outcome::Fail => 1,
         Outcome::Retriable | Outcome::NoAnswer => cfg.unhealthy_threshold,
@@ -432,6 +444,96 @@ mod tests {
         );
         spawn(Arc::downgrade(&c), hc);
         c
+    }
+
+    /// Through real sockets: an endpoint added to a health-checked
+    /// cluster is out of play until its first check, which runs at once
+    /// (not at the checker's next look, a second here) and decides alone
+    /// (a healthy threshold of 3 notwithstanding); the cluster's first
+    /// endpoints take traffic from the start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_added_endpoint_waits_for_its_first_check() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (first, _) = check_target(OK).await;
+        let (added, checks) = check_target(OK).await;
+        let c = checked_cluster(first, |pb| {
+            pb.health_checks[0].interval = ms(10_000);
+            pb.health_checks[0].healthy_threshold =
+                Some(portico_proto::google::protobuf::UInt32Value { value: 3 });
+        });
+        let e = c.endpoints.load_full().endpoints[0].clone();
+        assert!(
+            e.available(crate::upstream::now_ms()),
+            "a first endpoint is in play"
+        );
+        let specs = [
+            crate::config::cluster::EndpointSpec::at(first),
+            crate::config::cluster::EndpointSpec::at(added),
+        ];
+        c.set_endpoints(&specs, crate::config::cluster::LoadPolicy::default());
+        let new = c.endpoints.load_full().endpoints[1].clone();
+        assert_eq!(new.addr, added);
+        assert!(!new.hc_healthy.load(Relaxed), "out of play until checked");
+        let started = std::time::Instant::now();
+        while !new.hc_healthy.load(Relaxed) {
+            assert!(started.elapsed() < Duration::from_secs(5), "never checked");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(checks.load(Relaxed), 1, "one passing check was enough");
+    }
+
+    /// Through real sockets: with `ignore_new_hosts_until_first_hc`, an
+    /// added endpoint awaiting its first check is kept out even in panic
+    /// (a threshold of 100 puts every other endpoint in play); without
+    /// it, panic mode takes it too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ignore_new_hosts_keeps_unchecked_endpoints_out_of_panic() {
+        use portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig;
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (first, _) = check_target(OK).await;
+        // Accepts and never answers: the first check stays pending.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mute = silent.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        for ignore in [true, false] {
+            let c = checked_cluster(first, |pb| {
+                pb.health_checks[0].timeout = ms(30_000);
+                pb.common_lb_config = Some(CommonLbConfig {
+                    healthy_panic_threshold: Some(portico_proto::envoy::r#type::v3::Percent {
+                        value: 100.0,
+                    }),
+                    ignore_new_hosts_until_first_hc: ignore,
+                    ..Default::default()
+                });
+            });
+            let specs = [
+                crate::config::cluster::EndpointSpec::at(first),
+                crate::config::cluster::EndpointSpec::at(mute),
+            ];
+            c.set_endpoints(&specs, crate::config::cluster::LoadPolicy::default());
+            let picked: std::collections::HashSet<_> = (0..60)
+                .map(|_| c.pick(None, None).expect("a pick").addr)
+                .collect();
+            assert_eq!(
+                picked.contains(&mute),
+                !ignore,
+                "ignore {ignore}: {picked:?}"
+            );
+            let flags = c.endpoints.load().endpoints[1].health_flags();
+            assert_eq!(flags.contains("/pending_active_hc"), ignore, "{flags}");
+        }
     }
 
     /// Through real sockets: a passing check that answers with

@@ -397,7 +397,7 @@ impl Cluster {
         }
         let ok = |e: &Endpoint| {
             let usable = match class {
-                Class::Any { panic } => panic || e.available(now),
+                Class::Any { panic } => (panic && e.in_play_in_panic()) || e.available(now),
                 Class::Only { degraded } => e.available(now) && e.degraded() == degraded,
             };
             usable && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))

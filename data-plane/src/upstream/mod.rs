@@ -52,6 +52,13 @@ pub struct Endpoint {
     pub(crate) hc_degraded: AtomicBool,
     /// Health from active checks (true when none are configured).
     pub(crate) hc_healthy: AtomicBool,
+    /// Added to a health-checked cluster and not checked yet: unhealthy
+    /// until its first check, which decides alone (no threshold), as
+    /// Envoy's hosts added after a cluster's start are.
+    pub(crate) hc_first: AtomicBool,
+    /// Kept out of play even in panic until that first check
+    /// (`ignore_new_hosts_until_first_hc`).
+    pub(crate) hc_excluded: AtomicBool,
     pub(crate) hc_streak: AtomicU32,
     /// Ejected by outlier detection until this [`now_ms`] (0: not).
     ejected_until: AtomicU64,
@@ -87,6 +94,8 @@ impl Endpoint {
             eds_degraded: AtomicBool::new(spec.health == HealthStatus::Degraded),
             hc_degraded: AtomicBool::new(false),
             hc_healthy: AtomicBool::new(true),
+            hc_first: AtomicBool::new(false),
+            hc_excluded: AtomicBool::new(false),
             hc_streak: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
@@ -119,6 +128,12 @@ impl Endpoint {
             && self.ejected_until.load(Relaxed) <= now
     }
 
+    /// Whether panic mode may put it in play (not while a first health
+    /// check is awaited under `ignore_new_hosts_until_first_hc`).
+    pub(crate) fn in_play_in_panic(&self) -> bool {
+        !self.hc_excluded.load(Relaxed)
+    }
+
     /// Whether it is degraded (usable, after the healthy ones).
     pub fn degraded(&self) -> bool {
         self.eds_degraded.load(Relaxed) || self.hc_degraded.load(Relaxed)
@@ -149,6 +164,9 @@ impl Endpoint {
         }
         if self.hc_degraded.load(Relaxed) {
             f.push("/degraded_active_hc");
+        }
+        if self.hc_excluded.load(Relaxed) {
+            f.push("/pending_active_hc");
         }
         if f.is_empty() {
             "healthy".into()
@@ -261,6 +279,9 @@ pub struct Cluster {
     slow_until: AtomicU64,
     /// Held while an endpoint is ejected.
     ejecting: std::sync::Mutex<()>,
+    /// Told when a new endpoint set is installed (the health checker
+    /// waits on it).
+    pub(crate) endpoints_changed: Arc<tokio::sync::Notify>,
     /// Replaced or removed by a newer configuration. Requests that started
     /// on it may keep it alive (a stream can last hours), but its health
     /// checks, outlier detection and DNS stop: the live cluster runs its
@@ -290,6 +311,7 @@ impl Cluster {
             drop_per_million: AtomicU32::new(0),
             slow_until: AtomicU64::new(0),
             ejecting: std::sync::Mutex::new(()),
+            endpoints_changed: Arc::default(),
             retired: AtomicBool::new(false),
         })
     }
@@ -331,12 +353,32 @@ impl Cluster {
                         .store(s.health == HealthStatus::Degraded, Relaxed);
                     Arc::clone(e)
                 }
-                other => {
+                Some(old) => {
+                    // Its weight or names changed: made anew, its health
+                    // kept (it was there).
                     let e = Endpoint::new(s, &self.config, &self.stats);
-                    // (Not one whose weight or names changed: it was
-                    // there.)
-                    if ramp && other.is_none() {
+                    for (to, from) in [
+                        (&e.hc_healthy, &old.hc_healthy),
+                        (&e.hc_first, &old.hc_first),
+                        (&e.hc_excluded, &old.hc_excluded),
+                        (&e.hc_degraded, &old.hc_degraded),
+                    ] {
+                        to.store(from.load(Relaxed), Relaxed);
+                    }
+                    Arc::new(e)
+                }
+                None => {
+                    let e = Endpoint::new(s, &self.config, &self.stats);
+                    if ramp {
                         self.start_slow(&e, now);
+                        // Out of play until its first health check (a new
+                        // cluster's first endpoints take traffic at once:
+                        // Envoy would have warmed them first).
+                        if let Some(hc) = &self.config.health_check {
+                            e.hc_healthy.store(false, Relaxed);
+                            e.hc_first.store(true, Relaxed);
+                            e.hc_excluded.store(hc.exclude_until_checked, Relaxed);
+                        }
                     }
                     Arc::new(e)
                 }
@@ -384,6 +426,9 @@ impl Cluster {
         });
         self.slow_until.store(slow_until, Relaxed);
         self.endpoints.store(Arc::new(set));
+        // New endpoints get their first health check now, not at the
+        // checker's next look.
+        self.endpoints_changed.notify_one();
     }
 
     /// An endpoint's availability changed (a health check's verdict, an
