@@ -76,6 +76,8 @@ pub struct DnsHost {
     pub health: HealthStatus,
     /// What the ring hashes in its place (`envoy.lb` `hash_key`).
     pub hash_key: Option<Arc<str>>,
+    /// Its own health-check settings.
+    pub check: Option<Arc<EndpointCheck>>,
 }
 
 /// Envoy's `dns_lookup_family`.
@@ -500,6 +502,69 @@ pub struct EndpointSpec {
     /// What a hash ring places it by instead of its address (Envoy's
     /// `envoy.lb` metadata `hash_key`).
     pub hash_key: Option<Arc<str>>,
+    /// Its own health-check settings (`health_check_config`).
+    pub check: Option<Arc<EndpointCheck>>,
+}
+
+/// An endpoint's own health-check settings (Envoy's
+/// `Endpoint.health_check_config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointCheck {
+    /// Checked at this address instead of its own (`address`).
+    pub address: Option<SocketAddr>,
+    /// Or at its own IP on this port (`port_value`).
+    pub port: Option<u16>,
+    /// The checks' Host, over the cluster's (`hostname`).
+    pub host: Option<String>,
+    /// Not checked at all: healthy as far as checks go
+    /// (`disable_active_health_check`).
+    pub disabled: bool,
+}
+
+impl EndpointCheck {
+    /// Where an endpoint at `addr` is checked.
+    pub fn target(&self, addr: SocketAddr) -> SocketAddr {
+        self.address
+            .unwrap_or_else(|| SocketAddr::new(addr.ip(), self.port.unwrap_or(addr.port())))
+    }
+}
+
+/// An endpoint's `health_check_config`, when it says anything.
+fn endpoint_check(
+    ep: &portico_proto::envoy::config::endpoint::v3::Endpoint,
+    at: &str,
+) -> Result<Option<Arc<EndpointCheck>>, ConfigError> {
+    let Some(h) = &ep.health_check_config else {
+        return Ok(None);
+    };
+    let at = format!("{at} health_check_config");
+    let port = match h.port_value {
+        0 => None,
+        p => Some(
+            u16::try_from(p)
+                .map_err(|_| ConfigError::new(&at, format!("port_value {p} is out of range")))?,
+        ),
+    };
+    let address = h
+        .address
+        .as_ref()
+        .map(|a| super::socket_addr(Some(a), &format!("{at}.address")))
+        .transpose()?;
+    if !h.hostname.is_empty() && http::HeaderValue::from_str(&h.hostname).is_err() {
+        return Err(ConfigError::new(
+            &at,
+            format!("hostname {:?} is not a header value", h.hostname),
+        ));
+    }
+    let check = EndpointCheck {
+        address,
+        port,
+        host: (!h.hostname.is_empty()).then(|| h.hostname.clone()),
+        disabled: h.disable_active_health_check,
+    };
+    let said =
+        check.address.is_some() || check.port.is_some() || check.host.is_some() || check.disabled;
+    Ok(said.then(|| Arc::new(check)))
 }
 
 /// An endpoint's `envoy.lb` metadata `hash_key` (as Envoy, a value that is
@@ -538,6 +603,7 @@ impl EndpointSpec {
             priority: 0,
             hostname: None,
             hash_key: None,
+            check: None,
         }
     }
 }
@@ -829,6 +895,7 @@ impl ClusterConfig {
                         };
                         let (host, port) = host_port(ep.address.as_ref(), &eat)?;
                         v.push(DnsHost {
+                            check: endpoint_check(ep, &eat)?,
                             health: HealthStatus::try_from(e.health_status)
                                 .unwrap_or(HealthStatus::Unknown),
                             hostname: hostname(ep).unwrap_or_else(|| host.as_str().into()),
@@ -1488,6 +1555,7 @@ pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, C
                 priority: l.priority,
                 hostname: hostname(ep),
                 hash_key: hash_key(e),
+                check: endpoint_check(ep, &eat)?,
             });
         }
     }
@@ -1710,6 +1778,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("here endpoints[0]") && e.contains("LEDS"), "{e}");
+        // An endpoint's own health-check settings: kept, and checked.
+        let checked = |port_value: u32, hostname: &str| {
+            let mut e = endpoint("a.example", HealthStatus::Unknown);
+            if let Some(HostIdentifier::Endpoint(ep)) = e.host_identifier.as_mut() {
+                ep.health_check_config = Some(
+                    portico_proto::envoy::config::endpoint::v3::endpoint::HealthCheckConfig {
+                        port_value,
+                        hostname: hostname.into(),
+                        ..Default::default()
+                    },
+                );
+            }
+            cla(vec![e])
+        };
+        c.load_assignment = Some(checked(9901, "hc.internal"));
+        let cfg = ClusterConfig::convert(&c).expect("converts");
+        let Discovery::Dns(d) = &cfg.discovery else {
+            panic!("a DNS cluster")
+        };
+        let own = d.hosts[0].check.as_deref().expect("its own settings");
+        assert_eq!(
+            (own.port, own.host.as_deref()),
+            (Some(9901), Some("hc.internal"))
+        );
+        for (port, host, why) in [
+            (70_000, "", "port_value 70000"),
+            (0, "bad\nname", "hostname"),
+        ] {
+            c.load_assignment = Some(checked(port, host));
+            let e = ClusterConfig::convert(&c).unwrap_err().to_string();
+            assert!(e.contains("health_check_config") && e.contains(why), "{e}");
+        }
         c.load_assignment = Some(cla(vec![endpoint("a.example", HealthStatus::Unknown)]));
         c.transport_socket_matcher = Some(Default::default());
         let e = ClusterConfig::convert(&c).unwrap_err().to_string();

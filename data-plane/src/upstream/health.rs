@@ -52,7 +52,12 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
                     }
                     keep
                 });
-                for (k, e) in now {
+                // (Not those whose checks are turned off: healthy as far
+                // as checks go.)
+                for (k, e) in now
+                    .into_iter()
+                    .filter(|(_, e)| !e.check.as_ref().is_some_and(|c| c.disabled))
+                {
                     running.entry(k).or_insert_with(|| {
                         checkers.spawn(check_endpoint(cluster.clone(), e.clone(), cfg.clone()))
                     });
@@ -163,10 +168,15 @@ enum Outcome {
 }
 
 /// The check request: the method, the path and host (as `:authority` over
-/// HTTP/2), then the configured header edits.
-fn request(cfg: &HealthCheckConfig) -> Option<Request<crate::upstream::pool::ReqBody>> {
+/// HTTP/2; the endpoint's own, else the cluster's), then the configured
+/// header edits.
+fn request(
+    cfg: &HealthCheckConfig,
+    host: Option<&str>,
+) -> Option<Request<crate::upstream::pool::ReqBody>> {
+    let host = host.unwrap_or(&cfg.host);
     let uri = if cfg.http2 {
-        format!("http://{}{}", cfg.host, cfg.path)
+        format!("http://{host}{}", cfg.path)
     } else {
         cfg.path.clone()
     };
@@ -178,7 +188,7 @@ fn request(cfg: &HealthCheckConfig) -> Option<Request<crate::upstream::pool::Req
         b = b.version(http::Version::HTTP_2);
     } else {
         b = b
-            .header(http::header::HOST, cfg.host.as_str())
+            .header(http::header::HOST, host)
             .header(http::header::CONNECTION, "close");
     }
     let mut req = b.body(Either::Right(Full::new(Bytes::new()))).ok()?;
@@ -189,18 +199,21 @@ fn request(cfg: &HealthCheckConfig) -> Option<Request<crate::upstream::pool::Req
 /// Checks `e` once: how it went, and whether the answer said the endpoint
 /// is degraded (`x-envoy-degraded`, Envoy's).
 async fn check_one(e: Arc<Endpoint>, cfg: &HealthCheckConfig) -> (Outcome, bool) {
-    let Some(req) = request(cfg) else {
+    let own = e.check.as_deref();
+    let Some(req) = request(cfg, own.and_then(|c| c.host.as_deref())) else {
         // Not an answer from the endpoint (the config is checked for this
         // at conversion).
         return (Outcome::NoAnswer, false);
     };
+    // The endpoint's own check address, else its address.
+    let target = own.map_or(e.addr, |c| c.target(e.addr));
     let fut = async {
         let resp = if cfg.http2 {
-            let mut tx = e.pool.connect_h2().await.ok()?;
+            let mut tx = e.pool.connect_h2_at(target).await.ok()?;
             tx.ready().await.ok()?;
             tx.send_request(req).await.ok()?
         } else {
-            let mut tx = e.pool.connect_h1().await.ok()?;
+            let mut tx = e.pool.connect_h1_at(target).await.ok()?;
             tx.send_request(req).await.ok()?
         };
         let degraded = resp.headers().contains_key("x-envoy-degraded");
@@ -487,6 +500,57 @@ mod tests {
         assert_eq!(checks.load(Relaxed), 1, "one passing check was enough");
     }
 
+    /// Through real sockets: an endpoint's own `health_check_config` sends
+    /// its checks to another port (the endpoint's own address fails them,
+    /// and is never asked), and one with checks turned off is not checked
+    /// and stays healthy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoints_are_checked_where_they_say() {
+        use crate::config::cluster::{EndpointCheck, EndpointSpec, LoadPolicy};
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        const BAD: &[u8] =
+            b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (serving, asked_serving) = check_target(BAD).await;
+        let (admin, asked_admin) = check_target(OK).await;
+        let (quiet, asked_quiet) = check_target(BAD).await;
+        let c = checked_cluster(serving, |_| {});
+        let own = |port: Option<u16>, disabled: bool| {
+            Some(Arc::new(EndpointCheck {
+                address: None,
+                port,
+                host: None,
+                disabled,
+            }))
+        };
+        let specs = [
+            EndpointSpec {
+                check: own(Some(admin.port()), false),
+                ..EndpointSpec::at(serving)
+            },
+            EndpointSpec {
+                check: own(None, true),
+                ..EndpointSpec::at(quiet)
+            },
+        ];
+        c.set_endpoints(&specs, LoadPolicy::default());
+        let set = c.endpoints.load_full();
+        let started = std::time::Instant::now();
+        while asked_admin.load(Relaxed) < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "not checked there"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let now = crate::upstream::now_ms();
+        assert!(set.endpoints[0].available(now), "healthy by its check port");
+        assert!(set.endpoints[1].available(now), "not checked: healthy");
+        // (The first endpoint's checker, before its own settings came,
+        // may have asked its address once.)
+        assert!(asked_serving.load(Relaxed) <= 1);
+        assert_eq!(asked_quiet.load(Relaxed), 0);
+    }
+
     /// Through real sockets: with `ignore_new_hosts_until_first_hc`, an
     /// added endpoint awaiting its first check is kept out even in panic
     /// (a threshold of 100 puts every other endpoint in play); without
@@ -684,7 +748,7 @@ mod tests {
             ..Default::default()
         })
         .expect("converts");
-        let req = request(&cfg).expect("a request");
+        let req = request(&cfg, None).expect("a request");
         assert_eq!(req.method(), http::Method::HEAD);
         assert_eq!(req.version(), http::Version::HTTP_2);
         assert_eq!(req.uri().to_string(), "http://svc.internal/ready");
@@ -693,9 +757,14 @@ mod tests {
         assert!(!req.headers().contains_key("host"), "HTTP/2: the authority");
 
         let h1 = config(path("/h")).expect("converts");
-        let req = request(&h1).expect("a request");
+        let req = request(&h1, None).expect("a request");
         assert_eq!((req.method(), req.uri().path()), (&http::Method::GET, "/h"));
         assert_eq!(req.headers()["host"], "c", "the cluster's name by default");
+        // An endpoint's own host name for checks wins.
+        let req = request(&h1, Some("ep.internal")).expect("a request");
+        assert_eq!(req.headers()["host"], "ep.internal");
+        let req = request(&cfg, Some("ep.internal")).expect("a request");
+        assert_eq!(req.uri().to_string(), "http://ep.internal/ready");
 
         for (h, what) in [
             (

@@ -42,6 +42,8 @@ pub struct Endpoint {
     pub hostname: Option<Arc<str>>,
     /// Where a hash ring places it instead of its address.
     pub hash_key: Option<Arc<str>>,
+    /// Its own health-check settings, if any.
+    pub check: Option<Arc<crate::config::cluster::EndpointCheck>>,
     /// Health from the control plane (EDS `health_status`).
     eds_healthy: AtomicBool,
     /// The control plane says DEGRADED: it takes traffic only when the
@@ -90,6 +92,7 @@ impl Endpoint {
             weight: spec.weight,
             hostname: spec.hostname.clone(),
             hash_key: spec.hash_key.clone(),
+            check: spec.check.clone(),
             eds_healthy: AtomicBool::new(eds_ok(spec.health)),
             eds_degraded: AtomicBool::new(spec.health == HealthStatus::Degraded),
             hc_degraded: AtomicBool::new(false),
@@ -119,6 +122,7 @@ impl Endpoint {
         self.weight == spec.weight
             && self.hostname == spec.hostname
             && self.hash_key == spec.hash_key
+            && self.check == spec.check
     }
 
     /// Whether it may take new requests now.
@@ -365,6 +369,12 @@ impl Cluster {
                     ] {
                         to.store(from.load(Relaxed), Relaxed);
                     }
+                    if e.check.as_ref().is_some_and(|c| c.disabled) {
+                        // No longer checked: healthy as far as checks go.
+                        e.hc_healthy.store(true, Relaxed);
+                        e.hc_first.store(false, Relaxed);
+                        e.hc_excluded.store(false, Relaxed);
+                    }
                     Arc::new(e)
                 }
                 None => {
@@ -374,7 +384,8 @@ impl Cluster {
                         // Out of play until its first health check (a new
                         // cluster's first endpoints take traffic at once:
                         // Envoy would have warmed them first).
-                        if let Some(hc) = &self.config.health_check {
+                        let checked = !e.check.as_ref().is_some_and(|c| c.disabled);
+                        if let (Some(hc), true) = (&self.config.health_check, checked) {
                             e.hc_healthy.store(false, Relaxed);
                             e.hc_first.store(true, Relaxed);
                             e.hc_excluded.store(hc.exclude_until_checked, Relaxed);
@@ -626,6 +637,7 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                             priority: d.priority,
                             hostname: Some(d.hostname.clone()),
                             hash_key: d.hash_key.clone(),
+                            check: d.check.clone(),
                         }));
                     }
                     Err(e) => tracing::warn!(host = %d.host, error = %e, "DNS resolution failed"),

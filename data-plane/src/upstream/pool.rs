@@ -334,6 +334,11 @@ impl Pool {
     /// connects under way count against the circuit breakers too: the
     /// cluster's over all its endpoints, and the endpoint's own).
     pub(super) async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
+        self.tcp_to(self.addr).await
+    }
+
+    /// As [`Pool::tcp`], to `addr` (an endpoint's health-check address).
+    async fn tcp_to(&self, addr: SocketAddr) -> Result<(TcpStream, OpenSlot), SendError> {
         let (host_max, max) = (self.max_host_connections, u64::from(self.max_connections));
         let host_ok = self
             .open
@@ -354,8 +359,7 @@ impl Pool {
         }
         let slot = OpenSlot(self.open.clone(), self.stats.clone());
         let stream =
-            match tokio::time::timeout(self.connect_timeout, connect(self.addr, self.source)).await
-            {
+            match tokio::time::timeout(self.connect_timeout, connect(addr, self.source)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     self.stats.cx_connect_fail.fetch_add(1, Relaxed);
@@ -377,7 +381,16 @@ impl Pool {
     /// Opens a hyper connection that is not pooled (for upgrades and health
     /// checks), with upgrades on.
     pub async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
-        let (io, slot) = self.tcp().await?;
+        self.connect_h1_at(self.addr).await
+    }
+
+    /// As [`Pool::connect_h1`], to `addr` (an endpoint's health-check
+    /// address), under the same limits and settings.
+    pub async fn connect_h1_at(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<ReqBody>, SendError> {
+        let (io, slot) = self.tcp_to(addr).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -389,10 +402,13 @@ impl Pool {
         Ok(tx)
     }
 
-    /// Opens an HTTP/2 (prior knowledge) connection that is not pooled
-    /// (for health checks).
-    pub async fn connect_h2(&self) -> Result<http2::SendRequest<ReqBody>, SendError> {
-        self.open_h2().await.map(|(tx, _)| tx)
+    /// Opens an HTTP/2 (prior knowledge) connection that is not pooled, to
+    /// `addr` (for health checks).
+    pub async fn connect_h2_at(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http2::SendRequest<ReqBody>, SendError> {
+        self.open_h2_to(addr).await.map(|(tx, _)| tx)
     }
 
     /// Connects and speaks HTTP/2 (prior knowledge); the connection is
@@ -401,7 +417,14 @@ impl Pool {
     async fn open_h2(
         &self,
     ) -> Result<(http2::SendRequest<ReqBody>, Option<SocketAddr>), SendError> {
-        let (io, slot) = self.tcp().await?;
+        self.open_h2_to(self.addr).await
+    }
+
+    async fn open_h2_to(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<ReqBody>, Option<SocketAddr>), SendError> {
+        let (io, slot) = self.tcp_to(addr).await?;
         let from = io.local_addr().ok();
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
