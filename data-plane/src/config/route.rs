@@ -59,6 +59,12 @@ pub struct RouteTable {
     pub edits: Edits,
     /// Every cluster a route names (weighted ones included).
     pub clusters: Vec<Arc<str>>,
+    /// Refuse the table while a route names a cluster the proxy does not
+    /// have: unless `validate_clusters` is set false (then such a route
+    /// answers with its `cluster_not_found_response_code`, 503 unless
+    /// set, as Envoy's). Envoy does not check RDS tables by default; this
+    /// proxy does, so that a mistyped cluster is a NACK, not 503s.
+    pub validate_clusters: bool,
     /// Mirrors of every route whose virtual host and action name none
     /// (`request_mirror_policies`; the most specific non-empty list wins).
     pub mirrors: Vec<Mirror>,
@@ -1315,6 +1321,7 @@ impl RouteTable {
                 &at,
             )?,
             clusters: Vec::new(),
+            validate_clusters: rc.validate_clusters.as_ref().is_none_or(|v| v.value),
             mirrors: Vec::new(),
             internal_only_headers: rc
                 .internal_only_headers

@@ -241,8 +241,12 @@ impl State {
         Ok(next)
     }
 
-    /// A route naming a cluster the proxy does not have is rejected.
+    /// A route naming a cluster the proxy does not have is rejected
+    /// (unless the table says not to validate its clusters).
     fn check_clusters(&self, at: &str, t: &RouteTable) -> Result<(), ConfigError> {
+        if !t.validate_clusters {
+            return Ok(());
+        }
         let missing: Vec<&str> = t
             .clusters
             .iter()

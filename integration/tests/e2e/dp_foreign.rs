@@ -1820,6 +1820,27 @@ fn foreign_control_plane_envoy_features() {
     );
     assert_eq!(get("/host", &[]).status, 200);
     assert_eq!(get("/ghost", &[]).status, 404);
+    // The same with validate_clusters off is taken, and the route answers
+    // as Envoy's does: 503, cluster not found.
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &RouteConfiguration {
+                validate_clusters: Some(portico_proto::google::protobuf::BoolValue {
+                    value: false,
+                }),
+                ..routes(vec![prefix_route("/ghost", "no-such-cluster", |_| {})])
+            },
+        )],
+    );
+    let ghost = wait_for(std::time::Duration::from_secs(10), || {
+        let r = get("/ghost", &[]);
+        (r.status == 503).then_some(r)
+    })
+    .expect("taken without validation");
+    assert!(ghost.body.contains("cluster not found"), "{ghost:?}");
+    assert_eq!(get("/host", &[]).status, 200);
     // An access log format with an operator this proxy does not have:
     // NACKed, naming the listener and the operator; the old keeps running.
     let nacks = xds.nacks.lock().expect("nacks").len();
