@@ -84,7 +84,7 @@ counters!(
         cx_total,
         /// Connections open now (to all endpoints; a gauge), against the
         /// circuit breaker's `max_connections`.
-        cx_active,
+        upstream_cx_active,
         /// Connect failures.
         cx_connect_fail,
         /// Connection limit reached.

@@ -154,14 +154,6 @@ fn collect(shared: &Shared) -> Vec<Stat> {
         };
         out.extend(c.stats.each().into_iter().map(|(k, v)| of(k, v)));
         out.push(of("upstream_rq_active", c.active.load(Relaxed) as u64));
-        let cx: u64 = c
-            .endpoints
-            .load()
-            .endpoints
-            .iter()
-            .map(|e| e.pool.open.load(Relaxed) as u64)
-            .sum();
-        out.push(of("upstream_cx_active", cx));
     }
     out
 }

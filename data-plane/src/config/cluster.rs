@@ -522,10 +522,11 @@ pub struct EndpointCheck {
 }
 
 impl EndpointCheck {
-    /// Where an endpoint at `addr` is checked.
+    /// Where an endpoint at `addr` is checked: its check address, else
+    /// its own, on the check port when there is one (Envoy's).
     pub fn target(&self, addr: SocketAddr) -> SocketAddr {
-        self.address
-            .unwrap_or_else(|| SocketAddr::new(addr.ip(), self.port.unwrap_or(addr.port())))
+        let base = self.address.unwrap_or(addr);
+        SocketAddr::new(base.ip(), self.port.unwrap_or(base.port()))
     }
 }
 
@@ -550,10 +551,11 @@ fn endpoint_check(
         .as_ref()
         .map(|a| super::socket_addr(Some(a), &format!("{at}.address")))
         .transpose()?;
-    if !h.hostname.is_empty() && http::HeaderValue::from_str(&h.hostname).is_err() {
+    // It goes in a Host header, or an HTTP/2 check's authority.
+    if !h.hostname.is_empty() && h.hostname.parse::<http::uri::Authority>().is_err() {
         return Err(ConfigError::new(
             &at,
-            format!("hostname {:?} is not a header value", h.hostname),
+            format!("hostname {:?} is not a host name", h.hostname),
         ));
     }
     let check = EndpointCheck {
@@ -1425,8 +1427,8 @@ impl ClusterConfig {
                 ))
             }
         };
-        let source_address = match &c.upstream_bind_config {
-            None => None,
+        let source_address = (|| match &c.upstream_bind_config {
+            None => Ok(None),
             Some(b) => {
                 let bat = format!("{at} upstream_bind_config");
                 super::refuse(
@@ -1442,8 +1444,9 @@ impl ClusterConfig {
                         (b.local_address_selector.is_some(), "local_address_selector"),
                     ],
                 )?;
+                // Without one, the system chooses (as Envoy's).
                 let Some(sa) = &b.source_address else {
-                    return Err(ConfigError::new(&bat, "needs a source_address"));
+                    return Ok(None);
                 };
                 let ip: std::net::IpAddr = sa.address.parse().map_err(|_| {
                     ConfigError::new(
@@ -1462,9 +1465,9 @@ impl ClusterConfig {
                         return Err(ConfigError::new(&bat, "named source ports are not supported"))
                     }
                 };
-                Some(SocketAddr::new(ip, port))
+                Ok(Some(SocketAddr::new(ip, port)))
             }
-        };
+        })()?;
         Ok(ClusterConfig {
             source_address,
             panic_threshold,
@@ -1567,11 +1570,22 @@ pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, C
         .and_then(|p| p.endpoint_stale_after.as_ref())
     {
         None => None,
-        Some(d) if d.seconds > 0 || (d.seconds == 0 && d.nanos > 0) => Some(duration(d)),
+        // Above 0 and a well-formed protobuf duration (at most 10,000
+        // years).
+        Some(d)
+            if (0..=315_576_000_000).contains(&d.seconds)
+                && (0..1_000_000_000).contains(&d.nanos)
+                && (d.seconds, d.nanos) != (0, 0) =>
+        {
+            Some(duration(d))
+        }
         Some(d) => {
             return Err(ConfigError::new(
                 &format!("{at} policy.endpoint_stale_after"),
-                format!("must be above 0 (is {}s {}ns)", d.seconds, d.nanos),
+                format!(
+                    "must be a duration above 0 (is {}s {}ns)",
+                    d.seconds, d.nanos
+                ),
             ))
         }
     };
@@ -1685,7 +1699,13 @@ mod tests {
         cla.policy = Some(stale(0, 250_000_000));
         let a = assignment(&cla, "here").expect("converts");
         assert_eq!(a.stale_after, Some(Duration::from_millis(250)));
-        for (s, n) in [(0, 0), (-1, 0)] {
+        for (s, n) in [
+            (0, 0),
+            (-1, 0),
+            (1, -1),
+            (0, 1_000_000_000),
+            (315_576_000_001, 0),
+        ] {
             cla.policy = Some(stale(s, n));
             let e = assignment(&cla, "here").unwrap_err().to_string();
             assert!(
@@ -1802,9 +1822,21 @@ mod tests {
             (own.port, own.host.as_deref()),
             (Some(9901), Some("hc.internal"))
         );
+        assert_eq!(
+            EndpointCheck {
+                address: Some(SocketAddr::from(([10, 0, 0, 1], 80))),
+                port: Some(9901),
+                host: None,
+                disabled: false,
+            }
+            .target(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            SocketAddr::from(([10, 0, 0, 1], 9901)),
+            "the check address, on the check port"
+        );
         for (port, host, why) in [
             (70_000, "", "port_value 70000"),
             (0, "bad\nname", "hostname"),
+            (0, "a b", "hostname"),
         ] {
             c.load_assignment = Some(checked(port, host));
             let e = ClusterConfig::convert(&c).unwrap_err().to_string();

@@ -25,14 +25,16 @@ impl Upgrades {
             if kind.eq_ignore_ascii_case("connect") {
                 return Err(ConfigError::new(&uat, "CONNECT upgrades are not supported"));
             }
-            let kind = kind.to_ascii_lowercase().into_boxed_str();
-            if v.iter().any(|(k, _)| *k == kind) {
+            // The same type twice is refused; types that differ only in
+            // case are taken, the first winning (Envoy's lookup ignores
+            // case).
+            if v.iter().any(|(k, _)| **k == *kind) {
                 return Err(ConfigError::new(
                     &uat,
                     format!("upgrade_type {kind:?} is listed twice"),
                 ));
             }
-            v.push((kind, enabled));
+            v.push((kind.into(), enabled));
         }
         Ok(Upgrades(v))
     }
@@ -81,13 +83,16 @@ mod tests {
         assert!(!allowed(&route, &hcm, b"websocket"));
         assert!(allowed(&route, &hcm, b"foo"));
         assert!(allowed(&route, &none, b"bar"));
+        // Types that differ only in case are both taken; the first wins.
+        let cased = list(&[("Foo", false), ("foo", true)]);
+        assert!(!allowed(&cased, &none, b"FOO"));
         for (bad, why) in [
             (
                 vec![("CONNECT", true)],
                 "CONNECT upgrades are not supported",
             ),
             (vec![("", true)], "needs an upgrade_type"),
-            (vec![("a", true), ("A", false)], "listed twice"),
+            (vec![("a", true), ("a", false)], "listed twice"),
         ] {
             let e = Upgrades::convert(bad, "here").unwrap_err().to_string();
             assert!(

@@ -234,6 +234,7 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         "DO" => "drop_overload",
         "DT" => "max_duration_timeout",
         "" if status == StatusCode::REQUEST_TIMEOUT => "request_overall_timeout",
+        "" if status == StatusCode::FORBIDDEN => "upgrade_failed",
         _ if status == StatusCode::UPGRADE_REQUIRED => "low_version",
         "DC" => "downstream_remote_disconnect",
         _ if status == StatusCode::BAD_REQUEST => "protocol_error",
@@ -1012,17 +1013,28 @@ async fn forward(
             fwd.retry.as_deref(),
         ))
     });
-    let down_upgrade = (req.version() == Version::HTTP_11
-        && !(fwd.upgrades.is_empty() && lr.config.upgrades.is_empty())
-        && req.headers().get(header::UPGRADE).is_some_and(|v| {
-            crate::config::upgrades::allowed(&fwd.upgrades, &lr.config.upgrades, v.as_bytes())
-        }))
-    .then(|| {
-        req.extensions()
-            .get::<OnUpgrade>()
-            .and_then(OnUpgrade::take)
-    })
-    .flatten();
+    // An HTTP/1.1 upgrade the configuration does not allow is refused,
+    // as Envoy refuses it (403, upgrade_failed); `h2c` is only dropped.
+    let asked_upgrade = match req.headers().get(header::UPGRADE) {
+        Some(v)
+            if req.version() == Version::HTTP_11 && !v.as_bytes().eq_ignore_ascii_case(b"h2c") =>
+        {
+            let allowed =
+                crate::config::upgrades::allowed(&fwd.upgrades, &lr.config.upgrades, v.as_bytes());
+            if !allowed && asks_connection_upgrade(req.headers()) {
+                return Err(local(StatusCode::FORBIDDEN, "", ""));
+            }
+            allowed
+        }
+        _ => false,
+    };
+    let down_upgrade = asked_upgrade
+        .then(|| {
+            req.extensions()
+                .get::<OnUpgrade>()
+                .and_then(OnUpgrade::take)
+        })
+        .flatten();
     let upgrade = down_upgrade.is_some();
 
     // The request as it goes upstream. The Host value is the client's own
@@ -1261,6 +1273,31 @@ async fn forward(
                 let until = deadline.map_or(until, |d| until.min(d));
                 Box::pin(tokio::time::sleep_until(until)).await;
                 cluster.retries.fetch_sub(1, Relaxed);
+                let now = tokio::time::Instant::now();
+                if stream_deadline.is_some_and(|d| now >= d) {
+                    // The stream's own limit ran out meanwhile.
+                    stats
+                        .downstream_rq_max_duration_reached
+                        .fetch_add(1, Relaxed);
+                    failure = local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "downstream duration timeout\n",
+                        "DT",
+                    );
+                    break;
+                }
+                if deadline.is_some_and(|d| now >= d) {
+                    // The route's time ran out during the back-off: its
+                    // 504, and no try sent to be cut off at once.
+                    stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                    cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                    failure = local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout\n",
+                        "UT",
+                    );
+                    break;
+                }
             }
         }
         let Some(ep) = cluster.pick(hash, last_ep.as_deref()) else {
@@ -1293,14 +1330,17 @@ async fn forward(
         // Envoy's auto_host_rewrite: the endpoint's host name, if it has
         // one (the first try that has one tells `x-forwarded-host`).
         let mut forward_host = None;
+        let mut new_host = false;
         if let (HostRewrite::Auto, Some(name)) = (&fwd.host_rewrite, &ep.hostname) {
             if let Ok(v) = HeaderValue::from_str(name) {
+                new_host = host_value.as_ref() != Some(&v);
                 host_value = Some(v);
                 forward_host = forwarded_host.take();
             }
         }
-        // The URI is built once; a retry clones it (reference-counted).
-        if up_uri.is_none() {
+        // The URI is built once; a retry clones it (reference-counted),
+        // unless its authority (HTTP/2) is another endpoint's host name.
+        if up_uri.is_none() || (new_host && cluster.config.http2) {
             let built = if cluster.config.http2 {
                 h2_uri(host_value.as_ref(), &new_pq)
             } else if new_pq == original_pq {
@@ -1724,6 +1764,16 @@ fn rewrite_path<'a>(fwd: &Forward, route: &Route, pq: &'a str) -> Cow<'a, str> {
         return Cow::Owned(out);
     }
     Cow::Borrowed(pq)
+}
+
+/// Whether the Connection header names `upgrade` (with an Upgrade header,
+/// an HTTP/1.1 upgrade request).
+fn asks_connection_upgrade(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    })
 }
 
 /// The client's side of an upgrade (WebSocket, or another protocol the

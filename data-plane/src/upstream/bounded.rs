@@ -8,22 +8,41 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use super::lb::Tables;
 use super::Endpoint;
 
 /// The endpoint for `hash` among `eps`, starting from `first` (where the
 /// ring put the key), with requests in flight capped at `factor` per cent
 /// of each endpoint's weighted share of `in_flight + 1`. Only endpoints
-/// `ok` admits are considered, their weights normalized among themselves.
+/// `ok` admits are considered, their weights normalized among themselves;
+/// their total weight is kept in the level's `tables` with the time
+/// ([`now_ms`]) until which it holds (reused for a while, as the priority
+/// shares are, and dropped when an endpoint's availability changes), so
+/// that a key whose endpoint is not overloaded costs no pass over the
+/// others.
+///
+/// [`now_ms`]: super::now_ms
 pub(crate) fn choose<'a>(
-    eps: &'a [Arc<Endpoint>],
+    (eps, tables): (&'a [Arc<Endpoint>], &Tables),
     first: &'a Arc<Endpoint>,
     hash: u64,
-    factor: u32,
-    in_flight: u32,
+    (factor, in_flight): (u32, u32),
     ok: impl Fn(&Endpoint) -> bool,
+    now: u64,
 ) -> &'a Arc<Endpoint> {
-    let candidates: Vec<&Arc<Endpoint>> = eps.iter().filter(|e| ok(e)).collect();
-    let total_weight: u64 = candidates.iter().map(|e| u64::from(e.weight)).sum();
+    let (total_cache, until) = (&tables.available_weight, &tables.available_until);
+    let total_weight = if until.load(Relaxed) > now {
+        total_cache.load(Relaxed)
+    } else {
+        let t: u64 = eps
+            .iter()
+            .filter(|e| ok(e))
+            .map(|e| u64::from(e.weight))
+            .sum();
+        total_cache.store(t, Relaxed);
+        until.store(now + super::PANIC_RECHECK_MS, Relaxed);
+        t
+    };
     if total_weight == 0 {
         return first;
     }
@@ -40,6 +59,7 @@ pub(crate) fn choose<'a>(
     if least.1 <= 1.0 {
         return first;
     }
+    let candidates: Vec<&Arc<Endpoint>> = eps.iter().filter(|e| ok(e)).collect();
     // A shuffle seeded by the key (Envoy's mt19937 and its uniform draw),
     // so that the same key tries the same endpoints in the same order.
     let mut order: Vec<usize> = (0..candidates.len()).collect();

@@ -16,16 +16,17 @@ use super::{Cluster, Endpoint};
 use crate::config::cluster::HealthCheckConfig;
 
 /// Starts checking the cluster's endpoints: each endpoint's first check
-/// runs at once (or within `initial_jitter`), and an endpoint added later
-/// gets its own within the shorter of `interval` and a second.
+/// runs at once (or within `initial_jitter`), an endpoint added later too
+/// (each new endpoint set wakes this task; it also looks every
+/// `interval`, at most a second).
 pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
     let cfg = Arc::new(cfg);
     let look = cfg.interval.min(Duration::from_secs(1));
     tokio::spawn(async move {
         // Each endpoint's checker, by the endpoint's address in memory
-        // (endpoints are kept across updates while their address and
-        // weight stay, whatever their priority, so a kept endpoint keeps
-        // its schedule). Dropping
+        // (endpoints are kept across updates while their address, weight,
+        // names and check settings stay, whatever their priority, so a
+        // kept endpoint keeps its schedule). Dropping
         // the set when the cluster goes stops them all.
         let mut checkers = tokio::task::JoinSet::new();
         let mut running: HashMap<usize, tokio::task::AbortHandle> = HashMap::new();
@@ -235,8 +236,9 @@ fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) 
     // An endpoint's first check after it was added decides alone (and,
     // either way, ends its exclusion from panic).
     let first = e.hc_first.swap(false, Relaxed);
-    if first {
-        e.hc_excluded.store(false, Relaxed);
+    if first && e.hc_excluded.swap(false, Relaxed) {
+        // It counts in its level again (panic, bounded loads).
+        c.availability_changed();
     }
     if ok == healthy {
         e.hc_streak.store(0, Relaxed);
@@ -549,6 +551,75 @@ mod tests {
         // may have asked its address once.)
         assert!(asked_serving.load(Relaxed) <= 1);
         assert_eq!(asked_quiet.load(Relaxed), 0);
+    }
+
+    /// Through real sockets: an endpoint kept out until its first check
+    /// counts nowhere (Envoy's excluded hosts): one healthy and one
+    /// failing endpoint are half available, not in panic (Envoy's 50%),
+    /// and an unchecked third does not tip them into it (a third would
+    /// put the failing one in play). A weight change keeps what checks
+    /// said of an endpoint.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn excluded_endpoints_count_nowhere() {
+        use crate::config::cluster::{EndpointSpec, LoadPolicy};
+        use portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig;
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        const BAD: &[u8] =
+            b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (good, _) = check_target(OK).await;
+        let (failing, _) = check_target(BAD).await;
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mute = silent.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let c = checked_cluster(good, |pb| {
+            pb.health_checks[0].timeout = ms(30_000);
+            pb.common_lb_config = Some(CommonLbConfig {
+                ignore_new_hosts_until_first_hc: true,
+                ..Default::default()
+            });
+        });
+        c.set_endpoints(
+            &[EndpointSpec::at(good), EndpointSpec::at(failing)],
+            LoadPolicy::default(),
+        );
+        let started = std::time::Instant::now();
+        while c.endpoints.load().endpoints[1].hc_healthy.load(Relaxed) {
+            assert!(started.elapsed() < Duration::from_secs(5), "never failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        c.set_endpoints(
+            &[
+                EndpointSpec::at(good),
+                EndpointSpec::at(failing),
+                EndpointSpec::at(mute),
+            ],
+            LoadPolicy::default(),
+        );
+        assert!(c.endpoints.load().endpoints[2].hc_excluded.load(Relaxed));
+        for _ in 0..60 {
+            assert_eq!(c.pick(None, None).expect("a pick").addr, good, "no panic");
+        }
+        // Its weight changes: made anew, still failed by its checks.
+        c.set_endpoints(
+            &[
+                EndpointSpec::at(good),
+                EndpointSpec {
+                    weight: 5,
+                    ..EndpointSpec::at(failing)
+                },
+                EndpointSpec::at(mute),
+            ],
+            LoadPolicy::default(),
+        );
+        let e = c.endpoints.load().endpoints[1].clone();
+        assert_eq!((e.weight, e.hc_healthy.load(Relaxed)), (5, false));
     }
 
     /// Through real sockets: with `ignore_new_hosts_until_first_hc`, an

@@ -4,7 +4,7 @@
 //! Unavailable endpoints are skipped; when none is available the caller
 //! answers 503.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::{now_ms, Cluster, Endpoint, EndpointSet};
@@ -22,6 +22,10 @@ pub struct Tables {
     stride: u64,
     /// Ring of (hash, endpoint index), sorted by hash.
     ring: Vec<(u64, u32)>,
+    /// The available endpoints' total weight, for bounded loads, and until
+    /// when ([`now_ms`]) it holds (0: counted again at the next pick).
+    pub(crate) available_weight: AtomicU64,
+    pub(crate) available_until: AtomicU64,
 }
 
 /// Envoy's hash for ring positions and request keys: xxHash64, seed 0.
@@ -221,11 +225,19 @@ struct LevelHealth {
     healthy: u32,
     degraded: u32,
     up: usize,
+    /// Its endpoints, less those kept out until their first health check
+    /// (Envoy's excluded hosts count nowhere).
+    len: usize,
 }
 
 fn level_health(set: &EndpointSet, eps: &[Arc<Endpoint>], now: u64) -> LevelHealth {
     let (mut total, mut healthy, mut degraded, mut up) = (0u128, 0u128, 0u128, 0usize);
+    let mut len = 0;
     for e in eps {
+        if !e.in_play_in_panic() {
+            continue;
+        }
+        len += 1;
         let w = if set.policy.weighted_health {
             u128::from(e.weight)
         } else {
@@ -251,6 +263,7 @@ fn level_health(set: &EndpointSet, eps: &[Arc<Endpoint>], now: u64) -> LevelHeal
         healthy: score(healthy),
         degraded: score(degraded),
         up,
+        len,
     }
 }
 
@@ -275,7 +288,7 @@ impl Spill {
             let eps = &set.endpoints[l.start..l.end];
             let h = level_health(set, eps, now);
             (shares[i], shares[n + i]) = (h.healthy.into(), h.degraded.into());
-            panic.push(below_threshold(h.up, eps.len(), panic_threshold));
+            panic.push(below_threshold(h.up, h.len, panic_threshold));
         }
         let mut whole = shares.iter().sum::<u64>().min(100);
         if whole == 100 {
@@ -428,8 +441,8 @@ impl Cluster {
                 return Some(match self.config.hash_balance_factor {
                     None => first.clone(),
                     Some(f) => {
-                        let in_flight = self.active.load(Relaxed);
-                        super::bounded::choose(eps, first, h, f, in_flight, ok).clone()
+                        let load = (f, self.active.load(Relaxed));
+                        super::bounded::choose((eps, tables), first, h, load, ok, now).clone()
                     }
                 });
             }
@@ -490,7 +503,7 @@ fn in_panic(set: &EndpointSet, threshold: f64, now: u64) -> bool {
         return cached & 1 == 1;
     }
     let h = level_health(set, &set.endpoints, now);
-    let panic = h.healthy < 100 && below_threshold(h.up, set.endpoints.len(), threshold);
+    let panic = h.healthy < 100 && below_threshold(h.up, h.len, threshold);
     set.panic.store(
         ((now + super::PANIC_RECHECK_MS) << 1) | u64::from(panic),
         Relaxed,
@@ -804,7 +817,7 @@ mod tests {
             let t = Tables {
                 cumulative,
                 stride: stride(sum),
-                ring: Vec::new(),
+                ..Tables::default()
             };
             let picks: Vec<usize> = (0..sum)
                 .map(|i| pick_weighted(&t, weights.len(), i))

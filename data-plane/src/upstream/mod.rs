@@ -1,7 +1,8 @@
 //! Clusters at run time: endpoints with their health, connection pools and
 //! load balancing. Endpoint state outlives configuration changes: an EDS or
 //! CDS update keeps the pools and health of endpoints that remain at the
-//! same address with the same weight (whatever their priority).
+//! same address (whatever their priority; one whose weight, names or check
+//! settings change gets new pools and keeps its health).
 
 mod bounded;
 pub mod h1;
@@ -116,8 +117,9 @@ impl Endpoint {
     }
 
     /// Whether `spec` describes this endpoint as it was made: the same
-    /// weight and names (an address whose weight or names change gets a
-    /// new endpoint, as what was built from them is built again).
+    /// weight, names and check settings (an address whose weight, names
+    /// or check settings change gets a new endpoint, as what was built
+    /// from them is built again; it takes over the old one's state).
     fn same_identity(&self, spec: &EndpointSpec) -> bool {
         self.weight == spec.weight
             && self.hostname == spec.hostname
@@ -130,6 +132,35 @@ impl Endpoint {
         self.eds_healthy.load(Relaxed)
             && self.hc_healthy.load(Relaxed)
             && self.ejected_until.load(Relaxed) <= now
+    }
+
+    /// Takes over what `old` (the same address, before its weight, names
+    /// or check settings changed) knew: health from checks, outlier
+    /// ejection, slow start.
+    fn carry_over(&self, old: &Endpoint) {
+        for (to, from) in [
+            (&self.hc_healthy, &old.hc_healthy),
+            (&self.hc_first, &old.hc_first),
+            (&self.hc_excluded, &old.hc_excluded),
+            (&self.hc_degraded, &old.hc_degraded),
+        ] {
+            to.store(from.load(Relaxed), Relaxed);
+        }
+        for (to, from) in [
+            (&self.ejected_until, &old.ejected_until),
+            (&self.slow_since, &old.slow_since),
+        ] {
+            to.store(from.load(Relaxed), Relaxed);
+        }
+        self.ejections.store(old.ejections.load(Relaxed), Relaxed);
+    }
+
+    /// Forgets what health checks said: it is not checked (any more).
+    fn clear_checks(&self) {
+        self.hc_healthy.store(true, Relaxed);
+        self.hc_first.store(false, Relaxed);
+        self.hc_excluded.store(false, Relaxed);
+        self.hc_degraded.store(false, Relaxed);
     }
 
     /// Whether panic mode may put it in play (not while a first health
@@ -283,6 +314,9 @@ pub struct Cluster {
     slow_until: AtomicU64,
     /// Held while an endpoint is ejected.
     ejecting: std::sync::Mutex<()>,
+    /// It has had endpoints: endpoints it gets from now on are added ones
+    /// (they ramp up, and await their first health check).
+    initialized: AtomicBool,
     /// Told when a new endpoint set is installed (the health checker
     /// waits on it).
     pub(crate) endpoints_changed: Arc<tokio::sync::Notify>,
@@ -315,6 +349,7 @@ impl Cluster {
             drop_per_million: AtomicU32::new(0),
             slow_until: AtomicU64::new(0),
             ejecting: std::sync::Mutex::new(()),
+            initialized: AtomicBool::new(false),
             endpoints_changed: Arc::default(),
             retired: AtomicBool::new(false),
         })
@@ -344,10 +379,12 @@ impl Cluster {
         let old = self.endpoints.load();
         let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
             old.endpoints.iter().map(|e| (e.addr, e)).collect();
-        // Endpoints added to a cluster that had some ramp up; a new
-        // cluster's first endpoints take their shares at once (as Envoy's
-        // initial hosts do).
-        let (now, ramp) = (now_ms(), !old.endpoints.is_empty());
+        // Endpoints added to a cluster that had some ramp up and await
+        // their first health check; a new cluster's first endpoints take
+        // their shares at once (as Envoy's initial hosts do, once warmed).
+        // (Not a cluster that had endpoints and lost them all.)
+        let now = now_ms();
+        let ramp = self.initialized.load(Relaxed) || !old.endpoints.is_empty();
         let endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|s| match by_addr.get(&s.addr) {
@@ -358,22 +395,16 @@ impl Cluster {
                     Arc::clone(e)
                 }
                 Some(old) => {
-                    // Its weight or names changed: made anew, its health
-                    // kept (it was there).
+                    // Its weight or names changed: made anew, its state
+                    // kept (it was there; Envoy updates such a host in
+                    // place), unless where it is checked changed: then it
+                    // is new as far as checks go.
                     let e = Endpoint::new(s, &self.config, &self.stats);
-                    for (to, from) in [
-                        (&e.hc_healthy, &old.hc_healthy),
-                        (&e.hc_first, &old.hc_first),
-                        (&e.hc_excluded, &old.hc_excluded),
-                        (&e.hc_degraded, &old.hc_degraded),
-                    ] {
-                        to.store(from.load(Relaxed), Relaxed);
-                    }
-                    if e.check.as_ref().is_some_and(|c| c.disabled) {
-                        // No longer checked: healthy as far as checks go.
-                        e.hc_healthy.store(true, Relaxed);
-                        e.hc_first.store(false, Relaxed);
-                        e.hc_excluded.store(false, Relaxed);
+                    e.carry_over(old);
+                    let target =
+                        |x: &Endpoint| x.check.as_ref().map(|c| (c.target(x.addr), c.disabled));
+                    if target(old) != target(&e) {
+                        self.await_first_check(&e);
                     }
                     Arc::new(e)
                 }
@@ -381,20 +412,22 @@ impl Cluster {
                     let e = Endpoint::new(s, &self.config, &self.stats);
                     if ramp {
                         self.start_slow(&e, now);
-                        // Out of play until its first health check (a new
-                        // cluster's first endpoints take traffic at once:
-                        // Envoy would have warmed them first).
-                        let checked = !e.check.as_ref().is_some_and(|c| c.disabled);
-                        if let (Some(hc), true) = (&self.config.health_check, checked) {
-                            e.hc_healthy.store(false, Relaxed);
-                            e.hc_first.store(true, Relaxed);
-                            e.hc_excluded.store(hc.exclude_until_checked, Relaxed);
-                        }
+                        self.await_first_check(&e);
                     }
                     Arc::new(e)
                 }
             })
             .collect();
+        // Endpoints whose checks are off (the cluster's, or their own) are
+        // healthy as far as checks go, whatever checks said before.
+        for e in &endpoints {
+            if self.config.health_check.is_none() || e.check.as_ref().is_some_and(|c| c.disabled) {
+                e.clear_checks();
+            }
+        }
+        if !endpoints.is_empty() {
+            self.initialized.store(true, Relaxed);
+        }
         let priorities: Vec<u32> = specs.iter().map(|s| s.priority).collect();
         self.install(EndpointSet::new(
             &self.config,
@@ -404,11 +437,29 @@ impl Cluster {
         ));
     }
 
+    /// Puts a checked endpoint out of play until its first health check
+    /// (Envoy's hosts added to a health-checked cluster), which decides
+    /// alone; with `ignore_new_hosts_until_first_hc`, even panic leaves it
+    /// out meanwhile.
+    fn await_first_check(&self, e: &Endpoint) {
+        let checked = !e.check.as_ref().is_some_and(|c| c.disabled);
+        if let (Some(hc), true) = (&self.config.health_check, checked) {
+            e.hc_healthy.store(false, Relaxed);
+            e.hc_first.store(true, Relaxed);
+            e.hc_excluded.store(hc.exclude_until_checked, Relaxed);
+        }
+    }
+
     /// Rebuilds the balancer's tables over the same endpoints (after a
     /// change of the cluster's config), with `policy` (a DNS cluster's,
     /// which comes with its config).
     fn rebalance(&self, policy: LoadPolicy) {
         let set = self.endpoints.load_full();
+        if self.config.health_check.is_none() {
+            for e in &set.endpoints {
+                e.clear_checks();
+            }
+        }
         let priorities: Vec<u32> = set.priorities().collect();
         self.install(EndpointSet::new(
             &self.config,
@@ -449,6 +500,9 @@ impl Cluster {
         let set = self.endpoints.load();
         set.panic.store(0, Relaxed);
         set.spill.store(Arc::new(lb::Spill::default()));
+        for l in &set.levels {
+            l.lb.available_until.store(0, Relaxed);
+        }
     }
 
     /// Notes that a health check changed whether an endpoint is degraded:

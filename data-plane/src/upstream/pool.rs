@@ -334,11 +334,13 @@ impl Pool {
     /// connects under way count against the circuit breakers too: the
     /// cluster's over all its endpoints, and the endpoint's own).
     pub(super) async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
-        self.tcp_to(self.addr).await
+        let slot = self.open_slot()?;
+        Ok((self.dial(self.addr).await?, slot))
     }
 
-    /// As [`Pool::tcp`], to `addr` (an endpoint's health-check address).
-    async fn tcp_to(&self, addr: SocketAddr) -> Result<(TcpStream, OpenSlot), SendError> {
+    /// A place among the open connections, if the circuit breakers leave
+    /// one.
+    fn open_slot(&self) -> Result<OpenSlot, SendError> {
         let (host_max, max) = (self.max_host_connections, u64::from(self.max_connections));
         let host_ok = self
             .open
@@ -347,7 +349,7 @@ impl Pool {
         let cluster_ok = host_ok
             && self
                 .stats
-                .cx_active
+                .upstream_cx_active
                 .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
                 .is_ok();
         if !cluster_ok {
@@ -357,7 +359,11 @@ impl Pool {
             self.stats.cx_overflow.fetch_add(1, Relaxed);
             return Err(SendError::Overflow);
         }
-        let slot = OpenSlot(self.open.clone(), self.stats.clone());
+        Ok(OpenSlot(self.open.clone(), self.stats.clone()))
+    }
+
+    /// A TCP connection to `addr`, within the connect timeout.
+    async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, SendError> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, connect(addr, self.source)).await {
                 Ok(Ok(s)) => s,
@@ -375,22 +381,32 @@ impl Pool {
             };
         let _ = stream.set_nodelay(true);
         self.stats.cx_total.fetch_add(1, Relaxed);
-        Ok((stream, slot))
+        Ok(stream)
     }
 
-    /// Opens a hyper connection that is not pooled (for upgrades and health
-    /// checks), with upgrades on.
+    /// Opens a hyper connection that is not pooled (for upgrades), with
+    /// upgrades on.
     pub async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
-        self.connect_h1_at(self.addr).await
+        let (io, slot) = self.tcp().await?;
+        Self::handshake_h1(io, Some(slot)).await
     }
 
-    /// As [`Pool::connect_h1`], to `addr` (an endpoint's health-check
-    /// address), under the same limits and settings.
+    /// A health check's HTTP/1.1 connection to `addr` (the endpoint's
+    /// check address): with the pool's settings, but outside the circuit
+    /// breakers, as Envoy's checks are (a cluster at its connection limit
+    /// is not thereby unhealthy).
     pub async fn connect_h1_at(
         &self,
         addr: SocketAddr,
     ) -> Result<http1::SendRequest<ReqBody>, SendError> {
-        let (io, slot) = self.tcp_to(addr).await?;
+        let io = self.dial(addr).await?;
+        Self::handshake_h1(io, None).await
+    }
+
+    async fn handshake_h1(
+        io: TcpStream,
+        slot: Option<OpenSlot>,
+    ) -> Result<http1::SendRequest<ReqBody>, SendError> {
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -402,13 +418,14 @@ impl Pool {
         Ok(tx)
     }
 
-    /// Opens an HTTP/2 (prior knowledge) connection that is not pooled, to
-    /// `addr` (for health checks).
+    /// A health check's HTTP/2 (prior knowledge) connection to `addr`,
+    /// outside the circuit breakers (as [`Pool::connect_h1_at`]).
     pub async fn connect_h2_at(
         &self,
         addr: SocketAddr,
     ) -> Result<http2::SendRequest<ReqBody>, SendError> {
-        self.open_h2_to(addr).await.map(|(tx, _)| tx)
+        let io = self.dial(addr).await?;
+        Self::handshake_h2(io, None).await.map(|(tx, _)| tx)
     }
 
     /// Connects and speaks HTTP/2 (prior knowledge); the connection is
@@ -417,14 +434,14 @@ impl Pool {
     async fn open_h2(
         &self,
     ) -> Result<(http2::SendRequest<ReqBody>, Option<SocketAddr>), SendError> {
-        self.open_h2_to(self.addr).await
+        let (io, slot) = self.tcp().await?;
+        Self::handshake_h2(io, Some(slot)).await
     }
 
-    async fn open_h2_to(
-        &self,
-        addr: SocketAddr,
+    async fn handshake_h2(
+        io: TcpStream,
+        slot: Option<OpenSlot>,
     ) -> Result<(http2::SendRequest<ReqBody>, Option<SocketAddr>), SendError> {
-        let (io, slot) = self.tcp_to(addr).await?;
         let from = io.local_addr().ok();
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -523,7 +540,7 @@ impl std::fmt::Debug for OpenSlot {
 impl Drop for OpenSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
-        self.1.cx_active.fetch_sub(1, Relaxed);
+        self.1.upstream_cx_active.fetch_sub(1, Relaxed);
     }
 }
 
@@ -647,6 +664,10 @@ mod tests {
             e.contains("upstream_bind_config") && e.contains("freebind"),
             "{e}"
         );
+        // Without a source address: the system's choice, as without it.
+        cluster.upstream_bind_config = Some(BindConfig::default());
+        let cfg = ClusterConfig::convert(&cluster).expect("converts");
+        assert_eq!(cfg.source_address, None);
     }
 
     /// The cluster's `max_connections` spans all its endpoints (Envoy's
@@ -710,7 +731,7 @@ mod tests {
         assert_eq!((overflow, na + nb), (17, 3), "{na} + {nb}");
         assert!(na <= 2 && nb <= 2, "{na} + {nb}");
         assert_eq!(stats.cx_overflow.load(Relaxed), 17);
-        assert_eq!(stats.cx_active.load(Relaxed), 0, "all given back");
+        assert_eq!(stats.upstream_cx_active.load(Relaxed), 0, "all given back");
     }
 
     /// An idle connection the origin closed is let go by the sweep, with

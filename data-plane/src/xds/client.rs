@@ -120,6 +120,9 @@ impl Client {
                 return fut.await;
             };
             tokio::select! {
+                // What arrives first wins a tie: a new assignment that
+                // comes with its deadline keeps its endpoints.
+                biased;
                 v = &mut fut => return v,
                 () = tokio::time::sleep_until(at) => self.expire_stale(),
             }
@@ -148,9 +151,10 @@ impl Client {
         if due.is_empty() {
             return;
         }
+        let users = self.clusters_by_assignment();
         for n in &due {
             tracing::warn!(assignment = %n, "load assignment is stale (endpoint_stale_after passed without a new one); its endpoints are dropped");
-            for c in self.clusters_of(n) {
+            for c in users.get(n.as_str()).into_iter().flatten() {
                 c.stats.assignment_stale.fetch_add(1, Relaxed);
             }
         }
@@ -160,24 +164,24 @@ impl Client {
             removed: due,
             complete: false,
         };
-        if let Err(e) = self.apply(u) {
+        // Not the control plane's update: applied as one, but neither
+        // counted nor timed as one.
+        if let Err(e) = self.apply_inner(u) {
             // Removing assignments cannot fail a check; say so if it does.
             tracing::error!(error = %e, "dropping stale load assignments failed");
         }
     }
 
-    /// The live clusters whose endpoints the assignment `service` gives.
-    fn clusters_of(&self, service: &str) -> Vec<Arc<crate::upstream::Cluster>> {
-        self.shared
-            .snapshot
-            .load()
-            .clusters
-            .values()
-            .filter(|c| {
-                matches!(&c.config.discovery, crate::config::cluster::Discovery::Eds(s) if &**s == service)
-            })
-            .cloned()
-            .collect()
+    /// The live EDS clusters, by the assignment that gives their
+    /// endpoints.
+    fn clusters_by_assignment(&self) -> HashMap<Arc<str>, Vec<Arc<crate::upstream::Cluster>>> {
+        let mut by: HashMap<Arc<str>, Vec<_>> = HashMap::new();
+        for c in self.shared.snapshot.load().clusters.values() {
+            if let crate::config::cluster::Discovery::Eds(s) = &c.config.discovery {
+                by.entry(s.clone()).or_default().push(c.clone());
+            }
+        }
+        by
     }
 
     /// Arms or disarms the stale timers of the assignments `u` brought.
@@ -186,6 +190,7 @@ impl Client {
             self.stale.remove(n);
         }
         let now = tokio::time::Instant::now();
+        let mut users = None;
         for (n, _, _) in &u.resources {
             match self
                 .state
@@ -194,8 +199,13 @@ impl Client {
                 .and_then(|a| a.value.stale_after)
             {
                 Some(d) => {
-                    self.stale.insert(n.clone(), now + d);
-                    for c in self.clusters_of(n) {
+                    // (Validated below 10,000 years; checked all the same.)
+                    let at = now
+                        .checked_add(d)
+                        .unwrap_or(now + Duration::from_secs(1 << 40));
+                    self.stale.insert(n.clone(), at);
+                    let users = users.get_or_insert_with(|| self.clusters_by_assignment());
+                    for c in users.get(n.as_str()).into_iter().flatten() {
                         c.stats.assignment_timeout_received.fetch_add(1, Relaxed);
                     }
                 }
@@ -267,6 +277,9 @@ impl Client {
         let ty = u.ty;
         let count = u.resources.len();
         let result = self.apply_inner(u);
+        if result.is_ok() {
+            self.shared.stats.xds_update_success.fetch_add(1, Relaxed);
+        }
         let took = started.elapsed();
         if took > Duration::from_millis(20) {
             tracing::info!(
@@ -325,7 +338,6 @@ impl Client {
         // Freeing a large route table takes milliseconds; do it off the
         // path of the next update and of the workers.
         tokio::task::spawn_blocking(move || drop((old_snap, old_state)));
-        self.shared.stats.xds_update_success.fetch_add(1, Relaxed);
         if self.lds_seen && self.state.complete() && !self.shared.ready.swap(true, Relaxed) {
             tracing::info!(
                 listeners = snap.listeners.len(),

@@ -92,6 +92,13 @@ fn listener(
 ) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: "foreign".into(),
+        // A protocol of its own allowed everywhere (a route may say not).
+        upgrade_configs: vec![
+            portico_proto::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::UpgradeConfig {
+                upgrade_type: "bar".into(),
+                ..Default::default()
+            },
+        ],
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: "routes".into(),
@@ -503,14 +510,36 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
                 ..Default::default()
             });
         }),
-        // Tries of 200 ms, retried.
+        // The same within a route timeout of 1 s.
+        prefix_route("/brusque", "plain", |a| {
+            use portico_proto::envoy::config::route::v3::retry_policy::{
+                RateLimitedRetryBackOff, ResetHeader,
+            };
+            a.timeout = Some(portico_proto::google::protobuf::Duration {
+                seconds: 1,
+                nanos: 0,
+            });
+            a.retry_policy = Some(RetryPolicy {
+                retry_on: "retriable-status-codes".into(),
+                retriable_status_codes: vec![429],
+                rate_limited_retry_back_off: Some(RateLimitedRetryBackOff {
+                    reset_headers: vec![ResetHeader {
+                        name: "retry-after".into(),
+                        format: 0,
+                    }],
+                    max_interval: None,
+                }),
+                ..Default::default()
+            });
+        }),
+        // Tries of 500 ms, retried.
         prefix_route("/quick-tries", "plain", |a| {
             a.retry_policy = Some(RetryPolicy {
                 retry_on: "5xx".into(),
                 num_retries: Some(UInt32Value { value: 2 }),
                 per_try_timeout: Some(portico_proto::google::protobuf::Duration {
                     seconds: 0,
-                    nanos: 200_000_000,
+                    nanos: 500_000_000,
                 }),
                 ..Default::default()
             });
@@ -872,7 +901,7 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         }),
         prefix_route("/up-off", "plain", |a| {
             a.upgrade_configs = vec![UpgradeConfig {
-                upgrade_type: "foo".into(),
+                upgrade_type: "bar".into(),
                 enabled: Some(portico_proto::google::protobuf::BoolValue { value: false }),
                 ..Default::default()
             }]
@@ -1468,7 +1497,7 @@ fn foreign_control_plane_envoy_features() {
         r.body
     );
     // A retry after a per-try timeout says so; a first try says nothing.
-    let timed = get("/quick-tries/sluggish/timed/1/1500", &[]);
+    let timed = get("/quick-tries/sluggish/timed/1/3000", &[]);
     assert!(
         timed.status == 200 && timed.body.contains("\nx-envoy-is-timeout-retry: true\n"),
         "{timed:?}"
@@ -1485,6 +1514,25 @@ fn foreign_control_plane_envoy_features() {
             && took < std::time::Duration::from_millis(3000),
         "{took:?}"
     );
+    // A wait past the route's time ends in its 504, at that time, with
+    // no second try sent.
+    let started = std::time::Instant::now();
+    let brief = http1(calm_port, "GET", "/brusque/limited/bk/1/5", "gw", &[], "").expect("request");
+    let took = started.elapsed();
+    assert_eq!(brief.status, 504, "{brief:?}");
+    assert!(
+        took >= std::time::Duration::from_millis(900)
+            && took < std::time::Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let tries = ups[1]
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|l| l.starts_with("GET /brusque/limited/bk/"))
+        .count();
+    assert_eq!(tries, 1, "the back-off outlasted the route: no second try");
     let first = get("/quick-tries/x", &[]);
     assert!(
         !first.body.contains("x-envoy-is-timeout-retry"),
@@ -2357,17 +2405,24 @@ fn foreign_control_plane_envoy_features() {
     }
     about_a_second(started.elapsed());
     assert_eq!(dp.stat("http.downstream_rq_idle_timeout"), idled_out + 1);
-    // Another protocol is tunnelled where a route allows it; elsewhere
-    // the request goes on without its upgrade.
+    // Other protocols are tunnelled where a route allows them (foo) or
+    // the connection manager does (bar), unless the route says not (as
+    // Envoy's: the route's word wins); elsewhere refused, 403.
     let (head, mut foo) = upgrade_to(port, "/up-foo/x", "Foo");
     assert!(
         head.starts_with("http/1.1 101") && head.contains("upgrade: foo"),
         "{head}"
     );
     echo(&mut foo, b"not websocket");
-    for path in ["/up-off/x", "/host/x"] {
-        let (head, _) = upgrade_to(port, path, "foo");
-        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+    let (head, mut bar) = upgrade_to(port, "/host/x", "bar");
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    echo(&mut bar, b"the connection manager's");
+    for (path, protocol) in [("/up-off/x", "bar"), ("/host/x", "foo")] {
+        let (head, _) = upgrade_to(port, path, protocol);
+        assert!(
+            head.starts_with("http/1.1 403"),
+            "{path} {protocol}: {head}"
+        );
     }
     let mut calm = upgrade(port, "/ws-forever/chat");
     std::thread::sleep(std::time::Duration::from_millis(2500));
@@ -2924,14 +2979,14 @@ fn stale_load_assignments_lose_their_endpoints() {
     let up = Upstream::start("u1");
     let port = free_port();
     let xds = StaticXds::start();
-    let stale_after = Duration::from_millis(1500);
+    let stale_after = Duration::from_secs(3);
     let fresh = || {
         let mut a = endpoints("fresh", &[(up.addr.port(), HealthStatus::Unknown)]);
         a.policy = Some(
             portico_proto::envoy::config::endpoint::v3::cluster_load_assignment::Policy {
                 endpoint_stale_after: Some(portico_proto::google::protobuf::Duration {
-                    seconds: 1,
-                    nanos: 500_000_000,
+                    seconds: 3,
+                    nanos: 0,
                 }),
                 ..Default::default()
             },
@@ -2985,7 +3040,13 @@ fn stale_load_assignments_lose_their_endpoints() {
     };
     wait_for(Duration::from_secs(10), || (status() == 200).then_some(()))
         .expect("the assignment serves");
-    // Nothing new comes: the endpoints go, not before their time.
+    // They serve on for a while (a second here, of the three)...
+    let serving = Instant::now();
+    while serving.elapsed() < Duration::from_secs(1) {
+        assert_eq!(status(), 200, "not stale before its time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ... and when nothing new comes, they go, not before their time.
     wait_for(Duration::from_secs(10), || (status() == 503).then_some(()))
         .expect("the stale assignment's endpoints are dropped");
     assert!(pushed.elapsed() >= stale_after, "{:?}", pushed.elapsed());
@@ -2994,11 +3055,11 @@ fn stale_load_assignments_lose_their_endpoints() {
     let (_, clusters) = dp.admin_get("/clusters");
     assert!(clusters.contains("fresh::no_endpoints"), "{clusters}");
     // The same assignment again serves again; sent again every 500 ms it
-    // never goes stale (3 s: twice its time).
+    // never goes stale (4 s: longer than its time).
     xds.set(ENDPOINT, fresh());
     wait_for(Duration::from_secs(10), || (status() == 200).then_some(()))
         .expect("a new assignment serves");
-    let until = Instant::now() + Duration::from_secs(3);
+    let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
         if pushed.elapsed() >= Duration::from_millis(500) {
             xds.set(ENDPOINT, fresh());
