@@ -1015,10 +1015,11 @@ async fn forward(
     });
     // An HTTP/1.1 upgrade the configuration does not allow is refused,
     // as Envoy refuses it (403, upgrade_failed); `h2c` is only dropped.
-    let asked_upgrade = match req.headers().get(header::UPGRADE) {
-        Some(v)
-            if req.version() == Version::HTTP_11 && !v.as_bytes().eq_ignore_ascii_case(b"h2c") =>
-        {
+    let upgrade_header = (req.version() == Version::HTTP_11)
+        .then(|| req.headers().get(header::UPGRADE))
+        .flatten();
+    let asked_upgrade = match upgrade_header {
+        Some(v) if !v.as_bytes().eq_ignore_ascii_case(b"h2c") => {
             let allowed =
                 crate::config::upgrades::allowed(&fwd.upgrades, &lr.config.upgrades, v.as_bytes());
             if !allowed && asks_connection_upgrade(req.headers()) {

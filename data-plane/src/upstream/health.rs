@@ -429,6 +429,27 @@ mod tests {
         (addr, checks)
     }
 
+    /// A check target's answers: passing, and failing.
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    const BAD: &[u8] =
+        b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+    /// An origin that accepts connections and never answers (a first
+    /// check to it stays pending).
+    async fn silent_origin() -> std::net::SocketAddr {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
     /// A cluster of the one endpoint at `addr`, checked every 20 ms, its
     /// health checks running.
     fn checked_cluster(
@@ -468,7 +489,6 @@ mod tests {
     /// endpoints take traffic from the start.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_added_endpoint_waits_for_its_first_check() {
-        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         let (first, _) = check_target(OK).await;
         let (added, checks) = check_target(OK).await;
         let c = checked_cluster(first, |pb| {
@@ -509,9 +529,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn endpoints_are_checked_where_they_say() {
         use crate::config::cluster::{EndpointCheck, EndpointSpec, LoadPolicy};
-        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-        const BAD: &[u8] =
-            b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         let (serving, asked_serving) = check_target(BAD).await;
         let (admin, asked_admin) = check_target(OK).await;
         let (quiet, asked_quiet) = check_target(BAD).await;
@@ -563,21 +580,9 @@ mod tests {
     async fn excluded_endpoints_count_nowhere() {
         use crate::config::cluster::{EndpointSpec, LoadPolicy};
         use portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig;
-        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-        const BAD: &[u8] =
-            b"HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         let (good, _) = check_target(OK).await;
         let (failing, _) = check_target(BAD).await;
-        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mute = silent.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = silent.accept().await {
-                held.push(s);
-            }
-        });
+        let mute = silent_origin().await;
         let c = checked_cluster(good, |pb| {
             pb.health_checks[0].timeout = ms(30_000);
             pb.common_lb_config = Some(CommonLbConfig {
@@ -629,19 +634,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ignore_new_hosts_keeps_unchecked_endpoints_out_of_panic() {
         use portico_proto::envoy::config::cluster::v3::cluster::CommonLbConfig;
-        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         let (first, _) = check_target(OK).await;
         // Accepts and never answers: the first check stays pending.
-        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mute = silent.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = silent.accept().await {
-                held.push(s);
-            }
-        });
+        let mute = silent_origin().await;
         for ignore in [true, false] {
             let c = checked_cluster(first, |pb| {
                 pb.health_checks[0].timeout = ms(30_000);
@@ -679,7 +674,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_check_answered_degraded_makes_its_endpoint_degraded() {
         use std::sync::atomic::AtomicBool;
-        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         const DEGRADED: &[u8] = b"HTTP/1.1 200 OK\r\nx-envoy-degraded: true\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         let flag = Arc::new(AtomicBool::new(true));
         let said = flag.clone();
@@ -770,9 +764,7 @@ mod tests {
     #[tokio::test]
     async fn a_passing_check_ends_an_ejection_unless_told_not_to() {
         use portico_proto::envoy::config::cluster::v3::OutlierDetection;
-        let (addr, checks) =
-            check_target(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                .await;
+        let (addr, checks) = check_target(OK).await;
         for unejects in [true, false] {
             let c = checked_cluster(addr, |pb| {
                 pb.outlier_detection = Some(OutlierDetection {

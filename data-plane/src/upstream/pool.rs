@@ -574,24 +574,51 @@ mod tests {
         Pool::new(addr, &cfg, Arc::new(ClusterStats::default()))
     }
 
-    /// Connects racing each other count against `max_connections` while
-    /// they are under way: of ten concurrent first requests to an
-    /// endpoint limited to two connections, eight overflow and the origin
-    /// sees two connections.
-    #[tokio::test]
-    async fn parallel_connects_respect_the_connection_limit() {
+    /// An origin that accepts and holds connections without answering,
+    /// and counts them.
+    async fn holding_origin() -> (SocketAddr, Arc<AtomicU32>) {
         let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = origin.local_addr().unwrap();
         let accepted = Arc::new(AtomicU32::new(0));
         let counter = accepted.clone();
         tokio::spawn(async move {
-            // Accepts and holds connections without answering.
             let mut held = Vec::new();
             while let Ok((s, _)) = origin.accept().await {
                 counter.fetch_add(1, Relaxed);
                 held.push(s);
             }
         });
+        (addr, accepted)
+    }
+
+    /// How many of `n` concurrent first requests, spread over `pools` in
+    /// turn, overflow (each given 300 ms: the origins never answer).
+    async fn overflows(pools: &[Arc<Pool>], n: usize) -> usize {
+        let sends: Vec<_> = (0..n)
+            .map(|i| {
+                let pool = pools[i % pools.len()].clone();
+                tokio::spawn(async move {
+                    let req = Request::new(Either::Right(Full::new(Bytes::new())));
+                    tokio::time::timeout(Duration::from_millis(300), pool.send(req)).await
+                })
+            })
+            .collect();
+        let mut overflow = 0;
+        for s in sends {
+            if let Ok(Err(SendError::Overflow)) = s.await.unwrap() {
+                overflow += 1;
+            }
+        }
+        overflow
+    }
+
+    /// Connects racing each other count against `max_connections` while
+    /// they are under way: of ten concurrent first requests to an
+    /// endpoint limited to two connections, eight overflow and the origin
+    /// sees two connections.
+    #[tokio::test]
+    async fn parallel_connects_respect_the_connection_limit() {
+        let (addr, accepted) = holding_origin().await;
         let cluster = Cluster {
             name: "c".into(),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -606,21 +633,7 @@ mod tests {
         };
         let cfg = ClusterConfig::convert(&cluster).unwrap();
         let pool = Arc::new(Pool::new(addr, &cfg, Arc::new(ClusterStats::default())));
-        let sends: Vec<_> = (0..10)
-            .map(|_| {
-                let pool = pool.clone();
-                tokio::spawn(async move {
-                    let req = Request::new(Either::Right(Full::new(Bytes::new())));
-                    tokio::time::timeout(Duration::from_millis(300), pool.send(req)).await
-                })
-            })
-            .collect();
-        let mut overflow = 0;
-        for s in sends {
-            if let Ok(Err(SendError::Overflow)) = s.await.unwrap() {
-                overflow += 1;
-            }
-        }
+        let overflow = overflows(std::slice::from_ref(&pool), 10).await;
         assert_eq!(overflow, 8, "eight of ten overflow");
         assert_eq!(
             accepted.load(Relaxed),
@@ -677,20 +690,6 @@ mod tests {
     /// no more than two to either.
     #[tokio::test]
     async fn the_connection_limit_is_the_clusters_and_each_endpoints() {
-        async fn holding_origin() -> (SocketAddr, Arc<AtomicU32>) {
-            let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = origin.local_addr().unwrap();
-            let accepted = Arc::new(AtomicU32::new(0));
-            let counter = accepted.clone();
-            tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((s, _)) = origin.accept().await {
-                    counter.fetch_add(1, Relaxed);
-                    held.push(s);
-                }
-            });
-            (addr, accepted)
-        }
         let limit = |n| Thresholds {
             max_connections: Some(UInt32Value { value: n }),
             ..Default::default()
@@ -712,21 +711,7 @@ mod tests {
             Arc::new(Pool::new(a, &cfg, stats.clone())),
             Arc::new(Pool::new(b, &cfg, stats.clone())),
         ];
-        let sends: Vec<_> = (0..20)
-            .map(|i| {
-                let pool = pools[i % 2].clone();
-                tokio::spawn(async move {
-                    let req = Request::new(Either::Right(Full::new(Bytes::new())));
-                    tokio::time::timeout(Duration::from_millis(300), pool.send(req)).await
-                })
-            })
-            .collect();
-        let mut overflow = 0;
-        for s in sends {
-            if let Ok(Err(SendError::Overflow)) = s.await.unwrap() {
-                overflow += 1;
-            }
-        }
+        let overflow = overflows(&pools, 20).await;
         let (na, nb) = (seen_a.load(Relaxed), seen_b.load(Relaxed));
         assert_eq!((overflow, na + nb), (17, 3), "{na} + {nb}");
         assert!(na <= 2 && nb <= 2, "{na} + {nb}");

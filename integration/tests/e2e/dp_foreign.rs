@@ -493,44 +493,14 @@ fn routes(extra: Vec<Route>) -> RouteConfiguration {
         }),
         // 429s retried when their retry-after says (Envoy's rate-limited
         // back-off).
-        prefix_route("/polite", "plain", |a| {
-            use portico_proto::envoy::config::route::v3::retry_policy::{
-                RateLimitedRetryBackOff, ResetHeader,
-            };
-            a.retry_policy = Some(RetryPolicy {
-                retry_on: "retriable-status-codes".into(),
-                retriable_status_codes: vec![429],
-                rate_limited_retry_back_off: Some(RateLimitedRetryBackOff {
-                    reset_headers: vec![ResetHeader {
-                        name: "retry-after".into(),
-                        format: 0,
-                    }],
-                    max_interval: None,
-                }),
-                ..Default::default()
-            });
-        }),
+        prefix_route("/polite", "plain", |a| a.retry_policy = polite()),
         // The same within a route timeout of 1 s.
         prefix_route("/brusque", "plain", |a| {
-            use portico_proto::envoy::config::route::v3::retry_policy::{
-                RateLimitedRetryBackOff, ResetHeader,
-            };
             a.timeout = Some(portico_proto::google::protobuf::Duration {
                 seconds: 1,
                 nanos: 0,
             });
-            a.retry_policy = Some(RetryPolicy {
-                retry_on: "retriable-status-codes".into(),
-                retriable_status_codes: vec![429],
-                rate_limited_retry_back_off: Some(RateLimitedRetryBackOff {
-                    reset_headers: vec![ResetHeader {
-                        name: "retry-after".into(),
-                        format: 0,
-                    }],
-                    max_interval: None,
-                }),
-                ..Default::default()
-            });
+            a.retry_policy = polite();
         }),
         // Tries of 500 ms, retried.
         prefix_route("/quick-tries", "plain", |a| {
@@ -986,6 +956,25 @@ fn header_option(
         } as i32,
         ..Default::default()
     }
+}
+
+/// A retry policy for 429s that waits as their `retry-after` says.
+fn polite() -> Option<RetryPolicy> {
+    use portico_proto::envoy::config::route::v3::retry_policy::{
+        RateLimitedRetryBackOff, ResetHeader,
+    };
+    Some(RetryPolicy {
+        retry_on: "retriable-status-codes".into(),
+        retriable_status_codes: vec![429],
+        rate_limited_retry_back_off: Some(RateLimitedRetryBackOff {
+            reset_headers: vec![ResetHeader {
+                name: "retry-after".into(),
+                format: 0,
+            }],
+            max_interval: None,
+        }),
+        ..Default::default()
+    })
 }
 
 /// A route's upgrade configs that allow WebSocket.
