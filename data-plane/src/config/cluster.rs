@@ -123,6 +123,39 @@ pub enum LbKind {
     Random,
     /// Consistent hashing on the route's hash policy.
     RingHash,
+    /// Consistent hashing on the route's hash policy, by Envoy's Maglev
+    /// table (a key reaches the endpoint an Envoy's table gives it).
+    Maglev,
+}
+
+/// Envoy's default Maglev table size, and its bound.
+const MAGLEV_TABLE_DEFAULT: u64 = 65_537;
+const MAGLEV_TABLE_LIMIT: u64 = 5_000_011;
+
+/// The Maglev table's size (`maglev_lb_config.table_size`): a prime, at
+/// most 5,000,011, 65,537 unless set.
+fn maglev_table_size(c: &Cluster, at: &str) -> Result<u64, ConfigError> {
+    use portico_proto::envoy::config::cluster::v3::cluster::LbConfig;
+    let size = match &c.lb_config {
+        Some(LbConfig::MaglevLbConfig(m)) => m
+            .table_size
+            .as_ref()
+            .map_or(MAGLEV_TABLE_DEFAULT, |v| v.value),
+        _ => MAGLEV_TABLE_DEFAULT,
+    };
+    let prime = size >= 2
+        && (2..)
+            .take_while(|d: &u64| d * d <= size)
+            .all(|d| size % d != 0);
+    if size > MAGLEV_TABLE_LIMIT || !prime {
+        return Err(ConfigError::new(
+            at,
+            format!(
+                "maglev_lb_config.table_size {size} is not a prime of at most {MAGLEV_TABLE_LIMIT}"
+            ),
+        ));
+    }
+    Ok(size)
 }
 
 /// Envoy's `least_request_lb_config`.
@@ -436,6 +469,8 @@ pub struct ClusterConfig {
     pub least_request: LeastRequest,
     /// The ring's size bounds (used when `lb` is `RingHash`).
     pub ring_size: RingSize,
+    /// The Maglev table's size (used when `lb` is `Maglev`).
+    pub maglev_table: u64,
     /// Slow start (round robin and least request only).
     pub slow_start: Option<SlowStart>,
     /// TCP connect timeout.
@@ -967,7 +1002,8 @@ impl ClusterConfig {
             Ok(LbPolicy::RoundRobin) => LbKind::RoundRobin,
             Ok(LbPolicy::LeastRequest) => LbKind::LeastRequest,
             Ok(LbPolicy::Random) => LbKind::Random,
-            Ok(LbPolicy::RingHash | LbPolicy::Maglev) => LbKind::RingHash,
+            Ok(LbPolicy::RingHash) => LbKind::RingHash,
+            Ok(LbPolicy::Maglev) => LbKind::Maglev,
             _ => {
                 return Err(ConfigError::new(
                     &at,
@@ -985,6 +1021,11 @@ impl ClusterConfig {
             ));
         }
         let (least_request, ring_size, slow_start) = lb_settings(c, lb, &at)?;
+        let maglev_table = if lb == LbKind::Maglev {
+            maglev_table_size(c, &at)?
+        } else {
+            MAGLEV_TABLE_DEFAULT
+        };
         if c.load_balancing_policy.is_some() {
             return Err(ConfigError::new(
                 &at,
@@ -1484,6 +1525,7 @@ impl ClusterConfig {
             lb,
             least_request,
             ring_size,
+            maglev_table,
             slow_start,
             connect_timeout: c
                 .connect_timeout

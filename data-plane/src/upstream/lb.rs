@@ -22,6 +22,13 @@ pub struct Tables {
     stride: u64,
     /// Ring of (hash, endpoint index), sorted by hash.
     ring: Vec<(u64, u32)>,
+    /// Maglev table over every endpoint of the level (as Envoy's while
+    /// all are healthy).
+    maglev: super::maglev::Table,
+    /// The table over the endpoints a pick may take, when some may not
+    /// (Envoy builds its table over healthy endpoints only), one per
+    /// kind of pick (any, healthy only, degraded only).
+    maglev_live: [arc_swap::ArcSwapOption<LiveMaglev>; 3],
     /// The available endpoints' total weight, for bounded loads, and until
     /// when ([`now_ms`]) it holds (0: counted again at the next pick).
     pub(crate) available_weight: AtomicU64,
@@ -91,6 +98,10 @@ impl Tables {
         }
         if config.lb == LbKind::RingHash && !eps.is_empty() {
             t.ring = ring(eps, config.ring_size, config.hash_by_hostname);
+        }
+        if config.lb == LbKind::Maglev {
+            t.maglev =
+                super::maglev::build(eps, config.maglev_table, config.hash_by_hostname, |_| true);
         }
         t
     }
@@ -408,13 +419,11 @@ impl Cluster {
         if class == (Class::Any { panic: true }) {
             self.stats.lb_healthy_panic.fetch_add(1, Relaxed);
         }
-        let ok = |e: &Endpoint| {
-            let usable = match class {
-                Class::Any { panic } => (panic && e.in_play_in_panic()) || e.available(now),
-                Class::Only { degraded } => e.available(now) && e.degraded() == degraded,
-            };
-            usable && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)))
+        let usable = |e: &Endpoint| match class {
+            Class::Any { panic } => (panic && e.in_play_in_panic()) || e.available(now),
+            Class::Only { degraded } => e.available(now) && e.degraded() == degraded,
         };
+        let ok = |e: &Endpoint| usable(e) && (n == 1 || avoid.is_none_or(|a| !std::ptr::eq(a, e)));
         // While an endpoint ramps up, shares follow the ramped weights
         // (scaled down by load under least request).
         if let Some(ss) = &self.config.slow_start {
@@ -438,6 +447,16 @@ impl Cluster {
                 let first = (0..ring.len().min(n * 64))
                     .map(|k| &eps[ring[(i + k) % ring.len()].1 as usize])
                     .find(|e| ok(e))?;
+                return Some(match self.config.hash_balance_factor {
+                    None => first.clone(),
+                    Some(f) => {
+                        let load = (f, self.active.load(Relaxed));
+                        super::bounded::choose((eps, tables), first, h, load, ok, now).clone()
+                    }
+                });
+            }
+            (LbKind::Maglev, Some(h)) if !tables.maglev.is_empty() => {
+                let first = self.maglev_pick(eps, tables, (h, class), usable, avoid, now)?;
                 return Some(match self.config.hash_balance_factor {
                     None => first.clone(),
                     Some(f) => {
@@ -477,7 +496,7 @@ impl Cluster {
                     pick_weighted(tables, n, fastrand::u64(..))
                 }
             }
-            (LbKind::Random | LbKind::RingHash | LbKind::LeastRequest, _) => {
+            (LbKind::Random | LbKind::RingHash | LbKind::Maglev | LbKind::LeastRequest, _) => {
                 pick_weighted(tables, n, fastrand::u64(..))
             }
             (LbKind::RoundRobin, _) => pick_weighted(tables, n, self.rr.fetch_add(1, Relaxed)),
@@ -486,6 +505,93 @@ impl Cluster {
             .map(|k| &eps[(start + k) % n])
             .find(|e| ok(e))
             .cloned()
+    }
+}
+
+/// A level's Maglev table over the endpoints one kind of pick may take:
+/// which those were (`None` table: all, the full table serves), and until
+/// when ([`now_ms`]) that is taken as still so.
+#[derive(Debug)]
+pub(crate) struct LiveMaglev {
+    usable: Vec<bool>,
+    table: Option<super::maglev::Table>,
+    until: AtomicU64,
+}
+
+impl Tables {
+    /// Drops what was learnt of which endpoints picks may take (their
+    /// availability changed).
+    pub(crate) fn availability_changed(&self) {
+        self.available_until.store(0, Relaxed);
+        for live in &self.maglev_live {
+            if let Some(l) = live.load().as_ref() {
+                l.until.store(0, Relaxed);
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Maglev's endpoint for `hash` among a level's `eps`: from the table
+    /// over every endpoint while all may be taken, else from one over
+    /// those `usable` admits (made when that set changes, looked at again
+    /// every [`PANIC_RECHECK_MS`](super::PANIC_RECHECK_MS) or when
+    /// availability changes). A retry that must avoid `avoid` takes the
+    /// flipped hash's slot, as Envoy's second attempt does.
+    fn maglev_pick<'a>(
+        &self,
+        eps: &'a [Arc<Endpoint>],
+        tables: &Tables,
+        (hash, class): (u64, Class),
+        usable: impl Fn(&Endpoint) -> bool,
+        avoid: Option<&Endpoint>,
+        now: u64,
+    ) -> Option<&'a Arc<Endpoint>> {
+        let kind = match class {
+            Class::Any { .. } => 0,
+            Class::Only { degraded: false } => 1,
+            Class::Only { degraded: true } => 2,
+        };
+        let cell = &tables.maglev_live[kind];
+        let cached = cell.load_full();
+        let live = match cached {
+            Some(l) if l.until.load(Relaxed) > now => l,
+            old => {
+                let mask: Vec<bool> = eps.iter().map(|e| usable(e)).collect();
+                let until = now + super::PANIC_RECHECK_MS;
+                match old {
+                    Some(l) if l.usable == mask => {
+                        l.until.store(until, Relaxed);
+                        l
+                    }
+                    _ => {
+                        let table = (!mask.iter().all(|u| *u)).then(|| {
+                            super::maglev::build(
+                                eps,
+                                self.config.maglev_table,
+                                self.config.hash_by_hostname,
+                                |i| mask[i],
+                            )
+                        });
+                        let l = Arc::new(LiveMaglev {
+                            usable: mask,
+                            table,
+                            until: AtomicU64::new(until),
+                        });
+                        cell.store(Some(l.clone()));
+                        l
+                    }
+                }
+            }
+        };
+        let table = live.table.as_ref().unwrap_or(&tables.maglev);
+        if table.is_empty() {
+            return None;
+        }
+        let at = |attempt| &eps[table[super::maglev::slot(table, hash, attempt)] as usize];
+        let first = at(0);
+        let avoided = eps.len() > 1 && avoid.is_some_and(|a| std::ptr::eq(a, &**first));
+        Some(if avoided { at(1) } else { first })
     }
 }
 
@@ -1203,6 +1309,95 @@ mod tests {
                 (16064866803292627174, 81),
             ]
         );
+    }
+
+    /// Maglev as Envoy's own unit tests have it: six endpoints in a table
+    /// of 7 by address and by host name, weights 1 and 2 in a table of 17,
+    /// a retry avoiding the key's endpoint; an endpoint that is down
+    /// gives the table over the others (as Envoy's, built over healthy
+    /// endpoints); a size that is not a prime is refused.
+    #[test]
+    fn maglev_is_envoys() {
+        use portico_proto::envoy::config::cluster::v3::cluster::{
+            common_lb_config::ConsistentHashingLbConfig, CommonLbConfig, MaglevLbConfig,
+        };
+        let config = |size: u64, by_hostname: bool| {
+            let mut p = pb(
+                LbPolicy::Maglev,
+                Some(LbConfig::MaglevLbConfig(MaglevLbConfig {
+                    table_size: Some(UInt64Value { value: size }),
+                })),
+            );
+            p.common_lb_config = Some(CommonLbConfig {
+                consistent_hashing_lb_config: Some(ConsistentHashingLbConfig {
+                    use_hostname_for_hashing: by_hostname,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            p
+        };
+        let cluster_of = |size: u64, by_hostname: bool, specs: &[EndpointSpec]| {
+            let cfg = ClusterConfig::convert(&config(size, by_hostname)).expect("converts");
+            let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+            c.set_endpoints(specs, LoadPolicy::default());
+            c
+        };
+        let six: Vec<EndpointSpec> = (90..96)
+            .map(|p| EndpointSpec {
+                hostname: Some(p.to_string().into()),
+                ..EndpointSpec::at(([127, 0, 0, 1], p))
+            })
+            .collect();
+        let picks = |c: &Cluster, n: u64| -> Vec<u16> {
+            (0..n)
+                .map(|h| c.pick(Some(h), None).expect("a pick").addr.port())
+                .collect()
+        };
+        let ports = |idx: &[u16], base: u16| -> Vec<u16> { idx.iter().map(|i| base + i).collect() };
+        let by_addr = cluster_of(7, false, &six);
+        assert_eq!(picks(&by_addr, 7), ports(&[2, 4, 0, 1, 5, 0, 3], 90));
+        let by_name = cluster_of(7, true, &six);
+        assert_eq!(picks(&by_name, 7), ports(&[2, 5, 0, 3, 4, 1, 0], 90));
+        let weighted = cluster_of(
+            17,
+            false,
+            &[
+                EndpointSpec::at(([127, 0, 0, 1], 90)),
+                EndpointSpec {
+                    weight: 2,
+                    ..EndpointSpec::at(([127, 0, 0, 1], 91))
+                },
+            ],
+        );
+        assert_eq!(
+            picks(&weighted, 17),
+            ports(&[1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 0, 1], 90)
+        );
+        // Hash 10 takes slot 3 (127.0.0.1:91); avoiding it, a retry takes
+        // the flipped hash's (127.0.0.1:90), as in Envoy's test.
+        let set = by_addr.endpoints.load();
+        assert_eq!(by_addr.pick(Some(10), None).unwrap().addr.port(), 91);
+        let avoided = by_addr.pick(Some(10), Some(&set.endpoints[1])).unwrap();
+        assert_eq!(avoided.addr.port(), 90);
+        // 127.0.0.1:92 down: keys go as a table over the other five sends
+        // them.
+        set.endpoints[2].eds_healthy.store(false, Relaxed);
+        by_addr.availability_changed();
+        let five: Vec<EndpointSpec> = six
+            .iter()
+            .filter(|s| s.addr.port() != 92)
+            .cloned()
+            .collect();
+        let without = cluster_of(7, false, &five);
+        assert_eq!(picks(&by_addr, 50), picks(&without, 50));
+        assert!(!picks(&by_addr, 50).contains(&92));
+        let e = ClusterConfig::convert(&config(8, false))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("table_size 8 is not a prime"), "{e}");
+        let default = ClusterConfig::convert(&pb(LbPolicy::Maglev, None)).expect("converts");
+        assert_eq!(default.maglev_table, 65_537);
     }
 
     /// Consistent hashing with bounded loads: one hot key's requests in

@@ -8,6 +8,7 @@ mod bounded;
 pub mod h1;
 pub mod health;
 pub mod lb;
+mod maglev;
 pub mod outlier;
 pub mod pool;
 
@@ -501,7 +502,7 @@ impl Cluster {
         set.panic.store(0, Relaxed);
         set.spill.store(Arc::new(lb::Spill::default()));
         for l in &set.levels {
-            l.lb.available_until.store(0, Relaxed);
+            l.lb.availability_changed();
         }
     }
 
@@ -714,5 +715,5 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
 
 /// Which load balancer to use is fixed per cluster.
 pub fn is_hashing(c: &Cluster) -> bool {
-    c.config.lb == LbKind::RingHash
+    matches!(c.config.lb, LbKind::RingHash | LbKind::Maglev)
 }
