@@ -1058,6 +1058,14 @@ impl ClusterConfig {
             .as_ref()
             .and_then(|o| o.idle_timeout.as_ref())
             .map(duration);
+        // Requests per connection: Envoy's current place (the protocol
+        // options), else the cluster's deprecated field.
+        let mut max_requests = c
+            .common_http_protocol_options
+            .as_ref()
+            .and_then(|o| o.max_requests_per_connection.as_ref())
+            .or(c.max_requests_per_connection.as_ref())
+            .map(|v| v.value);
         for (k, any) in &c.typed_extension_protocol_options {
             if k != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
                 return Err(ConfigError::new(
@@ -1080,6 +1088,12 @@ impl ClusterConfig {
                 .and_then(|o| o.idle_timeout.as_ref())
                 .map(duration)
                 .or(idle);
+            max_requests = o
+                .common_http_protocol_options
+                .as_ref()
+                .and_then(|o| o.max_requests_per_connection.as_ref())
+                .map(|v| v.value)
+                .or(max_requests);
             match o.upstream_protocol_options {
                 Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
                     Some(ProtocolConfig::Http2ProtocolOptions(h)) => {
@@ -1537,11 +1551,7 @@ impl ClusterConfig {
             max_concurrent_streams: h2opts
                 .and_then(|o| o.max_concurrent_streams)
                 .map_or(100, |v| v.value.clamp(1, 2_147_483_647)),
-            max_requests_per_connection: c
-                .max_requests_per_connection
-                .as_ref()
-                .map(|v| v.value)
-                .filter(|v| *v > 0),
+            max_requests_per_connection: max_requests.filter(|v| *v > 0),
             limits,
             health_check,
             outlier,
@@ -2148,6 +2158,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("header_mutation"));
+        // Requests per connection where Envoy now takes them.
+        let capped = with(HttpProtocolOptions {
+            common_http_protocol_options: Some(
+                portico_proto::envoy::config::core::v3::HttpProtocolOptions {
+                    max_requests_per_connection: Some(
+                        portico_proto::google::protobuf::UInt32Value { value: 7 },
+                    ),
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(capped.max_requests_per_connection, Some(7));
     }
 
     #[test]

@@ -1504,6 +1504,12 @@ fn convert_vhost(vh: &PbVirtualHost, at: &str) -> Result<VirtualHost, ConfigErro
         ));
     }
     refuse_hedging(vh.hedge_policy.as_ref(), at)?;
+    if vh.retry_policy_typed_config.is_some() {
+        return Err(ConfigError::new(
+            at,
+            "retry_policy_typed_config is not supported; use retry_policy",
+        ));
+    }
     #[allow(deprecated)]
     let inherit = Inherited {
         retry: vh
@@ -2221,6 +2227,21 @@ mod tests {
             a.retry_policy_typed_config = Some(Default::default());
         }
         let msg = one_route(r).unwrap_err().to_string();
+        assert!(msg.contains("retry_policy_typed_config"), "{msg}");
+        // At the virtual host too.
+        let vh = PbVirtualHost {
+            name: "v".into(),
+            domains: vec!["*".into()],
+            retry_policy_typed_config: Some(Default::default()),
+            ..Default::default()
+        };
+        let msg = RouteTable::convert(&RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![vh],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(msg.contains("retry_policy_typed_config"), "{msg}");
     }
 

@@ -702,6 +702,12 @@ mod tests {
         let e = set.endpoints[0].clone();
         assert_eq!(e.addr, sick);
         until("never degraded", &|| e.degraded());
+        // (The three added ones wait for their first check.)
+        until("the others never checked", &|| {
+            set.endpoints[1..]
+                .iter()
+                .all(|o| o.hc_healthy.load(Relaxed))
+        });
         assert_eq!(e.health_flags(), "/degraded_active_hc");
         assert!(e.hc_healthy.load(Relaxed), "degraded is not unhealthy");
         for _ in 0..50 {
