@@ -489,6 +489,9 @@ pub struct ClusterConfig {
     pub outlier: Option<OutlierConfig>,
     /// Idle upstream connections are closed after this.
     pub idle_timeout: Duration,
+    /// Upstream connections take no new request after being open this
+    /// long (`common_http_protocol_options.max_connection_duration`).
+    pub max_connection_age: Option<Duration>,
     /// The address upstream connections are made from
     /// (`upstream_bind_config.source_address`; the system's choice unless
     /// set).
@@ -1058,6 +1061,11 @@ impl ClusterConfig {
             .as_ref()
             .and_then(|o| o.idle_timeout.as_ref())
             .map(duration);
+        let mut max_age = c
+            .common_http_protocol_options
+            .as_ref()
+            .and_then(|o| o.max_connection_duration.as_ref())
+            .map(duration);
         // Requests per connection: Envoy's current place (the protocol
         // options), else the cluster's deprecated field.
         let mut max_requests = c
@@ -1094,6 +1102,12 @@ impl ClusterConfig {
                 .and_then(|o| o.max_requests_per_connection.as_ref())
                 .map(|v| v.value)
                 .or(max_requests);
+            max_age = o
+                .common_http_protocol_options
+                .as_ref()
+                .and_then(|o| o.max_connection_duration.as_ref())
+                .map(duration)
+                .or(max_age);
             match o.upstream_protocol_options {
                 Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
                     Some(ProtocolConfig::Http2ProtocolOptions(h)) => {
@@ -1558,6 +1572,7 @@ impl ClusterConfig {
             idle_timeout: idle
                 .filter(|d| !d.is_zero())
                 .unwrap_or(Duration::from_secs(60)),
+            max_connection_age: max_age.filter(|d| !d.is_zero()),
         })
     }
 }

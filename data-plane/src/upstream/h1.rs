@@ -63,6 +63,8 @@ pub struct Connection {
     pub(crate) uses: u32,
     /// When it last went idle.
     pub(crate) since: Instant,
+    /// When it was opened.
+    pub(crate) born: Instant,
     /// Counts it among the endpoint's open connections while it lives.
     _open: OpenSlot,
 }
@@ -77,6 +79,7 @@ impl Connection {
             wbuf: Vec::new(),
             uses: 0,
             since: Instant::now(),
+            born: Instant::now(),
             _open: open,
         }
     }

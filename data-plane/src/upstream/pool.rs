@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -146,6 +146,8 @@ struct H2 {
     streams: Arc<AtomicU32>,
     /// This side's address on the connection.
     local: Option<SocketAddr>,
+    /// When it was opened.
+    born: Instant,
 }
 
 /// A connection pool for one endpoint.
@@ -163,6 +165,9 @@ pub struct Pool {
     max_host_connections: u32,
     /// Where connections are made from (`upstream_bind_config`).
     source: Option<SocketAddr>,
+    /// A connection open this long takes no new request
+    /// (`max_connection_duration`).
+    max_age: Option<Duration>,
     /// Idle HTTP/1.1 connections, one list per worker: a socket is
     /// registered with the runtime of the worker that opened it, and used
     /// from another worker every readiness event would cross threads (an
@@ -200,6 +205,7 @@ impl Pool {
             && a.limits.max_connections == b.limits.max_connections
             && a.limits.max_host_connections == b.limits.max_host_connections
             && a.source_address == b.source_address
+            && a.max_connection_age == b.max_connection_age
     }
 
     /// An empty pool.
@@ -214,6 +220,7 @@ impl Pool {
             max_connections: cfg.limits.max_connections,
             max_host_connections: cfg.limits.max_host_connections,
             source: cfg.source_address,
+            max_age: cfg.max_connection_age,
             idle: (0..=WORKERS.load(Relaxed))
                 .map(|_| IdleList::default())
                 .collect(),
@@ -302,7 +309,10 @@ impl Pool {
     /// Whether an idle connection may still be used: not idle too long,
     /// not closed or written to by the origin.
     fn still_good(&self, c: &h1::Connection) -> bool {
-        c.since.elapsed() <= self.idle_timeout && c.is_usable()
+        let now = Instant::now();
+        now.duration_since(c.since) <= self.idle_timeout
+            && self.max_age.is_none_or(|m| now.duration_since(c.born) < m)
+            && c.is_usable()
     }
 
     /// Closes idle connections that idled out or that the origin closed
@@ -463,7 +473,10 @@ impl Pool {
         let list = &self.h2[slot(self.h2.len())];
         let found = {
             let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
-            conns.retain(|c| !c.tx.is_closed());
+            // (Past its age a connection takes no new stream; its open
+            // ones finish, and it closes when they have.)
+            let young = |c: &H2| self.max_age.is_none_or(|m| c.born.elapsed() < m);
+            conns.retain(|c| !c.tx.is_closed() && young(c));
             conns
                 .iter()
                 .find(|c| c.streams.load(Relaxed) < self.max_streams)
@@ -481,6 +494,7 @@ impl Pool {
                     tx: tx.clone(),
                     streams: streams.clone(),
                     local: from,
+                    born: Instant::now(),
                 });
                 (tx, StreamSlot(streams), from)
             }
@@ -717,6 +731,65 @@ mod tests {
         assert!(na <= 2 && nb <= 2, "{na} + {nb}");
         assert_eq!(stats.cx_overflow.load(Relaxed), 17);
         assert_eq!(stats.upstream_cx_active.load(Relaxed), 0, "all given back");
+    }
+
+    /// Through real sockets: with `max_connection_duration`, a connection
+    /// that has been open longer takes no new request (a new one is
+    /// opened); without it, the same connection serves on.
+    #[tokio::test]
+    async fn old_connections_take_no_new_requests() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        let opened = Arc::new(AtomicU32::new(0));
+        let counted = opened.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = origin.accept().await {
+                counted.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    // One answer per request head (they come one at a time).
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let with_age = |age: Option<u32>| {
+            use portico_proto::envoy::config::core::v3::HttpProtocolOptions;
+            // (The cluster's own protocol options: deprecated, still read.)
+            #[allow(deprecated)]
+            let cluster = Cluster {
+                name: "c".into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                common_http_protocol_options: age.map(|ms| HttpProtocolOptions {
+                    max_connection_duration: Some(portico_proto::google::protobuf::Duration {
+                        seconds: 0,
+                        nanos: (ms * 1_000_000) as i32,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let cfg = ClusterConfig::convert(&cluster).unwrap();
+            Pool::new(addr, &cfg, Arc::new(ClusterStats::default()))
+        };
+        for (age, connections) in [(None, 1), (Some(100), 2)] {
+            let pool = with_age(age);
+            let before = opened.load(Relaxed);
+            for wait in [0, 150] {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let (resp, _) = pool
+                    .send(Request::new(Either::Right(Full::new(Bytes::new()))))
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+            }
+            assert_eq!(opened.load(Relaxed) - before, connections, "age {age:?}");
+        }
     }
 
     /// An idle connection the origin closed is let go by the sweep, with
