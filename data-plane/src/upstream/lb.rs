@@ -28,7 +28,7 @@ pub struct Tables {
     /// The table over the endpoints a pick may take, when some may not
     /// (Envoy builds its table over healthy endpoints only), one per
     /// kind of pick (any, healthy only, degraded only).
-    maglev_live: [arc_swap::ArcSwapOption<LiveMaglev>; 3],
+    maglev_live: Arc<[arc_swap::ArcSwapOption<LiveMaglev>; 3]>,
     /// The available endpoints' total weight, for bounded loads, and until
     /// when ([`now_ms`]) it holds (0: counted again at the next pick).
     pub(crate) available_weight: AtomicU64,
@@ -523,7 +523,7 @@ impl Tables {
     /// availability changed).
     pub(crate) fn availability_changed(&self) {
         self.available_until.store(0, Relaxed);
-        for live in &self.maglev_live {
+        for live in self.maglev_live.iter() {
             if let Some(l) = live.load().as_ref() {
                 l.until.store(0, Relaxed);
             }
@@ -534,10 +534,13 @@ impl Tables {
 impl Cluster {
     /// Maglev's endpoint for `hash` among a level's `eps`: from the table
     /// over every endpoint while all may be taken, else from one over
-    /// those `usable` admits (made when that set changes, looked at again
-    /// every [`PANIC_RECHECK_MS`](super::PANIC_RECHECK_MS) or when
-    /// availability changes). A retry that must avoid `avoid` takes the
-    /// flipped hash's slot, as Envoy's second attempt does.
+    /// those `usable` admits (Envoy builds its table over healthy
+    /// endpoints). Which those are is looked at again every
+    /// [`PANIC_RECHECK_MS`](super::PANIC_RECHECK_MS) or when availability
+    /// changes; a new set's table is built off the request path (a
+    /// blocking task), and until it lands picks take the table there is,
+    /// walking past what may not be taken. A retry that must avoid
+    /// `avoid` takes the flipped hash's slot, as Envoy's second attempt.
     fn maglev_pick<'a>(
         &self,
         eps: &'a [Arc<Endpoint>],
@@ -553,45 +556,99 @@ impl Cluster {
             Class::Only { degraded: true } => 2,
         };
         let cell = &tables.maglev_live[kind];
-        let cached = cell.load_full();
-        let live = match cached {
-            Some(l) if l.until.load(Relaxed) > now => l,
-            old => {
-                let mask: Vec<bool> = eps.iter().map(|e| usable(e)).collect();
-                let until = now + super::PANIC_RECHECK_MS;
-                match old {
-                    Some(l) if l.usable == mask => {
-                        l.until.store(until, Relaxed);
-                        l
+        let mut live = cell.load();
+        if live.as_ref().is_none_or(|l| l.until.load(Relaxed) <= now) {
+            let mask: Vec<bool> = eps.iter().map(|e| usable(e)).collect();
+            let until = now + super::PANIC_RECHECK_MS;
+            match live.as_ref() {
+                Some(l) if l.usable == mask => l.until.store(until, Relaxed),
+                _ => {
+                    let all = mask.iter().all(|u| *u);
+                    let next = Arc::new(LiveMaglev {
+                        usable: mask.clone(),
+                        table: None,
+                        until: AtomicU64::new(until),
+                    });
+                    let prev = cell.compare_and_swap(&*live, Some(next));
+                    // The one that made the change has the table built.
+                    let won = match (&*prev, &*live) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if won && !all {
+                        self.build_live_maglev(eps, &tables.maglev_live, kind, mask);
                     }
-                    _ => {
-                        let table = (!mask.iter().all(|u| *u)).then(|| {
-                            super::maglev::build(
-                                eps,
-                                self.config.maglev_table,
-                                self.config.hash_by_hostname,
-                                |i| mask[i],
-                            )
-                        });
-                        let l = Arc::new(LiveMaglev {
-                            usable: mask,
-                            table,
-                            until: AtomicU64::new(until),
-                        });
-                        cell.store(Some(l.clone()));
-                        l
-                    }
+                    live = cell.load();
                 }
             }
-        };
-        let table = live.table.as_ref().unwrap_or(&tables.maglev);
+        }
+        let table = live
+            .as_ref()
+            .and_then(|l| l.table.as_ref())
+            .unwrap_or(&tables.maglev);
         if table.is_empty() {
             return None;
         }
+        let avoided = |e: &Endpoint| eps.len() > 1 && avoid.is_some_and(|a| std::ptr::eq(a, e));
         let at = |attempt| &eps[table[super::maglev::slot(table, hash, attempt)] as usize];
         let first = at(0);
-        let avoided = eps.len() > 1 && avoid.is_some_and(|a| std::ptr::eq(a, &**first));
-        Some(if avoided { at(1) } else { first })
+        if usable(first) && !avoided(first) {
+            return Some(first);
+        }
+        if usable(first) {
+            let second = at(1);
+            if usable(second) {
+                return Some(second);
+            }
+        }
+        // A table that predates the latest change: the next slots that
+        // may be taken, then any endpoint that may.
+        let start = super::maglev::slot(table, hash, 0);
+        let take = |e: &&Arc<Endpoint>| usable(e) && !avoided(e);
+        (1..table.len().min(eps.len() * 64))
+            .map(|k| &eps[table[(start + k) % table.len()] as usize])
+            .find(take)
+            .or_else(|| {
+                (0..eps.len())
+                    .map(|k| &eps[(start + k) % eps.len()])
+                    .find(take)
+            })
+    }
+
+    /// Builds the Maglev table over the endpoints of `eps` that `usable`
+    /// marks and puts it in `cells[kind]`, unless another set was noted
+    /// meanwhile: on a blocking task when in a runtime (a large table
+    /// takes a while), else here.
+    fn build_live_maglev(
+        &self,
+        eps: &[Arc<Endpoint>],
+        cells: &Arc<[arc_swap::ArcSwapOption<LiveMaglev>; 3]>,
+        kind: usize,
+        usable: Vec<bool>,
+    ) {
+        let (eps, cells) = (eps.to_vec(), cells.clone());
+        let (size, by_hostname) = (self.config.maglev_table, self.config.hash_by_hostname);
+        let build = move || {
+            let table = super::maglev::build(&eps, size, by_hostname, |i| usable[i]);
+            let cell = &cells[kind];
+            let current = cell.load();
+            if current.as_ref().is_some_and(|l| l.usable == usable) {
+                let until = now_ms() + super::PANIC_RECHECK_MS;
+                cell.compare_and_swap(
+                    &*current,
+                    Some(Arc::new(LiveMaglev {
+                        usable,
+                        table: Some(table),
+                        until: AtomicU64::new(until),
+                    })),
+                );
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(build)),
+            Err(_) => build(),
+        }
     }
 }
 
@@ -1398,6 +1455,59 @@ mod tests {
         assert!(e.contains("table_size 8 is not a prime"), "{e}");
         let default = ClusterConfig::convert(&pb(LbPolicy::Maglev, None)).expect("converts");
         assert_eq!(default.maglev_table, 65_537);
+    }
+
+    /// In a runtime, the table over the endpoints still up is built on a
+    /// blocking task: meanwhile no pick takes the endpoint that is down,
+    /// and once it lands, keys go as that table sends them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn maglev_builds_the_live_table_off_the_request_path() {
+        use portico_proto::envoy::config::cluster::v3::cluster::MaglevLbConfig;
+        let cluster_of = |specs: &[EndpointSpec]| {
+            let cfg = ClusterConfig::convert(&pb(
+                LbPolicy::Maglev,
+                Some(LbConfig::MaglevLbConfig(MaglevLbConfig {
+                    table_size: Some(UInt64Value { value: 65_537 }),
+                })),
+            ))
+            .expect("converts");
+            let c = Cluster::new(Arc::new(cfg), Arc::new(ClusterStats::default()));
+            c.set_endpoints(specs, LoadPolicy::default());
+            c
+        };
+        let six: Vec<EndpointSpec> = (90..96)
+            .map(|p| EndpointSpec::at(([127, 0, 0, 1], p)))
+            .collect();
+        let c = cluster_of(&six);
+        let picks = |c: &Cluster| -> Vec<u16> {
+            (0..200u64)
+                .map(|h| {
+                    c.pick(Some(h.wrapping_mul(0x9e37_79b9_7f4a_7c15)), None)
+                        .unwrap()
+                        .addr
+                        .port()
+                })
+                .collect()
+        };
+        c.endpoints.load().endpoints[2]
+            .eds_healthy
+            .store(false, Relaxed);
+        c.availability_changed();
+        assert!(!picks(&c).contains(&92), "never the endpoint that is down");
+        let five: Vec<EndpointSpec> = six
+            .iter()
+            .filter(|s| s.addr.port() != 92)
+            .cloned()
+            .collect();
+        let want = picks(&cluster_of(&five));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while picks(&c) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the live table never landed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Consistent hashing with bounded loads: one hot key's requests in

@@ -322,6 +322,18 @@ impl Pool {
             let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
             idle.retain(|c| self.still_good(c));
         }
+        // HTTP/2 connections past their age, or closed: let go (one past
+        // its age closes once its open streams end).
+        let now = Instant::now();
+        for list in &*self.h2 {
+            let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|c| !c.tx.is_closed() && self.young(c, now));
+        }
+    }
+
+    /// Whether an HTTP/2 connection may still take new streams by its age.
+    fn young(&self, c: &H2, now: Instant) -> bool {
+        self.max_age.is_none_or(|m| now.duration_since(c.born) < m)
     }
 
     /// The most recently used idle connection that is still good.
@@ -475,8 +487,8 @@ impl Pool {
             let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
             // (Past its age a connection takes no new stream; its open
             // ones finish, and it closes when they have.)
-            let young = |c: &H2| self.max_age.is_none_or(|m| c.born.elapsed() < m);
-            conns.retain(|c| !c.tx.is_closed() && young(c));
+            let now = self.max_age.map(|_| Instant::now());
+            conns.retain(|c| !c.tx.is_closed() && now.is_none_or(|now| self.young(c, now)));
             conns
                 .iter()
                 .find(|c| c.streams.load(Relaxed) < self.max_streams)
