@@ -61,10 +61,13 @@ pub struct Connection {
     wbuf: Vec<u8>,
     /// Requests sent on it so far.
     pub(crate) uses: u32,
+    /// When it was opened ([`now_ms`](super::now_ms), wrapping: ages
+    /// below 49 days read right). Four bytes, beside `uses`: this struct
+    /// is moved with every request's future, and a larger one costs
+    /// copies.
+    pub(crate) born_ms: u32,
     /// When it last went idle.
     pub(crate) since: Instant,
-    /// When it was opened.
-    pub(crate) born: Instant,
     /// Counts it among the endpoint's open connections while it lives.
     _open: OpenSlot,
 }
@@ -78,8 +81,8 @@ impl Connection {
             buf: BytesMut::with_capacity(8 * 1024),
             wbuf: Vec::new(),
             uses: 0,
+            born_ms: super::now_ms() as u32,
             since: Instant::now(),
-            born: Instant::now(),
             _open: open,
         }
     }

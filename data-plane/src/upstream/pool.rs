@@ -309,9 +309,11 @@ impl Pool {
     /// Whether an idle connection may still be used: not idle too long,
     /// not closed or written to by the origin.
     fn still_good(&self, c: &h1::Connection) -> bool {
-        let now = Instant::now();
-        now.duration_since(c.since) <= self.idle_timeout
-            && self.max_age.is_none_or(|m| now.duration_since(c.born) < m)
+        c.since.elapsed() <= self.idle_timeout
+            && self.max_age.is_none_or(|m| {
+                let age = (super::now_ms() as u32).wrapping_sub(c.born_ms);
+                u128::from(age) < m.as_millis()
+            })
             && c.is_usable()
     }
 
