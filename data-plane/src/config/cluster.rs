@@ -1056,24 +1056,12 @@ impl ClusterConfig {
         }
         let mut http2 = c.http2_protocol_options.is_some();
         let mut h2opts = c.http2_protocol_options.clone();
-        let mut idle = c
-            .common_http_protocol_options
-            .as_ref()
-            .and_then(|o| o.idle_timeout.as_ref())
-            .map(duration);
-        let mut max_age = c
-            .common_http_protocol_options
-            .as_ref()
-            .and_then(|o| o.max_connection_duration.as_ref())
-            .map(duration);
+        let mut common = CommonOptions::of(c.common_http_protocol_options.as_ref());
         // Requests per connection: Envoy's current place (the protocol
         // options), else the cluster's deprecated field.
-        let mut max_requests = c
-            .common_http_protocol_options
-            .as_ref()
-            .and_then(|o| o.max_requests_per_connection.as_ref())
-            .or(c.max_requests_per_connection.as_ref())
-            .map(|v| v.value);
+        common.max_requests = common
+            .max_requests
+            .or(c.max_requests_per_connection.as_ref().map(|v| v.value));
         for (k, any) in &c.typed_extension_protocol_options {
             if k != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
                 return Err(ConfigError::new(
@@ -1090,24 +1078,7 @@ impl ClusterConfig {
                     format!("upstream http_filters ({}) are not supported", f.name),
                 ));
             }
-            idle = o
-                .common_http_protocol_options
-                .as_ref()
-                .and_then(|o| o.idle_timeout.as_ref())
-                .map(duration)
-                .or(idle);
-            max_requests = o
-                .common_http_protocol_options
-                .as_ref()
-                .and_then(|o| o.max_requests_per_connection.as_ref())
-                .map(|v| v.value)
-                .or(max_requests);
-            max_age = o
-                .common_http_protocol_options
-                .as_ref()
-                .and_then(|o| o.max_connection_duration.as_ref())
-                .map(duration)
-                .or(max_age);
+            common = CommonOptions::of(o.common_http_protocol_options.as_ref()).over(common);
             match o.upstream_protocol_options {
                 Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
                     Some(ProtocolConfig::Http2ProtocolOptions(h)) => {
@@ -1565,15 +1536,46 @@ impl ClusterConfig {
             max_concurrent_streams: h2opts
                 .and_then(|o| o.max_concurrent_streams)
                 .map_or(100, |v| v.value.clamp(1, 2_147_483_647)),
-            max_requests_per_connection: max_requests.filter(|v| *v > 0),
+            max_requests_per_connection: common.max_requests.filter(|v| *v > 0),
             limits,
             health_check,
             outlier,
-            idle_timeout: idle
+            idle_timeout: common
+                .idle
                 .filter(|d| !d.is_zero())
                 .unwrap_or(Duration::from_secs(60)),
-            max_connection_age: max_age.filter(|d| !d.is_zero()),
+            max_connection_age: common.max_age.filter(|d| !d.is_zero()),
         })
+    }
+}
+
+/// What the common HTTP protocol options say of upstream connections.
+#[derive(Debug, Clone, Copy, Default)]
+struct CommonOptions {
+    /// `idle_timeout`.
+    idle: Option<Duration>,
+    /// `max_connection_duration`.
+    max_age: Option<Duration>,
+    /// `max_requests_per_connection`.
+    max_requests: Option<u32>,
+}
+
+impl CommonOptions {
+    fn of(o: Option<&portico_proto::envoy::config::core::v3::HttpProtocolOptions>) -> Self {
+        o.map_or_else(Self::default, |o| CommonOptions {
+            idle: o.idle_timeout.as_ref().map(duration),
+            max_age: o.max_connection_duration.as_ref().map(duration),
+            max_requests: o.max_requests_per_connection.as_ref().map(|v| v.value),
+        })
+    }
+
+    /// These, each falling back to `earlier`'s where unset.
+    fn over(self, earlier: Self) -> Self {
+        CommonOptions {
+            idle: self.idle.or(earlier.idle),
+            max_age: self.max_age.or(earlier.max_age),
+            max_requests: self.max_requests.or(earlier.max_requests),
+        }
     }
 }
 
@@ -1667,35 +1669,42 @@ pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, C
 mod tests {
     use super::*;
 
+    /// A load-assignment endpoint at `host:port`.
+    fn lb_endpoint(
+        host: &str,
+        port: u16,
+    ) -> portico_proto::envoy::config::endpoint::v3::LbEndpoint {
+        use portico_proto::envoy::config::core::v3::{
+            address, socket_address::PortSpecifier, Address, SocketAddress,
+        };
+        use portico_proto::envoy::config::endpoint::v3::{Endpoint, LbEndpoint};
+        LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: host.into(),
+                        port_specifier: Some(PortSpecifier::PortValue(port.into())),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
     /// Priorities sort the endpoints; drop categories compound (the
     /// proto's own example: 60% then 50% of the rest drops 80%).
     #[test]
     fn load_assignments_keep_priorities_and_compound_drops() {
-        use portico_proto::envoy::config::core::v3::{
-            address, socket_address::PortSpecifier, Address, SocketAddress,
-        };
         use portico_proto::envoy::config::endpoint::v3::cluster_load_assignment::{
             policy::DropOverload, Policy,
         };
-        use portico_proto::envoy::config::endpoint::v3::{
-            Endpoint, LbEndpoint, LocalityLbEndpoints,
-        };
+        use portico_proto::envoy::config::endpoint::v3::LocalityLbEndpoints;
         use portico_proto::envoy::r#type::v3::FractionalPercent;
         let locality = |port: u16, priority| LocalityLbEndpoints {
             priority,
-            lb_endpoints: vec![LbEndpoint {
-                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                    address: Some(Address {
-                        address: Some(address::Address::SocketAddress(SocketAddress {
-                            address: "127.0.0.1".into(),
-                            port_specifier: Some(PortSpecifier::PortValue(port.into())),
-                            ..Default::default()
-                        })),
-                    }),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            lb_endpoints: vec![lb_endpoint("127.0.0.1", port)],
             ..Default::default()
         };
         let drop = |category: &str, numerator, denominator| DropOverload {
@@ -1795,26 +1804,13 @@ mod tests {
     /// plaintext.
     #[test]
     fn dns_health_kept_leds_and_tls_matchers_refused() {
-        use portico_proto::envoy::config::core::v3::{
-            address, socket_address::PortSpecifier, Address, SocketAddress,
-        };
         use portico_proto::envoy::config::endpoint::v3::{
-            lb_endpoint::HostIdentifier, locality_lb_endpoints, ClusterLoadAssignment, Endpoint,
-            LbEndpoint, LocalityLbEndpoints,
+            lb_endpoint::HostIdentifier, locality_lb_endpoints, ClusterLoadAssignment, LbEndpoint,
+            LocalityLbEndpoints,
         };
         let endpoint = |host: &str, health: HealthStatus| LbEndpoint {
-            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                address: Some(Address {
-                    address: Some(address::Address::SocketAddress(SocketAddress {
-                        address: host.into(),
-                        port_specifier: Some(PortSpecifier::PortValue(80)),
-                        ..Default::default()
-                    })),
-                }),
-                ..Default::default()
-            })),
             health_status: health as i32,
-            ..Default::default()
+            ..lb_endpoint(host, 80)
         };
         let cla = |eps: Vec<LbEndpoint>| ClusterLoadAssignment {
             cluster_name: "d".into(),
@@ -1981,33 +1977,13 @@ mod tests {
     }
 
     fn dns(kind: DiscoveryType, hosts: &[&str]) -> Cluster {
-        use portico_proto::envoy::config::core::v3::{
-            address, socket_address::PortSpecifier, Address, SocketAddress,
-        };
-        use portico_proto::envoy::config::endpoint::v3::{
-            lb_endpoint::HostIdentifier, Endpoint, LbEndpoint, LocalityLbEndpoints,
-        };
+        use portico_proto::envoy::config::endpoint::v3::LocalityLbEndpoints;
         Cluster {
             name: "d".into(),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
             load_assignment: Some(ClusterLoadAssignment {
                 endpoints: vec![LocalityLbEndpoints {
-                    lb_endpoints: hosts
-                        .iter()
-                        .map(|h| LbEndpoint {
-                            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                                address: Some(Address {
-                                    address: Some(address::Address::SocketAddress(SocketAddress {
-                                        address: h.to_string(),
-                                        port_specifier: Some(PortSpecifier::PortValue(80)),
-                                        ..Default::default()
-                                    })),
-                                }),
-                                ..Default::default()
-                            })),
-                            ..Default::default()
-                        })
-                        .collect(),
+                    lb_endpoints: hosts.iter().map(|h| lb_endpoint(h, 80)).collect(),
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -1494,9 +1494,12 @@ fn foreign_control_plane_envoy_features() {
     // A 429 that says to come back in a second is retried a second later
     // (not after the 25 ms back-off); on the listener without a stream
     // idle timeout (the other's 1 s would end the wait first).
-    let started = std::time::Instant::now();
-    let polite = http1(calm_port, "GET", "/polite/limited/pk/1/1", "gw", &[], "").expect("request");
-    let took = started.elapsed();
+    let timed_get = |path: &str| {
+        let started = std::time::Instant::now();
+        let r = http1(calm_port, "GET", path, "gw", &[], "").expect("request");
+        (r, started.elapsed())
+    };
+    let (polite, took) = timed_get("/polite/limited/pk/1/1");
     assert_eq!(polite.status, 200, "{polite:?}");
     assert!(
         took >= std::time::Duration::from_millis(1000)
@@ -1505,9 +1508,7 @@ fn foreign_control_plane_envoy_features() {
     );
     // A wait past the route's time ends in its 504, at that time, with
     // no second try sent.
-    let started = std::time::Instant::now();
-    let brief = http1(calm_port, "GET", "/brusque/limited/bk/1/5", "gw", &[], "").expect("request");
-    let took = started.elapsed();
+    let (brief, took) = timed_get("/brusque/limited/bk/1/5");
     assert_eq!(brief.status, 504, "{brief:?}");
     assert!(
         took >= std::time::Duration::from_millis(900)
