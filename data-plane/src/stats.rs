@@ -95,6 +95,9 @@ counters!(
         upstream_rq_reset,
         /// Per-try or route timeouts.
         upstream_rq_timeout,
+        /// Tries cut off by the cluster's own stream duration limit
+        /// (`common_http_protocol_options.max_stream_duration`).
+        upstream_rq_max_duration_reached,
         /// Retries.
         upstream_rq_retry,
         /// Requests dropped by the load assignment's `drop_overloads`.

@@ -492,6 +492,11 @@ pub struct ClusterConfig {
     /// Upstream connections take no new request after being open this
     /// long (`common_http_protocol_options.max_connection_duration`).
     pub max_connection_age: Option<Duration>,
+    /// How long one upstream stream (a try) may last, answer included
+    /// (`common_http_protocol_options.max_stream_duration`; `None` unset
+    /// or 0): then it is reset, retried as a reset, else answered 504
+    /// (408 while the request is still coming), as Envoy's router does.
+    pub max_stream_duration: Option<Duration>,
     /// The address upstream connections are made from
     /// (`upstream_bind_config.source_address`; the system's choice unless
     /// set).
@@ -1545,6 +1550,7 @@ impl ClusterConfig {
                 .filter(|d| !d.is_zero())
                 .unwrap_or(Duration::from_secs(60)),
             max_connection_age: common.max_age.filter(|d| !d.is_zero()),
+            max_stream_duration: common.max_stream.filter(|d| !d.is_zero()),
         })
     }
 }
@@ -1558,6 +1564,8 @@ struct CommonOptions {
     max_age: Option<Duration>,
     /// `max_requests_per_connection`.
     max_requests: Option<u32>,
+    /// `max_stream_duration`.
+    max_stream: Option<Duration>,
 }
 
 impl CommonOptions {
@@ -1566,6 +1574,7 @@ impl CommonOptions {
             idle: o.idle_timeout.as_ref().map(duration),
             max_age: o.max_connection_duration.as_ref().map(duration),
             max_requests: o.max_requests_per_connection.as_ref().map(|v| v.value),
+            max_stream: o.max_stream_duration.as_ref().map(duration),
         })
     }
 
@@ -1575,6 +1584,7 @@ impl CommonOptions {
             idle: self.idle.or(earlier.idle),
             max_age: self.max_age.or(earlier.max_age),
             max_requests: self.max_requests.or(earlier.max_requests),
+            max_stream: self.max_stream.or(earlier.max_stream),
         }
     }
 }
@@ -2156,6 +2166,10 @@ mod tests {
                     max_requests_per_connection: Some(
                         portico_proto::google::protobuf::UInt32Value { value: 7 },
                     ),
+                    max_stream_duration: Some(portico_proto::google::protobuf::Duration {
+                        seconds: 2,
+                        nanos: 0,
+                    }),
                     ..Default::default()
                 },
             ),
@@ -2163,6 +2177,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(capped.max_requests_per_connection, Some(7));
+        assert_eq!(capped.max_stream_duration, Some(Duration::from_secs(2)));
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub struct Guard {
     /// The stream's duration limit, when one applies: the answer is cut
     /// when it passes.
     pub(crate) deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// That limit is the cluster's on its upstream stream
+    /// (`UMSDR`), not the downstream stream's (`DT`).
+    pub(crate) deadline_upstream: bool,
 }
 
 /// The endpoint and connection serving a request.
@@ -129,6 +132,7 @@ impl Guard {
             bytes: 0,
             ended: false,
             deadline: None,
+            deadline_upstream: false,
         }
     }
 }
@@ -201,12 +205,19 @@ impl Body for ResponseBody {
         if let Some(d) = this.guard.deadline.as_mut() {
             if std::future::Future::poll(d.as_mut(), cx).is_ready() {
                 this.guard.deadline = None;
-                this.guard
-                    .stats
-                    .downstream_rq_max_duration_reached
-                    .fetch_add(1, Relaxed);
+                let flag = if this.guard.deadline_upstream {
+                    if let Some(u) = &this.guard.upstream {
+                        let s = &u.cluster.stats;
+                        s.upstream_rq_max_duration_reached.fetch_add(1, Relaxed);
+                    }
+                    "UMSDR"
+                } else {
+                    let s = &this.guard.stats;
+                    s.downstream_rq_max_duration_reached.fetch_add(1, Relaxed);
+                    "DT"
+                };
                 if let Some(b) = this.guard.log.as_mut() {
-                    b.1.response_flags = "DT".into();
+                    b.1.response_flags = flag.into();
                 }
                 return Poll::Ready(Some(Err("max stream duration reached".into())));
             }

@@ -233,6 +233,7 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         "UO" => "upstream_reset_before_response_started{overflow}",
         "DO" => "drop_overload",
         "DT" => "max_duration_timeout",
+        "UMSDR" => "upstream_max_stream_duration_reached",
         "" if status == StatusCode::REQUEST_TIMEOUT => "request_overall_timeout",
         "" if status == StatusCode::FORBIDDEN => "upgrade_failed",
         _ if status == StatusCode::UPGRADE_REQUIRED => "low_version",
@@ -1222,7 +1223,9 @@ async fn forward(
     // Only asked when a stream duration limit or a request timeout can
     // fire.
     let received = match (
-        stream_deadline.is_some() || request_deadline.is_some(),
+        stream_deadline.is_some()
+            || request_deadline.is_some()
+            || cluster.config.max_stream_duration.is_some(),
         body.as_mut(),
     ) {
         (true, Some(b)) => Some(b.received()),
@@ -1433,15 +1436,30 @@ async fn forward(
                 down,
                 idle,
                 deadline: stream_deadline,
+                upstream_limit: cluster
+                    .config
+                    .max_stream_duration
+                    .map(|t| tokio::time::Instant::now() + t),
             };
             return Box::pin(tunnel_upgrade(cluster, upstream, up_req, tunnel, guard)).await;
         }
 
-        let per_try = per_try.map(|t| tokio::time::Instant::now() + t);
-        let try_deadline = match (deadline, per_try) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        // The try's own limits: its timeout, and the cluster's on one
+        // upstream stream (Envoy starts that one when the stream is made;
+        // here, as the try starts). The clock is read only for them.
+        let (per_try, upstream_limit) = match (per_try, cluster.config.max_stream_duration) {
+            (None, None) => (None, None),
+            (a, b) => {
+                let now = tokio::time::Instant::now();
+                (a.map(|t| now + t), b.map(|t| now + t))
+            }
         };
+        let try_deadline = [deadline, per_try, upstream_limit]
+            .into_iter()
+            .flatten()
+            .min();
+        // Whether running out of time means the cluster's limit.
+        let upstream_limit_first = upstream_limit.is_some() && try_deadline == upstream_limit;
         let noting = match guard.log.as_mut() {
             Some(b) if lr.log_upstream_local => Some(&mut b.1.upstream_local_address),
             _ => None,
@@ -1531,7 +1549,15 @@ async fn forward(
                 guard.upstream = Some(upstream);
                 // A map lent to this try and not needed again.
                 crate::spare::recycle(std::mem::take(&mut headers));
-                guard.deadline = stream_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+                let ends = match (stream_deadline, upstream_limit) {
+                    (Some(s), Some(u)) if s <= u => Some(s),
+                    (s, None) => s,
+                    (_, Some(u)) => {
+                        guard.deadline_upstream = true;
+                        Some(u)
+                    }
+                };
+                guard.deadline = ends.map(|d| Box::pin(tokio::time::sleep_until(d)));
                 return Ok(Response::from_parts(rparts, Either::Left(rbody)));
             }
             Ok(Some(Err(e))) => {
@@ -1577,6 +1603,30 @@ async fn forward(
                 last_ep = Some(ep);
                 timeout_retry = false;
                 if !retryable {
+                    break;
+                }
+            }
+            Ok(None) if upstream_limit_first => {
+                // The cluster's limit on one upstream stream: the stream
+                // is reset, and retried as a reset would be (Envoy's
+                // onStreamMaxDurationReached); not an outlier's mark.
+                cluster
+                    .stats
+                    .upstream_rq_max_duration_reached
+                    .fetch_add(1, Relaxed);
+                let whole = received.as_ref().is_none_or(|r| r.whole());
+                failure = local(
+                    if whole {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::REQUEST_TIMEOUT
+                    },
+                    "upstream max stream duration reached\n",
+                    "UMSDR",
+                );
+                last_ep = Some(ep);
+                timeout_retry = false;
+                if !retry.is_some_and(|r| r.retry_reset()) {
                     break;
                 }
             }
@@ -1786,6 +1836,8 @@ struct Tunnel {
     idle: Option<Duration>,
     /// When the stream's duration limit ends it, busy or not.
     deadline: Option<tokio::time::Instant>,
+    /// When the cluster's limit on one upstream stream ends it.
+    upstream_limit: Option<tokio::time::Instant>,
 }
 
 /// An upgrade (WebSocket or another): its own upstream connection; after both sides
@@ -1800,6 +1852,7 @@ async fn tunnel_upgrade(
         down,
         idle,
         deadline,
+        upstream_limit,
     }: Tunnel,
     guard: &mut Guard,
 ) -> Result<Out, Local<'static>> {
@@ -1830,6 +1883,7 @@ async fn tunnel_upgrade(
     }
     let up = hyper::upgrade::on(&mut resp);
     let stats = guard.stats.clone();
+    let cluster_stats = cluster.stats.clone();
     tokio::spawn(async move {
         let _hold = upstream; // counts as active until the tunnel closes
         if let (Ok(d), Ok(u)) = tokio::join!(down, up) {
@@ -1853,6 +1907,14 @@ async fn tunnel_upgrade(
                         }
                     } => {
                         stats.downstream_rq_max_duration_reached.fetch_add(1, Relaxed);
+                    }
+                    () = async {
+                        match upstream_limit {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        cluster_stats.upstream_rq_max_duration_reached.fetch_add(1, Relaxed);
                     }
                 }
             }

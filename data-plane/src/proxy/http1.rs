@@ -367,7 +367,16 @@ pub(super) async fn serve(
         }
         match written {
             Ok(true) => {}
-            Ok(false) | Err(_) => return,
+            Ok(false) | Err(_) => {
+                if back.is_some() {
+                    // Whoever still reads the request's body (an HTTP/2
+                    // upstream's pump) holds the socket open: shut it, so
+                    // that the client sees the cut now and the holder's
+                    // reads fail and let go.
+                    let _ = socket2::SockRef::from(&*io).shutdown(std::net::Shutdown::Both);
+                }
+                return;
+            }
         }
         if wbuf.capacity() > 64 * 1024 {
             wbuf = Vec::with_capacity(1024);

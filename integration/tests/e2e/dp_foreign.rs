@@ -3065,3 +3065,168 @@ fn stale_load_assignments_lose_their_endpoints() {
         .expect("stale while the control plane is away");
     assert_eq!(dp.stat("cluster.fresh.assignment_stale"), 2);
 }
+
+/// The routes of a one-virtual-host configuration named `routes`.
+fn one_host(routes: Vec<Route>) -> RouteConfiguration {
+    RouteConfiguration {
+        name: "routes".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A cluster's own limit on one upstream stream (Envoy's
+/// `common_http_protocol_options.max_stream_duration`, 800 ms here; in the
+/// cluster's deprecated field for HTTP/1.1, in the HttpProtocolOptions
+/// extension for HTTP/2): a try still unanswered is reset and answered
+/// 504 (408 while the request is still coming), retried where the route
+/// retries resets; an answer under way is cut; quick answers never notice.
+#[test]
+fn cluster_stream_duration_limits() {
+    use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
+    use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
+    use std::time::{Duration, Instant};
+    let up = Upstream::start("u1");
+    let port = free_port();
+    let xds = StaticXds::start();
+    let limit = || HttpProtocolOptions {
+        max_stream_duration: Some(portico_proto::google::protobuf::Duration {
+            seconds: 0,
+            nanos: 800_000_000,
+        }),
+        ..Default::default()
+    };
+    let mut h1 = cluster("capped", LbPolicy::RoundRobin, Some(&[up.addr.port()]));
+    #[allow(deprecated)]
+    {
+        h1.common_http_protocol_options = Some(limit());
+    }
+    let mut h2 = cluster("capped-h2", LbPolicy::RoundRobin, Some(&[up.addr.port()]));
+    h2.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack(
+            &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
+                common_http_protocol_options: Some(limit()),
+                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                    ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        )),
+                    },
+                )),
+                ..Default::default()
+            },
+        ),
+    );
+    xds.set(
+        CLUSTER,
+        vec![resource("capped", &h1), resource("capped-h2", &h2)],
+    );
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![
+                prefix_route("/retried", "capped", |a| {
+                    a.retry_policy = Some(RetryPolicy {
+                        retry_on: "reset".into(),
+                        num_retries: Some(UInt32Value { value: 1 }),
+                        ..Default::default()
+                    })
+                }),
+                prefix_route("/h2", "capped-h2", |_| {}),
+                prefix_route("/", "capped", |_| {}),
+            ]),
+        )],
+    );
+    xds.set(
+        LISTENER,
+        vec![resource(
+            "foreign",
+            &listener("foreign", port, 0, false, None),
+        )],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dp = DataPlane::start(
+        dir.path(),
+        "dp-capped",
+        &xds.addr.to_string(),
+        "any",
+        &["--sotw"],
+    );
+    let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("request");
+    wait_for(Duration::from_secs(10), || {
+        (get("/x").status == 200).then_some(())
+    })
+    .expect("the configuration serves");
+    let reached = || dp.stat("cluster.capped.upstream_rq_max_duration_reached");
+    assert_eq!(reached(), 0, "quick answers never reach the limit");
+    let about_the_limit = |took: Duration| {
+        assert!(
+            took >= Duration::from_millis(750) && took < Duration::from_millis(2500),
+            "{took:?}"
+        );
+    };
+
+    // Unanswered within the limit: Envoy's 504 and words.
+    let started = Instant::now();
+    let r = get("/slow/3000");
+    about_the_limit(started.elapsed());
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (504, "upstream max stream duration reached\n")
+    );
+    assert_eq!(reached(), 1);
+
+    // Retried as a reset: the second try answers at once.
+    let started = Instant::now();
+    let r = get("/retried/sluggish/once/1/3000");
+    about_the_limit(started.elapsed());
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(reached(), 2);
+    assert_eq!(dp.stat("cluster.capped.upstream_rq_retry"), 1);
+
+    // The request's body still coming: 408.
+    let mut s = connect(port);
+    let started = Instant::now();
+    s.write_all(b"POST /slow/3000 HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\nten bytes.")
+        .expect("write");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).expect("an answer");
+    about_the_limit(started.elapsed());
+    assert_eq!(&head, b"HTTP/1.1 408");
+    assert_eq!(reached(), 3);
+
+    // An answer under way (a gRPC echo streaming back what comes, over
+    // HTTP/2 upstream) is cut at the limit: its head and first message
+    // arrive, then the connection closes without the answer's end.
+    let mut s = connect(port);
+    let started = Instant::now();
+    s.write_all(
+        b"POST /h2/echo.Echo/Chat HTTP/1.1\r\nhost: gw\r\ncontent-type: application/grpc\r\n\
+          te: trailers\r\ntransfer-encoding: chunked\r\n\r\n7\r\n\0\0\0\0\x02hi\r\n",
+    )
+    .expect("write");
+    let mut got = Vec::new();
+    if let Err(e) = s.read_to_end(&mut got) {
+        panic!("{e}: {:?} {}", String::from_utf8_lossy(&got), dp.logs());
+    }
+    about_the_limit(started.elapsed());
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("\0\0\0\0\u{2}hi"), "the first message: {got}");
+    assert!(!got.ends_with("0\r\n\r\n"), "cut, not ended: {got}");
+    assert_eq!(
+        dp.stat("cluster.capped-h2.upstream_rq_max_duration_reached"),
+        1
+    );
+    assert_eq!(dp.stat("http.downstream_rq_max_duration_reached"), 0);
+    assert_eq!(get("/x").status, 200);
+}
