@@ -14,6 +14,9 @@ const PACKAGES: &[&str] = &[
     "envoy/extensions/filters/network/http_connection_manager/v3",
     "envoy/extensions/transport_sockets/tls/v3",
     "envoy/extensions/upstreams/http/v3",
+    // The retry extensions the data plane runs.
+    "envoy/extensions/retry/host/previous_hosts/v3",
+    "envoy/extensions/retry/priority/previous_priorities/v3",
     // The HTTP filters Portico's guide names, and a few common ones.
     "envoy/extensions/filters/http/router/v3",
     "envoy/extensions/filters/http/jwt_authn/v3",

@@ -526,6 +526,60 @@ pub struct RetryPolicy {
     /// A reset header's wait above this is not taken (its `max_interval`,
     /// 300 s unless set).
     pub reset_max: Duration,
+    /// Envoy's `previous_priorities` retry priority, by its
+    /// `update_frequency`: every that many tries, the priority levels
+    /// tried so far take no load while another level can take it.
+    pub previous_priorities: Option<u32>,
+}
+
+/// The `update_frequency` of a retry policy's `retry_priority`, which may
+/// only be Envoy's `previous_priorities` (any other would move retries
+/// elsewhere than this proxy sends them).
+fn previous_priorities(
+    rp: &portico_proto::envoy::config::route::v3::retry_policy::RetryPriority,
+    at: &str,
+) -> Result<u32, ConfigError> {
+    use portico_proto::envoy::config::route::v3::retry_policy::retry_priority::ConfigType;
+    use portico_proto::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+    let config: PreviousPrioritiesConfig = match &rp.config_type {
+        Some(ConfigType::TypedConfig(a))
+            if a.type_url == <PreviousPrioritiesConfig as prost::Name>::type_url() =>
+        {
+            super::unpack(a, at)?
+        }
+        Some(ConfigType::TypedConfig(a)) => {
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "{} is not supported; only previous_priorities is",
+                    a.type_url
+                ),
+            ))
+        }
+        // Named, without a config: Envoy's default frequency would not
+        // pass its own validation (it must be above 0).
+        None => {
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "{:?} needs a typed_config (previous_priorities with its update_frequency)",
+                    rp.name
+                ),
+            ))
+        }
+    };
+    u32::try_from(config.update_frequency)
+        .ok()
+        .filter(|f| *f > 0)
+        .ok_or_else(|| {
+            ConfigError::new(
+                at,
+                format!(
+                    "previous_priorities.update_frequency must be above 0, not {}",
+                    config.update_frequency
+                ),
+            )
+        })
 }
 
 impl RetryPolicy {
@@ -565,6 +619,13 @@ impl RetryPolicy {
                 "retry_policy.per_try_idle_timeout is not supported",
             ));
         }
+        let previous_priorities = match &p.retry_priority {
+            None => None,
+            Some(rp) => Some(previous_priorities(
+                rp,
+                &format!("{at} retry_policy.retry_priority"),
+            )?),
+        };
         if p.refresh_cluster_on_retry {
             return Err(ConfigError::new(
                 at,
@@ -579,6 +640,7 @@ impl RetryPolicy {
                 .map(duration)
                 .filter(|d| !d.is_zero()),
             base: Duration::from_millis(25),
+            previous_priorities,
             ..Default::default()
         };
         for token in p
@@ -2135,6 +2197,54 @@ mod tests {
             let msg = RetryPolicy::convert(&p, "r").unwrap_err().to_string();
             assert!(msg.contains(what), "{msg}");
         }
+    }
+
+    #[test]
+    fn previous_priorities_is_the_retry_priority_taken() {
+        use portico_proto::envoy::config::route::v3::retry_policy::{
+            retry_priority::ConfigType, RetryPriority,
+        };
+        use portico_proto::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+        use portico_proto::google::protobuf::Any;
+        let with = |config_type| {
+            let p = PbRetryPolicy {
+                retry_on: "5xx".into(),
+                retry_priority: Some(RetryPriority {
+                    name: "envoy.retry_priorities.previous_priorities".into(),
+                    config_type,
+                }),
+                ..Default::default()
+            };
+            RetryPolicy::convert(&p, "r").map(|r| r.previous_priorities)
+        };
+        let every = |update_frequency| {
+            Some(ConfigType::TypedConfig(Any {
+                type_url: <PreviousPrioritiesConfig as prost::Name>::type_url(),
+                value: prost::Message::encode_to_vec(&PreviousPrioritiesConfig {
+                    update_frequency,
+                }),
+            }))
+        };
+        assert_eq!(with(every(2)).expect("converts"), Some(2));
+        let refused = |c| with(c).unwrap_err().to_string();
+        let msg = refused(every(0));
+        assert!(
+            msg.contains("update_frequency must be above 0, not 0"),
+            "{msg}"
+        );
+        let msg = refused(None);
+        assert!(msg.contains("needs a typed_config"), "{msg}");
+        let msg = refused(Some(ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/acme.Elsewhere".into(),
+            value: Vec::new(),
+        })));
+        assert!(msg.contains("r retry_policy.retry_priority: type.googleapis.com/acme.Elsewhere is not supported"), "{msg}");
+        assert_eq!(
+            RetryPolicy::convert(&PbRetryPolicy::default(), "r")
+                .expect("converts")
+                .previous_priorities,
+            None
+        );
     }
 
     #[test]

@@ -1251,6 +1251,8 @@ async fn forward(
         _ => 0,
     };
     let mut last_ep: Option<Arc<crate::upstream::Endpoint>> = None;
+    // The priority levels earlier tries went to (`previous_priorities`).
+    let mut tried: Option<Box<crate::upstream::lb::TriedLevels>> = None;
     // The last try ended in its per-try timeout (what a retry tells).
     let mut timeout_retry = false;
     // The wait the last answer asked for (rate-limited back-off).
@@ -1304,7 +1306,19 @@ async fn forward(
                 }
             }
         }
-        let Some(ep) = cluster.pick(hash, last_ep.as_deref()) else {
+        let picked = match (
+            retry.and_then(|r| r.previous_priorities),
+            last_ep.as_deref(),
+        ) {
+            (Some(every), Some(last)) => {
+                // Boxed: a rare state every request's future would carry.
+                let t = tried.get_or_insert_with(Default::default);
+                let excluded = t.before_retry(cluster, last, attempt, every);
+                cluster.pick_excluding(hash, Some(last), excluded)
+            }
+            _ => cluster.pick(hash, last_ep.as_deref()),
+        };
+        let Some(ep) = picked else {
             stats.no_healthy_upstream.fetch_add(1, Relaxed);
             failure = local(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -202,6 +202,39 @@ fn draw(
     last
 }
 
+/// What a request's tries remember for Envoy's `previous_priorities`
+/// retry priority: the priorities tried so far, and those excluded since
+/// the last update (every `update_frequency` tries).
+#[derive(Debug, Default)]
+pub struct TriedLevels {
+    seen: Vec<u32>,
+    excluded: Vec<u32>,
+}
+
+impl TriedLevels {
+    /// The priorities retry number `attempt` (1 for the first retry)
+    /// excludes, `last` being the endpoint the try before it went to.
+    pub fn before_retry(
+        &mut self,
+        cluster: &Cluster,
+        last: &Endpoint,
+        attempt: u32,
+        every: u32,
+    ) -> &[u32] {
+        if let Some(p) = cluster.priority_of(last) {
+            if !self.seen.contains(&p) {
+                self.seen.push(p);
+            }
+        }
+        // Envoy: the original load until `every` tries were made, then
+        // every `every` tries the levels of all tried so far.
+        if attempt >= every && attempt.is_multiple_of(every) {
+            self.excluded.clone_from(&self.seen);
+        }
+        &self.excluded
+    }
+}
+
 /// Which endpoints of a level a pick may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -337,6 +370,56 @@ impl Spill {
         }
     }
 
+    /// Envoy's `previous_priorities` retry priority: the load shared
+    /// again among the levels whose priority is not in `excluded` (the
+    /// levels a request's earlier tries went to), in proportion to their
+    /// healthy and degraded scores (their total at most 100), each level
+    /// keeping its panic; `None` when no level is left with any score
+    /// (Envoy then keeps the original load).
+    fn excluding(
+        set: &EndpointSet,
+        excluded: &[u32],
+        panic_threshold: f64,
+        now: u64,
+    ) -> Option<Spill> {
+        let n = set.levels.len();
+        let mut scores = vec![0u32; 2 * n];
+        for (i, l) in set.levels.iter().enumerate() {
+            if !excluded.contains(&l.priority) {
+                let h = level_health(set, &set.endpoints[l.start..l.end], now);
+                (scores[i], scores[n + i]) = (h.healthy, h.degraded);
+            }
+        }
+        let total = scores.iter().sum::<u32>().min(100);
+        if total == 0 {
+            return None;
+        }
+        // Envoy's rounds: each level its share of what is left, healthy
+        // ones first; what rounding leaves goes round again (to the first
+        // level with a share).
+        let mut loads = vec![0u32; 2 * n];
+        let mut left = 100u32;
+        while left != 0 {
+            for (load, s) in loads.iter_mut().zip(&scores) {
+                let delta = left.min(s * 100 / total);
+                *load += delta;
+                left -= delta;
+            }
+        }
+        let mut sum = 0;
+        Some(Spill {
+            until: 0,
+            cumulative: loads
+                .iter()
+                .map(|l| {
+                    sum += l;
+                    sum
+                })
+                .collect(),
+            panic: Spill::compute(set, panic_threshold, now).panic,
+        })
+    }
+
     /// The level a draw (any number; the request's hash under ring hash)
     /// lands in, and whether among its degraded endpoints.
     fn level(&self, draw: u64) -> (usize, bool) {
@@ -368,25 +451,8 @@ impl Cluster {
             levels => levels,
         };
         let draw = hash.unwrap_or_else(|| fastrand::u64(..));
-        let in_level = |spill: &Spill| {
-            let (i, degraded) = spill.level(draw);
-            let l = &levels[i];
-            let class = if spill.panic[i] {
-                Class::Any { panic: true }
-            } else if set.has_degraded.load(Relaxed) {
-                Class::Only { degraded }
-            } else {
-                Class::Any { panic: false }
-            };
-            self.pick_in(
-                &set.endpoints[l.start..l.end],
-                &l.lb,
-                class,
-                hash,
-                avoid,
-                now,
-            )
-        };
+        let in_level =
+            |spill: &Spill| self.pick_in_spill(&set, levels, spill, draw, hash, avoid, now);
         let cached = set.spill.load();
         if cached.until > now {
             let got = in_level(&cached);
@@ -402,6 +468,76 @@ impl Cluster {
         let fresh = Arc::new(Spill::compute(&set, self.config.panic_threshold, now));
         set.spill.store(fresh.clone());
         in_level(&fresh)
+    }
+
+    /// [`Cluster::pick`] for a retry under Envoy's `previous_priorities`:
+    /// the levels of priorities in `excluded` take no load while another
+    /// level has some to offer.
+    pub fn pick_excluding(
+        &self,
+        hash: Option<u64>,
+        avoid: Option<&Endpoint>,
+        excluded: &[u32],
+    ) -> Option<Arc<Endpoint>> {
+        let set = self.endpoints.load();
+        let now = now_ms();
+        let spill = match set.levels.as_slice() {
+            [_, _, ..] if !excluded.is_empty() => {
+                Spill::excluding(&set, excluded, self.config.panic_threshold, now)
+            }
+            _ => None,
+        };
+        let Some(spill) = spill else {
+            drop(set);
+            return self.pick(hash, avoid);
+        };
+        let draw = hash.unwrap_or_else(|| fastrand::u64(..));
+        self.pick_in_spill(&set, &set.levels, &spill, draw, hash, avoid, now)
+    }
+
+    /// The priority of the level `ep` is in now (`None`: gone from the
+    /// cluster).
+    pub fn priority_of(&self, ep: &Endpoint) -> Option<u32> {
+        let set = self.endpoints.load();
+        let i = set
+            .endpoints
+            .iter()
+            .position(|e| std::ptr::eq(Arc::as_ptr(e), ep))?;
+        set.levels
+            .iter()
+            .find(|l| (l.start..l.end).contains(&i))
+            .map(|l| l.priority)
+    }
+
+    /// Picks in the level a draw lands in by `spill`.
+    #[allow(clippy::too_many_arguments)]
+    fn pick_in_spill(
+        &self,
+        set: &EndpointSet,
+        levels: &[super::Level],
+        spill: &Spill,
+        draw: u64,
+        hash: Option<u64>,
+        avoid: Option<&Endpoint>,
+        now: u64,
+    ) -> Option<Arc<Endpoint>> {
+        let (i, degraded) = spill.level(draw);
+        let l = &levels[i];
+        let class = if spill.panic[i] {
+            Class::Any { panic: true }
+        } else if set.has_degraded.load(Relaxed) {
+            Class::Only { degraded }
+        } else {
+            Class::Any { panic: false }
+        };
+        self.pick_in(
+            &set.endpoints[l.start..l.end],
+            &l.lb,
+            class,
+            hash,
+            avoid,
+            now,
+        )
     }
 
     /// Picks an endpoint of `class` among one level's `eps` (with its
@@ -1120,6 +1256,69 @@ mod tests {
             spill_of(&tiered(&[2, 1], &[1, 1], &[1, 3, 1], d)).0,
             vec![70, 30]
         );
+    }
+
+    /// Envoy's `previous_priorities`: the levels tried take nothing while
+    /// the others have anything to offer, and those share the load in
+    /// proportion to their health; with nothing left, the original load.
+    #[test]
+    fn retries_move_away_from_priorities_tried() {
+        let d = LoadPolicy::default();
+        let shares = |c: &Cluster, excluded: &[u32]| {
+            let set = c.endpoints.load();
+            let s = Spill::excluding(&set, excluded, c.config.panic_threshold, now_ms())?;
+            let mut before = 0;
+            let mut v: Vec<u32> = s
+                .cumulative
+                .iter()
+                .map(|c| {
+                    let share = c - before;
+                    before = *c;
+                    share
+                })
+                .collect();
+            v.truncate(s.panic.len());
+            Some(v)
+        };
+        let all = tiered(&[10, 10, 10], &[10, 10, 10], &[], d);
+        assert_eq!(shares(&all, &[]), Some(vec![100, 0, 0]));
+        assert_eq!(shares(&all, &[0]), Some(vec![0, 100, 0]));
+        assert_eq!(shares(&all, &[0, 1]), Some(vec![0, 0, 100]));
+        assert_eq!(shares(&all, &[1, 0, 2]), None);
+        // P1 at 20% healthy scores 28: P2 takes the rest.
+        let weak = tiered(&[10, 10, 10], &[10, 2, 10], &[], d);
+        assert_eq!(shares(&weak, &[0]), Some(vec![0, 28, 72]));
+        // Alone, a weak level takes everything (its score is the whole).
+        let two = tiered(&[10, 10], &[10, 5], &[], d);
+        assert_eq!(shares(&two, &[0]), Some(vec![0, 100]));
+        // Picks follow: every retry that excludes P0 lands in P1 (ports
+        // 2000 and up), and with all excluded, the original load again.
+        for _ in 0..200 {
+            let e = all.pick_excluding(None, None, &[0]).expect("an endpoint");
+            assert!((2000..3000).contains(&e.addr.port()), "{}", e.addr);
+            let e = all
+                .pick_excluding(None, None, &[0, 1, 2])
+                .expect("an endpoint");
+            assert!((1000..2000).contains(&e.addr.port()), "{}", e.addr);
+        }
+        // Tries remembered: with update_frequency 2, the first retry keeps
+        // the original load; the second excludes both levels tried.
+        let level = |p: u16| {
+            all.endpoints
+                .load()
+                .endpoints
+                .iter()
+                .find(|e| e.addr.port() == p)
+                .cloned()
+                .expect("endpoint")
+        };
+        let mut t = TriedLevels::default();
+        assert!(t.before_retry(&all, &level(1000), 1, 2).is_empty());
+        assert_eq!(t.before_retry(&all, &level(2000), 2, 2), &[0, 1][..]);
+        assert_eq!(t.before_retry(&all, &level(3000), 3, 2), &[0, 1][..]);
+        assert_eq!(t.before_retry(&all, &level(3001), 4, 2), &[0, 1, 2][..]);
+        let mut t = TriedLevels::default();
+        assert_eq!(t.before_retry(&all, &level(1000), 1, 1), &[0][..]);
     }
 
     /// Picks follow the shares: random draws for most policies, the

@@ -3230,3 +3230,161 @@ fn cluster_stream_duration_limits() {
     assert_eq!(dp.stat("http.downstream_rq_max_duration_reached"), 0);
     assert_eq!(get("/x").status, 200);
 }
+
+/// Envoy's `previous_priorities` retry priority: retries leave the
+/// priority levels already tried (every `update_frequency` tries), where
+/// without it every try stays in the level that takes the load. Priority
+/// 0 is two failing endpoints, priority 1 one, priority 2 one that
+/// answers.
+#[test]
+fn retries_move_across_priorities() {
+    use portico_proto::envoy::config::route::v3::retry_policy::{
+        retry_priority::ConfigType, RetryPriority,
+    };
+    use portico_proto::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+    use std::time::Duration;
+    let ups: Vec<Upstream> = ["p0a", "p0b", "p1", "p2"]
+        .into_iter()
+        .map(Upstream::start)
+        .collect();
+    ups[0]
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    ups[1]
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let port = free_port();
+    let xds = StaticXds::start();
+    xds.set(
+        CLUSTER,
+        vec![resource(
+            "tiers",
+            &cluster("tiers", LbPolicy::RoundRobin, None),
+        )],
+    );
+    let p: Vec<u16> = ups.iter().map(|u| u.addr.port()).collect();
+    let mut a = endpoints(
+        "tiers",
+        &[(p[0], HealthStatus::Unknown), (p[1], HealthStatus::Unknown)],
+    );
+    for (priority, port) in [(1, p[2]), (2, p[3])] {
+        let mut l = endpoints("tiers", &[(port, HealthStatus::Unknown)]).endpoints;
+        l[0].priority = priority;
+        a.endpoints.extend(l);
+    }
+    xds.set(ENDPOINT, vec![resource("tiers", &a)]);
+    let retried = |prefix: &str, every: Option<i32>| {
+        prefix_route(prefix, "tiers", |a| {
+            a.retry_policy = Some(RetryPolicy {
+                retry_on: "5xx".into(),
+                num_retries: Some(UInt32Value { value: 2 }),
+                retry_back_off: Some(
+                    portico_proto::envoy::config::route::v3::retry_policy::RetryBackOff {
+                        base_interval: Some(portico_proto::google::protobuf::Duration {
+                            seconds: 0,
+                            nanos: 1_000_000,
+                        }),
+                        max_interval: None,
+                    },
+                ),
+                retry_priority: every.map(|update_frequency| RetryPriority {
+                    name: "envoy.retry_priorities.previous_priorities".into(),
+                    config_type: Some(ConfigType::TypedConfig(pack(&PreviousPrioritiesConfig {
+                        update_frequency,
+                    }))),
+                }),
+                ..Default::default()
+            })
+        })
+    };
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![
+                retried("/each", Some(1)),
+                retried("/pairs", Some(2)),
+                retried("/stay", None),
+            ]),
+        )],
+    );
+    xds.set(
+        LISTENER,
+        vec![resource(
+            "foreign",
+            &listener("foreign", port, 0, false, None),
+        )],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dp = DataPlane::start(
+        dir.path(),
+        "dp-priorities",
+        &xds.addr.to_string(),
+        "any",
+        &["--sotw"],
+    );
+    let count = |u: &Upstream, path: &str| {
+        u.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.starts_with(&format!("GET {path} ")))
+            .count()
+    };
+    let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("request");
+    wait_for(Duration::from_secs(10), || {
+        (get("/stay/ready").status != 404).then_some(())
+    })
+    .expect("the routes serve");
+    // Each retry leaves the levels tried: P0 fails, P1 answers.
+    for i in 0..10 {
+        let path = format!("/each/{i}");
+        let r = get(&path);
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(
+            count(&ups[0], &path) + count(&ups[1], &path),
+            1,
+            "{path}: one try at P0"
+        );
+        assert_eq!(count(&ups[2], &path), 1, "{path}: then P1");
+    }
+    // Every second try: two tries at P0 (one per endpoint, as a retry
+    // leaves the host it tried), then P1.
+    for i in 0..5 {
+        let path = format!("/pairs/{i}");
+        assert_eq!(get(&path).status, 200, "{path}");
+        assert_eq!(
+            (
+                count(&ups[0], &path),
+                count(&ups[1], &path),
+                count(&ups[2], &path)
+            ),
+            (1, 1, 1),
+            "{path}"
+        );
+    }
+    // Without it, every try goes where the load goes: P0, three times.
+    let r = get("/stay/x");
+    assert!(r.status >= 500, "{r:?}");
+    assert_eq!(count(&ups[0], "/stay/x") + count(&ups[1], "/stay/x"), 3);
+    assert_eq!(count(&ups[2], "/stay/x"), 0);
+    // With P1 failing too, the second retry leaves both: P2 answers.
+    ups[2]
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = get("/each/deep");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        [0, 1, 2, 3]
+            .map(|i| count(&ups[i], "/each/deep"))
+            .iter()
+            .sum::<usize>(),
+        3
+    );
+    assert_eq!(count(&ups[2], "/each/deep"), 1);
+    assert_eq!(count(&ups[3], "/each/deep"), 1);
+    assert!(dp.stat("cluster.tiers.upstream_rq_retry") >= 10 + 10 + 2 + 2);
+    // The dump shows the extension's config as Envoy's JSON.
+    let (_, dump) = dp.admin_get("/config_dump");
+    assert!(dump.contains("\"update_frequency\": 2"), "{dump}");
+}
