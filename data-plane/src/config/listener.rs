@@ -222,6 +222,11 @@ pub struct ListenerConfig {
     /// `common_http_protocol_options.max_stream_duration`; `None` unset or
     /// 0); a route's `max_stream_duration` replaces it.
     pub max_stream_duration: Option<Duration>,
+    /// The HCM's `proxy_100_continue`: a request's `Expect: 100-continue`
+    /// goes upstream, and an HTTP/1.1 upstream's `100 Continue` is what
+    /// asks the client for the body. Off (Envoy's default): the header is
+    /// dropped, and the proxy asks for the body itself.
+    pub proxy_100_continue: bool,
     /// Requests a downstream connection may carry before it is drained
     /// (`common_http_protocol_options.max_requests_per_connection`).
     pub max_requests_per_connection: Option<u64>,
@@ -621,6 +626,7 @@ impl ListenerConfig {
                 .and_then(|c| c.max_stream_duration.as_ref())
                 .map(duration)
                 .filter(|d| !d.is_zero()),
+            proxy_100_continue: hcm.proxy_100_continue,
             max_requests_per_connection: common
                 .and_then(|c| c.max_requests_per_connection.as_ref())
                 .map(|v| u64::from(v.value))

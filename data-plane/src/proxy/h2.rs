@@ -446,6 +446,18 @@ impl Out {
         self.finish_headers(at, id, end);
     }
 
+    /// Writes a `100 Continue` head (a stream's interim answer).
+    fn interim_continue(&mut self, id: u32) {
+        let at = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[0; 9]);
+        if !self.table_sized {
+            self.table_sized = true;
+            self.wbuf.push(0x20);
+        }
+        hpack::encode_status(&mut self.wbuf, 100);
+        self.finish_headers(at, id, false);
+    }
+
     /// Writes trailers, which end the stream.
     fn trailers(&mut self, id: u32, trailers: &HeaderMap) {
         let at = self.wbuf.len();
@@ -1616,6 +1628,17 @@ impl Connection {
         let head_only = req.method() == Method::HEAD;
         // A 431 never reads its body: what arrives is credited back at once.
         let recv = (!end_stream && !too_large).then(|| Arc::new(Recv::default()));
+        // A client waiting to be asked for its body is asked at once, as
+        // Envoy asks (also where the listener proxies 100-continue: an
+        // HTTP/2 stream's body waits in its window meanwhile).
+        if recv.is_some()
+            && req
+                .headers()
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
+            self.out.interim_continue(id);
+        }
         let wake = Arc::new(StreamWake {
             id,
             queued: AtomicBool::new(true),

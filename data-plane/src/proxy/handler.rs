@@ -785,12 +785,20 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `drop_te`, `te` too (HTTP/1.1 upstreams: only HTTP/2 carries
 /// `te: trailers` end to end).
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, drop_te: bool) {
+    strip_hop_by_hop_and(h, keep_upgrade, drop_te, false);
+}
+
+/// [`strip_hop_by_hop`], and with `drop_expect` a request's
+/// `Expect: 100-continue` too (the proxy asks for the body itself, unless
+/// the listener's `proxy_100_continue` leaves that to the upstream).
+fn strip_hop_by_hop_and(h: &mut HeaderMap, keep_upgrade: bool, drop_te: bool, drop_expect: bool) {
     const CONNECTION: u8 = 1;
     const UPGRADE: u8 = 2;
     const TRANSFER_ENCODING: u8 = 4;
     const KEEP_ALIVE_: u8 = 8;
     const PROXY_CONNECTION_: u8 = 16;
     const TE: u8 = 32;
+    const EXPECT: u8 = 64;
     // One pass over the names (a length check each, mostly) says which are
     // present, so only those cost a hash lookup; most messages have none,
     // and a `Connection: keep-alive` costs two lookups, not eight.
@@ -803,6 +811,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, drop_te: bool) {
             "keep-alive" => KEEP_ALIVE_,
             "proxy-connection" => PROXY_CONNECTION_,
             "te" if drop_te => TE,
+            "expect" if drop_expect => EXPECT,
             _ => 0,
         };
     }
@@ -849,6 +858,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, drop_te: bool) {
     }
     if found & TE != 0 {
         h.remove(header::TE);
+    }
+    if found & EXPECT != 0
+        && h.get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        h.remove(header::EXPECT);
     }
 }
 
@@ -1087,7 +1102,12 @@ async fn forward(
     let new_pq = rewrite_path(fwd, route, original_pq);
     let mut up_uri: Option<http::Uri> = None;
     let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers, upgrade, !cluster.config.http2);
+    strip_hop_by_hop_and(
+        &mut headers,
+        upgrade,
+        !cluster.config.http2,
+        !lr.config.proxy_100_continue,
+    );
     if let Some(via) = &lr.config.via {
         append_via(&mut headers, via);
     }
@@ -2056,6 +2076,17 @@ mod tests {
         assert_eq!(h.len(), 2);
         strip_hop_by_hop(&mut h, false, true);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);
+
+        // `expect: 100-continue` goes unless proxied; other expectations
+        // stay (the upstream answers them, 417 as like as not).
+        let mut h = map(&[("expect", "100-Continue"), ("a", "b")]);
+        strip_hop_by_hop_and(&mut h, false, false, false);
+        assert_eq!(h.len(), 2);
+        strip_hop_by_hop_and(&mut h, false, false, true);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);
+        let mut h = map(&[("expect", "something-else")]);
+        strip_hop_by_hop_and(&mut h, false, false, true);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]

@@ -47,6 +47,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Request bodies up to this size are written with the head in one call.
 const COALESCE_BODY: usize = 16 * 1024;
+/// How long a request body waits for the upstream's `100 Continue` when
+/// the client's `Expect: 100-continue` is proxied (curl's own wait).
+const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Idle connections of one endpoint, newest last.
 pub type IdleList = Arc<Mutex<Vec<Connection>>>;
@@ -183,10 +186,11 @@ pub fn exchange<'a>(
         replayable,
     } = req;
     async move {
-        if let Some((body, exact)) = stream {
+        if let Some((body, exact, await_continue)) = stream {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
-            let (head, rest) = Box::pin(stream_exchange(&mut conn, &head, body, exact)).await?;
+            let streamed = stream_exchange(&mut conn, &head, body, exact, await_continue);
+            let (head, rest) = Box::pin(streamed).await?;
             let (reusable, duplex) = match rest {
                 Rest::Sent => (true, None),
                 Rest::Dropped => (false, None),
@@ -226,7 +230,9 @@ pub fn exchange<'a>(
 pub struct Prepared {
     head: Vec<u8>,
     rest: Option<Bytes>,
-    stream: Option<(RequestBody, Option<u64>)>,
+    /// A body still coming, its length if declared, and whether it waits
+    /// for the upstream's `100 Continue` (see [`stream_exchange`]).
+    stream: Option<(RequestBody, Option<u64>, bool)>,
     head_only: bool,
     /// It may be sent once more on a fresh connection (see [`exchange`]).
     replayable: bool,
@@ -266,6 +272,12 @@ pub fn prepare(
     encode_head(&parts, &outgoing, &mut head);
     let head_only = parts.method == Method::HEAD;
     let replayable = replayable(parts.method.is_idempotent(), &parts.headers);
+    // Still there only where the listener proxies 100-continue.
+    let await_continue = matches!(outgoing, Outgoing::Stream(..))
+        && parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     match lend {
         Some(slot) => *slot = Some(parts.headers),
         None => crate::spare::recycle(parts.headers),
@@ -277,7 +289,7 @@ pub fn prepare(
             (None, None)
         }
         Outgoing::Whole(b) => (Some(b), None),
-        Outgoing::Stream(body, exact) => (None, Some((body, exact))),
+        Outgoing::Stream(body, exact) => (None, Some((body, exact, await_continue))),
     };
     Prepared {
         head,
@@ -407,17 +419,27 @@ enum Rest {
 /// a closing answer (a 413, say) ends the upload and is passed on at once
 /// (also when writing failed because the upstream stopped reading); a
 /// success is passed on at once too, and the rest of the body follows it.
+///
+/// With `await_continue` (a request's `Expect: 100-continue` proxied), the
+/// body is not read from the client (which is what asks the client for
+/// it) until the upstream's `100 Continue`, or its answer, or a second
+/// without either (as curl waits for an upstream that ignores the header).
 async fn stream_exchange(
     conn: &mut Connection,
     head: &[u8],
     body: RequestBody,
     exact: Option<u64>,
+    await_continue: bool,
 ) -> Result<(Head, Rest), SendError> {
     let Connection { io, buf, .. } = conn;
     let mut upload = Upload::new(head, body, exact.is_none());
+    if await_continue {
+        upload.gate = Some(Box::pin(tokio::time::sleep(CONTINUE_WAIT)));
+    }
     let mut sent = false;
     let mut send_error = None;
-    let head = std::future::poll_fn(|cx| {
+    let mut interim = false;
+    let head = std::future::poll_fn(|cx| loop {
         if !sent && send_error.is_none() {
             match upload.poll(io, cx) {
                 Poll::Ready(Ok(())) => sent = true,
@@ -430,9 +452,14 @@ async fn stream_exchange(
                 Poll::Pending => {}
             }
         }
-        poll_read_head(io, buf, cx).map_err(|e| send_error.take().unwrap_or(e))
+        match poll_read_head(io, buf, &mut interim, cx) {
+            // The upstream's 100 Continue: the body may come now.
+            Poll::Pending if interim && upload.gate.is_some() => upload.gate = None,
+            p => return p.map_err(|e| send_error.take().unwrap_or(e)),
+        }
     })
     .await?;
+    upload.gate = None;
     let rest = if sent {
         Rest::Sent
     } else if send_error.is_none() && head.status.as_u16() < 400 && !head.close {
@@ -458,6 +485,9 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Res
 /// socket takes it whenever polled.
 struct Upload {
     body: RequestBody,
+    /// While set, the body is not read until it fires (see
+    /// [`stream_exchange`]'s `await_continue`).
+    gate: Option<Pin<Box<tokio::time::Sleep>>>,
     chunked: bool,
     /// Encoded and not yet written, in order.
     out: std::collections::VecDeque<Bytes>,
@@ -479,6 +509,7 @@ impl Upload {
     fn new(head: &[u8], body: RequestBody, chunked: bool) -> Upload {
         Upload {
             body,
+            gate: None,
             chunked,
             out: std::collections::VecDeque::from([Bytes::copy_from_slice(head)]),
             ended: false,
@@ -504,6 +535,10 @@ impl Upload {
             }
             if self.ended {
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(gate) = self.gate.as_mut() {
+                ready!(std::future::Future::poll(gate.as_mut(), cx));
+                self.gate = None;
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Err(e)) => {
@@ -620,7 +655,7 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<Head, SendError> {
     loop {
-        if let Some(head) = take_head(buf)? {
+        if let Some(head) = take_head(buf, &mut false)? {
             return Ok(head);
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -639,14 +674,17 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 }
 
 /// The final response head at the start of `buf`, if all there (1xx
-/// heads before it are skipped).
-fn take_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
+/// heads before it are skipped, and `interim` set when one was).
+fn take_head(buf: &mut BytesMut, interim: &mut bool) -> Result<Option<Head>, SendError> {
     while !buf.is_empty() {
         match parse_head(buf)? {
             // 100 Continue and friends: the answer follows.
             Some(head)
                 if head.status.is_informational()
-                    && head.status != StatusCode::SWITCHING_PROTOCOLS => {}
+                    && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+            {
+                *interim = true;
+            }
             Some(head) => return Ok(Some(head)),
             None if buf.len() >= MAX_HEAD => return Err(bad("response head too large")),
             None => break,
@@ -659,10 +697,11 @@ fn take_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
 fn poll_read_head(
     io: &TcpStream,
     buf: &mut BytesMut,
+    interim: &mut bool,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, SendError>> {
     loop {
-        if let Some(head) = take_head(buf)? {
+        if let Some(head) = take_head(buf, interim)? {
             return Poll::Ready(Ok(head));
         }
         match ready!(poll_fill(io, buf, cx)) {

@@ -3388,3 +3388,130 @@ fn retries_move_across_priorities() {
     let (_, dump) = dp.admin_get("/config_dump");
     assert!(dump.contains("\"update_frequency\": 2"), "{dump}");
 }
+
+/// The listener's HTTP connection manager, edited in place.
+fn edit_hcm(l: &mut Listener, edit: impl FnOnce(&mut HttpConnectionManager)) {
+    let f = &mut l.filter_chains[0].filters[0];
+    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        panic!("a typed HCM");
+    };
+    let mut hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("an HCM");
+    edit(&mut hcm);
+    f.config_type = Some(filter::ConfigType::TypedConfig(pack(&hcm)));
+}
+
+/// `Expect: 100-continue`: by default (Envoy's) the proxy asks for the
+/// body itself and the header goes no further; with the HCM's
+/// `proxy_100_continue` the header goes upstream, and the upstream's
+/// `100 Continue` is what asks for the body, so an upstream that refuses
+/// the request before its body is never sent the body. HTTP/2 clients are
+/// asked at once.
+#[test]
+fn expect_continue_is_answered_or_proxied() {
+    use super::dp_h2_downstream::{
+        block, fields, get as h2get, Raw, DATA, END_HEADERS, END_STREAM, HEADERS,
+    };
+    use std::time::Duration;
+    let up = Upstream::start("u1");
+    let (own, proxied) = (free_port(), free_port());
+    let xds = StaticXds::start();
+    xds.set(
+        CLUSTER,
+        vec![resource(
+            "plain",
+            &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
+        )],
+    );
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![prefix_route("/", "plain", |_| {})]),
+        )],
+    );
+    let mut l = listener("proxied", proxied, 0, false, None);
+    edit_hcm(&mut l, |h| h.proxy_100_continue = true);
+    xds.set(
+        LISTENER,
+        vec![
+            resource("own", &listener("own", own, 0, false, None)),
+            resource("proxied", &l),
+        ],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _dp = DataPlane::start(
+        dir.path(),
+        "dp-continue",
+        &xds.addr.to_string(),
+        "any",
+        &["--sotw"],
+    );
+    for port in [own, proxied] {
+        wait_for(Duration::from_secs(10), || {
+            http1(port, "GET", "/x", "gw", &[], "")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .expect("the listeners serve");
+    }
+    // A head at a time: up to its blank line.
+    let head = |s: &mut std::net::TcpStream| {
+        let mut h = Vec::new();
+        let mut b = [0u8; 1];
+        while !h.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).expect("a head");
+            h.push(b[0]);
+        }
+        String::from_utf8_lossy(&h).to_ascii_lowercase()
+    };
+    let ask = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n"
+        )
+    };
+    for (port, forwarded) in [(own, false), (proxied, true)] {
+        let mut s = connect(port);
+        s.write_all(ask("/echo").as_bytes()).expect("write");
+        let h = head(&mut s);
+        assert!(h.starts_with("http/1.1 100 continue\r\n"), "{port}: {h}");
+        s.write_all(b"abcd").expect("the body");
+        let h = head(&mut s);
+        assert!(h.starts_with("http/1.1 200"), "{h}");
+        let len: usize = h
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a length");
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).expect("the body");
+        let body = String::from_utf8_lossy(&body).to_ascii_lowercase();
+        assert!(body.ends_with("\nabcd"), "{body}");
+        assert_eq!(
+            body.contains("\nexpect: 100-continue\n"),
+            forwarded,
+            "forwarded only where proxied: {body}"
+        );
+    }
+    // An upstream that answers without reading the body: the proxy's own
+    // continue went first; proxied, the client is never asked for it.
+    let mut s = connect(own);
+    s.write_all(ask("/status/413").as_bytes()).expect("write");
+    assert!(head(&mut s).starts_with("http/1.1 100 continue\r\n"));
+    assert!(head(&mut s).starts_with("http/1.1 413"));
+    let mut s = connect(proxied);
+    s.write_all(ask("/status/413").as_bytes()).expect("write");
+    let h = head(&mut s);
+    assert!(h.starts_with("http/1.1 413"), "never asked: {h}");
+    // HTTP/2: an interim 100 head at once, then the answer.
+    let mut c = Raw::connect(own, &[]);
+    let mut post = h2get("/echo");
+    post[0].1 = "POST".into();
+    post.push(("expect", "100-continue".into()));
+    c.send(HEADERS, END_HEADERS, 1, &block(&fields(&post)));
+    let h = c.until("the interim head", |f| f.kind == HEADERS && f.stream == 1);
+    assert!(h.payload.windows(3).any(|w| w == b"100"), "{h:?}");
+    assert_eq!(h.flags & END_STREAM, 0, "interim: {h:?}");
+    c.send(DATA, END_STREAM, 1, b"abcd");
+    let h = c.until("the answer", |f| f.kind == HEADERS && f.stream == 1);
+    assert!(!h.payload.windows(3).any(|w| w == b"100"), "{h:?}");
+}
