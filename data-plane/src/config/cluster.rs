@@ -479,7 +479,8 @@ pub struct ClusterConfig {
     pub http2: bool,
     /// Streams per HTTP/2 connection before another is opened.
     pub max_concurrent_streams: u32,
-    /// Requests per connection before it is closed (None: unlimited).
+    /// Requests (HTTP/2: streams) per connection, after which it takes
+    /// no more and closes once its last ends (None: unlimited).
     pub max_requests_per_connection: Option<u32>,
     /// Circuit breakers.
     pub limits: Limits,

@@ -1272,7 +1272,7 @@ async fn forward(
     };
     let mut last_ep: Option<Arc<crate::upstream::Endpoint>> = None;
     // The priority levels earlier tries went to (`previous_priorities`).
-    let mut tried: Option<Box<crate::upstream::lb::TriedLevels>> = None;
+    let mut rare: Option<Box<RareTry>> = None;
     // The last try ended in its per-try timeout (what a retry tells).
     let mut timeout_retry = false;
     // The wait the last answer asked for (rate-limited back-off).
@@ -1331,8 +1331,7 @@ async fn forward(
             last_ep.as_deref(),
         ) {
             (Some(every), Some(last)) => {
-                // Boxed: a rare state every request's future would carry.
-                let t = tried.get_or_insert_with(Default::default);
+                let t = &mut rare.get_or_insert_with(Default::default).tried;
                 let excluded = t.before_retry(cluster, last, attempt, every);
                 cluster.pick_excluding(hash, Some(last), excluded)
             }
@@ -1481,19 +1480,22 @@ async fn forward(
         // The try's own limits: its timeout, and the cluster's on one
         // upstream stream (Envoy starts that one when the stream is made;
         // here, as the try starts). The clock is read only for them.
-        let (per_try, upstream_limit) = match (per_try, cluster.config.max_stream_duration) {
-            (None, None) => (None, None),
-            (a, b) => {
-                let now = tokio::time::Instant::now();
-                (a.map(|t| now + t), b.map(|t| now + t))
+        let mut try_deadline = deadline;
+        if per_try.is_some() || cluster.config.max_stream_duration.is_some() {
+            let now = tokio::time::Instant::now();
+            if let Some(t) = per_try {
+                let p = now + t;
+                try_deadline = Some(try_deadline.map_or(p, |d| d.min(p)));
             }
-        };
-        let try_deadline = [deadline, per_try, upstream_limit]
-            .into_iter()
-            .flatten()
-            .min();
-        // Whether running out of time means the cluster's limit.
-        let upstream_limit_first = upstream_limit.is_some() && try_deadline == upstream_limit;
+            if let Some(d) = cluster.config.max_stream_duration {
+                let u = now + d;
+                let first = try_deadline.is_none_or(|t| u <= t);
+                if first {
+                    try_deadline = Some(u);
+                }
+                rare.get_or_insert_with(Default::default).upstream_limit = Some((u, first));
+            }
+        }
         let noting = match guard.log.as_mut() {
             Some(b) if lr.log_upstream_local => Some(&mut b.1.upstream_local_address),
             _ => None,
@@ -1583,7 +1585,8 @@ async fn forward(
                 guard.upstream = Some(upstream);
                 // A map lent to this try and not needed again.
                 crate::spare::recycle(std::mem::take(&mut headers));
-                let ends = match (stream_deadline, upstream_limit) {
+                let upstream_limit = rare.as_ref().and_then(|r| r.upstream_limit);
+                let ends = match (stream_deadline, upstream_limit.map(|(u, _)| u)) {
                     (Some(s), Some(u)) if s <= u => Some(s),
                     (s, None) => s,
                     (_, Some(u)) => {
@@ -1640,7 +1643,11 @@ async fn forward(
                     break;
                 }
             }
-            Ok(None) if upstream_limit_first => {
+            Ok(None)
+                if rare
+                    .as_ref()
+                    .is_some_and(|r| r.upstream_limit.is_some_and(|u| u.1)) =>
+            {
                 // The cluster's limit on one upstream stream: the stream
                 // is reset, and retried as a reset would be (Envoy's
                 // onStreamMaxDurationReached); not an outlier's mark.
@@ -1715,6 +1722,18 @@ async fn forward(
         failure.status = StatusCode::BAD_GATEWAY;
     }
     Err(failure)
+}
+
+/// What only some requests' tries need, boxed when they do: each field
+/// would grow every request's future (which is moved, and its size
+/// copied, on its way).
+#[derive(Default)]
+struct RareTry {
+    /// The try's end by its cluster's `max_stream_duration`, and whether
+    /// that comes before the try's other deadlines.
+    upstream_limit: Option<(tokio::time::Instant, bool)>,
+    /// The priority levels earlier tries went to (`previous_priorities`).
+    tried: crate::upstream::lb::TriedLevels,
 }
 
 /// A try given up at the HCM's request timeout: the request was not yet

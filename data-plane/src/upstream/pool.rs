@@ -148,6 +148,9 @@ struct H2 {
     local: Option<SocketAddr>,
     /// When it was opened.
     born: Instant,
+    /// Streams opened on it, against the cluster's
+    /// `max_requests_per_connection`.
+    used: u32,
 }
 
 /// A connection pool for one endpoint.
@@ -487,15 +490,21 @@ impl Pool {
         let list = &self.h2[slot(self.h2.len())];
         let found = {
             let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
-            // (Past its age a connection takes no new stream; its open
-            // ones finish, and it closes when they have.)
+            // (Past its age, or with as many streams opened as a
+            // connection may carry, a connection takes no new stream; its
+            // open ones finish, and it closes when they have.)
             let now = self.max_age.map(|_| Instant::now());
-            conns.retain(|c| !c.tx.is_closed() && now.is_none_or(|now| self.young(c, now)));
+            conns.retain(|c| {
+                !c.tx.is_closed()
+                    && c.used < self.max_uses
+                    && now.is_none_or(|now| self.young(c, now))
+            });
             conns
-                .iter()
+                .iter_mut()
                 .find(|c| c.streams.load(Relaxed) < self.max_streams)
                 .map(|c| {
                     c.streams.fetch_add(1, Relaxed);
+                    c.used += 1;
                     (c.tx.clone(), StreamSlot(c.streams.clone()), c.local)
                 })
         };
@@ -509,6 +518,7 @@ impl Pool {
                     streams: streams.clone(),
                     local: from,
                     born: Instant::now(),
+                    used: 1,
                 });
                 (tx, StreamSlot(streams), from)
             }

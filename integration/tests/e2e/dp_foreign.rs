@@ -3086,8 +3086,9 @@ fn one_host(routes: Vec<Route>) -> RouteConfiguration {
 /// extension for HTTP/2): a try still unanswered is reset and answered
 /// 504 (408 while the request is still coming), retried where the route
 /// retries resets; an answer under way is cut; quick answers never notice.
+/// And `max_requests_per_connection` counts HTTP/2 streams too.
 #[test]
-fn cluster_stream_duration_limits() {
+fn cluster_protocol_options_limit_streams() {
     use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
     use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
         explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
@@ -3125,9 +3126,34 @@ fn cluster_stream_duration_limits() {
             },
         ),
     );
+    // HTTP/2 connections that carry two streams each.
+    let mut few = cluster("few-h2", LbPolicy::RoundRobin, Some(&[up.addr.port()]));
+    few.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack(
+            &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
+                common_http_protocol_options: Some(HttpProtocolOptions {
+                    max_requests_per_connection: Some(UInt32Value { value: 2 }),
+                    ..Default::default()
+                }),
+                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                    ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        )),
+                    },
+                )),
+                ..Default::default()
+            },
+        ),
+    );
     xds.set(
         CLUSTER,
-        vec![resource("capped", &h1), resource("capped-h2", &h2)],
+        vec![
+            resource("capped", &h1),
+            resource("capped-h2", &h2),
+            resource("few-h2", &few),
+        ],
     );
     xds.set(
         ROUTE,
@@ -3142,6 +3168,7 @@ fn cluster_stream_duration_limits() {
                     })
                 }),
                 prefix_route("/h2", "capped-h2", |_| {}),
+                prefix_route("/few", "few-h2", |_| {}),
                 prefix_route("/", "capped", |_| {}),
             ]),
         )],
@@ -3229,6 +3256,13 @@ fn cluster_stream_duration_limits() {
     );
     assert_eq!(dp.stat("http.downstream_rq_max_duration_reached"), 0);
     assert_eq!(get("/x").status, 200);
+
+    // max_requests_per_connection on HTTP/2: five requests, one after
+    // another, open three connections.
+    for i in 0..5 {
+        assert_eq!(get(&format!("/few/{i}")).status, 200);
+    }
+    assert_eq!(dp.stat("cluster.few-h2.cx_total"), 3);
 }
 
 /// Envoy's `previous_priorities` retry priority: retries leave the
