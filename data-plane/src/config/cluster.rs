@@ -548,6 +548,10 @@ pub struct EndpointSpec {
     pub hash_key: Option<Arc<str>>,
     /// Its own health-check settings (`health_check_config`).
     pub check: Option<Arc<EndpointCheck>>,
+    /// More addresses of the same endpoint (`additional_addresses`, in
+    /// order of preference): connections try them too, Envoy's happy
+    /// eyeballs way.
+    pub also: Arc<[SocketAddr]>,
 }
 
 /// An endpoint's own health-check settings (Envoy's
@@ -650,6 +654,7 @@ impl EndpointSpec {
             hostname: None,
             hash_key: None,
             check: None,
+            also: Arc::new([]),
         }
     }
 }
@@ -940,6 +945,13 @@ impl ClusterConfig {
                             return Err(ConfigError::new(&eat, "needs an endpoint"));
                         };
                         let (host, port) = host_port(ep.address.as_ref(), &eat)?;
+                        if !ep.additional_addresses.is_empty() {
+                            // Envoy takes them for STATIC and EDS only.
+                            return Err(ConfigError::new(
+                                &eat,
+                                "additional_addresses are for STATIC and EDS clusters, not DNS ones",
+                            ));
+                        }
                         v.push(DnsHost {
                             check: endpoint_check(ep, &eat)?,
                             health: HealthStatus::try_from(e.health_status)
@@ -1639,6 +1651,17 @@ pub fn assignment(cla: &ClusterLoadAssignment, at: &str) -> Result<Assignment, C
                 hostname: hostname(ep),
                 hash_key: hash_key(e),
                 check: endpoint_check(ep, &eat)?,
+                also: ep
+                    .additional_addresses
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        socket_addr(
+                            a.address.as_ref(),
+                            &format!("{eat} endpoint.additional_addresses[{i}]"),
+                        )
+                    })
+                    .collect::<Result<_, _>>()?,
             });
         }
     }
@@ -1805,6 +1828,41 @@ mod tests {
         let e = assignment(&cla, "here").unwrap_err().to_string();
         assert!(
             e.contains("here endpoints[0]") && e.contains("above 128"),
+            "{e}"
+        );
+        // An endpoint's other addresses, in order; IP literals only.
+        cla.endpoints[0].priority = 0;
+        let other =
+            |host: &str| portico_proto::envoy::config::endpoint::v3::endpoint::AdditionalAddress {
+                address: match lb_endpoint(host, 9).host_identifier {
+                    Some(HostIdentifier::Endpoint(e)) => e.address,
+                    _ => None,
+                },
+            };
+        if let Some(HostIdentifier::Endpoint(e)) =
+            &mut cla.endpoints[0].lb_endpoints[0].host_identifier
+        {
+            e.additional_addresses = vec![other("::1"), other("127.0.0.9")];
+        }
+        let a = assignment(&cla, "here").expect("converts");
+        let first = a
+            .endpoints
+            .iter()
+            .find(|e| e.addr.port() == 1)
+            .expect("endpoint");
+        assert_eq!(
+            *first.also,
+            ["[::1]:9".parse().unwrap(), "127.0.0.9:9".parse().unwrap()]
+        );
+        if let Some(HostIdentifier::Endpoint(e)) =
+            &mut cla.endpoints[0].lb_endpoints[0].host_identifier
+        {
+            e.additional_addresses.push(other("db.example"));
+        }
+        let e = assignment(&cla, "here").unwrap_err().to_string();
+        assert!(
+            e.contains("here endpoints[0].lb_endpoints[0] endpoint.additional_addresses[2]")
+                && e.contains("not an IP address"),
             "{e}"
         );
     }

@@ -113,19 +113,21 @@ impl Endpoint {
             window_local_failed: AtomicU32::new(0),
             slow_since: AtomicU64::new(0),
             active: AtomicU32::new(0),
-            pool: Pool::new(spec.addr, cfg, stats.clone()),
+            pool: Pool::new(spec.addr, cfg, stats.clone()).with_also(spec.also.clone()),
         }
     }
 
     /// Whether `spec` describes this endpoint as it was made: the same
-    /// weight, names and check settings (an address whose weight, names
-    /// or check settings change gets a new endpoint, as what was built
-    /// from them is built again; it takes over the old one's state).
+    /// weight, names, check settings and other addresses (an address
+    /// whose weight, names, check settings or other addresses change gets
+    /// a new endpoint, as what was built from them is built again; it
+    /// takes over the old one's state).
     fn same_identity(&self, spec: &EndpointSpec) -> bool {
         self.weight == spec.weight
             && self.hostname == spec.hostname
             && self.hash_key == spec.hash_key
             && self.check == spec.check
+            && *self.pool.also() == *spec.also
     }
 
     /// Whether it may take new requests now.
@@ -693,6 +695,7 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                             hostname: Some(d.hostname.clone()),
                             hash_key: d.hash_key.clone(),
                             check: d.check.clone(),
+                            also: Arc::new([]),
                         }));
                     }
                     Err(e) => tracing::warn!(host = %d.host, error = %e, "DNS resolution failed"),

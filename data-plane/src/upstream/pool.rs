@@ -156,6 +156,9 @@ struct H2 {
 /// A connection pool for one endpoint.
 pub struct Pool {
     addr: SocketAddr,
+    /// The endpoint's other addresses (`additional_addresses`): with any,
+    /// connections are made the happy eyeballs way over all of them.
+    also: Arc<[SocketAddr]>,
     http2: bool,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -215,6 +218,7 @@ impl Pool {
     pub fn new(addr: SocketAddr, cfg: &ClusterConfig, stats: Arc<ClusterStats>) -> Self {
         Pool {
             addr,
+            also: Arc::new([]),
             http2: cfg.http2,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -233,6 +237,17 @@ impl Pool {
             open: Arc::new(AtomicU32::new(0)),
             stats,
         }
+    }
+
+    /// The pool with the endpoint's other addresses.
+    pub fn with_also(mut self, also: Arc<[SocketAddr]>) -> Self {
+        self.also = also;
+        self
+    }
+
+    /// The endpoint's other addresses.
+    pub fn also(&self) -> &[SocketAddr] {
+        &self.also
     }
 
     /// Sends a request. An HTTP/2 response holds a stream slot, which must
@@ -362,7 +377,66 @@ impl Pool {
     /// cluster's over all its endpoints, and the endpoint's own).
     pub(super) async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
         let slot = self.open_slot()?;
+        if !self.also.is_empty() {
+            // Boxed: a rare state, larger than a plain connect's.
+            return Ok((Box::pin(self.dial_happily()).await?, slot));
+        }
         Ok((self.dial(self.addr).await?, slot))
+    }
+
+    /// A TCP connection to the first of the endpoint's addresses that
+    /// takes one, tried as Envoy's happy eyeballs try them: in order, the
+    /// families interleaved (RFC 8305: the first address's family, then
+    /// the other, and so on), the next attempt started when the one
+    /// before fails or has not connected within 300 ms, earlier ones
+    /// still running; all within the connect timeout.
+    async fn dial_happily(&self) -> Result<TcpStream, SendError> {
+        const NEXT_AFTER: Duration = Duration::from_millis(300);
+        let order = interleaved(self.addr, &self.also);
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut next = 0;
+        let overall = tokio::time::sleep(self.connect_timeout);
+        tokio::pin!(overall);
+        let stagger = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(stagger);
+        let connected = loop {
+            tokio::select! {
+                () = &mut stagger, if next < order.len() => {
+                    attempts.spawn(connect(order[next], self.source));
+                    next += 1;
+                    stagger.as_mut().reset(tokio::time::Instant::now() + NEXT_AFTER);
+                }
+                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                    let why = match done {
+                        Ok(Ok(s)) => break Ok(s),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    if attempts.is_empty() {
+                        if next == order.len() {
+                            break Err(why);
+                        }
+                        // All failed so far: the next at once.
+                        stagger.as_mut().reset(tokio::time::Instant::now());
+                    }
+                }
+                () = &mut overall => {
+                    break Err(format!("timed out after {:?}", self.connect_timeout));
+                }
+            }
+        };
+        // Attempts still under way are dropped (aborted) with the set.
+        match connected {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                self.stats.cx_total.fetch_add(1, Relaxed);
+                Ok(s)
+            }
+            Err(why) => {
+                self.stats.cx_connect_fail.fetch_add(1, Relaxed);
+                Err(SendError::Connect(why))
+            }
+        }
     }
 
     /// A place among the open connections, if the circuit breakers leave
@@ -546,6 +620,20 @@ impl Pool {
     }
 }
 
+/// `first` and `also` in RFC 8305's order: `first`'s family first, then
+/// the families alternating, each family's addresses in their order.
+fn interleaved(first: SocketAddr, also: &[SocketAddr]) -> Vec<SocketAddr> {
+    let all = std::iter::once(first).chain(also.iter().copied());
+    let (mut same, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+        all.partition(|a| a.is_ipv4() == first.is_ipv4());
+    let mut out = Vec::with_capacity(same.len() + other.len());
+    while !(same.is_empty() && other.is_empty()) {
+        out.extend(same.pop_front());
+        out.extend(other.pop_front());
+    }
+    out
+}
+
 /// A connection to `addr`, from `source` when one is given.
 async fn connect(addr: SocketAddr, source: Option<SocketAddr>) -> std::io::Result<TcpStream> {
     let Some(source) = source else {
@@ -627,6 +715,76 @@ mod tests {
             }
         });
         (addr, accepted)
+    }
+
+    #[test]
+    fn happy_eyeballs_interleave_the_families_from_the_first_ones() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let (v4a, v4b, v4c) = (a("127.0.0.1:1"), a("127.0.0.2:1"), a("127.0.0.3:1"));
+        let (v6a, v6b) = (a("[::1]:1"), a("[::2]:1"));
+        assert_eq!(
+            interleaved(v6a, &[v6b, v4a, v4b, v4c]),
+            [v6a, v4a, v6b, v4b, v4c]
+        );
+        assert_eq!(interleaved(v4a, &[v4b, v6a]), [v4a, v6a, v4b]);
+        assert_eq!(interleaved(v4a, &[]), [v4a]);
+    }
+
+    /// An endpoint's other addresses: one that refuses is passed over at
+    /// once; one that does not answer, after 300 ms (the next attempt
+    /// starts then, and the first to connect wins).
+    #[tokio::test]
+    async fn connections_fall_over_to_the_other_addresses() {
+        let (live, accepted) = holding_origin().await;
+        let refusing = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        // A listener whose accept queue is full: its kernel drops SYNs, so
+        // connects to it hang (loopback, bounded by the pool's timeout).
+        let full =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        full.listen(0).unwrap();
+        let hanging = full.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        while fillers.len() < 4 {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&hanging.into());
+            fillers.push(s);
+        }
+        let stats = Arc::new(ClusterStats::default());
+        let cfg = ClusterConfig::convert(&Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        })
+        .unwrap();
+        for (first, expect_wait) in [(refusing, false), (hanging, true)] {
+            let pool = Pool::new(first, &cfg, stats.clone()).with_also(Arc::new([live]));
+            let before = accepted.load(Relaxed);
+            let started = Instant::now();
+            let (io, _slot) = pool.tcp().await.expect("connected to the live address");
+            let took = started.elapsed();
+            assert_eq!(io.peer_addr().unwrap(), live);
+            assert_eq!(accepted.load(Relaxed), before + 1);
+            if expect_wait {
+                assert!(
+                    took >= Duration::from_millis(290) && took < Duration::from_millis(900),
+                    "{took:?}"
+                );
+            } else {
+                assert!(took < Duration::from_millis(250), "{took:?}");
+            }
+        }
+        // None taking it: the connect error.
+        let pool = Pool::new(refusing, &cfg, stats.clone()).with_also(Arc::new([refusing]));
+        assert!(matches!(pool.tcp().await, Err(SendError::Connect(_))));
+        assert_eq!(stats.cx_connect_fail.load(Relaxed), 1);
+        drop(fillers);
     }
 
     /// How many of `n` concurrent first requests, spread over `pools` in
