@@ -231,6 +231,7 @@ fn code_details(flags: &str, status: StatusCode) -> &'static str {
         "UF" => "upstream_reset_before_response_started{connection_failure}",
         "UC" => "upstream_reset_before_response_started{connection_termination}",
         "UO" => "upstream_reset_before_response_started{overflow}",
+        "UPE" => "upstream_reset_before_response_started{protocol_error}",
         "DO" => "drop_overload",
         "DT" => "max_duration_timeout",
         "UMSDR" => "upstream_max_stream_duration_reached",
@@ -1629,6 +1630,11 @@ async fn forward(
                     SendError::Reset(_) => {
                         cluster.stats.upstream_rq_reset.fetch_add(1, Relaxed);
                         failure = local(StatusCode::BAD_GATEWAY, "upstream connect error or disconnect/reset before headers. reset reason: connection termination\n", "UC");
+                        retry.is_some_and(|r| r.retry_reset())
+                    }
+                    SendError::Protocol(_) => {
+                        cluster.stats.upstream_rq_reset.fetch_add(1, Relaxed);
+                        failure = local(StatusCode::BAD_GATEWAY, "upstream connect error or disconnect/reset before headers. reset reason: protocol error\n", "UPE");
                         retry.is_some_and(|r| r.retry_reset())
                     }
                     SendError::Overflow => {

@@ -645,7 +645,7 @@ struct Head {
 }
 
 fn bad(what: impl std::fmt::Display) -> SendError {
-    SendError::Reset(format!("invalid response from upstream: {what}"))
+    SendError::Protocol(format!("invalid response from upstream: {what}"))
 }
 
 /// Reads until a final (non-1xx, or 101) response head is complete and

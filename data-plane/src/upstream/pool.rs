@@ -99,6 +99,10 @@ pub enum SendError {
     /// The connection or stream was reset before response headers.
     #[error("connection termination: {0}")]
     Reset(String),
+    /// The upstream's answer broke HTTP (a malformed or oversized head,
+    /// conflicting framing): Envoy's protocol error.
+    #[error("protocol error: {0}")]
+    Protocol(String),
     /// The circuit breaker's connection limit is reached.
     #[error("overflow: too many connections")]
     Overflow,

@@ -440,9 +440,17 @@ fn http1_upstream_framing_early_answers_and_idle_closes() {
     // A protocol switch nobody asked for is a bad gateway, not an answer.
     let r = get("/a/switch");
     assert_eq!(r.status, 502, "{r:?}");
-    // Garbage from the origin: 502, and the next request is fine.
+    // Garbage from the origin: 502, Envoy's protocol error, and the next
+    // request is fine.
     let r = get("/a/garbage");
-    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (
+            502,
+            "upstream connect error or disconnect/reset before headers. reset reason: protocol error\n"
+        ),
+        "{r:?}"
+    );
     assert_eq!(get("/a/len").status, 200);
 }
 
