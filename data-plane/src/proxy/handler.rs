@@ -1271,13 +1271,11 @@ async fn forward(
         }
         _ => 0,
     };
-    let mut last_ep: Option<Arc<crate::upstream::Endpoint>> = None;
-    // The priority levels earlier tries went to (`previous_priorities`).
+    // What a request's tries need only after a failure, or under rare
+    // settings (see [`RareTry`]).
     let mut rare: Option<Box<RareTry>> = None;
     // The last try ended in its per-try timeout (what a retry tells).
     let mut timeout_retry = false;
-    // The wait the last answer asked for (rate-limited back-off).
-    let mut asked_wait: Option<Duration> = None;
     let mut failure = local(
         StatusCode::SERVICE_UNAVAILABLE,
         "no healthy upstream\n",
@@ -1293,7 +1291,10 @@ async fn forward(
             cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
             if let Some(r) = retry {
                 cluster.retries.fetch_add(1, Relaxed);
-                let wait = asked_wait.take().unwrap_or_else(|| r.backoff(attempt));
+                let wait = rare
+                    .as_mut()
+                    .and_then(|x| x.asked_wait.take())
+                    .unwrap_or_else(|| r.backoff(attempt));
                 // Never past the route's deadline (an answer may ask for
                 // minutes): the try then times out at once.
                 let until = tokio::time::Instant::now() + wait;
@@ -1327,18 +1328,25 @@ async fn forward(
                 }
             }
         }
-        let picked = match (
+        // (Bound straight from the match: a named result would take a
+        // place of its own in this future.)
+        let Some(ep) = (match (
             retry.and_then(|r| r.previous_priorities),
-            last_ep.as_deref(),
+            rare.as_deref_mut(),
         ) {
-            (Some(every), Some(last)) => {
-                let t = &mut rare.get_or_insert_with(Default::default).tried;
-                let excluded = t.before_retry(cluster, last, attempt, every);
+            (
+                Some(every),
+                Some(RareTry {
+                    last_ep: Some(last),
+                    tried,
+                    ..
+                }),
+            ) => {
+                let excluded = tried.before_retry(cluster, last, attempt, every);
                 cluster.pick_excluding(hash, Some(last), excluded)
             }
-            _ => cluster.pick(hash, last_ep.as_deref()),
-        };
-        let Some(ep) = picked else {
+            (_, r) => cluster.pick(hash, r.and_then(|r| r.last_ep.as_deref())),
+        }) else {
             stats.no_healthy_upstream.fetch_add(1, Relaxed);
             failure = local(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1481,22 +1489,34 @@ async fn forward(
         // The try's own limits: its timeout, and the cluster's on one
         // upstream stream (Envoy starts that one when the stream is made;
         // here, as the try starts). The clock is read only for them.
-        let mut try_deadline = deadline;
-        if per_try.is_some() || cluster.config.max_stream_duration.is_some() {
-            let now = tokio::time::Instant::now();
-            if let Some(t) = per_try {
-                let p = now + t;
-                try_deadline = Some(try_deadline.map_or(p, |d| d.min(p)));
+        // (By value throughout: a local borrowed here would keep a place
+        // in this future across the send.)
+        let (per_try, upstream_limit) = match (per_try, cluster.config.max_stream_duration) {
+            (None, None) => (None, None),
+            (a, b) => {
+                let now = tokio::time::Instant::now();
+                (a.map(|t| now + t), b.map(|t| now + t))
             }
-            if let Some(d) = cluster.config.max_stream_duration {
-                let u = now + d;
-                let first = try_deadline.is_none_or(|t| u <= t);
-                if first {
-                    try_deadline = Some(u);
-                }
+        };
+        let try_deadline = match (deadline, per_try) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let try_deadline = match (try_deadline, upstream_limit) {
+            (t, None) => t,
+            (t, Some(u)) => {
+                let first = match t {
+                    Some(t) => u <= t,
+                    None => true,
+                };
                 rare.get_or_insert_with(Default::default).upstream_limit = Some((u, first));
+                if first {
+                    Some(u)
+                } else {
+                    t
+                }
             }
-        }
+        };
         let noting = match guard.log.as_mut() {
             Some(b) if lr.log_upstream_local => Some(&mut b.1.upstream_local_address),
             _ => None,
@@ -1548,13 +1568,16 @@ async fn forward(
                     && retry.is_some_and(|r| r.retry_status(status, resp.headers()))
                     && cluster.may_retry()
                 {
-                    last_ep = Some(ep);
+                    rare.get_or_insert_with(Default::default).last_ep = Some(ep);
                     timeout_retry = false;
-                    asked_wait = retry.and_then(|r| {
+                    let asked = retry.and_then(|r| {
                         (!r.reset_headers.is_empty())
                             .then(|| r.reset_backoff(resp.headers()))
                             .flatten()
                     });
+                    if let (Some(w), Some(r)) = (asked, rare.as_mut()) {
+                        r.asked_wait = Some(w);
+                    }
                     failure = local(StatusCode::BAD_GATEWAY, "", "URX");
                     drop((resp, slot, upstream));
                     continue;
@@ -1643,7 +1666,7 @@ async fn forward(
                     }
                 };
                 tracing::debug!(cluster = %cluster.config.name, endpoint = %ep.addr, error = %e, "upstream request failed");
-                last_ep = Some(ep);
+                rare.get_or_insert_with(Default::default).last_ep = Some(ep);
                 timeout_retry = false;
                 if !retryable {
                     break;
@@ -1671,7 +1694,7 @@ async fn forward(
                     "upstream max stream duration reached\n",
                     "UMSDR",
                 );
-                last_ep = Some(ep);
+                rare.get_or_insert_with(Default::default).last_ep = Some(ep);
                 timeout_retry = false;
                 if !retry.is_some_and(|r| r.retry_reset()) {
                     break;
@@ -1710,7 +1733,7 @@ async fn forward(
                         "UT",
                     )
                 };
-                last_ep = Some(ep);
+                rare.get_or_insert_with(Default::default).last_ep = Some(ep);
                 timeout_retry = true;
                 let route_timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                 if route_timed_out
@@ -1735,6 +1758,10 @@ async fn forward(
 /// copied, on its way).
 #[derive(Default)]
 struct RareTry {
+    /// The endpoint the last try went to (a retry goes elsewhere).
+    last_ep: Option<Arc<crate::upstream::Endpoint>>,
+    /// The wait the last answer asked for (rate-limited back-off).
+    asked_wait: Option<Duration>,
     /// The try's end by its cluster's `max_stream_duration`, and whether
     /// that comes before the try's other deadlines.
     upstream_limit: Option<(tokio::time::Instant, bool)>,

@@ -184,12 +184,21 @@ pub fn exchange<'a>(
         stream,
         head_only,
         replayable,
+        await_continue,
     } = req;
+    // One byte for whichever the path taken reads (a streamed body is
+    // never sent again, and only it may wait for 100 Continue): each
+    // byte more of this future may cost a word, copied with every move.
+    let replayable_or_waits = if stream.is_some() {
+        await_continue
+    } else {
+        replayable
+    };
     async move {
-        if let Some((body, exact, await_continue)) = stream {
+        if let Some((body, exact)) = stream {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
-            let streamed = stream_exchange(&mut conn, &head, body, exact, await_continue);
+            let streamed = stream_exchange(&mut conn, &head, body, exact, replayable_or_waits);
             let (head, rest) = Box::pin(streamed).await?;
             let (reusable, duplex) = match rest {
                 Rest::Sent => (true, None),
@@ -200,7 +209,7 @@ pub fn exchange<'a>(
         }
         let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
             Ok(resp) => resp,
-            Err(e) if reused && conn.buf.is_empty() && replayable => {
+            Err(e) if reused && conn.buf.is_empty() && replayable_or_waits => {
                 tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
                 drop(conn);
                 // Boxed: rare, and connecting's state is large.
@@ -230,10 +239,12 @@ pub fn exchange<'a>(
 pub struct Prepared {
     head: Vec<u8>,
     rest: Option<Bytes>,
-    /// A body still coming, its length if declared, and whether it waits
-    /// for the upstream's `100 Continue` (see [`stream_exchange`]).
-    stream: Option<(RequestBody, Option<u64>, bool)>,
+    /// A body still coming, and its length if declared.
+    stream: Option<(RequestBody, Option<u64>)>,
     head_only: bool,
+    /// That body waits for the upstream's `100 Continue` (see
+    /// [`stream_exchange`]).
+    await_continue: bool,
     /// It may be sent once more on a fresh connection (see [`exchange`]).
     replayable: bool,
 }
@@ -289,7 +300,7 @@ pub fn prepare(
             (None, None)
         }
         Outgoing::Whole(b) => (Some(b), None),
-        Outgoing::Stream(body, exact) => (None, Some((body, exact, await_continue))),
+        Outgoing::Stream(body, exact) => (None, Some((body, exact))),
     };
     Prepared {
         head,
@@ -297,6 +308,7 @@ pub fn prepare(
         stream,
         head_only,
         replayable,
+        await_continue,
     }
 }
 
