@@ -122,6 +122,29 @@ pub struct Upstream {
 }
 
 impl Guard {
+    /// The stream's duration limit passed mid-answer: counted and logged
+    /// (out of line: every answer's frames are polled past this).
+    #[cold]
+    #[inline(never)]
+    fn duration_reached(&mut self) -> Box<dyn std::error::Error + Send + Sync> {
+        self.deadline = None;
+        let flag = if self.deadline_upstream {
+            if let Some(u) = &self.upstream {
+                let s = &u.cluster.stats;
+                s.upstream_rq_max_duration_reached.fetch_add(1, Relaxed);
+            }
+            "UMSDR"
+        } else {
+            let s = &self.stats;
+            s.downstream_rq_max_duration_reached.fetch_add(1, Relaxed);
+            "DT"
+        };
+        if let Some(b) = self.log.as_mut() {
+            b.1.response_flags = flag.into();
+        }
+        "max stream duration reached".into()
+    }
+
     /// A guard for a new request.
     pub fn new(stats: Arc<Stats>) -> Self {
         stats.downstream_rq_active.fetch_add(1, Relaxed);
@@ -204,22 +227,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         if let Some(d) = this.guard.deadline.as_mut() {
             if std::future::Future::poll(d.as_mut(), cx).is_ready() {
-                this.guard.deadline = None;
-                let flag = if this.guard.deadline_upstream {
-                    if let Some(u) = &this.guard.upstream {
-                        let s = &u.cluster.stats;
-                        s.upstream_rq_max_duration_reached.fetch_add(1, Relaxed);
-                    }
-                    "UMSDR"
-                } else {
-                    let s = &this.guard.stats;
-                    s.downstream_rq_max_duration_reached.fetch_add(1, Relaxed);
-                    "DT"
-                };
-                if let Some(b) = this.guard.log.as_mut() {
-                    b.1.response_flags = flag.into();
-                }
-                return Poll::Ready(Some(Err("max stream duration reached".into())));
+                return Poll::Ready(Some(Err(this.guard.duration_reached())));
             }
         }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));

@@ -217,6 +217,12 @@ impl Ready {
             self.push(|r| r.released.push((id, n as u32)));
         }
     }
+
+    /// Asks the connection to send stream `id` its `100 Continue` (a
+    /// release of nothing says so).
+    fn ask_continue(&self, id: u32) {
+        self.push(|r| r.released.push((id, 0)));
+    }
 }
 
 /// A stream's waker: queues the stream once until the connection polls it.
@@ -704,6 +710,10 @@ struct Connection {
     /// Streams after which the connection is drained (the HCM's
     /// `max_requests_per_connection`).
     max_requests: Option<u64>,
+    /// The HCM's `proxy_100_continue`: a stream that expects `100
+    /// Continue` is told it when its body is first read (after an
+    /// HTTP/1.1 upstream's own 100), not at once.
+    proxy_continue: bool,
     /// Its tick; with the listener's off, armed by the first stream whose
     /// route sets its own.
     tick: Option<Tick>,
@@ -728,9 +738,14 @@ impl Connection {
         stream_idle_timeout: Option<Duration>,
         drain: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Connection {
-        let (max_requests, header_rules, h2) = {
+        let (max_requests, header_rules, h2, proxy_continue) = {
             let c = &conn.listener.load().config;
-            (c.max_requests_per_connection, c.header_rules, c.h2)
+            (
+                c.max_requests_per_connection,
+                c.header_rules,
+                c.h2,
+                c.proxy_100_continue,
+            )
         };
         let mut wbuf = Vec::with_capacity(16 * 1024);
         frame::write_settings(
@@ -802,6 +817,7 @@ impl Connection {
             idle_wake,
             stream_idle: stream_idle_timeout,
             max_requests,
+            proxy_continue,
             tick: stream_idle_timeout.map(|d| Tick::new(stream_idle::period(d))),
             tick_wake,
             idle_since: now,
@@ -1080,6 +1096,17 @@ impl Connection {
     /// Credits consumed request-body bytes back to the client.
     fn credit(&mut self) {
         for (id, n) in self.released.drain(..) {
+            if n == 0 {
+                // A `100 Continue` asked for, unless the answer has begun.
+                let open = self
+                    .streams
+                    .get(&id)
+                    .is_some_and(|s| !s.remote_closed && matches!(s.task, Task::Handler(_)));
+                if open {
+                    self.out.interim_continue(id);
+                }
+                continue;
+            }
             self.conn_unacked += n;
             if let Some(s) = self.streams.get_mut(&id) {
                 if !s.remote_closed {
@@ -1629,14 +1656,14 @@ impl Connection {
         // A 431 never reads its body: what arrives is credited back at once.
         let recv = (!end_stream && !too_large).then(|| Arc::new(Recv::default()));
         // A client waiting to be asked for its body is asked at once, as
-        // Envoy asks (also where the listener proxies 100-continue: an
-        // HTTP/2 stream's body waits in its window meanwhile).
-        if recv.is_some()
+        // Envoy asks; where the listener proxies 100-continue, when its
+        // body is first read (see `proxy_continue`).
+        let owes_continue = recv.is_some()
             && req
                 .headers()
                 .get(header::EXPECT)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-        {
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if owes_continue && !self.proxy_continue {
             self.out.interim_continue(id);
         }
         let wake = Arc::new(StreamWake {
@@ -1658,6 +1685,7 @@ impl Connection {
                 recv: recv.clone(),
                 ready: self.ready.clone(),
                 id,
+                owes_continue: owes_continue && self.proxy_continue,
                 len: expect_len,
             });
             // Boxed straight from the call: a wrapping future would be
@@ -1918,6 +1946,9 @@ pub struct Body {
     recv: Option<Arc<Recv>>,
     ready: Arc<Ready>,
     id: u32,
+    /// The client waits for `100 Continue`, to be sent when the body is
+    /// first read.
+    owes_continue: bool,
     len: Option<u64>,
 }
 
@@ -1957,6 +1988,10 @@ impl http_body::Body for Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.owes_continue {
+            self.owes_continue = false;
+            self.ready.ask_continue(self.id);
+        }
         let Some(recv) = &self.recv else {
             return Poll::Ready(None);
         };

@@ -369,11 +369,7 @@ pub(super) async fn serve(
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 if back.is_some() {
-                    // Whoever still reads the request's body (an HTTP/2
-                    // upstream's pump) holds the socket open: shut it, so
-                    // that the client sees the cut now and the holder's
-                    // reads fail and let go.
-                    let _ = socket2::SockRef::from(&*io).shutdown(std::net::Shutdown::Both);
+                    shut_for_holder(&io);
                 }
                 return;
             }
@@ -770,6 +766,15 @@ enum Out {
     Length(u64),
     Chunked,
     Close,
+}
+
+/// Whoever still reads a cut answer's request body (an HTTP/2 upstream's
+/// pump) holds the socket open: it is shut, so that the client sees the
+/// cut now and the holder's reads fail and let go. (Out of line: rare.)
+#[cold]
+#[inline(never)]
+fn shut_for_holder(io: &TcpStream) {
+    let _ = socket2::SockRef::from(io).shutdown(std::net::Shutdown::Both);
 }
 
 /// Writes a response. `Ok(false)`: the body could not be sent whole and

@@ -686,7 +686,8 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 }
 
 /// The final response head at the start of `buf`, if all there (1xx
-/// heads before it are skipped, and `interim` set when one was).
+/// heads before it are skipped, and `interim` set when one was a
+/// `100 Continue`; a 102 or 103 asks for nothing).
 fn take_head(buf: &mut BytesMut, interim: &mut bool) -> Result<Option<Head>, SendError> {
     while !buf.is_empty() {
         match parse_head(buf)? {
@@ -695,7 +696,7 @@ fn take_head(buf: &mut BytesMut, interim: &mut bool) -> Result<Option<Head>, Sen
                 if head.status.is_informational()
                     && head.status != StatusCode::SWITCHING_PROTOCOLS =>
             {
-                *interim = true;
+                *interim |= head.status == StatusCode::CONTINUE;
             }
             Some(head) => return Ok(Some(head)),
             None if buf.len() >= MAX_HEAD => return Err(bad("response head too large")),

@@ -351,7 +351,7 @@ impl Pool {
         let now = Instant::now();
         for list in &*self.h2 {
             let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
-            conns.retain(|c| !c.tx.is_closed() && self.young(c, now));
+            conns.retain(|c| !c.tx.is_closed() && c.used < self.max_uses && self.young(c, now));
         }
     }
 
@@ -416,12 +416,11 @@ impl Pool {
                         Ok(Err(e)) => e.to_string(),
                         Err(e) => e.to_string(),
                     };
-                    if attempts.is_empty() {
-                        if next == order.len() {
-                            break Err(why);
-                        }
-                        // All failed so far: the next at once.
+                    if next < order.len() {
+                        // A failure starts the next at once.
                         stagger.as_mut().reset(tokio::time::Instant::now());
+                    } else if attempts.is_empty() {
+                        break Err(why);
                     }
                 }
                 () = &mut overall => {
@@ -577,27 +576,36 @@ impl Pool {
                     && c.used < self.max_uses
                     && now.is_none_or(|now| self.young(c, now))
             });
-            conns
-                .iter_mut()
-                .find(|c| c.streams.load(Relaxed) < self.max_streams)
-                .map(|c| {
-                    c.streams.fetch_add(1, Relaxed);
-                    c.used += 1;
-                    (c.tx.clone(), StreamSlot(c.streams.clone()), c.local)
-                })
+            let i = conns
+                .iter()
+                .position(|c| c.streams.load(Relaxed) < self.max_streams);
+            i.map(|i| {
+                let c = &mut conns[i];
+                c.streams.fetch_add(1, Relaxed);
+                c.used += 1;
+                let found = (c.tx.clone(), StreamSlot(c.streams.clone()), c.local);
+                if c.used >= self.max_uses {
+                    // Its last stream: let go of it now, so that it closes
+                    // when that stream ends, traffic or not.
+                    conns.swap_remove(i);
+                }
+                found
+            })
         };
         let (mut tx, slot, from) = match found {
             Some(f) => f,
             None => {
                 let (tx, from) = self.open_h2().await?;
                 let streams = Arc::new(AtomicU32::new(1));
-                list.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
-                    tx: tx.clone(),
-                    streams: streams.clone(),
-                    local: from,
-                    born: Instant::now(),
-                    used: 1,
-                });
+                if self.max_uses > 1 {
+                    list.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
+                        tx: tx.clone(),
+                        streams: streams.clone(),
+                        local: from,
+                        born: Instant::now(),
+                        used: 1,
+                    });
+                }
                 (tx, StreamSlot(streams), from)
             }
         };
