@@ -1684,13 +1684,8 @@ async fn forward(
                     .stats
                     .upstream_rq_max_duration_reached
                     .fetch_add(1, Relaxed);
-                let whole = received.as_ref().is_none_or(|r| r.whole());
-                failure = local(
-                    if whole {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else {
-                        StatusCode::REQUEST_TIMEOUT
-                    },
+                failure = duration_reply(
+                    received.as_ref(),
                     "upstream max stream duration reached\n",
                     "UMSDR",
                 );
@@ -1706,17 +1701,7 @@ async fn forward(
                 stats
                     .downstream_rq_max_duration_reached
                     .fetch_add(1, Relaxed);
-                // Envoy's choice: 408 while the request is still coming.
-                let whole = received.as_ref().is_none_or(|r| r.whole());
-                failure = local(
-                    if whole {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else {
-                        StatusCode::REQUEST_TIMEOUT
-                    },
-                    "downstream duration timeout\n",
-                    "DT",
-                );
+                failure = duration_reply(received.as_ref(), "downstream duration timeout\n", "DT");
                 break;
             }
             Ok(None) => {
@@ -1751,6 +1736,22 @@ async fn forward(
         failure.status = StatusCode::BAD_GATEWAY;
     }
     Err(failure)
+}
+
+/// The answer to a stream ended by a duration limit: Envoy's 504, or its
+/// 408 while the request is still coming.
+fn duration_reply(
+    received: Option<&super::body::Received>,
+    body: &'static str,
+    flags: &'static str,
+) -> Local<'static> {
+    let whole = received.is_none_or(|r| r.whole());
+    let status = if whole {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::REQUEST_TIMEOUT
+    };
+    local(status, body, flags)
 }
 
 /// What only some requests' tries need, boxed when they do: each field

@@ -262,6 +262,17 @@ pub struct Spill {
     panic: Vec<bool>,
 }
 
+/// The running sums of the levels' loads (what a draw is compared with).
+fn running_sums(loads: &[u32]) -> Vec<u32> {
+    loads
+        .iter()
+        .scan(0, |sum, l| {
+            *sum += l;
+            Some(*sum)
+        })
+        .collect()
+}
+
 /// A level as Envoy scores it: its healthy and its degraded share (by
 /// count or by weight) each times the overprovisioning factor, at most
 /// 100, and how many of its endpoints are available (either way).
@@ -356,16 +367,9 @@ impl Spill {
         // goes to the first level.
         let first = shares.iter().position(|s| *s > 0).unwrap_or(0);
         loads[first] += left;
-        let mut sum = 0;
         Spill {
             until: now + super::PANIC_RECHECK_MS,
-            cumulative: loads
-                .iter()
-                .map(|l| {
-                    sum += l;
-                    sum
-                })
-                .collect(),
+            cumulative: running_sums(&loads),
             panic,
         }
     }
@@ -406,16 +410,9 @@ impl Spill {
                 left -= delta;
             }
         }
-        let mut sum = 0;
         Some(Spill {
             until: 0,
-            cumulative: loads
-                .iter()
-                .map(|l| {
-                    sum += l;
-                    sum
-                })
-                .collect(),
+            cumulative: running_sums(&loads),
             panic: Spill::compute(set, panic_threshold, now).panic,
         })
     }

@@ -2995,34 +2995,11 @@ fn stale_load_assignments_lose_their_endpoints() {
         ROUTE,
         vec![resource(
             "routes",
-            &RouteConfiguration {
-                name: "routes".into(),
-                virtual_hosts: vec![VirtualHost {
-                    name: "all".into(),
-                    domains: vec!["*".into()],
-                    routes: vec![prefix_route("/", "fresh", |_| {})],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
+            &one_host(vec![prefix_route("/", "fresh", |_| {})]),
         )],
     );
     let mut pushed = Instant::now();
-    xds.set(
-        LISTENER,
-        vec![resource(
-            "foreign",
-            &listener("foreign", port, 0, false, None),
-        )],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dp = DataPlane::start(
-        dir.path(),
-        "dp-stale",
-        &xds.addr.to_string(),
-        "any",
-        &["--sotw"],
-    );
+    let (_dir, dp) = serve_foreign(&xds, port, "dp-stale");
     let status = || {
         http1(port, "GET", "/x", "gw", &[], "")
             .map(|r| r.status)
@@ -3064,6 +3041,21 @@ fn stale_load_assignments_lose_their_endpoints() {
     wait_for(Duration::from_secs(10), || (status() == 503).then_some(()))
         .expect("stale while the control plane is away");
     assert_eq!(dp.stat("cluster.fresh.assignment_stale"), 2);
+}
+
+/// One plain listener, `foreign` on `port`, then a data plane (SotW)
+/// configured by `xds`, and the directory of its files.
+fn serve_foreign(xds: &StaticXds, port: u16, name: &str) -> (tempfile::TempDir, DataPlane) {
+    xds.set(
+        LISTENER,
+        vec![resource(
+            "foreign",
+            &listener("foreign", port, 0, false, None),
+        )],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dp = DataPlane::start(dir.path(), name, &xds.addr.to_string(), "any", &["--sotw"]);
+    (dir, dp)
 }
 
 /// The routes of a one-virtual-host configuration named `routes`.
@@ -3173,21 +3165,7 @@ fn cluster_protocol_options_limit_streams() {
             ]),
         )],
     );
-    xds.set(
-        LISTENER,
-        vec![resource(
-            "foreign",
-            &listener("foreign", port, 0, false, None),
-        )],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dp = DataPlane::start(
-        dir.path(),
-        "dp-capped",
-        &xds.addr.to_string(),
-        "any",
-        &["--sotw"],
-    );
+    let (_dir, dp) = serve_foreign(&xds, port, "dp-capped");
     let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("request");
     wait_for(Duration::from_secs(10), || {
         (get("/x").status == 200).then_some(())
@@ -3344,21 +3322,7 @@ fn retries_move_across_priorities() {
             ]),
         )],
     );
-    xds.set(
-        LISTENER,
-        vec![resource(
-            "foreign",
-            &listener("foreign", port, 0, false, None),
-        )],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dp = DataPlane::start(
-        dir.path(),
-        "dp-priorities",
-        &xds.addr.to_string(),
-        "any",
-        &["--sotw"],
-    );
+    let (_dir, dp) = serve_foreign(&xds, port, "dp-priorities");
     let count = |u: &Upstream, path: &str| {
         u.seen
             .lock()
