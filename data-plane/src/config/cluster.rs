@@ -498,6 +498,10 @@ pub struct ClusterConfig {
     /// or 0): then it is reset, retried as a reset, else answered 504
     /// (408 while the request is still coming), as Envoy's router does.
     pub max_stream_duration: Option<Duration>,
+    /// Header fields an HTTP/1.1 answer may have
+    /// (`common_http_protocol_options.max_headers_count`, Envoy's 100
+    /// unless set): an answer with more is a protocol error (502).
+    pub max_response_headers: u16,
     /// The address upstream connections are made from
     /// (`upstream_bind_config.source_address`; the system's choice unless
     /// set).
@@ -1526,6 +1530,17 @@ impl ClusterConfig {
                 Ok(Some(SocketAddr::new(ip, port)))
             }
         })()?;
+        // (More than 65,535 fields would not fit a 64 KiB head anyway.)
+        let max_response_headers = match common.max_headers {
+            None => 100,
+            Some(0) => {
+                return Err(ConfigError::new(
+                    &at,
+                    "common_http_protocol_options.max_headers_count must be at least 1",
+                ))
+            }
+            Some(n) => u16::try_from(n).unwrap_or(u16::MAX),
+        };
         Ok(ClusterConfig {
             source_address,
             panic_threshold,
@@ -1564,6 +1579,7 @@ impl ClusterConfig {
                 .unwrap_or(Duration::from_secs(60)),
             max_connection_age: common.max_age.filter(|d| !d.is_zero()),
             max_stream_duration: common.max_stream.filter(|d| !d.is_zero()),
+            max_response_headers,
         })
     }
 }
@@ -1579,6 +1595,8 @@ struct CommonOptions {
     max_requests: Option<u32>,
     /// `max_stream_duration`.
     max_stream: Option<Duration>,
+    /// `max_headers_count`.
+    max_headers: Option<u32>,
 }
 
 impl CommonOptions {
@@ -1588,6 +1606,7 @@ impl CommonOptions {
             max_age: o.max_connection_duration.as_ref().map(duration),
             max_requests: o.max_requests_per_connection.as_ref().map(|v| v.value),
             max_stream: o.max_stream_duration.as_ref().map(duration),
+            max_headers: o.max_headers_count.as_ref().map(|v| v.value),
         })
     }
 
@@ -1598,6 +1617,7 @@ impl CommonOptions {
             max_age: self.max_age.or(earlier.max_age),
             max_requests: self.max_requests.or(earlier.max_requests),
             max_stream: self.max_stream.or(earlier.max_stream),
+            max_headers: self.max_headers.or(earlier.max_headers),
         }
     }
 }
@@ -2237,6 +2257,23 @@ mod tests {
         .unwrap();
         assert_eq!(capped.max_requests_per_connection, Some(7));
         assert_eq!(capped.max_stream_duration, Some(Duration::from_secs(2)));
+        assert_eq!(capped.max_response_headers, 100, "Envoy's default");
+        let count = |n| {
+            with(HttpProtocolOptions {
+                common_http_protocol_options: Some(
+                    portico_proto::envoy::config::core::v3::HttpProtocolOptions {
+                        max_headers_count: Some(portico_proto::google::protobuf::UInt32Value {
+                            value: n,
+                        }),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            })
+        };
+        assert_eq!(count(250).unwrap().max_response_headers, 250);
+        let e = count(0).unwrap_err().to_string();
+        assert!(e.contains("max_headers_count must be at least 1"), "{e}");
     }
 
     #[test]

@@ -198,7 +198,8 @@ pub fn exchange<'a>(
         if let Some((body, exact)) = stream {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
-            let streamed = stream_exchange(&mut conn, &head, body, exact, replayable_or_waits);
+            let max = pool.max_headers();
+            let streamed = stream_exchange(&mut conn, &head, body, exact, replayable_or_waits, max);
             let (head, rest) = Box::pin(streamed).await?;
             let (reusable, duplex) = match rest {
                 Rest::Sent => (true, None),
@@ -207,7 +208,7 @@ pub fn exchange<'a>(
             };
             return finish(conn, head, head_only, reusable, &ret, duplex);
         }
-        let resp = match send_and_read(&mut conn, &head, rest.as_ref()).await {
+        let resp = match send_and_read(&mut conn, &head, rest.as_ref(), pool.max_headers()).await {
             Ok(resp) => resp,
             Err(e) if reused && conn.buf.is_empty() && replayable_or_waits => {
                 tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
@@ -220,7 +221,8 @@ pub fn exchange<'a>(
                     }
                     let mut fresh = Connection::new(io, slot);
                     fresh.uses = 1;
-                    let resp = send_and_read(&mut fresh, &head, rest.as_ref()).await?;
+                    let resp =
+                        send_and_read(&mut fresh, &head, rest.as_ref(), pool.max_headers()).await?;
                     Ok::<_, SendError>((fresh, resp))
                 })
                 .await?;
@@ -322,17 +324,18 @@ fn replayable(idempotent_method: bool, headers: &HeaderMap) -> bool {
 }
 
 /// Writes a request head (with a small body already appended) and the rest
-/// of its body, then reads the response head.
+/// of its body, then reads the response head (of at most `max` fields).
 async fn send_and_read(
     conn: &mut Connection,
     head: &[u8],
     rest: Option<&Bytes>,
+    max: u16,
 ) -> Result<Head, SendError> {
     write_all(&mut conn.io, head).await?;
     if let Some(b) = rest {
         write_all(&mut conn.io, b).await?;
     }
-    read_head(&mut conn.io, &mut conn.buf).await
+    read_head(&mut conn.io, &mut conn.buf, max).await
 }
 
 /// Turns a response head into the response, with a body that reads from
@@ -442,6 +445,7 @@ async fn stream_exchange(
     body: RequestBody,
     exact: Option<u64>,
     await_continue: bool,
+    max: u16,
 ) -> Result<(Head, Rest), SendError> {
     let Connection { io, buf, .. } = conn;
     let mut upload = Upload::new(head, body, exact.is_none());
@@ -464,7 +468,7 @@ async fn stream_exchange(
                 Poll::Pending => {}
             }
         }
-        match poll_read_head(io, buf, &mut interim, cx) {
+        match poll_read_head(io, buf, &mut interim, max, cx) {
             // The upstream's 100 Continue: the body may come now.
             Poll::Pending if interim && upload.gate.is_some() => upload.gate = None,
             p => return p.map_err(|e| send_error.take().unwrap_or(e)),
@@ -665,9 +669,10 @@ fn bad(what: impl std::fmt::Display) -> SendError {
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
+    max: u16,
 ) -> Result<Head, SendError> {
     loop {
-        if let Some(head) = take_head(buf, &mut false)? {
+        if let Some(head) = take_head(buf, &mut false, max)? {
             return Ok(head);
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -688,9 +693,9 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 /// The final response head at the start of `buf`, if all there (1xx
 /// heads before it are skipped, and `interim` set when one was a
 /// `100 Continue`; a 102 or 103 asks for nothing).
-fn take_head(buf: &mut BytesMut, interim: &mut bool) -> Result<Option<Head>, SendError> {
+fn take_head(buf: &mut BytesMut, interim: &mut bool, max: u16) -> Result<Option<Head>, SendError> {
     while !buf.is_empty() {
-        match parse_head(buf)? {
+        match parse_head(buf, usize::from(max))? {
             // 100 Continue and friends: the answer follows.
             Some(head)
                 if head.status.is_informational()
@@ -711,10 +716,11 @@ fn poll_read_head(
     io: &TcpStream,
     buf: &mut BytesMut,
     interim: &mut bool,
+    max: u16,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, SendError>> {
     loop {
-        if let Some(head) = take_head(buf, interim)? {
+        if let Some(head) = take_head(buf, interim, max)? {
             return Poll::Ready(Ok(head));
         }
         match ready!(poll_fill(io, buf, cx)) {
@@ -732,29 +738,70 @@ fn poll_read_head(
 }
 
 /// Parses a response head at the start of `buf`: `None` while incomplete;
-/// when complete, consumes it. Header values share the head's bytes.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
+/// when complete, consumes it. Header values share the head's bytes. More
+/// than `max` header fields (the cluster's `max_headers_count`) are
+/// refused; up to [`MAX_HEADERS`] they are found in place, beyond that on
+/// the heap (only where the cluster allows more).
+fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError> {
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut at = [[0u32; 4]; MAX_HEADERS];
+    match locate(buf, &mut fields, &mut at)? {
+        Located::Partial => Ok(None),
+        Located::Head { n, .. } if n > max => Err(bad("too many header fields")),
+        Located::Head { len, status, n } => build_head(buf, len, status, &at[..n]).map(Some),
+        Located::TooMany if max > MAX_HEADERS => parse_head_spilled(buf, max),
+        Located::TooMany => Err(bad("too many header fields")),
+    }
+}
+
+/// [`parse_head`] for a head with more fields than [`MAX_HEADERS`], where
+/// the cluster allows them.
+#[cold]
+#[inline(never)]
+fn parse_head_spilled(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError> {
+    let mut fields = vec![std::mem::MaybeUninit::uninit(); max];
+    let mut at = vec![[0u32; 4]; max];
+    match locate(buf, &mut fields, &mut at)? {
+        Located::Partial => Ok(None),
+        Located::Head { len, status, n } => build_head(buf, len, status, &at[..n]).map(Some),
+        Located::TooMany => Err(bad("too many header fields")),
+    }
+}
+
+/// What [`locate`] found.
+enum Located {
+    Partial,
+    /// A head of `len` bytes with `n` fields (their places written) and
+    /// its status line's status and version (`true` for HTTP/1.0).
+    Head {
+        len: usize,
+        status: (u16, bool),
+        n: usize,
+    },
+    /// More fields than there were places for.
+    TooMany,
+}
+
+/// Finds a response head's status line and fields at the start of `buf`,
+/// writing where each field sits into `at` (the head is under MAX_HEAD,
+/// so u32 offsets do), so that values can share its bytes once it is
+/// frozen.
+#[inline(always)]
+fn locate<'b>(
+    buf: &'b BytesMut,
+    fields: &mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+    at: &mut [[u32; 4]],
+) -> Result<Located, SendError> {
     let mut resp = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut fields,
-    ) {
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, fields)
+    {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => return Ok(Located::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Ok(Located::TooMany),
         Err(e) => return Err(bad(e)),
     };
-    let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(bad)?;
-    let version = if resp.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    // Where each field sits in the head (which is under MAX_HEAD, so u32
-    // offsets do), so that values can share its bytes once it is frozen.
     let base = buf.as_ptr() as usize;
-    let mut at = [[0u32; 4]; MAX_HEADERS];
     let n = resp.headers.len();
     for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
         let name = (h.name.as_ptr() as usize - base) as u32;
@@ -766,6 +813,28 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
             value + h.value.len() as u32,
         ];
     }
+    Ok(Located::Head {
+        len,
+        status: (resp.code.unwrap_or(0), resp.version == Some(0)),
+        n,
+    })
+}
+
+/// The head [`locate`] found, consumed from `buf`.
+#[inline(always)]
+fn build_head(
+    buf: &mut BytesMut,
+    len: usize,
+    (code, http10): (u16, bool),
+    at: &[[u32; 4]],
+) -> Result<Head, SendError> {
+    let status = StatusCode::from_u16(code).map_err(bad)?;
+    let version = if http10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let n = at.len();
     if len > MAX_HEAD {
         return Err(bad("response head too large"));
     }
@@ -783,7 +852,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     // other fields stays, so that the handler removes those with it; a 101
     // keeps them all, for the upgrade is passed on.
     let hop_fields_stay = status == StatusCode::SWITCHING_PROTOCOLS;
-    for &[n0, n1, v0, v1] in &at[..n] {
+    for &[n0, n1, v0, v1] in at {
         let name = crate::header_names::parse(&head[n0 as usize..n1 as usize]).map_err(bad)?;
         // SAFETY: a field value httparse accepted, default configuration.
         let value = unsafe { parsed_value(head.slice(v0 as usize..v1 as usize)) };
@@ -839,13 +908,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     } else {
         Framing::Close
     };
-    Ok(Some(Head {
+    Ok(Head {
         status,
         version,
         headers,
         close,
         framing,
-    }))
+    })
 }
 
 /// Whether a `Connection` value names only fields the proxy removes
@@ -1028,7 +1097,35 @@ mod tests {
 
     fn parse(text: &str) -> Head {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_head(&mut buf).unwrap().unwrap()
+        parse_head(&mut buf, 100).unwrap().unwrap()
+    }
+
+    #[test]
+    fn header_field_counts_are_the_clusters() {
+        let head = |n: usize| {
+            let mut h = String::from("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n");
+            for i in 1..n {
+                h.push_str(&format!("x-f{i}: v\r\n"));
+            }
+            h.push_str("\r\n");
+            BytesMut::from(h.as_bytes())
+        };
+        let too_many = |r: Result<Option<Head>, SendError>| matches!(r, Err(SendError::Protocol(why)) if why.contains("too many header fields"));
+        // Fewer allowed than fit in place: counted.
+        assert!(too_many(parse_head(&mut head(3), 2)));
+        assert_eq!(
+            parse_head(&mut head(2), 2).unwrap().unwrap().headers.len(),
+            2
+        );
+        // Envoy's default 100, and more where the cluster allows them.
+        assert!(too_many(parse_head(&mut head(120), 100)));
+        let h = parse_head(&mut head(120), 150).unwrap().unwrap();
+        assert_eq!((h.headers.len(), h.framing), (120, Framing::Length(0)));
+        assert!(too_many(parse_head(&mut head(151), 150)));
+        // Incomplete, with more fields than fit in place: wait for more.
+        let mut partial = head(120);
+        partial.truncate(partial.len() - 2);
+        assert!(parse_head(&mut partial, 150).unwrap().is_none());
     }
 
     #[test]
@@ -1052,7 +1149,7 @@ mod tests {
         );
         assert!(h.close, "chunked twice: do not reuse");
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n"[..]);
-        assert!(parse_head(&mut buf).is_err(), "a sign is not a digit");
+        assert!(parse_head(&mut buf, 100).is_err(), "a sign is not a digit");
         let h = parse("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
         assert!(!h.close);
         let h = parse("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
@@ -1060,9 +1157,9 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
         );
-        assert!(parse_head(&mut buf).is_err());
+        assert!(parse_head(&mut buf, 100).is_err());
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_head(&mut buf).unwrap().is_none());
+        assert!(parse_head(&mut buf, 100).unwrap().is_none());
     }
 
     #[test]

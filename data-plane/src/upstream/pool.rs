@@ -163,6 +163,9 @@ pub struct Pool {
     /// The endpoint's other addresses (`additional_addresses`): with any,
     /// connections are made the happy eyeballs way over all of them.
     also: Arc<[SocketAddr]>,
+    /// Header fields an HTTP/1.1 answer may have (the cluster's
+    /// `max_headers_count`).
+    max_headers: u16,
     http2: bool,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -216,6 +219,7 @@ impl Pool {
             && a.limits.max_host_connections == b.limits.max_host_connections
             && a.source_address == b.source_address
             && a.max_connection_age == b.max_connection_age
+            && a.max_response_headers == b.max_response_headers
     }
 
     /// An empty pool.
@@ -223,6 +227,7 @@ impl Pool {
         Pool {
             addr,
             also: Arc::new([]),
+            max_headers: cfg.max_response_headers,
             http2: cfg.http2,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -252,6 +257,11 @@ impl Pool {
     /// The endpoint's other addresses.
     pub fn also(&self) -> &[SocketAddr] {
         &self.also
+    }
+
+    /// Header fields an HTTP/1.1 answer may have.
+    pub fn max_headers(&self) -> u16 {
+        self.max_headers
     }
 
     /// Sends a request. An HTTP/2 response holds a stream slot, which must
