@@ -745,25 +745,40 @@ fn poll_read_head(
 fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError> {
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut at = [[0u32; 4]; MAX_HEADERS];
-    match locate(buf, &mut fields, &mut at)? {
-        Located::Partial => Ok(None),
-        Located::Head { n, .. } if n > max => Err(bad("too many header fields")),
-        Located::Head { len, status, n } => build_head(buf, len, status, &at[..n]).map(Some),
-        Located::TooMany if max > MAX_HEADERS => parse_head_spilled(buf, max),
-        Located::TooMany => Err(bad("too many header fields")),
-    }
+    let spilled: Vec<[u32; 4]>;
+    let (len, status, at) = match locate(buf, &mut fields, &mut at)? {
+        Located::Partial => return Ok(None),
+        Located::Head { n, .. } if n > max => return Err(bad("too many header fields")),
+        Located::Head { len, status, n } => (len, status, &at[..n]),
+        Located::TooMany if max > MAX_HEADERS => match locate_spilled(buf, max)? {
+            None => return Ok(None),
+            Some((len, status, v)) => {
+                spilled = v;
+                (len, status, &spilled[..])
+            }
+        },
+        Located::TooMany => return Err(bad("too many header fields")),
+    };
+    build_head(buf, len, status, at).map(Some)
 }
 
-/// [`parse_head`] for a head with more fields than [`MAX_HEADERS`], where
-/// the cluster allows them.
+/// [`locate`] for a head with more fields than [`MAX_HEADERS`], where the
+/// cluster allows them: where its fields sit, on the heap.
 #[cold]
 #[inline(never)]
-fn parse_head_spilled(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError> {
+#[allow(clippy::type_complexity)]
+fn locate_spilled(
+    buf: &BytesMut,
+    max: usize,
+) -> Result<Option<(usize, (u16, bool), Vec<[u32; 4]>)>, SendError> {
     let mut fields = vec![std::mem::MaybeUninit::uninit(); max];
     let mut at = vec![[0u32; 4]; max];
     match locate(buf, &mut fields, &mut at)? {
         Located::Partial => Ok(None),
-        Located::Head { len, status, n } => build_head(buf, len, status, &at[..n]).map(Some),
+        Located::Head { len, status, n } => {
+            at.truncate(n);
+            Ok(Some((len, status, at)))
+        }
         Located::TooMany => Err(bad("too many header fields")),
     }
 }
