@@ -1927,6 +1927,14 @@ struct Tunnel {
     upstream_limit: Option<tokio::time::Instant>,
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_any(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// An upgrade (WebSocket or another): its own upstream connection; after both sides
 /// switch protocols, bytes are copied both ways until either closes, or
 /// until none passed for the idle timeout, or until the stream's duration
@@ -1987,20 +1995,10 @@ async fn tunnel_upgrade(
                     () = Watch::expiry(watch.as_mut(), &progress) => {
                         stats.downstream_rq_idle_timeout.fetch_add(1, Relaxed);
                     }
-                    () = async {
-                        match deadline {
-                            Some(d) => tokio::time::sleep_until(d).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
+                    () = sleep_until_any(deadline) => {
                         stats.downstream_rq_max_duration_reached.fetch_add(1, Relaxed);
                     }
-                    () = async {
-                        match upstream_limit {
-                            Some(d) => tokio::time::sleep_until(d).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
+                    () = sleep_until_any(upstream_limit) => {
                         cluster_stats.upstream_rq_max_duration_reached.fetch_add(1, Relaxed);
                     }
                 }

@@ -438,18 +438,17 @@ impl Cluster {
     pub fn pick(&self, hash: Option<u64>, avoid: Option<&Endpoint>) -> Option<Arc<Endpoint>> {
         let set = self.endpoints.load();
         let now = now_ms();
-        let levels = match set.levels.as_slice() {
+        match set.levels.as_slice() {
             [] => return None,
             [one] if !set.has_degraded.load(Relaxed) => {
                 let panic = in_panic(&set, self.config.panic_threshold, now);
                 let class = Class::Any { panic };
                 return self.pick_in(&set.endpoints, &one.lb, class, hash, avoid, now);
             }
-            levels => levels,
-        };
+            _ => {}
+        }
         let draw = hash.unwrap_or_else(|| fastrand::u64(..));
-        let in_level =
-            |spill: &Spill| self.pick_in_spill(&set, levels, spill, draw, hash, avoid, now);
+        let in_level = |spill: &Spill| self.pick_in_spill(&set, spill, draw, hash, avoid, now);
         let cached = set.spill.load();
         if cached.until > now {
             let got = in_level(&cached);
@@ -489,7 +488,7 @@ impl Cluster {
             return self.pick(hash, avoid);
         };
         let draw = hash.unwrap_or_else(|| fastrand::u64(..));
-        self.pick_in_spill(&set, &set.levels, &spill, draw, hash, avoid, now)
+        self.pick_in_spill(&set, &spill, draw, hash, avoid, now)
     }
 
     /// The priority of the level `ep` is in now (`None`: gone from the
@@ -507,11 +506,9 @@ impl Cluster {
     }
 
     /// Picks in the level a draw lands in by `spill`.
-    #[allow(clippy::too_many_arguments)]
     fn pick_in_spill(
         &self,
         set: &EndpointSet,
-        levels: &[super::Level],
         spill: &Spill,
         draw: u64,
         hash: Option<u64>,
@@ -519,7 +516,7 @@ impl Cluster {
         now: u64,
     ) -> Option<Arc<Endpoint>> {
         let (i, degraded) = spill.level(draw);
-        let l = &levels[i];
+        let l = &set.levels[i];
         let class = if spill.panic[i] {
             Class::Any { panic: true }
         } else if set.has_degraded.load(Relaxed) {
