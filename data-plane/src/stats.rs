@@ -81,16 +81,24 @@ counters!(
         /// Responses by class.
         upstream_rq_2xx, upstream_rq_3xx, upstream_rq_4xx, upstream_rq_5xx,
         /// Connections opened.
-        cx_total,
+        upstream_cx_total,
         /// Connections open now (to all endpoints; a gauge), against the
         /// circuit breaker's `max_connections`.
         upstream_cx_active,
         /// Connect failures.
-        cx_connect_fail,
-        /// Connection limit reached.
-        cx_overflow,
-        /// Request limit reached.
-        rq_overflow,
+        upstream_cx_connect_fail,
+        /// Requests that found the circuit breaker's `max_connections`
+        /// reached (and waited as pending requests).
+        upstream_cx_overflow,
+        /// Requests that waited for a connection (pending requests).
+        upstream_rq_pending_total,
+        /// Pending requests now (a gauge), against the circuit breaker's
+        /// `max_pending_requests`.
+        upstream_rq_pending_active,
+        /// Requests refused by the circuit breaker: over its
+        /// `max_pending_requests` or its `max_requests` (Envoy counts
+        /// both here).
+        upstream_rq_pending_overflow,
         /// Resets before response headers.
         upstream_rq_reset,
         /// Per-try or route timeouts.

@@ -1356,7 +1356,10 @@ async fn forward(
             break;
         };
         if cluster.active.load(Relaxed) >= cluster.config.limits.max_requests {
-            cluster.stats.rq_overflow.fetch_add(1, Relaxed);
+            cluster
+                .stats
+                .upstream_rq_pending_overflow
+                .fetch_add(1, Relaxed);
             failure = local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n", "UO");
             break;
         }

@@ -46,7 +46,10 @@ pub(super) fn send(snap: &Snapshot, mirrors: &[Mirror], copy: &Copy<'_>) {
             continue;
         };
         if cluster.active.load(Relaxed) >= cluster.config.limits.max_requests {
-            cluster.stats.rq_overflow.fetch_add(1, Relaxed);
+            cluster
+                .stats
+                .upstream_rq_pending_overflow
+                .fetch_add(1, Relaxed);
             continue;
         }
         let Some(ep) = cluster.pick(None, None) else {

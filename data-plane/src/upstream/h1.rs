@@ -21,7 +21,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
 
@@ -33,7 +33,7 @@ use http_body_util::Either;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::pool::{OpenSlot, Pool, ReqBody, SendError};
+use super::pool::{OpenSlot, Pool, ReqBody, SendError, WorkerPool};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, write_chunk_size, write_length,
     BodyError, Chunk, Framed, Piece,
@@ -50,9 +50,6 @@ const COALESCE_BODY: usize = 16 * 1024;
 /// How long a request body waits for the upstream's `100 Continue` when
 /// the client's `Expect: 100-continue` is proxied (curl's own wait).
 const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Idle connections of one endpoint, newest last.
-pub type IdleList = Arc<Mutex<Vec<Connection>>>;
 
 /// One HTTP/1.1 connection to an endpoint.
 #[derive(Debug)]
@@ -122,8 +119,8 @@ impl Connection {
 /// Where a finished connection goes back to, and how often it may be used.
 #[derive(Clone)]
 pub struct Return {
-    /// The endpoint's idle list.
-    pub idle: IdleList,
+    /// The worker's part of the endpoint's pool.
+    pub to: Arc<WorkerPool>,
     /// Requests per connection at most.
     pub max_uses: u32,
 }
@@ -133,10 +130,7 @@ impl Return {
         if conn.uses < self.max_uses && conn.buf.is_empty() {
             let mut conn = conn;
             conn.since = Instant::now();
-            self.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(conn);
+            self.to.put_idle(conn);
         }
     }
 }

@@ -2,12 +2,24 @@
 //! keep-alive (driven by the request's own task, see [`super::h1`]), or a
 //! few HTTP/2 connections, another opened when every one is at its stream
 //! limit (one connection per endpoint stalls under load).
+//!
+//! Each worker has its part of the pool, as each of Envoy's workers has
+//! its own pools. A request that finds no connection to use is one of
+//! Envoy's pending requests until it has one (the circuit breaker's
+//! `max_pending_requests` bounds them, cluster-wide); when the breaker's
+//! `max_connections` leaves none to open, it waits for one of its worker's
+//! to come back idle, for a stream of one to end, or for one to close
+//! (Envoy's rule: a worker with no connection at all to the endpoint opens
+//! one regardless, or its requests would have nothing to wait for).
 
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicU64, AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,7 +33,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::h1::{self, IdleList};
+use super::h1;
 use crate::config::cluster::ClusterConfig;
 use crate::proxy::body::RequestBody;
 use crate::stats::ClusterStats;
@@ -103,8 +115,9 @@ pub enum SendError {
     /// conflicting framing): Envoy's protocol error.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The circuit breaker's connection limit is reached.
-    #[error("overflow: too many connections")]
+    /// The circuit breaker's limit on pending requests is reached (or,
+    /// checked by the router, on requests).
+    #[error("overflow: too many pending requests")]
     Overflow,
     /// The client's request body failed while it was being sent: the
     /// client went away (`gone`), or its body was malformed.
@@ -145,9 +158,97 @@ fn slot(lists: usize) -> usize {
         .unwrap_or(lists - 1)
 }
 
+/// One worker's part of an endpoint's pool.
+#[derive(Default)]
+pub struct WorkerPool {
+    /// Idle HTTP/1.1 connections, newest last. A socket is registered with
+    /// the runtime of the worker that opened it; used from another worker
+    /// every readiness event would cross threads (an eventfd write and a
+    /// wake-up per request).
+    idle: Mutex<Vec<h1::Connection>>,
+    /// HTTP/2 connections: a connection's task runs on the worker that
+    /// opened it, and a request from another worker would cross threads at
+    /// every step.
+    h2: Mutex<Vec<H2>>,
+    /// What the worker's connections and streams hold too.
+    share: Arc<Share>,
+}
+
+/// A worker's count of its open connections to the endpoint and the
+/// wake-up of its pending requests: held by each connection and HTTP/2
+/// stream, apart from [`WorkerPool`] (whose lists hold the connections:
+/// held there, they would keep the pool alive).
+#[derive(Default)]
+pub struct Share {
+    /// Connections the worker opened (or is opening) still open.
+    open: AtomicU32,
+    /// Its requests waiting for a connection.
+    waiting: AtomicU32,
+    /// Wakes one of them.
+    wake: tokio::sync::Notify,
+    /// The endpoint's open connections (all workers).
+    endpoint_open: Arc<AtomicU32>,
+    /// The cluster's counters (its open connections among them).
+    stats: Arc<ClusterStats>,
+}
+
+impl WorkerPool {
+    /// Takes back a connection that is idle again (for a waiting request
+    /// first, if any).
+    pub(super) fn put_idle(&self, conn: h1::Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        // Its look at the list is under the same lock, after its count:
+        // either it finds the connection or this sees the count.
+        self.share.wake_one();
+    }
+}
+
+impl Share {
+    /// Tells a waiting request that a connection came back, a stream
+    /// ended or a connection closed. (Sequentially consistent with the
+    /// waiter's count and check, so that either it finds what changed or
+    /// it is woken: a plain load on x86.)
+    fn wake_one(&self) {
+        if self.waiting.load(SeqCst) != 0 {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Counts a request among a worker's waiting ones while it lives.
+struct Waiting<'a>(&'a Share);
+
+impl<'a> Waiting<'a> {
+    fn new(share: &'a Share) -> Self {
+        share.waiting.fetch_add(1, SeqCst);
+        // The count in order before every later look at the connections
+        // (see `OpenSlot`'s drop).
+        std::sync::atomic::fence(SeqCst);
+        Waiting(share)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Counts a request among the cluster's pending ones while it lives.
+struct Pending<'a>(&'a AtomicU64);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 struct H2 {
     tx: http2::SendRequest<ReqBody>,
-    streams: Arc<AtomicU32>,
+    streams: Arc<Streams>,
     /// This side's address on the connection.
     local: Option<SocketAddr>,
     /// When it was opened.
@@ -176,20 +277,16 @@ pub struct Pool {
     max_connections: u32,
     /// This endpoint's (`per_host_thresholds`), counted in `open`.
     max_host_connections: u32,
+    /// The cluster's limit on requests waiting for a connection (counted
+    /// in the cluster's stats).
+    max_pending: u32,
     /// Where connections are made from (`upstream_bind_config`).
     source: Option<SocketAddr>,
     /// A connection open this long takes no new request
     /// (`max_connection_duration`).
     max_age: Option<Duration>,
-    /// Idle HTTP/1.1 connections, one list per worker: a socket is
-    /// registered with the runtime of the worker that opened it, and used
-    /// from another worker every readiness event would cross threads (an
-    /// eventfd write and a wake-up per request).
-    idle: Box<[IdleList]>,
-    /// HTTP/2 connections, one list per worker too: a connection's task
-    /// runs on the worker that opened it, and a request from another
-    /// worker would cross threads at every step.
-    h2: Box<[Mutex<Vec<H2>>]>,
+    /// Each worker's part, and last one for threads that are not workers.
+    workers: Box<[Arc<WorkerPool>]>,
     /// Open connections.
     pub open: Arc<AtomicU32>,
     stats: Arc<ClusterStats>,
@@ -217,6 +314,7 @@ impl Pool {
             && a.max_requests_per_connection == b.max_requests_per_connection
             && a.limits.max_connections == b.limits.max_connections
             && a.limits.max_host_connections == b.limits.max_host_connections
+            && a.limits.max_pending == b.limits.max_pending
             && a.source_address == b.source_address
             && a.max_connection_age == b.max_connection_age
             && a.max_response_headers == b.max_response_headers
@@ -224,6 +322,7 @@ impl Pool {
 
     /// An empty pool.
     pub fn new(addr: SocketAddr, cfg: &ClusterConfig, stats: Arc<ClusterStats>) -> Self {
+        let open = Arc::new(AtomicU32::new(0));
         Pool {
             addr,
             also: Arc::new([]),
@@ -235,15 +334,22 @@ impl Pool {
             max_uses: cfg.max_requests_per_connection.unwrap_or(u32::MAX),
             max_connections: cfg.limits.max_connections,
             max_host_connections: cfg.limits.max_host_connections,
+            max_pending: cfg.limits.max_pending,
             source: cfg.source_address,
             max_age: cfg.max_connection_age,
-            idle: (0..=WORKERS.load(Relaxed))
-                .map(|_| IdleList::default())
+            workers: (0..=WORKERS.load(Relaxed))
+                .map(|_| {
+                    Arc::new(WorkerPool {
+                        share: Arc::new(Share {
+                            endpoint_open: open.clone(),
+                            stats: stats.clone(),
+                            ..Share::default()
+                        }),
+                        ..WorkerPool::default()
+                    })
+                })
                 .collect(),
-            h2: (0..=WORKERS.load(Relaxed))
-                .map(|_| Mutex::new(Vec::new()))
-                .collect(),
-            open: Arc::new(AtomicU32::new(0)),
+            open,
             stats,
         }
     }
@@ -308,20 +414,28 @@ impl Pool {
                 deadline,
             };
         }
-        let idle = &self.idle[slot(self.idle.len())];
+        let worker = self.worker();
         let ret = h1::Return {
-            idle: idle.clone(),
+            to: worker.clone(),
             max_uses: self.max_uses,
         };
-        let Some(mut conn) = self.take_idle(idle) else {
+        // (While requests wait for a connection, a new one waits behind
+        // them: Envoy serves its pending requests first.)
+        let idle = match worker.share.waiting.load(Relaxed) {
+            0 => self.take_idle(worker),
+            _ => None,
+        };
+        let Some(mut conn) = idle else {
             let req = h1::prepare(req, Vec::new(), lend);
             return Sending {
                 how: How::Boxed {
-                    // Boxed: connecting is rare next to reuse, and its state
-                    // large.
+                    // Boxed: connecting (or waiting) is rare next to reuse,
+                    // and its state large.
                     fut: Box::pin(async move {
-                        let (io, slot) = self.tcp().await?;
-                        let conn = h1::Connection::new(io, slot);
+                        let conn = match self.connection(worker, || self.take_idle(worker)).await? {
+                            Either::Left(idle) => idle,
+                            Either::Right((io, slot)) => h1::Connection::new(io, slot),
+                        };
                         let resp = h1::exchange(conn, req, ret, self, local).await?;
                         Ok((resp.map(Either::Left), None))
                     }),
@@ -352,15 +466,15 @@ impl Pool {
     /// Closes idle connections that idled out or that the origin closed
     /// (run periodically, so that they do not linger without traffic).
     pub fn sweep_idle(&self) {
-        for list in &self.idle {
-            let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
+        for w in &self.workers {
+            let mut idle = w.idle.lock().unwrap_or_else(|p| p.into_inner());
             idle.retain(|c| self.still_good(c));
         }
         // HTTP/2 connections past their age, or closed: let go (one past
         // its age closes once its open streams end).
         let now = Instant::now();
-        for list in &*self.h2 {
-            let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
+        for w in &self.workers {
+            let mut conns = w.h2.lock().unwrap_or_else(|p| p.into_inner());
             conns.retain(|c| !c.tx.is_closed() && c.used < self.max_uses && self.young(c, now));
         }
     }
@@ -370,10 +484,16 @@ impl Pool {
         self.max_age.is_none_or(|m| now.duration_since(c.born) < m)
     }
 
+    /// The part of the pool the calling thread uses: its worker's, or one
+    /// shared by every thread that is not a worker.
+    fn worker(&self) -> &Arc<WorkerPool> {
+        &self.workers[slot(self.workers.len())]
+    }
+
     /// The most recently used idle connection that is still good.
-    fn take_idle(&self, list: &IdleList) -> Option<h1::Connection> {
+    fn take_idle(&self, worker: &WorkerPool) -> Option<h1::Connection> {
         let good = |c: &h1::Connection| self.still_good(c);
-        let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = worker.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop() {
             if good(&c) {
                 return Some(c);
@@ -386,16 +506,85 @@ impl Pool {
         None
     }
 
-    /// Connects, counting the connection as open from the start (so that
-    /// connects under way count against the circuit breakers too: the
-    /// cluster's over all its endpoints, and the endpoint's own).
+    /// A new connection, as a pending request gets one (see
+    /// [`Pool::connection`]; nothing else to wait for).
     pub(super) async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
-        let slot = self.open_slot()?;
-        if !self.also.is_empty() {
-            // Boxed: a rare state, larger than a plain connect's.
-            return Ok((Box::pin(self.dial_happily()).await?, slot));
+        match self.connection(self.worker(), || None::<()>).await? {
+            Either::Left(()) => unreachable!("nothing ready was asked for"),
+            Either::Right(new) => Ok(new),
         }
-        Ok((self.dial(self.addr).await?, slot))
+    }
+
+    /// What a request that found no connection to use gets, as one of
+    /// Envoy's pending requests (counted as such until it has it, connect
+    /// included; over the circuit breaker's `max_pending_requests`, an
+    /// overflow): a new connection if the circuit breakers leave one (or
+    /// the worker has none at all to the endpoint); else the first thing
+    /// `ready` finds (a connection come back idle, a stream free) or a
+    /// new connection once one of the worker's closes.
+    async fn connection<T>(
+        &self,
+        worker: &WorkerPool,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> Result<Either<T, (TcpStream, OpenSlot)>, SendError> {
+        let _pending = self.pend()?;
+        let share = &*worker.share;
+        // Others waiting already: this one queues behind them (each change
+        // wakes the one that has waited longest) rather than take what
+        // comes back first.
+        let behind = share.waiting.load(SeqCst) != 0;
+        let slot = match self.open_slot(&worker.share) {
+            Some(slot) => slot,
+            None => {
+                self.stats.upstream_cx_overflow.fetch_add(1, Relaxed);
+                let _waiting = Waiting::new(share);
+                let mut look = !behind;
+                loop {
+                    // Registered before looking, so that nothing that
+                    // changes after the look goes unnoticed.
+                    let wake = share.wake.notified();
+                    tokio::pin!(wake);
+                    wake.as_mut().enable();
+                    if look {
+                        if let Some(t) = ready() {
+                            return Ok(Either::Left(t));
+                        }
+                        if let Some(slot) = self.open_slot(&worker.share) {
+                            break slot;
+                        }
+                    }
+                    look = true;
+                    wake.await;
+                }
+            }
+        };
+        let io = if self.also.is_empty() {
+            self.dial(self.addr).await?
+        } else {
+            // Boxed: a rare state, larger than a plain connect's.
+            Box::pin(self.dial_happily()).await?
+        };
+        Ok(Either::Right((io, slot)))
+    }
+
+    /// Counts a request as pending, if the circuit breaker's
+    /// `max_pending_requests` leaves room (else an overflow).
+    fn pend(&self) -> Result<Pending<'_>, SendError> {
+        let (pending, max) = (
+            &self.stats.upstream_rq_pending_active,
+            u64::from(self.max_pending),
+        );
+        if pending
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_err()
+        {
+            self.stats
+                .upstream_rq_pending_overflow
+                .fetch_add(1, Relaxed);
+            return Err(SendError::Overflow);
+        }
+        self.stats.upstream_rq_pending_total.fetch_add(1, Relaxed);
+        Ok(Pending(pending))
     }
 
     /// A TCP connection to the first of the endpoint's addresses that
@@ -442,19 +631,23 @@ impl Pool {
         match connected {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                self.stats.cx_total.fetch_add(1, Relaxed);
+                self.stats.upstream_cx_total.fetch_add(1, Relaxed);
                 Ok(s)
             }
             Err(why) => {
-                self.stats.cx_connect_fail.fetch_add(1, Relaxed);
+                self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
                 Err(SendError::Connect(why))
             }
         }
     }
 
-    /// A place among the open connections, if the circuit breakers leave
-    /// one.
-    fn open_slot(&self) -> Result<OpenSlot, SendError> {
+    /// A place among the open connections for one of `share`'s worker's,
+    /// if the circuit breakers leave one (the cluster's over all its
+    /// endpoints, and the endpoint's own), or if that worker has none open
+    /// to the endpoint (Envoy's rule: its pending requests would otherwise
+    /// have nothing to wait for; the counts then go past the limits).
+    /// Counted from the start, so that connects under way count too.
+    fn open_slot(&self, share: &Arc<Share>) -> Option<OpenSlot> {
         let (host_max, max) = (self.max_host_connections, u64::from(self.max_connections));
         let host_ok = self
             .open
@@ -467,13 +660,19 @@ impl Pool {
                 .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
                 .is_ok();
         if !cluster_ok {
-            if host_ok {
-                self.open.fetch_sub(1, Relaxed);
+            if share.open.load(SeqCst) != 0 {
+                if host_ok {
+                    self.open.fetch_sub(1, Relaxed);
+                }
+                return None;
             }
-            self.stats.cx_overflow.fetch_add(1, Relaxed);
-            return Err(SendError::Overflow);
+            if !host_ok {
+                self.open.fetch_add(1, Relaxed);
+            }
+            self.stats.upstream_cx_active.fetch_add(1, Relaxed);
         }
-        Ok(OpenSlot(self.open.clone(), self.stats.clone()))
+        share.open.fetch_add(1, SeqCst);
+        Some(OpenSlot(share.clone()))
     }
 
     /// A TCP connection to `addr`, within the connect timeout.
@@ -482,11 +681,11 @@ impl Pool {
             match tokio::time::timeout(self.connect_timeout, connect(addr, self.source)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    self.stats.cx_connect_fail.fetch_add(1, Relaxed);
+                    self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
                     return Err(SendError::Connect(e.to_string()));
                 }
                 Err(_) => {
-                    self.stats.cx_connect_fail.fetch_add(1, Relaxed);
+                    self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
                     return Err(SendError::Connect(format!(
                         "timed out after {:?}",
                         self.connect_timeout
@@ -494,7 +693,7 @@ impl Pool {
                 }
             };
         let _ = stream.set_nodelay(true);
-        self.stats.cx_total.fetch_add(1, Relaxed);
+        self.stats.upstream_cx_total.fetch_add(1, Relaxed);
         Ok(stream)
     }
 
@@ -542,14 +741,34 @@ impl Pool {
         Self::handshake_h2(io, None).await.map(|(tx, _)| tx)
     }
 
-    /// Connects and speaks HTTP/2 (prior knowledge); the connection is
-    /// driven by a task of its own, holding its slot until it ends. Also
-    /// says this side's address.
-    async fn open_h2(
-        &self,
-    ) -> Result<(http2::SendRequest<ReqBody>, Option<SocketAddr>), SendError> {
-        let (io, slot) = self.tcp().await?;
-        Self::handshake_h2(io, Some(slot)).await
+    /// A stream on one of `worker`'s HTTP/2 connections, if one can take
+    /// another; a request that was `waiting` passes a second free stream
+    /// on to the next one waiting.
+    fn h2_stream(&self, worker: &WorkerPool, waiting: bool) -> Option<H2Stream> {
+        let mut conns = worker.h2.lock().unwrap_or_else(|p| p.into_inner());
+        // (Past its age, or with as many streams opened as a connection
+        // may carry, a connection takes no new stream; its open ones
+        // finish, and it closes when they have.)
+        let now = self.max_age.map(|_| Instant::now());
+        conns.retain(|c| {
+            !c.tx.is_closed() && c.used < self.max_uses && now.is_none_or(|now| self.young(c, now))
+        });
+        // (Read in order with the waiting count: see `Share::wake_one`.)
+        let i = conns
+            .iter()
+            .position(|c| c.streams.open.load(SeqCst) < self.max_streams)?;
+        let c = &mut conns[i];
+        let open = c.streams.open.fetch_add(1, SeqCst) + 1;
+        c.used += 1;
+        let found = (c.tx.clone(), StreamSlot(c.streams.clone()), c.local);
+        if c.used >= self.max_uses {
+            // Its last stream: let go of it now, so that it closes when
+            // that stream ends, traffic or not.
+            conns.swap_remove(i);
+        } else if waiting && open < self.max_streams {
+            c.streams.share.wake_one();
+        }
+        Some(found)
     }
 
     async fn handshake_h2(
@@ -574,51 +793,45 @@ impl Pool {
         req: Request<ReqBody>,
         local: Option<&mut Option<SocketAddr>>,
     ) -> Result<(Response<Incoming>, StreamSlot), SendError> {
-        let list = &self.h2[slot(self.h2.len())];
-        let found = {
-            let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
-            // (Past its age, or with as many streams opened as a
-            // connection may carry, a connection takes no new stream; its
-            // open ones finish, and it closes when they have.)
-            let now = self.max_age.map(|_| Instant::now());
-            conns.retain(|c| {
-                !c.tx.is_closed()
-                    && c.used < self.max_uses
-                    && now.is_none_or(|now| self.young(c, now))
-            });
-            let i = conns
-                .iter()
-                .position(|c| c.streams.load(Relaxed) < self.max_streams);
-            i.map(|i| {
-                let c = &mut conns[i];
-                c.streams.fetch_add(1, Relaxed);
-                c.used += 1;
-                let found = (c.tx.clone(), StreamSlot(c.streams.clone()), c.local);
-                if c.used >= self.max_uses {
-                    // Its last stream: let go of it now, so that it closes
-                    // when that stream ends, traffic or not.
-                    conns.swap_remove(i);
-                }
-                found
-            })
+        let worker = self.worker();
+        let free = match worker.share.waiting.load(Relaxed) {
+            0 => self.h2_stream(worker, false),
+            _ => None,
         };
-        let (mut tx, slot, from) = match found {
-            Some(f) => f,
-            None => {
-                let (tx, from) = self.open_h2().await?;
-                let streams = Arc::new(AtomicU32::new(1));
-                if self.max_uses > 1 {
-                    list.lock().unwrap_or_else(|p| p.into_inner()).push(H2 {
-                        tx: tx.clone(),
-                        streams: streams.clone(),
-                        local: from,
-                        born: Instant::now(),
-                        used: 1,
+        let found = match free {
+            Some(found) => found,
+            None => match self
+                .connection(worker, || self.h2_stream(worker, true))
+                .await?
+            {
+                Either::Left(found) => found,
+                Either::Right((io, slot)) => {
+                    let share = slot.0.clone();
+                    let (tx, from) = Self::handshake_h2(io, Some(slot)).await?;
+                    let streams = Arc::new(Streams {
+                        open: AtomicU32::new(1),
+                        share,
                     });
+                    if self.max_uses > 1 {
+                        worker
+                            .h2
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(H2 {
+                                tx: tx.clone(),
+                                streams: streams.clone(),
+                                local: from,
+                                born: Instant::now(),
+                                used: 1,
+                            });
+                        // Its other streams are for requests waiting.
+                        streams.share.wake_one();
+                    }
+                    (tx, StreamSlot(streams), from)
                 }
-                (tx, StreamSlot(streams), from)
-            }
+            },
         };
+        let (mut tx, slot, from) = found;
         if let Some(l) = local {
             *l = from;
         }
@@ -634,9 +847,9 @@ impl Pool {
     /// Idle HTTP/1.1 connections and HTTP/2 connections, for `/clusters`.
     pub fn describe(&self) -> (usize, u32) {
         let idle = self
-            .idle
+            .workers
             .iter()
-            .map(|l| l.lock().map(|v| v.len()).unwrap_or(0))
+            .map(|w| w.idle.lock().map(|v| v.len()).unwrap_or(0))
             .sum();
         (idle, self.open.load(Relaxed))
     }
@@ -676,8 +889,10 @@ async fn connect(addr: SocketAddr, source: Option<SocketAddr>) -> std::io::Resul
 }
 
 /// One of an endpoint's open connections (or one being opened), counted
-/// in [`Pool::open`] and in its cluster's open connections until dropped.
-pub struct OpenSlot(Arc<AtomicU32>, Arc<ClusterStats>);
+/// in [`Pool::open`], in its cluster's open connections and in its
+/// worker's until dropped; then a request waiting on that worker may open
+/// another.
+pub struct OpenSlot(Arc<Share>);
 
 impl std::fmt::Debug for OpenSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -687,18 +902,38 @@ impl std::fmt::Debug for OpenSlot {
 
 impl Drop for OpenSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-        self.1.upstream_cx_active.fetch_sub(1, Relaxed);
+        let share = &self.0;
+        share.endpoint_open.fetch_sub(1, Relaxed);
+        share.stats.upstream_cx_active.fetch_sub(1, Relaxed);
+        share.open.fetch_sub(1, Relaxed);
+        // Every count above in order before the look at the waiting
+        // (whose side has the same fence): a waiter either sees the room
+        // or is woken.
+        std::sync::atomic::fence(SeqCst);
+        share.wake_one();
     }
 }
 
+/// The open streams of one HTTP/2 connection, and its worker's share.
+struct Streams {
+    open: AtomicU32,
+    share: Arc<Share>,
+}
+
+/// What a new stream on an HTTP/2 connection is sent with: the connection,
+/// the stream's slot and this side's address.
+type H2Stream = (http2::SendRequest<ReqBody>, StreamSlot, Option<SocketAddr>);
+
 /// A stream slot on an HTTP/2 connection, given back when dropped (also
-/// when the response body is abandoned half way).
-pub struct StreamSlot(Arc<AtomicU32>);
+/// when the response body is abandoned half way); a request waiting for
+/// one may then take it.
+pub struct StreamSlot(Arc<Streams>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        // A full barrier on x86 as on the waiting side: see `wake_one`.
+        self.0.open.fetch_sub(1, SeqCst);
+        self.0.share.wake_one();
     }
 }
 
@@ -805,7 +1040,7 @@ mod tests {
         // None taking it: the connect error.
         let pool = Pool::new(refusing, &cfg, stats.clone()).with_also(Arc::new([refusing]));
         assert!(matches!(pool.tcp().await, Err(SendError::Connect(_))));
-        assert_eq!(stats.cx_connect_fail.load(Relaxed), 1);
+        assert_eq!(stats.upstream_cx_connect_fail.load(Relaxed), 1);
         drop(fillers);
     }
 
@@ -830,35 +1065,65 @@ mod tests {
         overflow
     }
 
-    /// Connects racing each other count against `max_connections` while
-    /// they are under way: of ten concurrent first requests to an
-    /// endpoint limited to two connections, eight overflow and the origin
-    /// sees two connections.
-    #[tokio::test]
-    async fn parallel_connects_respect_the_connection_limit() {
-        let (addr, accepted) = holding_origin().await;
+    /// A cluster's config with these circuit-breaker thresholds (the
+    /// cluster's; `per_host` for each endpoint's connections).
+    fn limited(
+        max_connections: u32,
+        max_pending: Option<u32>,
+        per_host: Option<u32>,
+    ) -> ClusterConfig {
         let cluster = Cluster {
             name: "c".into(),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
             circuit_breakers: Some(CircuitBreakers {
                 thresholds: vec![Thresholds {
-                    max_connections: Some(UInt32Value { value: 2 }),
+                    max_connections: Some(UInt32Value {
+                        value: max_connections,
+                    }),
+                    max_pending_requests: max_pending.map(|value| UInt32Value { value }),
                     ..Default::default()
                 }],
-                ..Default::default()
+                per_host_thresholds: per_host
+                    .map(|value| Thresholds {
+                        max_connections: Some(UInt32Value { value }),
+                        ..Default::default()
+                    })
+                    .into_iter()
+                    .collect(),
             }),
             ..Default::default()
         };
-        let cfg = ClusterConfig::convert(&cluster).unwrap();
-        let pool = Arc::new(Pool::new(addr, &cfg, Arc::new(ClusterStats::default())));
+        ClusterConfig::convert(&cluster).unwrap()
+    }
+
+    /// Connects racing each other count against `max_connections` while
+    /// they are under way, and requests beyond it wait as pending ones, up
+    /// to `max_pending_requests` (those connecting count too, as in
+    /// Envoy): of ten concurrent first requests to an endpoint limited to
+    /// two connections and six pending requests, four overflow at once,
+    /// the origin sees two connections, and the rest wait.
+    #[tokio::test]
+    async fn parallel_connects_respect_the_connection_limit() {
+        let (addr, accepted) = holding_origin().await;
+        let stats = Arc::new(ClusterStats::default());
+        let pool = Arc::new(Pool::new(addr, &limited(2, Some(6), None), stats.clone()));
         let overflow = overflows(std::slice::from_ref(&pool), 10).await;
-        assert_eq!(overflow, 8, "eight of ten overflow");
+        assert_eq!(overflow, 4, "four of ten overflow");
         assert_eq!(
             accepted.load(Relaxed),
             2,
             "two connections reached the origin"
         );
+        let count = |c: &AtomicU64| c.load(Relaxed);
+        assert_eq!(count(&stats.upstream_rq_pending_total), 6);
+        assert_eq!(count(&stats.upstream_rq_pending_overflow), 4);
+        assert_eq!(
+            count(&stats.upstream_cx_overflow),
+            4,
+            "the four that waited"
+        );
         assert_eq!(pool.open.load(Relaxed), 0, "all given back");
+        assert_eq!(count(&stats.upstream_rq_pending_active), 0, "none pending");
     }
 
     /// Through a real socket: `upstream_bind_config` makes connections
@@ -905,36 +1170,108 @@ mod tests {
     /// circuit breaker is the cluster's), and `per_host_thresholds` limits
     /// each: with 3 for the cluster and 2 per endpoint, ten concurrent
     /// first requests to each of two endpoints open three connections,
-    /// no more than two to either.
+    /// no more than two to either; the others wait. But an endpoint with
+    /// no connection at all opens one past the cluster's limit (Envoy's
+    /// rule: its requests would have nothing to wait for): with 1 for the
+    /// cluster, each endpoint gets its one.
     #[tokio::test]
     async fn the_connection_limit_is_the_clusters_and_each_endpoints() {
-        let limit = |n| Thresholds {
-            max_connections: Some(UInt32Value { value: n }),
-            ..Default::default()
-        };
-        let cluster = Cluster {
-            name: "c".into(),
-            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-            circuit_breakers: Some(CircuitBreakers {
-                thresholds: vec![limit(3)],
-                per_host_thresholds: vec![limit(2)],
-            }),
-            ..Default::default()
-        };
-        let cfg = ClusterConfig::convert(&cluster).unwrap();
-        let stats = Arc::new(ClusterStats::default());
-        let (a, seen_a) = holding_origin().await;
-        let (b, seen_b) = holding_origin().await;
-        let pools = [
-            Arc::new(Pool::new(a, &cfg, stats.clone())),
-            Arc::new(Pool::new(b, &cfg, stats.clone())),
-        ];
-        let overflow = overflows(&pools, 20).await;
-        let (na, nb) = (seen_a.load(Relaxed), seen_b.load(Relaxed));
-        assert_eq!((overflow, na + nb), (17, 3), "{na} + {nb}");
-        assert!(na <= 2 && nb <= 2, "{na} + {nb}");
-        assert_eq!(stats.cx_overflow.load(Relaxed), 17);
-        assert_eq!(stats.upstream_cx_active.load(Relaxed), 0, "all given back");
+        for (cluster_max, opened) in [(3, 3), (1, 2)] {
+            let cfg = limited(cluster_max, None, Some(2));
+            let stats = Arc::new(ClusterStats::default());
+            let (a, seen_a) = holding_origin().await;
+            let (b, seen_b) = holding_origin().await;
+            let pools = [
+                Arc::new(Pool::new(a, &cfg, stats.clone())),
+                Arc::new(Pool::new(b, &cfg, stats.clone())),
+            ];
+            let overflow = overflows(&pools, 20).await;
+            let (na, nb) = (seen_a.load(Relaxed), seen_b.load(Relaxed));
+            assert_eq!((overflow, na + nb), (0, opened), "{na} + {nb}");
+            assert!(na <= 2 && nb <= 2 && na >= 1 && nb >= 1, "{na} + {nb}");
+            assert_eq!(
+                stats.upstream_cx_overflow.load(Relaxed),
+                u64::from(20 - opened)
+            );
+            assert_eq!(stats.upstream_cx_active.load(Relaxed), 0, "all given back");
+            assert_eq!(stats.upstream_rq_pending_active.load(Relaxed), 0);
+        }
+    }
+
+    /// An origin that answers each request after `delay`, closing the
+    /// connection after each answer when `close`; counts the connections
+    /// it accepted and the most it had open at once.
+    async fn answering_origin(
+        delay: Duration,
+        close: bool,
+    ) -> (SocketAddr, Arc<AtomicU32>, Arc<AtomicU32>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        let (accepted, most) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (a, m) = (accepted.clone(), most.clone());
+        let open = Arc::new(AtomicU32::new(0));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = origin.accept().await {
+                a.fetch_add(1, Relaxed);
+                let now = open.fetch_add(1, Relaxed) + 1;
+                m.fetch_max(now, Relaxed);
+                let open = open.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    // One answer per request head (they come one at a time).
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        tokio::time::sleep(delay).await;
+                        let ok: &[u8] = if close {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+                        };
+                        if s.write_all(ok).await.is_err() || close {
+                            break;
+                        }
+                    }
+                    open.fetch_sub(1, Relaxed);
+                });
+            }
+        });
+        (addr, accepted, most)
+    }
+
+    /// Through real sockets: requests past `max_connections` wait for a
+    /// connection and are all answered: on the one connection as it comes
+    /// back idle, or on a new one each time the origin closes the last.
+    #[tokio::test]
+    async fn pending_requests_get_the_connection_that_frees() {
+        for close in [false, true] {
+            let (addr, accepted, most) = answering_origin(Duration::from_millis(20), close).await;
+            let stats = Arc::new(ClusterStats::default());
+            let pool = Arc::new(Pool::new(addr, &limited(1, None, None), stats.clone()));
+            let sends: Vec<_> = (0..4)
+                .map(|_| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        let req = Request::new(Either::Right(Full::new(Bytes::new())));
+                        let send = tokio::time::timeout(Duration::from_secs(5), pool.send(req));
+                        let (resp, _) = send.await.expect("answered in time").expect("answered");
+                        let status = resp.status();
+                        // (The body's end gives the connection back.)
+                        http_body_util::BodyExt::collect(resp.into_body())
+                            .await
+                            .unwrap();
+                        status
+                    })
+                })
+                .collect();
+            for s in sends {
+                assert_eq!(s.await.unwrap(), 200, "close {close}");
+            }
+            let (n, most) = (accepted.load(Relaxed), most.load(Relaxed));
+            assert_eq!((n, most), (if close { 4 } else { 1 }, 1), "close {close}");
+            assert_eq!(stats.upstream_rq_pending_total.load(Relaxed), 4);
+            assert_eq!(stats.upstream_cx_overflow.load(Relaxed), 3);
+            assert_eq!(stats.upstream_rq_pending_active.load(Relaxed), 0);
+        }
     }
 
     /// Through real sockets: with `max_connection_duration`, a connection

@@ -3242,7 +3242,133 @@ fn cluster_protocol_options_limit_streams() {
     for i in 0..5 {
         assert_eq!(get(&format!("/few/{i}")).status, 200);
     }
-    assert_eq!(dp.stat("cluster.few-h2.cx_total"), 3);
+    assert_eq!(dp.stat("cluster.few-h2.upstream_cx_total"), 3);
+}
+
+/// The circuit breaker's `max_connections` and `max_pending_requests` as
+/// Envoy has them: requests past the connection limit wait for a
+/// connection (HTTP/1.1: one that comes back idle; HTTP/2: a free
+/// stream) and are answered; past the pending limit they get Envoy's 503
+/// overflow at once. (Each of the two workers may open its one
+/// connection: Envoy's rule for a worker with none.)
+#[test]
+fn requests_past_the_connection_limit_wait_as_pending() {
+    use portico_proto::envoy::config::cluster::v3::{
+        circuit_breakers::Thresholds, CircuitBreakers,
+    };
+    use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
+    use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
+    use std::time::{Duration, Instant};
+    let up = Upstream::start("u1");
+    let port = free_port();
+    let xds = StaticXds::start();
+    let limited = |name: &str, max_pending: Option<u32>| {
+        let mut c = cluster(name, LbPolicy::RoundRobin, Some(&[up.addr.port()]));
+        c.circuit_breakers = Some(CircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_connections: Some(UInt32Value { value: 1 }),
+                max_pending_requests: max_pending.map(|value| UInt32Value { value }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        c
+    };
+    let mut h2 = limited("queued-h2", None);
+    h2.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack(
+            &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
+                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                    ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions {
+                                max_concurrent_streams: Some(UInt32Value { value: 1 }),
+                                ..Default::default()
+                            },
+                        )),
+                    },
+                )),
+                ..Default::default()
+            },
+        ),
+    );
+    xds.set(
+        CLUSTER,
+        vec![
+            resource("queued", &limited("queued", None)),
+            resource("queued-h2", &h2),
+            resource("tight", &limited("tight", Some(1))),
+        ],
+    );
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![
+                prefix_route("/h2", "queued-h2", |_| {}),
+                prefix_route("/tight", "tight", |_| {}),
+                prefix_route("/", "queued", |_| {}),
+            ]),
+        )],
+    );
+    let (_dir, dp) = serve_foreign(&xds, port, "dp-pending");
+    let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("request");
+    wait_for(Duration::from_secs(10), || {
+        (get("/x").status == 200 && get("/h2/x").status == 200 && get("/tight/x").status == 200)
+            .then_some(())
+    })
+    .expect("the configuration serves");
+    // `n` requests for `path` at once: their answers' statuses and bodies,
+    // and how long they all took.
+    let at_once = |path: &str, n: usize| {
+        let started = Instant::now();
+        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+            let all: Vec<_> = (0..n)
+                .map(|_| s.spawn(|| http1(port, "GET", path, "gw", &[], "").expect("request")))
+                .collect();
+            all.into_iter()
+                .map(|t| t.join().expect("a client"))
+                .map(|r| (r.status, r.body))
+                .collect()
+        });
+        (answers, started.elapsed())
+    };
+
+    // Six requests of 400 ms over at most two connections (one a worker):
+    // all answered, in three rounds at least.
+    for (path, name) in [("/slow/400", "queued"), ("/h2/slow/400", "queued-h2")] {
+        let (answers, took) = at_once(path, 6);
+        assert!(
+            answers.iter().all(|(s, _)| *s == 200),
+            "{name}: {answers:?}"
+        );
+        assert!(took >= Duration::from_millis(1190), "{name}: {took:?}");
+        let stat = |s: &str| dp.stat(&format!("cluster.{name}.{s}"));
+        assert!(stat("upstream_cx_total") <= 2, "{name}: {}", dp.logs());
+        assert!(stat("upstream_cx_overflow") >= 4, "{name}");
+        assert!(stat("upstream_rq_pending_total") >= 4, "{name}");
+        assert_eq!(stat("upstream_rq_pending_overflow"), 0, "{name}");
+        assert_eq!(stat("upstream_rq_pending_active"), 0, "{name}");
+    }
+
+    // One pending request at most: of eight at once, two at most are
+    // under way and one waits; the rest overflow at once.
+    let (answers, _) = at_once("/tight/slow/500", 8);
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!((5..=7).contains(&refused.len()), "{answers:?}");
+    for (status, body) in &refused {
+        assert_eq!(*status, 503);
+        assert!(body.contains("overflow"), "{body}");
+    }
+    assert_eq!(
+        dp.stat("cluster.tight.upstream_rq_pending_overflow"),
+        refused.len() as u64
+    );
+    assert_eq!(dp.stat("cluster.tight.upstream_rq_pending_active"), 0);
+    assert_eq!(get("/tight/x").status, 200, "served again");
 }
 
 /// Envoy's `previous_priorities` retry priority: retries leave the

@@ -293,9 +293,12 @@ fn admin_endpoints_and_bootstrap_file() {
     // Envoy's query options: a regex filter, non-zero only, JSON; a bad
     // regex is named in a 400.
     let (_, some) = dp.admin_get("/stats?filter=%5Ecluster%5C.s%5C.upstream_rq_&usedonly");
+    // (The one request waited for a connection: a pending request, as
+    // in Envoy.)
     assert_eq!(
         some,
-        "cluster.s.upstream_rq_total: 1\ncluster.s.upstream_rq_2xx: 1\n"
+        "cluster.s.upstream_rq_total: 1\ncluster.s.upstream_rq_2xx: 1\n\
+         cluster.s.upstream_rq_pending_total: 1\n"
     );
     let (_, json) = dp.admin_get("/stats?format=json&filter=upstream_rq_total");
     let json: serde_json::Value = serde_json::from_str(&json).expect("json");
