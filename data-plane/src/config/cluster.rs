@@ -36,6 +36,135 @@ pub enum Discovery {
     Dns(DnsTargets),
 }
 
+/// An HTTP/2 upstream's settings beyond its stream limit (from its
+/// `http2_protocol_options`; hyper's defaults for those not given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct H2Client {
+    /// PINGs every so often, the connection closed when one goes
+    /// unanswered this long (`connection_keepalive`: its `interval` and
+    /// `timeout`; a `connection_idle_interval` alone pings idle
+    /// connections at that period, where Envoy pings one idle that long
+    /// before a new stream; `interval_jitter` is not applied).
+    pub keepalive: Option<(Duration, Duration)>,
+    /// `initial_stream_window_size`.
+    pub stream_window: Option<u32>,
+    /// `initial_connection_window_size`.
+    pub connection_window: Option<u32>,
+    /// `hpack_table_size`.
+    pub header_table: Option<u32>,
+}
+
+impl H2Client {
+    fn convert(
+        o: &portico_proto::envoy::config::core::v3::Http2ProtocolOptions,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        if !o.custom_settings_parameters.is_empty() {
+            return Err(ConfigError::new(
+                at,
+                "custom_settings_parameters are not supported",
+            ));
+        }
+        // Envoy's bounds for the windows.
+        let window = |v: Option<u32>, field: &str| match v {
+            Some(n) if !(65_535..=2_147_483_647).contains(&n) => Err(ConfigError::new(
+                at,
+                format!("{field} {n} is out of range (65535 to 2147483647)"),
+            )),
+            v => Ok(v),
+        };
+        let keepalive = match &o.connection_keepalive {
+            None => None,
+            Some(k) => {
+                let timeout = k
+                    .timeout
+                    .as_ref()
+                    .map(duration)
+                    .filter(|d| *d >= Duration::from_millis(1))
+                    .ok_or_else(|| {
+                        ConfigError::new(at, "connection_keepalive.timeout must be at least 1ms")
+                    })?;
+                let every = |d: &Option<portico_proto::google::protobuf::Duration>| {
+                    d.as_ref().map(duration).filter(|d| !d.is_zero())
+                };
+                every(&k.interval)
+                    .or(every(&k.connection_idle_interval))
+                    .map(|interval| (interval, timeout))
+            }
+        };
+        Ok(H2Client {
+            keepalive,
+            stream_window: window(
+                o.initial_stream_window_size.as_ref().map(|v| v.value),
+                "initial_stream_window_size",
+            )?,
+            connection_window: window(
+                o.initial_connection_window_size.as_ref().map(|v| v.value),
+                "initial_connection_window_size",
+            )?,
+            header_table: o.hpack_table_size.as_ref().map(|v| v.value),
+        })
+    }
+}
+
+/// The order of an endpoint's addresses for the happy eyeballs way of
+/// connecting (Envoy's `happy_eyeballs_config`): `count` of the first
+/// family, then one of the other, and so on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilyOrder {
+    /// Whether IPv6 goes first (`None`: the first address's family).
+    pub v6_first: Option<bool>,
+    /// Addresses of the first family before each of the other
+    /// (`first_address_family_count`, 1 unless set).
+    pub count: u32,
+}
+
+impl Default for FamilyOrder {
+    fn default() -> Self {
+        FamilyOrder {
+            v6_first: None,
+            count: 1,
+        }
+    }
+}
+
+impl FamilyOrder {
+    fn convert(
+        he: Option<&portico_proto::envoy::config::cluster::v3::upstream_connection_options::HappyEyeballsConfig>,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        use portico_proto::envoy::config::cluster::v3::upstream_connection_options::FirstAddressFamilyVersion as Version;
+        let Some(he) = he else {
+            return Ok(FamilyOrder::default());
+        };
+        let v6_first = match Version::try_from(he.first_address_family_version) {
+            Ok(Version::Default) => None,
+            Ok(Version::V4) => Some(false),
+            Ok(Version::V6) => Some(true),
+            Ok(Version::Pipe | Version::Internal) | Err(_) => {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "happy_eyeballs_config.first_address_family_version {} is not an IP family",
+                        he.first_address_family_version
+                    ),
+                ))
+            }
+        };
+        let count = match he.first_address_family_count.as_ref().map(|c| c.value) {
+            None => 1,
+            Some(0) => {
+                return Err(ConfigError::new(
+                    at,
+                    "happy_eyeballs_config.first_address_family_count must be at least 1",
+                ))
+            }
+            Some(n) => n,
+        };
+        Ok(FamilyOrder { v6_first, count })
+    }
+}
+
 /// A DNS cluster's host names and how they are resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DnsTargets {
@@ -47,7 +176,16 @@ pub struct DnsTargets {
     /// logical host, connections to whatever it resolves to).
     pub logical: bool,
     /// How often names are resolved again (`dns_refresh_rate`, 5 s).
+    /// (`respect_dns_ttl` cannot be honoured: the system's resolver does
+    /// not tell a record's TTL.)
     pub refresh: Duration,
+    /// Up to this much more, at random, after a resolution that worked
+    /// (`dns_jitter`).
+    pub jitter: Duration,
+    /// After a resolution that failed, the next comes after a backoff
+    /// growing from the first interval to the second
+    /// (`dns_failure_refresh_rate`; without it, at the refresh rate).
+    pub failure_refresh: Option<(Duration, Duration)>,
     /// The load assignment's policy.
     pub policy: LoadPolicy,
 }
@@ -479,6 +617,8 @@ pub struct ClusterConfig {
     pub http2: bool,
     /// Streams per HTTP/2 connection before another is opened.
     pub max_concurrent_streams: u32,
+    /// The rest of an HTTP/2 upstream's settings.
+    pub h2: H2Client,
     /// Requests (HTTP/2: streams) per connection, after which it takes
     /// no more and closes once its last ends (None: unlimited).
     pub max_requests_per_connection: Option<u32>,
@@ -506,6 +646,12 @@ pub struct ClusterConfig {
     /// (`upstream_bind_config.source_address`; the system's choice unless
     /// set).
     pub source_address: Option<SocketAddr>,
+    /// TCP keep-alive on upstream connections
+    /// (`upstream_connection_options.tcp_keepalive`; off unless set).
+    pub keepalive: Option<super::Keepalive>,
+    /// The order in which an endpoint's addresses are tried
+    /// (`upstream_connection_options.happy_eyeballs_config`).
+    pub family_order: FamilyOrder,
     /// Below this share of available endpoints (per cent), every endpoint
     /// takes traffic, available or not (Envoy's panic mode,
     /// Localities are picked by their weights first
@@ -1002,6 +1148,28 @@ impl ClusterConfig {
                     }
                 };
                 let policy = LoadPolicy::convert(cla, &format!("{at} load_assignment"))?;
+                let failure_refresh = match &c.dns_failure_refresh_rate {
+                    None => None,
+                    Some(r) => {
+                        let fat = format!("{at} dns_failure_refresh_rate");
+                        let base = r
+                            .base_interval
+                            .as_ref()
+                            .map(duration)
+                            .filter(|d| !d.is_zero())
+                            .ok_or_else(|| {
+                                ConfigError::new(&fat, "base_interval must be set and > 0")
+                            })?;
+                        let max = r.max_interval.as_ref().map_or(base * 10, duration);
+                        if max < base {
+                            return Err(ConfigError::new(
+                                &fat,
+                                "max_interval must not be below base_interval",
+                            ));
+                        }
+                        Some((base, max))
+                    }
+                };
                 Discovery::Dns(DnsTargets {
                     hosts: v,
                     policy,
@@ -1014,6 +1182,8 @@ impl ClusterConfig {
                         .filter(|d| !d.is_zero())
                         .unwrap_or(Duration::from_secs(5))
                         .max(Duration::from_millis(1)),
+                    jitter: c.dns_jitter.as_ref().map_or(Duration::ZERO, duration),
+                    failure_refresh,
                 })
             }
             DiscoveryType::OriginalDst => {
@@ -1530,6 +1700,21 @@ impl ClusterConfig {
                 Ok(Some(SocketAddr::new(ip, port)))
             }
         })()?;
+        let (keepalive, family_order) = match &c.upstream_connection_options {
+            None => (None, FamilyOrder::default()),
+            Some(o) => {
+                let oat = format!("{at} upstream_connection_options");
+                let keepalive = o
+                    .tcp_keepalive
+                    .as_ref()
+                    .map(|k| super::Keepalive::convert(k, &oat))
+                    .transpose()?;
+                (
+                    keepalive,
+                    FamilyOrder::convert(o.happy_eyeballs_config.as_ref(), &oat)?,
+                )
+            }
+        };
         // (More than 65,535 fields would not fit a 64 KiB head anyway.)
         let max_response_headers = match common.max_headers {
             None => 100,
@@ -1543,6 +1728,8 @@ impl ClusterConfig {
         };
         Ok(ClusterConfig {
             source_address,
+            keepalive,
+            family_order,
             panic_threshold,
             hash_by_hostname: consistent.is_some_and(|h| h.use_hostname_for_hashing),
             hash_balance_factor,
@@ -1567,8 +1754,14 @@ impl ClusterConfig {
                 .unwrap_or(Duration::from_secs(5)),
             http2,
             max_concurrent_streams: h2opts
+                .as_ref()
                 .and_then(|o| o.max_concurrent_streams)
                 .map_or(100, |v| v.value.clamp(1, 2_147_483_647)),
+            h2: h2opts
+                .as_ref()
+                .map(|o| H2Client::convert(o, &format!("{at} http2_protocol_options")))
+                .transpose()?
+                .unwrap_or_default(),
             max_requests_per_connection: common.max_requests.filter(|v| *v > 0),
             limits,
             health_check,
@@ -2065,6 +2258,46 @@ mod tests {
         }
     }
 
+    /// `happy_eyeballs_config`: a family first and a count, or refused
+    /// with the field named.
+    #[test]
+    fn happy_eyeballs_config_orders_the_families() {
+        use portico_proto::envoy::config::cluster::v3::upstream_connection_options::{
+            FirstAddressFamilyVersion as Version, HappyEyeballsConfig,
+        };
+        use portico_proto::envoy::config::cluster::v3::UpstreamConnectionOptions;
+        let with = |version: Version, count: Option<u32>| {
+            let mut c = dns(DiscoveryType::StrictDns, &["a"]);
+            c.upstream_connection_options = Some(UpstreamConnectionOptions {
+                happy_eyeballs_config: Some(HappyEyeballsConfig {
+                    first_address_family_version: version as i32,
+                    first_address_family_count: count
+                        .map(|value| portico_proto::google::protobuf::UInt32Value { value }),
+                }),
+                ..Default::default()
+            });
+            ClusterConfig::convert(&c)
+        };
+        let order = with(Version::V6, Some(3)).unwrap().family_order;
+        assert_eq!((order.v6_first, order.count), (Some(true), 3));
+        let order = with(Version::Default, None).unwrap().family_order;
+        assert_eq!(order, FamilyOrder::default());
+        for (version, count, what) in [
+            (
+                Version::V4,
+                Some(0),
+                "first_address_family_count must be at least 1",
+            ),
+            (Version::Pipe, None, "is not an IP family"),
+        ] {
+            let e = with(version, count).unwrap_err().to_string();
+            assert!(
+                e.contains("upstream_connection_options") && e.contains(what),
+                "{e}"
+            );
+        }
+    }
+
     fn dns(kind: DiscoveryType, hosts: &[&str]) -> Cluster {
         use portico_proto::envoy::config::endpoint::v3::LocalityLbEndpoints;
         Cluster {
@@ -2139,6 +2372,48 @@ mod tests {
             panic!("DNS")
         };
         assert_eq!(d.hosts[0].priority, 1);
+
+        // Failure refresh and jitter: the maximum defaults to ten times the
+        // base; a missing base or a maximum below it is refused.
+        let secs = |seconds| portico_proto::google::protobuf::Duration { seconds, nanos: 0 };
+        let mut failing = dns(DiscoveryType::StrictDns, &["a"]);
+        failing.dns_jitter = Some(secs(2));
+        failing.dns_failure_refresh_rate = Some(
+            portico_proto::envoy::config::cluster::v3::cluster::RefreshRate {
+                base_interval: Some(secs(1)),
+                max_interval: None,
+            },
+        );
+        let Discovery::Dns(d) = ClusterConfig::convert(&failing).unwrap().discovery else {
+            panic!("DNS")
+        };
+        assert_eq!(
+            (d.jitter, d.failure_refresh),
+            (
+                Duration::from_secs(2),
+                Some((Duration::from_secs(1), Duration::from_secs(10)))
+            )
+        );
+        for (base, max, what) in [
+            (None, None, "base_interval must be set"),
+            (
+                Some(secs(5)),
+                Some(secs(1)),
+                "max_interval must not be below",
+            ),
+        ] {
+            failing.dns_failure_refresh_rate = Some(
+                portico_proto::envoy::config::cluster::v3::cluster::RefreshRate {
+                    base_interval: base,
+                    max_interval: max,
+                },
+            );
+            let e = ClusterConfig::convert(&failing).unwrap_err().to_string();
+            assert!(
+                e.contains("dns_failure_refresh_rate") && e.contains(what),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -119,3 +119,66 @@ pub fn host_port(
     };
     Ok((sa.address.clone(), port))
 }
+
+/// TCP keep-alive on a socket (Envoy's `TcpKeepalive`): on, with each
+/// setting that is given (the system's for the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Keepalive {
+    /// Idle time before the first probe (`keepalive_time`).
+    pub idle: Option<std::time::Duration>,
+    /// Time between probes (`keepalive_interval`).
+    pub interval: Option<std::time::Duration>,
+    /// Unanswered probes before the connection is dropped
+    /// (`keepalive_probes`).
+    pub probes: Option<u32>,
+}
+
+impl Keepalive {
+    /// Converts Envoy's message; values the kernel would refuse (0, or
+    /// over Linux's limits: 32,767 s, 127 probes) are refused here.
+    pub fn convert(
+        k: &portico_proto::envoy::config::core::v3::TcpKeepalive,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        let bounded = |v: Option<u32>, max: u32, field: &str| match v {
+            Some(n) if n == 0 || n > max => Err(ConfigError::new(
+                at,
+                format!("tcp_keepalive.{field} {n} is out of range (1 to {max})"),
+            )),
+            v => Ok(v),
+        };
+        let secs = |v: Option<u32>| v.map(|s| std::time::Duration::from_secs(u64::from(s)));
+        Ok(Keepalive {
+            idle: secs(bounded(
+                k.keepalive_time.as_ref().map(|v| v.value),
+                32_767,
+                "keepalive_time",
+            )?),
+            interval: secs(bounded(
+                k.keepalive_interval.as_ref().map(|v| v.value),
+                32_767,
+                "keepalive_interval",
+            )?),
+            probes: bounded(
+                k.keepalive_probes.as_ref().map(|v| v.value),
+                127,
+                "keepalive_probes",
+            )?,
+        })
+    }
+
+    /// Turns it on for `socket`.
+    pub fn apply(&self, socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+        let mut k = socket2::TcpKeepalive::new();
+        if let Some(t) = self.idle {
+            k = k.with_time(t);
+        }
+        if let Some(i) = self.interval {
+            k = k.with_interval(i);
+        }
+        if let Some(p) = self.probes {
+            k = k.with_retries(p);
+        }
+        socket.set_tcp_keepalive(&k)
+    }
+}

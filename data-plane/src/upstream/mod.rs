@@ -672,34 +672,76 @@ fn spawn_idle_sweep(cluster: std::sync::Weak<Cluster>) {
     });
 }
 
+/// What a name's resolution says of its addresses.
+#[derive(Debug, PartialEq)]
+enum Resolved {
+    /// These (none, when the name does not exist or has no address of
+    /// the family asked for: Envoy's completed resolution without hosts).
+    Addresses(Vec<SocketAddr>),
+    /// Nothing known (the resolver failed, timed out, or could not be
+    /// asked): the name keeps its last addresses, as in Envoy.
+    Failed,
+}
+
+impl Resolved {
+    /// Classifies a lookup's outcome. The standard library reports the
+    /// resolver's errors only in words: glibc's for a name that does not
+    /// exist or has no addresses mean an answer (no addresses); anything
+    /// else is a failure.
+    fn of(lookup: std::io::Result<Vec<SocketAddr>>) -> Self {
+        match lookup {
+            Ok(addrs) => Resolved::Addresses(addrs),
+            Err(e) => {
+                let words = e.to_string();
+                if words.contains("Name or service not known")
+                    || words.contains("No address associated with hostname")
+                {
+                    Resolved::Addresses(Vec::new())
+                } else {
+                    Resolved::Failed
+                }
+            }
+        }
+    }
+}
+
 /// Resolves a DNS cluster's host names now and at its refresh rate while
-/// it is live.
+/// it is live (after a failure, at its failure refresh rate; a name whose
+/// resolution failed keeps its last addresses).
 fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
     tokio::spawn(async move {
+        let mut last: Vec<Vec<SocketAddr>> = vec![Vec::new(); dns.hosts.len()];
+        let mut failures = 0u32;
         loop {
             let mut specs = Vec::new();
-            for d in &dns.hosts {
-                match tokio::net::lookup_host((d.host.as_str(), d.port)).await {
-                    Ok(addrs) => {
-                        let mut kept = dns.family.keep(addrs.collect());
+            let mut failed = false;
+            for (d, last) in dns.hosts.iter().zip(&mut last) {
+                let lookup = tokio::net::lookup_host((d.host.as_str(), d.port)).await;
+                match Resolved::of(lookup.map(Iterator::collect)) {
+                    Resolved::Addresses(addrs) => {
+                        let mut kept = dns.family.keep(addrs);
                         if dns.logical {
                             kept.truncate(1);
                         }
-                        specs.extend(kept.into_iter().map(|addr| EndpointSpec {
-                            addr,
-                            weight: d.weight,
-                            health: d.health,
-                            locality: d.locality,
-                            locality_weight: d.locality_weight,
-                            priority: d.priority,
-                            hostname: Some(d.hostname.clone()),
-                            hash_key: d.hash_key.clone(),
-                            check: d.check.clone(),
-                            also: Arc::new([]),
-                        }));
+                        *last = kept;
                     }
-                    Err(e) => tracing::warn!(host = %d.host, error = %e, "DNS resolution failed"),
+                    Resolved::Failed => {
+                        tracing::warn!(host = %d.host, "DNS resolution failed; its last addresses stay");
+                        failed = true;
+                    }
                 }
+                specs.extend(last.iter().map(|&addr| EndpointSpec {
+                    addr,
+                    weight: d.weight,
+                    health: d.health,
+                    locality: d.locality,
+                    locality_weight: d.locality_weight,
+                    priority: d.priority,
+                    hostname: Some(d.hostname.clone()),
+                    hash_key: d.hash_key.clone(),
+                    check: d.check.clone(),
+                    also: Arc::new([]),
+                }));
             }
             // An address under two names keeps its first (highest)
             // priority; the set is in ascending priority.
@@ -711,12 +753,93 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
                 c.set_endpoints(&specs, dns.policy);
             }
             drop(c);
-            tokio::time::sleep(dns.refresh).await;
+            failures = if failed { failures + 1 } else { 0 };
+            tokio::time::sleep(dns_wait(&dns, failures)).await;
         }
     });
+}
+
+/// How long until a DNS cluster's names are resolved again, after
+/// `failures` rounds in a row with a failed name: with a failure refresh
+/// rate, Envoy's jittered exponential backoff (a random wait in a window
+/// doubling from the base up to the maximum; here never below the base),
+/// without one the refresh rate; after a round without a failure, the
+/// refresh rate plus up to the jitter.
+fn dns_wait(dns: &DnsTargets, failures: u32) -> std::time::Duration {
+    match (failures, dns.failure_refresh) {
+        (0, _) => dns.refresh + dns.jitter.mul_f64(fastrand::f64()),
+        (_, None) => dns.refresh,
+        (n, Some((base, max))) => {
+            let window = base.saturating_mul(1 << n.min(16)).min(max);
+            window.mul_f64(fastrand::f64()).max(base.min(window))
+        }
+    }
 }
 
 /// Which load balancer to use is fixed per cluster.
 pub fn is_hashing(c: &Cluster) -> bool {
     matches!(c.config.lb, LbKind::RingHash | LbKind::Maglev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A name that does not exist is an answer (no addresses); a resolver
+    /// that fails is not (the name keeps its last addresses).
+    #[test]
+    fn dns_answers_and_failures_are_told_apart() {
+        let a: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(Resolved::of(Ok(vec![a])), Resolved::Addresses(vec![a]));
+        let gai = |words: &str| {
+            Err(std::io::Error::other(format!(
+                "failed to lookup address information: {words}"
+            )))
+        };
+        assert_eq!(
+            Resolved::of(gai("Name or service not known")),
+            Resolved::Addresses(vec![])
+        );
+        assert_eq!(
+            Resolved::of(gai("No address associated with hostname")),
+            Resolved::Addresses(vec![])
+        );
+        assert_eq!(
+            Resolved::of(gai("Temporary failure in name resolution")),
+            Resolved::Failed
+        );
+    }
+
+    #[test]
+    fn dns_refreshes_back_off_after_failures() {
+        let mut dns = DnsTargets {
+            hosts: Vec::new(),
+            family: crate::config::cluster::DnsFamily::Auto,
+            logical: false,
+            refresh: Duration::from_secs(5),
+            jitter: Duration::from_secs(1),
+            failure_refresh: None,
+            policy: LoadPolicy::default(),
+        };
+        for _ in 0..50 {
+            let ok = dns_wait(&dns, 0);
+            assert!(
+                ok >= dns.refresh && ok <= dns.refresh + dns.jitter,
+                "{ok:?}"
+            );
+            assert_eq!(
+                dns_wait(&dns, 3),
+                dns.refresh,
+                "no failure rate: the refresh rate"
+            );
+        }
+        dns.failure_refresh = Some((Duration::from_millis(100), Duration::from_millis(1000)));
+        for _ in 0..50 {
+            let first = dns_wait(&dns, 1);
+            assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
+            let late = dns_wait(&dns, 30);
+            assert!(late >= Duration::from_millis(100) && late <= Duration::from_millis(1000));
+        }
+    }
 }

@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::h1;
-use crate::config::cluster::ClusterConfig;
+use crate::config::cluster::{ClusterConfig, FamilyOrder};
 use crate::proxy::body::RequestBody;
 use crate::stats::ClusterStats;
 
@@ -282,6 +282,12 @@ pub struct Pool {
     max_pending: u32,
     /// Where connections are made from (`upstream_bind_config`).
     source: Option<SocketAddr>,
+    /// TCP keep-alive on its connections.
+    keepalive: Option<crate::config::Keepalive>,
+    /// HTTP/2 settings.
+    h2: crate::config::cluster::H2Client,
+    /// The order of the endpoint's addresses when it has several.
+    family_order: FamilyOrder,
     /// A connection open this long takes no new request
     /// (`max_connection_duration`).
     max_age: Option<Duration>,
@@ -316,6 +322,9 @@ impl Pool {
             && a.limits.max_host_connections == b.limits.max_host_connections
             && a.limits.max_pending == b.limits.max_pending
             && a.source_address == b.source_address
+            && a.keepalive == b.keepalive
+            && a.h2 == b.h2
+            && a.family_order == b.family_order
             && a.max_connection_age == b.max_connection_age
             && a.max_response_headers == b.max_response_headers
     }
@@ -336,6 +345,9 @@ impl Pool {
             max_host_connections: cfg.limits.max_host_connections,
             max_pending: cfg.limits.max_pending,
             source: cfg.source_address,
+            keepalive: cfg.keepalive,
+            h2: cfg.h2,
+            family_order: cfg.family_order,
             max_age: cfg.max_connection_age,
             workers: (0..=WORKERS.load(Relaxed))
                 .map(|_| {
@@ -595,7 +607,7 @@ impl Pool {
     /// still running; all within the connect timeout.
     async fn dial_happily(&self) -> Result<TcpStream, SendError> {
         const NEXT_AFTER: Duration = Duration::from_millis(300);
-        let order = interleaved(self.addr, &self.also);
+        let order = interleaved(self.addr, &self.also, self.family_order);
         let mut attempts = tokio::task::JoinSet::new();
         let mut next = 0;
         let overall = tokio::time::sleep(self.connect_timeout);
@@ -630,8 +642,7 @@ impl Pool {
         // Attempts still under way are dropped (aborted) with the set.
         match connected {
             Ok(s) => {
-                let _ = s.set_nodelay(true);
-                self.stats.upstream_cx_total.fetch_add(1, Relaxed);
+                self.ready(&s);
                 Ok(s)
             }
             Err(why) => {
@@ -692,9 +703,21 @@ impl Pool {
                     )));
                 }
             };
-        let _ = stream.set_nodelay(true);
-        self.stats.upstream_cx_total.fetch_add(1, Relaxed);
+        self.ready(&stream);
         Ok(stream)
+    }
+
+    /// Sets up a new connection's socket (no Nagle; keep-alive when the
+    /// cluster asks for it) and counts it.
+    fn ready(&self, stream: &TcpStream) {
+        let _ = stream.set_nodelay(true);
+        if let Some(k) = &self.keepalive {
+            // (Its values were checked against the kernel's bounds.)
+            if let Err(e) = k.apply(socket2::SockRef::from(stream)) {
+                tracing::debug!(error = %e, "upstream TCP keep-alive not set");
+            }
+        }
+        self.stats.upstream_cx_total.fetch_add(1, Relaxed);
     }
 
     /// Opens a hyper connection that is not pooled (for upgrades), with
@@ -738,7 +761,7 @@ impl Pool {
         addr: SocketAddr,
     ) -> Result<http2::SendRequest<ReqBody>, SendError> {
         let io = self.dial(addr).await?;
-        Self::handshake_h2(io, None).await.map(|(tx, _)| tx)
+        self.handshake_h2(io, None).await.map(|(tx, _)| tx)
     }
 
     /// A stream on one of `worker`'s HTTP/2 connections, if one can take
@@ -772,12 +795,30 @@ impl Pool {
     }
 
     async fn handshake_h2(
+        &self,
         io: TcpStream,
         slot: Option<OpenSlot>,
     ) -> Result<(http2::SendRequest<ReqBody>, Option<SocketAddr>), SendError> {
         let from = io.local_addr().ok();
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        let h2 = &self.h2;
+        if let Some((interval, timeout)) = h2.keepalive {
+            builder
+                .keep_alive_interval(interval)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+        }
+        if let Some(w) = h2.stream_window {
+            builder.initial_stream_window_size(w);
+        }
+        if let Some(w) = h2.connection_window {
+            builder.initial_connection_window_size(w);
+        }
+        if let Some(t) = h2.header_table {
+            builder.header_table_size(t);
+        }
+        let (tx, conn) = builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect(e.to_string()))?;
@@ -807,7 +848,7 @@ impl Pool {
                 Either::Left(found) => found,
                 Either::Right((io, slot)) => {
                     let share = slot.0.clone();
-                    let (tx, from) = Self::handshake_h2(io, Some(slot)).await?;
+                    let (tx, from) = self.handshake_h2(io, Some(slot)).await?;
                     let streams = Arc::new(Streams {
                         open: AtomicU32::new(1),
                         share,
@@ -855,15 +896,20 @@ impl Pool {
     }
 }
 
-/// `first` and `also` in RFC 8305's order: `first`'s family first, then
-/// the families alternating, each family's addresses in their order.
-fn interleaved(first: SocketAddr, also: &[SocketAddr]) -> Vec<SocketAddr> {
+/// `first` and `also` in RFC 8305's order, as Envoy sorts them: the first
+/// family's (`first`'s unless `order` names one) `order.count` at a time,
+/// one of the other family's after each, each family's addresses in their
+/// order.
+fn interleaved(first: SocketAddr, also: &[SocketAddr], order: FamilyOrder) -> Vec<SocketAddr> {
+    let v6_first = order.v6_first.unwrap_or(first.is_ipv6());
     let all = std::iter::once(first).chain(also.iter().copied());
-    let (mut same, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
-        all.partition(|a| a.is_ipv4() == first.is_ipv4());
-    let mut out = Vec::with_capacity(same.len() + other.len());
-    while !(same.is_empty() && other.is_empty()) {
-        out.extend(same.pop_front());
+    let (mut lead, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+        all.partition(|a| a.is_ipv6() == v6_first);
+    let mut out = Vec::with_capacity(lead.len() + other.len());
+    while !(lead.is_empty() && other.is_empty()) {
+        for _ in 0..order.count {
+            out.extend(lead.pop_front());
+        }
         out.extend(other.pop_front());
     }
     out
@@ -979,12 +1025,23 @@ mod tests {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         let (v4a, v4b, v4c) = (a("127.0.0.1:1"), a("127.0.0.2:1"), a("127.0.0.3:1"));
         let (v6a, v6b) = (a("[::1]:1"), a("[::2]:1"));
+        let plain = FamilyOrder::default();
         assert_eq!(
-            interleaved(v6a, &[v6b, v4a, v4b, v4c]),
+            interleaved(v6a, &[v6b, v4a, v4b, v4c], plain),
             [v6a, v4a, v6b, v4b, v4c]
         );
-        assert_eq!(interleaved(v4a, &[v4b, v6a]), [v4a, v6a, v4b]);
-        assert_eq!(interleaved(v4a, &[]), [v4a]);
+        assert_eq!(interleaved(v4a, &[v4b, v6a], plain), [v4a, v6a, v4b]);
+        assert_eq!(interleaved(v4a, &[], plain), [v4a]);
+        // Envoy's happy_eyeballs_config: a family named first, and more
+        // than one of it before each of the other.
+        let v4_by_two = FamilyOrder {
+            v6_first: Some(false),
+            count: 2,
+        };
+        assert_eq!(
+            interleaved(v6a, &[v6b, v4a, v4b, v4c], v4_by_two),
+            [v4a, v4b, v6a, v4c, v6b]
+        );
     }
 
     /// An endpoint's other addresses: one that refuses is passed over at
@@ -1124,6 +1181,171 @@ mod tests {
         );
         assert_eq!(pool.open.load(Relaxed), 0, "all given back");
         assert_eq!(count(&stats.upstream_rq_pending_active), 0, "none pending");
+    }
+
+    /// Through a real socket: `upstream_connection_options.tcp_keepalive`
+    /// turns keep-alive on with the settings given (the system's for the
+    /// others); without it, it stays off; values the kernel would refuse
+    /// are refused with the field named.
+    #[tokio::test]
+    async fn upstream_keepalive_is_set_on_connections() {
+        use portico_proto::envoy::config::cluster::v3::UpstreamConnectionOptions;
+        use portico_proto::envoy::config::core::v3::TcpKeepalive;
+        use std::os::fd::AsRawFd;
+        fn opt(s: &TcpStream, level: i32, name: i32) -> i32 {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: a live socket, and an int-sized buffer for an int
+            // option.
+            let r = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    level,
+                    name,
+                    (&raw mut v).cast(),
+                    &raw mut len,
+                )
+            };
+            assert_eq!(r, 0, "getsockopt");
+            v
+        }
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        let with = |k: Option<TcpKeepalive>| Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            upstream_connection_options: k.map(|k| UpstreamConnectionOptions {
+                tcp_keepalive: Some(k),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let some = TcpKeepalive {
+            keepalive_time: Some(UInt32Value { value: 42 }),
+            keepalive_probes: Some(UInt32Value { value: 4 }),
+            keepalive_interval: None,
+        };
+        let system_interval = {
+            let plain = Pool::new(
+                addr,
+                &ClusterConfig::convert(&with(None)).unwrap(),
+                Arc::default(),
+            );
+            let (io, _slot) = plain.tcp().await.unwrap();
+            assert_eq!(
+                opt(&io, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+                0,
+                "off unless asked"
+            );
+            opt(&io, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)
+        };
+        let cfg = ClusterConfig::convert(&with(Some(some))).unwrap();
+        let pool = Pool::new(addr, &cfg, Arc::default());
+        let (io, _slot) = pool.tcp().await.unwrap();
+        assert_eq!(opt(&io, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(opt(&io, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 42);
+        assert_eq!(opt(&io, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 4);
+        assert_eq!(
+            opt(&io, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            system_interval
+        );
+        let zero = TcpKeepalive {
+            keepalive_interval: Some(UInt32Value { value: 0 }),
+            ..some
+        };
+        let e = ClusterConfig::convert(&with(Some(zero)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tcp_keepalive.keepalive_interval 0 is out of range"),
+            "{e}"
+        );
+    }
+
+    /// Through a real socket: an HTTP/2 upstream's `connection_keepalive`
+    /// pings the connection, and one whose PING goes unanswered is closed
+    /// after the timeout; without it, no PING is sent.
+    #[tokio::test]
+    // (The cluster's own HTTP/2 options: deprecated, still read.)
+    #[allow(deprecated)]
+    async fn http2_upstreams_are_pinged_as_configured() {
+        use portico_proto::envoy::config::core::v3::{Http2ProtocolOptions, KeepaliveSettings};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ms = |ms: i32| portico_proto::google::protobuf::Duration {
+            seconds: 0,
+            nanos: ms * 1_000_000,
+        };
+        // An origin that speaks just enough HTTP/2 for the handshake, then
+        // reads frames without ever answering: says whether a PING came
+        // and whether the client then closed, within two seconds.
+        async fn mute_origin(origin: tokio::net::TcpListener) -> (bool, bool) {
+            let (mut s, _) = origin.accept().await.unwrap();
+            // SETTINGS (empty), then an ACK of the client's.
+            s.write_all(b"\0\0\0\x04\0\0\0\0\0\0\0\0\x04\x01\0\0\0\0")
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            let closed = loop {
+                match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break true,
+                    Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                    Err(_) => break false,
+                }
+            };
+            // Frames after the 24-byte preface: 9-byte headers.
+            let (mut at, mut pinged) = (24, false);
+            while at + 9 <= seen.len() {
+                let len = usize::from(seen[at]) << 16
+                    | usize::from(seen[at + 1]) << 8
+                    | usize::from(seen[at + 2]);
+                pinged |= seen[at + 3] == 0x6;
+                at += 9 + len;
+            }
+            (pinged, closed)
+        }
+        for keepalive in [true, false] {
+            let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = origin.local_addr().unwrap();
+            let cluster = Cluster {
+                name: "c".into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                http2_protocol_options: Some(Http2ProtocolOptions {
+                    connection_keepalive: keepalive.then(|| KeepaliveSettings {
+                        interval: Some(ms(100)),
+                        timeout: Some(ms(200)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let cfg = ClusterConfig::convert(&cluster).unwrap();
+            let pool = Pool::new(addr, &cfg, Arc::default());
+            let (tx, seen) = tokio::join!(pool.connect_h2_at(addr), mute_origin(origin));
+            let _tx = tx.expect("handshake");
+            assert_eq!(seen, (keepalive, keepalive), "keepalive {keepalive}");
+        }
+        // A timeout under a millisecond is refused.
+        let o = Http2ProtocolOptions {
+            connection_keepalive: Some(KeepaliveSettings {
+                interval: Some(ms(100)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cluster = Cluster {
+            name: "c".into(),
+            http2_protocol_options: Some(o),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        let e = ClusterConfig::convert(&cluster).unwrap_err().to_string();
+        assert!(
+            e.contains("connection_keepalive.timeout must be at least 1ms"),
+            "{e}"
+        );
     }
 
     /// Through a real socket: `upstream_bind_config` makes connections
