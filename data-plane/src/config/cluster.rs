@@ -36,6 +36,49 @@ pub enum Discovery {
     Dns(DnsTargets),
 }
 
+/// An HTTP/1.1 upstream's settings (its `http_protocol_options`; the
+/// options that only concern requests received are not read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct H1Client {
+    /// Header names go out in proper case, `Content-Type`
+    /// (`header_key_format.proper_case_words`; lower case otherwise).
+    pub proper_case: bool,
+    /// The request line has the absolute URL, `GET http://host/path`
+    /// (`send_fully_qualified_url`).
+    pub absolute_url: bool,
+    /// An answer with both `Content-Length` and `Transfer-Encoding:
+    /// chunked` is taken as chunked (`allow_chunked_length`); otherwise it
+    /// is a protocol error, as in Envoy.
+    pub allow_chunked_length: bool,
+}
+
+impl H1Client {
+    fn convert(
+        o: &portico_proto::envoy::config::core::v3::Http1ProtocolOptions,
+        at: &str,
+    ) -> Result<Self, ConfigError> {
+        use portico_proto::envoy::config::core::v3::http1_protocol_options::header_key_format::HeaderFormat;
+        let proper_case = match o.header_key_format.as_ref().and_then(|f| f.header_format.as_ref()) {
+            None => false,
+            Some(HeaderFormat::ProperCaseWords(_)) => true,
+            Some(HeaderFormat::StatefulFormatter(f)) => {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "header_key_format.stateful_formatter {:?} is not supported (proper_case_words is)",
+                        f.name
+                    ),
+                ))
+            }
+        };
+        Ok(H1Client {
+            proper_case,
+            absolute_url: o.send_fully_qualified_url,
+            allow_chunked_length: o.allow_chunked_length,
+        })
+    }
+}
+
 /// An HTTP/2 upstream's settings beyond its stream limit (from its
 /// `http2_protocol_options`; hyper's defaults for those not given).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -617,6 +660,8 @@ pub struct ClusterConfig {
     pub http2: bool,
     /// Streams per HTTP/2 connection before another is opened.
     pub max_concurrent_streams: u32,
+    /// An HTTP/1.1 upstream's settings.
+    pub h1: H1Client,
     /// The rest of an HTTP/2 upstream's settings.
     pub h2: H2Client,
     /// Requests (HTTP/2: streams) per connection, after which it takes
@@ -1248,6 +1293,9 @@ impl ClusterConfig {
         }
         let mut http2 = c.http2_protocol_options.is_some();
         let mut h2opts = c.http2_protocol_options.clone();
+        // (The cluster's own field: deprecated, still read, as Envoy does.)
+        #[allow(deprecated)]
+        let mut h1opts = c.http_protocol_options.clone();
         let mut common = CommonOptions::of(c.common_http_protocol_options.as_ref());
         // Requests per connection: Envoy's current place (the protocol
         // options), else the cluster's deprecated field.
@@ -1277,7 +1325,11 @@ impl ClusterConfig {
                         http2 = true;
                         h2opts = Some(h);
                     }
-                    Some(ProtocolConfig::HttpProtocolOptions(_)) | None => http2 = false,
+                    Some(ProtocolConfig::HttpProtocolOptions(h)) => {
+                        http2 = false;
+                        h1opts = Some(h);
+                    }
+                    None => http2 = false,
                     Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
                         return Err(ConfigError::new(&at, "HTTP/3 upstreams are not supported"))
                     }
@@ -1289,6 +1341,9 @@ impl ClusterConfig {
                         return Err(ConfigError::new(&oat, "HTTP/3 upstreams are not supported"));
                     }
                     http2 = false;
+                    if let Some(h) = a.http_protocol_options {
+                        h1opts = Some(h);
+                    }
                 }
                 Some(_) => {
                     return Err(ConfigError::new(
@@ -1757,6 +1812,11 @@ impl ClusterConfig {
                 .as_ref()
                 .and_then(|o| o.max_concurrent_streams)
                 .map_or(100, |v| v.value.clamp(1, 2_147_483_647)),
+            h1: h1opts
+                .as_ref()
+                .map(|o| H1Client::convert(o, &format!("{at} http_protocol_options")))
+                .transpose()?
+                .unwrap_or_default(),
             h2: h2opts
                 .as_ref()
                 .map(|o| H2Client::convert(o, &format!("{at} http2_protocol_options")))
@@ -2296,6 +2356,75 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// An HTTP/1.1 upstream's options, from the typed protocol options
+    /// (or the cluster's own deprecated field): proper case, absolute
+    /// URLs, both framings; a stateful header formatter refused.
+    #[test]
+    #[allow(deprecated)]
+    fn http1_upstream_options_are_read() {
+        use portico_proto::envoy::config::core::v3::http1_protocol_options::{
+            header_key_format::{HeaderFormat, ProperCaseWords},
+            HeaderKeyFormat,
+        };
+        use portico_proto::envoy::config::core::v3::{Http1ProtocolOptions, TypedExtensionConfig};
+        let proper = Http1ProtocolOptions {
+            header_key_format: Some(HeaderKeyFormat {
+                header_format: Some(HeaderFormat::ProperCaseWords(ProperCaseWords {})),
+            }),
+            send_fully_qualified_url: true,
+            ..Default::default()
+        };
+        let mut c = dns(DiscoveryType::StrictDns, &["a"]);
+        c.http_protocol_options = Some(proper);
+        let h1 = ClusterConfig::convert(&c).unwrap().h1;
+        assert_eq!(
+            h1,
+            H1Client {
+                proper_case: true,
+                absolute_url: true,
+                allow_chunked_length: false
+            }
+        );
+        // The typed options win over the cluster's own field.
+        let typed = portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions {
+                        allow_chunked_length: true,
+                        ..Default::default()
+                    })),
+                },
+            )),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            portico_proto::google::protobuf::Any {
+                type_url:
+                    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                        .into(),
+                value: prost::Message::encode_to_vec(&typed),
+            },
+        );
+        let h1 = ClusterConfig::convert(&c).unwrap().h1;
+        assert!(h1.allow_chunked_length && !h1.proper_case, "{h1:?}");
+        c.typed_extension_protocol_options.clear();
+        c.http_protocol_options = Some(Http1ProtocolOptions {
+            header_key_format: Some(HeaderKeyFormat {
+                header_format: Some(HeaderFormat::StatefulFormatter(TypedExtensionConfig {
+                    name: "preserve_case".into(),
+                    typed_config: None,
+                })),
+            }),
+            ..Default::default()
+        });
+        let e = ClusterConfig::convert(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("http_protocol_options") && e.contains("stateful_formatter"),
+            "{e}"
+        );
     }
 
     fn dns(kind: DiscoveryType, hosts: &[&str]) -> Cluster {

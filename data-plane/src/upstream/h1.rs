@@ -34,12 +34,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pool::{OpenSlot, Pool, ReqBody, SendError, WorkerPool};
+use crate::config::cluster::H1Client;
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, write_chunk_size, write_length,
     BodyError, Chunk, Framed, Piece,
 };
 use crate::proxy::body::RequestBody;
 use crate::proxy::http1::ClientGone;
+
+/// How an upstream's answer heads are read (the cluster's settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerRules {
+    /// Header fields an answer may have (`max_headers_count`).
+    pub max_headers: u16,
+    /// Both `Content-Length` and chunked: taken as chunked rather than
+    /// refused (`allow_chunked_length`).
+    pub allow_chunked_length: bool,
+}
 
 /// Response heads longer than this are refused (hyper's default too).
 const MAX_HEAD: usize = 64 * 1024;
@@ -192,8 +203,9 @@ pub fn exchange<'a>(
         if let Some((body, exact)) = stream {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
-            let max = pool.max_headers();
-            let streamed = stream_exchange(&mut conn, &head, body, exact, replayable_or_waits, max);
+            let rules = pool.answer_rules();
+            let streamed =
+                stream_exchange(&mut conn, &head, body, exact, replayable_or_waits, rules);
             let (head, rest) = Box::pin(streamed).await?;
             let (reusable, duplex) = match rest {
                 Rest::Sent => (true, None),
@@ -202,7 +214,7 @@ pub fn exchange<'a>(
             };
             return finish(conn, head, head_only, reusable, &ret, duplex);
         }
-        let resp = match send_and_read(&mut conn, &head, rest.as_ref(), pool.max_headers()).await {
+        let resp = match send_and_read(&mut conn, &head, rest.as_ref(), pool.answer_rules()).await {
             Ok(resp) => resp,
             Err(e) if reused && conn.buf.is_empty() && replayable_or_waits => {
                 tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
@@ -215,8 +227,8 @@ pub fn exchange<'a>(
                     }
                     let mut fresh = Connection::new(io, slot);
                     fresh.uses = 1;
-                    let resp =
-                        send_and_read(&mut fresh, &head, rest.as_ref(), pool.max_headers()).await?;
+                    let resp = send_and_read(&mut fresh, &head, rest.as_ref(), pool.answer_rules())
+                        .await?;
                     Ok::<_, SendError>((fresh, resp))
                 })
                 .await?;
@@ -252,6 +264,7 @@ pub fn prepare(
     req: Request<ReqBody>,
     mut head: Vec<u8>,
     lend: Option<&mut Option<HeaderMap>>,
+    how: H1Client,
 ) -> Prepared {
     let (parts, body) = req.into_parts();
     let outgoing = match body {
@@ -276,7 +289,7 @@ pub fn prepare(
         }
     };
     head.clear();
-    encode_head(&parts, &outgoing, &mut head);
+    encode_head(&parts, &outgoing, &mut head, how);
     let head_only = parts.method == Method::HEAD;
     let replayable = replayable(parts.method.is_idempotent(), &parts.headers);
     // Still there only where the listener proxies 100-continue.
@@ -318,18 +331,18 @@ fn replayable(idempotent_method: bool, headers: &HeaderMap) -> bool {
 }
 
 /// Writes a request head (with a small body already appended) and the rest
-/// of its body, then reads the response head (of at most `max` fields).
+/// of its body, then reads the response head (by `rules`).
 async fn send_and_read(
     conn: &mut Connection,
     head: &[u8],
     rest: Option<&Bytes>,
-    max: u16,
+    rules: AnswerRules,
 ) -> Result<Head, SendError> {
     write_all(&mut conn.io, head).await?;
     if let Some(b) = rest {
         write_all(&mut conn.io, b).await?;
     }
-    read_head(&mut conn.io, &mut conn.buf, max).await
+    read_head(&mut conn.io, &mut conn.buf, rules).await
 }
 
 /// Turns a response head into the response, with a body that reads from
@@ -439,7 +452,7 @@ async fn stream_exchange(
     body: RequestBody,
     exact: Option<u64>,
     await_continue: bool,
-    max: u16,
+    rules: AnswerRules,
 ) -> Result<(Head, Rest), SendError> {
     let Connection { io, buf, .. } = conn;
     let mut upload = Upload::new(head, body, exact.is_none());
@@ -462,7 +475,7 @@ async fn stream_exchange(
                 Poll::Pending => {}
             }
         }
-        match poll_read_head(io, buf, &mut interim, max, cx) {
+        match poll_read_head(io, buf, &mut interim, rules, cx) {
             // The upstream's 100 Continue: the body may come now.
             Poll::Pending if interim && upload.gate.is_some() => upload.gate = None,
             p => return p.map_err(|e| send_error.take().unwrap_or(e)),
@@ -604,9 +617,13 @@ fn expects_body(m: &Method) -> bool {
     matches!(*m, Method::POST | Method::PUT | Method::PATCH)
 }
 
-fn encode_head(parts: &http::request::Parts, body: &Outgoing, out: &mut Vec<u8>) {
+fn encode_head(parts: &http::request::Parts, body: &Outgoing, out: &mut Vec<u8>, how: H1Client) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
+    if how.absolute_url {
+        // (Rare: a cluster's `send_fully_qualified_url`.)
+        absolute_start(parts, out);
+    }
     out.extend_from_slice(
         parts
             .uri
@@ -620,11 +637,16 @@ fn encode_head(parts: &http::request::Parts, body: &Outgoing, out: &mut Vec<u8>)
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
+        let at = out.len();
         out.extend_from_slice(name.as_str().as_bytes());
+        if how.proper_case {
+            proper_case(&mut out[at..]);
+        }
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    let at = out.len();
     match body {
         Outgoing::None if expects_body(&parts.method) => {
             out.extend_from_slice(b"content-length: 0\r\n");
@@ -634,7 +656,38 @@ fn encode_head(parts: &http::request::Parts, body: &Outgoing, out: &mut Vec<u8>)
         Outgoing::Stream(_, Some(n)) => write_length(out, *n),
         Outgoing::Stream(_, None) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    if how.proper_case && out.len() > at {
+        let colon = out[at..].iter().position(|b| *b == b':').unwrap_or(0);
+        proper_case(&mut out[at..at + colon]);
+    }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The scheme and authority of an absolute request target, `http://host`
+/// (the request's Host, else its URI's authority).
+fn absolute_start(parts: &http::request::Parts, out: &mut Vec<u8>) {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or(parts.uri.authority().map(|a| a.as_str().as_bytes()));
+    if let Some(host) = host {
+        out.extend_from_slice(b"http://");
+        out.extend_from_slice(host);
+    }
+}
+
+/// Envoy's proper case for a header name: its first letter, and each
+/// letter after a character that is neither letter nor digit, in upper
+/// case (`x-request-id` becomes `X-Request-Id`).
+fn proper_case(name: &mut [u8]) {
+    let mut up = true;
+    for b in name {
+        if up {
+            b.make_ascii_uppercase();
+        }
+        up = !b.is_ascii_alphanumeric();
+    }
 }
 
 /// How the response body ends.
@@ -663,10 +716,10 @@ fn bad(what: impl std::fmt::Display) -> SendError {
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-    max: u16,
+    rules: AnswerRules,
 ) -> Result<Head, SendError> {
     loop {
-        if let Some(head) = take_head(buf, &mut false, max)? {
+        if let Some(head) = take_head(buf, &mut false, rules)? {
             return Ok(head);
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -687,9 +740,13 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 /// The final response head at the start of `buf`, if all there (1xx
 /// heads before it are skipped, and `interim` set when one was a
 /// `100 Continue`; a 102 or 103 asks for nothing).
-fn take_head(buf: &mut BytesMut, interim: &mut bool, max: u16) -> Result<Option<Head>, SendError> {
+fn take_head(
+    buf: &mut BytesMut,
+    interim: &mut bool,
+    rules: AnswerRules,
+) -> Result<Option<Head>, SendError> {
     while !buf.is_empty() {
-        match parse_head(buf, usize::from(max))? {
+        match parse_head(buf, rules)? {
             // 100 Continue and friends: the answer follows.
             Some(head)
                 if head.status.is_informational()
@@ -710,11 +767,11 @@ fn poll_read_head(
     io: &TcpStream,
     buf: &mut BytesMut,
     interim: &mut bool,
-    max: u16,
+    rules: AnswerRules,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, SendError>> {
     loop {
-        if let Some(head) = take_head(buf, interim, max)? {
+        if let Some(head) = take_head(buf, interim, rules)? {
             return Poll::Ready(Ok(head));
         }
         match ready!(poll_fill(io, buf, cx)) {
@@ -733,10 +790,11 @@ fn poll_read_head(
 
 /// Parses a response head at the start of `buf`: `None` while incomplete;
 /// when complete, consumes it. Header values share the head's bytes. More
-/// than `max` header fields (the cluster's `max_headers_count`) are
-/// refused; up to [`MAX_HEADERS`] they are found in place, beyond that on
-/// the heap (only where the cluster allows more).
-fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError> {
+/// than `rules.max_headers` header fields (the cluster's
+/// `max_headers_count`) are refused; up to [`MAX_HEADERS`] they are found
+/// in place, beyond that on the heap (only where the cluster allows more).
+fn parse_head(buf: &mut BytesMut, rules: AnswerRules) -> Result<Option<Head>, SendError> {
+    let max = usize::from(rules.max_headers);
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut at = [[0u32; 4]; MAX_HEADERS];
     let spilled: Vec<[u32; 4]>;
@@ -753,7 +811,7 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError>
         },
         Located::TooMany => return Err(bad("too many header fields")),
     };
-    build_head(buf, len, status, at).map(Some)
+    build_head(buf, len, status, at, rules.allow_chunked_length).map(Some)
 }
 
 /// [`locate`] for a head with more fields than [`MAX_HEADERS`], where the
@@ -836,6 +894,7 @@ fn build_head(
     len: usize,
     (code, http10): (u16, bool),
     at: &[[u32; 4]],
+    allow_chunked_length: bool,
 ) -> Result<Head, SendError> {
     let status = StatusCode::from_u16(code).map_err(bad)?;
     let version = if http10 {
@@ -903,9 +962,13 @@ fn build_head(
         headers.append(name, value);
     }
     let framing = if chunked {
-        // With both, Transfer-Encoding wins (and the length is not passed
-        // on, RFC 9112 section 6.3), but the connection is suspect.
+        // Both: Envoy's protocol error, unless the cluster allows it; then
+        // Transfer-Encoding wins (and the length is not passed on, RFC
+        // 9112 section 6.3), but the connection is suspect.
         if length.is_some() {
+            if !allow_chunked_length {
+                return Err(bad("both Content-Length and Transfer-Encoding"));
+            }
             headers.remove(header::CONTENT_LENGTH);
         }
         close |= length.is_some() || chunked_twice;
@@ -1104,9 +1167,17 @@ impl http_body::Body for Body {
 mod tests {
     use super::*;
 
+    /// The rules of a cluster allowing `n` header fields.
+    fn max(n: u16) -> AnswerRules {
+        AnswerRules {
+            max_headers: n,
+            allow_chunked_length: false,
+        }
+    }
+
     fn parse(text: &str) -> Head {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_head(&mut buf, 100).unwrap().unwrap()
+        parse_head(&mut buf, max(100)).unwrap().unwrap()
     }
 
     #[test]
@@ -1121,20 +1192,24 @@ mod tests {
         };
         let too_many = |r: Result<Option<Head>, SendError>| matches!(r, Err(SendError::Protocol(why)) if why.contains("too many header fields"));
         // Fewer allowed than fit in place: counted.
-        assert!(too_many(parse_head(&mut head(3), 2)));
+        assert!(too_many(parse_head(&mut head(3), max(2))));
         assert_eq!(
-            parse_head(&mut head(2), 2).unwrap().unwrap().headers.len(),
+            parse_head(&mut head(2), max(2))
+                .unwrap()
+                .unwrap()
+                .headers
+                .len(),
             2
         );
         // Envoy's default 100, and more where the cluster allows them.
-        assert!(too_many(parse_head(&mut head(120), 100)));
-        let h = parse_head(&mut head(120), 150).unwrap().unwrap();
+        assert!(too_many(parse_head(&mut head(120), max(100))));
+        let h = parse_head(&mut head(120), max(150)).unwrap().unwrap();
         assert_eq!((h.headers.len(), h.framing), (120, Framing::Length(0)));
-        assert!(too_many(parse_head(&mut head(151), 150)));
+        assert!(too_many(parse_head(&mut head(151), max(150))));
         // Incomplete, with more fields than fit in place: wait for more.
         let mut partial = head(120);
         partial.truncate(partial.len() - 2);
-        assert!(parse_head(&mut partial, 150).unwrap().is_none());
+        assert!(parse_head(&mut partial, max(150)).unwrap().is_none());
     }
 
     #[test]
@@ -1143,11 +1218,26 @@ mod tests {
         assert_eq!(h.framing, Framing::Length(5));
         assert!(!h.close);
         assert_eq!(h.headers["x-a"], "b");
-        let h = parse(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n",
+        // Both framings: Envoy's protocol error, unless the cluster
+        // allows them (`allow_chunked_length`); then chunked, not reused.
+        let both =
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n";
+        let refused = parse_head(&mut BytesMut::from(both.as_bytes()), max(100));
+        assert!(
+            matches!(&refused, Err(SendError::Protocol(why)) if why.contains("both Content-Length and Transfer-Encoding")),
+            "{:?}",
+            refused.err()
         );
+        let allowed = AnswerRules {
+            allow_chunked_length: true,
+            ..max(100)
+        };
+        let h = parse_head(&mut BytesMut::from(both.as_bytes()), allowed)
+            .unwrap()
+            .unwrap();
         assert_eq!(h.framing, Framing::Chunked);
         assert!(h.close, "both framings: do not reuse");
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
         let h = parse("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(h.framing, Framing::Close);
         // No Connection: close — a 204 or HEAD answer like this is reusable;
@@ -1158,7 +1248,10 @@ mod tests {
         );
         assert!(h.close, "chunked twice: do not reuse");
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n"[..]);
-        assert!(parse_head(&mut buf, 100).is_err(), "a sign is not a digit");
+        assert!(
+            parse_head(&mut buf, max(100)).is_err(),
+            "a sign is not a digit"
+        );
         let h = parse("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
         assert!(!h.close);
         let h = parse("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
@@ -1166,9 +1259,9 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
         );
-        assert!(parse_head(&mut buf, 100).is_err());
+        assert!(parse_head(&mut buf, max(100)).is_err());
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_head(&mut buf, 100).unwrap().is_none());
+        assert!(parse_head(&mut buf, max(100)).unwrap().is_none());
     }
 
     #[test]
@@ -1212,15 +1305,48 @@ mod tests {
             &parts,
             &Outgoing::Whole(Bytes::from_static(b"abc")),
             &mut out,
+            H1Client::default(),
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_head(&parts, &Outgoing::None, &mut out);
+        encode_head(&parts, &Outgoing::None, &mut out, H1Client::default());
         assert!(String::from_utf8(out)
             .unwrap()
             .ends_with("content-length: 0\r\n\r\n"));
+    }
+
+    /// A cluster's `http_protocol_options`: header names in proper case,
+    /// the framing's too, and the absolute URL in the request line.
+    #[test]
+    fn request_heads_take_the_clusters_http1_options() {
+        let req = Request::get("/p?q=1")
+            .header("host", "api.example:8080")
+            .header("x-request-id", "1")
+            .header("x_under", "2")
+            .header("www-authenticate", "3")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let how = H1Client {
+            proper_case: true,
+            absolute_url: true,
+            allow_chunked_length: false,
+        };
+        let mut out = Vec::new();
+        encode_head(
+            &parts,
+            &Outgoing::Whole(Bytes::from_static(b"abc")),
+            &mut out,
+            how,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET http://api.example:8080/p?q=1 HTTP/1.1\r\nHost: api.example:8080\r\n\
+             X-Request-Id: 1\r\nX_Under: 2\r\nWww-Authenticate: 3\r\n\
+             Content-Length: 3\r\n\r\n"
+        );
     }
 }

@@ -264,9 +264,11 @@ pub struct Pool {
     /// The endpoint's other addresses (`additional_addresses`): with any,
     /// connections are made the happy eyeballs way over all of them.
     also: Arc<[SocketAddr]>,
-    /// Header fields an HTTP/1.1 answer may have (the cluster's
-    /// `max_headers_count`).
-    max_headers: u16,
+    /// How HTTP/1.1 answer heads are read (the cluster's
+    /// `max_headers_count` and `allow_chunked_length`).
+    answer: h1::AnswerRules,
+    /// How HTTP/1.1 request heads are written.
+    h1: crate::config::cluster::H1Client,
     http2: bool,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -323,6 +325,7 @@ impl Pool {
             && a.limits.max_pending == b.limits.max_pending
             && a.source_address == b.source_address
             && a.keepalive == b.keepalive
+            && a.h1 == b.h1
             && a.h2 == b.h2
             && a.family_order == b.family_order
             && a.max_connection_age == b.max_connection_age
@@ -335,7 +338,11 @@ impl Pool {
         Pool {
             addr,
             also: Arc::new([]),
-            max_headers: cfg.max_response_headers,
+            answer: h1::AnswerRules {
+                max_headers: cfg.max_response_headers,
+                allow_chunked_length: cfg.h1.allow_chunked_length,
+            },
+            h1: cfg.h1,
             http2: cfg.http2,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -377,9 +384,9 @@ impl Pool {
         &self.also
     }
 
-    /// Header fields an HTTP/1.1 answer may have.
-    pub fn max_headers(&self) -> u16 {
-        self.max_headers
+    /// How HTTP/1.1 answer heads are read.
+    pub fn answer_rules(&self) -> h1::AnswerRules {
+        self.answer
     }
 
     /// Sends a request. An HTTP/2 response holds a stream slot, which must
@@ -438,7 +445,7 @@ impl Pool {
             _ => None,
         };
         let Some(mut conn) = idle else {
-            let req = h1::prepare(req, Vec::new(), lend);
+            let req = h1::prepare(req, Vec::new(), lend, self.h1);
             return Sending {
                 how: How::Boxed {
                     // Boxed: connecting (or waiting) is rare next to reuse,
@@ -455,7 +462,7 @@ impl Pool {
                 deadline,
             };
         };
-        let req = h1::prepare(req, conn.take_wbuf(), lend);
+        let req = h1::prepare(req, conn.take_wbuf(), lend, self.h1);
         Sending {
             how: How::Reused {
                 fut: h1::exchange(conn, req, ret, self, local),
@@ -1102,24 +1109,34 @@ mod tests {
     }
 
     /// How many of `n` concurrent first requests, spread over `pools` in
-    /// turn, overflow (each given 300 ms: the origins never answer).
-    async fn overflows(pools: &[Arc<Pool>], n: usize) -> usize {
+    /// turn, overflow, and how many connections each of `origins` has
+    /// seen, 300 ms after they start (the origins never answer). Then the
+    /// requests still under way are dropped (counted before: as their
+    /// connections close, the requests still waiting would open others).
+    async fn overflows(pools: &[Arc<Pool>], n: usize, origins: &[&AtomicU32]) -> (usize, Vec<u32>) {
         let sends: Vec<_> = (0..n)
             .map(|i| {
                 let pool = pools[i % pools.len()].clone();
                 tokio::spawn(async move {
                     let req = Request::new(Either::Right(Full::new(Bytes::new())));
-                    tokio::time::timeout(Duration::from_millis(300), pool.send(req)).await
+                    pool.send(req).await
                 })
             })
             .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = origins.iter().map(|o| o.load(Relaxed)).collect();
         let mut overflow = 0;
         for s in sends {
-            if let Ok(Err(SendError::Overflow)) = s.await.unwrap() {
-                overflow += 1;
+            if s.is_finished() {
+                if let Err(SendError::Overflow) = s.await.unwrap() {
+                    overflow += 1;
+                }
+            } else {
+                s.abort();
+                let _ = s.await;
             }
         }
-        overflow
+        (overflow, seen)
     }
 
     /// A cluster's config with these circuit-breaker thresholds (the
@@ -1164,13 +1181,9 @@ mod tests {
         let (addr, accepted) = holding_origin().await;
         let stats = Arc::new(ClusterStats::default());
         let pool = Arc::new(Pool::new(addr, &limited(2, Some(6), None), stats.clone()));
-        let overflow = overflows(std::slice::from_ref(&pool), 10).await;
+        let (overflow, seen) = overflows(std::slice::from_ref(&pool), 10, &[&accepted]).await;
         assert_eq!(overflow, 4, "four of ten overflow");
-        assert_eq!(
-            accepted.load(Relaxed),
-            2,
-            "two connections reached the origin"
-        );
+        assert_eq!(seen, [2], "two connections reached the origin");
         let count = |c: &AtomicU64| c.load(Relaxed);
         assert_eq!(count(&stats.upstream_rq_pending_total), 6);
         assert_eq!(count(&stats.upstream_rq_pending_overflow), 4);
@@ -1407,8 +1420,8 @@ mod tests {
                 Arc::new(Pool::new(a, &cfg, stats.clone())),
                 Arc::new(Pool::new(b, &cfg, stats.clone())),
             ];
-            let overflow = overflows(&pools, 20).await;
-            let (na, nb) = (seen_a.load(Relaxed), seen_b.load(Relaxed));
+            let (overflow, seen) = overflows(&pools, 20, &[&seen_a, &seen_b]).await;
+            let (na, nb) = (seen[0], seen[1]);
             assert_eq!((overflow, na + nb), (0, opened), "{na} + {nb}");
             assert!(na <= 2 && nb <= 2 && na >= 1 && nb >= 1, "{na} + {nb}");
             assert_eq!(
