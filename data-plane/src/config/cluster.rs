@@ -691,6 +691,10 @@ pub struct ClusterConfig {
     /// (`upstream_bind_config.source_address`; the system's choice unless
     /// set).
     pub source_address: Option<SocketAddr>,
+    /// When endpoints are added or removed, the connections to the others
+    /// are drained: idle ones closed, busy ones not reused
+    /// (`common_lb_config.close_connections_on_host_set_change`).
+    pub drain_on_host_change: bool,
     /// TCP keep-alive on upstream connections
     /// (`upstream_connection_options.tcp_keepalive`; off unless set).
     pub keepalive: Option<super::Keepalive>,
@@ -1280,6 +1284,10 @@ impl ClusterConfig {
                 c.protocol_selection != 0,
                 "protocol_selection USE_DOWNSTREAM_PROTOCOL",
             ),
+            (
+                c.connection_pool_per_downstream_connection,
+                "connection_pool_per_downstream_connection",
+            ),
         ];
         super::refuse(&at, &refused)?;
         if c.transport_socket.is_some()
@@ -1782,6 +1790,10 @@ impl ClusterConfig {
             Some(n) => u16::try_from(n).unwrap_or(u16::MAX),
         };
         Ok(ClusterConfig {
+            drain_on_host_change: c
+                .common_lb_config
+                .as_ref()
+                .is_some_and(|l| l.close_connections_on_host_set_change),
             source_address,
             keepalive,
             family_order,
@@ -2309,9 +2321,14 @@ mod tests {
             filters: vec![Default::default()],
             ..base.clone()
         };
+        let per_downstream = Cluster {
+            connection_pool_per_downstream_connection: true,
+            ..base.clone()
+        };
         for (c, what) in [
             (downstream, "protocol_selection"),
             (filtered, "upstream network filters"),
+            (per_downstream, "connection_pool_per_downstream_connection"),
         ] {
             let msg = ClusterConfig::convert(&c).unwrap_err().to_string();
             assert!(msg.contains(what), "{msg}");

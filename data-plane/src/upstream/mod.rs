@@ -431,6 +431,15 @@ impl Cluster {
         if !endpoints.is_empty() {
             self.initialized.store(true, Relaxed);
         }
+        // Envoy's close_connections_on_host_set_change: an endpoint added
+        // or removed drains every connection to the others.
+        let membership_changed = endpoints.len() != old.endpoints.len()
+            || endpoints.iter().any(|e| !by_addr.contains_key(&e.addr));
+        if self.config.drain_on_host_change && membership_changed {
+            for e in &endpoints {
+                e.pool.drain();
+            }
+        }
         let priorities: Vec<u32> = specs.iter().map(|s| s.priority).collect();
         self.install(EndpointSet::new(
             &self.config,
@@ -840,6 +849,48 @@ mod tests {
             assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
             let late = dns_wait(&dns, 30);
             assert!(late >= Duration::from_millis(100) && late <= Duration::from_millis(1000));
+        }
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+    use crate::config::cluster::ClusterConfig;
+    use portico_proto::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, CommonLbConfig, DiscoveryType,
+    };
+
+    /// `close_connections_on_host_set_change`: an endpoint added or
+    /// removed drains the others' pools; the same endpoints again do not.
+    /// Without it, nothing is drained.
+    #[test]
+    fn host_set_changes_drain_pools_when_asked() {
+        for asked in [true, false] {
+            let pb = portico_proto::envoy::config::cluster::v3::Cluster {
+                name: "c".into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                common_lb_config: Some(CommonLbConfig {
+                    close_connections_on_host_set_change: asked,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let cfg = ClusterConfig::convert(&pb).unwrap();
+            assert_eq!(cfg.drain_on_host_change, asked);
+            let c = Cluster::new(Arc::new(cfg), Arc::default());
+            let at = |port| EndpointSpec::at(([127, 0, 0, 1], port));
+            c.set_endpoints(&[at(1), at(2)], LoadPolicy::default());
+            let first = c.endpoints.load().endpoints[0].clone();
+            // (The first endpoints were an addition too: the clock moves
+            // past that drain before the next.)
+            let start = first.pool.drained.load(Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let drained = || first.pool.drained.load(Relaxed) != start;
+            c.set_endpoints(&[at(1), at(2)], LoadPolicy::default());
+            assert!(!drained(), "the same endpoints");
+            c.set_endpoints(&[at(1)], LoadPolicy::default());
+            assert_eq!(drained(), asked, "one removed (asked: {asked})");
         }
     }
 }

@@ -295,6 +295,9 @@ pub struct Pool {
     max_age: Option<Duration>,
     /// Each worker's part, and last one for threads that are not workers.
     workers: Box<[Arc<WorkerPool>]>,
+    /// When the pool was last drained ([`now_ms`](super::now_ms); 0:
+    /// never): connections opened before are not used again.
+    pub(super) drained: std::sync::atomic::AtomicU64,
     /// Open connections.
     pub open: Arc<AtomicU32>,
     stats: Arc<ClusterStats>,
@@ -369,7 +372,20 @@ impl Pool {
                 })
                 .collect(),
             open,
+            drained: std::sync::atomic::AtomicU64::new(0),
             stats,
+        }
+    }
+
+    /// Drains the pool, as Envoy drains a host's pools: idle connections
+    /// are closed now, busy ones close when their request ends, and every
+    /// request from now on goes on a new one.
+    pub fn drain(&self) {
+        self.drained.store(super::now_ms(), Relaxed);
+        for w in &self.workers {
+            w.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            // Their open streams finish; the connections then close.
+            w.h2.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }
 
@@ -474,7 +490,11 @@ impl Pool {
     /// Whether an idle connection may still be used: not idle too long,
     /// not closed or written to by the origin.
     fn still_good(&self, c: &h1::Connection) -> bool {
-        c.since.elapsed() <= self.idle_timeout
+        let drained = self.drained.load(Relaxed);
+        // (Opened no later than the drain: its wrapping milliseconds, as
+        // the connection keeps them.)
+        let old = drained != 0 && (drained as u32).wrapping_sub(c.born_ms) < 1 << 31;
+        !old && c.since.elapsed() <= self.idle_timeout
             && self.max_age.is_none_or(|m| {
                 let age = (super::now_ms() as u32).wrapping_sub(c.born_ms);
                 u128::from(age) < m.as_millis()
@@ -1471,6 +1491,34 @@ mod tests {
             }
         });
         (addr, accepted, most)
+    }
+
+    /// Through real sockets: a drained pool closes its idle connection and
+    /// does not reuse the one busy during the drain; connections opened
+    /// after it are reused as before.
+    #[tokio::test]
+    async fn drained_pools_use_new_connections() {
+        let (addr, accepted, _) = answering_origin(Duration::from_millis(100), false).await;
+        let pool = Arc::new(plain_pool(addr));
+        let get = |pool: Arc<Pool>| async move {
+            let req = Request::new(Either::Right(Full::new(Bytes::new())));
+            let (resp, _) = pool.send(req).await.expect("answered");
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap();
+        };
+        get(pool.clone()).await;
+        assert_eq!(pool.describe().0, 1, "one idle connection");
+        pool.drain();
+        assert_eq!(pool.describe().0, 0, "closed at once");
+        // Busy during the next drain: not used again.
+        let busy = tokio::spawn(get(pool.clone()));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        pool.drain();
+        busy.await.unwrap();
+        get(pool.clone()).await;
+        get(pool.clone()).await;
+        assert_eq!(accepted.load(Relaxed), 3, "one each time, then reused");
     }
 
     /// Through real sockets: requests past `max_connections` wait for a
