@@ -179,6 +179,8 @@ pub struct ListenerConfig {
     pub name: Arc<str>,
     /// Where to listen.
     pub address: SocketAddr,
+    /// How its socket is set up (a change of it binds anew).
+    pub socket: ListenSocket,
     /// The connections the listener's filter chain takes (`None`: all);
     /// others are closed at once.
     pub chain_match: Option<ChainMatch>,
@@ -355,8 +357,10 @@ impl ListenerConfig {
             return Err(ConfigError::new(&fat, "needs a typed_config"));
         };
         let hcm: HttpConnectionManager = unpack(any, &fat)?;
+        let socket = ListenSocket::convert(l, address, &at)?;
         Ok(ListenerConfig {
             chain_match,
+            socket,
             ..Self::from_hcm(l, address, hcm, &fat)?
         })
     }
@@ -548,6 +552,7 @@ impl ListenerConfig {
             };
         Ok(ListenerConfig {
             chain_match: None,
+            socket: ListenSocket::default(),
             name: l.name.as_str().into(),
             address,
             stat_prefix: hcm.stat_prefix.as_str().into(),
@@ -831,6 +836,112 @@ impl Http10 {
         Ok(Http10 {
             accept: o.accept_http_10,
             default_host,
+        })
+    }
+}
+
+/// How a listener's socket is set up: Envoy's `socket_options`,
+/// `tcp_keepalive` and `tcp_backlog_size` (accepted connections inherit
+/// keep-alive from it, as the kernel copies it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListenSocket {
+    /// Options set on it, each at its stage.
+    pub options: Vec<SocketOption>,
+    /// TCP keep-alive.
+    pub keepalive: Option<super::Keepalive>,
+    /// The accept queue's length (`tcp_backlog_size`; 4,096 unless set).
+    pub backlog: Option<u32>,
+}
+
+/// One of Envoy's `socket_options`: a raw `setsockopt`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOption {
+    /// What it is for (`description`), for errors.
+    pub description: String,
+    /// `level`.
+    pub level: i32,
+    /// `name`.
+    pub name: i32,
+    /// `int_value` (as a C int) or `buf_value`.
+    pub value: Vec<u8>,
+    /// When it is set (`state`).
+    pub stage: SocketStage,
+}
+
+/// When a socket option is set: before the bind, after it, or once the
+/// socket listens (Envoy's `SocketState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketStage {
+    /// `STATE_PREBIND`.
+    Prebind,
+    /// `STATE_BOUND`.
+    Bound,
+    /// `STATE_LISTENING`.
+    Listening,
+}
+
+impl ListenSocket {
+    fn convert(l: &Listener, address: SocketAddr, at: &str) -> Result<Self, ConfigError> {
+        use portico_proto::envoy::config::core::v3::socket_option::{
+            SocketIpVersion, SocketState, Value,
+        };
+        let mut options = Vec::new();
+        for (i, o) in l.socket_options.iter().enumerate() {
+            let oat = format!("{at} socket_options[{i}]");
+            // Only for datagram sockets: not this (TCP) listener's.
+            if o.r#type
+                .as_ref()
+                .is_some_and(|t| t.stream.is_none() && t.datagram.is_some())
+            {
+                continue;
+            }
+            match SocketIpVersion::try_from(o.ip_version) {
+                Ok(SocketIpVersion::Unspecified) => {}
+                Ok(SocketIpVersion::Ipv4) if address.is_ipv4() => {}
+                Ok(SocketIpVersion::Ipv6) if address.is_ipv6() => {}
+                // For the other family: not this listener's.
+                Ok(_) => continue,
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        &oat,
+                        format!("unknown ip_version {}", o.ip_version),
+                    ))
+                }
+            }
+            let int = |v: i64, what: &str| {
+                i32::try_from(v)
+                    .map_err(|_| ConfigError::new(&oat, format!("{what} {v} does not fit a C int")))
+            };
+            let value = match &o.value {
+                Some(Value::IntValue(v)) => int(*v, "int_value")?.to_ne_bytes().to_vec(),
+                Some(Value::BufValue(b)) => b.clone(),
+                None => return Err(ConfigError::new(&oat, "needs an int_value or a buf_value")),
+            };
+            let stage = match SocketState::try_from(o.state) {
+                Ok(SocketState::StatePrebind) => SocketStage::Prebind,
+                Ok(SocketState::StateBound) => SocketStage::Bound,
+                Ok(SocketState::StateListening) => SocketStage::Listening,
+                Err(_) => return Err(ConfigError::new(&oat, format!("unknown state {}", o.state))),
+            };
+            options.push(SocketOption {
+                description: o.description.clone(),
+                level: int(o.level, "level")?,
+                name: int(o.name, "name")?,
+                value,
+                stage,
+            });
+        }
+        Ok(ListenSocket {
+            options,
+            keepalive: l
+                .tcp_keepalive
+                .as_ref()
+                .map(|k| super::Keepalive::convert(k, at))
+                .transpose()?,
+            backlog: l
+                .tcp_backlog_size
+                .as_ref()
+                .map(|b| b.value.clamp(1, i32::MAX as u32)),
         })
     }
 }
@@ -1648,6 +1759,77 @@ mod tests {
         let mut l = listener(|_| {});
         l.bind_to_port = Some(BoolValue { value: true });
         ListenerConfig::convert(&l).expect("binding is what it does anyway");
+    }
+
+    /// `socket_options`: kept for this listener's socket (not those for
+    /// datagrams or the other IP family), each at its stage; values that
+    /// do not fit are refused by place. `tcp_keepalive` and
+    /// `tcp_backlog_size` too.
+    #[test]
+    fn socket_options_are_read_for_this_socket() {
+        use portico_proto::envoy::config::core::v3::socket_option::{
+            socket_type, SocketIpVersion, SocketState, SocketType, Value,
+        };
+        use portico_proto::envoy::config::core::v3::{SocketOption as Pb, TcpKeepalive};
+        let opt = |level: i64, state: SocketState| Pb {
+            description: format!("o{level}"),
+            level,
+            name: 2,
+            state: state as i32,
+            value: Some(Value::IntValue(7)),
+            ..Default::default()
+        };
+        let mut l = listener(|_| {});
+        l.socket_options = vec![
+            opt(1, SocketState::StateBound),
+            Pb {
+                r#type: Some(SocketType {
+                    datagram: Some(socket_type::Datagram {}),
+                    stream: None,
+                }),
+                ..opt(2, SocketState::StatePrebind)
+            },
+            Pb {
+                ip_version: SocketIpVersion::Ipv6 as i32,
+                ..opt(3, SocketState::StatePrebind)
+            },
+            Pb {
+                value: Some(Value::BufValue(b"xy".to_vec())),
+                ..opt(4, SocketState::StateListening)
+            },
+        ];
+        l.tcp_keepalive = Some(TcpKeepalive {
+            keepalive_time: Some(UInt32Value { value: 9 }),
+            ..Default::default()
+        });
+        l.tcp_backlog_size = Some(UInt32Value { value: 64 });
+        let s = ListenerConfig::convert(&l).unwrap().socket;
+        let kept: Vec<_> = s
+            .options
+            .iter()
+            .map(|o| (o.level, o.stage, o.value.clone()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (1, SocketStage::Bound, 7i32.to_ne_bytes().to_vec()),
+                (4, SocketStage::Listening, b"xy".to_vec())
+            ]
+        );
+        assert_eq!(
+            s.keepalive.and_then(|k| k.idle),
+            Some(std::time::Duration::from_secs(9))
+        );
+        assert_eq!(s.backlog, Some(64));
+        l.socket_options = vec![Pb {
+            value: Some(Value::IntValue(1 << 40)),
+            ..opt(1, SocketState::StatePrebind)
+        }];
+        let e = ListenerConfig::convert(&l).unwrap_err().to_string();
+        assert!(
+            e.contains("socket_options[0]") && e.contains("int_value"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::access_log::Sink;
-use crate::config::listener::{ListenerConfig, LogTarget};
+use crate::config::listener::{ListenSocket, ListenerConfig, LogTarget, SocketStage};
 use crate::config::ConfigError;
 use crate::snapshot::{Shared, Snapshot};
 
@@ -52,6 +52,8 @@ pub struct ListenerRuntime {
 
 struct Running {
     addr: SocketAddr,
+    /// How its sockets were set up (another setup binds anew).
+    socket: ListenSocket,
     runtime: Arc<ArcSwap<ListenerRuntime>>,
     drain: tokio::sync::watch::Sender<bool>,
 }
@@ -89,7 +91,10 @@ impl ListenerManager {
     pub fn prepare(&self, snap: &Snapshot) -> Result<Prepared, ConfigError> {
         let mut bound = HashMap::new();
         for (name, l) in &snap.listeners {
-            let reuse = self.running.get(name).is_some_and(|r| r.addr == l.address);
+            let reuse = self
+                .running
+                .get(name)
+                .is_some_and(|r| r.addr == l.address && r.socket == l.socket);
             // A listener moving to another address binds before the old one
             // closes; one taking over an address another listener held is
             // bound after that one is drained (see apply).
@@ -100,7 +105,7 @@ impl ListenerManager {
             if reuse || held_by_other {
                 continue;
             }
-            let sock = bind_all(l.address, self.workers.0.len()).map_err(|e| {
+            let sock = bind_all(l.address, &l.socket, self.workers.0.len()).map_err(|e| {
                 ConfigError::new(
                     &format!("Listener {name:?}"),
                     format!("cannot listen on {}: {e}", l.address),
@@ -132,7 +137,11 @@ impl ListenerManager {
         let gone: Vec<Arc<str>> = self
             .running
             .iter()
-            .filter(|(n, r)| snap.listeners.get(*n).is_none_or(|l| l.address != r.addr))
+            .filter(|(n, r)| {
+                snap.listeners
+                    .get(*n)
+                    .is_none_or(|l| l.address != r.addr || l.socket != r.socket)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for n in gone {
@@ -196,7 +205,7 @@ impl ListenerManager {
             }
             let sock = match prepared.bound.remove(name) {
                 Some(s) => s,
-                None => match bind_all(l.address, self.workers.0.len()) {
+                None => match bind_all(l.address, &l.socket, self.workers.0.len()) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(listener = %name, addr = %l.address, error = %e, "cannot listen");
@@ -227,6 +236,7 @@ impl ListenerManager {
                 name.clone(),
                 Running {
                     addr: l.address,
+                    socket: l.socket.clone(),
                     runtime,
                     drain,
                 },
@@ -241,11 +251,15 @@ pub struct Prepared {
 }
 
 /// One socket per worker on the same address.
-fn bind_all(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    (0..n.max(1)).map(|_| bind(addr)).collect()
+fn bind_all(
+    addr: SocketAddr,
+    setup: &ListenSocket,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    (0..n.max(1)).map(|_| bind(addr, setup)).collect()
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn bind(addr: SocketAddr, setup: &ListenSocket) -> std::io::Result<std::net::TcpListener> {
     // std's bind does not set SO_REUSEADDR; tokio's does, so a restarted
     // proxy can rebind a port with connections in TIME_WAIT.
     let sock = if addr.is_ipv4() {
@@ -256,7 +270,124 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.set_reuseport(true)?;
     sock.set_nodelay(true)?;
+    if let Some(k) = &setup.keepalive {
+        k.apply(socket2::SockRef::from(&sock))?;
+    }
+    set_options(&sock, setup, SocketStage::Prebind)?;
     sock.bind(addr)?;
-    let l = sock.listen(4096)?;
+    set_options(&sock, setup, SocketStage::Bound)?;
+    let l = sock.listen(setup.backlog.unwrap_or(4096))?;
+    set_options(&l, setup, SocketStage::Listening)?;
     l.into_std()
+}
+
+/// Sets the listener's raw socket options of `stage` on `sock`; an error
+/// names the option.
+fn set_options(
+    sock: &impl std::os::fd::AsRawFd,
+    setup: &ListenSocket,
+    stage: SocketStage,
+) -> std::io::Result<()> {
+    for o in setup.options.iter().filter(|o| o.stage == stage) {
+        // SAFETY: a live socket; the value's pointer and length describe
+        // its own bytes, which the kernel only reads.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                o.level,
+                o.name,
+                o.value.as_ptr().cast(),
+                o.value.len() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "socket option {:?} (level {}, name {}): {e}",
+                    o.description, o.level, o.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::listener::SocketOption;
+    use crate::config::Keepalive;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    fn opt(fd: &impl AsRawFd, level: i32, name: i32) -> i32 {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket, and an int-sized buffer for an int option.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&raw mut v).cast(),
+                &raw mut len,
+            )
+        };
+        assert_eq!(r, 0, "getsockopt");
+        v
+    }
+
+    /// Through real sockets: a listener's raw socket options and TCP
+    /// keep-alive are set on its socket (keep-alive is inherited by the
+    /// connections it accepts); an option the kernel refuses fails the
+    /// bind with the option named.
+    #[tokio::test]
+    async fn listener_sockets_take_their_options() {
+        let setup = ListenSocket {
+            options: vec![SocketOption {
+                description: "tos".into(),
+                level: libc::IPPROTO_IP,
+                name: libc::IP_TOS,
+                value: 0x10i32.to_ne_bytes().to_vec(),
+                stage: SocketStage::Prebind,
+            }],
+            keepalive: Some(Keepalive {
+                idle: Some(Duration::from_secs(77)),
+                interval: None,
+                probes: Some(3),
+            }),
+            backlog: Some(16),
+        };
+        let l = bind("127.0.0.1:0".parse().unwrap(), &setup).expect("bound");
+        assert_eq!(opt(&l, libc::IPPROTO_IP, libc::IP_TOS), 0x10);
+        l.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        assert_eq!(opt(&accepted, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(opt(&accepted, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 77);
+        assert_eq!(opt(&accepted, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        // Without them: no keep-alive.
+        let plain = bind("127.0.0.1:0".parse().unwrap(), &ListenSocket::default()).unwrap();
+        assert_eq!(opt(&plain, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+
+        let bad = ListenSocket {
+            options: vec![SocketOption {
+                description: "made up".into(),
+                level: libc::SOL_SOCKET,
+                name: 99_999,
+                value: 1i32.to_ne_bytes().to_vec(),
+                stage: SocketStage::Listening,
+            }],
+            ..ListenSocket::default()
+        };
+        let e = bind("127.0.0.1:0".parse().unwrap(), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("socket option \"made up\" (level 1, name 99999)"),
+            "{e}"
+        );
+    }
 }
