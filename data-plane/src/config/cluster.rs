@@ -118,22 +118,7 @@ impl H2Client {
         };
         let keepalive = match &o.connection_keepalive {
             None => None,
-            Some(k) => {
-                let timeout = k
-                    .timeout
-                    .as_ref()
-                    .map(duration)
-                    .filter(|d| *d >= Duration::from_millis(1))
-                    .ok_or_else(|| {
-                        ConfigError::new(at, "connection_keepalive.timeout must be at least 1ms")
-                    })?;
-                let every = |d: &Option<portico_proto::google::protobuf::Duration>| {
-                    d.as_ref().map(duration).filter(|d| !d.is_zero())
-                };
-                every(&k.interval)
-                    .or(every(&k.connection_idle_interval))
-                    .map(|interval| (interval, timeout))
-            }
+            Some(k) => super::h2_keepalive(k, at)?,
         };
         Ok(H2Client {
             keepalive,

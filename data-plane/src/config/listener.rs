@@ -730,6 +730,10 @@ pub struct H2Limits {
     /// The connection's receive window, all request bodies together
     /// (`initial_connection_window_size`, 2 MiB here).
     pub conn_window: u32,
+    /// A PING every so often, the connection closed when one goes
+    /// unanswered this long (`connection_keepalive`; see
+    /// [`super::h2_keepalive`]).
+    pub keepalive: Option<(std::time::Duration, std::time::Duration)>,
 }
 
 impl Default for H2Limits {
@@ -738,6 +742,7 @@ impl Default for H2Limits {
             max_streams: 256,
             stream_window: 1 << 20,
             conn_window: 2 << 20,
+            keepalive: None,
         }
     }
 }
@@ -787,6 +792,10 @@ impl H2Limits {
                 "initial_connection_window_size",
                 d.conn_window,
             )?,
+            keepalive: match &o.connection_keepalive {
+                None => None,
+                Some(k) => super::h2_keepalive(k, &at)?,
+            },
         })
     }
 }
@@ -1850,7 +1859,8 @@ mod tests {
             H2Limits {
                 max_streams: 100,
                 stream_window: 65_535,
-                conn_window: 2 << 20
+                conn_window: 2 << 20,
+                keepalive: None,
             }
         );
         for (o, what) in [

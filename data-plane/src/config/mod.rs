@@ -182,3 +182,26 @@ impl Keepalive {
         socket.set_tcp_keepalive(&k)
     }
 }
+
+/// Envoy's HTTP/2 `connection_keepalive`: a PING every `interval` (a
+/// `connection_idle_interval` alone stands in for it: Envoy pings a
+/// connection idle that long before a new stream), the connection closed
+/// when one goes unanswered for `timeout`; `None` when neither interval is
+/// set. (`interval_jitter` is not applied.)
+pub fn h2_keepalive(
+    k: &portico_proto::envoy::config::core::v3::KeepaliveSettings,
+    at: &str,
+) -> Result<Option<(std::time::Duration, std::time::Duration)>, ConfigError> {
+    let timeout = k
+        .timeout
+        .as_ref()
+        .map(duration)
+        .filter(|d| *d >= std::time::Duration::from_millis(1))
+        .ok_or_else(|| ConfigError::new(at, "connection_keepalive.timeout must be at least 1ms"))?;
+    let every = |d: &Option<portico_proto::google::protobuf::Duration>| {
+        d.as_ref().map(duration).filter(|d| !d.is_zero())
+    };
+    Ok(every(&k.interval)
+        .or(every(&k.connection_idle_interval))
+        .map(|interval| (interval, timeout)))
+}

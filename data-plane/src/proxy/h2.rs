@@ -128,6 +128,7 @@ fn err(reason: Reason, why: impl Into<String>) -> ConnError {
 const DRAIN_ID: u32 = u32::MAX;
 const IDLE_ID: u32 = u32::MAX - 1;
 const TICK_ID: u32 = u32::MAX - 2;
+const PING_ID: u32 = u32::MAX - 3;
 
 /// Stream ids as their own hash (they are distinct small odd numbers).
 #[derive(Default)]
@@ -718,6 +719,12 @@ struct Connection {
     /// route sets its own.
     tick: Option<Tick>,
     tick_wake: Arc<StreamWake>,
+    /// The keep-alive PINGs (`connection_keepalive`).
+    ping: Option<Ping>,
+    ping_wake: Arc<StreamWake>,
+    /// Frames received so far (an unanswered PING's wait starts again
+    /// while others come, as Envoy's does).
+    frames_in: u64,
     /// When the last stream ended.
     idle_since: Instant,
     /// Since when unsent output has waited for the socket.
@@ -771,6 +778,7 @@ impl Connection {
             })
         };
         let (drain_wake, idle_wake, tick_wake) = (timer(DRAIN_ID), timer(IDLE_ID), timer(TICK_ID));
+        let ping_wake = timer(PING_ID);
         Connection {
             io,
             conn,
@@ -791,7 +799,7 @@ impl Connection {
             streams: Streams::default(),
             ready,
             // The timers are polled once to register their wakers.
-            woken: vec![DRAIN_ID, IDLE_ID, TICK_ID],
+            woken: vec![DRAIN_ID, IDLE_ID, TICK_ID, PING_ID],
             released: Vec::new(),
             unparsed,
             preface_seen: false,
@@ -820,6 +828,14 @@ impl Connection {
             proxy_continue,
             tick: stream_idle_timeout.map(|d| Tick::new(stream_idle::period(d))),
             tick_wake,
+            ping: h2.keepalive.map(|(interval, timeout)| Ping {
+                interval,
+                timeout,
+                sleep: Box::pin(tokio::time::sleep_until(now + interval)),
+                awaiting: None,
+            }),
+            ping_wake,
+            frames_in: 0,
             idle_since: now,
             write_stalled_since: None,
             dead: false,
@@ -1030,6 +1046,57 @@ impl Connection {
         }
     }
 
+    /// The keep-alive timer fired (or is polled for the first time): a
+    /// PING goes out, or the one out is overdue: the connection is closed
+    /// at once (Envoy's keep-alive timeout), unless frames came meanwhile
+    /// (then it waits as long again).
+    fn poll_ping(&mut self) {
+        let waker = self.ping_wake.rearm();
+        let mut cx = Context::from_waker(&waker);
+        let frames_in = self.frames_in;
+        let Some(p) = &mut self.ping else {
+            return;
+        };
+        if p.sleep.as_mut().poll(&mut cx).is_pending() {
+            return;
+        }
+        let now = Instant::now();
+        match p.awaiting {
+            None => {
+                let payload = fastrand::u64(..);
+                frame::write_head(&mut self.out.wbuf, 8, kind::PING, 0, 0);
+                self.out.wbuf.extend_from_slice(&payload.to_be_bytes());
+                p.awaiting = Some((payload, frames_in));
+            }
+            Some((payload, seen)) if seen != frames_in => p.awaiting = Some((payload, frames_in)),
+            Some(_) => {
+                tracing::debug!(peer = %self.conn.peer, "HTTP/2 keep-alive PING not answered: closing");
+                self.closed_by = Some("keep-alive PING not answered".into());
+                self.dead = true;
+                return;
+            }
+        }
+        p.sleep.as_mut().reset(now + p.timeout);
+        // Polled once more so that the new deadline wakes this waker.
+        let _ = p.sleep.as_mut().poll(&mut cx);
+    }
+
+    /// A PING's ACK came: the one awaited ends its wait; the next goes
+    /// out an interval later.
+    fn on_ping_ack(&mut self, payload: &[u8]) {
+        let Some(p) = &mut self.ping else {
+            return;
+        };
+        if p.awaiting
+            .is_some_and(|(sent, _)| payload == sent.to_be_bytes())
+        {
+            p.awaiting = None;
+            p.sleep.as_mut().reset(Instant::now() + p.interval);
+            // Polled again, so that the new deadline wakes it.
+            Wake::wake_by_ref(&self.ping_wake);
+        }
+    }
+
     /// Sends GOAWAY: streams open now finish, no new ones start.
     fn go_away(&mut self, reason: Reason, why: &str) {
         // A second GOAWAY only to name an error after a graceful one.
@@ -1148,6 +1215,10 @@ impl Connection {
                 self.poll_tick();
                 continue;
             }
+            if id == PING_ID {
+                self.poll_ping();
+                continue;
+            }
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
@@ -1226,6 +1297,7 @@ impl Connection {
     }
 
     fn frame(&mut self, head: Head, payload: Bytes) -> Result<(), ConnError> {
+        self.frames_in = self.frames_in.wrapping_add(1);
         if !self.settings_seen && (head.kind != kind::SETTINGS || head.has(flag::ACK)) {
             return Err(err(Reason::PROTOCOL_ERROR, "first frame is not SETTINGS"));
         }
@@ -1264,6 +1336,8 @@ impl Connection {
                 if !head.has(flag::ACK) {
                     frame::write_head(&mut self.out.wbuf, 8, kind::PING, flag::ACK, 0);
                     self.out.wbuf.extend_from_slice(&payload);
+                } else {
+                    self.on_ping_ack(&payload);
                 }
                 Ok(())
             }
@@ -1781,6 +1855,16 @@ fn upstream_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
         };
     }
     None
+}
+
+/// The keep-alive PINGs of a connection.
+struct Ping {
+    interval: Duration,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+    /// The payload of the PING out, and the frames received by when its
+    /// wait last started.
+    awaiting: Option<(u64, u64)>,
 }
 
 /// The stream idle timeout's tick.

@@ -3665,3 +3665,86 @@ fn expect_continue_is_answered_or_proxied() {
         assert!(h.payload.starts_with(first), "{path}: {h:?}");
     }
 }
+
+/// The connection manager's HTTP/2 `connection_keepalive`: the proxy
+/// PINGs its clients every interval; one that answers keeps its
+/// connection, one that stops answering is cut off after the timeout.
+#[test]
+fn http2_clients_are_pinged_and_cut_off_when_silent() {
+    use super::dp_h2_downstream::Raw;
+    use portico_proto::envoy::config::core::v3::{Http2ProtocolOptions, KeepaliveSettings};
+    use std::time::{Duration, Instant};
+    const PING: u8 = 6;
+    let up = Upstream::start("u1");
+    let port = free_port();
+    let xds = StaticXds::start();
+    xds.set(
+        CLUSTER,
+        vec![resource(
+            "plain",
+            &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
+        )],
+    );
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![prefix_route("/", "plain", |_| {})]),
+        )],
+    );
+    let ms = |ms: i32| portico_proto::google::protobuf::Duration {
+        seconds: 0,
+        nanos: ms * 1_000_000,
+    };
+    let mut l = listener("pinging", port, 0, false, None);
+    edit_hcm(&mut l, |h| {
+        // (Without the helper's short idle timeout: PINGs do not count as
+        // activity, and it would end the connection first.)
+        h.common_http_protocol_options = None;
+        h.http2_protocol_options = Some(Http2ProtocolOptions {
+            connection_keepalive: Some(KeepaliveSettings {
+                interval: Some(ms(200)),
+                timeout: Some(ms(400)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    });
+    xds.set(LISTENER, vec![resource("pinging", &l)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _dp = DataPlane::start(
+        dir.path(),
+        "dp-ping",
+        &xds.addr.to_string(),
+        "any",
+        &["--sotw"],
+    );
+    wait_for(Duration::from_secs(10), || {
+        http1(port, "GET", "/x", "gw", &[], "")
+            .ok()
+            .filter(|r| r.status == 200)
+    })
+    .expect("the listener serves");
+    let mut c = Raw::connect(port, &[]);
+    // Three PINGs answered, each about an interval after the last answer.
+    let mut last = Instant::now();
+    for i in 0..3 {
+        let p = c.until("a PING", |f| f.kind == PING && f.flags & 1 == 0);
+        let took = last.elapsed();
+        assert!(
+            took >= Duration::from_millis(150) && took < Duration::from_millis(1500),
+            "PING {i} after {took:?}"
+        );
+        c.send(PING, 1, 0, &p.payload);
+        last = Instant::now();
+    }
+    // The next one unanswered: the connection ends after the timeout.
+    c.until("a PING", |f| f.kind == PING && f.flags & 1 == 0);
+    let unanswered = Instant::now();
+    while c.frame().is_some() {}
+    let took = unanswered.elapsed();
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_millis(2500),
+        "cut off after {took:?}"
+    );
+}

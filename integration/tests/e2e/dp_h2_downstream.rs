@@ -79,7 +79,7 @@ impl Raw {
     }
 
     /// The next frame; `None` at the end of the connection.
-    fn frame(&mut self) -> Option<Frame> {
+    pub(super) fn frame(&mut self) -> Option<Frame> {
         loop {
             if self.buf.len() >= 9 {
                 let len = (usize::from(self.buf[0]) << 16)
