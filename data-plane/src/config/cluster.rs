@@ -676,6 +676,11 @@ pub struct ClusterConfig {
     /// (`upstream_bind_config.source_address`; the system's choice unless
     /// set).
     pub source_address: Option<SocketAddr>,
+    /// An endpoint the control plane removes goes at once, whatever its
+    /// health checks say (`ignore_health_on_host_removal`); otherwise, in
+    /// a health-checked cluster, one that passes its checks stays until it
+    /// fails one (Envoy's default).
+    pub ignore_health_on_removal: bool,
     /// When endpoints are added or removed, the connections to the others
     /// are drained: idle ones closed, busy ones not reused
     /// (`common_lb_config.close_connections_on_host_set_change`).
@@ -1775,6 +1780,7 @@ impl ClusterConfig {
             Some(n) => u16::try_from(n).unwrap_or(u16::MAX),
         };
         Ok(ClusterConfig {
+            ignore_health_on_removal: c.ignore_health_on_host_removal,
             drain_on_host_change: c
                 .common_lb_config
                 .as_ref()

@@ -260,6 +260,9 @@ fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) 
             c.start_slow(e, super::now_ms());
         }
         c.stats.health_flaps.fetch_add(1, Relaxed);
+        if !ok && e.pending_removal.load(Relaxed) {
+            c.drop_removed(e);
+        }
         tracing::info!(cluster = %c.config.name, endpoint = %e.addr, healthy = ok, "health check changed endpoint state");
         Change::Changed
     } else {
@@ -568,6 +571,66 @@ mod tests {
         // may have asked its address once.)
         assert!(asked_serving.load(Relaxed) <= 1);
         assert_eq!(asked_quiet.load(Relaxed), 0);
+    }
+
+    /// Through real sockets: Envoy's default for a health-checked cluster:
+    /// an endpoint the control plane removes stays, flagged, while it
+    /// passes its checks and goes when it fails one; one the control plane
+    /// names again is no longer flagged. With
+    /// `ignore_health_on_host_removal`, it goes at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removed_endpoints_stay_while_their_checks_pass() {
+        use crate::config::cluster::{EndpointSpec, LoadPolicy};
+        use std::sync::atomic::AtomicBool;
+        let failing = Arc::new(AtomicBool::new(false));
+        let f = failing.clone();
+        let (leaving, _) = check_target_with(move || if f.load(Relaxed) { BAD } else { OK }).await;
+        let (staying, _) = check_target(OK).await;
+        let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+            let started = std::time::Instant::now();
+            while !done() {
+                assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        for ignore in [false, true] {
+            failing.store(false, Relaxed);
+            let c = checked_cluster(staying, |pb| pb.ignore_health_on_host_removal = ignore);
+            let both = [EndpointSpec::at(staying), EndpointSpec::at(leaving)];
+            c.set_endpoints(&both, LoadPolicy::default());
+            let addrs = || -> Vec<_> {
+                c.endpoints
+                    .load()
+                    .endpoints
+                    .iter()
+                    .map(|e| e.addr)
+                    .collect()
+            };
+            let now = crate::upstream::now_ms;
+            wait_until("both checked healthy", &|| {
+                c.endpoints
+                    .load()
+                    .endpoints
+                    .iter()
+                    .all(|e| e.available(now()))
+            });
+            c.set_endpoints(&[EndpointSpec::at(staying)], LoadPolicy::default());
+            if ignore {
+                assert_eq!(addrs(), [staying], "gone at once");
+                continue;
+            }
+            assert_eq!(addrs(), [staying, leaving], "kept while it passes");
+            let flags = c.endpoints.load().endpoints[1].health_flags();
+            assert_eq!(flags, "/pending_dynamic_removal");
+            // Named again: an endpoint like any other.
+            c.set_endpoints(&both, LoadPolicy::default());
+            assert_eq!(c.endpoints.load().endpoints[1].health_flags(), "healthy");
+            // Removed again, then failing its check: gone.
+            c.set_endpoints(&[EndpointSpec::at(staying)], LoadPolicy::default());
+            assert_eq!(addrs(), [staying, leaving]);
+            failing.store(true, Relaxed);
+            wait_until("gone after a failed check", &|| addrs() == [staying]);
+        }
     }
 
     /// Through real sockets: an endpoint kept out until its first check

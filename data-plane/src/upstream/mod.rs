@@ -83,6 +83,9 @@ pub struct Endpoint {
     slow_since: AtomicU64,
     /// Requests in flight.
     pub active: AtomicU32,
+    /// The control plane removed it, but it passes its health checks: it
+    /// stays until it fails one (Envoy's pending dynamic removal).
+    pub(crate) pending_removal: AtomicBool,
     /// Connections to it.
     pub pool: Pool,
 }
@@ -113,6 +116,7 @@ impl Endpoint {
             window_local_failed: AtomicU32::new(0),
             slow_since: AtomicU64::new(0),
             active: AtomicU32::new(0),
+            pending_removal: AtomicBool::new(false),
             pool: Pool::new(spec.addr, cfg, stats.clone()).with_also(spec.also.clone()),
         }
     }
@@ -205,6 +209,9 @@ impl Endpoint {
         }
         if self.hc_excluded.load(Relaxed) {
             f.push("/pending_active_hc");
+        }
+        if self.pending_removal.load(Relaxed) {
+            f.push("/pending_dynamic_removal");
         }
         if f.is_empty() {
             "healthy".into()
@@ -317,6 +324,10 @@ pub struct Cluster {
     slow_until: AtomicU64,
     /// Held while an endpoint is ejected.
     ejecting: std::sync::Mutex<()>,
+    /// Held while the endpoint set is rebuilt from the one installed (the
+    /// control plane's changes and a health checker's removal must not
+    /// undo each other).
+    rebuilding: std::sync::Mutex<()>,
     /// It has had endpoints: endpoints it gets from now on are added ones
     /// (they ramp up, and await their first health check).
     initialized: AtomicBool,
@@ -352,6 +363,7 @@ impl Cluster {
             drop_per_million: AtomicU32::new(0),
             slow_until: AtomicU64::new(0),
             ejecting: std::sync::Mutex::new(()),
+            rebuilding: std::sync::Mutex::new(()),
             initialized: AtomicBool::new(false),
             endpoints_changed: Arc::default(),
             retired: AtomicBool::new(false),
@@ -378,6 +390,7 @@ impl Cluster {
     /// Replaces the endpoints (in ascending priority), keeping the state
     /// of those that remain.
     pub fn set_endpoints(&self, specs: &[EndpointSpec], policy: LoadPolicy) {
+        let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
         let specs = &*self.effective(specs);
         let old = self.endpoints.load();
         let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
@@ -388,10 +401,11 @@ impl Cluster {
         // (Not a cluster that had endpoints and lost them all.)
         let now = now_ms();
         let ramp = self.initialized.load(Relaxed) || !old.endpoints.is_empty();
-        let endpoints: Vec<Arc<Endpoint>> = specs
+        let mut endpoints: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|s| match by_addr.get(&s.addr) {
                 Some(e) if e.same_identity(s) => {
+                    e.pending_removal.store(false, Relaxed);
                     e.eds_healthy.store(eds_ok(s.health), Relaxed);
                     e.eds_degraded
                         .store(s.health == HealthStatus::Degraded, Relaxed);
@@ -431,6 +445,35 @@ impl Cluster {
         if !endpoints.is_empty() {
             self.initialized.store(true, Relaxed);
         }
+        let mut priorities: Vec<u32> = specs.iter().map(|s| s.priority).collect();
+        // Envoy's default for a health-checked cluster: an endpoint the
+        // control plane removed stays while it passes its checks (it goes
+        // when it fails one, see `drop_removed`).
+        if self.config.health_check.is_some() && !self.config.ignore_health_on_removal {
+            let named: std::collections::HashSet<SocketAddr> =
+                specs.iter().map(|s| s.addr).collect();
+            let kept: Vec<(u32, Arc<Endpoint>)> = old
+                .priorities()
+                .zip(&old.endpoints)
+                .filter(|(_, e)| {
+                    !named.contains(&e.addr)
+                        && e.hc_healthy.load(Relaxed)
+                        && !e.hc_first.load(Relaxed)
+                })
+                .map(|(p, e)| (p, e.clone()))
+                .collect();
+            if !kept.is_empty() {
+                let mut all: Vec<(u32, Arc<Endpoint>)> =
+                    priorities.into_iter().zip(endpoints).collect();
+                for (p, e) in kept {
+                    e.pending_removal.store(true, Relaxed);
+                    all.push((p, e));
+                }
+                // (Stable: each level keeps the control plane's order.)
+                all.sort_by_key(|(p, _)| *p);
+                (priorities, endpoints) = all.into_iter().unzip();
+            }
+        }
         // Envoy's close_connections_on_host_set_change: an endpoint added
         // or removed drains every connection to the others.
         let membership_changed = endpoints.len() != old.endpoints.len()
@@ -440,12 +483,34 @@ impl Cluster {
                 e.pool.drain();
             }
         }
-        let priorities: Vec<u32> = specs.iter().map(|s| s.priority).collect();
         self.install(EndpointSet::new(
             &self.config,
             endpoints,
             &priorities,
             policy,
+        ));
+    }
+
+    /// Takes out `gone`, an endpoint the control plane removed that stayed
+    /// while it passed its checks, now that it failed one.
+    pub(crate) fn drop_removed(&self, gone: &Endpoint) {
+        let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        let set = self.endpoints.load_full();
+        let (priorities, endpoints): (Vec<u32>, Vec<Arc<Endpoint>>) = set
+            .priorities()
+            .zip(&set.endpoints)
+            .filter(|(_, e)| !std::ptr::eq(&***e, gone))
+            .map(|(p, e)| (p, e.clone()))
+            .unzip();
+        if endpoints.len() == set.endpoints.len() {
+            return;
+        }
+        tracing::info!(cluster = %self.config.name, endpoint = %gone.addr, "removed endpoint failed its health check: gone");
+        self.install(EndpointSet::new(
+            &self.config,
+            endpoints,
+            &priorities,
+            set.policy,
         ));
     }
 
@@ -466,6 +531,7 @@ impl Cluster {
     /// change of the cluster's config), with `policy` (a DNS cluster's,
     /// which comes with its config).
     fn rebalance(&self, policy: LoadPolicy) {
+        let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
         let set = self.endpoints.load_full();
         if self.config.health_check.is_none() {
             for e in &set.endpoints {
