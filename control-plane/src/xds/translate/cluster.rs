@@ -129,6 +129,10 @@ pub(crate) fn build(name: &str, svc: &ServiceSpec) -> Built {
         cluster.load_assignment = Some(cla.clone());
     }
     if let Some(hc) = &svc.health_check {
+        // An endpoint taken out of the Service leaves at once, where
+        // Envoy's default keeps it while it passes its checks (Contour and
+        // Envoy Gateway set this too).
+        cluster.ignore_health_on_host_removal = true;
         cluster.health_checks.push(HealthCheck {
             timeout: Some(
                 hc.timeout

@@ -286,6 +286,35 @@ fn slow_start_reaches_the_balancer() {
     assert_eq!((window.seconds, window.nanos), (30, 0));
 }
 
+/// A Service's health check becomes its cluster's, and an endpoint taken
+/// out of the Service leaves at once (not Envoy's default of staying while
+/// its checks pass).
+#[test]
+fn health_checked_endpoints_leave_when_removed() {
+    use portico_proto::envoy::config::cluster::v3::Cluster;
+    let mut docs = base();
+    let plain = decoded::<Cluster>(
+        &translate(&state(docs.clone()), 1).view("edge"),
+        TypeUrl::Cluster,
+        "pets",
+    );
+    assert!(plain.health_checks.is_empty() && !plain.ignore_health_on_host_removal);
+    docs.retain(|d| d["metadata"]["name"] != "pets" || d["kind"] != "Service");
+    docs.push(document(
+        Kind::Service,
+        "pets",
+        json!({"endpoints": [{"address": "10.0.0.1", "port": 80}],
+               "healthCheck": {"path": "/healthz"}}),
+    ));
+    let c = decoded::<Cluster>(
+        &translate(&state(docs), 1).view("edge"),
+        TypeUrl::Cluster,
+        "pets",
+    );
+    assert_eq!(c.health_checks.len(), 1);
+    assert!(c.ignore_health_on_host_removal);
+}
+
 /// Failover tiers become Envoy's priorities, one locality each (in no
 /// other priority, as gRPC clients require).
 #[test]
