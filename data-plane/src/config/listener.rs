@@ -235,6 +235,15 @@ pub struct ListenerConfig {
     /// How long a downstream connection may live before it is drained
     /// (`common_http_protocol_options.max_connection_duration`).
     pub max_connection_duration: Option<Duration>,
+    /// Up to this share more of it, drawn per connection
+    /// (`max_connection_duration_jitter`, a fraction of 1), so that
+    /// connections opened together do not all end together.
+    pub max_connection_jitter: f64,
+    /// An idle HTTP/1.1 connection past its age is not closed: the next
+    /// request's answer says `Connection: close` and the connection ends
+    /// after it (`http1_safe_max_connection_duration`, RFC 9112 section
+    /// 9.6).
+    pub http1_safe_max_duration: bool,
     /// How long a removed listener lets open requests finish.
     pub drain_timeout: Duration,
     /// How the client of a request is found (x-forwarded-for and
@@ -640,6 +649,22 @@ impl ListenerConfig {
                 .and_then(|c| c.max_connection_duration.as_ref())
                 .map(duration)
                 .filter(|d| !d.is_zero()),
+            max_connection_jitter: match common
+                .and_then(|c| c.max_connection_duration_jitter.as_ref())
+                .map(|p| p.value)
+            {
+                None => 0.0,
+                Some(p) if (0.0..=100.0).contains(&p) => p / 100.0,
+                Some(p) => {
+                    return Err(ConfigError::new(
+                        at,
+                        format!(
+                            "common_http_protocol_options.max_connection_duration_jitter {p} is not a percentage"
+                        ),
+                    ))
+                }
+            },
+            http1_safe_max_duration: hcm.http1_safe_max_connection_duration,
             drain_timeout: hcm
                 .drain_timeout
                 .as_ref()

@@ -120,7 +120,13 @@ pub(super) async fn serve(
     };
     // Both polled only when they fire (`Quiet`), not each time the
     // connection waits for a request.
-    let mut drained = Quiet::new(Box::pin(server::drain_or_age(drain.clone(), aged_at)));
+    // (With `http1_safe_max_connection_duration`, age alone never ends
+    // the connection while it waits: the next answer says it is the last.)
+    let age_ends_idle = !conn.listener.load().config.http1_safe_max_duration;
+    let mut drained = Quiet::new(Box::pin(server::drain_or_age(
+        drain.clone(),
+        aged_at.filter(|_| age_ends_idle),
+    )));
     // The idle timer is armed once per idle period, not per request: when
     // it fires after requests were served, it is pushed back.
     let mut idle: Option<Quiet<Pin<Box<tokio::time::Sleep>>>> = None;

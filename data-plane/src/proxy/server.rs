@@ -243,11 +243,16 @@ pub(super) async fn drain_or_age(
 
 /// When a connection opened now reaches the listener's age limit.
 pub(super) fn aged_at(conn: &Conn) -> Option<tokio::time::Instant> {
-    conn.listener
-        .load()
-        .config
-        .max_connection_duration
-        .map(|d| tokio::time::Instant::now() + d)
+    let listener = conn.listener.load();
+    let c = &listener.config;
+    c.max_connection_duration.map(|d| {
+        // (Drawn per connection: `max_connection_duration_jitter`.)
+        let jitter = match c.max_connection_jitter {
+            j if j > 0.0 => d.mul_f64(j * fastrand::f64()),
+            _ => Duration::ZERO,
+        };
+        tokio::time::Instant::now() + d + jitter
+    })
 }
 
 /// What makes an accept loop stop and drain: its listener's removal, or

@@ -3748,3 +3748,104 @@ fn http2_clients_are_pinged_and_cut_off_when_silent() {
         "cut off after {took:?}"
     );
 }
+
+/// `max_connection_duration` on HTTP/1.1: by default an idle connection
+/// past its age is closed; with `http1_safe_max_connection_duration` it
+/// stays until the next request, whose answer says `Connection: close`
+/// (RFC 9112 section 9.6), and then ends.
+#[test]
+fn aged_http1_connections_end_safely_when_asked() {
+    use std::time::Duration;
+    let up = Upstream::start("u1");
+    let (plain, safe) = (free_port(), free_port());
+    let xds = StaticXds::start();
+    xds.set(
+        CLUSTER,
+        vec![resource(
+            "plain",
+            &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
+        )],
+    );
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![prefix_route("/", "plain", |_| {})]),
+        )],
+    );
+    let aged = |name: &str, port: u16, safe: bool| {
+        let mut l = listener(name, port, 0, false, None);
+        edit_hcm(&mut l, |h| {
+            h.http1_safe_max_connection_duration = safe;
+            h.common_http_protocol_options = Some(HttpProtocolOptions {
+                max_connection_duration: Some(portico_proto::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 300_000_000,
+                }),
+                max_connection_duration_jitter: Some(portico_proto::envoy::r#type::v3::Percent {
+                    value: 10.0,
+                }),
+                ..Default::default()
+            });
+        });
+        resource(name, &l)
+    };
+    xds.set(
+        LISTENER,
+        vec![aged("plain", plain, false), aged("safe", safe, true)],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _dp = DataPlane::start(
+        dir.path(),
+        "dp-aged",
+        &xds.addr.to_string(),
+        "any",
+        &["--sotw"],
+    );
+    for port in [plain, safe] {
+        wait_for(Duration::from_secs(10), || {
+            http1(port, "GET", "/x", "gw", &[], "")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .expect("the listeners serve");
+    }
+    // One answer at a time: up to its blank line and its short body.
+    let answer = |s: &mut std::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).expect("an answer");
+            got.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).expect("its body");
+        head
+    };
+    let get = b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n";
+    for (port, safe) in [(plain, false), (safe, true)] {
+        let mut s = connect(port);
+        s.write_all(get).expect("write");
+        assert!(!answer(&mut s).contains("connection: close"));
+        // Idle past its age (300 ms and up to a tenth more).
+        std::thread::sleep(Duration::from_millis(600));
+        let mut b = [0u8; 1];
+        if !safe {
+            assert_eq!(s.read(&mut b).expect("a close"), 0, "closed while idle");
+            continue;
+        }
+        s.write_all(get).expect("still open");
+        let head = answer(&mut s);
+        assert!(
+            head.starts_with("http/1.1 200") && head.contains("connection: close"),
+            "{head}"
+        );
+        assert_eq!(s.read(&mut b).expect("a close"), 0, "closed after it");
+    }
+}
