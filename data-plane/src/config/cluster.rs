@@ -1757,11 +1757,10 @@ impl ClusterConfig {
             None => (None, FamilyOrder::default()),
             Some(o) => {
                 let oat = format!("{at} upstream_connection_options");
-                let keepalive = o
-                    .tcp_keepalive
-                    .as_ref()
-                    .map(|k| super::Keepalive::convert(k, &oat))
-                    .transpose()?;
+                let keepalive = match &o.tcp_keepalive {
+                    None => None,
+                    Some(k) => super::Keepalive::convert(k, &oat)?,
+                };
                 (
                     keepalive,
                     FamilyOrder::convert(o.happy_eyeballs_config.as_ref(), &oat)?,

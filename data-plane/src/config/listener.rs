@@ -967,11 +967,10 @@ impl ListenSocket {
         }
         Ok(ListenSocket {
             options,
-            keepalive: l
-                .tcp_keepalive
-                .as_ref()
-                .map(|k| super::Keepalive::convert(k, at))
-                .transpose()?,
+            keepalive: match &l.tcp_keepalive {
+                None => None,
+                Some(k) => super::Keepalive::convert(k, at)?,
+            },
             backlog: l
                 .tcp_backlog_size
                 .as_ref()

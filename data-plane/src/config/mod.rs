@@ -134,21 +134,26 @@ pub struct Keepalive {
 }
 
 impl Keepalive {
-    /// Converts Envoy's message; values the kernel would refuse (0, or
-    /// over Linux's limits: 32,767 s, 127 probes) are refused here.
+    /// Converts Envoy's message: `None` when a field is 0 (Envoy's way to
+    /// turn keep-alive off); values over Linux's limits (32,767 s, 127
+    /// probes), which the kernel would refuse, are refused here.
     pub fn convert(
         k: &portico_proto::envoy::config::core::v3::TcpKeepalive,
         at: &str,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Option<Self>, ConfigError> {
+        let fields = [k.keepalive_time, k.keepalive_interval, k.keepalive_probes];
+        if fields.iter().flatten().any(|v| v.value == 0) {
+            return Ok(None);
+        }
         let bounded = |v: Option<u32>, max: u32, field: &str| match v {
-            Some(n) if n == 0 || n > max => Err(ConfigError::new(
+            Some(n) if n > max => Err(ConfigError::new(
                 at,
                 format!("tcp_keepalive.{field} {n} is out of range (1 to {max})"),
             )),
             v => Ok(v),
         };
         let secs = |v: Option<u32>| v.map(|s| std::time::Duration::from_secs(u64::from(s)));
-        Ok(Keepalive {
+        Ok(Some(Keepalive {
             idle: secs(bounded(
                 k.keepalive_time.as_ref().map(|v| v.value),
                 32_767,
@@ -164,7 +169,7 @@ impl Keepalive {
                 127,
                 "keepalive_probes",
             )?,
-        })
+        }))
     }
 
     /// Turns it on for `socket`.

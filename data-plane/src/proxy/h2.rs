@@ -1049,7 +1049,8 @@ impl Connection {
     /// The keep-alive timer fired (or is polled for the first time): a
     /// PING goes out, or the one out is overdue: the connection is closed
     /// at once (Envoy's keep-alive timeout), unless frames came meanwhile
-    /// (then it waits as long again).
+    /// (then it waits a whole timeout again, where Envoy counts from the
+    /// last frame: up to twice as long in all).
     fn poll_ping(&mut self) {
         let waker = self.ping_wake.rearm();
         let mut cx = Context::from_waker(&waker);

@@ -1957,12 +1957,22 @@ async fn tunnel_upgrade(
     let fail = || {
         local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n", "UF")
     };
-    let mut tx = upstream
-        .endpoint
-        .pool
-        .connect_h1()
-        .await
-        .map_err(|_| fail())?;
+    // A connection may have to wait for one to free (a pending request),
+    // bounded by the stream's duration limit as the tunnel is.
+    let connected = tokio::select! {
+        c = upstream.endpoint.pool.connect_h1() => c,
+        () = sleep_until_any(deadline) => {
+            return Err(local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n", "UT"));
+        }
+    };
+    let mut tx = connected.map_err(|e| match e {
+        SendError::Overflow => local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow\n",
+            "UO",
+        ),
+        _ => fail(),
+    })?;
     let mut resp = tx.send_request(up_req).await.map_err(|_| {
         local(
             StatusCode::BAD_GATEWAY,

@@ -79,6 +79,8 @@ pub struct Connection {
     pub(crate) born_ms: u32,
     /// When it last went idle.
     pub(crate) since: Instant,
+    /// The pool's drains when it was made (see [`Pool::drain`]).
+    generation: u32,
     /// Counts it among the endpoint's open connections while it lives.
     _open: OpenSlot,
 }
@@ -94,8 +96,20 @@ impl Connection {
             uses: 0,
             born_ms: super::now_ms() as u32,
             since: Instant::now(),
+            generation: open.generation(),
             _open: open,
         }
+    }
+
+    /// Whether its pool has not been drained since it was made.
+    pub(super) fn undrained(&self) -> bool {
+        self.generation == self._open.generation()
+    }
+
+    /// Its socket and its place among the open connections (for a
+    /// connection of another kind, an upgrade's, made on it).
+    pub(super) fn into_socket(self) -> (TcpStream, OpenSlot) {
+        (self.io, self._open)
     }
 
     /// The connection's write buffer, to encode a request head into.

@@ -260,7 +260,7 @@ fn record(c: &Cluster, e: &Endpoint, outcome: Outcome, cfg: &HealthCheckConfig) 
             c.start_slow(e, super::now_ms());
         }
         c.stats.health_flaps.fetch_add(1, Relaxed);
-        if !ok && e.pending_removal.load(Relaxed) {
+        if !ok {
             c.drop_removed(e);
         }
         tracing::info!(cluster = %c.config.name, endpoint = %e.addr, healthy = ok, "health check changed endpoint state");

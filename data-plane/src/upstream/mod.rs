@@ -455,9 +455,12 @@ impl Cluster {
             let kept: Vec<(u32, Arc<Endpoint>)> = old
                 .priorities()
                 .zip(&old.endpoints)
+                // (Not one the control plane last called unhealthy, as
+                // Envoy removes those at once too.)
                 .filter(|(_, e)| {
                     !named.contains(&e.addr)
                         && e.hc_healthy.load(Relaxed)
+                        && e.eds_healthy.load(Relaxed)
                         && !e.hc_first.load(Relaxed)
                 })
                 .map(|(p, e)| (p, e.clone()))
@@ -491,10 +494,14 @@ impl Cluster {
         ));
     }
 
-    /// Takes out `gone`, an endpoint the control plane removed that stayed
-    /// while it passed its checks, now that it failed one.
+    /// Takes out `gone` if the control plane removed it and it stayed
+    /// while it passed its checks, now that it failed one. (Told of every
+    /// endpoint that fails: a removal may have been under way as it did.)
     pub(crate) fn drop_removed(&self, gone: &Endpoint) {
         let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        if !gone.pending_removal.load(Relaxed) || gone.hc_healthy.load(Relaxed) {
+            return;
+        }
         let set = self.endpoints.load_full();
         let (priorities, endpoints): (Vec<u32>, Vec<Arc<Endpoint>>) = set
             .priorities()
@@ -506,6 +513,11 @@ impl Cluster {
             return;
         }
         tracing::info!(cluster = %self.config.name, endpoint = %gone.addr, "removed endpoint failed its health check: gone");
+        if self.config.drain_on_host_change {
+            for e in &endpoints {
+                e.pool.drain();
+            }
+        }
         self.install(EndpointSet::new(
             &self.config,
             endpoints,
@@ -762,7 +774,8 @@ impl Resolved {
     /// Classifies a lookup's outcome. The standard library reports the
     /// resolver's errors only in words: glibc's for a name that does not
     /// exist or has no addresses mean an answer (no addresses); anything
-    /// else is a failure.
+    /// else is a failure (so with another C library every error is one:
+    /// the last addresses stay).
     fn of(lookup: std::io::Result<Vec<SocketAddr>>) -> Self {
         match lookup {
             Ok(addrs) => Resolved::Addresses(addrs),
@@ -836,17 +849,20 @@ fn spawn_dns(cluster: std::sync::Weak<Cluster>, dns: DnsTargets) {
 
 /// How long until a DNS cluster's names are resolved again, after
 /// `failures` rounds in a row with a failed name: with a failure refresh
-/// rate, Envoy's jittered exponential backoff (a random wait in a window
-/// doubling from the base up to the maximum; here never below the base),
-/// without one the refresh rate; after a round without a failure, the
-/// refresh rate plus up to the jitter.
+/// rate, Envoy's jittered exponential backoff (a random wait below the
+/// base, then below 3, 7, 15... times it, never over the maximum; at least
+/// a millisecond here), without one the refresh rate; after a round
+/// without a failure, the refresh rate plus up to the jitter.
 fn dns_wait(dns: &DnsTargets, failures: u32) -> std::time::Duration {
     match (failures, dns.failure_refresh) {
         (0, _) => dns.refresh + dns.jitter.mul_f64(fastrand::f64()),
         (_, None) => dns.refresh,
         (n, Some((base, max))) => {
-            let window = base.saturating_mul(1 << n.min(16)).min(max);
-            window.mul_f64(fastrand::f64()).max(base.min(window))
+            let window = base.saturating_mul((1u32 << n.min(16)) - 1);
+            window
+                .mul_f64(fastrand::f64())
+                .min(max)
+                .max(std::time::Duration::from_millis(1))
         }
     }
 }
@@ -910,12 +926,19 @@ mod tests {
             );
         }
         dns.failure_refresh = Some((Duration::from_millis(100), Duration::from_millis(1000)));
-        for _ in 0..50 {
-            let first = dns_wait(&dns, 1);
-            assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
-            let late = dns_wait(&dns, 30);
-            assert!(late >= Duration::from_millis(100) && late <= Duration::from_millis(1000));
+        let (mut first, mut late) = (Vec::new(), Vec::new());
+        for _ in 0..200 {
+            first.push(dns_wait(&dns, 1));
+            late.push(dns_wait(&dns, 30));
         }
+        // Below the base at first; later up to the maximum, never over.
+        assert!(first.iter().all(|w| *w < Duration::from_millis(100)));
+        assert!(late.iter().all(|w| *w <= Duration::from_millis(1000)));
+        assert!(late.iter().any(|w| *w > Duration::from_millis(300)));
+        assert!(first
+            .iter()
+            .chain(&late)
+            .all(|w| *w >= Duration::from_millis(1)));
     }
 }
 
@@ -948,11 +971,9 @@ mod drain_tests {
             let at = |port| EndpointSpec::at(([127, 0, 0, 1], port));
             c.set_endpoints(&[at(1), at(2)], LoadPolicy::default());
             let first = c.endpoints.load().endpoints[0].clone();
-            // (The first endpoints were an addition too: the clock moves
-            // past that drain before the next.)
-            let start = first.pool.drained.load(Relaxed);
-            std::thread::sleep(std::time::Duration::from_millis(2));
-            let drained = || first.pool.drained.load(Relaxed) != start;
+            // (The first endpoints were an addition too.)
+            let start = first.pool.drains();
+            let drained = || first.pool.drains() != start;
             c.set_endpoints(&[at(1), at(2)], LoadPolicy::default());
             assert!(!drained(), "the same endpoints");
             c.set_endpoints(&[at(1)], LoadPolicy::default());

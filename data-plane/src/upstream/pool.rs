@@ -184,6 +184,9 @@ pub struct Share {
     open: AtomicU32,
     /// Its requests waiting for a connection.
     waiting: AtomicU32,
+    /// Drains of the pool so far: a connection made before the last is
+    /// not used again.
+    pub(super) generation: AtomicU32,
     /// Wakes one of them.
     wake: tokio::sync::Notify,
     /// The endpoint's open connections (all workers).
@@ -196,6 +199,9 @@ impl WorkerPool {
     /// Takes back a connection that is idle again (for a waiting request
     /// first, if any).
     pub(super) fn put_idle(&self, conn: h1::Connection) {
+        if !conn.undrained() {
+            return; // closed: the pool was drained while it was busy
+        }
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -295,9 +301,7 @@ pub struct Pool {
     max_age: Option<Duration>,
     /// Each worker's part, and last one for threads that are not workers.
     workers: Box<[Arc<WorkerPool>]>,
-    /// When the pool was last drained ([`now_ms`](super::now_ms); 0:
-    /// never): connections opened before are not used again.
-    pub(super) drained: std::sync::atomic::AtomicU64,
+
     /// Open connections.
     pub open: Arc<AtomicU32>,
     stats: Arc<ClusterStats>,
@@ -372,7 +376,6 @@ impl Pool {
                 })
                 .collect(),
             open,
-            drained: std::sync::atomic::AtomicU64::new(0),
             stats,
         }
     }
@@ -381,8 +384,8 @@ impl Pool {
     /// are closed now, busy ones close when their request ends, and every
     /// request from now on goes on a new one.
     pub fn drain(&self) {
-        self.drained.store(super::now_ms(), Relaxed);
         for w in &self.workers {
+            w.share.generation.fetch_add(1, Relaxed);
             w.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
             // Their open streams finish; the connections then close.
             w.h2.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -490,11 +493,8 @@ impl Pool {
     /// Whether an idle connection may still be used: not idle too long,
     /// not closed or written to by the origin.
     fn still_good(&self, c: &h1::Connection) -> bool {
-        let drained = self.drained.load(Relaxed);
-        // (Opened no later than the drain: its wrapping milliseconds, as
-        // the connection keeps them.)
-        let old = drained != 0 && (drained as u32).wrapping_sub(c.born_ms) < 1 << 31;
-        !old && c.since.elapsed() <= self.idle_timeout
+        c.undrained()
+            && c.since.elapsed() <= self.idle_timeout
             && self.max_age.is_none_or(|m| {
                 let age = (super::now_ms() as u32).wrapping_sub(c.born_ms);
                 u128::from(age) < m.as_millis()
@@ -545,13 +545,23 @@ impl Pool {
         None
     }
 
-    /// A new connection, as a pending request gets one (see
-    /// [`Pool::connection`]; nothing else to wait for).
+    /// A connection's socket, as a pending request gets one (see
+    /// [`Pool::connection`]): a new one, or an idle HTTP/1.1 one's (so
+    /// that a connection coming back is never lost on a request that
+    /// could not use it).
     pub(super) async fn tcp(&self) -> Result<(TcpStream, OpenSlot), SendError> {
-        match self.connection(self.worker(), || None::<()>).await? {
-            Either::Left(()) => unreachable!("nothing ready was asked for"),
+        let worker = self.worker();
+        let ready = || self.take_idle(worker).map(h1::Connection::into_socket);
+        match self.connection(worker, ready).await? {
+            Either::Left(idle) => Ok(idle),
             Either::Right(new) => Ok(new),
         }
+    }
+
+    /// Drains so far (see [`Pool::drain`]).
+    #[cfg(test)]
+    pub(super) fn drains(&self) -> u32 {
+        self.workers[0].share.generation.load(Relaxed)
     }
 
     /// What a request that found no connection to use gets, as one of
@@ -967,6 +977,13 @@ async fn connect(addr: SocketAddr, source: Option<SocketAddr>) -> std::io::Resul
 /// another.
 pub struct OpenSlot(Arc<Share>);
 
+impl OpenSlot {
+    /// The pool's drains so far (see [`Pool::drain`]).
+    pub(super) fn generation(&self) -> u32 {
+        self.0.generation.load(Relaxed)
+    }
+}
+
 impl std::fmt::Debug for OpenSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OpenSlot")
@@ -1218,8 +1235,9 @@ mod tests {
 
     /// Through a real socket: `upstream_connection_options.tcp_keepalive`
     /// turns keep-alive on with the settings given (the system's for the
-    /// others); without it, it stays off; values the kernel would refuse
-    /// are refused with the field named.
+    /// others); without it, or with a field at 0 (Envoy's off), it stays
+    /// off; values the kernel would refuse are refused with the field
+    /// named.
     #[tokio::test]
     async fn upstream_keepalive_is_set_on_connections() {
         use portico_proto::envoy::config::cluster::v3::UpstreamConnectionOptions;
@@ -1286,11 +1304,17 @@ mod tests {
             keepalive_interval: Some(UInt32Value { value: 0 }),
             ..some
         };
-        let e = ClusterConfig::convert(&with(Some(zero)))
+        let off = ClusterConfig::convert(&with(Some(zero))).unwrap();
+        assert_eq!(off.keepalive, None, "0 turns it off");
+        let over = TcpKeepalive {
+            keepalive_probes: Some(UInt32Value { value: 128 }),
+            ..some
+        };
+        let e = ClusterConfig::convert(&with(Some(over)))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("tcp_keepalive.keepalive_interval 0 is out of range"),
+            e.contains("tcp_keepalive.keepalive_probes 128 is out of range"),
             "{e}"
         );
     }
@@ -1493,6 +1517,33 @@ mod tests {
         (addr, accepted, most)
     }
 
+    /// Through real sockets: a request for a socket of its own (an
+    /// upgrade's) waiting at the connection limit takes the connection
+    /// that comes back idle, rather than let its wake-up go to waste.
+    #[tokio::test]
+    async fn a_waiting_upgrade_takes_the_connection_that_comes_back() {
+        let (addr, accepted, _) = answering_origin(Duration::from_millis(100), false).await;
+        let pool = Arc::new(Pool::new(addr, &limited(1, None, None), Arc::default()));
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let req = Request::new(Either::Right(Full::new(Bytes::new())));
+                let (resp, _) = pool.send(req).await.expect("answered");
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap();
+            })
+        };
+        while accepted.load(Relaxed) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let socket = tokio::time::timeout(Duration::from_secs(5), pool.tcp()).await;
+        busy.await.unwrap();
+        let (io, _slot) = socket.expect("not left waiting").expect("a socket");
+        assert_eq!(io.peer_addr().unwrap(), addr);
+        assert_eq!(accepted.load(Relaxed), 1, "the same connection");
+    }
+
     /// Through real sockets: a drained pool closes its idle connection and
     /// does not reuse the one busy during the drain; connections opened
     /// after it are reused as before.
@@ -1513,7 +1564,9 @@ mod tests {
         assert_eq!(pool.describe().0, 0, "closed at once");
         // Busy during the next drain: not used again.
         let busy = tokio::spawn(get(pool.clone()));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        while accepted.load(Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         pool.drain();
         busy.await.unwrap();
         get(pool.clone()).await;

@@ -3356,7 +3356,7 @@ fn requests_past_the_connection_limit_wait_as_pending() {
 
     // One pending request at most: of eight at once, two at most are
     // under way and one waits; the rest overflow at once.
-    let (answers, _) = at_once("/tight/slow/500", 8);
+    let (answers, _) = at_once("/tight/slow/1000", 8);
     let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
     assert!((5..=7).contains(&refused.len()), "{answers:?}");
     for (status, body) in &refused {
@@ -3779,8 +3779,8 @@ fn aged_http1_connections_end_safely_when_asked() {
             h.http1_safe_max_connection_duration = safe;
             h.common_http_protocol_options = Some(HttpProtocolOptions {
                 max_connection_duration: Some(portico_proto::google::protobuf::Duration {
-                    seconds: 0,
-                    nanos: 300_000_000,
+                    seconds: 1,
+                    nanos: 0,
                 }),
                 max_connection_duration_jitter: Some(portico_proto::envoy::r#type::v3::Percent {
                     value: 10.0,
@@ -3833,8 +3833,8 @@ fn aged_http1_connections_end_safely_when_asked() {
         let mut s = connect(port);
         s.write_all(get).expect("write");
         assert!(!answer(&mut s).contains("connection: close"));
-        // Idle past its age (300 ms and up to a tenth more).
-        std::thread::sleep(Duration::from_millis(600));
+        // Idle past its age (a second and up to a tenth more).
+        std::thread::sleep(Duration::from_millis(2000));
         let mut b = [0u8; 1];
         if !safe {
             assert_eq!(s.read(&mut b).expect("a close"), 0, "closed while idle");
