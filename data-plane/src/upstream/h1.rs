@@ -23,7 +23,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
@@ -41,16 +40,6 @@ use crate::http1::{
 };
 use crate::proxy::body::RequestBody;
 use crate::proxy::http1::ClientGone;
-
-/// How an upstream's answer heads are read (the cluster's settings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AnswerRules {
-    /// Header fields an answer may have (`max_headers_count`).
-    pub max_headers: u16,
-    /// Both `Content-Length` and chunked: taken as chunked rather than
-    /// refused (`allow_chunked_length`).
-    pub allow_chunked_length: bool,
-}
 
 /// Response heads longer than this are refused (hyper's default too).
 const MAX_HEAD: usize = 64 * 1024;
@@ -77,8 +66,9 @@ pub struct Connection {
     /// is moved with every request's future, and a larger one costs
     /// copies.
     pub(crate) born_ms: u32,
-    /// When it last went idle.
-    pub(crate) since: Instant,
+    /// When it last went idle ([`now_ms`](super::now_ms), wrapping, as
+    /// `born_ms`).
+    pub(crate) idle_since_ms: u32,
     /// The pool's drains when it was made (see [`Pool::drain`]).
     generation: u32,
     /// Counts it among the endpoint's open connections while it lives.
@@ -95,7 +85,7 @@ impl Connection {
             wbuf: Vec::new(),
             uses: 0,
             born_ms: super::now_ms() as u32,
-            since: Instant::now(),
+            idle_since_ms: super::now_ms() as u32,
             generation: open.generation(),
             _open: open,
         }
@@ -148,13 +138,16 @@ pub struct Return {
     pub to: Arc<WorkerPool>,
     /// Requests per connection at most.
     pub max_uses: u32,
+    /// An answer may have both `Content-Length` and chunked framing (the
+    /// cluster's `allow_chunked_length`).
+    pub allow_chunked_length: bool,
 }
 
 impl Return {
     fn put(&self, conn: Connection) {
         if conn.uses < self.max_uses && conn.buf.is_empty() {
             let mut conn = conn;
-            conn.since = Instant::now();
+            conn.idle_since_ms = super::now_ms() as u32;
             self.to.put_idle(conn);
         }
     }
@@ -217,9 +210,8 @@ pub fn exchange<'a>(
         if let Some((body, exact)) = stream {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
-            let rules = pool.answer_rules();
-            let streamed =
-                stream_exchange(&mut conn, &head, body, exact, replayable_or_waits, rules);
+            let max = pool.max_headers();
+            let streamed = stream_exchange(&mut conn, &head, body, exact, replayable_or_waits, max);
             let (head, rest) = Box::pin(streamed).await?;
             let (reusable, duplex) = match rest {
                 Rest::Sent => (true, None),
@@ -228,7 +220,7 @@ pub fn exchange<'a>(
             };
             return finish(conn, head, head_only, reusable, &ret, duplex);
         }
-        let resp = match send_and_read(&mut conn, &head, rest.as_ref(), pool.answer_rules()).await {
+        let resp = match send_and_read(&mut conn, &head, rest.as_ref(), pool.max_headers()).await {
             Ok(resp) => resp,
             Err(e) if reused && conn.buf.is_empty() && replayable_or_waits => {
                 tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
@@ -241,8 +233,8 @@ pub fn exchange<'a>(
                     }
                     let mut fresh = Connection::new(io, slot);
                     fresh.uses = 1;
-                    let resp = send_and_read(&mut fresh, &head, rest.as_ref(), pool.answer_rules())
-                        .await?;
+                    let resp =
+                        send_and_read(&mut fresh, &head, rest.as_ref(), pool.max_headers()).await?;
                     Ok::<_, SendError>((fresh, resp))
                 })
                 .await?;
@@ -345,18 +337,18 @@ fn replayable(idempotent_method: bool, headers: &HeaderMap) -> bool {
 }
 
 /// Writes a request head (with a small body already appended) and the rest
-/// of its body, then reads the response head (by `rules`).
+/// of its body, then reads the response head (of at most `max` fields).
 async fn send_and_read(
     conn: &mut Connection,
     head: &[u8],
     rest: Option<&Bytes>,
-    rules: AnswerRules,
+    max: u16,
 ) -> Result<Head, SendError> {
     write_all(&mut conn.io, head).await?;
     if let Some(b) = rest {
         write_all(&mut conn.io, b).await?;
     }
-    read_head(&mut conn.io, &mut conn.buf, rules).await
+    read_head(&mut conn.io, &mut conn.buf, max).await
 }
 
 /// Turns a response head into the response, with a body that reads from
@@ -377,8 +369,13 @@ fn finish(
         version,
         headers,
         close,
+        both,
         framing,
     } = resp;
+    if both && !ret.allow_chunked_length {
+        // Envoy's protocol error, unless the cluster allows both framings.
+        return Err(bad("both Content-Length and Transfer-Encoding"));
+    }
     reusable &= !close;
     let framing = if head_only
         || status.is_informational()
@@ -466,7 +463,7 @@ async fn stream_exchange(
     body: RequestBody,
     exact: Option<u64>,
     await_continue: bool,
-    rules: AnswerRules,
+    max: u16,
 ) -> Result<(Head, Rest), SendError> {
     let Connection { io, buf, .. } = conn;
     let mut upload = Upload::new(head, body, exact.is_none());
@@ -489,7 +486,7 @@ async fn stream_exchange(
                 Poll::Pending => {}
             }
         }
-        match poll_read_head(io, buf, &mut interim, rules, cx) {
+        match poll_read_head(io, buf, &mut interim, max, cx) {
             // The upstream's 100 Continue: the body may come now.
             Poll::Pending if interim && upload.gate.is_some() => upload.gate = None,
             p => return p.map_err(|e| send_error.take().unwrap_or(e)),
@@ -718,6 +715,9 @@ struct Head {
     headers: HeaderMap,
     /// The connection may not carry another request.
     close: bool,
+    /// It had both `Content-Length` and chunked framing (taken as
+    /// chunked).
+    both: bool,
     framing: Framing,
 }
 
@@ -730,10 +730,10 @@ fn bad(what: impl std::fmt::Display) -> SendError {
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-    rules: AnswerRules,
+    max: u16,
 ) -> Result<Head, SendError> {
     loop {
-        if let Some(head) = take_head(buf, &mut false, rules)? {
+        if let Some(head) = take_head(buf, &mut false, max)? {
             return Ok(head);
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -754,13 +754,9 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 /// The final response head at the start of `buf`, if all there (1xx
 /// heads before it are skipped, and `interim` set when one was a
 /// `100 Continue`; a 102 or 103 asks for nothing).
-fn take_head(
-    buf: &mut BytesMut,
-    interim: &mut bool,
-    rules: AnswerRules,
-) -> Result<Option<Head>, SendError> {
+fn take_head(buf: &mut BytesMut, interim: &mut bool, max: u16) -> Result<Option<Head>, SendError> {
     while !buf.is_empty() {
-        match parse_head(buf, rules)? {
+        match parse_head(buf, usize::from(max))? {
             // 100 Continue and friends: the answer follows.
             Some(head)
                 if head.status.is_informational()
@@ -781,11 +777,11 @@ fn poll_read_head(
     io: &TcpStream,
     buf: &mut BytesMut,
     interim: &mut bool,
-    rules: AnswerRules,
+    max: u16,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, SendError>> {
     loop {
-        if let Some(head) = take_head(buf, interim, rules)? {
+        if let Some(head) = take_head(buf, interim, max)? {
             return Poll::Ready(Ok(head));
         }
         match ready!(poll_fill(io, buf, cx)) {
@@ -804,11 +800,10 @@ fn poll_read_head(
 
 /// Parses a response head at the start of `buf`: `None` while incomplete;
 /// when complete, consumes it. Header values share the head's bytes. More
-/// than `rules.max_headers` header fields (the cluster's
-/// `max_headers_count`) are refused; up to [`MAX_HEADERS`] they are found
-/// in place, beyond that on the heap (only where the cluster allows more).
-fn parse_head(buf: &mut BytesMut, rules: AnswerRules) -> Result<Option<Head>, SendError> {
-    let max = usize::from(rules.max_headers);
+/// than `max` header fields (the cluster's `max_headers_count`) are
+/// refused; up to [`MAX_HEADERS`] they are found in place, beyond that on
+/// the heap (only where the cluster allows more).
+fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError> {
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut at = [[0u32; 4]; MAX_HEADERS];
     let spilled: Vec<[u32; 4]>;
@@ -825,7 +820,7 @@ fn parse_head(buf: &mut BytesMut, rules: AnswerRules) -> Result<Option<Head>, Se
         },
         Located::TooMany => return Err(bad("too many header fields")),
     };
-    build_head(buf, len, status, at, rules.allow_chunked_length).map(Some)
+    build_head(buf, len, status, at).map(Some)
 }
 
 /// [`locate`] for a head with more fields than [`MAX_HEADERS`], where the
@@ -908,7 +903,6 @@ fn build_head(
     len: usize,
     (code, http10): (u16, bool),
     at: &[[u32; 4]],
-    allow_chunked_length: bool,
 ) -> Result<Head, SendError> {
     let status = StatusCode::from_u16(code).map_err(bad)?;
     let version = if http10 {
@@ -975,14 +969,12 @@ fn build_head(
         }
         headers.append(name, value);
     }
+    let both = chunked && length.is_some();
     let framing = if chunked {
-        // Both: Envoy's protocol error, unless the cluster allows it; then
-        // Transfer-Encoding wins (and the length is not passed on, RFC
-        // 9112 section 6.3), but the connection is suspect.
+        // Both: Transfer-Encoding wins (and the length is not passed on,
+        // RFC 9112 section 6.3), but the connection is suspect; and unless
+        // the cluster allows it, Envoy's protocol error (see `finish`).
         if length.is_some() {
-            if !allow_chunked_length {
-                return Err(bad("both Content-Length and Transfer-Encoding"));
-            }
             headers.remove(header::CONTENT_LENGTH);
         }
         close |= length.is_some() || chunked_twice;
@@ -999,6 +991,7 @@ fn build_head(
         version,
         headers,
         close,
+        both,
         framing,
     })
 }
@@ -1181,17 +1174,9 @@ impl http_body::Body for Body {
 mod tests {
     use super::*;
 
-    /// The rules of a cluster allowing `n` header fields.
-    fn max(n: u16) -> AnswerRules {
-        AnswerRules {
-            max_headers: n,
-            allow_chunked_length: false,
-        }
-    }
-
     fn parse(text: &str) -> Head {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_head(&mut buf, max(100)).unwrap().unwrap()
+        parse_head(&mut buf, 100).unwrap().unwrap()
     }
 
     #[test]
@@ -1206,24 +1191,20 @@ mod tests {
         };
         let too_many = |r: Result<Option<Head>, SendError>| matches!(r, Err(SendError::Protocol(why)) if why.contains("too many header fields"));
         // Fewer allowed than fit in place: counted.
-        assert!(too_many(parse_head(&mut head(3), max(2))));
+        assert!(too_many(parse_head(&mut head(3), 2)));
         assert_eq!(
-            parse_head(&mut head(2), max(2))
-                .unwrap()
-                .unwrap()
-                .headers
-                .len(),
+            parse_head(&mut head(2), 2).unwrap().unwrap().headers.len(),
             2
         );
         // Envoy's default 100, and more where the cluster allows them.
-        assert!(too_many(parse_head(&mut head(120), max(100))));
-        let h = parse_head(&mut head(120), max(150)).unwrap().unwrap();
+        assert!(too_many(parse_head(&mut head(120), 100)));
+        let h = parse_head(&mut head(120), 150).unwrap().unwrap();
         assert_eq!((h.headers.len(), h.framing), (120, Framing::Length(0)));
-        assert!(too_many(parse_head(&mut head(151), max(150))));
+        assert!(too_many(parse_head(&mut head(151), 150)));
         // Incomplete, with more fields than fit in place: wait for more.
         let mut partial = head(120);
         partial.truncate(partial.len() - 2);
-        assert!(parse_head(&mut partial, max(150)).unwrap().is_none());
+        assert!(parse_head(&mut partial, 150).unwrap().is_none());
     }
 
     #[test]
@@ -1232,26 +1213,15 @@ mod tests {
         assert_eq!(h.framing, Framing::Length(5));
         assert!(!h.close);
         assert_eq!(h.headers["x-a"], "b");
-        // Both framings: Envoy's protocol error, unless the cluster
-        // allows them (`allow_chunked_length`); then chunked, not reused.
-        let both =
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n";
-        let refused = parse_head(&mut BytesMut::from(both.as_bytes()), max(100));
-        assert!(
-            matches!(&refused, Err(SendError::Protocol(why)) if why.contains("both Content-Length and Transfer-Encoding")),
-            "{:?}",
-            refused.err()
+        // Both framings: chunked, not reused, the length not passed on,
+        // and marked (`finish` refuses it unless the cluster allows it).
+        let h = parse(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n",
         );
-        let allowed = AnswerRules {
-            allow_chunked_length: true,
-            ..max(100)
-        };
-        let h = parse_head(&mut BytesMut::from(both.as_bytes()), allowed)
-            .unwrap()
-            .unwrap();
         assert_eq!(h.framing, Framing::Chunked);
-        assert!(h.close, "both framings: do not reuse");
+        assert!(h.close && h.both, "both framings: do not reuse");
         assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!parse("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n").both);
         let h = parse("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(h.framing, Framing::Close);
         // No Connection: close — a 204 or HEAD answer like this is reusable;
@@ -1262,10 +1232,7 @@ mod tests {
         );
         assert!(h.close, "chunked twice: do not reuse");
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n"[..]);
-        assert!(
-            parse_head(&mut buf, max(100)).is_err(),
-            "a sign is not a digit"
-        );
+        assert!(parse_head(&mut buf, 100).is_err(), "a sign is not a digit");
         let h = parse("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
         assert!(!h.close);
         let h = parse("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
@@ -1273,9 +1240,9 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
         );
-        assert!(parse_head(&mut buf, max(100)).is_err());
+        assert!(parse_head(&mut buf, 100).is_err());
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_head(&mut buf, max(100)).unwrap().is_none());
+        assert!(parse_head(&mut buf, 100).unwrap().is_none());
     }
 
     #[test]

@@ -270,9 +270,9 @@ pub struct Pool {
     /// The endpoint's other addresses (`additional_addresses`): with any,
     /// connections are made the happy eyeballs way over all of them.
     also: Arc<[SocketAddr]>,
-    /// How HTTP/1.1 answer heads are read (the cluster's
-    /// `max_headers_count` and `allow_chunked_length`).
-    answer: h1::AnswerRules,
+    /// Header fields an HTTP/1.1 answer may have (the cluster's
+    /// `max_headers_count`).
+    max_headers: u16,
     /// How HTTP/1.1 request heads are written.
     h1: crate::config::cluster::H1Client,
     http2: bool,
@@ -345,10 +345,7 @@ impl Pool {
         Pool {
             addr,
             also: Arc::new([]),
-            answer: h1::AnswerRules {
-                max_headers: cfg.max_response_headers,
-                allow_chunked_length: cfg.h1.allow_chunked_length,
-            },
+            max_headers: cfg.max_response_headers,
             h1: cfg.h1,
             http2: cfg.http2,
             connect_timeout: cfg.connect_timeout,
@@ -403,9 +400,9 @@ impl Pool {
         &self.also
     }
 
-    /// How HTTP/1.1 answer heads are read.
-    pub fn answer_rules(&self) -> h1::AnswerRules {
-        self.answer
+    /// Header fields an HTTP/1.1 answer may have.
+    pub fn max_headers(&self) -> u16 {
+        self.max_headers
     }
 
     /// Sends a request. An HTTP/2 response holds a stream slot, which must
@@ -456,6 +453,7 @@ impl Pool {
         let ret = h1::Return {
             to: worker.clone(),
             max_uses: self.max_uses,
+            allow_chunked_length: self.h1.allow_chunked_length,
         };
         // (While requests wait for a connection, a new one waits behind
         // them: Envoy serves its pending requests first.)
@@ -493,12 +491,14 @@ impl Pool {
     /// Whether an idle connection may still be used: not idle too long,
     /// not closed or written to by the origin.
     fn still_good(&self, c: &h1::Connection) -> bool {
+        // (Wrapping milliseconds, as the connection keeps them: right for
+        // spans under 24 days.)
+        let now = super::now_ms() as u32;
         c.undrained()
-            && c.since.elapsed() <= self.idle_timeout
-            && self.max_age.is_none_or(|m| {
-                let age = (super::now_ms() as u32).wrapping_sub(c.born_ms);
-                u128::from(age) < m.as_millis()
-            })
+            && u128::from(now.wrapping_sub(c.idle_since_ms)) <= self.idle_timeout.as_millis()
+            && self
+                .max_age
+                .is_none_or(|m| u128::from(now.wrapping_sub(c.born_ms)) < m.as_millis())
             && c.is_usable()
     }
 
@@ -1542,6 +1542,64 @@ mod tests {
         let (io, _slot) = socket.expect("not left waiting").expect("a socket");
         assert_eq!(io.peer_addr().unwrap(), addr);
         assert_eq!(accepted.load(Relaxed), 1, "the same connection");
+    }
+
+    /// Through real sockets: an answer with both `Content-Length` and
+    /// chunked framing is Envoy's protocol error, unless the cluster's
+    /// `allow_chunked_length`; then it is read as chunked.
+    #[tokio::test]
+    async fn answers_with_both_framings_need_the_clusters_leave() {
+        use portico_proto::envoy::config::core::v3::Http1ProtocolOptions;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = origin.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let both = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+                        let _ = s.write_all(both).await;
+                    }
+                });
+            }
+        });
+        for allowed in [false, true] {
+            // (The cluster's own field: deprecated, still read.)
+            #[allow(deprecated)]
+            let cluster = Cluster {
+                name: "c".into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                http_protocol_options: allowed.then(|| Http1ProtocolOptions {
+                    allow_chunked_length: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let pool = Pool::new(
+                addr,
+                &ClusterConfig::convert(&cluster).unwrap(),
+                Arc::default(),
+            );
+            let sent = pool
+                .send(Request::new(Either::Right(Full::new(Bytes::new()))))
+                .await;
+            match (allowed, sent) {
+                (false, Err(SendError::Protocol(why))) => {
+                    assert!(
+                        why.contains("both Content-Length and Transfer-Encoding"),
+                        "{why}"
+                    )
+                }
+                (true, Ok((resp, _))) => {
+                    let body = http_body_util::BodyExt::collect(resp.into_body())
+                        .await
+                        .unwrap();
+                    assert_eq!(body.to_bytes(), "ok");
+                }
+                (allowed, other) => panic!("allowed {allowed}: {:?}", other.map(|r| r.0.status())),
+            }
+        }
     }
 
     /// Through real sockets: a drained pool closes its idle connection and
