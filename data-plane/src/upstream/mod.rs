@@ -477,11 +477,22 @@ impl Cluster {
                 (priorities, endpoints) = all.into_iter().unzip();
             }
         }
-        // Envoy's close_connections_on_host_set_change: an endpoint added
-        // or removed drains every connection to the others.
         let membership_changed = endpoints.len() != old.endpoints.len()
             || endpoints.iter().any(|e| !by_addr.contains_key(&e.addr));
-        if self.config.drain_on_host_change && membership_changed {
+        self.install_members(endpoints, &priorities, policy, membership_changed);
+    }
+
+    /// Installs a new set of `endpoints` (with their `priorities`); when
+    /// the members changed, Envoy's `close_connections_on_host_set_change`
+    /// drains every connection to them first.
+    fn install_members(
+        &self,
+        endpoints: Vec<Arc<Endpoint>>,
+        priorities: &[u32],
+        policy: LoadPolicy,
+        changed: bool,
+    ) {
+        if self.config.drain_on_host_change && changed {
             for e in &endpoints {
                 e.pool.drain();
             }
@@ -489,7 +500,7 @@ impl Cluster {
         self.install(EndpointSet::new(
             &self.config,
             endpoints,
-            &priorities,
+            priorities,
             policy,
         ));
     }
@@ -513,17 +524,7 @@ impl Cluster {
             return;
         }
         tracing::info!(cluster = %self.config.name, endpoint = %gone.addr, "removed endpoint failed its health check: gone");
-        if self.config.drain_on_host_change {
-            for e in &endpoints {
-                e.pool.drain();
-            }
-        }
-        self.install(EndpointSet::new(
-            &self.config,
-            endpoints,
-            &priorities,
-            set.policy,
-        ));
+        self.install_members(endpoints, &priorities, set.policy, true);
     }
 
     /// Puts a checked endpoint out of play until its first health check

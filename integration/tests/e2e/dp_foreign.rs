@@ -3541,45 +3541,15 @@ fn expect_continue_is_answered_or_proxied() {
     let up = Upstream::start("u1");
     let (own, proxied) = (free_port(), free_port());
     let xds = StaticXds::start();
-    xds.set(
-        CLUSTER,
-        vec![resource(
-            "plain",
-            &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
-        )],
-    );
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![prefix_route("/", "plain", |_| {})]),
-        )],
-    );
     let mut l = listener("proxied", proxied, 0, false, None);
     edit_hcm(&mut l, |h| h.proxy_100_continue = true);
-    xds.set(
-        LISTENER,
-        vec![
-            resource("own", &listener("own", own, 0, false, None)),
-            resource("proxied", &l),
-        ],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _dp = DataPlane::start(
-        dir.path(),
+    let own_listener = listener("own", own, 0, false, None);
+    let _dp = serve_plain(
+        &xds,
+        &up,
+        &[(own, &own_listener), (proxied, &l)],
         "dp-continue",
-        &xds.addr.to_string(),
-        "any",
-        &["--sotw"],
     );
-    for port in [own, proxied] {
-        wait_for(Duration::from_secs(10), || {
-            http1(port, "GET", "/x", "gw", &[], "")
-                .ok()
-                .filter(|r| r.status == 200)
-        })
-        .expect("the listeners serve");
-    }
     // A head at a time: up to its blank line.
     let head = |s: &mut std::net::TcpStream| {
         let mut h = Vec::new();
@@ -3678,20 +3648,6 @@ fn http2_clients_are_pinged_and_cut_off_when_silent() {
     let up = Upstream::start("u1");
     let port = free_port();
     let xds = StaticXds::start();
-    xds.set(
-        CLUSTER,
-        vec![resource(
-            "plain",
-            &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
-        )],
-    );
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![prefix_route("/", "plain", |_| {})]),
-        )],
-    );
     let ms = |ms: i32| portico_proto::google::protobuf::Duration {
         seconds: 0,
         nanos: ms * 1_000_000,
@@ -3710,21 +3666,7 @@ fn http2_clients_are_pinged_and_cut_off_when_silent() {
             ..Default::default()
         })
     });
-    xds.set(LISTENER, vec![resource("pinging", &l)]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _dp = DataPlane::start(
-        dir.path(),
-        "dp-ping",
-        &xds.addr.to_string(),
-        "any",
-        &["--sotw"],
-    );
-    wait_for(Duration::from_secs(10), || {
-        http1(port, "GET", "/x", "gw", &[], "")
-            .ok()
-            .filter(|r| r.status == 200)
-    })
-    .expect("the listener serves");
+    let _dp = serve_plain(&xds, &up, &[(port, &l)], "dp-ping");
     let mut c = Raw::connect(port, &[]);
     // Three PINGs answered, each about an interval after the last answer.
     let mut last = Instant::now();
@@ -3759,20 +3701,6 @@ fn aged_http1_connections_end_safely_when_asked() {
     let up = Upstream::start("u1");
     let (plain, safe) = (free_port(), free_port());
     let xds = StaticXds::start();
-    xds.set(
-        CLUSTER,
-        vec![resource(
-            "plain",
-            &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
-        )],
-    );
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![prefix_route("/", "plain", |_| {})]),
-        )],
-    );
     let aged = |name: &str, port: u16, safe: bool| {
         let mut l = listener(name, port, 0, false, None);
         edit_hcm(&mut l, |h| {
@@ -3788,28 +3716,15 @@ fn aged_http1_connections_end_safely_when_asked() {
                 ..Default::default()
             });
         });
-        resource(name, &l)
+        l
     };
-    xds.set(
-        LISTENER,
-        vec![aged("plain", plain, false), aged("safe", safe, true)],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _dp = DataPlane::start(
-        dir.path(),
+    let (plain_listener, safe_listener) = (aged("plain", plain, false), aged("safe", safe, true));
+    let _dp = serve_plain(
+        &xds,
+        &up,
+        &[(plain, &plain_listener), (safe, &safe_listener)],
         "dp-aged",
-        &xds.addr.to_string(),
-        "any",
-        &["--sotw"],
     );
-    for port in [plain, safe] {
-        wait_for(Duration::from_secs(10), || {
-            http1(port, "GET", "/x", "gw", &[], "")
-                .ok()
-                .filter(|r| r.status == 200)
-        })
-        .expect("the listeners serve");
-    }
     // One answer at a time: up to its blank line and its short body.
     let answer = |s: &mut std::net::TcpStream| {
         let mut got = Vec::new();
@@ -3848,4 +3763,48 @@ fn aged_http1_connections_end_safely_when_asked() {
         );
         assert_eq!(s.read(&mut b).expect("a close"), 0, "closed after it");
     }
+}
+
+/// A data plane of its own (SotW, from `xds`) serving `listeners` in front
+/// of one cluster, `plain` (the endpoint `up`), every path routed to it;
+/// returned once each listener's port answers.
+fn serve_plain(
+    xds: &StaticXds,
+    up: &Upstream,
+    listeners: &[(u16, &Listener)],
+    node: &str,
+) -> (tempfile::TempDir, DataPlane) {
+    use std::time::Duration;
+    xds.set(
+        CLUSTER,
+        vec![resource(
+            "plain",
+            &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
+        )],
+    );
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![prefix_route("/", "plain", |_| {})]),
+        )],
+    );
+    xds.set(
+        LISTENER,
+        listeners
+            .iter()
+            .map(|(_, l)| resource(&l.name, *l))
+            .collect(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dp = DataPlane::start(dir.path(), node, &xds.addr.to_string(), "any", &["--sotw"]);
+    for (port, _) in listeners {
+        wait_for(Duration::from_secs(10), || {
+            http1(*port, "GET", "/x", "gw", &[], "")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .expect("the listeners serve");
+    }
+    (dir, dp)
 }
