@@ -314,30 +314,33 @@ fn set_options(
     Ok(())
 }
 
+/// An int socket option of `fd` (tests read what was set).
+#[cfg(test)]
+pub(crate) fn int_sockopt(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a live socket, and an int-sized buffer for an int option.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt");
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::listener::SocketOption;
     use crate::config::Keepalive;
-    use std::os::fd::AsRawFd;
     use std::time::Duration;
 
-    fn opt(fd: &impl AsRawFd, level: i32, name: i32) -> i32 {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: a live socket, and an int-sized buffer for an int option.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                level,
-                name,
-                (&raw mut v).cast(),
-                &raw mut len,
-            )
-        };
-        assert_eq!(r, 0, "getsockopt");
-        v
-    }
+    use super::int_sockopt as opt;
 
     /// Through real sockets: a listener's raw socket options and TCP
     /// keep-alive are set on its socket (keep-alive is inherited by the

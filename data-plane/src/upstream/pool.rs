@@ -1240,26 +1240,9 @@ mod tests {
     /// named.
     #[tokio::test]
     async fn upstream_keepalive_is_set_on_connections() {
+        use crate::proxy::int_sockopt as opt;
         use portico_proto::envoy::config::cluster::v3::UpstreamConnectionOptions;
         use portico_proto::envoy::config::core::v3::TcpKeepalive;
-        use std::os::fd::AsRawFd;
-        fn opt(s: &TcpStream, level: i32, name: i32) -> i32 {
-            let mut v: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: a live socket, and an int-sized buffer for an int
-            // option.
-            let r = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    level,
-                    name,
-                    (&raw mut v).cast(),
-                    &raw mut len,
-                )
-            };
-            assert_eq!(r, 0, "getsockopt");
-            v
-        }
         let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = origin.local_addr().unwrap();
         let with = |k: Option<TcpKeepalive>| Cluster {
