@@ -3550,16 +3550,7 @@ fn expect_continue_is_answered_or_proxied() {
         &[(own, &own_listener), (proxied, &l)],
         "dp-continue",
     );
-    // A head at a time: up to its blank line.
-    let head = |s: &mut std::net::TcpStream| {
-        let mut h = Vec::new();
-        let mut b = [0u8; 1];
-        while !h.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).expect("a head");
-            h.push(b[0]);
-        }
-        String::from_utf8_lossy(&h).to_ascii_lowercase()
-    };
+    let head = read_head;
     let ask = |path: &str| {
         format!(
             "POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n"
@@ -3725,15 +3716,9 @@ fn aged_http1_connections_end_safely_when_asked() {
         &[(plain, &plain_listener), (safe, &safe_listener)],
         "dp-aged",
     );
-    // One answer at a time: up to its blank line and its short body.
+    // One answer at a time: its head and its short body.
     let answer = |s: &mut std::net::TcpStream| {
-        let mut got = Vec::new();
-        let mut b = [0u8; 1];
-        while !got.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).expect("an answer");
-            got.push(b[0]);
-        }
-        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let head = read_head(s);
         let len: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length: "))
@@ -3763,6 +3748,18 @@ fn aged_http1_connections_end_safely_when_asked() {
         );
         assert_eq!(s.read(&mut b).expect("a close"), 0, "closed after it");
     }
+}
+
+/// One HTTP/1.1 head from `s`, a byte at a time up to its blank line (so
+/// that nothing after it is consumed), lower-cased.
+fn read_head(s: &mut std::net::TcpStream) -> String {
+    let mut h = Vec::new();
+    let mut b = [0u8; 1];
+    while !h.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).expect("a head");
+        h.push(b[0]);
+    }
+    String::from_utf8_lossy(&h).to_ascii_lowercase()
 }
 
 /// A data plane of its own (SotW, from `xds`) serving `listeners` in front
