@@ -54,6 +54,8 @@ counters!(
         downstream_rq_failed_path_normalization,
         /// Requests redirected to their path without escaped slashes.
         downstream_rq_redirected_with_normalized_path,
+        /// Malformed HTTP/2 requests (Envoy's `http2.rx_messaging_error`).
+        rx_messaging_error,
         /// Requests refused for a header name with an underscore.
         requests_rejected_with_underscores_in_headers,
         /// Request headers dropped for an underscore in their name.

@@ -134,11 +134,12 @@ fn collect(shared: &Shared) -> Vec<Stat> {
         ),
     ];
     out.extend(shared.stats.each().into_iter().map(|(name, value)| {
-        // Envoy counts it per listener, not per connection manager.
-        let scope = if name == "no_filter_chain_match" {
-            "listener"
-        } else {
-            "http"
+        // Envoy counts it per listener, not per connection manager, and
+        // its codecs' own under `http2`.
+        let scope = match name {
+            "no_filter_chain_match" => "listener",
+            "rx_messaging_error" => "http2",
+            _ => "http",
         };
         plain(scope, name, value)
     }));

@@ -611,7 +611,13 @@ impl ListenerConfig {
                 .map(duration)
                 .filter(|d| !d.is_zero()),
             http10: Http10::convert(hcm.http_protocol_options.as_ref(), at)?,
-            h2: H2Limits::convert(hcm.http2_protocol_options.as_ref(), at)?,
+            h2: H2Limits::convert(
+                hcm.http2_protocol_options.as_ref(),
+                hcm.stream_error_on_invalid_http_message
+                    .as_ref()
+                    .map(|v| v.value),
+                at,
+            )?,
             body_buffer_limit: l
                 .per_connection_buffer_limit_bytes
                 .as_ref()
@@ -759,6 +765,13 @@ pub struct H2Limits {
     /// unanswered this long (`connection_keepalive`; see
     /// [`super::h2_keepalive`]).
     pub keepalive: Option<(std::time::Duration, std::time::Duration)>,
+    /// A malformed request (RFC 9113 section 8.1.1: a bad field, a
+    /// missing pseudo-header, a body that disagrees with its
+    /// content-length) resets its stream alone; by default, as Envoy's,
+    /// it ends the whole connection with a GOAWAY (the HCM's
+    /// `stream_error_on_invalid_http_message`, overridden by
+    /// `override_stream_error_on_invalid_http_message` here).
+    pub stream_error_on_invalid: bool,
 }
 
 impl Default for H2Limits {
@@ -768,16 +781,22 @@ impl Default for H2Limits {
             stream_window: 1 << 20,
             conn_window: 2 << 20,
             keepalive: None,
+            stream_error_on_invalid: false,
         }
     }
 }
 
 impl H2Limits {
+    /// `hcm_stream_error` is the HCM's `stream_error_on_invalid_http_message`.
     fn convert(
         o: Option<&portico_proto::envoy::config::core::v3::Http2ProtocolOptions>,
+        hcm_stream_error: Option<bool>,
         at: &str,
     ) -> Result<Self, ConfigError> {
-        let d = H2Limits::default();
+        let d = H2Limits {
+            stream_error_on_invalid: hcm_stream_error.unwrap_or_default(),
+            ..H2Limits::default()
+        };
         let Some(o) = o else { return Ok(d) };
         let at = format!("{at} http2_protocol_options");
         let window = |v: Option<u32>, name: &str, default: u32| -> Result<u32, ConfigError> {
@@ -821,6 +840,15 @@ impl H2Limits {
                 None => None,
                 Some(k) => super::h2_keepalive(k, &at)?,
             },
+            // Envoy's order: the override, then the HCM's field, then the
+            // deprecated field it replaced.
+            #[allow(deprecated)]
+            stream_error_on_invalid: o
+                .override_stream_error_on_invalid_http_message
+                .as_ref()
+                .map(|v| v.value)
+                .or(hcm_stream_error)
+                .unwrap_or(o.stream_error_on_invalid_http_messaging),
         })
     }
 }
@@ -1891,6 +1919,7 @@ mod tests {
                 stream_window: 65_535,
                 conn_window: 2 << 20,
                 keepalive: None,
+                stream_error_on_invalid: false,
             }
         );
         for (o, what) in [
@@ -1923,6 +1952,41 @@ mod tests {
                 msg.contains("http2_protocol_options") && msg.contains(what),
                 "{msg}"
             );
+        }
+    }
+
+    #[test]
+    fn a_malformed_http2_request_ends_the_connection_unless_asked() {
+        use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
+        use portico_proto::google::protobuf::BoolValue;
+        let b = |value| Some(BoolValue { value });
+        #[allow(deprecated)]
+        let deprecated = |value| Http2ProtocolOptions {
+            stream_error_on_invalid_http_messaging: value,
+            ..Default::default()
+        };
+        let overridden = |value| Http2ProtocolOptions {
+            override_stream_error_on_invalid_http_message: b(value),
+            ..Default::default()
+        };
+        // (HCM field, HTTP/2 options, stream error?)
+        for (hcm, h2, want) in [
+            (None, None, false),
+            (b(true), None, true),
+            (b(false), None, false),
+            (None, Some(deprecated(true)), true),
+            (b(false), Some(deprecated(true)), false),
+            (b(true), Some(deprecated(false)), true),
+            (b(true), Some(overridden(false)), false),
+            (b(false), Some(overridden(true)), true),
+            (None, Some(overridden(true)), true),
+        ] {
+            let c = ListenerConfig::convert(&listener(|h| {
+                h.stream_error_on_invalid_http_message = hcm;
+                h.http2_protocol_options = h2.clone();
+            }))
+            .unwrap();
+            assert_eq!(c.h2.stream_error_on_invalid, want, "{hcm:?} {h2:?}");
         }
     }
 }

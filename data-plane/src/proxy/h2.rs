@@ -14,8 +14,12 @@
 //! to the client as WINDOW_UPDATE, so the client can never have more in
 //! flight than the windows this server advertised.
 //!
-//! Refusals follow RFC 9113: malformed requests get RST_STREAM
-//! PROTOCOL_ERROR, header lists over the listener's size limit a 431,
+//! Refusals follow RFC 9113: a malformed request ends its connection
+//! with GOAWAY PROTOCOL_ERROR (Envoy's default) or, where the listener
+//! says `stream_error_on_invalid_http_message`, gets RST_STREAM
+//! PROTOCOL_ERROR alone; a header name with an underscore where the
+//! listener refuses them resets its stream; header lists over the
+//! listener's size limit a 431,
 //! over its `max_headers_count` RST_STREAM INTERNAL_ERROR (Envoy's
 //! answer), streams over the concurrency limit REFUSED_STREAM; protocol
 //! violations end the
@@ -513,6 +517,10 @@ struct Fields {
     /// Over the listener's `max_headers_count`: the stream is reset, as
     /// Envoy's HTTP/2 codec does (HTTP/1.1 gets a 431).
     too_many: bool,
+    /// A header name with an underscore, where the listener refuses them
+    /// (`headers_with_underscores_action: REJECT_REQUEST`): the stream is
+    /// reset, as Envoy does for HTTP/2.
+    underscore: bool,
     malformed: Option<&'static str>,
 }
 
@@ -532,7 +540,7 @@ impl Fields {
             // table entry would otherwise build a huge map.
             self.too_large = true;
         }
-        if self.too_large || self.too_many || self.malformed.is_some() {
+        if self.too_large || self.too_many || self.underscore || self.malformed.is_some() {
             return;
         }
         let slot = match name {
@@ -548,9 +556,7 @@ impl Fields {
                 match admit(&rules, n.as_str().as_bytes(), stats) {
                     Admit::Keep => {}
                     Admit::Drop => return,
-                    Admit::Refuse => {
-                        return self.malformed = Some("header name with an underscore")
-                    }
+                    Admit::Refuse => return self.underscore = true,
                 }
                 if is_connection_specific(&n) && !(n == header::TE && &value[..] == b"trailers") {
                     return self.malformed = Some("connection-specific header");
@@ -1374,6 +1380,23 @@ impl Connection {
         }
     }
 
+    /// A request that breaks HTTP/2's message rules (RFC 9113 section
+    /// 8.1.1): the connection ends with a GOAWAY naming it, as Envoy's
+    /// does by default, or, where the listener says
+    /// `stream_error_on_invalid_http_message`, the stream alone is reset.
+    fn messaging_error(&mut self, id: u32, why: &str) -> Result<(), ConnError> {
+        let stats = &self.conn.shared.stats;
+        stats.rx_messaging_error.fetch_add(1, Ordering::Relaxed);
+        if self.h2.stream_error_on_invalid {
+            tracing::debug!(peer = %self.conn.peer, stream = id, "malformed request: {why}");
+            return self.reset(id, Reason::PROTOCOL_ERROR);
+        }
+        Err(err(
+            Reason::PROTOCOL_ERROR,
+            format!("malformed request on stream {id}: {why}"),
+        ))
+    }
+
     /// Resets a stream for an error of the client's; too many such
     /// resets end the connection.
     fn reset(&mut self, id: u32, reason: Reason) -> Result<(), ConnError> {
@@ -1585,7 +1608,7 @@ impl Connection {
         };
         if bad_len {
             self.conn_unacked += data.len() as u32;
-            return self.reset(id, Reason::PROTOCOL_ERROR);
+            return self.messaging_error(id, "body length differs from content-length");
         }
         let recv = s.recv.clone();
         if end {
@@ -1670,11 +1693,22 @@ impl Connection {
             if s.remote_closed {
                 return self.reset(id, Reason::STREAM_CLOSED);
             }
-            if !end_stream || f.pseudo_seen || f.malformed.is_some() || f.too_large || f.too_many {
+            if f.too_large || f.too_many || f.underscore {
                 return self.reset(id, Reason::PROTOCOL_ERROR);
             }
-            if s.expect_len.is_some_and(|n| n != s.got_len) {
-                return self.reset(id, Reason::PROTOCOL_ERROR);
+            let why = if !end_stream {
+                Some("trailers without END_STREAM")
+            } else if f.pseudo_seen {
+                Some("pseudo-header in trailers")
+            } else if f.malformed.is_some() {
+                f.malformed
+            } else if s.expect_len.is_some_and(|n| n != s.got_len) {
+                Some("body length differs from content-length")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return self.messaging_error(id, why);
             }
             s.remote_closed = true;
             s.active = self.out.ticks;
@@ -1716,16 +1750,17 @@ impl Connection {
             tracing::debug!(peer = %self.conn.peer, stream = id, "over max_headers_count");
             return self.reset(id, Reason::INTERNAL_ERROR);
         }
+        if f.underscore {
+            tracing::debug!(peer = %self.conn.peer, stream = id, "header name with an underscore");
+            return self.reset(id, Reason::PROTOCOL_ERROR);
+        }
         let too_large = f.too_large;
         let (req, expect_len) = match f.request() {
             Ok(r) => r,
-            Err(why) => {
-                tracing::debug!(peer = %self.conn.peer, stream = id, "malformed request: {why}");
-                return self.reset(id, Reason::PROTOCOL_ERROR);
-            }
+            Err(why) => return self.messaging_error(id, why),
         };
         if end_stream && expect_len.is_some_and(|n| n != 0) {
-            return self.reset(id, Reason::PROTOCOL_ERROR);
+            return self.messaging_error(id, "content-length without a body");
         }
         let head_only = req.method() == Method::HEAD;
         // A 431 never reads its body: what arrives is credited back at once.

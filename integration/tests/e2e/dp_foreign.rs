@@ -3627,6 +3627,79 @@ fn expect_continue_is_answered_or_proxied() {
     }
 }
 
+/// A malformed HTTP/2 request (here a body shorter than its
+/// content-length, and an upper-case field name) ends its whole
+/// connection with GOAWAY PROTOCOL_ERROR by default, as Envoy's does; on a
+/// listener with `stream_error_on_invalid_http_message` only its stream is
+/// reset and the connection goes on, unless the HTTP/2 options' override
+/// says otherwise.
+#[test]
+fn malformed_http2_requests_end_their_connection_unless_asked() {
+    use super::dp_h2_downstream::{
+        fields, first_field, get as h2get, rst_code, Raw, DATA, END_STREAM, HEADERS,
+        PROTOCOL_ERROR, RST_STREAM,
+    };
+    use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
+    use portico_proto::google::protobuf::BoolValue;
+    let up = Upstream::start("u1");
+    let (strict, lenient, overridden) = (free_port(), free_port(), free_port());
+    let xds = StaticXds::start();
+    let strict_l = listener("strict", strict, 0, false, None);
+    let mut lenient_l = listener("lenient", lenient, 0, false, None);
+    edit_hcm(&mut lenient_l, |h| {
+        h.stream_error_on_invalid_http_message = Some(BoolValue { value: true })
+    });
+    let mut overridden_l = listener("overridden", overridden, 0, false, None);
+    edit_hcm(&mut overridden_l, |h| {
+        h.stream_error_on_invalid_http_message = Some(BoolValue { value: true });
+        h.http2_protocol_options = Some(Http2ProtocolOptions {
+            override_stream_error_on_invalid_http_message: Some(BoolValue { value: false }),
+            ..Default::default()
+        });
+    });
+    let (_dir, dp) = serve_plain(
+        &xds,
+        &up,
+        &[
+            (strict, &strict_l),
+            (lenient, &lenient_l),
+            (overridden, &overridden_l),
+        ],
+        "dp-malformed",
+    );
+    let mut short = h2get("/short");
+    short[0].1 = "POST".into();
+    short.push(("content-length", "10".into()));
+    let mut upper = h2get("/upper");
+    upper.push(("X-Upper", "1".into()));
+    let malformed = |c: &mut Raw, id: u32| {
+        c.request(id, &fields(&short), Some(b"abc"));
+        c.request(id + 2, &fields(&upper), None);
+    };
+    for port in [strict, overridden] {
+        let mut c = Raw::connect(port, &[]);
+        malformed(&mut c, 1);
+        assert_eq!(c.goaway(), PROTOCOL_ERROR, "port {port}");
+    }
+    let mut c = Raw::connect(lenient, &[]);
+    malformed(&mut c, 1);
+    let mut reset = Vec::new();
+    while reset.len() < 2 {
+        let f = c.until("RST_STREAM", |f| f.kind == RST_STREAM || f.kind == HEADERS);
+        assert_eq!(f.kind, RST_STREAM, "{f:?}");
+        assert_eq!(rst_code(&f), PROTOCOL_ERROR);
+        reset.push(f.stream);
+    }
+    reset.sort();
+    assert_eq!(reset, [1, 3]);
+    c.request(5, &fields(&h2get("/fine")), None);
+    let h = c.until("the next answer", |f| f.kind == HEADERS && f.stream == 5);
+    assert_eq!(first_field(&h), 0x88, "200 on stream 5");
+    c.until("its body", |f| f.kind == DATA && f.flags & END_STREAM != 0);
+    // One each on the connections that ended, two on the one that went on.
+    assert_eq!(dp.stat("http2.rx_messaging_error"), 4);
+}
+
 /// The connection manager's HTTP/2 `connection_keepalive`: the proxy
 /// PINGs its clients every interval; one that answers keeps its
 /// connection, one that stops answering is cut off after the timeout.
