@@ -120,8 +120,14 @@ async fn handle(
     for (k, v) in req.headers() {
         echo.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
     }
-    // `x-answer-server: V` asks for a `server: V` on the answer.
+    // `x-answer-server: V` asks for a `server: V` on the answer, and
+    // `x-answer-header-bytes: N` for an `x-big` field of N bytes.
     let server = req.headers().get("x-answer-server").cloned();
+    let big = req
+        .headers()
+        .get("x-answer-header-bytes")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .map(|n| http::HeaderValue::from_str(&"b".repeat(n)).expect("a header value"));
     let reply = |status: u16, body: Body| {
         let mut r = Response::builder()
             .status(status)
@@ -130,6 +136,9 @@ async fn handle(
             .expect("response");
         if let Some(v) = &server {
             r.headers_mut().insert("server", v.clone());
+        }
+        if let Some(v) = &big {
+            r.headers_mut().insert("x-big", v.clone());
         }
         r
     };

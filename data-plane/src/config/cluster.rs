@@ -79,6 +79,41 @@ impl H1Client {
     }
 }
 
+/// What an answer's head may hold (the cluster's
+/// `common_http_protocol_options`); one over either limit is a protocol
+/// error (502), as in Envoy. Small: it rides in every request's future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerHead {
+    /// Header fields of an HTTP/1.1 answer (`max_headers_count`,
+    /// Envoy's 100 unless set).
+    pub fields: u16,
+    /// Its size in KiB (`max_response_headers_kb`; unless set, Envoy's
+    /// 80 for HTTP/1.1 and 60 for HTTP/2).
+    pub kib: Option<std::num::NonZeroU16>,
+}
+
+impl Default for AnswerHead {
+    fn default() -> Self {
+        AnswerHead {
+            fields: 100,
+            kib: None,
+        }
+    }
+}
+
+impl AnswerHead {
+    /// The bytes an HTTP/1.1 answer head may have.
+    pub fn http1_bytes(self) -> usize {
+        self.kib.map_or(80, |k| usize::from(k.get())) * 1024
+    }
+
+    /// The bytes an HTTP/2 answer's header list may have (counted as
+    /// RFC 9113's SETTINGS_MAX_HEADER_LIST_SIZE counts them).
+    pub fn http2_bytes(self) -> u32 {
+        self.kib.map_or(60, |k| u32::from(k.get())) * 1024
+    }
+}
+
 /// An HTTP/2 upstream's settings beyond its stream limit (from its
 /// `http2_protocol_options`; hyper's defaults for those not given).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -668,10 +703,8 @@ pub struct ClusterConfig {
     /// or 0): then it is reset, retried as a reset, else answered 504
     /// (408 while the request is still coming), as Envoy's router does.
     pub max_stream_duration: Option<Duration>,
-    /// Header fields an HTTP/1.1 answer may have
-    /// (`common_http_protocol_options.max_headers_count`, Envoy's 100
-    /// unless set): an answer with more is a protocol error (502).
-    pub max_response_headers: u16,
+    /// What an answer head may hold.
+    pub answer_head: AnswerHead,
     /// The address upstream connections are made from
     /// (`upstream_bind_config.source_address`; the system's choice unless
     /// set).
@@ -1767,8 +1800,8 @@ impl ClusterConfig {
                 )
             }
         };
-        // (More than 65,535 fields would not fit a 64 KiB head anyway.)
-        let max_response_headers = match common.max_headers {
+        // (More than 65,535 fields would not fit an 8 MiB head anyway.)
+        let fields = match common.max_headers {
             None => 100,
             Some(0) => {
                 return Err(ConfigError::new(
@@ -1778,6 +1811,17 @@ impl ClusterConfig {
             }
             Some(n) => u16::try_from(n).unwrap_or(u16::MAX),
         };
+        let kib = match common.max_head_kib {
+            None => None,
+            Some(n @ 1..=8192) => std::num::NonZeroU16::new(n as u16),
+            Some(n) => return Err(ConfigError::new(
+                &at,
+                format!(
+                    "common_http_protocol_options.max_response_headers_kb {n} is outside 1..8192"
+                ),
+            )),
+        };
+        let answer_head = AnswerHead { fields, kib };
         Ok(ClusterConfig {
             ignore_health_on_removal: c.ignore_health_on_host_removal,
             drain_on_host_change: c
@@ -1834,7 +1878,7 @@ impl ClusterConfig {
                 .unwrap_or(Duration::from_secs(60)),
             max_connection_age: common.max_age.filter(|d| !d.is_zero()),
             max_stream_duration: common.max_stream.filter(|d| !d.is_zero()),
-            max_response_headers,
+            answer_head,
         })
     }
 }
@@ -1852,6 +1896,8 @@ struct CommonOptions {
     max_stream: Option<Duration>,
     /// `max_headers_count`.
     max_headers: Option<u32>,
+    /// `max_response_headers_kb`.
+    max_head_kib: Option<u32>,
 }
 
 impl CommonOptions {
@@ -1862,6 +1908,7 @@ impl CommonOptions {
             max_requests: o.max_requests_per_connection.as_ref().map(|v| v.value),
             max_stream: o.max_stream_duration.as_ref().map(duration),
             max_headers: o.max_headers_count.as_ref().map(|v| v.value),
+            max_head_kib: o.max_response_headers_kb.as_ref().map(|v| v.value),
         })
     }
 
@@ -1873,6 +1920,7 @@ impl CommonOptions {
             max_requests: self.max_requests.or(earlier.max_requests),
             max_stream: self.max_stream.or(earlier.max_stream),
             max_headers: self.max_headers.or(earlier.max_headers),
+            max_head_kib: self.max_head_kib.or(earlier.max_head_kib),
         }
     }
 }
@@ -2668,23 +2716,47 @@ mod tests {
         .unwrap();
         assert_eq!(capped.max_requests_per_connection, Some(7));
         assert_eq!(capped.max_stream_duration, Some(Duration::from_secs(2)));
-        assert_eq!(capped.max_response_headers, 100, "Envoy's default");
-        let count = |n| {
+        assert_eq!(
+            capped.answer_head,
+            AnswerHead::default(),
+            "Envoy's defaults"
+        );
+        assert_eq!(
+            (
+                capped.answer_head.http1_bytes(),
+                capped.answer_head.http2_bytes()
+            ),
+            (80 * 1024, 60 * 1024)
+        );
+        let head = |count: Option<u32>, kib: Option<u32>| {
+            let v = |value| portico_proto::google::protobuf::UInt32Value { value };
             with(HttpProtocolOptions {
                 common_http_protocol_options: Some(
                     portico_proto::envoy::config::core::v3::HttpProtocolOptions {
-                        max_headers_count: Some(portico_proto::google::protobuf::UInt32Value {
-                            value: n,
-                        }),
+                        max_headers_count: count.map(v),
+                        max_response_headers_kb: kib.map(v),
                         ..Default::default()
                     },
                 ),
                 ..Default::default()
             })
         };
-        assert_eq!(count(250).unwrap().max_response_headers, 250);
-        let e = count(0).unwrap_err().to_string();
+        assert_eq!(head(Some(250), None).unwrap().answer_head.fields, 250);
+        let e = head(Some(0), None).unwrap_err().to_string();
         assert!(e.contains("max_headers_count must be at least 1"), "{e}");
+        let h = head(None, Some(8192)).unwrap().answer_head;
+        assert_eq!(
+            (h.fields, h.http1_bytes(), h.http2_bytes()),
+            (100, 8 << 20, 8 << 20)
+        );
+        assert_eq!(head(None, Some(1)).unwrap().answer_head.http1_bytes(), 1024);
+        for kib in [0, 8193] {
+            let e = head(None, Some(kib)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("max_response_headers_kb {kib} is outside 1..8192")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pool::{OpenSlot, Pool, ReqBody, SendError, WorkerPool};
-use crate::config::cluster::H1Client;
+use crate::config::cluster::{AnswerHead, H1Client};
 use crate::http1::{
     has_token, last_coding, parse_length, parsed_value, poll_fill, write_chunk_size, write_length,
     BodyError, Chunk, Framed, Piece,
@@ -41,9 +41,8 @@ use crate::http1::{
 use crate::proxy::body::RequestBody;
 use crate::proxy::http1::ClientGone;
 
-/// Response heads longer than this are refused (hyper's default too).
-const MAX_HEAD: usize = 64 * 1024;
-/// Response header fields beyond this many are refused.
+/// Response header fields found in place, without the heap (Envoy's
+/// default limit; a cluster that allows more spills beyond it).
 const MAX_HEADERS: usize = 100;
 /// Request bodies up to this size are written with the head in one call.
 const COALESCE_BODY: usize = 16 * 1024;
@@ -210,8 +209,9 @@ pub fn exchange<'a>(
         if let Some((body, exact)) = stream {
             // Boxed: this state is large and rare, and every request's
             // future would otherwise be as large as it.
-            let max = pool.max_headers();
-            let streamed = stream_exchange(&mut conn, &head, body, exact, replayable_or_waits, max);
+            let limits = pool.answer_head();
+            let streamed =
+                stream_exchange(&mut conn, &head, body, exact, replayable_or_waits, limits);
             let (head, rest) = Box::pin(streamed).await?;
             let (reusable, duplex) = match rest {
                 Rest::Sent => (true, None),
@@ -220,7 +220,7 @@ pub fn exchange<'a>(
             };
             return finish(conn, head, head_only, reusable, &ret, duplex);
         }
-        let resp = match send_and_read(&mut conn, &head, rest.as_ref(), pool.max_headers()).await {
+        let resp = match send_and_read(&mut conn, &head, rest.as_ref(), pool.answer_head()).await {
             Ok(resp) => resp,
             Err(e) if reused && conn.buf.is_empty() && replayable_or_waits => {
                 tracing::debug!(error = %e, "reused upstream connection was closed; sending again on a new one");
@@ -234,7 +234,7 @@ pub fn exchange<'a>(
                     let mut fresh = Connection::new(io, slot);
                     fresh.uses = 1;
                     let resp =
-                        send_and_read(&mut fresh, &head, rest.as_ref(), pool.max_headers()).await?;
+                        send_and_read(&mut fresh, &head, rest.as_ref(), pool.answer_head()).await?;
                     Ok::<_, SendError>((fresh, resp))
                 })
                 .await?;
@@ -337,18 +337,18 @@ fn replayable(idempotent_method: bool, headers: &HeaderMap) -> bool {
 }
 
 /// Writes a request head (with a small body already appended) and the rest
-/// of its body, then reads the response head (of at most `max` fields).
+/// of its body, then reads the response head (within `limits`).
 async fn send_and_read(
     conn: &mut Connection,
     head: &[u8],
     rest: Option<&Bytes>,
-    max: u16,
+    limits: AnswerHead,
 ) -> Result<Head, SendError> {
     write_all(&mut conn.io, head).await?;
     if let Some(b) = rest {
         write_all(&mut conn.io, b).await?;
     }
-    read_head(&mut conn.io, &mut conn.buf, max).await
+    read_head(&mut conn.io, &mut conn.buf, limits).await
 }
 
 /// Turns a response head into the response, with a body that reads from
@@ -463,7 +463,7 @@ async fn stream_exchange(
     body: RequestBody,
     exact: Option<u64>,
     await_continue: bool,
-    max: u16,
+    limits: AnswerHead,
 ) -> Result<(Head, Rest), SendError> {
     let Connection { io, buf, .. } = conn;
     let mut upload = Upload::new(head, body, exact.is_none());
@@ -486,7 +486,7 @@ async fn stream_exchange(
                 Poll::Pending => {}
             }
         }
-        match poll_read_head(io, buf, &mut interim, max, cx) {
+        match poll_read_head(io, buf, &mut interim, limits, cx) {
             // The upstream's 100 Continue: the body may come now.
             Poll::Pending if interim && upload.gate.is_some() => upload.gate = None,
             p => return p.map_err(|e| send_error.take().unwrap_or(e)),
@@ -725,15 +725,20 @@ fn bad(what: impl std::fmt::Display) -> SendError {
     SendError::Protocol(format!("invalid response from upstream: {what}"))
 }
 
+#[cold]
+fn too_large() -> SendError {
+    bad("response head over the cluster's max_response_headers_kb")
+}
+
 /// Reads until a final (non-1xx, or 101) response head is complete and
 /// consumes it from `buf`.
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-    max: u16,
+    limits: AnswerHead,
 ) -> Result<Head, SendError> {
     loop {
-        if let Some(head) = take_head(buf, &mut false, max)? {
+        if let Some(head) = take_head(buf, &mut false, limits)? {
             return Ok(head);
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -754,9 +759,13 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 /// The final response head at the start of `buf`, if all there (1xx
 /// heads before it are skipped, and `interim` set when one was a
 /// `100 Continue`; a 102 or 103 asks for nothing).
-fn take_head(buf: &mut BytesMut, interim: &mut bool, max: u16) -> Result<Option<Head>, SendError> {
+fn take_head(
+    buf: &mut BytesMut,
+    interim: &mut bool,
+    limits: AnswerHead,
+) -> Result<Option<Head>, SendError> {
     while !buf.is_empty() {
-        match parse_head(buf, usize::from(max))? {
+        match parse_head(buf, limits)? {
             // 100 Continue and friends: the answer follows.
             Some(head)
                 if head.status.is_informational()
@@ -765,7 +774,7 @@ fn take_head(buf: &mut BytesMut, interim: &mut bool, max: u16) -> Result<Option<
                 *interim |= head.status == StatusCode::CONTINUE;
             }
             Some(head) => return Ok(Some(head)),
-            None if buf.len() >= MAX_HEAD => return Err(bad("response head too large")),
+            None if buf.len() >= limits.http1_bytes() => return Err(too_large()),
             None => break,
         }
     }
@@ -777,11 +786,11 @@ fn poll_read_head(
     io: &TcpStream,
     buf: &mut BytesMut,
     interim: &mut bool,
-    max: u16,
+    limits: AnswerHead,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, SendError>> {
     loop {
-        if let Some(head) = take_head(buf, interim, max)? {
+        if let Some(head) = take_head(buf, interim, limits)? {
             return Poll::Ready(Ok(head));
         }
         match ready!(poll_fill(io, buf, cx)) {
@@ -799,11 +808,13 @@ fn poll_read_head(
 }
 
 /// Parses a response head at the start of `buf`: `None` while incomplete;
-/// when complete, consumes it. Header values share the head's bytes. More
-/// than `max` header fields (the cluster's `max_headers_count`) are
-/// refused; up to [`MAX_HEADERS`] they are found in place, beyond that on
-/// the heap (only where the cluster allows more).
-fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError> {
+/// when complete, consumes it. Header values share the head's bytes. A
+/// head over the cluster's limits is refused: more header fields than
+/// `max_headers_count` (up to [`MAX_HEADERS`] are found in place, beyond
+/// that on the heap, only where the cluster allows more), more bytes than
+/// `max_response_headers_kb`.
+fn parse_head(buf: &mut BytesMut, limits: AnswerHead) -> Result<Option<Head>, SendError> {
+    let max = usize::from(limits.fields);
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut at = [[0u32; 4]; MAX_HEADERS];
     let spilled: Vec<[u32; 4]>;
@@ -820,6 +831,9 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, SendError>
         },
         Located::TooMany => return Err(bad("too many header fields")),
     };
+    if len > limits.http1_bytes() {
+        return Err(too_large());
+    }
     build_head(buf, len, status, at).map(Some)
 }
 
@@ -859,8 +873,8 @@ enum Located {
 }
 
 /// Finds a response head's status line and fields at the start of `buf`,
-/// writing where each field sits into `at` (the head is under MAX_HEAD,
-/// so u32 offsets do), so that values can share its bytes once it is
+/// writing where each field sits into `at` (a head is at most 8 MiB, the
+/// largest `max_response_headers_kb`, so u32 offsets do), so that values can share its bytes once it is
 /// frozen.
 #[inline(always)]
 fn locate<'b>(
@@ -911,9 +925,6 @@ fn build_head(
         Version::HTTP_11
     };
     let n = at.len();
-    if len > MAX_HEAD {
-        return Err(bad("response head too large"));
-    }
     let head = buf.split_to(len).freeze();
     let mut headers = crate::spare::header_map(n);
     let mut close = version == Version::HTTP_10;
@@ -1174,9 +1185,17 @@ impl http_body::Body for Body {
 mod tests {
     use super::*;
 
+    /// Limits of `n` header fields and Envoy's default size.
+    fn fields(n: u16) -> AnswerHead {
+        AnswerHead {
+            fields: n,
+            kib: None,
+        }
+    }
+
     fn parse(text: &str) -> Head {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_head(&mut buf, 100).unwrap().unwrap()
+        parse_head(&mut buf, fields(100)).unwrap().unwrap()
     }
 
     #[test]
@@ -1191,20 +1210,57 @@ mod tests {
         };
         let too_many = |r: Result<Option<Head>, SendError>| matches!(r, Err(SendError::Protocol(why)) if why.contains("too many header fields"));
         // Fewer allowed than fit in place: counted.
-        assert!(too_many(parse_head(&mut head(3), 2)));
+        assert!(too_many(parse_head(&mut head(3), fields(2))));
         assert_eq!(
-            parse_head(&mut head(2), 2).unwrap().unwrap().headers.len(),
+            parse_head(&mut head(2), fields(2))
+                .unwrap()
+                .unwrap()
+                .headers
+                .len(),
             2
         );
         // Envoy's default 100, and more where the cluster allows them.
-        assert!(too_many(parse_head(&mut head(120), 100)));
-        let h = parse_head(&mut head(120), 150).unwrap().unwrap();
+        assert!(too_many(parse_head(&mut head(120), fields(100))));
+        let h = parse_head(&mut head(120), fields(150)).unwrap().unwrap();
         assert_eq!((h.headers.len(), h.framing), (120, Framing::Length(0)));
-        assert!(too_many(parse_head(&mut head(151), 150)));
+        assert!(too_many(parse_head(&mut head(151), fields(150))));
         // Incomplete, with more fields than fit in place: wait for more.
         let mut partial = head(120);
         partial.truncate(partial.len() - 2);
-        assert!(parse_head(&mut partial, 150).unwrap().is_none());
+        assert!(parse_head(&mut partial, fields(150)).unwrap().is_none());
+    }
+
+    #[test]
+    fn header_sizes_are_the_clusters() {
+        let head = |len: usize| {
+            let mut h = String::from("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-big: ");
+            h.push_str(&"a".repeat(len - h.len() - 4));
+            h.push_str("\r\n\r\n");
+            assert_eq!(h.len(), len);
+            BytesMut::from(h.as_bytes())
+        };
+        let too_large = |r: Result<Option<Head>, SendError>| matches!(r, Err(SendError::Protocol(why)) if why.contains("max_response_headers_kb"));
+        let kib = |k: u16| AnswerHead {
+            fields: 100,
+            kib: std::num::NonZeroU16::new(k),
+        };
+        // Envoy's 80 KiB for HTTP/1.1 by default.
+        assert!(parse_head(&mut head(80 * 1024), fields(100))
+            .unwrap()
+            .is_some());
+        assert!(too_large(parse_head(&mut head(80 * 1024 + 1), fields(100))));
+        assert!(parse_head(&mut head(2048), kib(2)).unwrap().is_some());
+        assert!(too_large(parse_head(&mut head(2049), kib(2))));
+        // An unfinished head already over the limit is refused without
+        // waiting for its end; under it, it waits.
+        let mut partial = head(4096);
+        partial.truncate(2048);
+        assert!(too_large(take_head(&mut partial, &mut false, kib(2))));
+        let mut partial = head(4096);
+        partial.truncate(2047);
+        assert!(take_head(&mut partial, &mut false, kib(2))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -1232,7 +1288,10 @@ mod tests {
         );
         assert!(h.close, "chunked twice: do not reuse");
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n"[..]);
-        assert!(parse_head(&mut buf, 100).is_err(), "a sign is not a digit");
+        assert!(
+            parse_head(&mut buf, fields(100)).is_err(),
+            "a sign is not a digit"
+        );
         let h = parse("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
         assert!(!h.close);
         let h = parse("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
@@ -1240,9 +1299,9 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
         );
-        assert!(parse_head(&mut buf, 100).is_err());
+        assert!(parse_head(&mut buf, fields(100)).is_err());
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_head(&mut buf, 100).unwrap().is_none());
+        assert!(parse_head(&mut buf, fields(100)).unwrap().is_none());
     }
 
     #[test]

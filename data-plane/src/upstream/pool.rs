@@ -270,9 +270,8 @@ pub struct Pool {
     /// The endpoint's other addresses (`additional_addresses`): with any,
     /// connections are made the happy eyeballs way over all of them.
     also: Arc<[SocketAddr]>,
-    /// Header fields an HTTP/1.1 answer may have (the cluster's
-    /// `max_headers_count`).
-    max_headers: u16,
+    /// What an answer head may hold.
+    answer_head: crate::config::cluster::AnswerHead,
     /// How HTTP/1.1 request heads are written.
     h1: crate::config::cluster::H1Client,
     http2: bool,
@@ -336,7 +335,7 @@ impl Pool {
             && a.h2 == b.h2
             && a.family_order == b.family_order
             && a.max_connection_age == b.max_connection_age
-            && a.max_response_headers == b.max_response_headers
+            && a.answer_head == b.answer_head
     }
 
     /// An empty pool.
@@ -345,7 +344,7 @@ impl Pool {
         Pool {
             addr,
             also: Arc::new([]),
-            max_headers: cfg.max_response_headers,
+            answer_head: cfg.answer_head,
             h1: cfg.h1,
             http2: cfg.http2,
             connect_timeout: cfg.connect_timeout,
@@ -400,9 +399,9 @@ impl Pool {
         &self.also
     }
 
-    /// Header fields an HTTP/1.1 answer may have.
-    pub fn max_headers(&self) -> u16 {
-        self.max_headers
+    /// What an HTTP/1.1 answer head may hold.
+    pub fn answer_head(&self) -> crate::config::cluster::AnswerHead {
+        self.answer_head
     }
 
     /// Sends a request. An HTTP/2 response holds a stream slot, which must
@@ -855,6 +854,7 @@ impl Pool {
         if let Some(t) = h2.header_table {
             builder.header_table_size(t);
         }
+        builder.max_header_list_size(self.answer_head.http2_bytes());
         let (tx, conn) = builder
             .handshake(TokioIo::new(io))
             .await

@@ -3627,6 +3627,94 @@ fn expect_continue_is_answered_or_proxied() {
     }
 }
 
+/// An answer head over its cluster's `max_response_headers_kb` (2 KiB
+/// here, from HTTP/1.1 and HTTP/2 upstreams; Envoy's 80 KiB for HTTP/1.1
+/// by default) is a protocol error, answered 502; under it, it passes.
+#[test]
+fn answer_heads_over_the_clusters_limit_are_refused() {
+    use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
+    use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
+    use portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions as Upstream2;
+    let up = Upstream::start("u1");
+    let port = free_port();
+    let xds = StaticXds::start();
+    let small = |name: &str, h2: bool| {
+        let mut c = cluster(name, LbPolicy::RoundRobin, Some(&[up.addr.port()]));
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            pack(&Upstream2 {
+                common_http_protocol_options: Some(HttpProtocolOptions {
+                    max_response_headers_kb: Some(UInt32Value { value: 2 }),
+                    ..Default::default()
+                }),
+                upstream_protocol_options: h2.then(|| {
+                    UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        )),
+                    })
+                }),
+                ..Default::default()
+            }),
+        );
+        c
+    };
+    xds.set(
+        CLUSTER,
+        vec![
+            resource("small", &small("small", false)),
+            resource("small-h2", &small("small-h2", true)),
+            resource(
+                "plain",
+                &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
+            ),
+        ],
+    );
+    xds.set(
+        ROUTE,
+        vec![resource(
+            "routes",
+            &one_host(vec![
+                prefix_route("/h1", "small", |_| {}),
+                prefix_route("/h2", "small-h2", |_| {}),
+                prefix_route("/", "plain", |_| {}),
+            ]),
+        )],
+    );
+    let (_dir, dp) = serve_foreign(&xds, port, "dp-heads");
+    let get = |path: &str, bytes: usize| {
+        let n = bytes.to_string();
+        http1(
+            port,
+            "GET",
+            path,
+            "gw",
+            &[("x-answer-header-bytes", &n)],
+            "",
+        )
+        .expect("request")
+    };
+    wait_for(std::time::Duration::from_secs(10), || {
+        (get("/x", 1).status == 200).then_some(())
+    })
+    .expect("the configuration serves");
+    for path in ["/h1", "/h2"] {
+        let r = get(path, 1000);
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(r.header("x-big").map(str::len), Some(1000));
+        let r = get(path, 3000);
+        assert_eq!(r.status, 502, "{path}: {r:?}");
+    }
+    assert_eq!(dp.stat("cluster.small.upstream_rq_total"), 2);
+    // Envoy's default for HTTP/1.1: 80 KiB.
+    let r = get("/x", 70 * 1024);
+    assert_eq!(r.status, 200, "{:?}", (r.status, &r.body));
+    assert_eq!(r.header("x-big").map(str::len), Some(70 * 1024));
+    assert_eq!(get("/x", 81 * 1024).status, 502);
+}
+
 /// A malformed HTTP/2 request (here a body shorter than its
 /// content-length, and an upper-case field name) ends its whole
 /// connection with GOAWAY PROTOCOL_ERROR by default, as Envoy's does; on a
