@@ -84,8 +84,9 @@ impl H1Client {
 /// error (502), as in Envoy. Small: it rides in every request's future.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnswerHead {
-    /// Header fields of an HTTP/1.1 answer (`max_headers_count`,
-    /// Envoy's 100 unless set).
+    /// Header fields of an answer (`max_headers_count`, Envoy's 100
+    /// unless set; an HTTP/2 answer's `:status` counts, as in Envoy's
+    /// HTTP/2 codec).
     pub fields: u16,
     /// Its size in KiB (`max_response_headers_kb`; unless set, Envoy's
     /// 80 for HTTP/1.1 and 60 for HTTP/2).
@@ -1814,12 +1815,14 @@ impl ClusterConfig {
         let kib = match common.max_head_kib {
             None => None,
             Some(n @ 1..=8192) => std::num::NonZeroU16::new(n as u16),
-            Some(n) => return Err(ConfigError::new(
-                &at,
-                format!(
+            Some(n) => {
+                return Err(ConfigError::new(
+                    &at,
+                    format!(
                     "common_http_protocol_options.max_response_headers_kb {n} is outside 1..8192"
                 ),
-            )),
+                ))
+            }
         };
         let answer_head = AnswerHead { fields, kib };
         Ok(ClusterConfig {

@@ -917,6 +917,13 @@ impl Pool {
             return Err(SendError::Reset("HTTP/2 connection closed".into()));
         }
         match tx.send_request(req).await {
+            // Envoy's HTTP/2 codec counts the answer's map, `:status` in
+            // it, against the cluster's `max_headers_count`.
+            Ok(resp) if resp.headers().len() >= usize::from(self.answer_head.fields) => {
+                Err(SendError::Protocol(
+                    "invalid response from upstream: too many header fields".into(),
+                ))
+            }
             Ok(resp) => Ok((resp, slot)),
             Err(e) => Err(SendError::Reset(e.to_string())),
         }

@@ -3629,7 +3629,9 @@ fn expect_continue_is_answered_or_proxied() {
 
 /// An answer head over its cluster's `max_response_headers_kb` (2 KiB
 /// here, from HTTP/1.1 and HTTP/2 upstreams; Envoy's 80 KiB for HTTP/1.1
-/// by default) is a protocol error, answered 502; under it, it passes.
+/// by default) or `max_headers_count` (5 here; an HTTP/2 answer's
+/// `:status` counts, as in Envoy) is a protocol error, answered 502;
+/// under them, it passes.
 #[test]
 fn answer_heads_over_the_clusters_limit_are_refused() {
     use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
@@ -3647,6 +3649,7 @@ fn answer_heads_over_the_clusters_limit_are_refused() {
             pack(&Upstream2 {
                 common_http_protocol_options: Some(HttpProtocolOptions {
                     max_response_headers_kb: Some(UInt32Value { value: 2 }),
+                    max_headers_count: Some(UInt32Value { value: 5 }),
                     ..Default::default()
                 }),
                 upstream_protocol_options: h2.then(|| {
@@ -3684,18 +3687,15 @@ fn answer_heads_over_the_clusters_limit_are_refused() {
         )],
     );
     let (_dir, dp) = serve_foreign(&xds, port, "dp-heads");
-    let get = |path: &str, bytes: usize| {
+    let get_with = |path: &str, bytes: usize, server: bool| {
         let n = bytes.to_string();
-        http1(
-            port,
-            "GET",
-            path,
-            "gw",
-            &[("x-answer-header-bytes", &n)],
-            "",
-        )
-        .expect("request")
+        let mut h = vec![("x-answer-header-bytes", n.as_str())];
+        if server {
+            h.push(("x-answer-server", "s"));
+        }
+        http1(port, "GET", path, "gw", &h, "").expect("request")
     };
+    let get = |path: &str, bytes: usize| get_with(path, bytes, false);
     wait_for(std::time::Duration::from_secs(10), || {
         (get("/x", 1).status == 200).then_some(())
     })
@@ -3708,6 +3708,12 @@ fn answer_heads_over_the_clusters_limit_are_refused() {
         assert_eq!(r.status, 502, "{path}: {r:?}");
     }
     assert_eq!(dp.stat("cluster.small.upstream_rq_total"), 2);
+    // The origin's answer: `x-upstream`, `content-length`, `date` and
+    // `x-big`, and `server` when asked: 5 fields over HTTP/1.1 pass, 6
+    // with HTTP/2's `:status` do not.
+    assert_eq!(get_with("/h1", 10, true).status, 200);
+    assert_eq!(get_with("/h2", 10, false).status, 200);
+    assert_eq!(get_with("/h2", 10, true).status, 502);
     // Envoy's default for HTTP/1.1: 80 KiB.
     let r = get("/x", 70 * 1024);
     assert_eq!(r.status, 200, "{:?}", (r.status, &r.body));
