@@ -3058,6 +3058,32 @@ fn serve_foreign(xds: &StaticXds, port: u16, name: &str) -> (tempfile::TempDir, 
     (dir, dp)
 }
 
+/// Sets a cluster's upstream HTTP options (Envoy's `HttpProtocolOptions`
+/// extension): `common`, and HTTP/2 with `h2` where given.
+fn upstream_http(
+    c: &mut Cluster,
+    common: Option<HttpProtocolOptions>,
+    h2: Option<portico_proto::envoy::config::core::v3::Http2ProtocolOptions>,
+) {
+    use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack(
+            &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
+                common_http_protocol_options: common,
+                upstream_protocol_options: h2.map(|o| {
+                    UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(o)),
+                    })
+                }),
+                ..Default::default()
+            },
+        ),
+    );
+}
+
 /// The routes of a one-virtual-host configuration named `routes`.
 fn one_host(routes: Vec<Route>) -> RouteConfiguration {
     RouteConfiguration {
@@ -3082,9 +3108,6 @@ fn one_host(routes: Vec<Route>) -> RouteConfiguration {
 #[test]
 fn cluster_protocol_options_limit_streams() {
     use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
-    use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
-    };
     use std::time::{Duration, Instant};
     let up = Upstream::start("u1");
     let port = free_port();
@@ -3102,43 +3125,18 @@ fn cluster_protocol_options_limit_streams() {
         h1.common_http_protocol_options = Some(limit());
     }
     let mut h2 = cluster("capped-h2", LbPolicy::RoundRobin, Some(&[up.addr.port()]));
-    h2.typed_extension_protocol_options.insert(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-        pack(
-            &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
-                common_http_protocol_options: Some(limit()),
-                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-                    ExplicitHttpConfig {
-                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                            Http2ProtocolOptions::default(),
-                        )),
-                    },
-                )),
-                ..Default::default()
-            },
-        ),
+    upstream_http(
+        &mut h2,
+        Some(limit()),
+        Some(Http2ProtocolOptions::default()),
     );
     // HTTP/2 connections that carry two streams each.
     let mut few = cluster("few-h2", LbPolicy::RoundRobin, Some(&[up.addr.port()]));
-    few.typed_extension_protocol_options.insert(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-        pack(
-            &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
-                common_http_protocol_options: Some(HttpProtocolOptions {
-                    max_requests_per_connection: Some(UInt32Value { value: 2 }),
-                    ..Default::default()
-                }),
-                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-                    ExplicitHttpConfig {
-                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                            Http2ProtocolOptions::default(),
-                        )),
-                    },
-                )),
-                ..Default::default()
-            },
-        ),
-    );
+    let two = HttpProtocolOptions {
+        max_requests_per_connection: Some(UInt32Value { value: 2 }),
+        ..Default::default()
+    };
+    upstream_http(&mut few, Some(two), Some(Http2ProtocolOptions::default()));
     xds.set(
         CLUSTER,
         vec![
@@ -3257,9 +3255,6 @@ fn requests_past_the_connection_limit_wait_as_pending() {
         circuit_breakers::Thresholds, CircuitBreakers,
     };
     use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
-    use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
-    };
     use std::time::{Duration, Instant};
     let up = Upstream::start("u1");
     let port = free_port();
@@ -3277,24 +3272,11 @@ fn requests_past_the_connection_limit_wait_as_pending() {
         c
     };
     let mut h2 = limited("queued-h2", None);
-    h2.typed_extension_protocol_options.insert(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-        pack(
-            &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
-                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-                    ExplicitHttpConfig {
-                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                            Http2ProtocolOptions {
-                                max_concurrent_streams: Some(UInt32Value { value: 1 }),
-                                ..Default::default()
-                            },
-                        )),
-                    },
-                )),
-                ..Default::default()
-            },
-        ),
-    );
+    let one_stream = Http2ProtocolOptions {
+        max_concurrent_streams: Some(UInt32Value { value: 1 }),
+        ..Default::default()
+    };
+    upstream_http(&mut h2, None, Some(one_stream));
     xds.set(
         CLUSTER,
         vec![
@@ -3635,33 +3617,17 @@ fn expect_continue_is_answered_or_proxied() {
 #[test]
 fn answer_heads_over_the_clusters_limit_are_refused() {
     use portico_proto::envoy::config::core::v3::Http2ProtocolOptions;
-    use portico_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
-    };
-    use portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions as Upstream2;
     let up = Upstream::start("u1");
     let port = free_port();
     let xds = StaticXds::start();
     let small = |name: &str, h2: bool| {
         let mut c = cluster(name, LbPolicy::RoundRobin, Some(&[up.addr.port()]));
-        c.typed_extension_protocol_options.insert(
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-            pack(&Upstream2 {
-                common_http_protocol_options: Some(HttpProtocolOptions {
-                    max_response_headers_kb: Some(UInt32Value { value: 2 }),
-                    max_headers_count: Some(UInt32Value { value: 5 }),
-                    ..Default::default()
-                }),
-                upstream_protocol_options: h2.then(|| {
-                    UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                            Http2ProtocolOptions::default(),
-                        )),
-                    })
-                }),
-                ..Default::default()
-            }),
-        );
+        let limits = HttpProtocolOptions {
+            max_response_headers_kb: Some(UInt32Value { value: 2 }),
+            max_headers_count: Some(UInt32Value { value: 5 }),
+            ..Default::default()
+        };
+        upstream_http(&mut c, Some(limits), h2.then(Http2ProtocolOptions::default));
         c
     };
     xds.set(
