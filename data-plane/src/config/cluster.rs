@@ -80,13 +80,16 @@ impl H1Client {
 }
 
 /// What an answer's head may hold (the cluster's
-/// `common_http_protocol_options`); one over either limit is a protocol
-/// error (502), as in Envoy. Small: it rides in every request's future.
+/// `common_http_protocol_options`). An HTTP/1.1 answer over either limit
+/// is a protocol error (502, as in Envoy); an HTTP/2 one has its stream
+/// reset, as in Envoy, and so is answered as any upstream reset here
+/// (502; Envoy's router answers a reset 503). Small: it rides in every
+/// request's future.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnswerHead {
     /// Header fields of an answer (`max_headers_count`, Envoy's 100
     /// unless set; an HTTP/2 answer's `:status` counts, as in Envoy's
-    /// HTTP/2 codec).
+    /// HTTP/2 codec). Over 65,535 is taken as 65,535.
     pub fields: u16,
     /// Its size in KiB (`max_response_headers_kb`; unless set, Envoy's
     /// 80 for HTTP/1.1 and 60 for HTTP/2).
@@ -103,9 +106,17 @@ impl Default for AnswerHead {
 }
 
 impl AnswerHead {
-    /// The bytes an HTTP/1.1 answer head may have.
+    /// The bytes of field names and values an HTTP/1.1 answer head may
+    /// have (Envoy counts those, not the rest of the head).
     pub fn http1_bytes(self) -> usize {
         self.kib.map_or(80, |k| usize::from(k.get())) * 1024
+    }
+
+    /// The bytes an HTTP/1.1 answer head may reach unfinished: its fields'
+    /// bytes, room for each field's separator and line end, and a status
+    /// line of up to 4 KiB. Past that it cannot end within the limit.
+    pub fn http1_unfinished_bytes(self) -> usize {
+        self.http1_bytes() + 4 * usize::from(self.fields) + 4096
     }
 
     /// The bytes an HTTP/2 answer's header list may have (counted as
@@ -1801,7 +1812,7 @@ impl ClusterConfig {
                 )
             }
         };
-        // (More than 65,535 fields would not fit an 8 MiB head anyway.)
+        // Kept in 16 bits: a limit over 65,535 fields is taken as 65,535.
         let fields = match common.max_headers {
             None => 100,
             Some(0) => {
@@ -1819,7 +1830,7 @@ impl ClusterConfig {
                 return Err(ConfigError::new(
                     &at,
                     format!(
-                    "common_http_protocol_options.max_response_headers_kb {n} is outside 1..8192"
+                    "common_http_protocol_options.max_response_headers_kb {n} is not between 1 and 8192"
                 ),
                 ))
             }
@@ -2756,7 +2767,9 @@ mod tests {
         for kib in [0, 8193] {
             let e = head(None, Some(kib)).unwrap_err().to_string();
             assert!(
-                e.contains(&format!("max_response_headers_kb {kib} is outside 1..8192")),
+                e.contains(&format!(
+                    "max_response_headers_kb {kib} is not between 1 and 8192"
+                )),
                 "{e}"
             );
         }

@@ -514,6 +514,13 @@ impl ListenerConfig {
             })
             .collect::<Result<_, _>>()?;
         let common = hcm.common_http_protocol_options.as_ref();
+        if common.is_some_and(|c| c.max_response_headers_kb.is_some()) {
+            // Envoy's words: the limit is a cluster's.
+            return Err(ConfigError::new(
+                at,
+                "max_response_headers_kb cannot be set on http_connection_manager",
+            ));
+        }
         let header_rules = HeaderRules {
             max_count: match common.and_then(|c| c.max_headers_count.as_ref()) {
                 None => 100,
@@ -1534,6 +1541,18 @@ mod tests {
         .expect_err("0 fields");
         assert!(e.reason.contains("max_headers_count"), "{e:?}");
         assert!(e.at.contains("Listener \"l\""), "{e:?}");
+        let e = ListenerConfig::convert(&listener(|h| {
+            h.common_http_protocol_options = Some(HttpProtocolOptions {
+                max_response_headers_kb: Some(UInt32Value { value: 90 }),
+                ..Default::default()
+            });
+        }))
+        .expect_err("a cluster's limit");
+        assert!(
+            e.reason
+                .contains("max_response_headers_kb cannot be set on http_connection_manager"),
+            "{e:?}"
+        );
         let e = ListenerConfig::convert(&listener(|h| {
             h.common_http_protocol_options = Some(HttpProtocolOptions {
                 headers_with_underscores_action: 7,

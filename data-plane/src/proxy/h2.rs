@@ -14,16 +14,15 @@
 //! to the client as WINDOW_UPDATE, so the client can never have more in
 //! flight than the windows this server advertised.
 //!
-//! Refusals follow RFC 9113: a malformed request ends its connection
-//! with GOAWAY PROTOCOL_ERROR (Envoy's default) or, where the listener
-//! says `stream_error_on_invalid_http_message`, gets RST_STREAM
-//! PROTOCOL_ERROR alone; a header name with an underscore where the
-//! listener refuses them resets its stream; header lists over the
-//! listener's size limit a 431,
-//! over its `max_headers_count` RST_STREAM INTERNAL_ERROR (Envoy's
-//! answer), streams over the concurrency limit REFUSED_STREAM; protocol
-//! violations end the
-//! connection with a GOAWAY naming the error. Floods are bounded: header
+//! Refusals follow RFC 9113 and Envoy: a malformed request ends its
+//! connection with GOAWAY PROTOCOL_ERROR (Envoy's default) or, where the
+//! listener says `stream_error_on_invalid_http_message`, gets RST_STREAM
+//! PROTOCOL_ERROR alone (whitespace around a value is trimmed, as Envoy
+//! takes it); header lists over the listener's size limit a 431; over
+//! its `max_headers_count`, or with a header name with an underscore
+//! where the listener refuses them, RST_STREAM INTERNAL_ERROR (Envoy's
+//! answer); streams over the concurrency limit REFUSED_STREAM; protocol
+//! violations end the connection with a GOAWAY naming the error. Floods are bounded: header
 //! blocks by size, control-frame answers by the write buffer (reading
 //! stops while it is full), streams reset by the client before their
 //! answer and streams this server had to reset by count.
@@ -561,14 +560,18 @@ impl Fields {
                 if is_connection_specific(&n) && !(n == header::TE && &value[..] == b"trailers") {
                     return self.malformed = Some("connection-specific header");
                 }
-                // RFC 9113 section 8.2.1: no whitespace around a value.
-                if value
-                    .first()
-                    .zip(value.last())
-                    .is_some_and(|(a, z)| matches!(a, b' ' | b'\t') || matches!(z, b' ' | b'\t'))
-                {
-                    return self.malformed = Some("header value with whitespace around it");
-                }
+                // RFC 9113 section 8.2.1 calls whitespace around a value
+                // malformed; Envoy takes it (so as not to break clients
+                // that send it), and so does this server, trimmed as an
+                // HTTP/1.1 field's value is.
+                let value =
+                    if value.first().zip(value.last()).is_some_and(|(a, z)| {
+                        matches!(a, b' ' | b'\t') || matches!(z, b' ' | b'\t')
+                    }) {
+                        trim_whitespace(value)
+                    } else {
+                        value
+                    };
                 let Ok(v) = HeaderValue::from_maybe_shared(value) else {
                     return self.malformed = Some("invalid header value");
                 };
@@ -661,6 +664,15 @@ impl Fields {
         *req.headers_mut() = self.headers;
         Ok((req, len))
     }
+}
+
+/// A value without the spaces and tabs around it.
+#[cold]
+fn trim_whitespace(v: Bytes) -> Bytes {
+    let blank = |b: &u8| matches!(b, b' ' | b'\t');
+    let start = v.iter().position(|b| !blank(b)).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !blank(b)).map_or(start, |i| i + 1);
+    v.slice(start..end)
 }
 
 /// A header block split over HEADERS and CONTINUATION frames.
@@ -1693,8 +1705,9 @@ impl Connection {
             if s.remote_closed {
                 return self.reset(id, Reason::STREAM_CLOSED);
             }
+            // Envoy's HTTP/2 codec resets these with INTERNAL_ERROR.
             if f.too_large || f.too_many || f.underscore {
-                return self.reset(id, Reason::PROTOCOL_ERROR);
+                return self.reset(id, Reason::INTERNAL_ERROR);
             }
             let why = if !end_stream {
                 Some("trailers without END_STREAM")
@@ -1752,7 +1765,7 @@ impl Connection {
         }
         if f.underscore {
             tracing::debug!(peer = %self.conn.peer, stream = id, "header name with an underscore");
-            return self.reset(id, Reason::PROTOCOL_ERROR);
+            return self.reset(id, Reason::INTERNAL_ERROR);
         }
         let too_large = f.too_large;
         let (req, expect_len) = match f.request() {

@@ -774,7 +774,7 @@ fn take_head(
                 *interim |= head.status == StatusCode::CONTINUE;
             }
             Some(head) => return Ok(Some(head)),
-            None if buf.len() >= limits.http1_bytes() => return Err(too_large()),
+            None if buf.len() > limits.http1_unfinished_bytes() => return Err(too_large()),
             None => break,
         }
     }
@@ -811,8 +811,9 @@ fn poll_read_head(
 /// when complete, consumes it. Header values share the head's bytes. A
 /// head over the cluster's limits is refused: more header fields than
 /// `max_headers_count` (up to [`MAX_HEADERS`] are found in place, beyond
-/// that on the heap, only where the cluster allows more), more bytes than
-/// `max_response_headers_kb`.
+/// that on the heap, only where the cluster allows more), more bytes of
+/// field names and values than `max_response_headers_kb` (what Envoy
+/// counts: not the status line, separators and line ends).
 fn parse_head(buf: &mut BytesMut, limits: AnswerHead) -> Result<Option<Head>, SendError> {
     let max = usize::from(limits.fields);
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -831,10 +832,19 @@ fn parse_head(buf: &mut BytesMut, limits: AnswerHead) -> Result<Option<Head>, Se
         },
         Located::TooMany => return Err(bad("too many header fields")),
     };
-    if len > limits.http1_bytes() {
+    // Only a head longer than the limit needs its fields added up.
+    if len > limits.http1_bytes() && field_bytes(at) > limits.http1_bytes() {
         return Err(too_large());
     }
     build_head(buf, len, status, at).map(Some)
+}
+
+/// The bytes of a head's field names and values.
+#[cold]
+fn field_bytes(at: &[[u32; 4]]) -> usize {
+    at.iter()
+        .map(|[n0, n1, v0, v1]| (n1 - n0 + v1 - v0) as usize)
+        .sum()
 }
 
 /// [`locate`] for a head with more fields than [`MAX_HEADERS`], where the
@@ -873,9 +883,9 @@ enum Located {
 }
 
 /// Finds a response head's status line and fields at the start of `buf`,
-/// writing where each field sits into `at` (a head is at most 8 MiB, the
-/// largest `max_response_headers_kb`, so u32 offsets do), so that values can share its bytes once it is
-/// frozen.
+/// writing where each field sits into `at` (a head is refused long
+/// before 4 GiB, so u32 offsets do), so that values can share its bytes
+/// once it is frozen.
 #[inline(always)]
 fn locate<'b>(
     buf: &'b BytesMut,
@@ -1232,11 +1242,12 @@ mod tests {
 
     #[test]
     fn header_sizes_are_the_clusters() {
-        let head = |len: usize| {
+        // A head whose field names and values (what Envoy counts) are
+        // `bytes` long: `content-length` `0` and `x-big` with the rest.
+        let head = |bytes: usize| {
             let mut h = String::from("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-big: ");
-            h.push_str(&"a".repeat(len - h.len() - 4));
+            h.push_str(&"a".repeat(bytes - 20));
             h.push_str("\r\n\r\n");
-            assert_eq!(h.len(), len);
             BytesMut::from(h.as_bytes())
         };
         let too_large = |r: Result<Option<Head>, SendError>| matches!(r, Err(SendError::Protocol(why)) if why.contains("max_response_headers_kb"));
@@ -1251,13 +1262,16 @@ mod tests {
         assert!(too_large(parse_head(&mut head(80 * 1024 + 1), fields(100))));
         assert!(parse_head(&mut head(2048), kib(2)).unwrap().is_some());
         assert!(too_large(parse_head(&mut head(2049), kib(2))));
-        // An unfinished head already over the limit is refused without
-        // waiting for its end; under it, it waits.
-        let mut partial = head(4096);
-        partial.truncate(2048);
+        // An unfinished head that can no longer end within the limit (with
+        // room for line ends and a status line) is refused without waiting
+        // for its end; short of that, it waits.
+        let room = 2048 + 4 * 100 + 4096;
+        assert_eq!(kib(2).http1_unfinished_bytes(), room);
+        let mut partial = head(room + 100);
+        partial.truncate(room + 1);
         assert!(too_large(take_head(&mut partial, &mut false, kib(2))));
-        let mut partial = head(4096);
-        partial.truncate(2047);
+        let mut partial = head(room + 100);
+        partial.truncate(room);
         assert!(take_head(&mut partial, &mut false, kib(2))
             .unwrap()
             .is_none());

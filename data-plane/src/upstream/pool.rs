@@ -399,7 +399,7 @@ impl Pool {
         &self.also
     }
 
-    /// What an HTTP/1.1 answer head may hold.
+    /// What an answer head may hold.
     pub fn answer_head(&self) -> crate::config::cluster::AnswerHead {
         self.answer_head
     }
@@ -918,12 +918,11 @@ impl Pool {
         }
         match tx.send_request(req).await {
             // Envoy's HTTP/2 codec counts the answer's map, `:status` in
-            // it, against the cluster's `max_headers_count`.
-            Ok(resp) if resp.headers().len() >= usize::from(self.answer_head.fields) => {
-                Err(SendError::Protocol(
-                    "invalid response from upstream: too many header fields".into(),
-                ))
-            }
+            // it, against the cluster's `max_headers_count`, and resets
+            // the stream over it (as hyper does over the size limit).
+            Ok(resp) if resp.headers().len() >= usize::from(self.answer_head.fields) => Err(
+                SendError::Reset("answer over the cluster's max_headers_count".into()),
+            ),
             Ok(resp) => Ok((resp, slot)),
             Err(e) => Err(SendError::Reset(e.to_string())),
         }

@@ -2526,7 +2526,7 @@ fn foreign_control_plane_envoy_features() {
     assert!(!r.body.contains("mallory"), "dropped: {r:?}");
     assert_eq!(get("/host", &[("x_user", "mallory")]).status, 400);
     {
-        use super::dp_h2_downstream::{first_field, HEADERS, RST_STREAM};
+        use super::dp_h2_downstream::{first_field, rst_code, HEADERS, INTERNAL_ERROR, RST_STREAM};
         let mut c = Raw::connect(port, &[]);
         let mut bad = h2get("/host");
         bad.push(("x_user", "mallory".into()));
@@ -2535,6 +2535,7 @@ fn foreign_control_plane_envoy_features() {
             f.stream == 1 && (f.kind == RST_STREAM || f.kind == HEADERS)
         });
         assert_eq!(f.kind, RST_STREAM, "{f:?}");
+        assert_eq!(rst_code(&f), INTERNAL_ERROR, "Envoy's code");
         c.request(3, &fields(&h2get("/host")), None);
         let h = c.until("the next answer", |f| f.kind == HEADERS && f.stream == 3);
         assert_eq!(first_field(&h), 0x88, "200 on stream 3");
@@ -3059,7 +3060,8 @@ fn serve_foreign(xds: &StaticXds, port: u16, name: &str) -> (tempfile::TempDir, 
 }
 
 /// Sets a cluster's upstream HTTP options (Envoy's `HttpProtocolOptions`
-/// extension): `common`, and HTTP/2 with `h2` where given.
+/// extension): `common`, and HTTP/2 with `h2` where given, else HTTP/1.1
+/// (Envoy requires one or the other).
 fn upstream_http(
     c: &mut Cluster,
     common: Option<HttpProtocolOptions>,
@@ -3073,11 +3075,14 @@ fn upstream_http(
         pack(
             &portico_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
                 common_http_protocol_options: common,
-                upstream_protocol_options: h2.map(|o| {
-                    UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(o)),
-                    })
-                }),
+                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                    ExplicitHttpConfig {
+                        protocol_config: Some(match h2 {
+                            Some(o) => ProtocolConfig::Http2ProtocolOptions(o),
+                            None => ProtocolConfig::HttpProtocolOptions(Default::default()),
+                        }),
+                    },
+                )),
                 ..Default::default()
             },
         ),
