@@ -2992,13 +2992,7 @@ fn stale_load_assignments_lose_their_endpoints() {
         )],
     );
     xds.set(ENDPOINT, fresh());
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![prefix_route("/", "fresh", |_| {})]),
-        )],
-    );
+    set_routes(&xds, vec![prefix_route("/", "fresh", |_| {})]);
     let mut pushed = Instant::now();
     let (_dir, dp) = serve_foreign(&xds, port, "dp-stale");
     let status = || {
@@ -3089,9 +3083,9 @@ fn upstream_http(
     );
 }
 
-/// The routes of a one-virtual-host configuration named `routes`.
-fn one_host(routes: Vec<Route>) -> RouteConfiguration {
-    RouteConfiguration {
+/// Serves `routes` as a one-virtual-host configuration named `routes`.
+fn set_routes(xds: &StaticXds, routes: Vec<Route>) {
+    let config = RouteConfiguration {
         name: "routes".into(),
         virtual_hosts: vec![VirtualHost {
             name: "all".into(),
@@ -3100,7 +3094,8 @@ fn one_host(routes: Vec<Route>) -> RouteConfiguration {
             ..Default::default()
         }],
         ..Default::default()
-    }
+    };
+    xds.set(ROUTE, vec![resource("routes", &config)]);
 }
 
 /// A cluster's own limit on one upstream stream (Envoy's
@@ -3150,23 +3145,20 @@ fn cluster_protocol_options_limit_streams() {
             resource("few-h2", &few),
         ],
     );
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![
-                prefix_route("/retried", "capped", |a| {
-                    a.retry_policy = Some(RetryPolicy {
-                        retry_on: "reset".into(),
-                        num_retries: Some(UInt32Value { value: 1 }),
-                        ..Default::default()
-                    })
-                }),
-                prefix_route("/h2", "capped-h2", |_| {}),
-                prefix_route("/few", "few-h2", |_| {}),
-                prefix_route("/", "capped", |_| {}),
-            ]),
-        )],
+    set_routes(
+        &xds,
+        vec![
+            prefix_route("/retried", "capped", |a| {
+                a.retry_policy = Some(RetryPolicy {
+                    retry_on: "reset".into(),
+                    num_retries: Some(UInt32Value { value: 1 }),
+                    ..Default::default()
+                })
+            }),
+            prefix_route("/h2", "capped-h2", |_| {}),
+            prefix_route("/few", "few-h2", |_| {}),
+            prefix_route("/", "capped", |_| {}),
+        ],
     );
     let (_dir, dp) = serve_foreign(&xds, port, "dp-capped");
     let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("request");
@@ -3290,16 +3282,13 @@ fn requests_past_the_connection_limit_wait_as_pending() {
             resource("tight", &limited("tight", Some(1))),
         ],
     );
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![
-                prefix_route("/h2", "queued-h2", |_| {}),
-                prefix_route("/tight", "tight", |_| {}),
-                prefix_route("/", "queued", |_| {}),
-            ]),
-        )],
+    set_routes(
+        &xds,
+        vec![
+            prefix_route("/h2", "queued-h2", |_| {}),
+            prefix_route("/tight", "tight", |_| {}),
+            prefix_route("/", "queued", |_| {}),
+        ],
     );
     let (_dir, dp) = serve_foreign(&xds, port, "dp-pending");
     let get = |path: &str| http1(port, "GET", path, "gw", &[], "").expect("request");
@@ -3424,16 +3413,13 @@ fn retries_move_across_priorities() {
             })
         })
     };
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![
-                retried("/each", Some(1)),
-                retried("/pairs", Some(2)),
-                retried("/stay", None),
-            ]),
-        )],
+    set_routes(
+        &xds,
+        vec![
+            retried("/each", Some(1)),
+            retried("/pairs", Some(2)),
+            retried("/stay", None),
+        ],
     );
     let (_dir, dp) = serve_foreign(&xds, port, "dp-priorities");
     let count = |u: &Upstream, path: &str| {
@@ -3646,16 +3632,13 @@ fn answer_heads_over_the_clusters_limit_are_refused() {
             ),
         ],
     );
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![
-                prefix_route("/h1", "small", |_| {}),
-                prefix_route("/h2", "small-h2", |_| {}),
-                prefix_route("/", "plain", |_| {}),
-            ]),
-        )],
+    set_routes(
+        &xds,
+        vec![
+            prefix_route("/h1", "small", |_| {}),
+            prefix_route("/h2", "small-h2", |_| {}),
+            prefix_route("/", "plain", |_| {}),
+        ],
     );
     let (_dir, dp) = serve_foreign(&xds, port, "dp-heads");
     let get_with = |path: &str, bytes: usize, server: bool| {
@@ -3917,13 +3900,7 @@ fn serve_plain(
             &cluster("plain", LbPolicy::RoundRobin, Some(&[up.addr.port()])),
         )],
     );
-    xds.set(
-        ROUTE,
-        vec![resource(
-            "routes",
-            &one_host(vec![prefix_route("/", "plain", |_| {})]),
-        )],
-    );
+    set_routes(xds, vec![prefix_route("/", "plain", |_| {})]);
     xds.set(
         LISTENER,
         listeners

@@ -136,6 +136,17 @@ impl Raw {
         code
     }
 
+    /// Appends DATA payloads to `got` until one ends its stream.
+    fn rest_of_body(&mut self, got: &mut Vec<u8>) {
+        loop {
+            let f = self.until("DATA", |f| f.kind == DATA);
+            got.extend_from_slice(&f.payload);
+            if f.flags & END_STREAM != 0 {
+                break;
+            }
+        }
+    }
+
     /// No frame arrives within `ms` (flow control holding data back).
     fn quiet(&mut self, ms: u64) -> bool {
         self.s
@@ -257,13 +268,7 @@ fn h2_downstream_flow_control_refusals_and_floods() {
     assert_eq!(got.len(), 100, "exactly the window's worth");
     assert!(c.quiet(300), "nothing more until the window opens");
     c.send(WINDOW_UPDATE, 0, 1, &100_000u32.to_be_bytes());
-    loop {
-        let f = c.until("DATA", |f| f.kind == DATA);
-        got.extend_from_slice(&f.payload);
-        if f.flags & END_STREAM != 0 {
-            break;
-        }
-    }
+    c.rest_of_body(&mut got);
     assert!(got.starts_with(b"POST /a/echo\n"), "{:?}", &got[..20]);
     assert!(got.ends_with(&body), "the body comes back whole");
 
@@ -303,13 +308,7 @@ fn h2_downstream_flow_control_refusals_and_floods() {
         &block(&[("x-trailer", "t")]),
     );
     let mut got = Vec::new();
-    loop {
-        let f = c.until("DATA", |f| f.kind == DATA);
-        got.extend_from_slice(&f.payload);
-        if f.flags & END_STREAM != 0 {
-            break;
-        }
-    }
+    c.rest_of_body(&mut got);
     assert!(
         got.ends_with(b"before trailers\ntrailer x-trailer: t"),
         "{}",
@@ -371,13 +370,7 @@ fn h2_downstream_flow_control_refusals_and_floods() {
     let h = c.until("response", |f| f.kind == HEADERS);
     assert_eq!(first_field(&h), 0x88, "200 with a value in spaces");
     let mut got = Vec::new();
-    loop {
-        let f = c.until("DATA", |f| f.kind == DATA);
-        got.extend_from_slice(&f.payload);
-        if f.flags & END_STREAM != 0 {
-            break;
-        }
-    }
+    c.rest_of_body(&mut got);
     let echo = String::from_utf8_lossy(&got);
     assert!(echo.contains("\nx-spaced: 1\n"), "{echo}");
     c.request(15, &fields(&get("/a/fine")), None);
