@@ -760,7 +760,7 @@ impl Pool {
     /// upgrades on.
     pub async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
         let (io, slot) = self.tcp().await?;
-        Self::handshake_h1(io, Some(slot)).await
+        self.handshake_h1(io, Some(slot)).await
     }
 
     /// A health check's HTTP/1.1 connection to `addr` (the endpoint's
@@ -772,14 +772,25 @@ impl Pool {
         addr: SocketAddr,
     ) -> Result<http1::SendRequest<ReqBody>, SendError> {
         let io = self.dial(addr).await?;
-        Self::handshake_h1(io, None).await
+        self.handshake_h1(io, None).await
     }
 
+    /// hyper's HTTP/1.1 client (upgrades, health checks), held to the
+    /// cluster's answer-head limits as near as hyper counts: a head's
+    /// bytes with its status line, and its fields.
     async fn handshake_h1(
+        &self,
         io: TcpStream,
         slot: Option<OpenSlot>,
     ) -> Result<http1::SendRequest<ReqBody>, SendError> {
-        let (tx, conn) = http1::Builder::new()
+        let mut builder = http1::Builder::new();
+        builder.max_header_size(self.answer_head.http1_unfinished_bytes());
+        // (hyper's default is 100; another count moves its field list
+        // to the heap.)
+        if self.answer_head.fields != 100 {
+            builder.max_headers(usize::from(self.answer_head.fields));
+        }
+        let (tx, conn) = builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect(e.to_string()))?;

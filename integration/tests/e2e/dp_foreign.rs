@@ -3668,6 +3668,22 @@ fn answer_heads_over_the_clusters_limit_are_refused() {
     assert_eq!(get_with("/h1", 10, true).status, 200);
     assert_eq!(get_with("/h2", 10, false).status, 200);
     assert_eq!(get_with("/h2", 10, true).status, 502);
+    // An upgrade's answer too (hyper's client, held to the limits as near
+    // as it counts: the head with its status line).
+    let upgrade = |bytes: usize| {
+        let mut s = connect(port);
+        s.write_all(
+            format!(
+                "GET /h1/up HTTP/1.1\r\nhost: gw\r\nconnection: upgrade\r\nupgrade: bar\r\n\
+                 x-answer-header-bytes: {bytes}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("write");
+        read_head(&mut s)
+    };
+    assert!(upgrade(1000).starts_with("http/1.1 101"));
+    assert!(upgrade(9000).starts_with("http/1.1 502"));
     // Envoy's default for HTTP/1.1: 80 KiB.
     let r = get("/x", 70 * 1024);
     assert_eq!(r.status, 200, "{:?}", (r.status, &r.body));
