@@ -772,9 +772,9 @@ pub struct H2Limits {
     /// unanswered this long (`connection_keepalive`; see
     /// [`super::h2_keepalive`]).
     pub keepalive: Option<(std::time::Duration, std::time::Duration)>,
-    /// A malformed request (RFC 9113 section 8.1.1: a bad field, a
-    /// missing pseudo-header, a body that disagrees with its
-    /// content-length) resets its stream alone; by default, as Envoy's,
+    /// When set, a malformed request (RFC 9113 section 8.1.1: a bad
+    /// field, a missing pseudo-header, a body that disagrees with its
+    /// content-length) resets its stream alone; unset (Envoy's default),
     /// it ends the whole connection with a GOAWAY (the HCM's
     /// `stream_error_on_invalid_http_message`, overridden by
     /// `override_stream_error_on_invalid_http_message` here).
