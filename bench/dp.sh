@@ -22,7 +22,10 @@
 # Per run: req/s, p50 and p99 latency, the proxy's RSS after the run (VmRSS
 # summed over its processes) and its CPU time per request (first field of
 # /proc/PID/task/*/schedstat over all its threads, after minus before the
-# measured run, divided by the completed requests). Each run also notes how
+# measured run, divided by the completed requests) with its kernel part (the
+# system share of the process's user and system clock ticks; it holds the
+# system calls and the TCP work a proxy's sends do for their receivers, which
+# a proxy making the same calls cannot avoid). Each run also notes how
 # much CPU anything else on the machine used meanwhile, and warns when that is
 # above 10% of a core: on a shared machine such runs are not comparable.
 # The tables go to stdout and to bench/dp/last-run.md; the raw tool output,
@@ -555,6 +558,20 @@ cpu_ns() { # PIDS... : ns on CPU, summed over all threads
   done
   echo "$total"
 }
+# PIDS... : "USER SYSTEM", clock ticks summed over the processes (all their
+# threads). Only their ratio is used: it splits schedstat's exact time into
+# user space and kernel. With tick-based accounting (no IRQ time accounting)
+# a softirq that runs in a task's context counts as that task's system time.
+user_sys_ticks() {
+  local u=0 s=0 pid line rest
+  for pid in "$@"; do
+    { read -r line <"/proc/$pid/stat"; } 2>/dev/null || continue
+    rest="${line##*) }" # after the command name, which may hold spaces
+    read -r _ _ _ _ _ _ _ _ _ _ _ ut st _ <<<"$rest"
+    u=$((u + ut)) s=$((s + st))
+  done
+  echo "$u $s"
+}
 rss_kib() { # PIDS... : VmRSS summed
   local total=0 pid k v _
   for pid in "$@"; do
@@ -628,13 +645,14 @@ parse_h2load() {
     }' "$out"
 }
 
-declare -A R_RPS R_P50 R_P99 R_RSS R_CPU R_ERR R_BG R_STEAL R_ALL R_ALLCPU
+declare -A R_RPS R_P50 R_P99 R_RSS R_CPU R_SYS R_ERR R_BG R_STEAL R_ALL R_ALLCPU
 
 # measure LAYOUT PROXY PROTO PORT
 measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
   local layout="$1" proxy="$2" proto="$3" port="$4" r="$5"
   local key="$layout/$proto/$proxy#$r" label="$layout-$proxy-$proto${REPEAT_SUFFIX}"
   local url="http://127.0.0.1:$port/" pids="" before=0 after=0 parsed rps p50 p99 req err
+  local ticks0="0 0" ticks1="0 0"
   local origin_pids o0 o1 c0 c1 s0 s1 st0 st1 w0 w1
   local out="$RAW/$label.txt"
   say "$layout / $proto / $proxy${REPEAT_SUFFIX}: warm-up ${WARMUP}s, then ${DURATION}s on $url"
@@ -649,6 +667,8 @@ measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
     pids="$(proc_tree "$PROXY_PID")"
     # shellcheck disable=SC2086
     before="$(cpu_ns $pids)"
+    # shellcheck disable=SC2086
+    ticks0="$(user_sys_ticks $pids)"
   fi
   # Everything else that ran meanwhile: system task time minus the proxy, the
   # origin and the load generator (a check that the machine was quiet).
@@ -669,6 +689,8 @@ measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
   if [ "$proxy" != direct ]; then
     # shellcheck disable=SC2086
     after="$(cpu_ns $pids)"
+    # shellcheck disable=SC2086
+    ticks1="$(user_sys_ticks $pids)"
     # shellcheck disable=SC2046
     R_RSS[$key]="$(awk -v k="$(rss_kib $(proc_tree "$PROXY_PID"))" 'BEGIN { printf "%.1f", k / 1024 }')"
   fi
@@ -685,6 +707,11 @@ measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
   R_ERR[$key]="$err"
   if [ "$proxy" != direct ]; then
     R_CPU[$key]="$(awk -v d="$((after - before))" -v n="$req" 'BEGIN { if (n > 0) printf "%.2f", d / 1000 / n; else print "n/a" }')"
+    # The kernel's part of it: system time's share of the ticks, applied to
+    # the exact time.
+    R_SYS[$key]="$(awk -v d="$((after - before))" -v n="$req" -v a="$ticks0" -v b="$ticks1" 'BEGIN {
+      split(a, x, " "); split(b, y, " "); u = y[1] - x[1]; s = y[2] - x[2]
+      if (n > 0 && u + s > 0) printf "%.2f", d / 1000 / n * s / (u + s); else print "n/a" }')"
   fi
   printf 'wall_ns %s\nsystem_busy_ns %s\nsteal_ns %s\nproxy_ns %s\norigin_ns %s\nload_generator_ns %s\n' \
     "$((w1 - w0))" "$((s1 - s0))" "$((st1 - st0))" "$((after - before))" "$((o1 - o0))" "$((c1 - c0))" \
@@ -695,7 +722,7 @@ measure() { # LAYOUT PROXY PROTO PORT REPEAT-INDEX
   if [ "${R_BG[$key]}" -gt "$BUSY_WARN" ]; then
     say "  warning: other work used ${R_BG[$key]}% of a core during this run"
   fi
-  say "  ${R_RPS[$key]} req/s, p50 ${R_P50[$key]} ms, p99 ${R_P99[$key]} ms, RSS ${R_RSS[$key]:-n/a} MiB, CPU ${R_CPU[$key]:-n/a} µs/req, errors $err; other CPU ${R_BG[$key]}% of a core, steal ${R_STEAL[$key]}%"
+  say "  ${R_RPS[$key]} req/s, p50 ${R_P50[$key]} ms, p99 ${R_P99[$key]} ms, RSS ${R_RSS[$key]:-n/a} MiB, CPU ${R_CPU[$key]:-n/a} µs/req (kernel ${R_SYS[$key]:-n/a}), errors $err; other CPU ${R_BG[$key]}% of a core, steal ${R_STEAL[$key]}%"
 }
 
 proxy_name() {
@@ -870,7 +897,7 @@ for layout in $LAYOUTS; do
       k="$layout/$proto/$proxy"
       mid="$(for ((r = 1; r <= REPEAT; r++)); do echo "${R_RPS[$k#$r]} $r"; done \
         | sort -n | awk -v n="$REPEAT" 'NR == int((n + 1) / 2) { print $2 }')"
-      for v in R_RPS R_P50 R_P99 R_RSS R_CPU R_ERR R_STEAL; do
+      for v in R_RPS R_P50 R_P99 R_RSS R_CPU R_SYS R_ERR R_STEAL; do
         declare -n arr="$v"
         # shellcheck disable=SC2004 # arr is associative
         [ -z "${arr[$k#$mid]+x}" ] || arr[$k]="${arr[$k#$mid]}"
@@ -900,6 +927,7 @@ REPORT="$TMP/report.md"
   echo "Load: HTTP/1.1 \`wrk -t1 -c$WRK_CONNS -d${DURATION}s --latency\`; HTTP/2 (h2c, prior knowledge) \`h2load -c$H2_CONNS -m$H2_STREAMS -D $DURATION\`; each after a ${WARMUP}s warm-up, with a freshly started proxy."
   echo "Latency: wrk's percentiles for HTTP/1.1; for HTTP/2, nearest-rank percentiles of the per-request times in h2load's \`--log-file\`."
   echo "RSS: VmRSS summed over the proxy's processes after the run. CPU/req: the proxy's time on CPU (schedstat, all processes and threads) during the measured run ÷ completed requests."
+  echo "Kernel/req: the part of CPU/req spent in the kernel (system time's share of user + system clock ticks in /proc/PID/stat, applied to CPU/req). It holds the proxy's system calls and the TCP work its sends do for their receivers on loopback (the softirqs run in the sender's context): work a proxy making the same calls cannot avoid, though its cost moves with cache effects."
   echo "Errors: wrk socket errors + non-2xx/3xx; h2load failed + timeouts + 4xx/5xx."
   echo "Other CPU: CPU time (user + system + irq + softirq in /proc/stat) used during a measured run by anything but the proxy, the origin and the load generator, in % of one core; above ${BUSY_WARN}% the run was disturbed."
   for layout in $LAYOUTS; do
@@ -913,17 +941,17 @@ REPORT="$TMP/report.md"
       if [ "$proto" = h1 ]; then pdesc="HTTP/1.1 (wrk)"; else pdesc="HTTP/2 h2c (h2load)"; fi
       echo "### $pdesc — $desc"
       echo
-      echo "| proxy | req/s | p50 ms | p99 ms | RSS MiB | CPU µs/req | errors |"
-      echo "|---|---:|---:|---:|---:|---:|---:|"
+      echo "| proxy | req/s | p50 ms | p99 ms | RSS MiB | CPU µs/req | kernel µs/req | errors |"
+      echo "|---|---:|---:|---:|---:|---:|---:|---:|"
       for proxy in $PROXIES; do
         serves "$proxy" "$proto" || continue
         k="$layout/$proto/$proxy"
-        echo "| $(proxy_name "$proxy") | ${R_RPS[$k]:-n/a} | ${R_P50[$k]:-n/a} | ${R_P99[$k]:-n/a} | ${R_RSS[$k]:-n/a} | ${R_CPU[$k]:-n/a} | ${R_ERR[$k]:-n/a} |"
+        echo "| $(proxy_name "$proxy") | ${R_RPS[$k]:-n/a} | ${R_P50[$k]:-n/a} | ${R_P99[$k]:-n/a} | ${R_RSS[$k]:-n/a} | ${R_CPU[$k]:-n/a} | ${R_SYS[$k]:-n/a} | ${R_ERR[$k]:-n/a} |"
       done
       for dp in "${PORTICOS[@]}" "${RELAYS[@]}"; do for peer in nginx haproxy; do
         serves "$dp" "$proto" && want "$peer" || continue
         p="$layout/$proto/$dp" q="$layout/$proto/$peer"
-        echo "| $(proxy_name "$dp") ÷ $peer | $(ratio "${R_RPS[$p]:-}" "${R_RPS[$q]:-}") | | $(ratio "${R_P99[$p]:-}" "${R_P99[$q]:-}") | | $(ratio "${R_CPU[$p]:-}" "${R_CPU[$q]:-}") | |"
+        echo "| $(proxy_name "$dp") ÷ $peer | $(ratio "${R_RPS[$p]:-}" "${R_RPS[$q]:-}") | | $(ratio "${R_P99[$p]:-}" "${R_P99[$q]:-}") | | $(ratio "${R_CPU[$p]:-}" "${R_CPU[$q]:-}") | $(ratio "${R_SYS[$p]:-}" "${R_SYS[$q]:-}") | |"
       done; done
       bg="" steal=0 disturbed=""
       for proxy in $PROXIES; do
@@ -933,7 +961,14 @@ REPORT="$TMP/report.md"
         steal="$(awk -v a="$steal" -v b="${R_STEAL[$k]:-0}" 'BEGIN { print (b > a ? b : a) }')"
         [ "${R_BG[$k]:-0}" -gt "$BUSY_WARN" ] && disturbed+="${disturbed:+, }$proxy"
       done
+      share=""
+      for proxy in $PROXIES; do
+        [ "$proxy" != direct ] && serves "$proxy" "$proto" || continue
+        k="$layout/$proto/$proxy"
+        share+="${share:+, }$proxy $(awk -v s="${R_SYS[$k]:-}" -v c="${R_CPU[$k]:-}" 'BEGIN { if (s + 0 > 0 && c + 0 > 0) printf "%.0f%%", s / c * 100; else print "n/a" }')"
+      done
       echo
+      echo "Kernel's share of CPU/req: $share."
       echo "Other CPU during the runs: $bg; CPU steal at most $steal%.${disturbed:+ **Disturbed by other work: $disturbed.**}"
       if [ "$REPEAT" -gt 1 ]; then
         all="" cpus=""
