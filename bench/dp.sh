@@ -953,19 +953,15 @@ REPORT="$TMP/report.md"
         p="$layout/$proto/$dp" q="$layout/$proto/$peer"
         echo "| $(proxy_name "$dp") ÷ $peer | $(ratio "${R_RPS[$p]:-}" "${R_RPS[$q]:-}") | | $(ratio "${R_P99[$p]:-}" "${R_P99[$q]:-}") | | $(ratio "${R_CPU[$p]:-}" "${R_CPU[$q]:-}") | $(ratio "${R_SYS[$p]:-}" "${R_SYS[$q]:-}") | |"
       done; done
-      bg="" steal=0 disturbed=""
+      bg="" steal=0 disturbed="" share=""
       for proxy in $PROXIES; do
         serves "$proxy" "$proto" || continue
         k="$layout/$proto/$proxy"
         bg+="${bg:+, }$proxy ${R_BG[$k]:-?}%"
+        [ "$proxy" = direct ] \
+          || share+="${share:+, }$proxy $(awk -v s="${R_SYS[$k]:-}" -v c="${R_CPU[$k]:-}" 'BEGIN { if (s + 0 > 0 && c + 0 > 0) printf "%.0f%%", s / c * 100; else print "n/a" }')"
         steal="$(awk -v a="$steal" -v b="${R_STEAL[$k]:-0}" 'BEGIN { print (b > a ? b : a) }')"
         [ "${R_BG[$k]:-0}" -gt "$BUSY_WARN" ] && disturbed+="${disturbed:+, }$proxy"
-      done
-      share=""
-      for proxy in $PROXIES; do
-        [ "$proxy" != direct ] && serves "$proxy" "$proto" || continue
-        k="$layout/$proto/$proxy"
-        share+="${share:+, }$proxy $(awk -v s="${R_SYS[$k]:-}" -v c="${R_CPU[$k]:-}" 'BEGIN { if (s + 0 > 0 && c + 0 > 0) printf "%.0f%%", s / c * 100; else print "n/a" }')"
       done
       echo
       echo "Kernel's share of CPU/req: $share."
